@@ -1,1 +1,184 @@
-fn main() {}
+//! perfpy: a sampling CPU profiler for Python on Linux.
+
+mod files;
+mod output;
+mod process;
+mod profile;
+mod record;
+mod records;
+mod report;
+mod symbols;
+mod sys;
+mod targets;
+mod unwind;
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+
+use output::Format;
+
+#[derive(Parser)]
+#[command(name = "perfpy", version, about = "Sampling CPU profiler for Python on Linux: mixed kernel, native and Python stacks, written as pprof")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Sample running processes (-p) or a command (after --) and write a profile.
+    #[command(after_help = "Examples:\n  perfpy record -p 1234 -d 30s -o app.pb.gz\n  perfpy record -r 1000 -- python3 -X perf app.py\n  go tool pprof -http=:8080 app.pb.gz")]
+    Record(RecordArgs),
+}
+
+#[derive(clap::Args)]
+struct RecordArgs {
+    /// Process to profile, with all its threads (present and future). Repeatable.
+    #[arg(short = 'p', long = "pid", value_name = "PID")]
+    pids: Vec<i32>,
+    /// How long to record: 30, 30s, 500ms, 2m, 1h. Default: until Ctrl-C or the targets exit.
+    #[arg(short = 'd', long, value_parser = parse_duration, value_name = "DURATION")]
+    duration: Option<Duration>,
+    /// Samples per second per thread (cpu-clock). -F/--freq is perf's spelling.
+    #[arg(short = 'r', long = "rate", visible_alias = "freq", short_alias = 'F', default_value_t = 100, value_parser = parse_rate, value_name = "HZ")]
+    rate: u64,
+    /// Output file. Default: perfpy-<target>-<time>.<ext> in the current directory.
+    #[arg(short = 'o', long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Output format.
+    #[arg(short = 'f', long, value_enum, default_value_t = Format::Pprof)]
+    format: Format,
+    /// Bytes of user stack copied per sample (deeper Python stacks need more; max 65000).
+    #[arg(long, default_value_t = 32768, value_name = "BYTES")]
+    stack_size: u32,
+    /// Most frames kept per stack.
+    #[arg(long, default_value_t = 512, value_name = "N")]
+    max_frames: usize,
+    /// Keep CPython's own native frames (eval loop, call machinery) between Python frames.
+    #[arg(long)]
+    keep_interpreter_frames: bool,
+    /// Command to launch and profile until it exits (after --).
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let err = || format!("invalid duration '{s}': use e.g. 30, 30s, 500ms, 2m or 1h");
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| err())?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "sec" => n,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(err()),
+    };
+    if !(secs > 0.0) || !secs.is_finite() || secs > 366.0 * 86400.0 {
+        return Err(err());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_rate(s: &str) -> Result<u64, String> {
+    match s.trim().parse::<u64>() {
+        Ok(n) if (1..=100_000).contains(&n) => Ok(n),
+        _ => Err(format!("invalid rate '{s}': give samples per second between 1 and 100000 (e.g. 100)")),
+    }
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("perfpy: error: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.cmd {
+        Cmd::Record(a) => {
+            if a.pids.is_empty() && a.command.is_empty() {
+                bail!("nothing to profile: give -p PID or a command after --");
+            }
+            if !a.pids.is_empty() && !a.command.is_empty() {
+                bail!("give either -p PID or a command after --, not both");
+            }
+            let stop = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
+                signal_hook::flag::register(sig, stop.clone())?;
+            }
+            record::run(
+                record::Options {
+                    pids: a.pids,
+                    command: a.command,
+                    duration: a.duration,
+                    rate: a.rate,
+                    output: a.output,
+                    format: a.format,
+                    stack_size: a.stack_size,
+                    max_frames: a.max_frames,
+                    keep_interpreter: a.keep_interpreter_frames,
+                },
+                stop,
+            )?;
+            Ok(0)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        for bad in ["", "0", "-1", "abc", "10x", "1e99", "NaN"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("100").unwrap(), 100);
+        for bad in ["0", "-5", "1000001", "fast", ""] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cli_accepts_perf_spelling() {
+        let c = Cli::try_parse_from(["perfpy", "record", "-F", "1000", "-p", "1", "-p", "2"]).unwrap();
+        let Cmd::Record(a) = c.cmd;
+        assert_eq!(a.rate, 1000);
+        assert_eq!(a.pids, vec![1, 2]);
+        let c = Cli::try_parse_from(["perfpy", "record", "--freq", "99", "--", "python3", "-c", "pass"]).unwrap();
+        let Cmd::Record(a) = c.cmd;
+        assert_eq!(a.rate, 99);
+        assert_eq!(a.command, vec!["python3", "-c", "pass"]);
+    }
+}

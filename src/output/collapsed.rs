@@ -1,0 +1,41 @@
+//! Collapsed stacks: root first, `;`-separated, then the count.
+
+use std::collections::BTreeMap;
+
+use crate::report::{display_name, Report};
+
+/// The lines, merged by stack text, sorted. The root is `comm` (the process name) when the
+/// recording holds more than one process.
+pub fn lines(r: &Report) -> Vec<String> {
+    let multi = {
+        let mut pids: Vec<u32> = r.samples.iter().map(|s| s.pid).collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids.len() > 1
+    };
+    let mut merged: BTreeMap<String, u64> = BTreeMap::new();
+    for s in &r.samples {
+        let mut parts: Vec<String> = Vec::new();
+        if multi {
+            parts.push(format!("{}-{}", s.comm, s.pid));
+        }
+        for l in s.locs.iter().rev() {
+            let res = &r.resolved[*l as usize];
+            for i in (0..res.frames.len()).rev() {
+                parts.push(display_name(res, i).replace(';', ":"));
+            }
+        }
+        if parts.is_empty() {
+            parts.push("[no stack]".into());
+        }
+        *merged.entry(parts.join(";")).or_default() += s.count;
+    }
+    merged.into_iter().map(|(k, v)| format!("{k} {v}")).collect()
+}
+
+pub fn write(r: &Report, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    for l in lines(r) {
+        writeln!(out, "{l}")?;
+    }
+    Ok(())
+}

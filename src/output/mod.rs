@@ -1,0 +1,27 @@
+//! Writers: gzip'd pprof, collapsed stacks, SVG flamegraph.
+
+pub mod collapsed;
+pub mod flamegraph;
+pub mod pprof;
+
+use clap::ValueEnum;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// gzip'd pprof protobuf (go tool pprof, Pyroscope, Parca, speedscope)
+    Pprof,
+    /// one line per stack: `frame;frame;... count` (inferno, speedscope, flamegraph.pl)
+    Collapsed,
+    /// SVG flamegraph
+    Flamegraph,
+}
+
+impl Format {
+    pub fn extension(self) -> &'static str {
+        match self {
+            Format::Pprof => "pb.gz",
+            Format::Collapsed => "txt",
+            Format::Flamegraph => "svg",
+        }
+    }
+}

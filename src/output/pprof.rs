@@ -1,0 +1,226 @@
+//! gzip'd pprof (profile.proto) through the `pprof` crate's prost types.
+//!
+//! Sample types `samples/count` and `cpu/nanoseconds`; one Location per distinct frame address
+//! (inlined functions as several lines, leaf first); one Mapping per file (with its build id),
+//! plus `[kernel.kallsyms]` and `[python]` (frames named by perf maps). Labels per sample: `pid`
+//! and `tid` (numbers), `comm`, `thread_name`, `frames_from` (strings).
+
+use std::collections::HashMap;
+use std::io::Write;
+
+use pprof::protos::{self, Message};
+
+use crate::profile::FrameKey;
+use crate::report::Report;
+use crate::symbols::Kind;
+
+struct Strings {
+    table: Vec<String>,
+    index: HashMap<String, i64>,
+}
+
+impl Strings {
+    fn new() -> Self {
+        let mut s = Self {
+            table: Vec::new(),
+            index: HashMap::new(),
+        };
+        s.id("");
+        s
+    }
+    fn id(&mut self, v: &str) -> i64 {
+        if let Some(i) = self.index.get(v) {
+            return *i;
+        }
+        let i = self.table.len() as i64;
+        self.table.push(v.to_string());
+        self.index.insert(v.to_string(), i);
+        i
+    }
+}
+
+/// Synthetic address spaces: each mapping gets its own range so addresses never collide.
+const FILE_SPACE: u64 = 1 << 40;
+const PYTHON_MAPPING_BASE: u64 = 0xfe << 40;
+
+pub fn encode(r: &Report) -> protos::Profile {
+    let mut st = Strings::new();
+    let mut p = protos::Profile::default();
+
+    p.sample_type = vec![
+        protos::ValueType {
+            ty: st.id("samples"),
+            unit: st.id("count"),
+        },
+        protos::ValueType {
+            ty: st.id("cpu"),
+            unit: st.id("nanoseconds"),
+        },
+    ];
+    p.period_type = Some(protos::ValueType {
+        ty: st.id("cpu"),
+        unit: st.id("nanoseconds"),
+    });
+    p.period = r.period_ns as i64;
+    p.time_nanos = r
+        .start
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0);
+    p.duration_nanos = r.duration.as_nanos() as i64;
+    p.default_sample_type = st.id("cpu");
+    p.comment = vec![st.id(&format!("perfpy {}: {}", env!("CARGO_PKG_VERSION"), r.command))];
+
+    // Mappings: one per file (id = file id + 3), first, so that `go tool pprof` shows the
+    // program's file as the profile's main file; then 1 = kernel, 2 = python.
+    let mut mappings: Vec<protos::Mapping> = Vec::new();
+    let mut used_files: Vec<bool> = vec![false; r.files.len()];
+    for k in &r.locations {
+        if let FrameKey::File { file, .. } = k {
+            used_files[*file as usize] = true;
+        }
+    }
+    for (id, (path, build_id)) in r.files.iter().enumerate() {
+        if !used_files[id] {
+            continue;
+        }
+        let base = (id as u64 + 1) * FILE_SPACE;
+        mappings.push(protos::Mapping {
+            id: id as u64 + 3,
+            memory_start: base,
+            memory_limit: base + FILE_SPACE,
+            file_offset: 0,
+            filename: st.id(path),
+            build_id: st.id(&build_id.as_ref().map(|b| hex(b)).unwrap_or_default()),
+            has_functions: true,
+            has_filenames: true,
+            has_line_numbers: true,
+            has_inline_frames: true,
+        });
+    }
+
+    // Mappings: 1 = kernel, 2 = python, then one per file (id = file id + 3).
+        mappings.push(protos::Mapping {
+        id: 1,
+        memory_start: 0xffff_0000_0000_0000,
+        memory_limit: u64::MAX,
+        filename: st.id("[kernel.kallsyms]"),
+        has_functions: true,
+        ..Default::default()
+    });
+    mappings.push(protos::Mapping {
+        id: 2,
+        memory_start: PYTHON_MAPPING_BASE,
+        memory_limit: PYTHON_MAPPING_BASE + FILE_SPACE,
+        filename: st.id("[python]"),
+        has_functions: true,
+        has_filenames: true,
+        ..Default::default()
+    });
+    // Functions and locations.
+    let mut functions: HashMap<(String, String), u64> = HashMap::new();
+    let mut fn_list: Vec<protos::Function> = Vec::new();
+    let mut locations = Vec::with_capacity(r.locations.len());
+    let mut used = vec![false; r.locations.len()];
+    for s in &r.samples {
+        for l in &s.locs {
+            used[*l as usize] = true;
+        }
+    }
+    for (i, key) in r.locations.iter().enumerate() {
+        if !used[i] {
+            continue;
+        }
+        let res = &r.resolved[i];
+        let (mapping_id, address) = match *key {
+            FrameKey::Kernel(a) => (1, a),
+            FrameKey::File { file, offset } => (file as u64 + 3, (file as u64 + 1) * FILE_SPACE + offset),
+            FrameKey::Anon { addr, .. } => (2, PYTHON_MAPPING_BASE + (addr & (FILE_SPACE - 1))),
+        };
+        let mut lines = Vec::with_capacity(res.frames.len());
+        for f in &res.frames {
+            let file = f.file.clone().unwrap_or_default();
+            let fid = *functions
+                .entry((f.function.clone(), file.clone()))
+                .or_insert_with(|| {
+                    let id = fn_list.len() as u64 + 1;
+                    let system_name = match res.kind {
+                        Kind::Python => format!("py::{}:{}", f.function, file),
+                        _ => f.function.clone(),
+                    };
+                    fn_list.push(protos::Function {
+                        id,
+                        name: st.id(&f.function),
+                        system_name: st.id(&system_name),
+                        filename: st.id(&file),
+                        start_line: 0,
+                    });
+                    id
+                });
+            lines.push(protos::Line {
+                function_id: fid,
+                line: f.line.unwrap_or(0) as i64,
+            });
+        }
+        locations.push(protos::Location {
+            id: i as u64 + 1,
+            mapping_id,
+            address,
+            line: lines,
+            is_folded: false,
+        });
+    }
+
+    let (k_pid, k_tid, k_comm, k_thread, k_from) = (
+        st.id("pid"),
+        st.id("tid"),
+        st.id("comm"),
+        st.id("thread_name"),
+        st.id("frames_from"),
+    );
+    for s in &r.samples {
+        let label_str = |st: &mut Strings, key: i64, v: &str| protos::Label {
+            key,
+            str: st.id(v),
+            ..Default::default()
+        };
+        let label = vec![
+            protos::Label {
+                key: k_pid,
+                num: s.pid as i64,
+                ..Default::default()
+            },
+            protos::Label {
+                key: k_tid,
+                num: s.tid as i64,
+                ..Default::default()
+            },
+            label_str(&mut st, k_comm, &s.comm),
+            label_str(&mut st, k_thread, &s.thread),
+            label_str(&mut st, k_from, s.frames_from),
+        ];
+        p.sample.push(protos::Sample {
+            location_id: s.locs.iter().map(|l| *l as u64 + 1).collect(),
+            value: vec![s.count as i64, (s.count * r.period_ns) as i64],
+            label,
+        });
+    }
+    p.mapping = mappings;
+    p.location = locations;
+    p.function = fn_list;
+    p.string_table = st.table;
+    p
+}
+
+pub fn write(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
+    let p = encode(r);
+    let bytes = p.encode_to_vec();
+    let mut gz = flate2::write::GzEncoder::new(out, flate2::Compression::default());
+    gz.write_all(&bytes)?;
+    gz.finish()?;
+    Ok(())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -1,0 +1,87 @@
+//! Aggregation: frames interned as location keys, stacks interned as lists of location ids,
+//! samples counted per (process, thread, stack). Memory grows with the number of *distinct*
+//! stacks, not with the length of the recording.
+
+use std::collections::HashMap;
+
+use rustc_hash::FxHashMap;
+
+/// What a frame address is, captured at sample time so that it stays meaningful after the
+/// process has changed its mappings or exited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FrameKey {
+    Kernel(u64),
+    /// Code of a mapped file, by file offset (return addresses already moved into the call).
+    File { file: u32, offset: u64 },
+    /// Code in anonymous memory of a process (JIT, perf trampolines): named by its perf map.
+    Anon { proc: u32, addr: u64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SampleKey {
+    pub proc: u32,
+    pub tid: u32,
+    pub stack: u32,
+}
+
+#[derive(Default)]
+pub struct Profile {
+    location_ids: FxHashMap<FrameKey, u32>,
+    pub locations: Vec<FrameKey>,
+    stack_ids: FxHashMap<Box<[u32]>, u32>,
+    pub stacks: Vec<Box<[u32]>>,
+    pub counts: HashMap<SampleKey, u64>,
+    pub samples: u64,
+}
+
+impl Profile {
+    pub fn location(&mut self, key: FrameKey) -> u32 {
+        if let Some(id) = self.location_ids.get(&key) {
+            return *id;
+        }
+        let id = self.locations.len() as u32;
+        self.locations.push(key);
+        self.location_ids.insert(key, id);
+        id
+    }
+
+    /// Interns a stack (location ids, leaf first).
+    pub fn stack(&mut self, frames: &[u32]) -> u32 {
+        if let Some(id) = self.stack_ids.get(frames) {
+            return *id;
+        }
+        let id = self.stacks.len() as u32;
+        let b: Box<[u32]> = frames.into();
+        self.stacks.push(b.clone());
+        self.stack_ids.insert(b, id);
+        id
+    }
+
+    pub fn add(&mut self, proc: u32, tid: u32, frames: &[u32]) {
+        let stack = self.stack(frames);
+        *self.counts.entry(SampleKey { proc, tid, stack }).or_default() += 1;
+        self.samples += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identical_stacks_are_stored_once() {
+        let mut p = Profile::default();
+        let a = p.location(FrameKey::Kernel(1));
+        let b = p.location(FrameKey::File { file: 0, offset: 10 });
+        assert_eq!(p.location(FrameKey::Kernel(1)), a);
+        for _ in 0..1000 {
+            p.add(0, 7, &[a, b]);
+        }
+        p.add(0, 8, &[a, b]);
+        p.add(0, 7, &[b]);
+        assert_eq!(p.stacks.len(), 2);
+        assert_eq!(p.counts.len(), 3);
+        assert_eq!(p.counts[&SampleKey { proc: 0, tid: 7, stack: 0 }], 1000);
+        assert_eq!(p.samples, 1002);
+    }
+}

@@ -1,0 +1,559 @@
+//! The record session: open events, drain rings, unwind and aggregate each sample, stop on the
+//! duration, a signal or the targets' exit, then symbolize and write.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{IsTerminal, Write};
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context, Result};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+
+use crate::files::Files;
+use crate::output::Format;
+use crate::process::Process;
+use crate::profile::{FrameKey, Profile};
+use crate::records::{self, Record};
+use crate::sys::{self, EventConfig, Ring};
+use crate::targets;
+use crate::unwind::{self, LiveMemory};
+
+pub struct Options {
+    pub pids: Vec<i32>,
+    pub command: Vec<String>,
+    pub duration: Option<Duration>,
+    pub rate: u64,
+    pub output: Option<PathBuf>,
+    pub format: Format,
+    pub stack_size: u32,
+    pub max_frames: usize,
+    pub keep_interpreter: bool,
+}
+
+struct RingEntry {
+    ring: Ring,
+    #[allow(dead_code)]
+    tid: u32,
+}
+
+#[derive(Default)]
+pub struct Stats {
+    pub samples: u64,
+    pub lost: u64,
+    pub unwind_incomplete: u64,
+    pub no_user_regs: u64,
+}
+
+/// Everything the records feed.
+struct Collector {
+    files: Files,
+    procs: Vec<Process>,
+    live: HashMap<u32, u32>,
+    profile: Profile,
+    stats: Stats,
+    max_frames: usize,
+    scratch_addrs: Vec<u64>,
+    scratch_locs: Vec<u32>,
+    /// Targets (pids) whose exit ends the run.
+    exited: HashSet<u32>,
+}
+
+impl Collector {
+    fn proc_key(&mut self, pid: u32) -> u32 {
+        if let Some(k) = self.live.get(&pid) {
+            return *k;
+        }
+        let key = self.procs.len() as u32;
+        let mut p = Process::new(pid, key);
+        p.refresh_maps(&mut self.files);
+        self.procs.push(p);
+        self.live.insert(pid, key);
+        key
+    }
+
+    fn handle(&mut self, rec: Record<'_>) {
+        match rec {
+            Record::Sample(s) => self.sample(s),
+            Record::Mmap(m) => {
+                if !m.prot_exec {
+                    return;
+                }
+                let key = self.proc_key(m.pid);
+                let path = String::from_utf8_lossy(m.filename).into_owned();
+                let p = &mut self.procs[key as usize];
+                if p.mapping(m.addr).is_some_and(|x| x.start == m.addr && x.end == m.addr + m.len) {
+                    return;
+                }
+                p.add_mapping(&mut self.files, m.addr, m.addr + m.len, m.pgoff, &path);
+            }
+            Record::Comm { pid, tid, exec, comm } => {
+                let comm = String::from_utf8_lossy(comm).into_owned();
+                if exec && pid == tid {
+                    // A new program in this pid: a new process for us (its old frames keep
+                    // their meaning under the old key).
+                    if let Some(old) = self.live.remove(&pid) {
+                        self.procs[old as usize].alive = true;
+                    }
+                    let key = self.proc_key(pid);
+                    let p = &mut self.procs[key as usize];
+                    p.exec(comm.clone());
+                    p.refresh_maps(&mut self.files);
+                    p.threads.insert(tid, comm);
+                } else {
+                    let key = self.proc_key(pid);
+                    let p = &mut self.procs[key as usize];
+                    if pid == tid {
+                        p.comm = comm.clone();
+                    }
+                    p.threads.insert(tid, comm);
+                }
+            }
+            Record::Fork { pid, ppid, tid } => {
+                if pid == tid && pid != ppid && !self.live.contains_key(&pid) {
+                    let key = self.procs.len() as u32;
+                    let child = match self.live.get(&ppid) {
+                        Some(pk) => Process::forked(&self.procs[*pk as usize], pid, key),
+                        None => Process::new(pid, key),
+                    };
+                    self.procs.push(child);
+                    self.live.insert(pid, key);
+                }
+            }
+            Record::Exit { pid, tid } => {
+                if pid == tid {
+                    if let Some(k) = self.live.remove(&pid) {
+                        self.procs[k as usize].alive = false;
+                    }
+                    self.exited.insert(pid);
+                }
+            }
+            Record::Lost(n) => self.stats.lost += n,
+            Record::Other => {}
+        }
+    }
+
+    fn sample(&mut self, s: records::Sample<'_>) {
+        self.stats.samples += 1;
+        let key = self.proc_key(s.pid);
+        let mut addrs = std::mem::take(&mut self.scratch_addrs);
+        let mut locs = std::mem::take(&mut self.scratch_locs);
+        addrs.clear();
+        locs.clear();
+        for &k in &s.kernel {
+            locs.push(self.profile.location(FrameKey::Kernel(k)));
+        }
+        let p = &mut self.procs[key as usize];
+        p.thread_name(s.tid);
+        match s.user_regs {
+            Some(regs) if regs[2] != 0 => {
+                if p.mapping(regs[2]).is_none() {
+                    p.refresh_maps(&mut self.files);
+                }
+                let mem = LiveMemory(s.pid);
+                let o = unwind::unwind(p, &mem, regs, s.stack, self.max_frames, &mut addrs);
+                if !o.complete {
+                    self.stats.unwind_incomplete += 1;
+                }
+            }
+            _ => {
+                if s.kernel.is_empty() {
+                    addrs.push(s.ip);
+                }
+                self.stats.no_user_regs += 1;
+            }
+        }
+        for (i, &a) in addrs.iter().enumerate() {
+            // Return addresses point after the call: look up the call itself.
+            let lookup = if i == 0 { a } else { a.saturating_sub(1) };
+            let fk = match p.mapping(lookup) {
+                Some(m) => match &m.file {
+                    Some(f) => FrameKey::File {
+                        file: f.id,
+                        offset: lookup - m.start + m.pgoff,
+                    },
+                    None => FrameKey::Anon { proc: key, addr: lookup },
+                },
+                None => FrameKey::Anon { proc: key, addr: lookup },
+            };
+            locs.push(self.profile.location(fk));
+        }
+        self.profile.add(key, s.tid, &locs);
+        self.scratch_addrs = addrs;
+        self.scratch_locs = locs;
+    }
+}
+
+/// Drains one ring into the collector.
+fn drain(r: &mut RingEntry, c: &mut Collector, scratch: &mut Vec<u8>) {
+    let (head, mut tail) = r.ring.positions();
+    let size = r.ring.data_size() as u64;
+    while tail < head {
+        let data = r.ring.data();
+        let off = (tail % size) as usize;
+        // Records are 8-byte aligned, so the 8-byte header never wraps.
+        let hsize = u16::from_ne_bytes([data[off + 6], data[off + 7]]) as usize;
+        if hsize < 8 || tail + hsize as u64 > head {
+            break;
+        }
+        let rec: &[u8] = if off + hsize <= data.len() {
+            &data[off..off + hsize]
+        } else {
+            scratch.clear();
+            scratch.extend_from_slice(&data[off..]);
+            scratch.extend_from_slice(&data[..hsize - (data.len() - off)]);
+            scratch
+        };
+        if let Some(rec) = records::parse(rec) {
+            c.handle(rec);
+        }
+        tail += hsize as u64;
+    }
+    r.ring.set_tail(tail);
+}
+
+pub struct Outcome {
+    pub samples: u64,
+    pub child_status: Option<i32>,
+}
+
+pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
+    if opts.rate == 0 || opts.rate > 100_000 {
+        bail!("invalid rate {}: give samples per second between 1 and 100000 (e.g. -r 100)", opts.rate);
+    }
+    if opts.stack_size < 512 || opts.stack_size > 65000 {
+        bail!("invalid --stack-size {}: give bytes between 512 and 65000", opts.stack_size);
+    }
+    // Targets first (no side effects), then the output file, then events.
+    let mut tgids = Vec::new();
+    for &pid in &opts.pids {
+        let t = targets::check_pid(pid)?;
+        if !tgids.contains(&t) {
+            tgids.push(t);
+        }
+    }
+    let target_name = if !opts.command.is_empty() {
+        std::path::Path::new(&opts.command[0])
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "cmd".into())
+    } else {
+        tgids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("-")
+    };
+    let out_path = opts.output.clone().unwrap_or_else(|| {
+        let ts = chrono_like_now();
+        PathBuf::from(format!("perfpy-{target_name}-{ts}.{}", opts.format.extension()))
+    });
+    let out_file = File::create(&out_path).with_context(|| {
+        format!(
+            "cannot write the output file {}: choose a writable path with -o",
+            out_path.display()
+        )
+    })?;
+
+    let period_ns = 1_000_000_000 / opts.rate;
+    let is_root = nix::unistd::geteuid().is_root();
+    let mut cfg = EventConfig {
+        period_ns,
+        stack_size: opts.stack_size & !7,
+        kernel: true,
+        enable_on_exec: false,
+        inherit: true,
+        wakeup_bytes: 0,
+    };
+    let data_pages = 256usize; // 1 MiB per ring
+    cfg.wakeup_bytes = (data_pages * sys::page_size() / 4) as u32;
+
+    let mut spawned = None;
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).context("epoll_create")?;
+
+    // The kernel refuses to map inherited per-task events (cpu == -1), so, as `perf record -p`
+    // does, we open one event per (thread, CPU) and send all events of a CPU into one ring.
+    let cpus = sys::online_cpus();
+    let mut events: Vec<std::os::fd::OwnedFd> = Vec::new();
+    let mut rings: Vec<Option<RingEntry>> = cpus.iter().map(|_| None).collect();
+    let mut open = |cfg: &mut EventConfig, tid: i32| -> Result<bool> {
+        for (ci, &cpu) in cpus.iter().enumerate() {
+            let fd = match sys::perf_event_open(cfg, tid, cpu) {
+                Ok(fd) => fd,
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(false),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM)) && cfg.kernel && !is_root => {
+                    tracing::warn!("kernel frames unavailable ({e}); sampling user space only");
+                    eprintln!("perfpy: warning: no permission to sample kernel code; kernel frames left out (run as root or set kernel.perf_event_paranoid to 1)");
+                    cfg.kernel = false;
+                    match sys::perf_event_open(cfg, tid, cpu) {
+                        Ok(fd) => fd,
+                        Err(e) => return Err(perm_error(e)),
+                    }
+                }
+                Err(e) => return Err(perm_error(e)),
+            };
+            match &rings[ci] {
+                Some(r) => {
+                    sys::perf_event_set_output(fd.as_raw_fd(), r.ring.fd())
+                        .context("cannot attach an event to its CPU's ring (PERF_EVENT_IOC_SET_OUTPUT)")?;
+                    events.push(fd);
+                }
+                None => {
+                    let mut pages = data_pages;
+                    let ring = loop {
+                        match Ring::map(fd.try_clone()?, pages) {
+                            Ok(r) => break r,
+                            Err(e) if pages > 8 => {
+                                tracing::debug!("ring of {pages} pages refused ({e}), trying fewer");
+                                pages /= 2;
+                            }
+                            Err(e) => {
+                                return Err(e).context(
+                                    "cannot map the perf ring buffer: run as root or raise kernel.perf_event_mlock_kb",
+                                )
+                            }
+                        }
+                    };
+                    events.push(fd);
+                    rings[ci] = Some(RingEntry { ring, tid: tid as u32 });
+                }
+            }
+        }
+        Ok(true)
+    };
+
+    if !opts.command.is_empty() {
+        let sp = targets::spawn(&opts.command)?;
+        cfg.enable_on_exec = true;
+        if !open(&mut cfg, sp.pid)? {
+            bail!("the command exited before it could be profiled");
+        }
+        tgids.push(sp.pid as u32);
+        spawned = Some(sp);
+    } else {
+        for &pid in &tgids {
+            // Threads may appear while we open events: list again until nothing is new.
+            let mut seen = HashSet::new();
+            let mut opened = 0;
+            loop {
+                let now = targets::threads(pid);
+                let new: Vec<u32> = now.into_iter().filter(|t| !seen.contains(t)).collect();
+                if new.is_empty() {
+                    break;
+                }
+                for t in new {
+                    seen.insert(t);
+                    if open(&mut cfg, t as i32)? {
+                        opened += 1;
+                    }
+                }
+            }
+            if opened == 0 || targets::is_gone(pid) {
+                bail!("no process with pid {pid}: it exited before sampling started");
+            }
+        }
+    }
+    drop(open);
+    let mut rings: Vec<RingEntry> = rings.into_iter().flatten().collect();
+    // Edge-triggered: a ring whose thread exited reports HUP for ever, but inherited events
+    // of its children still write into it, so it stays drained and watched.
+    for (i, r) in rings.iter().enumerate() {
+        epoll
+            .add(r.ring_fd_borrow(), EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, i as u64))
+            .context("epoll_ctl")?;
+    }
+
+    let mut c = Collector {
+        files: Files::default(),
+        procs: Vec::new(),
+        live: HashMap::new(),
+        profile: Profile::default(),
+        stats: Stats::default(),
+        max_frames: opts.max_frames,
+        scratch_addrs: Vec::with_capacity(256),
+        scratch_locs: Vec::with_capacity(256),
+        exited: HashSet::new(),
+    };
+    for &pid in &tgids {
+        c.proc_key(pid);
+    }
+    if let Some(sp) = spawned.as_mut() {
+        sp.release();
+    }
+
+    let start = Instant::now();
+    let start_wall = SystemTime::now();
+    let tty = std::io::stderr().is_terminal();
+    let mut last_status = Instant::now();
+    let mut scratch = Vec::new();
+    let mut ep_events = vec![EpollEvent::empty(); 64];
+    let mut child_status = None;
+    let mut end_reason = "stopped";
+    loop {
+        let _ = epoll.wait(&mut ep_events, EpollTimeout::from(100u16));
+        for r in rings.iter_mut() {
+            drain(r, &mut c, &mut scratch);
+        }
+        if stop.load(Ordering::Relaxed) {
+            end_reason = "interrupted";
+            break;
+        }
+        if let Some(d) = opts.duration {
+            if start.elapsed() >= d {
+                end_reason = "duration elapsed";
+                break;
+            }
+        }
+        if let Some(sp) = &spawned {
+            match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(sp.pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+                Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => {
+                    child_status = Some(code);
+                    end_reason = "command exited";
+                    break;
+                }
+                Ok(nix::sys::wait::WaitStatus::Signaled(_, sig, _)) => {
+                    child_status = Some(128 + sig as i32);
+                    end_reason = "command killed";
+                    break;
+                }
+                _ => {}
+            }
+        } else if tgids.iter().all(|p| c.exited.contains(p) || targets::is_gone(*p)) {
+            end_reason = "target exited";
+            break;
+        }
+        if tty && last_status.elapsed() >= Duration::from_millis(500) {
+            last_status = Instant::now();
+            eprint!(
+                "\r\x1b[2Kperfpy: recording {:.1}s  samples {}  lost {}  processes {}",
+                start.elapsed().as_secs_f64(),
+                c.stats.samples,
+                c.stats.lost,
+                c.live.len()
+            );
+            let _ = std::io::stderr().flush();
+        }
+    }
+    let duration = start.elapsed();
+    for r in rings.iter_mut() {
+        drain(r, &mut c, &mut scratch);
+    }
+    drop(rings);
+    drop(events);
+    if tty {
+        eprint!("\r\x1b[2K");
+    }
+
+    // Symbolize and write.
+    let t_sym = Instant::now();
+    let procs: HashMap<u32, &Process> = c.procs.iter().map(|p| (p.key, p)).collect();
+    let resolved = crate::symbols::resolve(&c.profile, &c.files, &procs);
+    let (samples, resolved) =
+        crate::report::build(&c.profile, resolved, &procs, &c.files, opts.keep_interpreter);
+    let report = crate::report::Report {
+        locations: c.profile.locations.clone(),
+        resolved,
+        samples,
+        period_ns,
+        start: start_wall,
+        duration,
+        files: c
+            .files
+            .list
+            .iter()
+            .map(|f| (f.path.clone(), f.elf.as_ref().and_then(|e| e.build_id.clone())))
+            .collect(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+    };
+    let mut w = std::io::BufWriter::new(out_file);
+    match opts.format {
+        Format::Pprof => crate::output::pprof::write(&report, &mut w)?,
+        Format::Collapsed => crate::output::collapsed::write(&report, &mut w)?,
+        Format::Flamegraph => crate::output::flamegraph::write(&report, &format!("perfpy {target_name}"), &mut w)?,
+    }
+    w.flush().with_context(|| format!("cannot write {}", out_path.display()))?;
+    let sym_time = t_sym.elapsed();
+
+    let nprocs = c.procs.iter().filter(|p| procs_with_samples(&c.profile, p.key)).count();
+    eprintln!(
+        "perfpy: {end_reason} after {:.1}s: {} samples, {} lost, {} process{}, {} stacks incomplete ({:.1}%), symbolized in {:.2}s",
+        duration.as_secs_f64(),
+        c.stats.samples,
+        c.stats.lost,
+        nprocs,
+        if nprocs == 1 { "" } else { "es" },
+        c.stats.unwind_incomplete,
+        100.0 * c.stats.unwind_incomplete as f64 / c.stats.samples.max(1) as f64,
+        sym_time.as_secs_f64(),
+    );
+    if let Some(code) = child_status {
+        eprintln!("perfpy: command exited with status {code}");
+    }
+    match opts.format {
+        Format::Pprof => eprintln!(
+            "perfpy: wrote {}; open it with: go tool pprof -http=:8080 {}",
+            out_path.display(),
+            out_path.display()
+        ),
+        _ => eprintln!("perfpy: wrote {}", out_path.display()),
+    }
+    Ok(Outcome {
+        samples: c.stats.samples,
+        child_status,
+    })
+}
+
+fn procs_with_samples(p: &Profile, key: u32) -> bool {
+    p.counts.keys().any(|k| k.proc == key)
+}
+
+fn perm_error(e: std::io::Error) -> anyhow::Error {
+    match e.raw_os_error() {
+        Some(libc::EACCES) | Some(libc::EPERM) => {
+            let paranoid = std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "?".into());
+            anyhow::anyhow!(
+                "permission denied opening perf events ({e}): run perfpy as root (sudo), or give it CAP_PERFMON (and CAP_SYS_PTRACE), or lower kernel.perf_event_paranoid (now {paranoid}) with `sysctl kernel.perf_event_paranoid=1`; in Docker add --cap-add PERFMON --cap-add SYS_PTRACE"
+            )
+        }
+        Some(libc::ENOENT) | Some(libc::EOPNOTSUPP) => anyhow::anyhow!(
+            "this kernel does not support cpu-clock sampling with perf_event_open ({e}): perfpy needs CONFIG_PERF_EVENTS"
+        ),
+        _ => anyhow::anyhow!("perf_event_open failed: {e}"),
+    }
+}
+
+/// Local time as YYYYmmdd-HHMMSS, for default file names.
+fn chrono_like_now() -> String {
+    let t = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as libc::time_t)
+        .unwrap_or(0);
+    // SAFETY: localtime_r writes into our zeroed struct; `t` is a valid time_t.
+    let tm = unsafe {
+        let mut tm: libc::tm = std::mem::zeroed();
+        libc::localtime_r(&t, &mut tm);
+        tm
+    };
+    format!(
+        "{:04}{:02}{:02}-{:02}{:02}{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
+}
+
+impl RingEntry {
+    fn ring_fd_borrow(&self) -> std::os::fd::BorrowedFd<'_> {
+        // SAFETY: the descriptor is owned by the ring, which outlives the borrow.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(self.ring.fd()) }
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_fd(f: &File) -> i32 {
+    f.as_fd().as_raw_fd()
+}

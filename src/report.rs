@@ -1,0 +1,98 @@
+//! From the aggregated profile and the resolved locations to what the writers print: stacks as
+//! users read them, with their labels.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use crate::files::Files;
+use crate::process::Process;
+use crate::profile::{FrameKey, Profile};
+use crate::symbols::{Kind, Resolved};
+
+pub struct Sample {
+    /// Location indices, leaf first.
+    pub locs: Vec<u32>,
+    pub count: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub thread: String,
+    pub frames_from: &'static str,
+}
+
+pub struct Report {
+    pub locations: Vec<FrameKey>,
+    pub resolved: Vec<Resolved>,
+    pub samples: Vec<Sample>,
+    pub period_ns: u64,
+    pub start: SystemTime,
+    pub duration: Duration,
+    /// Per file id: (path, build id).
+    pub files: Vec<(String, Option<Vec<u8>>)>,
+    pub command: String,
+}
+
+/// Builds the report. Unless `keep_interpreter` is set, CPython's own native frames (the
+/// evaluation loop, call machinery, builtins) are left out of stacks that have Python frames, as
+/// py-spy does: the Python function is then the leaf while it runs bytecode, and C extensions,
+/// libc and the kernel stay in place under their Python caller.
+pub fn build(
+    profile: &Profile,
+    resolved: Vec<Resolved>,
+    procs: &HashMap<u32, &Process>,
+    files: &Files,
+    keep_interpreter: bool,
+) -> (Vec<Sample>, Vec<Resolved>) {
+    let mut samples = Vec::with_capacity(profile.counts.len());
+    for (key, count) in &profile.counts {
+        let stack = &profile.stacks[key.stack as usize];
+        let has_python = stack
+            .iter()
+            .any(|l| resolved[*l as usize].kind == Kind::Python);
+        let locs: Vec<u32> = if has_python && !keep_interpreter {
+            stack
+                .iter()
+                .copied()
+                .filter(|l| resolved[*l as usize].kind != Kind::Native { interpreter: true })
+                .collect()
+        } else {
+            stack.to_vec()
+        };
+        let (pid, comm, thread) = match procs.get(&key.proc) {
+            Some(p) => (
+                p.pid,
+                p.comm.clone(),
+                p.threads.get(&key.tid).cloned().unwrap_or_else(|| p.comm.clone()),
+            ),
+            None => (0, String::new(), String::new()),
+        };
+        samples.push(Sample {
+            locs,
+            count: *count,
+            pid,
+            tid: key.tid,
+            comm,
+            thread,
+            frames_from: if has_python { "trampoline" } else { "native" },
+        });
+    }
+    let _ = files;
+    // Deterministic output: heaviest first.
+    samples.sort_by(|a, b| b.count.cmp(&a.count).then(a.locs.cmp(&b.locs)));
+    (samples, resolved)
+}
+
+/// A frame's display name for text formats: `qualname (file:line)` for Python, the function
+/// otherwise.
+pub fn display_name(r: &Resolved, inline_index: usize) -> String {
+    let f = &r.frames[inline_index];
+    match r.kind {
+        Kind::Python => match (&f.file, f.line) {
+            (Some(file), Some(line)) => format!("{} ({}:{})", f.function, file, line),
+            (Some(file), None) => format!("{} ({})", f.function, file),
+            _ => f.function.clone(),
+        },
+        Kind::Kernel => format!("{}_[k]", f.function),
+        _ => f.function.clone(),
+    }
+}

@@ -1,0 +1,163 @@
+//! Symbolization after sampling: every distinct location once, in batches per file.
+
+use std::collections::HashMap;
+
+use perfpy_symbolize::perfmap::{python_name, PerfMap};
+use perfpy_symbolize::{Frame, Symbolizer};
+
+use crate::files::Files;
+use crate::process::Process;
+use crate::profile::{FrameKey, Profile};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Kernel,
+    /// Native code; `interpreter` when it is CPython's own (libpython or the python executable).
+    Native { interpreter: bool },
+    /// A Python function, named by a perf map (trampoline).
+    Python,
+    /// Generated code with a non-Python perf-map name, or nothing known.
+    Other,
+}
+
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    /// Leaf (innermost inlined) first.
+    pub frames: Vec<Frame>,
+    pub kind: Kind,
+}
+
+/// Resolves all locations of `profile`. `procs` are all processes of the recording, by key.
+pub fn resolve(profile: &Profile, files: &Files, procs: &HashMap<u32, &Process>) -> Vec<Resolved> {
+    let sym = Symbolizer::new();
+    let mut out: Vec<Option<Resolved>> = vec![None; profile.locations.len()];
+
+    // Kernel: one batch.
+    let kernel: Vec<(usize, u64)> = profile
+        .locations
+        .iter()
+        .enumerate()
+        .filter_map(|(i, k)| match k {
+            FrameKey::Kernel(a) => Some((i, *a)),
+            _ => None,
+        })
+        .collect();
+    if !kernel.is_empty() {
+        let addrs: Vec<u64> = kernel.iter().map(|(_, a)| *a).collect();
+        let frames = sym.symbolize_kernel(&addrs).unwrap_or_else(|e| {
+            tracing::warn!("{e}");
+            vec![Vec::new(); addrs.len()]
+        });
+        for ((i, a), f) in kernel.into_iter().zip(frames) {
+            out[i] = Some(Resolved {
+                frames: or_unknown(f, || format!("[kernel] {a:#x}")),
+                kind: Kind::Kernel,
+            });
+        }
+    }
+
+    // Files: one batch per file.
+    let mut by_file: HashMap<u32, Vec<(usize, u64)>> = HashMap::new();
+    for (i, k) in profile.locations.iter().enumerate() {
+        if let FrameKey::File { file, offset } = k {
+            by_file.entry(*file).or_default().push((i, *offset));
+        }
+    }
+    for (file_id, locs) in by_file {
+        let file = &files.list[file_id as usize];
+        let interpreter = file
+            .elf
+            .as_ref()
+            .is_some_and(|e| e.is_python_interpreter);
+        let offsets: Vec<u64> = locs.iter().map(|(_, o)| *o).collect();
+        let frames = if file.elf.is_some() {
+            sym.symbolize_elf(&file.fd_path(), &offsets).unwrap_or_else(|e| {
+                tracing::debug!("{e}");
+                vec![Vec::new(); offsets.len()]
+            })
+        } else {
+            vec![Vec::new(); offsets.len()]
+        };
+        let short = file.path.rsplit('/').next().unwrap_or(&file.path).to_string();
+        for ((i, off), f) in locs.into_iter().zip(frames) {
+            out[i] = Some(Resolved {
+                // Code without a symbol (stripped local functions, hand-written assembly) is
+                // named after its file, so that its samples add up in one place.
+                frames: or_unknown(f, || {
+                    let _ = off;
+                    format!("[{short}]")
+                }),
+                kind: Kind::Native { interpreter },
+            });
+        }
+    }
+
+    // Anonymous code: perf maps, read once per process.
+    let mut maps: HashMap<u32, PerfMap> = HashMap::new();
+    for (i, k) in profile.locations.iter().enumerate() {
+        let FrameKey::Anon { proc, addr } = k else { continue };
+        let map = maps.entry(*proc).or_insert_with(|| {
+            procs
+                .get(proc)
+                .and_then(|p| {
+                    PerfMap::read(&p.perf_map_path())
+                        .map_err(|e| tracing::debug!(pid = p.pid, "perf map: {e}"))
+                        .ok()
+                })
+                .unwrap_or_default()
+        });
+        let r = match map.lookup(*addr) {
+            Some(e) => match python_name(&e.name) {
+                Some(py) => Resolved {
+                    frames: vec![Frame {
+                        function: py.qualname.to_string(),
+                        file: Some(py.file.to_string()),
+                        line: None,
+                    }],
+                    kind: Kind::Python,
+                },
+                None => Resolved {
+                    frames: vec![Frame {
+                        function: e.name.clone(),
+                        file: None,
+                        line: None,
+                    }],
+                    kind: Kind::Other,
+                },
+            },
+            None => Resolved {
+                frames: vec![Frame {
+                    function: format!("[unknown] {addr:#x}"),
+                    file: None,
+                    line: None,
+                }],
+                kind: Kind::Other,
+            },
+        };
+        out[i] = Some(r);
+    }
+    out.into_iter()
+        .map(|r| {
+            r.unwrap_or(Resolved {
+                frames: vec![Frame {
+                    function: "[unknown]".into(),
+                    file: None,
+                    line: None,
+                }],
+                kind: Kind::Other,
+            })
+        })
+        .collect()
+}
+
+fn or_unknown(f: Vec<Frame>, name: impl FnOnce() -> String) -> Vec<Frame> {
+    if f.is_empty() {
+        vec![Frame {
+            function: name(),
+            file: None,
+            line: None,
+        }]
+    } else {
+        f
+    }
+}

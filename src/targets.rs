@@ -1,0 +1,154 @@
+//! Targets: checking pids before anything touches them, spawning a command so that sampling
+//! starts exactly at its exec.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use anyhow::{bail, Context, Result};
+
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// Checks that `pid` names a user process we may profile; returns its thread-group id (a thread
+/// id given by the user is taken as its process).
+pub fn check_pid(pid: i32) -> Result<u32> {
+    if pid <= 0 {
+        bail!("invalid pid {pid}: give the id of a running process");
+    }
+    let stat = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("no process with pid {pid}: check the pid (it may have exited)")
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read /proc/{pid}/stat")),
+    };
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first().copied().unwrap_or("?");
+    let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
+    if flags & PF_KTHREAD != 0 {
+        bail!("pid {pid} is a kernel thread: perfpy profiles user processes (use `perf record -a` for the kernel)");
+    }
+    if state == "Z" || state == "X" {
+        bail!("pid {pid} has exited (it is a zombie waiting for its parent)");
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let tgid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(pid as u32);
+    // Reading another user's memory maps needs ptrace-read access: check it now, before any
+    // event is opened, so the message names the real cause.
+    if let Err(e) = std::fs::read_to_string(format!("/proc/{tgid}/maps")) {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            bail!(
+                "permission denied reading /proc/{tgid}/maps: run perfpy as root (sudo) or as the process's user with CAP_SYS_PTRACE, and check kernel.yama.ptrace_scope"
+            );
+        }
+    }
+    Ok(tgid)
+}
+
+/// The threads of a process now.
+pub fn threads(pid: u32) -> Vec<u32> {
+    let mut v: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort_unstable();
+    v
+}
+
+/// Whether a process is gone (or a zombie).
+pub fn is_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => {
+            let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+            matches!(rest.split_whitespace().next(), Some("Z") | Some("X"))
+        }
+        Err(_) => true,
+    }
+}
+
+/// A child forked and waiting for [`Spawned::release`] before it execs the command.
+pub struct Spawned {
+    pub pid: i32,
+    go: Option<OwnedFd>,
+}
+
+/// Forks a child that waits on a pipe, then execs `argv` (looked up in PATH).
+pub fn spawn(argv: &[String]) -> Result<Spawned> {
+    let prog = resolve_program(&argv[0])?;
+    let prog_c = CString::new(prog.as_os_str().as_encoded_bytes())?;
+    let args_c: Vec<CString> = argv
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<_, _>>()
+        .context("command arguments must not contain NUL bytes")?;
+    let mut args_p: Vec<*const libc::c_char> = args_c.iter().map(|a| a.as_ptr()).collect();
+    args_p.push(std::ptr::null());
+    let (rd, wr) = nix::unistd::pipe().context("pipe")?;
+    // SAFETY: after fork the child only calls async-signal-safe functions (close, read, execv,
+    // write, _exit) on memory prepared before the fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        bail!("fork failed: {}", std::io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: see above; the child never returns from this block.
+        unsafe {
+            libc::close(wr.as_raw_fd());
+            let mut b = [0u8; 1];
+            let n = libc::read(rd.as_raw_fd(), b.as_mut_ptr().cast(), 1);
+            if n == 1 {
+                libc::execv(prog_c.as_ptr(), args_p.as_ptr());
+                let msg = b"perfpy: exec failed\n";
+                libc::write(2, msg.as_ptr().cast(), msg.len());
+                libc::_exit(127);
+            }
+            libc::_exit(126);
+        }
+    }
+    drop(rd);
+    Ok(Spawned { pid, go: Some(wr) })
+}
+
+impl Spawned {
+    /// Lets the child exec.
+    pub fn release(&mut self) {
+        if let Some(fd) = self.go.take() {
+            let _ = nix::unistd::write(&fd, b"x");
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        // Closing the pipe without the go byte makes a child still waiting exit (126).
+        self.go.take();
+    }
+}
+
+fn resolve_program(name: &str) -> Result<std::path::PathBuf> {
+    if name.contains('/') {
+        let p = std::path::PathBuf::from(name);
+        if !p.exists() {
+            bail!("command not found: {name}");
+        }
+        return Ok(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    for dir in std::env::split_paths(&path) {
+        let p = dir.join(name);
+        if let Ok(m) = std::fs::metadata(&p) {
+            use std::os::unix::fs::PermissionsExt;
+            if m.is_file() && m.permissions().mode() & 0o111 != 0 {
+                return Ok(p);
+            }
+        }
+    }
+    bail!("command not found in PATH: {name}")
+}

@@ -1,0 +1,358 @@
+//! User-space unwinding of a sampled stack: framehop with the `.eh_frame`/`.debug_frame` of the
+//! mapped files (frame pointers where a file has no CFI for an address), plus an explicit rule for
+//! CPython's perf trampolines, which live in anonymous memory that no unwind table describes.
+//!
+//! CPython 3.12 and 3.13 (`Python/asm_trampoline.S`, x86-64) copy this code once per Python code
+//! object and call each Python function's evaluation through its copy:
+//!
+//! ```text
+//!   [endbr64]            f3 0f 1e fa      (CET builds only)
+//!   sub  $8, %rsp        48 83 ec 08
+//!   call *%rcx           ff d1
+//!   add  $8, %rsp        48 83 c4 08      <- return address of the callee
+//!   ret                  c3
+//! ```
+//!
+//! At the return address: CFA = RSP + 16, return address = [CFA - 8]; RBP is untouched.
+//! We recognise the code from its bytes, read from the target once per address and cached.
+
+use std::collections::HashMap;
+
+use framehop::x86_64::UnwindRegsX86_64;
+use framehop::{FrameAddress, Unwinder};
+
+use crate::process::Process;
+
+const SUB: [u8; 4] = [0x48, 0x83, 0xec, 0x08];
+const CALL: [u8; 2] = [0xff, 0xd1];
+const ADD: [u8; 4] = [0x48, 0x83, 0xc4, 0x08];
+const RET: u8 = 0xc3;
+const ENDBR: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
+
+/// Where in a trampoline an address is, which decides how to step out of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrampolineAt {
+    /// At `endbr64` or `sub` (nothing pushed yet): RA = [RSP], CFA = RSP + 8.
+    Entry,
+    /// At `call` (after `sub`): RA = [RSP + 8], CFA = RSP + 16.
+    Call,
+    /// At `add` (the callee's return address): RA = [RSP + 8], CFA = RSP + 16.
+    AfterCall,
+    /// At `ret`: RA = [RSP], CFA = RSP + 8.
+    Ret,
+}
+
+impl TrampolineAt {
+    fn cfa_offset(self) -> u64 {
+        match self {
+            TrampolineAt::Entry | TrampolineAt::Ret => 8,
+            TrampolineAt::Call | TrampolineAt::AfterCall => 16,
+        }
+    }
+}
+
+/// Classifies `addr` given `window`, the 16 code bytes at `addr - 10 .. addr + 6`.
+pub fn classify_trampoline(window: &[u8; 16]) -> Option<TrampolineAt> {
+    // Index of `addr` inside the window.
+    const A: usize = 10;
+    let at = |off: isize, pat: &[u8]| -> bool {
+        let s = A as isize + off;
+        s >= 0 && (s as usize + pat.len()) <= 16 && &window[s as usize..s as usize + pat.len()] == pat
+    };
+    // Body = sub(4) call(2) add(4) ret(1), starting at `addr + off`.
+    let body_at = |off: isize| at(off, &SUB) && at(off + 4, &CALL) && at(off + 6, &ADD) && at(off + 10, &[RET]);
+    if body_at(-6) {
+        return Some(TrampolineAt::AfterCall);
+    }
+    if body_at(-4) {
+        return Some(TrampolineAt::Call);
+    }
+    if body_at(0) {
+        return Some(TrampolineAt::Entry);
+    }
+    if at(0, &ENDBR) && at(4, &SUB) && at(8, &CALL) {
+        return Some(TrampolineAt::Entry);
+    }
+    if body_at(-10) {
+        return Some(TrampolineAt::Ret);
+    }
+    None
+}
+
+/// Reads code of the target (a live process, or a fixture in tests).
+pub trait CodeMemory {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> bool;
+}
+
+pub struct LiveMemory(pub u32);
+
+impl CodeMemory for LiveMemory {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+        matches!(crate::sys::read_process_memory(self.0 as i32, addr, buf), Ok(n) if n == buf.len())
+    }
+}
+
+/// Per-process cache of trampoline classification by address (anonymous code only).
+#[derive(Default)]
+pub struct TrampolineCache {
+    known: HashMap<u64, Option<TrampolineAt>>,
+}
+
+impl TrampolineCache {
+    pub fn classify(&mut self, addr: u64, mem: &dyn CodeMemory) -> Option<TrampolineAt> {
+        if let Some(k) = self.known.get(&addr) {
+            return *k;
+        }
+        let mut w = [0u8; 16];
+        let k = if mem.read(addr.wrapping_sub(10), &mut w) {
+            classify_trampoline(&w)
+        } else {
+            None
+        };
+        // Bounded: a process generating endless code cannot grow this without limit.
+        if self.known.len() > 1 << 20 {
+            self.known.clear();
+        }
+        self.known.insert(addr, k);
+        k
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindOutcome {
+    /// Reached the outermost frame (`_start`, `clone`) or a zero return address.
+    pub complete: bool,
+    /// Went through at least one perf trampoline.
+    pub trampolines: u32,
+    /// Stopped at the frame limit.
+    pub truncated: bool,
+}
+
+/// Unwinds from user registers over the copied stack (which starts at `regs.sp`). Pushes the
+/// instruction pointer, then return addresses, into `out`.
+pub fn unwind(
+    proc: &mut Process,
+    mem: &dyn CodeMemory,
+    regs: [u64; 3],
+    stack: &[u8],
+    max_frames: usize,
+    out: &mut Vec<u64>,
+) -> UnwindOutcome {
+    let [bp, sp, ip] = regs;
+    let stack_base = sp;
+    let mut read_stack = |addr: u64| -> Result<u64, ()> {
+        let off = addr.checked_sub(stack_base).ok_or(())? as usize;
+        let b = stack.get(off..off.checked_add(8).ok_or(())?).ok_or(())?;
+        Ok(u64::from_ne_bytes(b.try_into().map_err(|_| ())?))
+    };
+    let mut regs = UnwindRegsX86_64::new(ip, sp, bp);
+    let mut address = FrameAddress::from_instruction_pointer(ip);
+    let mut outcome = UnwindOutcome::default();
+    out.push(ip);
+    loop {
+        if out.len() >= max_frames {
+            outcome.truncated = true;
+            return outcome;
+        }
+        let pc = address.address();
+        let in_file = proc.mapping(pc).is_some_and(|m| m.file.is_some());
+        let tramp = if in_file {
+            None
+        } else {
+            proc.trampolines.classify(pc, mem)
+        };
+        let next = if let Some(at) = tramp {
+            // A return address can only sit after the call; a first frame anywhere.
+            let at = if address.is_return_address() {
+                TrampolineAt::AfterCall
+            } else {
+                at
+            };
+            outcome.trampolines += 1;
+            let cfa = regs.sp() + at.cfa_offset();
+            match read_stack(cfa - 8) {
+                Ok(ra) => {
+                    regs.set_sp(cfa);
+                    Ok(Some(ra))
+                }
+                Err(()) => Err(()),
+            }
+        } else {
+            proc.unwinder
+                .unwind_frame(address, &mut regs, &mut proc.cache, &mut read_stack)
+                .map_err(|_| ())
+        };
+        match next {
+            Ok(Some(ra)) if ra != 0 => {
+                match FrameAddress::from_return_address(ra) {
+                    Some(a) => address = a,
+                    None => {
+                        outcome.complete = true;
+                        return outcome;
+                    }
+                }
+                regs.set_ip(ra);
+                out.push(ra);
+            }
+            Ok(_) => {
+                outcome.complete = true;
+                return outcome;
+            }
+            Err(()) => {
+                // framehop reports the end of the stack as an error in some cases (e.g. the
+                // frame-pointer rule on a null frame pointer after `_start`).
+                return outcome;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// A trampoline body at `base` (optionally with endbr64 first).
+    fn trampoline_bytes(endbr: bool) -> Vec<u8> {
+        let mut v = Vec::new();
+        if endbr {
+            v.extend(ENDBR);
+        }
+        v.extend(SUB);
+        v.extend(CALL);
+        v.extend(ADD);
+        v.push(RET);
+        v
+    }
+
+    struct Fixture {
+        code: BTreeMap<u64, u8>,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            Self {
+                code: BTreeMap::new(),
+            }
+        }
+        fn put(&mut self, addr: u64, bytes: &[u8]) {
+            for (i, b) in bytes.iter().enumerate() {
+                self.code.insert(addr + i as u64, *b);
+            }
+        }
+    }
+
+    impl CodeMemory for Fixture {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = self.code.get(&(addr + i as u64)).copied().unwrap_or(0xcc);
+            }
+            true
+        }
+    }
+
+    fn window(mem: &Fixture, addr: u64) -> [u8; 16] {
+        let mut w = [0u8; 16];
+        mem.read(addr - 10, &mut w);
+        w
+    }
+
+    #[test]
+    fn classifies_every_position_with_and_without_endbr() {
+        for endbr in [false, true] {
+            let mut m = Fixture::new();
+            let base = 0x7000_0000u64;
+            m.put(base, &trampoline_bytes(endbr));
+            let sub = base + if endbr { 4 } else { 0 };
+            assert_eq!(classify_trampoline(&window(&m, sub)), Some(TrampolineAt::Entry));
+            if endbr {
+                assert_eq!(classify_trampoline(&window(&m, base)), Some(TrampolineAt::Entry));
+            }
+            assert_eq!(classify_trampoline(&window(&m, sub + 4)), Some(TrampolineAt::Call));
+            assert_eq!(classify_trampoline(&window(&m, sub + 6)), Some(TrampolineAt::AfterCall));
+            assert_eq!(classify_trampoline(&window(&m, sub + 10)), Some(TrampolineAt::Ret));
+            assert_eq!(classify_trampoline(&window(&m, sub + 1)), None);
+        }
+        let mut m = Fixture::new();
+        m.put(0x1000, &[0x90; 32]);
+        assert_eq!(classify_trampoline(&window(&m, 0x1010)), None);
+    }
+
+    /// A stack of: leaf in anonymous code using frame pointers → trampoline → anonymous code with
+    /// frame pointers → trampoline → return address 0 (end). Checks the rule in the middle of a
+    /// stack and the hand-over between the trampoline rule and framehop's fallback.
+    #[test]
+    fn unwinds_through_trampolines_in_the_middle() {
+        let mut mem = Fixture::new();
+        let t1 = 0x7f00_0000_1000u64;
+        let t2 = 0x7f00_0000_2000u64;
+        mem.put(t1, &trampoline_bytes(true));
+        mem.put(t2, &trampoline_bytes(false));
+        let ra1 = t1 + 4 + 6; // after `call` in trampoline 1
+        let ra2 = t2 + 6;
+        let leaf = 0x7f00_0001_0000u64; // anonymous, frame pointers
+        let mid = 0x7f00_0001_8000u64;
+
+        // Stack layout (addresses grow to the right), sp = S:
+        // S+0: leaf's saved bp slot area ... we put the leaf's frame record at S+16.
+        let s = 0x7ffc_0000_0000u64;
+        let mut stack = vec![0u64; 32];
+        // leaf frame: bp = S+16 -> [S+16] = caller bp (mid's frame record at S+64), [S+24] = ra1
+        stack[2] = s + 64;
+        stack[3] = ra1;
+        // Trampoline 1 at its return address: CFA = sp + 16 where sp = S+32 after leaf's frame.
+        // RA = [CFA - 8] = [S+40]
+        stack[5] = mid;
+        // mid frame (fallback: frame pointer): bp = S+64 -> [S+64] = 0, [S+72] = ra2
+        stack[8] = 0;
+        stack[9] = ra2;
+        // Trampoline 2 at its return address: sp = S+80, CFA = S+96, RA = [S+88] = 0: end.
+        stack[11] = 0;
+        let bytes: Vec<u8> = stack.iter().flat_map(|v| v.to_ne_bytes()).collect();
+
+        let mut p = Process::new(std::process::id(), 0);
+        let mut out = Vec::new();
+        let o = unwind(&mut p, &mem, [s + 16, s, leaf], &bytes, 128, &mut out);
+        assert_eq!(out, vec![leaf, ra1, mid, ra2]);
+        assert_eq!(o.trampolines, 2);
+        assert!(o.complete);
+    }
+
+    #[test]
+    fn truncated_stack_stops_without_garbage() {
+        let mut mem = Fixture::new();
+        let t1 = 0x7f00_0000_1000u64;
+        mem.put(t1, &trampoline_bytes(false));
+        let s = 0x7ffc_0000_0000u64;
+        // The copy ends before the trampoline's return address slot.
+        let stack = [s + 16, t1 + 6].iter().flat_map(|v: &u64| v.to_ne_bytes()).collect::<Vec<_>>();
+        let mut p = Process::new(std::process::id(), 0);
+        let mut out = Vec::new();
+        // leaf with frame pointer at S: [S] = bp, [S+8] = ra (trampoline), then the trampoline
+        // needs [S+16+8], beyond the copy.
+        let o = unwind(&mut p, &mem, [s, s, 0x7f00_0001_0000], &stack, 128, &mut out);
+        assert_eq!(out, vec![0x7f00_0001_0000, t1 + 6]);
+        assert!(!o.complete);
+    }
+
+    #[test]
+    fn frame_limit_marks_truncation() {
+        let mem = Fixture::new();
+        let s = 0x7ffc_0000_0000u64;
+        // An endless frame-pointer chain within the copy: each record points 16 bytes up.
+        let mut stack = Vec::new();
+        for i in 0..64u64 {
+            if i % 2 == 0 {
+                stack.push(s + (i + 2) * 8);
+            } else {
+                stack.push(0x7f00_0002_0000 + i);
+            }
+        }
+        let bytes: Vec<u8> = stack.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        let mut p = Process::new(std::process::id(), 0);
+        let mut out = Vec::new();
+        let o = unwind(&mut p, &mem, [s, s, 0x7f00_0001_0000], &bytes, 10, &mut out);
+        assert_eq!(out.len(), 10);
+        assert!(o.truncated);
+    }
+}

@@ -1,0 +1,260 @@
+//! Helpers shared by the integration tests: interpreters, workloads started with a handshake,
+//! the built binary, and a decoder of the pprof it writes.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use pprof::protos::Message;
+
+pub fn perfpy() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_perfpy"))
+}
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn testdata(name: &str) -> PathBuf {
+    root().join("testdata").join(name)
+}
+
+fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// The pyenv interpreter `3.X`. Missing: a failure under CI=true, otherwise `None` with a note.
+pub fn python(minor: &str) -> Option<PathBuf> {
+    let base = Path::new("/root/.pyenv/versions");
+    let dir = std::fs::read_dir(base).ok().and_then(|d| {
+        d.filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .find(|n| n.starts_with(&format!("{minor}.")))
+    });
+    let exe = dir.map(|d| base.join(d).join("bin").join(format!("python{minor}")));
+    match exe {
+        Some(p) if p.exists() => Some(p),
+        _ => {
+            if ci() {
+                panic!("CPython {minor} is not installed under {}: CI needs every supported version", base.display());
+            }
+            eprintln!("NOTE: CPython {minor} not installed; part of this test not run");
+            None
+        }
+    }
+}
+
+/// A process started by a test, killed (by pid) when dropped.
+pub struct Workload {
+    pub child: Child,
+}
+
+impl Workload {
+    /// Starts `cmd` and waits (up to 30 s) for it to print a line starting with "ready".
+    pub fn start(cmd: &mut Command) -> Workload {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start workload");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(stdout);
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match r.read_line(&mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        if line.starts_with("ready") {
+                            let _ = tx.send(());
+                        }
+                    }
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("workload did not print ready");
+        Workload { child }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Process state letter from /proc (R, S, T, t, Z...).
+    pub fn state(&self) -> char {
+        proc_state(self.pid())
+    }
+}
+
+pub fn proc_state(pid: i32) -> char {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    s.rsplit_once(')')
+        .and_then(|(_, r)| r.trim().chars().next())
+        .unwrap_or('?')
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn run_perfpy(args: &[&str]) -> Output {
+    let out = Command::new(perfpy())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run perfpy");
+    eprintln!(
+        "perfpy {:?} -> {:?}\n{}",
+        args,
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("perfpy-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub function: String,
+    pub file: String,
+    pub line: i64,
+    pub mapping: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// Leaf first, inlined frames expanded.
+    pub frames: Vec<Frame>,
+    pub count: i64,
+    pub nanos: i64,
+    pub str_labels: HashMap<String, String>,
+    pub num_labels: HashMap<String, i64>,
+}
+
+impl Sample {
+    pub fn names(&self) -> Vec<&str> {
+        self.frames.iter().map(|f| f.function.as_str()).collect()
+    }
+    pub fn has(&self, f: &str) -> bool {
+        self.frames.iter().any(|x| x.function == f)
+    }
+    /// Whether `chain` (root first) appears in order, each next one deeper in the stack.
+    pub fn has_chain(&self, chain: &[&str]) -> bool {
+        let names: Vec<&str> = self.names().into_iter().rev().collect();
+        let mut i = 0;
+        for n in names {
+            if i < chain.len() && n == chain[i] {
+                i += 1;
+            }
+        }
+        i == chain.len()
+    }
+}
+
+pub struct Decoded {
+    pub profile: pprof::protos::Profile,
+    pub samples: Vec<Sample>,
+}
+
+impl Decoded {
+    pub fn total(&self) -> i64 {
+        self.samples.iter().map(|s| s.count).sum()
+    }
+    pub fn count_where(&self, f: impl Fn(&Sample) -> bool) -> i64 {
+        self.samples.iter().filter(|s| f(s)).map(|s| s.count).sum()
+    }
+    pub fn string(&self, i: i64) -> &str {
+        &self.profile.string_table[i as usize]
+    }
+}
+
+pub fn decode(path: &Path) -> Decoded {
+    let mut gz = flate2::read::GzDecoder::new(std::fs::File::open(path).expect("open profile"));
+    let mut bytes = Vec::new();
+    gz.read_to_end(&mut bytes).expect("gzip");
+    let p = pprof::protos::Profile::decode(bytes.as_slice()).expect("protobuf");
+    let s = |i: i64| p.string_table[i as usize].clone();
+    let funcs: HashMap<u64, &pprof::protos::Function> = p.function.iter().map(|f| (f.id, f)).collect();
+    let maps: HashMap<u64, &pprof::protos::Mapping> = p.mapping.iter().map(|m| (m.id, m)).collect();
+    let locs: HashMap<u64, &pprof::protos::Location> = p.location.iter().map(|l| (l.id, l)).collect();
+    let mut samples = Vec::new();
+    for smp in &p.sample {
+        let mut frames = Vec::new();
+        for lid in &smp.location_id {
+            let l = locs[lid];
+            let mapping = maps.get(&l.mapping_id).map(|m| s(m.filename)).unwrap_or_default();
+            for line in &l.line {
+                let f = funcs[&line.function_id];
+                frames.push(Frame {
+                    function: s(f.name),
+                    file: s(f.filename),
+                    line: line.line,
+                    mapping: mapping.clone(),
+                });
+            }
+        }
+        let mut str_labels = HashMap::new();
+        let mut num_labels = HashMap::new();
+        for l in &smp.label {
+            if l.str != 0 {
+                str_labels.insert(s(l.key), s(l.str));
+            } else {
+                num_labels.insert(s(l.key), l.num);
+            }
+        }
+        samples.push(Sample {
+            frames,
+            count: smp.value[0],
+            nanos: smp.value[1],
+            str_labels,
+            num_labels,
+        });
+    }
+    Decoded { profile: p, samples }
+}
+
+/// `go tool pprof -top` (and `-traces`) must read the file. Go missing: failure under CI.
+pub fn check_go_pprof(path: &Path) {
+    for mode in ["-top", "-traces"] {
+        let out = Command::new("go").args(["tool", "pprof", mode]).arg(path).output();
+        match out {
+            Ok(o) => assert!(
+                o.status.success(),
+                "go tool pprof {mode} failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => {
+                if ci() {
+                    panic!("go is needed under CI to check the pprof output: {e}");
+                }
+                eprintln!("NOTE: go not installed; go tool pprof check not run");
+                return;
+            }
+        }
+    }
+}
+
+pub fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}

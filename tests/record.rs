@@ -1,0 +1,293 @@
+//! End-to-end tests of `perfpy record`: real processes, real perf events, the real binary, the
+//! profile decoded and checked as a user would check it.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const PARTS: [(&str, f64); 4] = [
+    ("hot_function", 0.40),
+    ("Shape.area", 0.20),
+    ("make_closure.<locals>.inner", 0.20),
+    ("hash_work", 0.20),
+];
+const CHAIN: [&str; 6] = ["<module>", "main", "main.<locals>.loop", "round_", "hot_function", "spin"];
+
+/// Checks the known split, the complete chain and the C extension's native frames.
+fn check_split(d: &Decoded, what: &str) {
+    let rounds = d.count_where(|s| s.has("round_"));
+    assert!(rounds >= 150, "{what}: too few samples in round_: {rounds}");
+    for (f, want) in PARTS {
+        let got = d.count_where(|s| s.has(f)) as f64 / rounds as f64;
+        eprintln!("{what}: {f}: {:.1}% (want {:.0}%)", got * 100.0, want * 100.0);
+        assert!((got - want).abs() <= 0.05, "{what}: {f} has {:.1}% of the samples, want {:.0}% ± 5", got * 100.0, want * 100.0);
+    }
+    // ≥ 90% of the hot function's samples carry the whole chain from <module>.
+    let spin = d.count_where(|s| s.has("spin"));
+    let full = d.count_where(|s| s.has("spin") && s.has_chain(&CHAIN));
+    assert!(spin > 0);
+    assert!(full as f64 >= 0.9 * spin as f64, "{what}: only {full} of {spin} samples of spin have the chain {CHAIN:?}");
+    // Python frames carry their file.
+    let f = d.samples.iter().flat_map(|s| &s.frames).find(|f| f.function == "Shape.area").unwrap();
+    assert!(f.file.ends_with("testdata/split.py"), "{what}: file of Shape.area: {}", f.file);
+    // The C extension: native frames below hash_work (leaf-ward), from libcrypto or _hashlib.
+    let hashing = d.count_where(|s| s.has("hash_work"));
+    let native_under = d.count_where(|s| {
+        let i = s.frames.iter().position(|f| f.function == "hash_work");
+        i.is_some_and(|i| s.frames[..i].iter().any(|f| f.mapping.contains("libcrypto") || f.mapping.contains("_hashlib")))
+    });
+    assert!(native_under as f64 >= 0.8 * hashing as f64, "{what}: only {native_under} of {hashing} hash_work samples have C-extension frames under it");
+    // Labels.
+    let s = &d.samples[0];
+    for k in ["comm", "thread_name", "frames_from"] {
+        assert!(s.str_labels.contains_key(k), "{what}: label {k} missing");
+    }
+    for k in ["pid", "tid"] {
+        assert!(s.num_labels.get(k).is_some_and(|v| *v > 0), "{what}: label {k} missing");
+    }
+    assert!(d.samples.iter().any(|s| s.str_labels["frames_from"] == "trampoline"));
+}
+
+#[test]
+fn perf_trampoline_split_spawned_and_attached() {
+    for minor in ["3.12", "3.13"] {
+        let Some(py) = python(minor) else { continue };
+        // Spawned.
+        let out = tmp(&format!("spawned-{minor}.pb.gz"));
+        let o = run_perfpy(&[
+            "record", "-d", "4", "-o", out.to_str().unwrap(), "--",
+            py.to_str().unwrap(), "-X", "perf", testdata("split.py").to_str().unwrap(), "5",
+        ]);
+        assert!(o.status.success());
+        let d = decode(&out);
+        check_split(&d, &format!("{minor} spawned"));
+        let pids: std::collections::HashSet<i64> = d.samples.iter().map(|s| s.num_labels["pid"]).collect();
+        assert_eq!(pids.len(), 1);
+        check_go_pprof(&out);
+
+        // Attached, at 1 kHz.
+        let w = Workload::start(Command::new(&py).args(["-X", "perf"]).arg(testdata("split.py")).arg("30"));
+        let out = tmp(&format!("attached-{minor}.pb.gz"));
+        let o = run_perfpy(&["record", "-p", &w.pid().to_string(), "-d", "3", "-r", "1000", "-o", out.to_str().unwrap()]);
+        assert!(o.status.success());
+        let d = decode(&out);
+        check_split(&d, &format!("{minor} attached"));
+        assert!(d.samples.iter().all(|s| s.num_labels["pid"] == w.pid() as i64));
+        assert!(d.total() > 1500, "1 kHz for 3 s gave only {} samples", d.total());
+        check_go_pprof(&out);
+        assert!(matches!(w.state(), 'R' | 'S'), "target left in state {}", w.state());
+    }
+}
+
+#[test]
+fn threads_created_during_the_run_are_followed() {
+    let Some(py) = python("3.12") else { return };
+    let out = tmp("threads.pb.gz");
+    let o = run_perfpy(&[
+        "record", "-d", "3", "-o", out.to_str().unwrap(), "--",
+        py.to_str().unwrap(), "-X", "perf", testdata("split.py").to_str().unwrap(), "4", "threads",
+    ]);
+    assert!(o.status.success());
+    let d = decode(&out);
+    let tids: std::collections::HashSet<i64> = d
+        .samples
+        .iter()
+        .filter(|s| s.has("round_"))
+        .map(|s| s.num_labels["tid"])
+        .collect();
+    assert!(tids.len() >= 2, "samples of round_ from {} threads, want 2", tids.len());
+    // Before 3.14 Python does not name OS threads: the label is there, with the process name.
+    assert!(d.samples.iter().all(|s| !s.str_labels["thread_name"].is_empty()));
+    assert!(d.count_where(|s| s.has_chain(&["main.<locals>.loop", "round_", "hot_function"])) > 0);
+}
+
+#[test]
+fn syscall_heavy_workload_shows_kernel_frames() {
+    let Some(py) = python("3.12") else { return };
+    let out = tmp("sys.pb.gz");
+    let o = run_perfpy(&[
+        "record", "-d", "2", "-o", out.to_str().unwrap(), "--",
+        py.to_str().unwrap(), "-X", "perf", testdata("syscalls.py").to_str().unwrap(), "3",
+    ]);
+    assert!(o.status.success());
+    let d = decode(&out);
+    let total = d.total();
+    let kernel = d.count_where(|s| s.frames.iter().any(|f| f.mapping == "[kernel.kallsyms]"));
+    assert!(kernel as f64 > 0.3 * total as f64, "{kernel} of {total} samples have kernel frames");
+    // Kernel frames sit below the Python caller, and the syscall entry is named.
+    let named = d.count_where(|s| {
+        s.frames.iter().any(|f| f.function.contains("entry_SYSCALL") || f.function.starts_with("__x64_sys_") || f.function.starts_with("do_syscall"))
+            && s.has("<module>")
+    });
+    assert!(named > 0, "no sample has a named syscall entry under <module>");
+}
+
+#[test]
+fn c_program_with_and_without_frame_pointers() {
+    let variants: [(&str, &[&str]); 2] = [
+        ("fp", &["-fno-omit-frame-pointer", "-fno-asynchronous-unwind-tables", "-fno-unwind-tables"]),
+        ("cfi", &["-fomit-frame-pointer"]),
+    ];
+    for (name, flags) in variants {
+        let exe = tmp(&format!("native-{name}"));
+        let st = Command::new("cc")
+            .args(["-O2", "-g"])
+            .args(flags)
+            .arg(testdata("native.c"))
+            .arg("-o")
+            .arg(&exe)
+            .status()
+            .expect("cc");
+        assert!(st.success());
+        if name == "fp" {
+            // -g adds .debug_frame when there are no unwind tables: remove it, keep the lines.
+            let st = Command::new("objcopy").args(["--remove-section", ".debug_frame"]).arg(&exe).status().expect("objcopy");
+            assert!(st.success());
+            // Our functions must have no CFI in this build, or the test would not test frame pointers.
+            let out = Command::new("readelf").arg("--debug-dump=frames").arg(&exe).output().unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            let sym = Command::new("nm").arg(&exe).output().unwrap();
+            let syms = String::from_utf8_lossy(&sym.stdout);
+            let leaf = syms.lines().find(|l| l.ends_with(" leaf_busy")).unwrap();
+            let addr = u64::from_str_radix(leaf.split_whitespace().next().unwrap(), 16).unwrap();
+            assert!(!text.contains(&format!("pc={:016x}", addr)), "fp build still has an FDE for leaf_busy");
+        }
+        let out = tmp(&format!("native-{name}.pb.gz"));
+        let o = run_perfpy(&["record", "-d", "2", "-o", out.to_str().unwrap(), "--", exe.to_str().unwrap(), "3"]);
+        assert!(o.status.success());
+        let d = decode(&out);
+        let leaf = d.count_where(|s| s.frames.first().is_some_and(|f| f.function == "leaf_busy"));
+        let chain = d.count_where(|s| {
+            s.frames.first().is_some_and(|f| f.function == "leaf_busy") && s.has_chain(&["main", "level1", "level2", "leaf_busy"])
+        });
+        assert!(leaf > 50, "{name}: {leaf} samples in leaf_busy");
+        assert!(chain as f64 >= 0.9 * leaf as f64, "{name}: {chain} of {leaf} samples unwound to main");
+        // file:line from DWARF.
+        let f = d.samples.iter().flat_map(|s| &s.frames).find(|f| f.function == "leaf_busy").unwrap();
+        assert!(f.file.ends_with("native.c") && f.line > 0, "{name}: {f:?}");
+        check_go_pprof(&out);
+    }
+}
+
+#[test]
+fn collapsed_and_flamegraph_formats() {
+    let Some(py) = python("3.12") else { return };
+    let coll = tmp("c.txt");
+    let o = run_perfpy(&[
+        "record", "-d", "2", "-f", "collapsed", "-o", coll.to_str().unwrap(), "--",
+        py.to_str().unwrap(), "-X", "perf", testdata("split.py").to_str().unwrap(), "3",
+    ]);
+    assert!(o.status.success());
+    let text = std::fs::read_to_string(&coll).unwrap();
+    let mut total = 0u64;
+    for line in text.lines() {
+        let (stack, n) = line.rsplit_once(' ').expect("stack count");
+        total += n.parse::<u64>().expect("count");
+        assert!(!stack.is_empty());
+    }
+    assert!(total > 100);
+    assert!(text.contains("<module> ("));
+    assert!(text.contains(";hot_function ("));
+    let svg = tmp("f.svg");
+    let o = run_perfpy(&[
+        "record", "-d", "2", "-f", "flamegraph", "-o", svg.to_str().unwrap(), "--",
+        py.to_str().unwrap(), "-X", "perf", testdata("split.py").to_str().unwrap(), "3",
+    ]);
+    assert!(o.status.success());
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.contains("<svg") && text.contains("hot_function"));
+}
+
+#[test]
+fn bad_input_gives_one_clear_line_and_leaves_the_target_alone() {
+    let o = run_perfpy(&["record", "-p", "999999999", "-d", "1", "-o", tmp("x.pb.gz").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no process with pid 999999999"));
+
+    let o = run_perfpy(&["record", "-p", "2", "-d", "1", "-o", tmp("x.pb.gz").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("kernel thread"));
+
+    for (args, msg) in [
+        (vec!["record", "-p", "1", "-d", "abc"], "invalid duration"),
+        (vec!["record", "-p", "1", "-d", "0"], "invalid duration"),
+        (vec!["record", "-p", "1", "-r", "0"], "invalid rate"),
+        (vec!["record", "-p", "1", "-r", "fast"], "invalid rate"),
+        (vec!["record", "-d", "1"], "nothing to profile"),
+    ] {
+        let o = run_perfpy(&args);
+        assert_ne!(o.status.code(), Some(0));
+        assert!(String::from_utf8_lossy(&o.stderr).contains(msg), "{args:?}");
+    }
+
+    // Unwritable output: refused before anything touches the target.
+    let py = python("3.12").or_else(|| python("3.11"));
+    let Some(py) = py else { return };
+    let w = Workload::start(Command::new(&py).arg(testdata("split.py")).arg("30"));
+    let o = run_perfpy(&["record", "-p", &w.pid().to_string(), "-d", "1", "-o", "/nonexistent-dir/out.pb.gz"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("cannot write the output file /nonexistent-dir/out.pb.gz"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(matches!(w.state(), 'R' | 'S'));
+}
+
+#[test]
+fn a_target_that_exits_ends_the_run_with_its_profile() {
+    let Some(py) = python("3.12") else { return };
+    let w = Workload::start(Command::new(&py).arg(testdata("sleeper.py")).arg("1.5"));
+    let out = tmp("exit.pb.gz");
+    let t = Instant::now();
+    let o = run_perfpy(&["record", "-p", &w.pid().to_string(), "-d", "60", "-o", out.to_str().unwrap()]);
+    assert!(o.status.success());
+    assert!(t.elapsed() < Duration::from_secs(10), "took {:?} to notice the exit", t.elapsed());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("target exited"));
+    decode(&out);
+}
+
+#[test]
+fn sigint_and_sigterm_write_the_profile_and_exit_0() {
+    let Some(py) = python("3.12") else { return };
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        let w = Workload::start(Command::new(&py).args(["-X", "perf"]).arg(testdata("split.py")).arg("30"));
+        let out = tmp(&format!("sig{sig}.pb.gz"));
+        let mut p = Command::new(perfpy())
+            .args(["record", "-p", &w.pid().to_string(), "-o", out.to_str().unwrap()])
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        // SAFETY: signalling the perfpy process this test started, by its pid.
+        unsafe { libc::kill(p.id() as i32, sig) };
+        let st = wait_exit(&mut p, Duration::from_secs(20)).expect("perfpy did not exit after the signal");
+        assert_eq!(st.code(), Some(0), "signal {sig}");
+        let d = decode(&out);
+        assert!(d.total() > 50, "signal {sig}: {} samples", d.total());
+        assert!(d.count_where(|s| s.has("round_")) > 0);
+        assert!(matches!(w.state(), 'R' | 'S'));
+    }
+}
+
+#[test]
+fn spawned_command_exit_status_is_reported() {
+    let o = run_perfpy(&["record", "-o", tmp("false.pb.gz").to_str().unwrap(), "--", "sh", "-c", "exit 3"]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("command exited with status 3"));
+    let o = run_perfpy(&["record", "-o", tmp("nf.pb.gz").to_str().unwrap(), "--", "/nonexistent/prog"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("command not found"));
+}
+
+#[test]
+fn children_forked_by_the_command_are_followed() {
+    let Some(py) = python("3.12") else { return };
+    // A shell that runs Python as a child (not exec): the child's samples must be there.
+    let out = tmp("fork.pb.gz");
+    let cmd = format!("{} -X perf {} 2; true", py.display(), testdata("split.py").display());
+    let o = run_perfpy(&["record", "-o", out.to_str().unwrap(), "--", "sh", "-c", &cmd]);
+    assert!(o.status.success());
+    let d = decode(&out);
+    assert!(d.count_where(|s| s.has("round_")) > 50, "samples of the forked python: {}", d.count_where(|s| s.has("round_")));
+}
