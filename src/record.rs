@@ -387,7 +387,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     let mut scratch = Vec::new();
     let mut ep_events = vec![EpollEvent::empty(); 64];
     let mut child_status = None;
-    let mut end_reason = "stopped";
+    let end_reason;
     loop {
         let _ = epoll.wait(&mut ep_events, EpollTimeout::from(100u16));
         for r in rings.iter_mut() {

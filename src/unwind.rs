@@ -28,6 +28,8 @@ const CALL: [u8; 2] = [0xff, 0xd1];
 const ADD: [u8; 4] = [0x48, 0x83, 0xc4, 0x08];
 const RET: u8 = 0xc3;
 const ENDBR: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
+/// Bytes read around an address: 10 before (back to `sub` from after `ret`), 14 from it on.
+pub const WINDOW: usize = 24;
 
 /// Where in a trampoline an address is, which decides how to step out of it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,13 +53,13 @@ impl TrampolineAt {
     }
 }
 
-/// Classifies `addr` given `window`, the 16 code bytes at `addr - 10 .. addr + 6`.
-pub fn classify_trampoline(window: &[u8; 16]) -> Option<TrampolineAt> {
+/// Classifies `addr` given `window`, the code bytes at `addr - 10 .. addr + 14`.
+pub fn classify_trampoline(window: &[u8; WINDOW]) -> Option<TrampolineAt> {
     // Index of `addr` inside the window.
     const A: usize = 10;
     let at = |off: isize, pat: &[u8]| -> bool {
         let s = A as isize + off;
-        s >= 0 && (s as usize + pat.len()) <= 16 && &window[s as usize..s as usize + pat.len()] == pat
+        s >= 0 && (s as usize + pat.len()) <= WINDOW && &window[s as usize..s as usize + pat.len()] == pat
     };
     // Body = sub(4) call(2) add(4) ret(1), starting at `addr + off`.
     let body_at = |off: isize| at(off, &SUB) && at(off + 4, &CALL) && at(off + 6, &ADD) && at(off + 10, &[RET]);
@@ -103,12 +105,12 @@ impl TrampolineCache {
         if let Some(k) = self.known.get(&addr) {
             return *k;
         }
-        let mut w = [0u8; 16];
-        let k = if mem.read(addr.wrapping_sub(10), &mut w) {
-            classify_trampoline(&w)
-        } else {
-            None
-        };
+        // Read the two halves separately: code at the start or end of a mapping has one half
+        // unreadable, which must not hide the other. Unreadable bytes become int3.
+        let mut w = [0xccu8; WINDOW];
+        let before = mem.read(addr.wrapping_sub(10), &mut w[..10]);
+        let after = mem.read(addr, &mut w[10..]) || mem.read(addr, &mut w[10..21]);
+        let k = if before || after { classify_trampoline(&w) } else { None };
         // Bounded: a process generating endless code cannot grow this without limit.
         if self.known.len() > 1 << 20 {
             self.known.clear();
@@ -251,8 +253,8 @@ mod tests {
         }
     }
 
-    fn window(mem: &Fixture, addr: u64) -> [u8; 16] {
-        let mut w = [0u8; 16];
+    fn window(mem: &Fixture, addr: u64) -> [u8; WINDOW] {
+        let mut w = [0u8; WINDOW];
         mem.read(addr - 10, &mut w);
         w
     }

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Benchmarks (not part of the test suite): builds the release binary, installs py-spy 0.4 from
+# PyPI into bench/.venv, then runs bench/bench.py. Run as root. Usage: bench/run.sh [ROUNDS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/deps.sh
+cargo build --release --locked
+if [ ! -x bench/.venv/bin/py-spy ]; then
+    python3 -m venv bench/.venv
+    bench/.venv/bin/pip install -q 'py-spy>=0.4,<0.5'
+fi
+exec python3 bench/bench.py "$@"
