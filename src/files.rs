@@ -62,15 +62,6 @@ impl MappedFile {
         PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
     }
 
-    /// The virtual address (as in the file) of a file offset, via the load segments.
-    pub fn file_offset_to_vaddr(&self, off: u64) -> Option<u64> {
-        let elf = self.elf.as_ref()?;
-        elf.loads
-            .iter()
-            .find(|(o, _, sz)| *o <= off && off < o + sz.max(&1))
-            .map(|(o, v, _)| v + (off - o))
-    }
-
     /// Load bias of a mapping of this file that starts at `start` with file offset `pgoff`.
     pub fn bias(&self, start: u64, pgoff: u64) -> Option<u64> {
         let elf = self.elf.as_ref()?;

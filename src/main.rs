@@ -62,6 +62,10 @@ struct RecordArgs {
     /// Keep CPython's own native frames (eval loop, call machinery) between Python frames.
     #[arg(long)]
     keep_interpreter_frames: bool,
+    /// Do not set PYTHONPERFSUPPORT=1 for a launched command (by default CPython 3.12+ then
+    /// runs with its perf trampoline, which names its Python frames).
+    #[arg(long)]
+    no_python_perf_env: bool,
     /// Command to launch and profile until it exits (after --).
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -127,7 +131,7 @@ fn run(cli: Cli) -> Result<i32> {
             for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
                 signal_hook::flag::register(sig, stop.clone())?;
             }
-            record::run(
+            let outcome = record::run(
                 record::Options {
                     pids: a.pids,
                     command: a.command,
@@ -138,9 +142,11 @@ fn run(cli: Cli) -> Result<i32> {
                     stack_size: a.stack_size,
                     max_frames: a.max_frames,
                     keep_interpreter: a.keep_interpreter_frames,
+                    python_perf_env: !a.no_python_perf_env,
                 },
                 stop,
             )?;
+            tracing::debug!(child_status = ?outcome.child_status, "recording done");
             Ok(0)
         }
     }

@@ -32,6 +32,7 @@ pub struct Options {
     pub stack_size: u32,
     pub max_frames: usize,
     pub keep_interpreter: bool,
+    pub python_perf_env: bool,
 }
 
 struct RingEntry {
@@ -216,7 +217,7 @@ fn drain(r: &mut RingEntry, c: &mut Collector, scratch: &mut Vec<u8>) {
 }
 
 pub struct Outcome {
-    pub samples: u64,
+    /// Exit status of a launched command, if it exited during the recording.
     pub child_status: Option<i32>,
 }
 
@@ -322,7 +323,10 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     };
 
     if !opts.command.is_empty() {
-        let sp = targets::spawn(&opts.command)?;
+        // CPython 3.12+ turns its perf trampoline on from the start with PYTHONPERFSUPPORT=1,
+        // which names every Python frame; older versions ignore it. Set by the user, it wins.
+        let env: &[(&str, &str)] = if opts.python_perf_env { &[("PYTHONPERFSUPPORT", "1")] } else { &[] };
+        let sp = targets::spawn(&opts.command, env)?;
         cfg.enable_on_exec = true;
         if !open(&mut cfg, sp.pid)? {
             bail!("the command exited before it could be profiled");
@@ -496,10 +500,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         ),
         _ => eprintln!("perfpy: wrote {}", out_path.display()),
     }
-    Ok(Outcome {
-        samples: c.stats.samples,
-        child_status,
-    })
+    Ok(Outcome { child_status })
 }
 
 fn procs_with_samples(p: &Profile, key: u32) -> bool {

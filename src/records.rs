@@ -42,6 +42,7 @@ pub enum Record<'a> {
 }
 
 #[derive(Debug)]
+#[allow(dead_code)] // decoded for completeness and debugging (RUST_LOG=trace)
 pub struct Sample<'a> {
     pub ip: u64,
     pub pid: u32,
@@ -58,6 +59,7 @@ pub struct Sample<'a> {
 }
 
 #[derive(Debug)]
+#[allow(dead_code)]
 pub struct Mmap<'a> {
     pub pid: u32,
     pub tid: u32,

@@ -83,16 +83,6 @@ pub fn perf_event_open(cfg: &EventConfig, tid: i32, cpu: i32) -> io::Result<Owne
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Enables a disabled event.
-pub fn perf_event_enable(fd: RawFd) -> io::Result<()> {
-    // SAFETY: ENABLE takes no pointer argument; a bad fd only yields an error.
-    let r = unsafe { pe::ioctls::ENABLE(fd, 0) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Sends the samples of `fd` to the ring buffer of `target` (same CPU).
 pub fn perf_event_set_output(fd: RawFd, target: RawFd) -> io::Result<()> {
     // SAFETY: SET_OUTPUT takes a descriptor number; bad values only yield an error.

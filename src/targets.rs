@@ -79,8 +79,9 @@ pub struct Spawned {
     go: Option<OwnedFd>,
 }
 
-/// Forks a child that waits on a pipe, then execs `argv` (looked up in PATH).
-pub fn spawn(argv: &[String]) -> Result<Spawned> {
+/// Forks a child that waits on a pipe, then execs `argv` (looked up in PATH) with our
+/// environment plus `extra_env` (variables already set are left as they are).
+pub fn spawn(argv: &[String], extra_env: &[(&str, &str)]) -> Result<Spawned> {
     let prog = resolve_program(&argv[0])?;
     let prog_c = CString::new(prog.as_os_str().as_encoded_bytes())?;
     let args_c: Vec<CString> = argv
@@ -90,8 +91,23 @@ pub fn spawn(argv: &[String]) -> Result<Spawned> {
         .context("command arguments must not contain NUL bytes")?;
     let mut args_p: Vec<*const libc::c_char> = args_c.iter().map(|a| a.as_ptr()).collect();
     args_p.push(std::ptr::null());
+    let mut env_c: Vec<CString> = std::env::vars_os()
+        .filter_map(|(k, v)| {
+            let mut kv = k.into_encoded_bytes();
+            kv.push(b'=');
+            kv.extend(v.into_encoded_bytes());
+            CString::new(kv).ok()
+        })
+        .collect();
+    for (k, v) in extra_env {
+        if std::env::var_os(k).is_none() {
+            env_c.push(CString::new(format!("{k}={v}"))?);
+        }
+    }
+    let mut env_p: Vec<*const libc::c_char> = env_c.iter().map(|a| a.as_ptr()).collect();
+    env_p.push(std::ptr::null());
     let (rd, wr) = nix::unistd::pipe().context("pipe")?;
-    // SAFETY: after fork the child only calls async-signal-safe functions (close, read, execv,
+    // SAFETY: after fork the child only calls async-signal-safe functions (close, read, execve,
     // write, _exit) on memory prepared before the fork.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
@@ -104,7 +120,7 @@ pub fn spawn(argv: &[String]) -> Result<Spawned> {
             let mut b = [0u8; 1];
             let n = libc::read(rd.as_raw_fd(), b.as_mut_ptr().cast(), 1);
             if n == 1 {
-                libc::execv(prog_c.as_ptr(), args_p.as_ptr());
+                libc::execve(prog_c.as_ptr(), args_p.as_ptr(), env_p.as_ptr());
                 let msg = b"perfpy: exec failed\n";
                 libc::write(2, msg.as_ptr().cast(), msg.len());
                 libc::_exit(127);

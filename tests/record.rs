@@ -291,3 +291,29 @@ fn children_forked_by_the_command_are_followed() {
     let d = decode(&out);
     assert!(d.count_where(|s| s.has("round_")) > 50, "samples of the forked python: {}", d.count_where(|s| s.has("round_")));
 }
+
+#[test]
+fn spawned_python_gets_perf_support_from_the_environment() {
+    // Launched without -X perf: perfpy sets PYTHONPERFSUPPORT=1, so 3.12+ names its frames.
+    let Some(py) = python("3.13") else { return };
+    let out = tmp("env.pb.gz");
+    let o = run_perfpy(&[
+        "record", "-d", "3", "-o", out.to_str().unwrap(), "--",
+        py.to_str().unwrap(), testdata("split.py").to_str().unwrap(), "4",
+    ]);
+    assert!(o.status.success());
+    let d = decode(&out);
+    let spin = d.count_where(|s| s.has("spin"));
+    let full = d.count_where(|s| s.has("spin") && s.has_chain(&CHAIN));
+    assert!(spin > 50 && full as f64 >= 0.9 * spin as f64, "{full} of {spin}");
+    // And --no-python-perf-env leaves the environment alone: no Python names.
+    let out = tmp("noenv.pb.gz");
+    let o = run_perfpy(&[
+        "record", "-d", "2", "--no-python-perf-env", "-o", out.to_str().unwrap(), "--",
+        py.to_str().unwrap(), testdata("split.py").to_str().unwrap(), "3",
+    ]);
+    assert!(o.status.success());
+    let d = decode(&out);
+    assert_eq!(d.count_where(|s| s.has("spin")), 0);
+    assert!(d.total() > 50);
+}
