@@ -23,7 +23,7 @@ PYSPY = os.path.join(ROOT, "bench", ".venv", "bin", "py-spy")
 WORK = os.path.join(ROOT, "bench", "work.py")
 OUT = os.path.join(ROOT, "bench", "out")
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-UNITS = os.environ.get("UNITS", "40")
+UNITS = os.environ.get("UNITS", "1500")
 
 
 def pyenv(minor):
