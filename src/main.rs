@@ -53,8 +53,9 @@ struct RecordArgs {
     /// Output format.
     #[arg(short = 'f', long, value_enum, default_value_t = Format::Pprof)]
     format: Format,
-    /// Bytes of user stack copied per sample (deeper Python stacks need more; max 65000).
-    #[arg(long, default_value_t = 32768, value_name = "BYTES")]
+    /// Bytes of user stack copied per sample: ~500 bytes per Python call under the perf
+    /// trampoline, so the default holds ~90 levels; deeper stacks are marked [truncated] (max 65000).
+    #[arg(long, default_value_t = 49152, value_name = "BYTES")]
     stack_size: u32,
     /// Most frames kept per stack.
     #[arg(long, default_value_t = 512, value_name = "N")]

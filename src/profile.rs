@@ -15,6 +15,8 @@ pub enum FrameKey {
     File { file: u32, offset: u64 },
     /// Code in anonymous memory of a process (JIT, perf trampolines): named by its perf map.
     Anon { proc: u32, addr: u64 },
+    /// Marks a stack whose outer frames are missing (stack copy or frame limit exhausted).
+    Truncated,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

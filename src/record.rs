@@ -46,6 +46,7 @@ pub struct Stats {
     pub samples: u64,
     pub lost: u64,
     pub unwind_incomplete: u64,
+    pub truncated: u64,
     pub no_user_regs: u64,
 }
 
@@ -149,6 +150,7 @@ impl Collector {
         }
         let p = &mut self.procs[key as usize];
         p.thread_name(s.tid);
+        let mut truncated = false;
         match s.user_regs {
             Some(regs) if regs[2] != 0 => {
                 if p.mapping(regs[2]).is_none() {
@@ -159,6 +161,7 @@ impl Collector {
                 if !o.complete {
                     self.stats.unwind_incomplete += 1;
                 }
+                truncated = o.truncated;
             }
             _ => {
                 if s.kernel.is_empty() {
@@ -181,6 +184,10 @@ impl Collector {
                 None => FrameKey::Anon { proc: key, addr: lookup },
             };
             locs.push(self.profile.location(fk));
+        }
+        if truncated {
+            self.stats.truncated += 1;
+            locs.push(self.profile.location(FrameKey::Truncated));
         }
         self.profile.add(key, s.tid, &locs);
         self.scratch_addrs = addrs;
@@ -438,6 +445,11 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         }
     }
     let duration = start.elapsed();
+    // A launched command still running when the recording ends is ended too, as py-spy does
+    // (SIGTERM, then SIGKILL after 2 s): it was started for this recording only.
+    if let (Some(sp), None) = (&spawned, child_status) {
+        child_status = targets::terminate(sp.pid, Duration::from_secs(2));
+    }
     for r in rings.iter_mut() {
         drain(r, &mut c, &mut scratch);
     }
@@ -479,7 +491,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
 
     let nprocs = c.procs.iter().filter(|p| procs_with_samples(&c.profile, p.key)).count();
     eprintln!(
-        "perfpy: {end_reason} after {:.1}s: {} samples, {} lost, {} process{}, {} stacks incomplete ({:.1}%), symbolized in {:.2}s",
+        "perfpy: {end_reason} after {:.1}s: {} samples, {} lost, {} process{}, {} stacks incomplete ({:.1}%){}, symbolized in {:.2}s",
         duration.as_secs_f64(),
         c.stats.samples,
         c.stats.lost,
@@ -487,6 +499,11 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         if nprocs == 1 { "" } else { "es" },
         c.stats.unwind_incomplete,
         100.0 * c.stats.unwind_incomplete as f64 / c.stats.samples.max(1) as f64,
+        if c.stats.truncated > 0 {
+            format!(", {} truncated at the stack copy's end (raise --stack-size)", c.stats.truncated)
+        } else {
+            String::new()
+        },
         sym_time.as_secs_f64(),
     );
     if let Some(code) = child_status {

@@ -136,6 +136,18 @@ pub fn resolve(profile: &Profile, files: &Files, procs: &HashMap<u32, &Process>)
         };
         out[i] = Some(r);
     }
+    for (i, k) in profile.locations.iter().enumerate() {
+        if *k == FrameKey::Truncated {
+            out[i] = Some(Resolved {
+                frames: vec![Frame {
+                    function: "[truncated]".into(),
+                    file: None,
+                    line: None,
+                }],
+                kind: Kind::Other,
+            });
+        }
+    }
     out.into_iter()
         .map(|r| {
             r.unwrap_or(Resolved {

@@ -168,3 +168,27 @@ fn resolve_program(name: &str) -> Result<std::path::PathBuf> {
     }
     bail!("command not found in PATH: {name}")
 }
+
+/// Ends a child of ours: SIGTERM, then SIGKILL after `grace`; reaps it and returns its status
+/// as a shell would (128 + signal when killed).
+pub fn terminate(pid: i32, grace: std::time::Duration) -> Option<i32> {
+    use nix::sys::signal::{kill, Signal};
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let p = nix::unistd::Pid::from_raw(pid);
+    let status = |w: WaitStatus| match w {
+        WaitStatus::Exited(_, c) => Some(c),
+        WaitStatus::Signaled(_, s, _) => Some(128 + s as i32),
+        _ => None,
+    };
+    let _ = kill(p, Signal::SIGTERM);
+    let t = std::time::Instant::now();
+    while t.elapsed() < grace {
+        match waitpid(p, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            Ok(w) => return status(w),
+            Err(_) => return None,
+        }
+    }
+    let _ = kill(p, Signal::SIGKILL);
+    waitpid(p, None).ok().and_then(status)
+}

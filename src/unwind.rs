@@ -126,7 +126,8 @@ pub struct UnwindOutcome {
     pub complete: bool,
     /// Went through at least one perf trampoline.
     pub trampolines: u32,
-    /// Stopped at the frame limit.
+    /// Stopped at the frame limit or at the end of the copied stack: the outer frames are
+    /// missing (the stack is marked `[truncated]`), the inner ones are right.
     pub truncated: bool,
 }
 
@@ -142,10 +143,20 @@ pub fn unwind(
 ) -> UnwindOutcome {
     let [bp, sp, ip] = regs;
     let stack_base = sp;
+    // Set when the unwinder wanted a word just past the copied part of the stack: the stack
+    // goes on, but the copy ended (a truncated stack, not a broken one).
+    let beyond = std::cell::Cell::new(false);
     let mut read_stack = |addr: u64| -> Result<u64, ()> {
         let off = addr.checked_sub(stack_base).ok_or(())? as usize;
-        let b = stack.get(off..off.checked_add(8).ok_or(())?).ok_or(())?;
-        Ok(u64::from_ne_bytes(b.try_into().map_err(|_| ())?))
+        match stack.get(off..off.checked_add(8).ok_or(())?) {
+            Some(b) => Ok(u64::from_ne_bytes(b.try_into().map_err(|_| ())?)),
+            None => {
+                if off < stack.len() + (8 << 20) {
+                    beyond.set(true);
+                }
+                Err(())
+            }
+        }
     };
     let mut regs = UnwindRegsX86_64::new(ip, sp, bp);
     let mut address = FrameAddress::from_instruction_pointer(ip);
@@ -203,6 +214,7 @@ pub fn unwind(
             Err(()) => {
                 // framehop reports the end of the stack as an error in some cases (e.g. the
                 // frame-pointer rule on a null frame pointer after `_start`).
+                outcome.truncated = beyond.get();
                 return outcome;
             }
         }
@@ -335,6 +347,7 @@ mod tests {
         let o = unwind(&mut p, &mem, [s, s, 0x7f00_0001_0000], &stack, 128, &mut out);
         assert_eq!(out, vec![0x7f00_0001_0000, t1 + 6]);
         assert!(!o.complete);
+        assert!(o.truncated);
     }
 
     #[test]

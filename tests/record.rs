@@ -317,3 +317,36 @@ fn spawned_python_gets_perf_support_from_the_environment() {
     assert_eq!(d.count_where(|s| s.has("spin")), 0);
     assert!(d.total() > 50);
 }
+
+#[test]
+fn deep_stacks_are_marked_truncated_not_wrong() {
+    let Some(py) = python("3.12") else { return };
+    // Shallow: complete. Deep (beyond the stack copy): a [truncated] root, right leaf frames.
+    for (depth, truncated) in [(20, false), (300, true)] {
+        let out = tmp(&format!("deep{depth}.pb.gz"));
+        let t = Instant::now();
+        let o = run_perfpy(&[
+            "record", "-d", "2", "-o", out.to_str().unwrap(), "--",
+            py.to_str().unwrap(), "-X", "perf", testdata("deep.py").to_str().unwrap(), &depth.to_string(), "30",
+        ]);
+        assert!(o.status.success());
+        // The duration ends the launched command too.
+        assert!(t.elapsed() < Duration::from_secs(10));
+        let d = decode(&out);
+        let leaf = d.count_where(|s| s.has("rec"));
+        assert!(leaf > 100, "depth {depth}: {leaf} samples in rec");
+        let marked = d.count_where(|s| s.frames.last().is_some_and(|f| f.function == "[truncated]"));
+        let rooted = d.count_where(|s| s.has("rec") && s.has("<module>"));
+        if truncated {
+            assert!(marked as f64 >= 0.9 * leaf as f64, "depth {depth}: {marked} of {leaf} marked");
+            // The frames that are there are right: rec calling rec, innermost first.
+            let s = d.samples.iter().find(|s| s.has("rec")).unwrap();
+            assert!(s.frames.iter().filter(|f| f.function == "rec").count() >= 50);
+        } else {
+            assert_eq!(marked, 0, "depth {depth}");
+            assert!(rooted as f64 >= 0.9 * leaf as f64);
+            let s = d.samples.iter().find(|s| s.has("rec")).unwrap();
+            assert_eq!(s.frames.iter().filter(|f| f.function == "rec").count(), depth + 1);
+        }
+    }
+}

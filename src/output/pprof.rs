@@ -136,6 +136,7 @@ pub fn encode(r: &Report) -> protos::Profile {
             FrameKey::Kernel(a) => (1, a),
             FrameKey::File { file, offset } => (file as u64 + 3, (file as u64 + 1) * FILE_SPACE + offset),
             FrameKey::Anon { addr, .. } => (2, PYTHON_MAPPING_BASE + (addr & (FILE_SPACE - 1))),
+            FrameKey::Truncated => (0, 0),
         };
         let mut lines = Vec::with_capacity(res.frames.len());
         for f in &res.frames {

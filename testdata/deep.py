@@ -1,0 +1,21 @@
+"""Recursion to depth argv[1] with a busy loop at the bottom, for argv[2] seconds (default 3).
+Prints "ready". Under the perf trampoline each level takes ~500 bytes of C stack."""
+import os
+import sys
+import time
+
+
+def rec(n):
+    if n == 0:
+        s = 0
+        for i in range(300000):
+            s += i
+        return s
+    return rec(n - 1)
+
+
+depth = int(sys.argv[1])
+end = time.monotonic() + (float(sys.argv[2]) if len(sys.argv) > 2 else 3)
+print("ready", os.getpid(), flush=True)
+while time.monotonic() < end:
+    rec(depth)
