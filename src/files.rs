@@ -45,6 +45,10 @@ pub struct ElfInfo {
     pub sections: UnwindSections,
     /// Holds CPython's evaluation loop: its frames are the interpreter's, not the user's.
     pub is_python_interpreter: bool,
+    /// The CPython version this file implements, when it is the interpreter: from the
+    /// `Py_Version` constant (3.11+, read from the file itself), else from the file's name
+    /// (`libpython3.9.so.1.0`, `python2.7`).
+    pub python_version: Option<String>,
 }
 
 pub struct MappedFile {
@@ -169,10 +173,77 @@ fn load_elf(file: &File) -> Option<ElfInfo> {
             Ok(b"_PyEval_EvalFrameDefault") | Ok(b"PyEval_EvalFrameEx")
         )
     });
+    let python_version = if is_python_interpreter {
+        py_version_constant(&elf, &map, &loads)
+    } else {
+        None
+    };
     Some(ElfInfo {
         loads,
         build_id,
         sections,
         is_python_interpreter,
+        python_version,
     })
+}
+
+/// Reads `Py_Version` (a `const unsigned long` in read-only data, 3.11+) from the file.
+fn py_version_constant(
+    elf: &ElfFile64<'_, object::Endianness>,
+    map: &[u8],
+    loads: &[(u64, u64, u64)],
+) -> Option<String> {
+    let sym = elf
+        .dynamic_symbols()
+        .chain(elf.symbols())
+        .find(|s| s.name_bytes() == Ok(b"Py_Version"))?;
+    let vaddr = sym.address();
+    let (o, v, _) = loads.iter().find(|(_, v, sz)| *v <= vaddr && vaddr < v + sz)?;
+    let off = (o + (vaddr - v)) as usize;
+    let hex = u32::from_le_bytes(map.get(off..off + 4)?.try_into().ok()?);
+    let (major, minor, micro) = (hex >> 24, (hex >> 16) & 0xff, (hex >> 8) & 0xff);
+    (major == 2 || major == 3).then(|| format!("{major}.{minor}.{micro}"))
+}
+
+/// `X.Y` from a file name such as `libpython3.9.so.1.0`, `libpython2.7.so`, `python3.11`.
+pub fn python_version_from_name(path: &str) -> Option<String> {
+    let name = path.rsplit('/').next()?;
+    let rest = name.strip_prefix("libpython").or_else(|| name.strip_prefix("python"))?;
+    let mut it = rest.splitn(3, '.');
+    let major: u32 = it.next()?.parse().ok()?;
+    let minor: String = it.next()?.chars().take_while(|c| c.is_ascii_digit()).collect();
+    let minor: u32 = minor.parse().ok()?;
+    (major == 2 || major == 3).then(|| format!("{major}.{minor}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_from_names() {
+        assert_eq!(python_version_from_name("/x/libpython3.9.so.1.0").as_deref(), Some("3.9"));
+        assert_eq!(python_version_from_name("libpython2.7.so").as_deref(), Some("2.7"));
+        assert_eq!(python_version_from_name("/usr/bin/python3.11").as_deref(), Some("3.11"));
+        assert_eq!(python_version_from_name("/usr/bin/python3.13t").as_deref(), Some("3.13"));
+        assert_eq!(python_version_from_name("/usr/bin/perl"), None);
+    }
+
+    #[test]
+    fn py_version_constant_of_installed_interpreters() {
+        // 3.11+ exports Py_Version: the version read from the file matches the directory name.
+        let Ok(dir) = std::fs::read_dir("/root/.pyenv/versions") else { return };
+        for d in dir.flatten() {
+            let v = d.file_name().to_string_lossy().into_owned();
+            let minor: u32 = v.split('.').nth(1).and_then(|m| m.parse().ok()).unwrap_or(0);
+            if !v.starts_with("3.") || minor < 11 {
+                continue;
+            }
+            let lib = d.path().join(format!("lib/libpython3.{minor}.so.1.0"));
+            let f = File::open(&lib).unwrap();
+            let info = load_elf(&f).unwrap();
+            assert!(info.is_python_interpreter);
+            assert_eq!(info.python_version.as_deref(), Some(v.as_str()), "{}", lib.display());
+        }
+    }
 }

@@ -41,6 +41,9 @@ struct RecordArgs {
     /// Process to profile, with all its threads (present and future). Repeatable.
     #[arg(short = 'p', long = "pid", value_name = "PID")]
     pids: Vec<i32>,
+    /// Every process on every CPU (whole machine), leniently: nothing a process does stops the run.
+    #[arg(short = 'a', long = "all-cpus", visible_alias = "all")]
+    all: bool,
     /// How long to record: 30, 30s, 500ms, 2m, 1h. Default: until Ctrl-C or the targets exit.
     #[arg(short = 'd', long, value_parser = parse_duration, value_name = "DURATION")]
     duration: Option<Duration>,
@@ -122,11 +125,11 @@ fn main() {
 fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Record(a) => {
-            if a.pids.is_empty() && a.command.is_empty() {
-                bail!("nothing to profile: give -p PID or a command after --");
-            }
-            if !a.pids.is_empty() && !a.command.is_empty() {
-                bail!("give either -p PID or a command after --, not both");
+            let modes = [!a.pids.is_empty(), !a.command.is_empty(), a.all];
+            match modes.iter().filter(|m| **m).count() {
+                0 => bail!("nothing to profile: give -p PID, -a (whole machine) or a command after --"),
+                1 => {}
+                _ => bail!("give one of -p PID, -a or a command after --, not several"),
             }
             let stop = Arc::new(AtomicBool::new(false));
             for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
@@ -135,6 +138,7 @@ fn run(cli: Cli) -> Result<i32> {
             let outcome = record::run(
                 record::Options {
                     pids: a.pids,
+                    all: a.all,
                     command: a.command,
                     duration: a.duration,
                     rate: a.rate,

@@ -43,6 +43,9 @@ pub struct Process {
     last_refresh: Option<Instant>,
     /// Uses CPython (some mapping holds the evaluation loop).
     pub is_python: bool,
+    pub python_version: Option<String>,
+    /// Container id from the cgroup path (docker, containerd, cri-o, podman), if any.
+    pub container_id: Option<String>,
 }
 
 impl Process {
@@ -62,6 +65,8 @@ impl Process {
             alive: true,
             last_refresh: None,
             is_python: false,
+            python_version: None,
+            container_id: read_container_id(pid),
         }
     }
 
@@ -74,6 +79,7 @@ impl Process {
         p.maps = parent.maps.clone();
         p.unwinder = parent.unwinder.clone();
         p.is_python = parent.is_python;
+        p.python_version = parent.python_version.clone();
         p
     }
 
@@ -85,6 +91,7 @@ impl Process {
         self.cache = CacheX86_64::new();
         self.trampolines = TrampolineCache::default();
         self.is_python = false;
+        self.python_version = None;
         self.last_refresh = None;
     }
 
@@ -121,6 +128,12 @@ impl Process {
         if let Some(f) = &file {
             if let Some(elf) = &f.elf {
                 self.is_python |= elf.is_python_interpreter;
+                if elf.is_python_interpreter && self.python_version.is_none() {
+                    self.python_version = elf
+                        .python_version
+                        .clone()
+                        .or_else(|| crate::files::python_version_from_name(&f.path));
+                }
                 if let Some(bias) = f.bias(start, pgoff) {
                     let s = elf.sections.clone();
                     let info = ExplicitModuleSectionInfo {
@@ -233,6 +246,27 @@ pub fn parse_maps(text: &str) -> Vec<MapsLine> {
         .collect()
 }
 
+/// The container id in `/proc/PID/cgroup`: the last 64-hex-digit component of the path
+/// (`/docker/<id>`, `.../cri-containerd-<id>.scope`, `.../crio-<id>.scope`, `libpod-<id>`).
+pub fn read_container_id(pid: u32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    container_id_from_cgroup(&text)
+}
+
+pub fn container_id_from_cgroup(text: &str) -> Option<String> {
+    for line in text.lines() {
+        let path = line.splitn(3, ':').nth(2)?;
+        for comp in path.rsplit('/') {
+            let comp = comp.trim_end_matches(".scope");
+            let id = comp.rsplit(['-', ':']).next().unwrap_or(comp);
+            if id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Some(id.to_string());
+            }
+        }
+    }
+    None
+}
+
 pub fn read_comm(pid: u32, tid: u32) -> Option<String> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok()?;
     Some(s.trim_end_matches('\n').to_string())
@@ -261,6 +295,22 @@ garbage\n";
         assert!(m[1].exec && m[1].pgoff == 0x1000 && m[1].path == "/usr/bin/python3.11");
         assert!(m[2].exec && m[2].path.is_empty());
         assert_eq!(m[3].path, "[stack]");
+    }
+
+    #[test]
+    fn container_ids_from_cgroup_paths() {
+        let id = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        for text in [
+            format!("0::/docker/{id}\n"),
+            format!("0::/kubepods.slice/kubepods-pod1.slice/cri-containerd-{id}.scope\n"),
+            format!("0::/system.slice/crio-{id}.scope\n"),
+            format!("0::/machine.slice/libpod-{id}.scope/container\n"),
+            format!("12:cpu,cpuacct:/docker/{id}\n0::/\n"),
+        ] {
+            assert_eq!(container_id_from_cgroup(&text).as_deref(), Some(id), "{text}");
+        }
+        assert_eq!(container_id_from_cgroup("0::/user.slice/user-0.slice/session-1.scope\n"), None);
+        assert_eq!(container_id_from_cgroup("0::/\n"), None);
     }
 
     #[test]

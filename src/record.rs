@@ -24,6 +24,7 @@ use crate::unwind::{self, LiveMemory};
 
 pub struct Options {
     pub pids: Vec<i32>,
+    pub all: bool,
     pub command: Vec<String>,
     pub duration: Option<Duration>,
     pub rate: u64,
@@ -47,6 +48,7 @@ pub struct Stats {
     pub lost: u64,
     pub unwind_incomplete: u64,
     pub truncated: u64,
+    pub foreign: u64,
     pub no_user_regs: u64,
 }
 
@@ -78,6 +80,11 @@ impl Collector {
     }
 
     fn handle(&mut self, rec: Record<'_>) {
+        match &rec {
+            Record::Mmap(m) if m.pid == 0 => return,
+            Record::Comm { pid: 0, .. } | Record::Fork { pid: 0, .. } | Record::Exit { pid: 0, .. } => return,
+            _ => {}
+        }
         match rec {
             Record::Sample(s) => self.sample(s),
             Record::Mmap(m) => {
@@ -139,6 +146,12 @@ impl Collector {
     }
 
     fn sample(&mut self, s: records::Sample<'_>) {
+        if s.pid == 0 {
+            // The idle task is excluded; pid 0 here is a task outside our PID namespace (the
+            // kernel reports pids as our namespace sees them): not ours to show.
+            self.stats.foreign += 1;
+            return;
+        }
         self.stats.samples += 1;
         let key = self.proc_key(s.pid);
         let mut addrs = std::mem::take(&mut self.scratch_addrs);
@@ -248,6 +261,8 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "cmd".into())
+    } else if opts.all {
+        "all".to_string()
     } else {
         tgids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("-")
     };
@@ -269,7 +284,8 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         stack_size: opts.stack_size & !7,
         kernel: true,
         enable_on_exec: false,
-        inherit: true,
+        inherit: !opts.all,
+        exclude_idle: opts.all,
         wakeup_bytes: 0,
     };
     let data_pages = 256usize; // 1 MiB per ring
@@ -285,6 +301,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     let mut rings: Vec<Option<RingEntry>> = cpus.iter().map(|_| None).collect();
     let mut open = |cfg: &mut EventConfig, tid: i32| -> Result<bool> {
         for (ci, &cpu) in cpus.iter().enumerate() {
+            // tid -1: every task on this CPU (whole machine).
             let fd = match sys::perf_event_open(cfg, tid, cpu) {
                 Ok(fd) => fd,
                 Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(false),
@@ -322,14 +339,18 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
                         }
                     };
                     events.push(fd);
-                    rings[ci] = Some(RingEntry { ring, tid: tid as u32 });
+                    rings[ci] = Some(RingEntry { ring, tid: tid.max(0) as u32 });
                 }
             }
         }
         Ok(true)
     };
 
-    if !opts.command.is_empty() {
+    if opts.all {
+        if !open(&mut cfg, -1)? {
+            bail!("cannot open whole-machine events");
+        }
+    } else if !opts.command.is_empty() {
         // CPython 3.12+ turns its perf trampoline on from the start with PYTHONPERFSUPPORT=1,
         // which names every Python frame; older versions ignore it. Set by the user, it wins.
         let env: &[(&str, &str)] = if opts.python_perf_env { &[("PYTHONPERFSUPPORT", "1")] } else { &[] };
@@ -428,7 +449,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
                 }
                 _ => {}
             }
-        } else if tgids.iter().all(|p| c.exited.contains(p) || targets::is_gone(*p)) {
+        } else if !opts.all && tgids.iter().all(|p| c.exited.contains(p) || targets::is_gone(*p)) {
             end_reason = "target exited";
             break;
         }

@@ -18,6 +18,8 @@ pub struct Sample {
     pub comm: String,
     pub thread: String,
     pub frames_from: &'static str,
+    pub python_version: Option<String>,
+    pub container_id: Option<String>,
 }
 
 pub struct Report {
@@ -58,7 +60,8 @@ pub fn build(
         } else {
             stack.to_vec()
         };
-        let (pid, comm, thread) = match procs.get(&key.proc) {
+        let proc = procs.get(&key.proc);
+        let (pid, comm, thread) = match proc {
             Some(p) => (
                 p.pid,
                 p.comm.clone(),
@@ -74,6 +77,8 @@ pub fn build(
             comm,
             thread,
             frames_from: if has_python { "trampoline" } else { "native" },
+            python_version: proc.and_then(|p| p.python_version.clone()),
+            container_id: proc.and_then(|p| p.container_id.clone()),
         });
     }
     let _ = files;

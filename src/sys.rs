@@ -36,6 +36,8 @@ pub struct EventConfig {
     pub enable_on_exec: bool,
     /// Follow threads and children created after the event is opened.
     pub inherit: bool,
+    /// Leave out the idle task (whole-machine sampling).
+    pub exclude_idle: bool,
     /// Bytes of data that wake the reader.
     pub wakeup_bytes: u32,
 }
@@ -59,6 +61,7 @@ pub fn perf_event_open(cfg: &EventConfig, tid: i32, cpu: i32) -> io::Result<Owne
     attr.set_inherit(cfg.inherit as u64);
     attr.set_exclude_kernel((!cfg.kernel) as u64);
     attr.set_exclude_hv(1);
+    attr.set_exclude_idle(cfg.exclude_idle as u64);
     // User frames are unwound by us from the copied stack; the kernel's own user callchain
     // would need frame pointers, which Python builds do not have.
     attr.set_exclude_callchain_user(1);

@@ -172,6 +172,7 @@ pub fn encode(r: &Report) -> protos::Profile {
         });
     }
 
+    let (k_pyver, k_container) = (st.id("python_version"), st.id("container_id"));
     let (k_pid, k_tid, k_comm, k_thread, k_from) = (
         st.id("pid"),
         st.id("tid"),
@@ -185,7 +186,7 @@ pub fn encode(r: &Report) -> protos::Profile {
             str: st.id(v),
             ..Default::default()
         };
-        let label = vec![
+        let mut label = vec![
             protos::Label {
                 key: k_pid,
                 num: s.pid as i64,
@@ -200,6 +201,12 @@ pub fn encode(r: &Report) -> protos::Profile {
             label_str(&mut st, k_thread, &s.thread),
             label_str(&mut st, k_from, s.frames_from),
         ];
+        if let Some(v) = &s.python_version {
+            label.push(label_str(&mut st, k_pyver, v));
+        }
+        if let Some(v) = &s.container_id {
+            label.push(label_str(&mut st, k_container, v));
+        }
         p.sample.push(protos::Sample {
             location_id: s.locs.iter().map(|l| *l as u64 + 1).collect(),
             value: vec![s.count as i64, (s.count * r.period_ns) as i64],

@@ -1,0 +1,88 @@
+//! `perfpy record -a` inside a private PID namespace (`unshare --pid --fork --mount-proc`), so
+//! that the whole-machine recording sees only the processes this test starts.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+
+use common::*;
+
+#[test]
+fn whole_machine_in_a_pid_namespace() {
+    let (Some(py312), Some(py39), Some(py27)) = (python("3.12"), python("3.9"), python("2.7")) else { return };
+    let c = tmp("busy-c");
+    let st = Command::new("cc").args(["-O2", "-g", "-o"]).arg(&c).arg(testdata("native.c")).status().unwrap();
+    assert!(st.success());
+    let out = tmp("all.pb.gz");
+    let dir = tmp("all-logs");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Each workload writes its "ready PID" line to its own file; the script waits for all of
+    // them, records 3 s, then ends them (by pid).
+    let script = format!(
+        r#"set -e
+cd {dir}
+{py312} -X perf {split} 20 > w312 &
+{py39} {busy} 20 > w39 &
+{py27} {busy} 20 > w27 &
+/usr/bin/python3.11 {busy} 20 > wdeb &
+{c} 20 > wc &
+for f in w312 w39 w27 wdeb wc; do
+  for i in $(seq 1 300); do grep -q ready $f 2>/dev/null && break; sleep 0.1; done
+done
+{perfpy} record -a -d 3 -o {out}
+for f in w312 w39 w27 wdeb; do echo "$f $(awk '{{print $2}}' $f | head -1)"; done
+echo "wc $(jobs -p | tail -1)"
+kill $(jobs -p) 2>/dev/null || true
+wait || true
+"#,
+        dir = dir.display(),
+        py312 = py312.display(),
+        py39 = py39.display(),
+        py27 = py27.display(),
+        split = testdata("split.py").display(),
+        busy = testdata("busy_any.py").display(),
+        c = c.display(),
+        perfpy = perfpy().display(),
+        out = out.display(),
+    );
+    let o = Command::new("unshare").args(["--pid", "--fork", "--mount-proc", "bash", "-c", &script]).output().expect("unshare");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    eprintln!("{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success());
+    let pids: HashMap<String, i64> = stdout
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            Some((k.to_string(), v.trim().parse().ok()?))
+        })
+        .collect();
+    let d = decode(&out);
+    check_go_pprof(&out);
+    for w in ["w312", "w39", "w27", "wdeb", "wc"] {
+        let pid = pids[w];
+        let n = d.count_where(|s| s.num_labels["pid"] == pid);
+        assert!(n > 100, "{w} (pid {pid}): {n} samples");
+    }
+    let label = |w: &str, k: &str| {
+        d.samples
+            .iter()
+            .find(|s| s.num_labels["pid"] == pids[w])
+            .and_then(|s| s.str_labels.get(k).cloned())
+    };
+    assert_eq!(label("w312", "python_version").as_deref(), Some("3.12.1"));
+    assert_eq!(label("w39", "python_version").as_deref(), Some("3.9"));
+    assert_eq!(label("w27", "python_version").as_deref(), Some("2.7"));
+    assert!(label("wdeb", "python_version").is_some_and(|v| v.starts_with("3.11")));
+    assert_eq!(label("wc", "python_version"), None);
+    // The 3.12 process is named through its trampolines; the C program's frames are there.
+    assert!(d.count_where(|s| s.num_labels["pid"] == pids["w312"] && s.has("round_")) > 50);
+    assert!(d.count_where(|s| s.num_labels["pid"] == pids["wc"] && s.has_chain(&["main", "level1", "level2", "leaf_busy"])) > 50);
+    // Nothing from outside the namespace.
+    let ours: Vec<i64> = pids.values().copied().collect();
+    let perfpy_pid = d.samples.iter().filter(|s| s.str_labels["comm"] == "perfpy").map(|s| s.num_labels["pid"]).next();
+    for s in &d.samples {
+        let pid = s.num_labels["pid"];
+        assert!(ours.contains(&pid) || Some(pid) == perfpy_pid || s.str_labels["comm"] == "bash", "sample of pid {pid} ({})", s.str_labels["comm"]);
+    }
+}
