@@ -1,6 +1,7 @@
 //! perfpy: a sampling CPU profiler for Python on Linux.
 
 mod files;
+mod info;
 mod output;
 mod process;
 mod profile;
@@ -34,6 +35,16 @@ enum Cmd {
     /// Sample running processes (-p) or a command (after --) and write a profile.
     #[command(after_help = "Examples:\n  perfpy record -p 1234 -d 30s -o app.pb.gz\n  perfpy record -r 1000 -- python3 -X perf app.py\n  go tool pprof -http=:8080 app.pb.gz")]
     Record(RecordArgs),
+    /// What this machine supports and, per Python process, its version, interpreter and how
+    /// perfpy names its frames.
+    Info {
+        /// Only these processes (default: every process).
+        #[arg(short = 'p', long = "pid", value_name = "PID")]
+        pids: Vec<i32>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -104,6 +115,12 @@ fn parse_rate(s: &str) -> Result<u64, String> {
 }
 
 fn main() {
+    // Printing into a closed pipe (`perfpy info | head`) ends the process quietly, as it does for
+    // other command-line tools, instead of a panic.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -124,6 +141,7 @@ fn main() {
 
 fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
+        Cmd::Info { pids, json } => info::run(&pids, json),
         Cmd::Record(a) => {
             let modes = [!a.pids.is_empty(), !a.command.is_empty(), a.all];
             match modes.iter().filter(|m| **m).count() {
@@ -184,11 +202,11 @@ mod tests {
     #[test]
     fn cli_accepts_perf_spelling() {
         let c = Cli::try_parse_from(["perfpy", "record", "-F", "1000", "-p", "1", "-p", "2"]).unwrap();
-        let Cmd::Record(a) = c.cmd;
+        let Cmd::Record(a) = c.cmd else { panic!() };
         assert_eq!(a.rate, 1000);
         assert_eq!(a.pids, vec![1, 2]);
         let c = Cli::try_parse_from(["perfpy", "record", "--freq", "99", "--", "python3", "-c", "pass"]).unwrap();
-        let Cmd::Record(a) = c.cmd;
+        let Cmd::Record(a) = c.cmd else { panic!() };
         assert_eq!(a.rate, 99);
         assert_eq!(a.command, vec!["python3", "-c", "pass"]);
     }

@@ -30,6 +30,7 @@ cd {dir}
 for f in w312 w39 w27 wdeb wc; do
   for i in $(seq 1 300); do grep -q ready $f 2>/dev/null && break; sleep 0.1; done
 done
+{perfpy} info --json > info.json
 {perfpy} record -a -d 3 -o {out}
 for f in w312 w39 w27 wdeb; do echo "$f $(awk '{{print $2}}' $f | head -1)"; done
 echo "wc $(jobs -p | tail -1)"
@@ -78,6 +79,19 @@ wait || true
     // The 3.12 process is named through its trampolines; the C program's frames are there.
     assert!(d.count_where(|s| s.num_labels["pid"] == pids["w312"] && s.has("round_")) > 50);
     assert!(d.count_where(|s| s.num_labels["pid"] == pids["wc"] && s.has_chain(&["main", "level1", "level2", "leaf_busy"])) > 50);
+    // `perfpy info` inside the namespace lists the four Python workloads, versions and paths.
+    let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("info.json")).unwrap()).unwrap();
+    let procs = info["python_processes"].as_array().unwrap();
+    let find = |w: &str| procs.iter().find(|p| p["pid"].as_i64() == Some(pids[w])).unwrap_or_else(|| panic!("{w} not in info: {info}"));
+    assert_eq!(find("w312")["version"], "3.12.1");
+    assert!(find("w312")["interpreter"].as_str().unwrap().ends_with("libpython3.12.so.1.0"));
+    assert!(find("w312")["trampoline"].as_str().unwrap().starts_with("on"));
+    assert_eq!(find("w39")["version"], "3.9");
+    assert_eq!(find("w27")["version"], "2.7");
+    assert_eq!(find("wdeb")["interpreter"], "/usr/bin/python3.11");
+    assert_eq!(find("wdeb")["static"], true);
+    assert!(!procs.iter().any(|p| p["pid"].as_i64() == Some(pids["wc"])));
+    assert_eq!(info["machine"]["perf_events"], "ok");
     // Nothing from outside the namespace.
     let ours: Vec<i64> = pids.values().copied().collect();
     let perfpy_pid = d.samples.iter().filter(|s| s.str_labels["comm"] == "perfpy").map(|s| s.num_labels["pid"]).next();

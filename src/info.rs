@@ -1,0 +1,185 @@
+//! `perfpy info`: what this machine supports, and for each Python process what perfpy can do.
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+use serde_json::{json, Value};
+
+use crate::files::Files;
+use crate::process::Process;
+
+fn read_trim(path: &str) -> Option<String> {
+    std::fs::read_to_string(path).ok().map(|s| s.trim().to_string())
+}
+
+/// Facts about the machine, each with what it means for perfpy.
+pub fn machine() -> Value {
+    let euid = nix::unistd::geteuid();
+    let cap_eff = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("CapEff:").map(|v| v.trim().to_string())))
+        .and_then(|v| u64::from_str_radix(&v, 16).ok())
+        .unwrap_or(0);
+    let has_cap = |bit: u32| cap_eff & (1u64 << bit) != 0;
+    // CAP_SYS_ADMIN 21, CAP_SYS_PTRACE 19, CAP_PERFMON 38, CAP_BPF 39.
+    let cfg = crate::sys::EventConfig {
+        period_ns: 10_000_000,
+        stack_size: 512,
+        kernel: false,
+        enable_on_exec: false,
+        inherit: false,
+        exclude_idle: false,
+        wakeup_bytes: 0,
+    };
+    let perf_ok = crate::sys::perf_event_open(&cfg, 0, -1);
+    let uname = nix::sys::utsname::uname().ok();
+    json!({
+        "kernel": uname.map(|u| u.release().to_string_lossy().into_owned()),
+        "root": euid.is_root(),
+        "cap_perfmon": has_cap(38) || has_cap(21),
+        "cap_sys_ptrace": has_cap(19),
+        "cap_bpf": has_cap(39) || has_cap(21),
+        "perf_events": match &perf_ok { Ok(_) => "ok".to_string(), Err(e) => format!("refused: {e}") },
+        "perf_event_paranoid": read_trim("/proc/sys/kernel/perf_event_paranoid"),
+        "perf_event_max_sample_rate": read_trim("/proc/sys/kernel/perf_event_max_sample_rate"),
+        "perf_event_mlock_kb": read_trim("/proc/sys/kernel/perf_event_mlock_kb"),
+        "kptr_restrict": read_trim("/proc/sys/kernel/kptr_restrict"),
+        "yama_ptrace_scope": read_trim("/proc/sys/kernel/yama/ptrace_scope"),
+        "btf": std::path::Path::new("/sys/kernel/btf/vmlinux").exists(),
+        "unprivileged_bpf_disabled": read_trim("/proc/sys/kernel/unprivileged_bpf_disabled"),
+        "cpus": crate::sys::online_cpus().len(),
+    })
+}
+
+fn cmdline(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|c| *c == 0)
+                .filter(|s| !s.is_empty())
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn perf_env(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|b| b.split(|c| *c == 0).any(|kv| kv.starts_with(b"PYTHONPERFSUPPORT=") && kv != b"PYTHONPERFSUPPORT=0" && kv != b"PYTHONPERFSUPPORT="))
+        .unwrap_or(false)
+}
+
+/// Describes one process if it runs CPython.
+pub fn python_process(files: &mut Files, pid: u32) -> Option<Value> {
+    let mut p = Process::new(pid, 0);
+    p.refresh_maps(files);
+    if !p.is_python {
+        return None;
+    }
+    let interp = p
+        .maps
+        .iter()
+        .filter_map(|m| m.file.as_ref())
+        .find(|f| f.elf.as_ref().is_some_and(|e| e.is_python_interpreter))
+        .map(|f| f.path.clone());
+    let version = p.python_version.clone();
+    let minor: Option<(u32, u32)> = version.as_deref().and_then(|v| {
+        let mut it = v.split('.');
+        Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+    });
+    let args = cmdline(pid);
+    let x_perf = args.windows(2).any(|w| w[0] == "-X" && (w[1] == "perf" || w[1] == "perf_jit"))
+        || args.iter().any(|a| a == "-Xperf");
+    let perf_map = std::fs::metadata(p.perf_map_path()).is_ok();
+    let trampoline_capable = minor.is_some_and(|m| m >= (3, 12));
+    let trampoline = if !trampoline_capable {
+        "unsupported (CPython < 3.12)".to_string()
+    } else if x_perf || perf_env(pid) {
+        "on (started with -X perf / PYTHONPERFSUPPORT)".to_string()
+    } else if perf_map {
+        "was turned on at run time (perf map present)".to_string()
+    } else {
+        "off".to_string()
+    };
+    let python_frames = if trampoline_capable && (x_perf || perf_env(pid) || perf_map) {
+        "named (perf trampolines)"
+    } else if trampoline_capable {
+        "not named: start it with -X perf (run-time injection is planned)"
+    } else {
+        "not named: eBPF frame walker planned for this version"
+    };
+    Some(json!({
+        "pid": pid,
+        "comm": p.comm,
+        "version": version,
+        "interpreter": interp,
+        "static": interp.as_deref().is_some_and(|i| !i.contains("libpython")),
+        "container_id": p.container_id,
+        "trampoline": trampoline,
+        "perf_map": p.perf_map_path().display().to_string().replace(&format!("/proc/self/fd/"), "fd:"),
+        "python_frames": python_frames,
+    }))
+}
+
+pub fn run(pids: &[i32], as_json: bool) -> Result<i32> {
+    let mut files = Files::default();
+    let targets: Vec<u32> = if pids.is_empty() {
+        let mut v: Vec<u32> = std::fs::read_dir("/proc")?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        v.sort_unstable();
+        v
+    } else {
+        let mut v = Vec::new();
+        for &p in pids {
+            v.push(crate::targets::check_pid(p)?);
+        }
+        v
+    };
+    let me = std::process::id();
+    let mut procs = Vec::new();
+    let mut not_python = Vec::new();
+    for pid in targets {
+        if pid == me {
+            continue;
+        }
+        match python_process(&mut files, pid) {
+            Some(v) => procs.push(v),
+            None if !pids.is_empty() => not_python.push(pid),
+            None => {}
+        }
+    }
+    let machine = machine();
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&json!({"machine": machine, "python_processes": procs, "not_python": not_python}))?);
+        return Ok(0);
+    }
+    println!("machine:");
+    if let Value::Object(m) = &machine {
+        let m: BTreeMap<_, _> = m.iter().collect();
+        for (k, v) in m {
+            let v = match v {
+                Value::String(s) => s.clone(),
+                Value::Null => "-".into(),
+                v => v.to_string(),
+            };
+            println!("  {k:28} {v}");
+        }
+    }
+    println!();
+    if procs.is_empty() {
+        println!("no CPython processes found{}", if pids.is_empty() { "" } else { " among the given pids" });
+    } else {
+        println!("{:>8}  {:16} {:8} {:46} {}", "PID", "COMM", "VERSION", "INTERPRETER", "PYTHON FRAMES / TRAMPOLINE");
+        for p in &procs {
+            let s = |k: &str| p[k].as_str().map(|s| s.to_string()).unwrap_or_else(|| "-".into());
+            println!(
+                "{:>8}  {:16} {:8} {:46} {} / {}",
+                p["pid"].as_u64().unwrap_or(0), s("comm"), s("version"), s("interpreter"), s("python_frames"), s("trampoline")
+            );
+        }
+    }
+    for pid in not_python {
+        println!("{pid:>8}  not a CPython process (no mapping holds the interpreter's evaluation loop)");
+    }
+    Ok(0)
+}
