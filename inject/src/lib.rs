@@ -1,1 +1,403 @@
-//! placeholder
+//! Finding CPython in a process and turning its perf trampoline on and off from outside.
+//!
+//! * [`discover`]: is the process CPython, which version, where the interpreter lives
+//!   (libpython or linked into the executable), its load bias and symbol addresses.
+//! * [`activate`] / [`deactivate`] / [`trampoline_active`]: run
+//!   `sys.activate_stack_trampoline('perf')` (and friends) inside the target, at a point where
+//!   that cannot deadlock it (see [`run`]), and report the state before and after.
+//! * [`Registry`]: every activation *we* made, so that every way out of a recording turns
+//!   off exactly those and nothing else.
+
+mod elf;
+mod ptrace;
+pub mod run;
+mod sys;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Why a process cannot be injected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    NotPython,
+    PythonTooOld,
+    NoPerfTrampoline,
+    NoLibpythonSymbols,
+    ProcessGone,
+    PermissionDenied,
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Reason::NotPython => "not_python",
+            Reason::PythonTooOld => "python_too_old",
+            Reason::NoPerfTrampoline => "no_perf_trampoline",
+            Reason::NoLibpythonSymbols => "no_libpython_symbols",
+            Reason::ProcessGone => "process_gone",
+            Reason::PermissionDenied => "permission_denied",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InjectError {
+    #[error("not_python: pid {pid} is not a CPython process (no mapped file holds the interpreter's evaluation loop)")]
+    NotPython { pid: i32 },
+    #[error("python_too_old: pid {pid} runs CPython {version}; the perf trampoline needs 3.12 or later (older versions get Python frames from the eBPF walker)")]
+    PythonTooOld { pid: i32, version: String },
+    #[error("no_perf_trampoline: CPython {version} in pid {pid} was built without perf trampoline support (no _Py_trampoline_func_start in {interpreter}); use a build configured with perf support")]
+    NoPerfTrampoline {
+        pid: i32,
+        version: String,
+        interpreter: String,
+    },
+    #[error("no_libpython_symbols: {interpreter} (pid {pid}) does not export {missing}; perfpy cannot call into this interpreter")]
+    NoLibpythonSymbols {
+        pid: i32,
+        interpreter: String,
+        missing: String,
+    },
+    #[error("process_gone: pid {pid} exited")]
+    ProcessGone { pid: i32 },
+    #[error("permission_denied: cannot trace pid {pid} ({detail}): run perfpy as root or with CAP_SYS_PTRACE, check kernel.yama.ptrace_scope (1 allows root), and in Docker add --cap-add SYS_PTRACE")]
+    PermissionDenied { pid: i32, detail: String },
+    #[error("pid {pid} did not reach a safe point to run the injected code in time (its threads may be blocked in native code holding the GIL); nothing was changed")]
+    Timeout { pid: i32 },
+    #[error("ptrace on pid {pid}: {detail}")]
+    Ptrace { pid: i32, detail: String },
+    #[error("the injected code failed in pid {pid}: {detail}")]
+    Failed { pid: i32, detail: String },
+}
+
+impl InjectError {
+    pub fn reason(&self) -> Option<Reason> {
+        Some(match self {
+            InjectError::NotPython { .. } => Reason::NotPython,
+            InjectError::PythonTooOld { .. } => Reason::PythonTooOld,
+            InjectError::NoPerfTrampoline { .. } => Reason::NoPerfTrampoline,
+            InjectError::NoLibpythonSymbols { .. } => Reason::NoLibpythonSymbols,
+            InjectError::ProcessGone { .. } => Reason::ProcessGone,
+            InjectError::PermissionDenied { .. } => Reason::PermissionDenied,
+            _ => return None,
+        })
+    }
+}
+
+/// A CPython process as found by [`discover`].
+#[derive(Clone, Debug)]
+pub struct PythonProcess {
+    pub pid: i32,
+    pub version: (u8, u8, u8),
+    /// Path under which perfpy read the interpreter's ELF file (through `/proc/PID/...`).
+    pub interpreter: PathBuf,
+    /// The path as the process names it.
+    pub interpreter_name: String,
+    /// libpython is linked into the executable (Debian's python3.11).
+    pub in_executable: bool,
+    /// Start of the file's offset-0 mapping − p_vaddr of its first PT_LOAD.
+    pub load_bias: u64,
+    symbols: HashMap<String, (u64, u64)>,
+    /// libc's `mmap`/`munmap`, absolute.
+    libc: HashMap<String, u64>,
+    /// Start time (clock ticks since boot) from /proc/PID/stat: tells a reused pid apart.
+    pub start_time: u64,
+}
+
+impl PythonProcess {
+    /// Absolute address of a symbol of the interpreter's ELF (`.dynsym`, then `.symtab`).
+    pub fn symbol(&self, name: &str) -> Option<u64> {
+        self.symbols.get(name).map(|(a, _)| a + self.load_bias)
+    }
+
+    fn symbol_range(&self, name: &str) -> Option<std::ops::Range<u64>> {
+        self.symbols
+            .get(name)
+            .map(|(a, s)| a + self.load_bias..a + self.load_bias + (*s).max(1))
+    }
+
+    pub fn version_string(&self) -> String {
+        let (a, b, c) = self.version;
+        if c == 0 && self.symbols.get("Py_Version").is_none() {
+            format!("{a}.{b}")
+        } else {
+            format!("{a}.{b}.{c}")
+        }
+    }
+}
+
+struct MapLine {
+    start: u64,
+    end: u64,
+    offset: u64,
+    path: String,
+}
+
+fn read_maps(pid: i32) -> Result<Vec<MapLine>, InjectError> {
+    let text =
+        std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => InjectError::ProcessGone { pid },
+            std::io::ErrorKind::PermissionDenied => InjectError::PermissionDenied {
+                pid,
+                detail: format!("reading /proc/{pid}/maps: {e}"),
+            },
+            _ => InjectError::Ptrace {
+                pid,
+                detail: format!("reading /proc/{pid}/maps: {e}"),
+            },
+        })?;
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.splitn(6, char::is_whitespace);
+            let (a, b) = it.next()?.split_once('-')?;
+            let _perms = it.next()?;
+            let offset = u64::from_str_radix(it.next()?, 16).ok()?;
+            let _dev = it.next()?;
+            let _ino = it.next()?;
+            let path = it.next().unwrap_or("").trim().to_string();
+            Some(MapLine {
+                start: u64::from_str_radix(a, 16).ok()?,
+                end: u64::from_str_radix(b, 16).ok()?,
+                offset,
+                path,
+            })
+        })
+        .collect())
+}
+
+fn start_time(pid: i32) -> Result<u64, InjectError> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|_| InjectError::ProcessGone { pid })?;
+    let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    // Field 22 overall is starttime; after the comm it is the 20th.
+    Ok(rest
+        .split_whitespace()
+        .nth(19)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0))
+}
+
+/// Finds CPython in process `pid`.
+pub fn discover(pid: i32) -> Result<PythonProcess, InjectError> {
+    if pid <= 0 {
+        return Err(InjectError::ProcessGone { pid });
+    }
+    let maps = read_maps(pid)?;
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // Candidates: files whose name says python, and the executable (static builds, embedders).
+    let mut seen = Vec::new();
+    let mut libc = HashMap::new();
+    let mut found = None;
+    for m in &maps {
+        if m.offset != 0 || !m.path.starts_with('/') || seen.contains(&m.path) {
+            continue;
+        }
+        seen.push(m.path.clone());
+        let name = m.path.rsplit('/').next().unwrap_or("");
+        let is_libc = name.starts_with("libc.so") || name.starts_with("libc-");
+        let candidate = name.contains("python") || m.path == exe;
+        if !candidate && !is_libc {
+            continue;
+        }
+        let host = [
+            PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end)),
+            PathBuf::from(format!("/proc/{pid}/root{}", m.path)),
+        ]
+        .into_iter()
+        .find(|p| std::fs::metadata(p).is_ok());
+        let Some(host) = host else { continue };
+        let Ok(facts) = elf::read(&host) else {
+            continue;
+        };
+        let bias = m.start.wrapping_sub(facts.first_load_vaddr & !0xfff);
+        if is_libc {
+            for s in ["mmap", "munmap"] {
+                if let Some((a, _)) = facts.symbols.get(s) {
+                    libc.insert(s.to_string(), a + bias);
+                }
+            }
+            continue;
+        }
+        if facts.is_interpreter && found.is_none() {
+            found = Some((m.path.clone(), host, facts, bias));
+        }
+    }
+    let Some((name, host, facts, load_bias)) = found else {
+        return Err(InjectError::NotPython { pid });
+    };
+    let version = match facts.py_version_hex {
+        Some(h) => ((h >> 24) as u8, (h >> 16) as u8, (h >> 8) as u8),
+        None => match elf::version_from_name(&name).or_else(|| elf::version_from_name(&exe)) {
+            Some((a, b)) => (a, b, 0),
+            None => (0, 0, 0),
+        },
+    };
+    Ok(PythonProcess {
+        pid,
+        version,
+        interpreter: host,
+        in_executable: name == exe
+            && !name
+                .rsplit('/')
+                .next()
+                .unwrap_or("")
+                .starts_with("libpython"),
+        interpreter_name: name,
+        load_bias,
+        symbols: facts.symbols,
+        libc,
+        start_time: start_time(pid)?,
+    })
+}
+
+/// Checks that `p` can get a perf trampoline from us.
+pub fn check_injectable(p: &PythonProcess) -> Result<(), InjectError> {
+    if p.version < (3, 12, 0) {
+        return Err(InjectError::PythonTooOld {
+            pid: p.pid,
+            version: p.version_string(),
+        });
+    }
+    let missing: Vec<&str> = [
+        "PyGILState_Ensure",
+        "PyGILState_Release",
+        "PyRun_SimpleString",
+        "Py_AddPendingCall",
+    ]
+    .into_iter()
+    .filter(|s| p.symbol(s).is_none())
+    .collect();
+    if !missing.is_empty() {
+        return Err(InjectError::NoLibpythonSymbols {
+            pid: p.pid,
+            interpreter: p.interpreter_name.clone(),
+            missing: missing.join(", "),
+        });
+    }
+    if p.symbol("_Py_trampoline_func_start").is_none() {
+        return Err(InjectError::NoPerfTrampoline {
+            pid: p.pid,
+            version: p.version_string(),
+            interpreter: p.interpreter_name.clone(),
+        });
+    }
+    if !p.libc.contains_key("mmap") {
+        return Err(InjectError::NoLibpythonSymbols {
+            pid: p.pid,
+            interpreter: "libc".into(),
+            missing: "mmap".into(),
+        });
+    }
+    Ok(())
+}
+
+/// State of the trampoline before and after an injected action.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrampolineState {
+    pub before: bool,
+    pub after: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActivateOutcome {
+    Activated,
+    /// It was on already (e.g. `-X perf`): we did nothing and must not turn it off.
+    AlreadyActive,
+}
+
+/// Whether the trampoline is active in `p` (asked inside the target, changing nothing).
+pub fn trampoline_active(p: &PythonProcess, timeout: Duration) -> Result<bool, InjectError> {
+    check_injectable(p)?;
+    Ok(run::inject(p, run::Action::Query, timeout)?.after)
+}
+
+/// Turns the trampoline on in `p`, unless it is on already.
+pub fn activate(p: &PythonProcess, timeout: Duration) -> Result<ActivateOutcome, InjectError> {
+    check_injectable(p)?;
+    let s = run::inject(p, run::Action::On, timeout)?;
+    if s.before {
+        return Ok(ActivateOutcome::AlreadyActive);
+    }
+    if !s.after {
+        return Err(InjectError::Failed {
+            pid: p.pid,
+            detail: "sys.activate_stack_trampoline('perf') left the trampoline off".into(),
+        });
+    }
+    Ok(ActivateOutcome::Activated)
+}
+
+/// Turns the trampoline off in `p`.
+pub fn deactivate(p: &PythonProcess, timeout: Duration) -> Result<(), InjectError> {
+    check_injectable(p)?;
+    let s = run::inject(p, run::Action::Off, timeout)?;
+    if s.after {
+        return Err(InjectError::Failed {
+            pid: p.pid,
+            detail: "sys.deactivate_stack_trampoline() left the trampoline on".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Every activation made by this process, so that each is undone once, and nothing else is.
+pub struct Registry {
+    active: Mutex<Vec<PythonProcess>>,
+}
+
+static REGISTRY: Registry = Registry {
+    active: Mutex::new(Vec::new()),
+};
+
+pub fn registry() -> &'static Registry {
+    &REGISTRY
+}
+
+impl Registry {
+    /// Activates through the registry: an activation we made is recorded before we return.
+    pub fn activate(
+        &self,
+        p: &PythonProcess,
+        timeout: Duration,
+    ) -> Result<ActivateOutcome, InjectError> {
+        let mut g = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        let r = activate(p, timeout);
+        if let Ok(ActivateOutcome::Activated) = r {
+            g.push(p.clone());
+        }
+        r
+    }
+
+    /// Pids we activated and have not deactivated yet.
+    pub fn pids(&self) -> Vec<i32> {
+        self.active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|p| p.pid)
+            .collect()
+    }
+
+    /// Deactivates everything we activated (a process that exited, or whose pid now names
+    /// another process, is skipped). Returns what happened per pid.
+    pub fn deactivate_all(&self, timeout: Duration) -> Vec<(i32, Result<(), InjectError>)> {
+        let mut g = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        for p in g.drain(..) {
+            let same = start_time(p.pid)
+                .map(|t| t == p.start_time)
+                .unwrap_or(false);
+            if !same {
+                out.push((p.pid, Err(InjectError::ProcessGone { pid: p.pid })));
+                continue;
+            }
+            out.push((p.pid, deactivate(&p, timeout)));
+        }
+        out
+    }
+}

@@ -1,0 +1,380 @@
+//! Where and how the injected Python code runs, so that it cannot deadlock the target.
+//!
+//! Hijacking a thread at an arbitrary instruction is unsafe: it may hold the allocator's lock
+//! or the GIL's internal mutex, and the Python code we run would wait for it forever. So:
+//!
+//! 1. **A thread blocked in a waiting system call** (`read`, `recvfrom`, `select`, `poll`,
+//!    `epoll_wait`, `nanosleep`, `clock_nanosleep`, `wait4`, `accept`, …; from
+//!    `/proc/PID/task/TID/syscall`). CPython releases the GIL around every such call and the
+//!    thread holds no allocator lock there. We interrupt it and call, in it,
+//!    `PyGILState_Ensure()`, `PyRun_SimpleString(code)`, `PyGILState_Release()`; its system
+//!    call is then restarted as if nothing happened.
+//! 2. **Otherwise** (every thread busy), we interrupt one thread only long enough to call two
+//!    functions that take no lock it could hold: libc's `mmap` (a page for a small machine-code
+//!    stub and the code text) and `_PyEval_AddPendingCall(main interpreter, stub, block, 0)`
+//!    (`Py_AddPendingCall` where the internal symbol is not available). We first check that the
+//!    thread is not inside the pending-call machinery itself. The interpreter runs the stub at
+//!    its next safe point (between bytecodes, GIL held), the stub calls
+//!    `PyRun_SimpleString(code)` and sets a flag that we poll; then the page is unmapped.
+//!
+//! The code is one expression (no name bound in `__main__`, nothing printed on success) that
+//! records the trampoline state before and after its action in a file under the target's
+//! `/tmp`, which we read through `/proc/PID/root` and delete.
+
+use std::time::{Duration, Instant};
+
+use crate::ptrace::Tracee;
+use crate::{InjectError, PythonProcess, TrampolineState};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Query,
+    On,
+    Off,
+}
+
+/// System calls in which a thread waits with the GIL released and no lock of ours held.
+const WAITING_SYSCALLS: &[i64] = &[
+    0,   // read
+    7,   // poll
+    23,  // select
+    35,  // nanosleep
+    43,  // accept
+    45,  // recvfrom
+    47,  // recvmsg
+    61,  // wait4
+    230, // clock_nanosleep
+    232, // epoll_wait
+    247, // waitid
+    270, // pselect6
+    271, // ppoll
+    281, // epoll_pwait
+    288, // accept4
+    441, // epoll_pwait2
+];
+
+/// Functions inside which a thread may hold the pending-calls lock.
+const PENDING_FUNCTIONS: &[&str] = &[
+    "Py_AddPendingCall",
+    "_PyEval_AddPendingCall",
+    "_PyEval_MakePendingCalls",
+    "make_pending_calls",
+    "_pop_pending_call",
+    "_push_pending_call",
+    "PyThread_acquire_lock_timed",
+    "PyThread_acquire_lock",
+    "PyThread_release_lock",
+];
+
+fn code(action: Action, result_path: &str) -> String {
+    let act = match action {
+        Action::Query => "None",
+        Action::On => {
+            "None if s.is_stack_trampoline_active() else s.activate_stack_trampoline('perf')"
+        }
+        Action::Off => "s.deactivate_stack_trampoline()",
+    };
+    format!(
+        "(lambda s, o: o({result_path:?}, 'w').write('%d %d' % (s.is_stack_trampoline_active(), [{act}, s.is_stack_trampoline_active()][1])))(__import__('sys'), __import__('builtins').open)"
+    )
+}
+
+fn threads(pid: i32) -> Vec<i32> {
+    let mut v: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort_unstable();
+    // The main thread first: it is the one most likely to be waiting in a server.
+    v.sort_by_key(|t| *t != pid);
+    v
+}
+
+/// The system call a thread is blocked in, if any.
+fn blocked_in(pid: i32, tid: i32) -> Option<i64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).ok()?;
+    let nr: i64 = s.split_whitespace().next()?.parse().ok()?;
+    // A thread reported in a syscall may still be running (the file is a snapshot): the state
+    // must say it sleeps.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+    let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
+    (state == "S").then_some(nr)
+}
+
+pub fn inject(
+    p: &PythonProcess,
+    action: Action,
+    timeout: Duration,
+) -> Result<TrampolineState, InjectError> {
+    let nonce = format!(
+        "{}-{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos() ^ (p.pid as u128) << 20 ^ rand_u64() as u128
+    );
+    let rel = format!("/tmp/.perfpy-inject-{nonce}");
+    let host_result = format!("/proc/{}/root{rel}", p.pid);
+    let _ = std::fs::remove_file(&host_result);
+    let text = code(action, &rel);
+    let deadline = Instant::now() + timeout;
+
+    // 1. A waiting thread: run it right there. A thread that is between two waits (a server
+    // answering a request) is looked for during 100 ms before we fall back to a pending call.
+    let mut done = false;
+    let look_until = Instant::now() + Duration::from_millis(100);
+    'look: loop {
+        for tid in threads(p.pid) {
+            match blocked_in(p.pid, tid) {
+                Some(nr) if WAITING_SYSCALLS.contains(&nr) => {}
+                _ => continue,
+            }
+            tracing::debug!(
+                pid = p.pid,
+                tid,
+                "injecting in a thread waiting in a system call"
+            );
+            let mut t = Tracee::attach(p.pid, tid, Duration::from_secs(2))?;
+            // Still in that system call? (It may have returned between the look and the stop.)
+            let nr = t.regs().orig_rax as i64;
+            if !WAITING_SYSCALLS.contains(&nr) {
+                t.release()?;
+                continue;
+            }
+            let bytes: Vec<u8> = text.bytes().chain(std::iter::once(0)).collect();
+            let at = t.scratch(bytes.len());
+            t.write(at, &bytes)?;
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_secs(1));
+            let g = t.call(sym(p, "PyGILState_Ensure")?, &[], at, left)?;
+            let r = t.call(sym(p, "PyRun_SimpleString")?, &[at], at, left);
+            // Whatever happened, the GIL state is given back.
+            let rel_r = t.call(sym(p, "PyGILState_Release")?, &[g & 0xffff_ffff], at, left);
+            t.release()?;
+            let r = r?;
+            rel_r?;
+            if r as u32 != 0 {
+                return Err(InjectError::Failed {
+                    pid: p.pid,
+                    detail: "PyRun_SimpleString raised (see the target's stderr)".into(),
+                });
+            }
+            done = true;
+            break 'look;
+        }
+        if Instant::now() >= look_until {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+
+    // 2. Every thread busy: a pending call, run by the interpreter at a safe point.
+    if !done {
+        pending(p, &text, deadline)?;
+    }
+    read_result(p.pid, &host_result)
+}
+
+fn sym(p: &PythonProcess, name: &str) -> Result<u64, InjectError> {
+    p.symbol(name)
+        .ok_or_else(|| InjectError::NoLibpythonSymbols {
+            pid: p.pid,
+            interpreter: p.interpreter_name.clone(),
+            missing: name.into(),
+        })
+}
+
+fn read_result(pid: i32, path: &str) -> Result<TrampolineState, InjectError> {
+    let text = std::fs::read_to_string(path).map_err(|e| InjectError::Failed {
+        pid,
+        detail: format!("no result from the injected code ({path}: {e})"),
+    })?;
+    let _ = std::fs::remove_file(path);
+    let mut it = text.split_whitespace().map(|v| v == "1");
+    match (it.next(), it.next()) {
+        (Some(before), Some(after)) => Ok(TrampolineState { before, after }),
+        _ => Err(InjectError::Failed {
+            pid,
+            detail: format!("unexpected result {text:?}"),
+        }),
+    }
+}
+
+/// The stub run as a pending call: `rdi` = block; block = [code ptr, &PyRun_SimpleString,
+/// result i32, done i32, cancelled i32]. A cancelled stub runs nothing (we gave up waiting).
+const STUB: &[u8] = &[
+    0x53, // push rbx
+    0x48, 0x89, 0xfb, // mov rbx, rdi
+    0x83, 0x7b, 0x18, 0x00, // cmp dword [rbx+24], 0   (cancelled by perfpy?)
+    0x75, 0x0c, // jne skip
+    0x48, 0x8b, 0x3b, // mov rdi, [rbx]
+    0x48, 0x8b, 0x43, 0x08, // mov rax, [rbx+8]
+    0xff, 0xd0, // call rax
+    0x89, 0x43, 0x10, // mov [rbx+16], eax
+    // skip:
+    0xc7, 0x43, 0x14, 0x01, 0x00, 0x00, 0x00, // mov dword [rbx+20], 1
+    0x31, 0xc0, // xor eax, eax
+    0x5b, // pop rbx
+    0xc3, // ret
+];
+const PAGE: u64 = 4096;
+const BLOCK: u64 = 64;
+const TEXT: u64 = 128;
+
+fn pending(p: &PythonProcess, text: &str, deadline: Instant) -> Result<(), InjectError> {
+    if text.len() as u64 + TEXT + 1 > PAGE {
+        return Err(InjectError::Failed {
+            pid: p.pid,
+            detail: "code too long".into(),
+        });
+    }
+    let forbidden: Vec<std::ops::Range<u64>> = PENDING_FUNCTIONS
+        .iter()
+        .filter_map(|f| p.symbol_range(f))
+        .collect();
+    let mmap = *p
+        .libc
+        .get("mmap")
+        .ok_or_else(|| InjectError::NoLibpythonSymbols {
+            pid: p.pid,
+            interpreter: "libc".into(),
+            missing: "mmap".into(),
+        })?;
+    let add_internal = p
+        .symbol("_PyEval_AddPendingCall")
+        .zip(p.symbol("PyInterpreterState_Main"));
+    let page;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let tid = threads(p.pid)
+            .first()
+            .copied()
+            .ok_or(InjectError::ProcessGone { pid: p.pid })?;
+        let mut t = Tracee::attach(p.pid, tid, Duration::from_secs(2))?;
+        let rip = t.regs().rip;
+        if forbidden.iter().any(|r| r.contains(&rip)) {
+            t.release()?;
+            if Instant::now() >= deadline || tries > 1000 {
+                return Err(InjectError::Timeout { pid: p.pid });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        let below = t.scratch(0);
+        let addr = t.call(
+            mmap,
+            &[0, PAGE, 7, 0x22, u64::MAX, 0],
+            below,
+            Duration::from_secs(2),
+        )?;
+        if (addr as i64) < 0 && (addr as i64) > -4096 {
+            t.release()?;
+            return Err(InjectError::Failed {
+                pid: p.pid,
+                detail: format!("mmap in the target failed (errno {})", -(addr as i64)),
+            });
+        }
+        let mut mem = vec![0u8; (TEXT as usize) + text.len() + 1];
+        mem[..STUB.len()].copy_from_slice(STUB);
+        let b = BLOCK as usize;
+        mem[b..b + 8].copy_from_slice(&(addr + TEXT).to_ne_bytes());
+        mem[b + 8..b + 16].copy_from_slice(&sym(p, "PyRun_SimpleString")?.to_ne_bytes());
+        mem[TEXT as usize..TEXT as usize + text.len()].copy_from_slice(text.as_bytes());
+        crate::sys::write_mem(p.pid, addr, &mem).map_err(|e| InjectError::Ptrace {
+            pid: p.pid,
+            detail: format!("writing the stub: {e}"),
+        })?;
+        let r = match add_internal {
+            // Not main-thread-only: whichever thread runs Python next picks it up, so a main
+            // thread blocked in native code does not hold it back.
+            Some((add, main)) => {
+                let interp = t.call(main, &[], below, Duration::from_secs(2))?;
+                t.call(
+                    add,
+                    &[interp, addr, addr + BLOCK, 0],
+                    below,
+                    Duration::from_secs(2),
+                )?
+            }
+            None => t.call(
+                sym(p, "Py_AddPendingCall")?,
+                &[addr, addr + BLOCK],
+                below,
+                Duration::from_secs(2),
+            )?,
+        };
+        t.release()?;
+        if r as u32 != 0 {
+            return Err(InjectError::Failed {
+                pid: p.pid,
+                detail: "the interpreter's pending-call queue is full; try again".into(),
+            });
+        }
+        page = addr;
+        break;
+    }
+    // Wait for the interpreter to run it.
+    let mut flag = [0u8; 8];
+    loop {
+        crate::sys::read_mem(p.pid, page + BLOCK + 16, &mut flag)
+            .map_err(|_| InjectError::ProcessGone { pid: p.pid })?;
+        if flag[4] == 1 {
+            break;
+        }
+        if Instant::now() >= deadline {
+            // Cancel: if the interpreter runs the stub later, it does nothing. The page stays
+            // mapped (4 KiB) since the stub may still be called.
+            let _ = crate::sys::write_mem(p.pid, page + BLOCK + 24, &1u32.to_ne_bytes());
+            crate::sys::read_mem(p.pid, page + BLOCK + 16, &mut flag)
+                .map_err(|_| InjectError::ProcessGone { pid: p.pid })?;
+            if flag[4] == 1 {
+                break;
+            }
+            return Err(InjectError::Timeout { pid: p.pid });
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let result = i32::from_ne_bytes(flag[0..4].try_into().unwrap_or([0; 4]));
+    // Unmap the page: a brief stop of one thread for a system call wrapper.
+    if let Some(munmap) = p.libc.get("munmap") {
+        if let Some(tid) = threads(p.pid).first().copied() {
+            let mut t = Tracee::attach(p.pid, tid, Duration::from_secs(2))?;
+            let below = t.scratch(0);
+            let _ = t.call(*munmap, &[page, PAGE], below, Duration::from_secs(2));
+            t.release()?;
+        }
+    }
+    if result != 0 {
+        return Err(InjectError::Failed {
+            pid: p.pid,
+            detail: "PyRun_SimpleString raised (see the target's stderr)".into(),
+        });
+    }
+    Ok(())
+}
+
+fn rand_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom writes at most 8 bytes into our buffer.
+    unsafe {
+        libc::getrandom(b.as_mut_ptr().cast(), 8, 0);
+    }
+    u64::from_ne_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_binds_no_names_and_is_one_expression() {
+        for a in [Action::Query, Action::On, Action::Off] {
+            let c = code(a, "/tmp/x");
+            assert!(!c.contains('\n'));
+            assert!(!c.contains(" = ") && !c.starts_with("import"));
+            assert!(c.starts_with("(lambda s, o:"));
+        }
+    }
+}
