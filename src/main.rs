@@ -35,6 +35,15 @@ enum Cmd {
     /// Sample running processes (-p) or a command (after --) and write a profile.
     #[command(after_help = "Examples:\n  perfpy record -p 1234 -d 30s -o app.pb.gz\n  perfpy record -r 1000 -- python3 -X perf app.py\n  go tool pprof -http=:8080 app.pb.gz")]
     Record(RecordArgs),
+    /// Turn CPython 3.12+'s perf trampoline on (or off) inside a running process, alone: to
+    /// try it, or to repair a target after perfpy was killed (SIGKILL) during a recording.
+    Inject {
+        #[arg(short = 'p', long = "pid", value_name = "PID")]
+        pid: i32,
+        /// Turn it off instead.
+        #[arg(long)]
+        deactivate: bool,
+    },
     /// What this machine supports and, per Python process, its version, interpreter and how
     /// perfpy names its frames.
     Info {
@@ -77,6 +86,11 @@ struct RecordArgs {
     /// Keep CPython's own native frames (eval loop, call machinery) between Python frames.
     #[arg(long)]
     keep_interpreter_frames: bool,
+    /// Turn on CPython 3.12+'s perf trampoline inside the targets for the recording (ptrace),
+    /// and off again at the end. Strict with -p (a target that cannot be injected stops the run
+    /// before sampling), lenient with -a.
+    #[arg(long)]
+    inject_python: bool,
     /// Do not set PYTHONPERFSUPPORT=1 for a launched command (by default CPython 3.12+ then
     /// runs with its perf trampoline, which names its Python frames).
     #[arg(long)]
@@ -142,6 +156,27 @@ fn main() {
 fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Info { pids, json } => info::run(&pids, json),
+        Cmd::Inject { pid, deactivate } => {
+            let t = Duration::from_secs(10);
+            targets::check_pid(pid)?;
+            let p = perfpy_inject::discover(pid)?;
+            perfpy_inject::check_injectable(&p)?;
+            if deactivate {
+                perfpy_inject::deactivate(&p, t)?;
+                println!("pid {pid}: perf trampoline off (CPython {})", p.version_string());
+            } else {
+                match perfpy_inject::activate(&p, t)? {
+                    perfpy_inject::ActivateOutcome::Activated => println!(
+                        "pid {pid}: perf trampoline on (CPython {}); turn it off with: perfpy inject -p {pid} --deactivate",
+                        p.version_string()
+                    ),
+                    perfpy_inject::ActivateOutcome::AlreadyActive => {
+                        println!("pid {pid}: perf trampoline was already on (CPython {})", p.version_string())
+                    }
+                }
+            }
+            Ok(0)
+        }
         Cmd::Record(a) => {
             let modes = [!a.pids.is_empty(), !a.command.is_empty(), a.all];
             match modes.iter().filter(|m| **m).count() {
@@ -166,6 +201,7 @@ fn run(cli: Cli) -> Result<i32> {
                     max_frames: a.max_frames,
                     keep_interpreter: a.keep_interpreter_frames,
                     python_perf_env: !a.no_python_perf_env,
+                    inject_python: a.inject_python,
                 },
                 stop,
             )?;

@@ -34,6 +34,68 @@ pub struct Options {
     pub max_frames: usize,
     pub keep_interpreter: bool,
     pub python_perf_env: bool,
+    pub inject_python: bool,
+}
+
+const INJECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Turns off every trampoline we turned on, however the recording ends: explicitly after the
+/// perf maps were read ([`Deactivator::finish`]), or from `Drop` on an error or a panic.
+struct Deactivator {
+    done: bool,
+}
+
+impl Deactivator {
+    fn finish(&mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        for (pid, r) in perfpy_inject::registry().deactivate_all(INJECT_TIMEOUT) {
+            match r {
+                Ok(()) => eprintln!("perfpy: pid {pid}: perf trampoline turned off again"),
+                Err(e) if e.reason() == Some(perfpy_inject::Reason::ProcessGone) => {
+                    tracing::debug!(pid, "exited before deactivation")
+                }
+                Err(e) => eprintln!("perfpy: warning: pid {pid}: could not turn the perf trampoline off: {e}; run `perfpy inject -p {pid} --deactivate`"),
+            }
+        }
+    }
+}
+
+impl Drop for Deactivator {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// Lenient activation for `-a`: every CPython 3.12+ process gets its trampoline; others are
+/// reported once with the reason.
+fn inject_lenient(pid: u32, seen: &mut HashSet<(u32, u64)>) {
+    let start = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(19)?.parse().ok()))
+        .unwrap_or(0u64);
+    if !seen.insert((pid, start)) || pid == std::process::id() {
+        return;
+    }
+    let p = match perfpy_inject::discover(pid as i32) {
+        Ok(p) => p,
+        Err(e) if e.reason() == Some(perfpy_inject::Reason::NotPython) => return,
+        Err(e) => {
+            eprintln!("perfpy: pid {pid}: skipped: {e}");
+            return;
+        }
+    };
+    match perfpy_inject::registry().activate(&p, INJECT_TIMEOUT) {
+        Ok(perfpy_inject::ActivateOutcome::Activated) => {
+            eprintln!("perfpy: pid {pid}: perf trampoline turned on (CPython {})", p.version_string())
+        }
+        Ok(perfpy_inject::ActivateOutcome::AlreadyActive) => {
+            eprintln!("perfpy: pid {pid}: perf trampoline already on (CPython {}); left as it is", p.version_string())
+        }
+        Err(e) => eprintln!("perfpy: pid {pid}: no trampoline: {e}"),
+    }
 }
 
 struct RingEntry {
@@ -277,6 +339,21 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         )
     })?;
 
+    // --inject-python, strict with --pid: every target must be injectable, checked before any
+    // event is opened or anything is done to a target.
+    let mut to_inject = Vec::new();
+    if opts.inject_python && !opts.all {
+        if !opts.command.is_empty() {
+            eprintln!("perfpy: note: --inject-python is for -p and -a; a launched command gets PYTHONPERFSUPPORT=1 instead");
+        }
+        for &pid in &tgids {
+            let p = perfpy_inject::discover(pid as i32).with_context(|| format!("--inject-python: pid {pid}"))?;
+            perfpy_inject::check_injectable(&p).with_context(|| format!("--inject-python: pid {pid}"))?;
+            to_inject.push(p);
+        }
+    }
+    let mut deactivator = Deactivator { done: false };
+
     let period_ns = 1_000_000_000 / opts.rate;
     let is_root = nix::unistd::geteuid().is_root();
     let mut cfg = EventConfig {
@@ -394,6 +471,24 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             .context("epoll_ctl")?;
     }
 
+    for p in &to_inject {
+        match perfpy_inject::registry().activate(p, INJECT_TIMEOUT) {
+            Ok(perfpy_inject::ActivateOutcome::Activated) => eprintln!(
+                "perfpy: pid {}: perf trampoline turned on (CPython {}); Python functions entered from now on are named",
+                p.pid,
+                p.version_string()
+            ),
+            Ok(perfpy_inject::ActivateOutcome::AlreadyActive) => eprintln!(
+                "perfpy: pid {}: perf trampoline already on (CPython {}); left as it is",
+                p.pid,
+                p.version_string()
+            ),
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("--inject-python: pid {}", p.pid))),
+        }
+    }
+    let mut injected_seen: HashSet<(u32, u64)> = HashSet::new();
+    let mut last_scan: Option<Instant> = None;
+
     let mut c = Collector {
         files: Files::default(),
         procs: Vec::new(),
@@ -428,6 +523,19 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         if stop.load(Ordering::Relaxed) {
             end_reason = "interrupted";
             break;
+        }
+        // -a --inject-python: Python processes are looked for every second, new ones included.
+        if opts.all && opts.inject_python && last_scan.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            last_scan = Some(Instant::now());
+            let pids: Vec<u32> = std::fs::read_dir("/proc")
+                .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+                .unwrap_or_default();
+            for pid in pids {
+                inject_lenient(pid, &mut injected_seen);
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
         }
         if let Some(d) = opts.duration {
             if start.elapsed() >= d {
@@ -484,6 +592,8 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     let t_sym = Instant::now();
     let procs: HashMap<u32, &Process> = c.procs.iter().map(|p| (p.key, p)).collect();
     let resolved = crate::symbols::resolve(&c.profile, &c.files, &procs);
+    // The perf maps are read: now the trampolines we turned on go off again.
+    deactivator.finish();
     let (samples, resolved) =
         crate::report::build(&c.profile, resolved, &procs, &c.files, opts.keep_interpreter);
     let report = crate::report::Report {

@@ -108,8 +108,18 @@ impl TrampolineCache {
         // Read the two halves separately: code at the start or end of a mapping has one half
         // unreadable, which must not hide the other. Unreadable bytes become int3.
         let mut w = [0xccu8; WINDOW];
-        let before = mem.read(addr.wrapping_sub(10), &mut w[..10]);
-        let after = mem.read(addr, &mut w[10..]) || mem.read(addr, &mut w[10..21]);
+        // Mappings are page-granular: what cannot be read as a whole is read up to the page
+        // boundary (the first trampoline of an arena starts right at a page).
+        let page_start = addr & !0xfff;
+        let page_end = page_start + 0x1000;
+        let before = mem.read(addr.wrapping_sub(10), &mut w[..10]) || {
+            let n = (addr - page_start).min(10) as usize;
+            n > 0 && mem.read(addr - n as u64, &mut w[10 - n..10])
+        };
+        let after = mem.read(addr, &mut w[10..]) || {
+            let n = (page_end - addr).min((WINDOW - 10) as u64) as usize;
+            mem.read(addr, &mut w[10..10 + n])
+        };
         let k = if before || after { classify_trampoline(&w) } else { None };
         // Bounded: a process generating endless code cannot grow this without limit.
         if self.known.len() > 1 << 20 {
@@ -215,6 +225,7 @@ pub fn unwind(
                 // framehop reports the end of the stack as an error in some cases (e.g. the
                 // frame-pointer rule on a null frame pointer after `_start`).
                 outcome.truncated = beyond.get();
+                tracing::trace!(pc = format_args!("{pc:#x}"), sp = format_args!("{:#x}", regs.sp()), tramp = ?tramp, in_file, mapping = ?proc.mapping(pc).map(|m| (m.start, m.end, m.file.as_ref().map(|f| f.path.clone()))), frames = out.len(), "unwinding stopped");
                 return outcome;
             }
         }
@@ -263,6 +274,36 @@ mod tests {
             }
             true
         }
+    }
+
+    /// Memory readable only inside [start, end).
+    struct Bounded {
+        inner: Fixture,
+        start: u64,
+        end: u64,
+    }
+
+    impl CodeMemory for Bounded {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+            addr >= self.start && addr + buf.len() as u64 <= self.end && self.inner.read(addr, buf)
+        }
+    }
+
+    #[test]
+    fn trampoline_at_the_very_start_of_its_mapping() {
+        let mut f = Fixture::new();
+        let base = 0x7f35_7df6_9000u64;
+        f.put(base, &trampoline_bytes(false));
+        let mem = Bounded { inner: f, start: base, end: base + 0x1000 };
+        let mut c = TrampolineCache::default();
+        assert_eq!(c.classify(base + 6, &mem), Some(TrampolineAt::AfterCall));
+        // And at the very end of a mapping.
+        let mut f = Fixture::new();
+        let end = 0x7f35_7df7_9000u64;
+        f.put(end - 11, &trampoline_bytes(false));
+        let mem = Bounded { inner: f, start: end - 0x1000, end };
+        let mut c = TrampolineCache::default();
+        assert_eq!(c.classify(end - 5, &mem), Some(TrampolineAt::AfterCall));
     }
 
     fn window(mem: &Fixture, addr: u64) -> [u8; WINDOW] {

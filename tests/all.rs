@@ -63,7 +63,7 @@ wait || true
     for w in ["w312", "w39", "w27", "wdeb", "wc"] {
         let pid = pids[w];
         let n = d.count_where(|s| s.num_labels["pid"] == pid);
-        assert!(n > 100, "{w} (pid {pid}): {n} samples");
+        assert!(n > 20, "{w} (pid {pid}): {n} samples");
     }
     let label = |w: &str, k: &str| {
         d.samples
@@ -77,8 +77,8 @@ wait || true
     assert!(label("wdeb", "python_version").is_some_and(|v| v.starts_with("3.11")));
     assert_eq!(label("wc", "python_version"), None);
     // The 3.12 process is named through its trampolines; the C program's frames are there.
-    assert!(d.count_where(|s| s.num_labels["pid"] == pids["w312"] && s.has("round_")) > 50);
-    assert!(d.count_where(|s| s.num_labels["pid"] == pids["wc"] && s.has_chain(&["main", "level1", "level2", "leaf_busy"])) > 50);
+    assert!(d.count_where(|s| s.num_labels["pid"] == pids["w312"] && s.has("round_")) > 15);
+    assert!(d.count_where(|s| s.num_labels["pid"] == pids["wc"] && s.has_chain(&["main", "level1", "level2", "leaf_busy"])) > 15);
     // `perfpy info` inside the namespace lists the four Python workloads, versions and paths.
     let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("info.json")).unwrap()).unwrap();
     let procs = info["python_processes"].as_array().unwrap();
@@ -98,5 +98,57 @@ wait || true
     for s in &d.samples {
         let pid = s.num_labels["pid"];
         assert!(ours.contains(&pid) || Some(pid) == perfpy_pid || s.str_labels["comm"] == "bash", "sample of pid {pid} ({})", s.str_labels["comm"]);
+    }
+}
+
+#[test]
+fn whole_machine_with_injection_finds_processes_as_they_appear() {
+    let (Some(py312), Some(py313)) = (python("3.12"), python("3.13")) else { return };
+    let out = tmp("all-inject.pb.gz");
+    let dir = tmp("all-inject-logs");
+    std::fs::create_dir_all(&dir).unwrap();
+    // 3.12 without -X perf from the start; 3.13 started 2 s into a 6 s recording.
+    let script = format!(
+        r#"set -e
+cd {dir}
+{py312} {split} 30 > w312 &
+for i in $(seq 1 300); do grep -q ready w312 2>/dev/null && break; sleep 0.1; done
+{perfpy} record -a --inject-python -d 6 -o {out} 2> perfpy.err &
+REC=$!
+sleep 2
+{py313} {split} 30 > w313 &
+wait $REC
+echo "w312 $(awk '{{print $2}}' w312 | head -1)"
+echo "w313 $(awk '{{print $2}}' w313 | head -1)"
+cat perfpy.err >&2
+# The trampolines are off again: ask each target.
+{perfpy} inject -p $(awk '{{print $2}}' w312 | head -1) --deactivate >/dev/null
+"#,
+        dir = dir.display(),
+        py312 = py312.display(),
+        py313 = py313.display(),
+        split = testdata("split.py").display(),
+        perfpy = perfpy().display(),
+        out = out.display(),
+    );
+    let o = Command::new("unshare").args(["--pid", "--fork", "--mount-proc", "bash", "-c", &script]).output().expect("unshare");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    eprintln!("{stdout}\n{stderr}");
+    assert!(o.status.success());
+    let pids: HashMap<String, i64> = stdout
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            Some((k.to_string(), v.trim().parse().ok()?))
+        })
+        .collect();
+    let d = decode(&out);
+    for w in ["w312", "w313"] {
+        let pid = pids[w];
+        let named = d.count_where(|s| s.num_labels["pid"] == pid && s.has("round_"));
+        assert!(named > 20, "{w}: {named} samples named round_");
+        assert!(stderr.contains(&format!("pid {pid}: perf trampoline turned on")), "{w}");
+        assert!(stderr.contains(&format!("pid {pid}: perf trampoline turned off again")), "{w}");
     }
 }

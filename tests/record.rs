@@ -19,7 +19,7 @@ const CHAIN: [&str; 6] = ["<module>", "main", "main.<locals>.loop", "round_", "h
 /// Checks the known split, the complete chain and the C extension's native frames.
 fn check_split(d: &Decoded, what: &str) {
     let rounds = d.count_where(|s| s.has("round_"));
-    assert!(rounds >= 150, "{what}: too few samples in round_: {rounds}");
+    assert!(rounds >= 300, "{what}: too few samples in round_: {rounds}");
     for (f, want) in PARTS {
         let got = d.count_where(|s| s.has(f)) as f64 / rounds as f64;
         eprintln!("{what}: {f}: {:.1}% (want {:.0}%)", got * 100.0, want * 100.0);
@@ -57,8 +57,9 @@ fn perf_trampoline_split_spawned_and_attached() {
         let Some(py) = python(minor) else { continue };
         // Spawned.
         let out = tmp(&format!("spawned-{minor}.pb.gz"));
+        // ~500 Hz: enough samples that ±5 points is far outside sampling noise.
         let o = run_perfpy(&[
-            "record", "-d", "4", "-o", out.to_str().unwrap(), "--",
+            "record", "-d", "4", "-r", "497", "-o", out.to_str().unwrap(), "--",
             py.to_str().unwrap(), "-X", "perf", testdata("split.py").to_str().unwrap(), "5",
         ]);
         assert!(o.status.success());
@@ -76,7 +77,7 @@ fn perf_trampoline_split_spawned_and_attached() {
         let d = decode(&out);
         check_split(&d, &format!("{minor} attached"));
         assert!(d.samples.iter().all(|s| s.num_labels["pid"] == w.pid() as i64));
-        assert!(d.total() > 1500, "1 kHz for 3 s gave only {} samples", d.total());
+        assert!(d.total() > 1000, "1 kHz for 3 s gave only {} samples", d.total());
         check_go_pprof(&out);
         assert!(matches!(w.state(), 'R' | 'S'), "target left in state {}", w.state());
     }

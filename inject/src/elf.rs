@@ -13,6 +13,7 @@ pub struct ElfFacts {
     /// p_vaddr of the first PT_LOAD.
     pub first_load_vaddr: u64,
     /// PT_LOAD segments: (p_offset, p_vaddr, p_filesz).
+    #[allow(dead_code)]
     pub loads: Vec<(u64, u64, u64)>,
     pub is_interpreter: bool,
     pub py_version_hex: Option<u32>,

@@ -1,0 +1,117 @@
+//! `perfpy record --inject-python` and `perfpy inject` against targets this test starts.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn active(pid: i32) -> bool {
+    let p = perfpy_inject::discover(pid).unwrap();
+    perfpy_inject::trampoline_active(&p, Duration::from_secs(10)).unwrap()
+}
+
+#[test]
+fn record_with_injection_names_python_and_restores_the_trampoline() {
+    for minor in ["3.12", "3.13"] {
+        let Some(py) = python(minor) else { continue };
+        let w = Workload::start(Command::new(&py).arg(testdata("split.py")).arg("30"));
+        assert!(!active(w.pid()));
+        let out = tmp(&format!("inject-{minor}.pb.gz"));
+        let o = run_perfpy(&["record", "-p", &w.pid().to_string(), "-d", "4", "-r", "497", "--inject-python", "-o", out.to_str().unwrap()]);
+        assert!(o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("perf trampoline turned on") && err.contains("turned off again"), "{err}");
+        let d = decode(&out);
+        // Functions called after activation are named; round_ is entered anew every round.
+        let rounds = d.count_where(|s| s.has("round_"));
+        assert!(rounds as f64 > 0.8 * d.total() as f64, "{minor}: {rounds} of {} samples in round_", d.total());
+        for (f, want) in [("hot_function", 0.40), ("Shape.area", 0.20), ("make_closure.<locals>.inner", 0.20), ("hash_work", 0.20)] {
+            let got = d.count_where(|s| s.has(f)) as f64 / rounds as f64;
+            assert!((got - want).abs() <= 0.05, "{minor}: {f}: {:.1}%", got * 100.0);
+        }
+        assert!(d.count_where(|s| s.has_chain(&["round_", "hot_function", "spin"])) > 0);
+        // Back off afterwards, target running and untraced.
+        assert!(!active(w.pid()), "{minor}: trampoline left on");
+        assert!(matches!(w.state(), 'R' | 'S'));
+        let status = std::fs::read_to_string(format!("/proc/{}/status", w.pid())).unwrap();
+        assert!(status.contains("TracerPid:\t0"));
+        check_go_pprof(&out);
+    }
+}
+
+#[test]
+fn a_target_started_with_x_perf_keeps_its_trampoline_on() {
+    let Some(py) = python("3.12") else { return };
+    let w = Workload::start(Command::new(&py).args(["-X", "perf"]).arg(testdata("split.py")).arg("30"));
+    let out = tmp("xperf-inject.pb.gz");
+    let o = run_perfpy(&["record", "-p", &w.pid().to_string(), "-d", "2", "--inject-python", "-o", out.to_str().unwrap()]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already on"));
+    assert!(active(w.pid()));
+    // With -X perf everything is named, from <module> on.
+    let d = decode(&out);
+    assert!(d.count_where(|s| s.has_chain(&["<module>", "main", "round_"])) as f64 > 0.8 * d.total() as f64);
+}
+
+#[test]
+fn sigterm_during_a_recording_with_injection_turns_it_off() {
+    let Some(py) = python("3.13") else { return };
+    let w = Workload::start(Command::new(&py).arg(testdata("split.py")).arg("30"));
+    let out = tmp("inject-term.pb.gz");
+    let mut p = Command::new(perfpy())
+        .args(["record", "-p", &w.pid().to_string(), "--inject-python", "-o", out.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: signalling the perfpy process this test started.
+    unsafe { libc::kill(p.id() as i32, libc::SIGTERM) };
+    let st = wait_exit(&mut p, Duration::from_secs(20)).expect("perfpy did not exit");
+    assert_eq!(st.code(), Some(0));
+    assert!(!active(w.pid()));
+    assert!(decode(&out).count_where(|s| s.has("round_")) > 0);
+}
+
+#[test]
+fn injection_refusals_stop_the_run_before_sampling() {
+    // 3.11: too old, the reason named, exit 1, nothing written, target untouched.
+    if let Some(py) = python("3.11") {
+        let w = Workload::start(Command::new(&py).arg(testdata("split.py")).arg("30"));
+        let out = tmp("old.pb.gz");
+        let o = run_perfpy(&["record", "-p", &w.pid().to_string(), "-d", "1", "--inject-python", "-o", out.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("python_too_old"));
+        assert!(matches!(w.state(), 'R' | 'S'));
+    }
+    // Not Python.
+    let mut sleep = Command::new("sleep").arg("30").spawn().unwrap();
+    let o = run_perfpy(&["record", "-p", &sleep.id().to_string(), "-d", "1", "--inject-python", "-o", tmp("np.pb.gz").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not_python"));
+    let o = run_perfpy(&["inject", "-p", &sleep.id().to_string()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not_python"));
+    let _ = sleep.kill();
+    let _ = sleep.wait();
+    // A pid that is gone.
+    let o = run_perfpy(&["inject", "-p", &sleep.id().to_string()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no process"));
+}
+
+#[test]
+fn inject_command_turns_it_on_and_off() {
+    let Some(py) = python("3.12") else { return };
+    let w = Workload::start(Command::new(&py).arg(testdata("split.py")).arg("30"));
+    let pid = w.pid().to_string();
+    let o = run_perfpy(&["inject", "-p", &pid]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("perf trampoline on"));
+    assert!(active(w.pid()));
+    let o = run_perfpy(&["inject", "-p", &pid]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("already on"));
+    let o = run_perfpy(&["inject", "-p", &pid, "--deactivate"]);
+    assert!(o.status.success());
+    assert!(!active(w.pid()));
+}
