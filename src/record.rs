@@ -43,6 +43,10 @@ const INJECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// perf maps were read ([`Deactivator::finish`]), or from `Drop` on an error or a panic.
 struct Deactivator {
     done: bool,
+    /// The `-a` scanner that activates new processes: stopped and joined first, so that no
+    /// activation can start after the deactivation.
+    halt: Arc<AtomicBool>,
+    scanner: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Deactivator {
@@ -51,6 +55,10 @@ impl Deactivator {
             return;
         }
         self.done = true;
+        self.halt.store(true, Ordering::Relaxed);
+        if let Some(t) = self.scanner.take() {
+            let _ = t.join();
+        }
         for (pid, r) in perfpy_inject::registry().deactivate_all(INJECT_TIMEOUT) {
             match r {
                 Ok(()) => eprintln!("perfpy: pid {pid}: perf trampoline turned off again"),
@@ -71,7 +79,7 @@ impl Drop for Deactivator {
 
 /// Lenient activation for `-a`: every CPython 3.12+ process gets its trampoline; others are
 /// reported once with the reason.
-fn inject_lenient(pid: u32, seen: &mut HashSet<(u32, u64)>) {
+fn inject_lenient(pid: u32, seen: &mut HashSet<(u32, u64)>, notes: &mut HashMap<u32, String>) {
     let start = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| s.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(19)?.parse().ok()))
@@ -84,17 +92,23 @@ fn inject_lenient(pid: u32, seen: &mut HashSet<(u32, u64)>) {
         Err(e) if e.reason() == Some(perfpy_inject::Reason::NotPython) => return,
         Err(e) => {
             eprintln!("perfpy: pid {pid}: skipped: {e}");
+            notes.insert(pid, format!("skipped: {}", e.reason().map(|r| r.to_string()).unwrap_or_else(|| e.to_string())));
             return;
         }
     };
     match perfpy_inject::registry().activate(&p, INJECT_TIMEOUT) {
         Ok(perfpy_inject::ActivateOutcome::Activated) => {
-            eprintln!("perfpy: pid {pid}: perf trampoline turned on (CPython {})", p.version_string())
+            eprintln!("perfpy: pid {pid}: perf trampoline turned on (CPython {})", p.version_string());
+            notes.insert(pid, "trampoline turned on by perfpy".into());
         }
         Ok(perfpy_inject::ActivateOutcome::AlreadyActive) => {
-            eprintln!("perfpy: pid {pid}: perf trampoline already on (CPython {}); left as it is", p.version_string())
+            eprintln!("perfpy: pid {pid}: perf trampoline already on (CPython {}); left as it is", p.version_string());
+            notes.insert(pid, "trampoline already on".into());
         }
-        Err(e) => eprintln!("perfpy: pid {pid}: no trampoline: {e}"),
+        Err(e) => {
+            eprintln!("perfpy: pid {pid}: no trampoline: {e}");
+            notes.insert(pid, format!("no trampoline: {}", e.reason().map(|r| r.to_string()).unwrap_or_else(|| e.to_string())));
+        }
     }
 }
 
@@ -352,7 +366,12 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             to_inject.push(p);
         }
     }
-    let mut deactivator = Deactivator { done: false };
+    let scan_stop = Arc::new(AtomicBool::new(false));
+    let mut deactivator = Deactivator {
+        done: false,
+        halt: scan_stop.clone(),
+        scanner: None,
+    };
 
     let period_ns = 1_000_000_000 / opts.rate;
     let is_root = nix::unistd::geteuid().is_root();
@@ -365,7 +384,9 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         exclude_idle: opts.all,
         wakeup_bytes: 0,
     };
-    let data_pages = 256usize; // 1 MiB per ring
+    // One ring per CPU: 4 MiB (~80 samples of 48 KiB) each, less on machines with many CPUs.
+    let ncpus = sys::online_cpus().len().max(1);
+    let data_pages = ((64usize << 20) / ncpus / sys::page_size()).clamp(256, 1024).next_power_of_two();
     cfg.wakeup_bytes = (data_pages * sys::page_size() / 4) as u32;
 
     let mut spawned = None;
@@ -486,8 +507,37 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             Err(e) => return Err(anyhow::Error::new(e).context(format!("--inject-python: pid {}", p.pid))),
         }
     }
-    let mut injected_seen: HashSet<(u32, u64)> = HashSet::new();
-    let mut last_scan: Option<Instant> = None;
+    let inject_notes: Arc<std::sync::Mutex<HashMap<u32, String>>> = Arc::default();
+    for p in &to_inject {
+        inject_notes.lock().unwrap().insert(p.pid as u32, "trampoline (--inject-python)".into());
+    }
+    // -a --inject-python: a thread looks for Python processes every second, new ones included,
+    // so that injecting (up to a few hundred ms per busy process) never holds up the rings.
+    deactivator.scanner = (opts.all && opts.inject_python).then(|| {
+        let (notes, halt, stop) = (inject_notes.clone(), scan_stop.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut seen: HashSet<(u32, u64)> = HashSet::new();
+            while !halt.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
+                let pids: Vec<u32> = std::fs::read_dir("/proc")
+                    .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+                    .unwrap_or_default();
+                for pid in pids {
+                    if halt.load(Ordering::Relaxed) || stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let mut local = HashMap::new();
+                    inject_lenient(pid, &mut seen, &mut local);
+                    notes.lock().unwrap_or_else(|e| e.into_inner()).extend(local);
+                }
+                for _ in 0..10 {
+                    if halt.load(Ordering::Relaxed) || stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        })
+    });
 
     let mut c = Collector {
         files: Files::default(),
@@ -524,19 +574,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             end_reason = "interrupted";
             break;
         }
-        // -a --inject-python: Python processes are looked for every second, new ones included.
-        if opts.all && opts.inject_python && last_scan.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-            last_scan = Some(Instant::now());
-            let pids: Vec<u32> = std::fs::read_dir("/proc")
-                .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
-                .unwrap_or_default();
-            for pid in pids {
-                inject_lenient(pid, &mut injected_seen);
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-            }
-        }
+
         if let Some(d) = opts.duration {
             if start.elapsed() >= d {
                 end_reason = "duration elapsed";
@@ -574,6 +612,11 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         }
     }
     let duration = start.elapsed();
+    // No activation may start after this point: the deactivation below must see them all.
+    scan_stop.store(true, Ordering::Relaxed);
+    if let Some(t) = deactivator.scanner.take() {
+        let _ = t.join();
+    }
     // A launched command still running when the recording ends is ended too, as py-spy does
     // (SIGTERM, then SIGKILL after 2 s): it was started for this recording only.
     if let (Some(sp), None) = (&spawned, child_status) {
@@ -639,6 +682,36 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     );
     if let Some(code) = child_status {
         eprintln!("perfpy: command exited with status {code}");
+    }
+    // Per process: samples and how its Python frames were named (or why not).
+    let mut per: HashMap<u32, (u64, bool)> = HashMap::new();
+    for s in &report.samples {
+        let e = per.entry(s.pid).or_default();
+        e.0 += s.count;
+        e.1 |= s.frames_from == "trampoline";
+    }
+    let mut rows: Vec<(u32, u64, bool)> = per.into_iter().map(|(pid, (n, py))| (pid, n, py)).collect();
+    rows.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    const SHOWN: usize = 15;
+    for &(pid, n, py_named) in rows.iter().take(SHOWN) {
+        let p = c.procs.iter().rev().find(|p| p.pid == pid);
+        let comm = p.map(|p| p.comm.as_str()).unwrap_or("?");
+        let how = match p.and_then(|p| p.python_version.as_deref()) {
+            Some(v) => {
+                let note = inject_notes.lock().unwrap_or_else(|e| e.into_inner()).get(&pid).cloned();
+                match (py_named, note) {
+                    (true, Some(n)) => format!("CPython {v}: Python frames from the {n}"),
+                    (true, None) => format!("CPython {v}: Python frames from its perf trampoline (-X perf)"),
+                    (false, Some(n)) => format!("CPython {v}: native frames only ({n})"),
+                    (false, None) => format!("CPython {v}: native frames only (no trampoline: start it with -X perf or use --inject-python)"),
+                }
+            }
+            None => "native".to_string(),
+        };
+        eprintln!("perfpy:   {pid:>8} {comm:<16} {n:>7} samples  {how}");
+    }
+    if rows.len() > SHOWN {
+        eprintln!("perfpy:   … and {} more processes", rows.len() - SHOWN);
     }
     match opts.format {
         Format::Pprof => eprintln!(

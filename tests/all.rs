@@ -152,3 +152,46 @@ cat perfpy.err >&2
         assert!(stderr.contains(&format!("pid {pid}: perf trampoline turned off again")), "{w}");
     }
 }
+
+/// Host pid of the process whose command line contains `marker`.
+fn find_by_cmdline(marker: &str) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let cmd = String::from_utf8_lossy(&cmd).into_owned();
+        let argv0 = cmd.split('\0').next().unwrap_or("");
+        (cmd.contains(marker) && argv0.contains("python")).then_some(pid)
+    })
+}
+
+#[test]
+fn perf_map_in_a_private_tmp_of_another_pid_namespace() {
+    let Some(py) = python("3.12") else { return };
+    // A process in its own PID and mount namespace with a private /tmp: its perf map is
+    // /tmp/perf-<its own pid>.map there, invisible in our /tmp.
+    let marker = format!("{}.25", std::process::id() % 1000 + 20);
+    let script = format!(
+        "mount -t tmpfs perfpy-test /tmp && exec {} -X perf {} {marker}",
+        py.display(),
+        testdata("split.py").display()
+    );
+    let mut ns = Workload::start(Command::new("unshare").args(["--pid", "--fork", "--mount", "--mount-proc", "bash", "-c", &script]));
+    let pid = find_by_cmdline(&marker).expect("namespaced python not found");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap().split_whitespace().last().unwrap().to_string();
+    assert_ne!(nspid, pid.to_string(), "not in its own PID namespace");
+    assert!(!std::path::Path::new(&format!("/tmp/perf-{nspid}.map")).exists() || nspid == "1");
+    let out = tmp("ns-tmp.pb.gz");
+    let o = run_perfpy(&["record", "-p", &pid.to_string(), "-d", "2", "-o", out.to_str().unwrap()]);
+    assert!(o.status.success());
+    let d = decode(&out);
+    let named = d.count_where(|s| s.has_chain(&["<module>", "main", "round_"]));
+    assert!(named as f64 > 0.8 * d.total() as f64, "{named} of {} samples named", d.total());
+    // info sees it too, with its container-side perf map.
+    let o = run_perfpy(&["info", "-p", &pid.to_string(), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["python_processes"][0]["version"], "3.12.1");
+    let _ = ns.child.kill();
+    // SAFETY: ending the namespaced python this test started, by pid.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+}
