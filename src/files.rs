@@ -49,6 +49,9 @@ pub struct ElfInfo {
     /// `Py_Version` constant (3.11+, read from the file itself), else from the file's name
     /// (`libpython3.9.so.1.0`, `python2.7`).
     pub python_version: Option<String>,
+    /// Virtual address range of `_PyEval_EvalFrameDefault` (where the eBPF walker's Python
+    /// frames go), when this file is the interpreter.
+    pub eval_range: Option<Range<u64>>,
 }
 
 pub struct MappedFile {
@@ -64,6 +67,15 @@ impl MappedFile {
     /// original: our own descriptor.
     pub fn fd_path(&self) -> PathBuf {
         PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    }
+
+    /// The virtual address (as in the file) of a file offset, via the load segments.
+    pub fn file_offset_to_vaddr(&self, off: u64) -> Option<u64> {
+        let elf = self.elf.as_ref()?;
+        elf.loads
+            .iter()
+            .find(|(o, _, sz)| *o <= off && off < o + sz)
+            .map(|(o, v, _)| v + (off - o))
     }
 
     /// Load bias of a mapping of this file that starts at `start` with file offset `pgoff`.
@@ -178,12 +190,21 @@ fn load_elf(file: &File) -> Option<ElfInfo> {
     } else {
         None
     };
+    let eval_range = if is_python_interpreter {
+        elf.symbols()
+            .chain(elf.dynamic_symbols())
+            .find(|s| s.name_bytes() == Ok(b"_PyEval_EvalFrameDefault") && s.size() > 0)
+            .map(|s| s.address()..s.address() + s.size())
+    } else {
+        None
+    };
     Some(ElfInfo {
         loads,
         build_id,
         sections,
         is_python_interpreter,
         python_version,
+        eval_range,
     })
 }
 

@@ -17,6 +17,17 @@ pub enum FrameKey {
     Anon { proc: u32, addr: u64 },
     /// Marks a stack whose outer frames are missing (stack copy or frame limit exhausted).
     Truncated,
+    /// A Python frame named by the eBPF walker: function (index in `Profile::py_functions`)
+    /// and line.
+    Py { func: u32, line: u32 },
+}
+
+/// A Python function as the eBPF walker's code reader named it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PyFunction {
+    pub qualname: String,
+    pub filename: String,
+    pub first_line: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -34,9 +45,21 @@ pub struct Profile {
     pub stacks: Vec<Box<[u32]>>,
     pub counts: HashMap<SampleKey, u64>,
     pub samples: u64,
+    py_function_ids: FxHashMap<PyFunction, u32>,
+    pub py_functions: Vec<PyFunction>,
 }
 
 impl Profile {
+    pub fn py_function(&mut self, f: PyFunction) -> u32 {
+        if let Some(id) = self.py_function_ids.get(&f) {
+            return *id;
+        }
+        let id = self.py_functions.len() as u32;
+        self.py_functions.push(f.clone());
+        self.py_function_ids.insert(f, id);
+        id
+    }
+
     pub fn location(&mut self, key: FrameKey) -> u32 {
         if let Some(id) = self.location_ids.get(&key) {
             return *id;

@@ -128,8 +128,42 @@ pub struct Stats {
     pub no_user_regs: u64,
 }
 
+/// The eBPF frame walker and what goes with it: registered processes, records waiting for
+/// their sample, the code-object reader.
+struct PyWalk {
+    walker: perfpy_bpf::Walker,
+    reader: perfpy_bpf::CodeReader,
+    procs: HashMap<u32, (perfpy_bpf::Offsets, (u8, u8))>,
+    pending: HashMap<u32, std::collections::VecDeque<perfpy_bpf::PyStack>>,
+    tried: HashSet<u32>,
+}
+
+impl PyWalk {
+    fn poll(&mut self) {
+        let pending = &mut self.pending;
+        self.walker.poll(&mut |s| {
+            let q = pending.entry(s.tid).or_default();
+            if q.len() >= 256 {
+                q.pop_front();
+            }
+            q.push_back(s);
+        });
+    }
+
+    /// The walker's record for the sample of `tid` at `time` (same instant, same clock).
+    fn take(&mut self, tid: u32, time: u64) -> Option<perfpy_bpf::PyStack> {
+        let q = self.pending.get_mut(&tid)?;
+        let mut best = None;
+        while q.front().is_some_and(|f| f.time_ns <= time + 100_000) {
+            best = q.pop_front();
+        }
+        best.filter(|b| time.saturating_sub(b.time_ns) < 2_000_000)
+    }
+}
+
 /// Everything the records feed.
 struct Collector {
+    py: Option<PyWalk>,
     files: Files,
     procs: Vec<Process>,
     live: HashMap<u32, u32>,
@@ -221,6 +255,36 @@ impl Collector {
         }
     }
 
+    /// Registers a CPython 3.11+ process with the eBPF walker, once.
+    fn register_python(&mut self, key: u32) {
+        let Some(py) = self.py.as_mut() else { return };
+        let p = &self.procs[key as usize];
+        if !p.is_python || !py.tried.insert(key) {
+            return;
+        }
+        let Some(v) = p.python_version.as_deref() else { return };
+        let mut it = v.split('.').filter_map(|x| x.parse::<u8>().ok());
+        let version = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+        let Some(off) = perfpy_bpf::Offsets::for_version(version) else {
+            tracing::debug!(pid = p.pid, "CPython {v}: no eBPF walker for this version yet");
+            return;
+        };
+        let runtime = match perfpy_inject::discover(p.pid as i32) {
+            Ok(d) => d.symbol("_PyRuntime"),
+            Err(e) => {
+                tracing::debug!(pid = p.pid, "eBPF walker: {e}");
+                None
+            }
+        };
+        let Some(runtime) = runtime else { return };
+        match py.walker.add_process(&perfpy_bpf::PyProcess { pid: p.pid, version, runtime }) {
+            Ok(()) => {
+                py.procs.insert(p.pid, (off, version));
+            }
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
+
     fn sample(&mut self, s: records::Sample<'_>) {
         if s.pid == 0 {
             // The idle task is excluded; pid 0 here is a task outside our PID namespace (the
@@ -230,6 +294,15 @@ impl Collector {
         }
         self.stats.samples += 1;
         let key = self.proc_key(s.pid);
+        self.register_python(key);
+        // The walker's Python frames for this sample, if the process is registered.
+        let py_stack = match self.py.as_mut() {
+            Some(py) if py.procs.contains_key(&s.pid) => py.take(s.tid, s.time).or_else(|| {
+                py.poll();
+                py.take(s.tid, s.time)
+            }),
+            _ => None,
+        };
         let mut addrs = std::mem::take(&mut self.scratch_addrs);
         let mut locs = std::mem::take(&mut self.scratch_locs);
         addrs.clear();
@@ -259,9 +332,54 @@ impl Collector {
                 self.stats.no_user_regs += 1;
             }
         }
+        // Python frames from the walker, newest first, cut into groups: one per C-level
+        // evaluation call (a group ends at its entry frame).
+        let mut groups: Vec<Vec<FrameKey>> = Vec::new();
+        if let (Some(st), Some(py)) = (&py_stack, self.py.as_mut()) {
+            if let Some((off, version)) = py.procs.get(&s.pid).copied() {
+                let mut g = Vec::new();
+                for f in &st.frames {
+                    if let Some(info) = py.reader.resolve(&perfpy_bpf::code::LiveMemory, s.pid, &off, version, f) {
+                        let func = self.profile.py_function(crate::profile::PyFunction {
+                            qualname: info.qualname,
+                            filename: info.filename,
+                            first_line: info.first_line,
+                        });
+                        g.push(FrameKey::Py { func, line: info.line });
+                    }
+                    if f.entry {
+                        groups.push(std::mem::take(&mut g));
+                    }
+                }
+                if !g.is_empty() {
+                    groups.push(g);
+                }
+            }
+        }
+        let have_py = !groups.is_empty();
+        let mut next_group = 0;
         for (i, &a) in addrs.iter().enumerate() {
             // Return addresses point after the call: look up the call itself.
             let lookup = if i == 0 { a } else { a.saturating_sub(1) };
+            if have_py {
+                // The walker's frames replace the trampolines and the evaluation loop's frames.
+                if p.trampolines.is_known_trampoline(a) {
+                    continue;
+                }
+                let is_eval = p.mapping(lookup).is_some_and(|m| {
+                    m.file.as_ref().is_some_and(|f| {
+                        let r = f.elf.as_ref().and_then(|e| e.eval_range.clone());
+                        r.is_some_and(|r| f.file_offset_to_vaddr(lookup - m.start + m.pgoff).is_some_and(|v| r.contains(&v)))
+                    })
+                });
+                if is_eval && next_group < groups.len() {
+                    for k in &groups[next_group] {
+                        locs.push(self.profile.location(*k));
+                    }
+                    next_group += 1;
+                    continue;
+                }
+            }
             let fk = match p.mapping(lookup) {
                 Some(m) => match &m.file {
                     Some(f) => FrameKey::File {
@@ -273,6 +391,12 @@ impl Collector {
                 None => FrameKey::Anon { proc: key, addr: lookup },
             };
             locs.push(self.profile.location(fk));
+        }
+        // Python frames whose evaluation frames the native unwinding did not reach.
+        for g in groups.iter().skip(next_group) {
+            for k in g {
+                locs.push(self.profile.location(*k));
+            }
         }
         if truncated {
             self.stats.truncated += 1;
@@ -483,6 +607,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         }
     }
     drop(open);
+    let events = events;
     let mut rings: Vec<RingEntry> = rings.into_iter().flatten().collect();
     // Edge-triggered: a ring whose thread exited reports HUP for ever, but inherited events
     // of its children still write into it, so it stays drained and watched.
@@ -539,7 +664,32 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         })
     });
 
+    // The eBPF frame walker on every event; without it Python frames come from trampolines only.
+    let py = match perfpy_bpf::Walker::load() {
+        Ok(mut w) => {
+            let mut ok = true;
+            for fd in &events {
+                if let Err(e) = w.attach(fd.as_fd()) {
+                    eprintln!("perfpy: warning: {e}; Python frames only from perf trampolines");
+                    ok = false;
+                    break;
+                }
+            }
+            ok.then(|| PyWalk {
+                walker: w,
+                reader: perfpy_bpf::CodeReader::default(),
+                procs: HashMap::new(),
+                pending: HashMap::new(),
+                tried: HashSet::new(),
+            })
+        }
+        Err(e) => {
+            eprintln!("perfpy: warning: {e}; Python frames only from perf trampolines");
+            None
+        }
+    };
     let mut c = Collector {
+        py,
         files: Files::default(),
         procs: Vec::new(),
         live: HashMap::new(),
@@ -567,6 +717,9 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     let end_reason;
     loop {
         let _ = epoll.wait(&mut ep_events, EpollTimeout::from(100u16));
+        if let Some(py) = c.py.as_mut() {
+            py.poll();
+        }
         for r in rings.iter_mut() {
             drain(r, &mut c, &mut scratch);
         }
@@ -684,26 +837,28 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         eprintln!("perfpy: command exited with status {code}");
     }
     // Per process: samples and how its Python frames were named (or why not).
-    let mut per: HashMap<u32, (u64, bool)> = HashMap::new();
+    let mut per: HashMap<u32, (u64, bool, bool)> = HashMap::new();
     for s in &report.samples {
         let e = per.entry(s.pid).or_default();
         e.0 += s.count;
-        e.1 |= s.frames_from == "trampoline";
+        e.1 |= s.frames_from != "native";
+        e.2 |= s.frames_from.starts_with("ebpf");
     }
-    let mut rows: Vec<(u32, u64, bool)> = per.into_iter().map(|(pid, (n, py))| (pid, n, py)).collect();
+    let mut rows: Vec<(u32, u64, bool, bool)> = per.into_iter().map(|(pid, (n, py, eb))| (pid, n, py, eb)).collect();
     rows.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     const SHOWN: usize = 15;
-    for &(pid, n, py_named) in rows.iter().take(SHOWN) {
+    for &(pid, n, py_named, by_ebpf) in rows.iter().take(SHOWN) {
         let p = c.procs.iter().rev().find(|p| p.pid == pid);
         let comm = p.map(|p| p.comm.as_str()).unwrap_or("?");
         let how = match p.and_then(|p| p.python_version.as_deref()) {
             Some(v) => {
                 let note = inject_notes.lock().unwrap_or_else(|e| e.into_inner()).get(&pid).cloned();
                 match (py_named, note) {
+                    (true, _) if by_ebpf => format!("CPython {v}: Python frames from the eBPF walker"),
                     (true, Some(n)) => format!("CPython {v}: Python frames from the {n}"),
                     (true, None) => format!("CPython {v}: Python frames from its perf trampoline (-X perf)"),
                     (false, Some(n)) => format!("CPython {v}: native frames only ({n})"),
-                    (false, None) => format!("CPython {v}: native frames only (no trampoline: start it with -X perf or use --inject-python)"),
+                    (false, None) => format!("CPython {v}: native frames only (no eBPF walker for this version yet; no trampoline: start it with -X perf or use --inject-python)"),
                 }
             }
             None => "native".to_string(),

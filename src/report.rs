@@ -48,9 +48,13 @@ pub fn build(
     let mut samples = Vec::with_capacity(profile.counts.len());
     for (key, count) in &profile.counts {
         let stack = &profile.stacks[key.stack as usize];
-        let has_python = stack
+        let has_trampoline = stack
             .iter()
             .any(|l| resolved[*l as usize].kind == Kind::Python);
+        let has_ebpf = stack
+            .iter()
+            .any(|l| resolved[*l as usize].kind == Kind::PythonEbpf);
+        let has_python = has_trampoline || has_ebpf;
         let locs: Vec<u32> = if has_python && !keep_interpreter {
             stack
                 .iter()
@@ -76,7 +80,12 @@ pub fn build(
             tid: key.tid,
             comm,
             thread,
-            frames_from: if has_python { "trampoline" } else { "native" },
+            frames_from: match (has_ebpf, has_trampoline) {
+                (true, true) => "ebpf+trampoline",
+                (true, false) => "ebpf",
+                (false, true) => "trampoline",
+                (false, false) => "native",
+            },
             python_version: proc.and_then(|p| p.python_version.clone()),
             container_id: proc.and_then(|p| p.container_id.clone()),
         });
@@ -92,7 +101,7 @@ pub fn build(
 pub fn display_name(r: &Resolved, inline_index: usize) -> String {
     let f = &r.frames[inline_index];
     match r.kind {
-        Kind::Python => match (&f.file, f.line) {
+        Kind::Python | Kind::PythonEbpf => match (&f.file, f.line) {
             (Some(file), Some(line)) => format!("{} ({}:{})", f.function, file, line),
             (Some(file), None) => format!("{} ({})", f.function, file),
             _ => f.function.clone(),

@@ -16,6 +16,8 @@ pub enum Kind {
     Native { interpreter: bool },
     /// A Python function, named by a perf map (trampoline).
     Python,
+    /// A Python function named by the eBPF walker (with its line).
+    PythonEbpf,
     /// Generated code with a non-Python perf-map name, or nothing known.
     Other,
 }
@@ -137,6 +139,17 @@ pub fn resolve(profile: &Profile, files: &Files, procs: &HashMap<u32, &Process>)
         out[i] = Some(r);
     }
     for (i, k) in profile.locations.iter().enumerate() {
+        if let FrameKey::Py { func, line } = k {
+            let f = &profile.py_functions[*func as usize];
+            out[i] = Some(Resolved {
+                frames: vec![Frame {
+                    function: f.qualname.clone(),
+                    file: Some(f.filename.clone()),
+                    line: Some(*line),
+                }],
+                kind: Kind::PythonEbpf,
+            });
+        }
         if *k == FrameKey::Truncated {
             out[i] = Some(Resolved {
                 frames: vec![Frame {

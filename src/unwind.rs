@@ -101,6 +101,11 @@ pub struct TrampolineCache {
 }
 
 impl TrampolineCache {
+    /// Whether `addr` was seen to be in a perf trampoline (no memory read).
+    pub fn is_known_trampoline(&self, addr: u64) -> bool {
+        matches!(self.known.get(&addr), Some(Some(_)))
+    }
+
     pub fn classify(&mut self, addr: u64, mem: &dyn CodeMemory) -> Option<TrampolineAt> {
         if let Some(k) = self.known.get(&addr) {
             return *k;

@@ -1,1 +1,278 @@
-//! placeholder
+//! The eBPF frame walker: CPython's Python frames at the sample instant.
+//!
+//! The program (`src/bpf/walker.bpf.c`, compiled by clang through libbpf-cargo) runs on
+//! perfpy's sampling events. For each registered process it walks the sampled thread's frame
+//! chain and emits (code object, instruction pointer, flags) per frame into a ring buffer. User
+//! space ([`CodeReader`]) turns code objects into names, files and lines.
+//!
+//! Supported here: CPython 3.11, 3.12, 3.13 (`_PyInterpreterFrame`). Offsets per version are
+//! typed tables in [`offsets`], handed to the program per process through the `procs` map.
+
+pub mod code;
+pub mod offsets;
+
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::{Arc, Mutex};
+
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{Link, MapCore, MapFlags, RingBuffer, RingBufferBuilder};
+
+#[allow(clippy::all, clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn, dead_code, non_camel_case_types)]
+mod skel {
+    include!(concat!(env!("OUT_DIR"), "/walker.skel.rs"));
+}
+
+pub use code::{CodeReader, PyFrameInfo};
+pub use offsets::Offsets;
+
+pub const MAX_FRAMES: usize = 128;
+const REC_NO_TSTATE: u32 = 1;
+const REC_TRUNCATED: u32 = 2;
+const REC_READ_ERROR: u32 = 4;
+pub const FRAME_ENTRY: u32 = 0x100;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error("cannot load the eBPF frame walker: {0}; perfpy needs root or CAP_BPF + CAP_PERFMON, and a kernel with BPF ring buffers (5.8+)")]
+    Load(String),
+    #[error("cannot attach the eBPF frame walker to a perf event: {0}")]
+    Attach(String),
+    #[error("cannot register pid {pid} with the eBPF walker: {detail}")]
+    Register { pid: u32, detail: String },
+    #[error("CPython {0}.{1} is not supported by the eBPF walker (3.11 – 3.13 are)")]
+    Unsupported(u8, u8),
+}
+
+/// One frame as the program saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PyFrameRef {
+    pub code: u64,
+    pub instr: u64,
+    /// First Python frame run by its C-level `_PyEval_EvalFrameDefault` call.
+    pub entry: bool,
+    pub owner: u8,
+}
+
+/// The Python stack of one sample, newest frame first.
+#[derive(Clone, Debug)]
+pub struct PyStack {
+    pub pid: u32,
+    pub tid: u32,
+    /// CLOCK_MONOTONIC nanoseconds (the perf events use the same clock).
+    pub time_ns: u64,
+    pub frames: Vec<PyFrameRef>,
+    pub truncated: bool,
+    /// The thread holds no Python thread state (a native thread): no Python frames.
+    pub no_thread_state: bool,
+    pub read_error: bool,
+}
+
+/// A process handed to the walker.
+#[derive(Clone, Debug)]
+pub struct PyProcess {
+    pub pid: u32,
+    pub version: (u8, u8),
+    /// Absolute address of `_PyRuntime` in the process.
+    pub runtime: u64,
+}
+
+/// The loaded program, its attachments and its ring buffer.
+pub struct Walker {
+    /// Leaked on purpose: one walker per recording, and the ring buffer borrows its map.
+    skel: &'static skel::WalkerSkel<'static>,
+    links: Vec<Link>,
+    ring: Option<RingBuffer<'static>>,
+    out: Arc<Mutex<Vec<PyStack>>>,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ProcCfg {
+    runtime: u64,
+    off: [i32; 12],
+}
+
+fn parse(data: &[u8]) -> Option<PyStack> {
+    let u32_at = |o: usize| data.get(o..o + 4).map(|b| u32::from_ne_bytes(b.try_into().unwrap()));
+    let u64_at = |o: usize| data.get(o..o + 8).map(|b| u64::from_ne_bytes(b.try_into().unwrap()));
+    let pid = u32_at(0)?;
+    let tid = u32_at(4)?;
+    let time_ns = u64_at(8)?;
+    let n = (u32_at(16)? as usize).min(MAX_FRAMES);
+    let flags = u32_at(20)?;
+    let mut frames = Vec::with_capacity(n);
+    for i in 0..n {
+        let o = 24 + i * 24;
+        let f = u32_at(o + 16)?;
+        frames.push(PyFrameRef {
+            code: u64_at(o)?,
+            instr: u64_at(o + 8)?,
+            entry: f & FRAME_ENTRY != 0,
+            owner: (f & 0xff) as u8,
+        });
+    }
+    Some(PyStack {
+        pid,
+        tid,
+        time_ns,
+        frames,
+        truncated: flags & REC_TRUNCATED != 0,
+        no_thread_state: flags & REC_NO_TSTATE != 0,
+        read_error: flags & REC_READ_ERROR != 0,
+    })
+}
+
+impl Walker {
+    /// Loads the program (the verifier checks it here).
+    pub fn load() -> Result<Walker, BpfError> {
+        // Recent kernels account BPF memory to the cgroup; older ones need RLIMIT_MEMLOCK
+        // raised. Raising it may be refused (containers): that is not an error by itself.
+        let rl = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: setrlimit reads the struct we pass; failure is only logged.
+        if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rl) } != 0 {
+            tracing::debug!("setrlimit(RLIMIT_MEMLOCK) refused; relying on memcg accounting");
+        }
+        // The open object must outlive the skeleton, which lives as long as the walker: one
+        // per recording, so it is leaked on purpose.
+        let open_obj: &'static mut MaybeUninit<libbpf_rs::OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
+        let open = skel::WalkerSkelBuilder::default()
+            .open(open_obj)
+            .map_err(|e| BpfError::Load(e.to_string()))?;
+        let skel = open.load().map_err(|e| BpfError::Load(e.to_string()))?;
+        let out: Arc<Mutex<Vec<PyStack>>> = Arc::default();
+        let skel: &'static skel::WalkerSkel<'static> = Box::leak(Box::new(skel));
+        let mut w = Walker {
+            skel,
+            links: Vec::new(),
+            ring: None,
+            out,
+        };
+        let sink = w.out.clone();
+        let mut b = RingBufferBuilder::new();
+        b.add(&w.skel.maps.events, move |data: &[u8]| {
+            if let Some(s) = parse(data) {
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push(s);
+            }
+            0
+        })
+        .map_err(|e| BpfError::Load(e.to_string()))?;
+        w.ring = Some(b.build().map_err(|e| BpfError::Load(e.to_string()))?);
+        Ok(w)
+    }
+
+    /// Runs the program at every sample of this perf event.
+    pub fn attach(&mut self, perf_event_fd: BorrowedFd<'_>) -> Result<(), BpfError> {
+        let link = self
+            .skel
+            .progs
+            .on_sample
+            .attach_perf_event(perf_event_fd.as_raw_fd())
+            .map_err(|e| BpfError::Attach(e.to_string()))?;
+        self.links.push(link);
+        Ok(())
+    }
+
+    /// Starts walking the frames of a process.
+    pub fn add_process(&mut self, p: &PyProcess) -> Result<(), BpfError> {
+        let o = Offsets::for_version(p.version).ok_or(BpfError::Unsupported(p.version.0, p.version.1))?;
+        let cfg = ProcCfg {
+            runtime: p.runtime,
+            off: [
+                o.runtime_interp_head,
+                o.interp_tstate_head,
+                o.tstate_next,
+                o.tstate_native_tid,
+                o.tstate_cframe,
+                o.tstate_current_frame,
+                o.frame_code,
+                o.frame_instr,
+                o.frame_previous,
+                o.frame_owner,
+                o.frame_is_entry,
+                o.owned_by_cstack,
+            ],
+        };
+        // SAFETY: ProcCfg is repr(C) plain data without padding (u64 then 12 i32), read as bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(&cfg as *const ProcCfg as *const u8, std::mem::size_of::<ProcCfg>())
+        };
+        self.skel
+            .maps
+            .procs
+            .update(&p.pid.to_ne_bytes(), bytes, MapFlags::ANY)
+            .map_err(|e| BpfError::Register {
+                pid: p.pid,
+                detail: e.to_string(),
+            })
+    }
+
+    pub fn remove_process(&mut self, pid: u32) {
+        let _ = self.skel.maps.procs.delete(&pid.to_ne_bytes());
+    }
+
+    /// Drains the ring buffer into `f`, without blocking.
+    pub fn poll(&mut self, f: &mut dyn FnMut(PyStack)) {
+        if let Some(r) = &self.ring {
+            let _ = r.consume();
+        }
+        let v = std::mem::take(&mut *self.out.lock().unwrap_or_else(|e| e.into_inner()));
+        for s in v {
+            f(s);
+        }
+    }
+
+    /// (run count, total run time in ns) of the program, when `kernel.bpf_stats_enabled` is 1.
+    pub fn stats(&self) -> Option<(u64, u64)> {
+        use std::os::fd::AsFd;
+        let fd = self.skel.progs.on_sample.as_fd().as_raw_fd();
+        let mut info: libbpf_sys::bpf_prog_info = unsafe_zeroed();
+        let mut len = std::mem::size_of::<libbpf_sys::bpf_prog_info>() as u32;
+        // SAFETY: bpf_obj_get_info_by_fd writes at most `len` bytes into `info`.
+        let r = unsafe { libbpf_sys::bpf_obj_get_info_by_fd(fd, (&mut info as *mut libbpf_sys::bpf_prog_info).cast(), &mut len) };
+        (r == 0).then_some((info.run_cnt, info.run_time_ns))
+    }
+}
+
+fn unsafe_zeroed<T>() -> T {
+    // SAFETY: only used for plain C structs (integers), for which all-zero is valid.
+    unsafe { std::mem::zeroed() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_layout_matches_the_c_header() {
+        // pid, tid, time, nframes, flags, then 24-byte frames.
+        let mut b = vec![0u8; 24 + 2 * 24];
+        b[0..4].copy_from_slice(&7u32.to_ne_bytes());
+        b[4..8].copy_from_slice(&8u32.to_ne_bytes());
+        b[8..16].copy_from_slice(&99u64.to_ne_bytes());
+        b[16..20].copy_from_slice(&2u32.to_ne_bytes());
+        b[20..24].copy_from_slice(&REC_TRUNCATED.to_ne_bytes());
+        b[24..32].copy_from_slice(&0x1000u64.to_ne_bytes());
+        b[40..44].copy_from_slice(&(FRAME_ENTRY | 3).to_ne_bytes());
+        let s = parse(&b).unwrap();
+        assert_eq!((s.pid, s.tid, s.time_ns, s.frames.len()), (7, 8, 99, 2));
+        assert!(s.truncated && s.frames[0].entry && s.frames[0].owner == 3 && !s.frames[1].entry);
+        assert_eq!(std::mem::size_of::<ProcCfg>(), 8 + 12 * 4);
+    }
+
+    #[test]
+    fn loads_and_passes_the_verifier() {
+        let w = Walker::load();
+        if std::env::var("CI").is_ok_and(|v| v == "true") || nix_is_root() {
+            w.expect("load");
+        }
+    }
+
+    fn nix_is_root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
+}

@@ -137,6 +137,7 @@ pub fn encode(r: &Report) -> protos::Profile {
             FrameKey::File { file, offset } => (file as u64 + 3, (file as u64 + 1) * FILE_SPACE + offset),
             FrameKey::Anon { addr, .. } => (2, PYTHON_MAPPING_BASE + (addr & (FILE_SPACE - 1))),
             FrameKey::Truncated => (0, 0),
+            FrameKey::Py { func, line } => (2, PYTHON_MAPPING_BASE + (1 << 39) + ((func as u64) << 20) + line as u64),
         };
         let mut lines = Vec::with_capacity(res.frames.len());
         for f in &res.frames {
@@ -146,7 +147,7 @@ pub fn encode(r: &Report) -> protos::Profile {
                 .or_insert_with(|| {
                     let id = fn_list.len() as u64 + 1;
                     let system_name = match res.kind {
-                        Kind::Python => format!("py::{}:{}", f.function, file),
+                        Kind::Python | Kind::PythonEbpf => format!("py::{}:{}", f.function, file),
                         _ => f.function.clone(),
                     };
                     fn_list.push(protos::Function {

@@ -1,0 +1,23 @@
+/* The few kernel types the walker needs; no vmlinux.h, so the build needs only clang. */
+#ifndef PERFPY_TYPES_H
+#define PERFPY_TYPES_H
+typedef unsigned char __u8;
+typedef signed char __s8;
+typedef unsigned short __u16;
+typedef unsigned int __u32;
+typedef signed int __s32;
+typedef unsigned long long __u64;
+typedef long long __s64;
+typedef __u8 u8;
+typedef __u32 u32;
+typedef __u64 u64;
+typedef __s32 s32;
+typedef __u16 __be16;
+typedef __u32 __be32;
+typedef __u32 __wsum;
+
+enum bpf_map_type {
+    BPF_MAP_TYPE_HASH = 1,
+    BPF_MAP_TYPE_RINGBUF = 27,
+};
+#endif

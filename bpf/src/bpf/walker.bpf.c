@@ -1,0 +1,144 @@
+// SPDX-License-Identifier: GPL-2.0
+/* perfpy's eBPF frame walker for CPython 3.11+: at each sample of a registered process, find
+ * the sampled thread's PyThreadState (the interpreter's thread list, matched on
+ * native_thread_id) and walk its _PyInterpreterFrame chain, emitting (code object, instruction
+ * pointer, flags) per frame, newest first. Always returns 1: 0 would drop the perf sample. */
+#include "types.h"
+#include <bpf/bpf_helpers.h>
+#include "walker.h"
+
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 4096);
+    __type(key, u32);
+    __type(value, struct proc_cfg);
+} procs SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_RINGBUF);
+    __uint(max_entries, 8 << 20);
+} events SEC(".maps");
+
+static __always_inline int rd(void *dst, u32 size, u64 addr)
+{
+    return bpf_probe_read_user(dst, size, (const void *)addr);
+}
+
+/* bpf_loop callbacks: the verifier checks each body once, whatever the number of iterations. */
+struct tctx {
+    struct proc_cfg *c;
+    u64 ts;
+    u64 found;
+    u32 tid;
+};
+
+static long find_thread(u32 i, struct tctx *t)
+{
+    u64 ntid = 0;
+    if (!t->ts || rd(&ntid, 8, t->ts + t->c->tstate_native_tid))
+        return 1;
+    if ((u32)ntid == t->tid) {
+        t->found = t->ts;
+        return 1;
+    }
+    if (rd(&t->ts, 8, t->ts + t->c->tstate_next))
+        return 1;
+    return 0;
+}
+
+struct fctx {
+    struct proc_cfg *c;
+    struct record *r;
+    u64 frame;
+    u32 n;
+    u32 flags;
+};
+
+static long walk_frame(u32 i, struct fctx *x)
+{
+    struct proc_cfg *c = x->c;
+    struct record *r = x->r;
+    u8 owner = 0;
+    u64 prev = 0;
+    if (!x->frame)
+        return 1;
+    if (rd(&owner, 1, x->frame + c->frame_owner) || rd(&prev, 8, x->frame + c->frame_previous)) {
+        x->flags |= REC_READ_ERROR;
+        return 1;
+    }
+    if (c->owned_by_cstack >= 0 && owner == (u8)c->owned_by_cstack) {
+        /* A C-level eval call starts here: the frame above it is its entry frame. */
+        if (x->n > 0)
+            r->frames[(x->n - 1) & (MAX_FRAMES - 1)].flags |= FRAME_ENTRY;
+        x->frame = prev;
+        return 0;
+    }
+    if (x->n >= MAX_FRAMES) {
+        x->flags |= REC_TRUNCATED;
+        return 1;
+    }
+    struct pyframe *f = &r->frames[x->n & (MAX_FRAMES - 1)];
+    f->code = 0;
+    f->instr = 0;
+    rd(&f->code, 8, x->frame + c->frame_code);
+    rd(&f->instr, 8, x->frame + c->frame_instr);
+    f->flags = owner;
+    f->pad = 0;
+    if (c->frame_is_entry >= 0) {
+        u8 e = 0;
+        if (!rd(&e, 1, x->frame + c->frame_is_entry) && e)
+            f->flags |= FRAME_ENTRY;
+    }
+    x->n++;
+    x->frame = prev;
+    return 0;
+}
+
+SEC("perf_event")
+int on_sample(void *ctx)
+{
+    u64 pt = bpf_get_current_pid_tgid();
+    u32 pid = pt >> 32, tid = (u32)pt;
+    struct proc_cfg *c = bpf_map_lookup_elem(&procs, &pid);
+    if (!c)
+        return 1;
+    struct record *r = bpf_ringbuf_reserve(&events, sizeof(struct record), 0);
+    if (!r)
+        return 1;
+    r->pid = pid;
+    r->tid = tid;
+    r->time = bpf_ktime_get_ns();
+    r->nframes = 0;
+    r->flags = 0;
+
+    u64 interp = 0, ts = 0;
+    if (rd(&interp, 8, c->runtime + c->runtime_interp_head) || !interp ||
+        rd(&ts, 8, interp + c->interp_tstate_head)) {
+        r->flags = REC_READ_ERROR;
+        bpf_ringbuf_submit(r, 0);
+        return 1;
+    }
+    struct tctx t = { .c = c, .ts = ts, .found = 0, .tid = tid };
+    bpf_loop(MAX_THREADS, find_thread, &t, 0);
+    if (!t.found) {
+        r->flags = REC_NO_TSTATE;
+        bpf_ringbuf_submit(r, 0);
+        return 1;
+    }
+    u64 frame = 0;
+    if (c->tstate_cframe >= 0) {
+        u64 cf = 0;
+        if (!rd(&cf, 8, t.found + c->tstate_cframe) && cf)
+            rd(&frame, 8, cf + c->tstate_current_frame);
+    } else {
+        rd(&frame, 8, t.found + c->tstate_current_frame);
+    }
+    struct fctx x = { .c = c, .r = r, .frame = frame, .n = 0, .flags = 0 };
+    bpf_loop(2 * MAX_FRAMES, walk_frame, &x, 0);
+    r->nframes = x.n;
+    r->flags = x.flags;
+    bpf_ringbuf_submit(r, 0);
+    return 1;
+}
+
+char LICENSE[] SEC("license") = "GPL";

@@ -1,0 +1,49 @@
+/* Shared between the eBPF program and user space (mirrored in src/lib.rs). */
+#ifndef PERFPY_WALKER_H
+#define PERFPY_WALKER_H
+
+#define MAX_FRAMES 128
+#define MAX_THREADS 256
+
+/* Record flags. */
+#define REC_NO_TSTATE 1   /* the thread has no PyThreadState: no Python frames */
+#define REC_TRUNCATED 2   /* more frames than MAX_FRAMES */
+#define REC_READ_ERROR 4  /* a pointer could not be read */
+
+/* Frame flags: low byte = owner; ENTRY = first frame run by its C-level eval call. */
+#define FRAME_ENTRY 0x100
+
+/* Per process: where _PyRuntime is, and the offsets of this CPython version (3.11+). */
+struct proc_cfg {
+    __u64 runtime;
+    __s32 runtime_interp_head;
+    __s32 interp_tstate_head;
+    __s32 tstate_next;
+    __s32 tstate_native_tid;
+    __s32 tstate_cframe;        /* -1: the current frame hangs off the thread state (3.13) */
+    __s32 tstate_current_frame; /* in the cframe (3.11, 3.12) or the thread state (3.13) */
+    __s32 frame_code;
+    __s32 frame_instr;
+    __s32 frame_previous;
+    __s32 frame_owner;
+    __s32 frame_is_entry;       /* -1 where absent (3.12+: entry frames sit on a C-stack frame) */
+    __s32 owned_by_cstack;      /* owner value of C-stack shim frames, -1 where absent */
+};
+
+struct pyframe {
+    __u64 code;
+    __u64 instr;
+    __u32 flags;
+    __u32 pad;
+};
+
+struct record {
+    __u32 pid;
+    __u32 tid;
+    __u64 time;
+    __u32 nframes;
+    __u32 flags;
+    struct pyframe frames[MAX_FRAMES];
+};
+
+#endif

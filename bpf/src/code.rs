@@ -1,0 +1,242 @@
+//! Code objects to names, files and lines, read once per (process, code object) from the
+//! target's memory and cached.
+
+use std::collections::HashMap;
+
+use crate::{Offsets, PyFrameRef};
+
+/// What the reader needs of another process's memory (a live process, or a fixture in tests).
+pub trait RemoteMemory {
+    fn read(&self, pid: u32, addr: u64, buf: &mut [u8]) -> bool;
+}
+
+pub struct LiveMemory;
+
+impl RemoteMemory for LiveMemory {
+    fn read(&self, pid: u32, addr: u64, buf: &mut [u8]) -> bool {
+        let local = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        let remote = libc::iovec {
+            iov_base: addr as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        // SAFETY: the local iovec covers `buf`; the kernel checks the remote side.
+        let n = unsafe { libc::process_vm_readv(pid as i32, &local, 1, &remote, 1, 0) };
+        n == buf.len() as isize
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PyFrameInfo {
+    pub qualname: String,
+    pub filename: String,
+    pub line: u32,
+    pub first_line: u32,
+}
+
+struct Code {
+    qualname: String,
+    filename: String,
+    first_line: i32,
+    linetable: Vec<u8>,
+    /// Absolute address of the first instruction.
+    start: u64,
+}
+
+const MAX_STRING: u64 = 4096;
+const MAX_TABLE: u64 = 1 << 20;
+
+#[derive(Default)]
+pub struct CodeReader {
+    cache: HashMap<(u32, u64), Option<std::rc::Rc<Code>>>,
+}
+
+fn u64_at(m: &dyn RemoteMemory, pid: u32, addr: u64) -> Option<u64> {
+    let mut b = [0u8; 8];
+    m.read(pid, addr, &mut b).then(|| u64::from_ne_bytes(b))
+}
+
+fn i32_at(m: &dyn RemoteMemory, pid: u32, addr: u64) -> Option<i32> {
+    let mut b = [0u8; 4];
+    m.read(pid, addr, &mut b).then(|| i32::from_ne_bytes(b))
+}
+
+/// Reads a `str` object (compact ASCII or compact UCS-1/2/4).
+fn read_unicode(m: &dyn RemoteMemory, pid: u32, o: &Offsets, obj: u64) -> Option<String> {
+    let len = u64_at(m, pid, obj + 16)?;
+    let state = i32_at(m, pid, obj + o.unicode_state as u64)? as u32;
+    let kind = (state >> 2) & 7;
+    let compact = (state >> 5) & 1 == 1;
+    let ascii = (state >> 6) & 1 == 1;
+    if !compact || len > MAX_STRING || !(1..=4).contains(&kind) {
+        return None;
+    }
+    let data = obj + if ascii { o.unicode_ascii_data } else { o.unicode_compact_data } as u64;
+    let mut buf = vec![0u8; (len * kind as u64) as usize];
+    if !m.read(pid, data, &mut buf) {
+        return None;
+    }
+    Some(match kind {
+        1 => buf.iter().map(|&b| b as char).collect(),
+        2 => buf
+            .chunks_exact(2)
+            .map(|c| char::from_u32(u16::from_ne_bytes([c[0], c[1]]) as u32).unwrap_or('?'))
+            .collect(),
+        _ => buf
+            .chunks_exact(4)
+            .map(|c| char::from_u32(u32::from_ne_bytes([c[0], c[1], c[2], c[3]])).unwrap_or('?'))
+            .collect(),
+    })
+}
+
+fn read_bytes(m: &dyn RemoteMemory, pid: u32, o: &Offsets, obj: u64) -> Option<Vec<u8>> {
+    let len = u64_at(m, pid, obj + 16)?;
+    if len > MAX_TABLE {
+        return None;
+    }
+    let mut buf = vec![0u8; len as usize];
+    m.read(pid, obj + o.bytes_data as u64, &mut buf).then_some(buf)
+}
+
+fn read_code(m: &dyn RemoteMemory, pid: u32, o: &Offsets, code: u64) -> Option<Code> {
+    let p = |off: i32| u64_at(m, pid, code + off as u64);
+    let qualname = read_unicode(m, pid, o, p(o.code_qualname)?)?;
+    let filename = read_unicode(m, pid, o, p(o.code_filename)?)?;
+    let first_line = i32_at(m, pid, code + o.code_firstlineno as u64)?;
+    let linetable = read_bytes(m, pid, o, p(o.code_linetable)?).unwrap_or_default();
+    Some(Code {
+        qualname,
+        filename,
+        first_line,
+        linetable,
+        start: code + o.code_adaptive as u64,
+    })
+}
+
+fn varint(t: &[u8], i: &mut usize) -> u32 {
+    let mut b = *t.get(*i).unwrap_or(&0) as u32;
+    *i += 1;
+    let mut v = b & 63;
+    let mut shift = 6;
+    while b & 64 != 0 && shift < 32 {
+        b = *t.get(*i).unwrap_or(&0) as u32;
+        *i += 1;
+        v |= (b & 63) << shift;
+        shift += 6;
+    }
+    v
+}
+
+fn svarint(t: &[u8], i: &mut usize) -> i32 {
+    let v = varint(t, i);
+    if v & 1 == 1 {
+        -((v >> 1) as i32)
+    } else {
+        (v >> 1) as i32
+    }
+}
+
+/// The line of code unit `unit` in a 3.11+ location table (`Objects/locations.md`).
+pub fn line_of(table: &[u8], first_line: i32, unit: u64) -> i32 {
+    let mut line = first_line;
+    let mut addr = 0u64;
+    let mut i = 0usize;
+    while i < table.len() {
+        let b = table[i];
+        i += 1;
+        if b & 0x80 == 0 {
+            continue;
+        }
+        let code = (b >> 3) & 15;
+        let len = (b & 7) as u64 + 1;
+        match code {
+            15 => {}
+            14 => {
+                line += svarint(table, &mut i);
+                varint(table, &mut i);
+                varint(table, &mut i);
+                varint(table, &mut i);
+            }
+            13 => line += svarint(table, &mut i),
+            10..=12 => {
+                line += (code - 10) as i32;
+                i += 2;
+            }
+            _ => i += 1,
+        }
+        if unit < addr + len {
+            return line;
+        }
+        addr += len;
+    }
+    line
+}
+
+impl CodeReader {
+    /// Names a frame of process `pid`. `None` when the code object cannot be read.
+    pub fn resolve(&mut self, mem: &dyn RemoteMemory, pid: u32, o: &Offsets, version: (u8, u8), f: &PyFrameRef) -> Option<PyFrameInfo> {
+        if f.code == 0 {
+            return None;
+        }
+        let code = self
+            .cache
+            .entry((pid, f.code))
+            .or_insert_with(|| read_code(mem, pid, o, f.code).map(std::rc::Rc::new))
+            .clone()?;
+        // 3.11/3.12 point at the last instruction started (prev_instr), 3.13 at the current one.
+        let _ = version;
+        let line = if f.instr >= code.start {
+            line_of(&code.linetable, code.first_line, (f.instr - code.start) / 2)
+        } else {
+            code.first_line
+        };
+        Some(PyFrameInfo {
+            qualname: code.qualname.clone(),
+            filename: code.filename.clone(),
+            line: line.max(0) as u32,
+            first_line: code.first_line.max(0) as u32,
+        })
+    }
+
+    /// Forgets a process (it exited; its addresses may be reused).
+    pub fn forget(&mut self, pid: u32) {
+        self.cache.retain(|(p, _), _| *p != pid);
+    }
+
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cache.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn location_table_forms() {
+        // Short form (code 0..9, 1 extra byte), one-line forms (10..12, 2 extra bytes),
+        // no-column (13, svarint), long (14), none (15).
+        let t = [
+            0x80 | (13 << 3) | 1, 2 << 1,     // units 0-1: line +2 (first+2)
+            0x80 | (11 << 3), 0, 0,           // unit 2: line +1
+            0x80 | (0 << 3) | 2, 0,           // units 3-5: same line
+            0x80 | (14 << 3), (3 << 1) | 1, 0, 0, 0, // unit 6: line -3
+            0x80 | (15 << 3) | 1,             // units 7-8: no location
+        ];
+        assert_eq!(line_of(&t, 10, 0), 12);
+        assert_eq!(line_of(&t, 10, 1), 12);
+        assert_eq!(line_of(&t, 10, 2), 13);
+        assert_eq!(line_of(&t, 10, 5), 13);
+        assert_eq!(line_of(&t, 10, 6), 10);
+        assert_eq!(line_of(&t, 10, 8), 10);
+        // Garbage never panics.
+        assert!(line_of(&[0xff; 7], 1, 100) >= 1 - 1000);
+        line_of(&[0xf0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff], 0, 3);
+    }
+}
