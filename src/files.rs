@@ -193,7 +193,7 @@ fn load_elf(file: &File) -> Option<ElfInfo> {
     let eval_range = if is_python_interpreter {
         elf.symbols()
             .chain(elf.dynamic_symbols())
-            .find(|s| s.name_bytes() == Ok(b"_PyEval_EvalFrameDefault") && s.size() > 0)
+            .find(|s| matches!(s.name_bytes(), Ok(b"_PyEval_EvalFrameDefault") | Ok(b"PyEval_EvalFrameEx")) && s.size() > 0)
             .map(|s| s.address()..s.address() + s.size())
     } else {
         None

@@ -270,7 +270,8 @@ impl Collector {
             return;
         };
         let runtime = match perfpy_inject::discover(p.pid as i32) {
-            Ok(d) => d.symbol("_PyRuntime"),
+            // 3.7+: _PyRuntime; 2.7 and 3.6: the interpreter list head, `interp_head`.
+            Ok(d) => if version >= (3, 7) { d.symbol("_PyRuntime") } else { d.symbol("interp_head") },
             Err(e) => {
                 tracing::debug!(pid = p.pid, "eBPF walker: {e}");
                 None

@@ -76,7 +76,13 @@ wait || true
     assert_eq!(label("w27", "python_version").as_deref(), Some("2.7"));
     assert!(label("wdeb", "python_version").is_some_and(|v| v.starts_with("3.11")));
     assert_eq!(label("wc", "python_version"), None);
-    // The 3.12 process is named through its trampolines; the C program's frames are there.
+    // Every Python workload has its hot function named: 3.12 through its trampolines and the
+    // eBPF walker, 3.9, 2.7 and Debian's static 3.11 through the walker.
+    for w in ["w39", "w27", "wdeb"] {
+        let n = d.count_where(|s| s.num_labels["pid"] == pids[w] && s.has_chain(&["<module>", "hot_any"]));
+        assert!(n > 15, "{w}: {n} samples with <module> -> hot_any");
+    }
+    // The C program's frames are there.
     assert!(d.count_where(|s| s.num_labels["pid"] == pids["w312"] && s.has("round_")) > 15);
     assert!(d.count_where(|s| s.num_labels["pid"] == pids["wc"] && s.has_chain(&["main", "level1", "level2", "leaf_busy"])) > 15);
     // `perfpy info` inside the namespace lists the four Python workloads, versions and paths.

@@ -63,9 +63,18 @@ fn i32_at(m: &dyn RemoteMemory, pid: u32, addr: u64) -> Option<i32> {
     m.read(pid, addr, &mut b).then(|| i32::from_ne_bytes(b))
 }
 
-/// Reads a `str` object (compact ASCII or compact UCS-1/2/4).
+/// Reads a `str` object (compact ASCII or compact UCS-1/2/4; a byte string on 2.7).
 fn read_unicode(m: &dyn RemoteMemory, pid: u32, o: &Offsets, obj: u64) -> Option<String> {
     let len = u64_at(m, pid, obj + 16)?;
+    if o.unicode_state < 0 {
+        // 2.7: PyStringObject, bytes at ob_sval.
+        if len > MAX_STRING {
+            return None;
+        }
+        let mut buf = vec![0u8; len as usize];
+        m.read(pid, obj + o.unicode_ascii_data as u64, &mut buf).then_some(())?;
+        return Some(String::from_utf8_lossy(&buf).into_owned());
+    }
     let state = i32_at(m, pid, obj + o.unicode_state as u64)? as u32;
     let kind = (state >> 2) & 7;
     let compact = (state >> 5) & 1 == 1;
@@ -102,7 +111,8 @@ fn read_bytes(m: &dyn RemoteMemory, pid: u32, o: &Offsets, obj: u64) -> Option<V
 
 fn read_code(m: &dyn RemoteMemory, pid: u32, o: &Offsets, code: u64) -> Option<Code> {
     let p = |off: i32| u64_at(m, pid, code + off as u64);
-    let qualname = read_unicode(m, pid, o, p(o.code_qualname)?)?;
+    // Before 3.11 there is no co_qualname: the name.
+    let qualname = read_unicode(m, pid, o, p(if o.code_qualname >= 0 { o.code_qualname } else { o.code_name })?)?;
     let filename = read_unicode(m, pid, o, p(o.code_filename)?)?;
     let first_line = i32_at(m, pid, code + o.code_firstlineno as u64)?;
     let linetable = read_bytes(m, pid, o, p(o.code_linetable)?).unwrap_or_default();
@@ -111,7 +121,7 @@ fn read_code(m: &dyn RemoteMemory, pid: u32, o: &Offsets, code: u64) -> Option<C
         filename,
         first_line,
         linetable,
-        start: code + o.code_adaptive as u64,
+        start: if o.code_adaptive >= 0 { code + o.code_adaptive as u64 } else { 0 },
     })
 }
 
@@ -136,6 +146,41 @@ fn svarint(t: &[u8], i: &mut usize) -> i32 {
     } else {
         (v >> 1) as i32
     }
+}
+
+/// The line at byte offset `lasti` in a `co_lnotab` (2.7 – 3.9): pairs of (byte increment,
+/// line increment), the line increment signed from 3.6 on.
+pub fn line_of_lnotab(table: &[u8], first_line: i32, lasti: u64, signed: bool) -> i32 {
+    let mut line = first_line;
+    let mut addr = 0u64;
+    for pair in table.chunks_exact(2) {
+        addr += pair[0] as u64;
+        if addr > lasti {
+            break;
+        }
+        line += if signed { pair[1] as i8 as i32 } else { pair[1] as i32 };
+    }
+    line
+}
+
+/// The line at byte offset `offset` in a 3.10 `co_linetable`: pairs of (byte delta, line delta),
+/// a line delta of -128 meaning no line.
+pub fn line_of_310(table: &[u8], first_line: i32, offset: u64) -> i32 {
+    let mut line = first_line;
+    let mut end = 0u64;
+    for pair in table.chunks_exact(2) {
+        let start = end;
+        end = start + pair[0] as u64;
+        let ld = pair[1] as i8;
+        if ld == -128 {
+            continue;
+        }
+        line += ld as i32;
+        if start <= offset && offset < end {
+            return line;
+        }
+    }
+    line
 }
 
 /// The line of code unit `unit` in a 3.11+ location table (`Objects/locations.md`).
@@ -185,12 +230,32 @@ impl CodeReader {
             .entry((pid, f.code))
             .or_insert_with(|| read_code(mem, pid, o, f.code).map(std::rc::Rc::new))
             .clone()?;
-        // 3.11/3.12 point at the last instruction started (prev_instr), 3.13 at the current one.
-        let _ = version;
-        let line = if f.instr >= code.start {
-            line_of(&code.linetable, code.first_line, (f.instr - code.start) / 2)
-        } else {
-            code.first_line
+        // 3.11/3.12 point at the last instruction started (prev_instr), 3.13 at the current
+        // one; before 3.11 the frame holds f_lasti, in bytes (≤ 3.9) or code units (3.10).
+        let line = match version {
+            (3, v) if v >= 11 => {
+                if f.instr >= code.start {
+                    line_of(&code.linetable, code.first_line, (f.instr - code.start) / 2)
+                } else {
+                    code.first_line
+                }
+            }
+            (3, 10) => {
+                let lasti = f.instr as i64;
+                if lasti < 0 {
+                    code.first_line
+                } else {
+                    line_of_310(&code.linetable, code.first_line, lasti as u64 * 2)
+                }
+            }
+            (major, _) => {
+                let lasti = f.instr as i64;
+                if lasti < 0 {
+                    code.first_line
+                } else {
+                    line_of_lnotab(&code.linetable, code.first_line, lasti as u64, major >= 3)
+                }
+            }
         };
         Some(PyFrameInfo {
             qualname: code.qualname.clone(),
@@ -217,6 +282,20 @@ impl CodeReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lnotab_and_310_tables() {
+        // lnotab: (+6 bytes, +1 line), (+4 bytes, -2 lines signed / +254 unsigned)
+        let t = [6u8, 1, 4, 0xfe];
+        assert_eq!(line_of_lnotab(&t, 10, 0, true), 10);
+        assert_eq!(line_of_lnotab(&t, 10, 6, true), 11);
+        assert_eq!(line_of_lnotab(&t, 10, 10, true), 9);
+        assert_eq!(line_of_lnotab(&t, 10, 10, false), 265);
+        // 3.10: [0,4) line+1, [4,8) no line, [8,10) line+2
+        let t = [4u8, 1, 4, 0x80, 2, 2];
+        assert_eq!(line_of_310(&t, 10, 0), 11);
+        assert_eq!(line_of_310(&t, 10, 8), 13);
+    }
 
     #[test]
     fn location_table_forms() {

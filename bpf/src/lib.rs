@@ -5,7 +5,9 @@
 //! chain and emits (code object, instruction pointer, flags) per frame into a ring buffer. User
 //! space ([`CodeReader`]) turns code objects into names, files and lines.
 //!
-//! Supported here: CPython 3.11, 3.12, 3.13 (`_PyInterpreterFrame`). Offsets per version are
+//! Supported: CPython 2.7 and 3.6 – 3.10 (`PyFrameObject` chain, thread matched on its
+//! `thread_id`, the pthread_t that equals the thread's fsbase) and 3.11 – 3.13
+//! (`_PyInterpreterFrame` chain, thread matched on `native_thread_id`). Offsets per version are
 //! typed tables in [`offsets`], handed to the program per process through the `procs` map.
 
 pub mod code;
@@ -40,7 +42,7 @@ pub enum BpfError {
     Attach(String),
     #[error("cannot register pid {pid} with the eBPF walker: {detail}")]
     Register { pid: u32, detail: String },
-    #[error("CPython {0}.{1} is not supported by the eBPF walker (3.11 – 3.13 are)")]
+    #[error("CPython {0}.{1} is not supported by the eBPF walker (2.7 and 3.6 – 3.13 are)")]
     Unsupported(u8, u8),
 }
 
@@ -73,7 +75,7 @@ pub struct PyStack {
 pub struct PyProcess {
     pub pid: u32,
     pub version: (u8, u8),
-    /// Absolute address of `_PyRuntime` in the process.
+    /// Absolute address of `_PyRuntime` (3.7+) or of `interp_head` (2.7, 3.6) in the process.
     pub runtime: u64,
 }
 
@@ -90,7 +92,7 @@ pub struct Walker {
 #[derive(Clone, Copy)]
 struct ProcCfg {
     runtime: u64,
-    off: [i32; 12],
+    off: [i32; 14],
 }
 
 fn parse(data: &[u8]) -> Option<PyStack> {
@@ -194,6 +196,8 @@ impl Walker {
                 o.frame_owner,
                 o.frame_is_entry,
                 o.owned_by_cstack,
+                o.tstate_thread_id,
+                o.lasti_int,
             ],
         };
         // SAFETY: ProcCfg is repr(C) plain data without padding (u64 then 12 i32), read as bytes.
@@ -260,7 +264,7 @@ mod tests {
         let s = parse(&b).unwrap();
         assert_eq!((s.pid, s.tid, s.time_ns, s.frames.len()), (7, 8, 99, 2));
         assert!(s.truncated && s.frames[0].entry && s.frames[0].owner == 3 && !s.frames[1].entry);
-        assert_eq!(std::mem::size_of::<ProcCfg>(), 8 + 12 * 4);
+        assert_eq!(std::mem::size_of::<ProcCfg>(), 8 + 14 * 4);
     }
 
     #[test]

@@ -16,6 +16,7 @@ int main(void) {
 #endif
     printf("tstate_next %zu\n", offsetof(PyThreadState, next));
     printf("tstate_native_tid %zu\n", offsetof(PyThreadState, native_thread_id));
+    printf("tstate_thread_id %zu\n", offsetof(PyThreadState, thread_id));
 #if PY_VERSION_HEX >= 0x030d0000
     printf("tstate_cframe -1\n");
     printf("tstate_current_frame %zu\n", offsetof(PyThreadState, current_frame));

@@ -12,9 +12,19 @@ typedef __u8 u8;
 typedef __u32 u32;
 typedef __u64 u64;
 typedef __s32 s32;
+typedef __s64 s64;
 typedef __u16 __be16;
 typedef __u32 __be32;
 typedef __u32 __wsum;
+
+/* For CO-RE: libbpf finds these fields in the running kernel's BTF. */
+struct thread_struct {
+    unsigned long fsbase;
+} __attribute__((preserve_access_index));
+
+struct task_struct {
+    struct thread_struct thread;
+} __attribute__((preserve_access_index));
 
 enum bpf_map_type {
     BPF_MAP_TYPE_HASH = 1,

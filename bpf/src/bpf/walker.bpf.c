@@ -5,6 +5,7 @@
  * pointer, flags) per frame, newest first. Always returns 1: 0 would drop the perf sample. */
 #include "types.h"
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
 #include "walker.h"
 
 struct {
@@ -29,15 +30,23 @@ struct tctx {
     struct proc_cfg *c;
     u64 ts;
     u64 found;
+    u64 fsbase;
     u32 tid;
 };
 
 static long find_thread(u32 i, struct tctx *t)
 {
-    u64 ntid = 0;
-    if (!t->ts || rd(&ntid, 8, t->ts + t->c->tstate_native_tid))
+    u64 id = 0;
+    if (!t->ts)
         return 1;
-    if ((u32)ntid == t->tid) {
+    if (t->c->tstate_native_tid >= 0) {
+        if (rd(&id, 8, t->ts + t->c->tstate_native_tid))
+            return 1;
+        id = (u32)id;
+    } else if (rd(&id, 8, t->ts + t->c->tstate_thread_id)) {
+        return 1;
+    }
+    if (id == (t->c->tstate_native_tid >= 0 ? (u64)t->tid : t->fsbase)) {
         t->found = t->ts;
         return 1;
     }
@@ -62,7 +71,8 @@ static long walk_frame(u32 i, struct fctx *x)
     u64 prev = 0;
     if (!x->frame)
         return 1;
-    if (rd(&owner, 1, x->frame + c->frame_owner) || rd(&prev, 8, x->frame + c->frame_previous)) {
+    if ((c->frame_owner >= 0 && rd(&owner, 1, x->frame + c->frame_owner)) ||
+        rd(&prev, 8, x->frame + c->frame_previous)) {
         x->flags |= REC_READ_ERROR;
         return 1;
     }
@@ -81,9 +91,17 @@ static long walk_frame(u32 i, struct fctx *x)
     f->code = 0;
     f->instr = 0;
     rd(&f->code, 8, x->frame + c->frame_code);
-    rd(&f->instr, 8, x->frame + c->frame_instr);
     f->flags = owner;
     f->pad = 0;
+    if (c->lasti_int) {
+        /* <= 3.10: f_lasti, and every Python call has its own C-level eval call. */
+        s32 lasti = 0;
+        rd(&lasti, 4, x->frame + c->frame_instr);
+        f->instr = (u64)(s64)lasti;
+        f->flags |= FRAME_ENTRY;
+    } else {
+        rd(&f->instr, 8, x->frame + c->frame_instr);
+    }
     if (c->frame_is_entry >= 0) {
         u8 e = 0;
         if (!rd(&e, 1, x->frame + c->frame_is_entry) && e)
@@ -118,7 +136,12 @@ int on_sample(void *ctx)
         bpf_ringbuf_submit(r, 0);
         return 1;
     }
-    struct tctx t = { .c = c, .ts = ts, .found = 0, .tid = tid };
+    u64 fsbase = 0;
+    if (c->tstate_native_tid < 0) {
+        struct task_struct *task = (void *)bpf_get_current_task();
+        fsbase = BPF_CORE_READ(task, thread.fsbase);
+    }
+    struct tctx t = { .c = c, .ts = ts, .found = 0, .fsbase = fsbase, .tid = tid };
     bpf_loop(MAX_THREADS, find_thread, &t, 0);
     if (!t.found) {
         r->flags = REC_NO_TSTATE;

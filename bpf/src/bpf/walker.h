@@ -28,6 +28,8 @@ struct proc_cfg {
     __s32 frame_owner;
     __s32 frame_is_entry;       /* -1 where absent (3.12+: entry frames sit on a C-stack frame) */
     __s32 owned_by_cstack;      /* owner value of C-stack shim frames, -1 where absent */
+    __s32 tstate_thread_id;     /* pthread_t of the thread (= its fsbase), for versions without native_thread_id */
+    __s32 lasti_int;            /* 1: frame_instr is an int f_lasti (<= 3.10), every frame an entry */
 };
 
 struct pyframe {
