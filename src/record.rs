@@ -142,6 +142,7 @@ impl PyWalk {
     fn poll(&mut self) {
         let pending = &mut self.pending;
         self.walker.poll(&mut |s| {
+            tracing::trace!(pid = s.pid, tid = s.tid, frames = s.frames.len(), no_tstate = s.no_thread_state, read_error = s.read_error, "walker record");
             let q = pending.entry(s.tid).or_default();
             if q.len() >= 256 {
                 q.pop_front();

@@ -123,7 +123,7 @@ for i in $(seq 1 300); do grep -q ready w312 2>/dev/null && break; sleep 0.1; do
 REC=$!
 sleep 2
 {py313} {split} 30 > w313 &
-wait $REC
+wait $REC || echo "perfpy exited with $?" >&2
 echo "w312 $(awk '{{print $2}}' w312 | head -1)"
 echo "w313 $(awk '{{print $2}}' w313 | head -1)"
 cat perfpy.err >&2
@@ -197,6 +197,26 @@ fn perf_map_in_a_private_tmp_of_another_pid_namespace() {
     let o = run_perfpy(&["info", "-p", &pid.to_string(), "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["python_processes"][0]["version"], "3.12.1");
+    let _ = ns.child.kill();
+    // SAFETY: ending the namespaced python this test started, by pid.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+}
+
+#[test]
+fn ebpf_names_a_process_in_another_pid_namespace() {
+    // A container-like target: its threads know themselves by their namespace's tids, which
+    // the walker must match (innermost pid level), not by the host's.
+    let Some(py) = python("3.11") else { return };
+    let marker = format!("{}.75", std::process::id() % 1000 + 20);
+    let script = format!("exec {} {} {marker}", py.display(), testdata("split.py").display());
+    let mut ns = Workload::start(Command::new("unshare").args(["--pid", "--fork", "--mount-proc", "bash", "-c", &script]));
+    let pid = find_by_cmdline(&marker).expect("namespaced python not found");
+    let out = tmp("ns-ebpf.pb.gz");
+    let o = run_perfpy(&["record", "-p", &pid.to_string(), "-d", "2", "-o", out.to_str().unwrap()]);
+    assert!(o.status.success());
+    let d = decode(&out);
+    let named = d.count_where(|s| s.has_chain(&["<module>", "main", "main.<locals>.loop", "round_"]));
+    assert!(named as f64 > 0.8 * d.total() as f64, "{named} of {} samples named", d.total());
     let _ = ns.child.kill();
     // SAFETY: ending the namespaced python this test started, by pid.
     unsafe { libc::kill(pid, libc::SIGKILL) };

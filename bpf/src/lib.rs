@@ -141,9 +141,20 @@ impl Walker {
         // The open object must outlive the skeleton, which lives as long as the walker: one
         // per recording, so it is leaked on purpose.
         let open_obj: &'static mut MaybeUninit<libbpf_rs::OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
-        let open = skel::WalkerSkelBuilder::default()
+        let mut open = skel::WalkerSkelBuilder::default()
             .open(open_obj)
             .map_err(|e| BpfError::Load(e.to_string()))?;
+        // Our PID namespace: the program reports pids as we see them.
+        let ns = std::fs::metadata("/proc/self/ns/pid").map_err(|e| BpfError::Load(format!("/proc/self/ns/pid: {e}")))?;
+        {
+            use std::os::unix::fs::MetadataExt;
+            let ro = open.maps.rodata_data.as_deref_mut().ok_or_else(|| BpfError::Load("no .rodata in the program".into()))?;
+            ro.pidns_dev = ns.dev();
+            ro.pidns_ino = ns.ino();
+            // The initial PID namespace has a fixed inode number (PROC_PID_INIT_INO).
+            const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
+            ro.in_child_pidns = u8::from(ns.ino() != PROC_PID_INIT_INO);
+        }
         let skel = open.load().map_err(|e| BpfError::Load(e.to_string()))?;
         let out: Arc<Mutex<Vec<PyStack>>> = Arc::default();
         let skel: &'static skel::WalkerSkel<'static> = Box::leak(Box::new(skel));

@@ -22,9 +22,24 @@ struct thread_struct {
     unsigned long fsbase;
 } __attribute__((preserve_access_index));
 
+struct upid {
+    int nr;
+} __attribute__((preserve_access_index));
+
+struct pid {
+    unsigned int level;
+    struct upid numbers[1];
+} __attribute__((preserve_access_index));
+
 struct task_struct {
     struct thread_struct thread;
+    struct pid *thread_pid;
 } __attribute__((preserve_access_index));
+
+struct bpf_pidns_info {
+    __u32 pid;
+    __u32 tgid;
+};
 
 enum bpf_map_type {
     BPF_MAP_TYPE_HASH = 1,

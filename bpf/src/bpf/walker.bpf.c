@@ -8,6 +8,13 @@
 #include <bpf/bpf_core_read.h>
 #include "walker.h"
 
+/* perfpy's own PID namespace, when it is not the initial one: pids and tids are then reported
+ * as perfpy (and its perf events) see them. In the initial namespace the plain helper gives
+ * exactly that, for containers' processes too. Set before loading. */
+const volatile u64 pidns_dev = 0;
+const volatile u64 pidns_ino = 0;
+const volatile u8 in_child_pidns = 0;
+
 struct {
     __uint(type, BPF_MAP_TYPE_HASH);
     __uint(max_entries, 4096);
@@ -115,8 +122,18 @@ static long walk_frame(u32 i, struct fctx *x)
 SEC("perf_event")
 int on_sample(void *ctx)
 {
-    u64 pt = bpf_get_current_pid_tgid();
-    u32 pid = pt >> 32, tid = (u32)pt;
+    u32 pid, tid;
+    if (in_child_pidns) {
+        struct bpf_pidns_info ns = {};
+        if (bpf_get_ns_current_pid_tgid(pidns_dev, pidns_ino, &ns, sizeof(ns)))
+            return 1; /* a task outside our PID namespace */
+        pid = ns.tgid;
+        tid = ns.pid;
+    } else {
+        u64 pt = bpf_get_current_pid_tgid();
+        pid = pt >> 32;
+        tid = (u32)pt;
+    }
     struct proc_cfg *c = bpf_map_lookup_elem(&procs, &pid);
     if (!c)
         return 1;
@@ -137,11 +154,21 @@ int on_sample(void *ctx)
         return 1;
     }
     u64 fsbase = 0;
+    u32 own_tid = tid;
+    struct task_struct *task = (void *)bpf_get_current_task();
     if (c->tstate_native_tid < 0) {
-        struct task_struct *task = (void *)bpf_get_current_task();
         fsbase = BPF_CORE_READ(task, thread.fsbase);
+    } else {
+        /* native_thread_id is gettid() inside the target: its innermost PID namespace. */
+        struct pid *tp = BPF_CORE_READ(task, thread_pid);
+        unsigned int level = BPF_CORE_READ(tp, level);
+        int nr = 0;
+        u64 at = (u64)tp + bpf_core_field_offset(struct pid, numbers) +
+                 (u64)(level & 31) * bpf_core_type_size(struct upid) + bpf_core_field_offset(struct upid, nr);
+        if (!bpf_probe_read_kernel(&nr, sizeof(nr), (void *)at))
+            own_tid = nr;
     }
-    struct tctx t = { .c = c, .ts = ts, .found = 0, .fsbase = fsbase, .tid = tid };
+    struct tctx t = { .c = c, .ts = ts, .found = 0, .fsbase = fsbase, .tid = own_tid };
     bpf_loop(MAX_THREADS, find_thread, &t, 0);
     if (!t.found) {
         r->flags = REC_NO_TSTATE;
