@@ -176,10 +176,11 @@ fn perf_map_in_a_private_tmp_of_another_pid_namespace() {
     // A process in its own PID and mount namespace with a private /tmp: its perf map is
     // /tmp/perf-<its own pid>.map there, invisible in our /tmp.
     let marker = format!("{}.25", std::process::id() % 1000 + 20);
+    // The script is opened before /tmp is covered: the checkout itself may live under /tmp.
     let script = format!(
-        "mount -t tmpfs perfpy-test /tmp && exec {} -X perf {} {marker}",
-        py.display(),
-        testdata("split.py").display()
+        "exec 3< {} && mount -t tmpfs perfpy-test /tmp && exec {} -X perf /dev/fd/3 {marker}",
+        testdata("split.py").display(),
+        py.display()
     );
     let mut ns = Workload::start(Command::new("unshare").args(["--pid", "--fork", "--mount", "--mount-proc", "bash", "-c", &script]));
     let pid = find_by_cmdline(&marker).expect("namespaced python not found");
