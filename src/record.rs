@@ -359,6 +359,10 @@ impl Collector {
             }
         }
         let have_py = !groups.is_empty();
+        if py_stack.as_ref().is_some_and(|st| st.truncated) {
+            // More Python frames than the walker keeps: the outer ones are missing.
+            truncated = true;
+        }
         let mut next_group = 0;
         for (i, &a) in addrs.iter().enumerate() {
             // Return addresses point after the call: look up the call itself.
@@ -817,6 +821,15 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     }
     w.flush().with_context(|| format!("cannot write {}", out_path.display()))?;
     let sym_time = t_sym.elapsed();
+    // The walker's own cost, when the kernel counts it (sysctl kernel.bpf_stats_enabled=1).
+    if let Some((runs, ns)) = c.py.as_ref().and_then(|p| p.walker.stats()) {
+        if runs > 0 && ns > 0 {
+            eprintln!(
+                "perfpy: eBPF walker: {runs} runs, {:.2} µs per run",
+                ns as f64 / runs as f64 / 1000.0
+            );
+        }
+    }
 
     let nprocs = c.procs.iter().filter(|p| procs_with_samples(&c.profile, p.key)).count();
     eprintln!(
