@@ -109,39 +109,50 @@ wait || true
 
 #[test]
 fn whole_machine_with_injection_finds_processes_as_they_appear() {
-    let (Some(py312), Some(py313)) = (python("3.12"), python("3.13")) else { return };
+    // Issue 5's check: CPython 3.12 (no -X perf), 3.9 and 2.7 workloads, a native busy loop, and
+    // a 3.10 workload started two seconds into a 6-second `record -a --inject-python`.
+    let (Some(py312), Some(py39), Some(py27), Some(py310)) = (python("3.12"), python("3.9"), python("2.7"), python("3.10")) else { return };
+    let c = tmp("busy-c-2");
+    let st = Command::new("cc").args(["-O2", "-g", "-o"]).arg(&c).arg(testdata("native.c")).status().unwrap();
+    assert!(st.success());
     let out = tmp("all-inject.pb.gz");
     let dir = tmp("all-inject-logs");
     std::fs::create_dir_all(&dir).unwrap();
-    // 3.12 without -X perf from the start; 3.13 started 2 s into a 6 s recording.
     let script = format!(
-        r#"set -e
-cd {dir}
+        r#"cd {dir}
 {py312} {split} 30 > w312 &
-for i in $(seq 1 300); do grep -q ready w312 2>/dev/null && break; sleep 0.1; done
+{py39} {busy} 30 > w39 &
+{py27} {busy} 30 > w27 &
+{c} 30 > wc &
+for f in w312 w39 w27 wc; do
+  for i in $(seq 1 300); do grep -q ready $f 2>/dev/null && break; sleep 0.1; done
+done
 {perfpy} record -a --inject-python -d 6 -o {out} 2> perfpy.err &
 REC=$!
 sleep 2
-{py313} {split} 30 > w313 &
+{py310} {busy} 30 > w310 &
 wait $REC || echo "perfpy exited with $?" >&2
-echo "w312 $(awk '{{print $2}}' w312 | head -1)"
-echo "w313 $(awk '{{print $2}}' w313 | head -1)"
+for f in w312 w39 w27 w310; do echo "$f $(awk '{{print $2}}' $f | head -1)"; done
 cat perfpy.err >&2
-# The trampolines are off again: ask each target.
-{perfpy} inject -p $(awk '{{print $2}}' w312 | head -1) --deactivate >/dev/null
 "#,
         dir = dir.display(),
         py312 = py312.display(),
-        py313 = py313.display(),
+        py39 = py39.display(),
+        py27 = py27.display(),
+        py310 = py310.display(),
         split = testdata("split.py").display(),
+        busy = testdata("busy_any.py").display(),
+        c = c.display(),
         perfpy = perfpy().display(),
         out = out.display(),
     );
+    // The namespace (and every workload in it) ends when the script's bash exits.
     let o = Command::new("unshare").args(["--pid", "--fork", "--mount-proc", "bash", "-c", &script]).output().expect("unshare");
     let stdout = String::from_utf8_lossy(&o.stdout);
     let stderr = String::from_utf8_lossy(&o.stderr);
     eprintln!("{stdout}\n{stderr}");
     assert!(o.status.success());
+    assert!(!stderr.contains("perfpy exited with"), "{stderr}");
     let pids: HashMap<String, i64> = stdout
         .lines()
         .filter_map(|l| {
@@ -150,13 +161,22 @@ cat perfpy.err >&2
         })
         .collect();
     let d = decode(&out);
-    for w in ["w312", "w313"] {
+    check_go_pprof(&out);
+    // Every one of the five has samples; the four Python ones have their hot function named.
+    for (w, hot) in [("w312", "round_"), ("w39", "hot_any"), ("w27", "hot_any"), ("w310", "hot_any")] {
         let pid = pids[w];
-        let named = d.count_where(|s| s.num_labels["pid"] == pid && s.has("round_"));
-        assert!(named > 20, "{w}: {named} samples named round_");
-        assert!(stderr.contains(&format!("pid {pid}: perf trampoline turned on")), "{w}");
-        assert!(stderr.contains(&format!("pid {pid}: perf trampoline turned off again")), "{w}");
+        let n = d.count_where(|s| s.num_labels["pid"] == pid);
+        let named = d.count_where(|s| s.num_labels["pid"] == pid && s.has_chain(&["<module>", hot]));
+        assert!(n > 20 && named as f64 > 0.8 * n as f64, "{w} (pid {pid}): {named} of {n} samples with <module> -> {hot}");
     }
+    let native = d.count_where(|s| s.str_labels["comm"] == "busy-c-2" && s.has_chain(&["main", "level1", "level2", "leaf_busy"]));
+    assert!(native > 20, "native busy loop: {native} samples");
+    // The 3.12 process had its trampoline turned on, and off again at the end.
+    let p312 = pids["w312"];
+    assert!(stderr.contains(&format!("pid {p312}: perf trampoline turned on")), "{stderr}");
+    assert!(stderr.contains(&format!("pid {p312}: perf trampoline turned off again")), "{stderr}");
+    // 3.9, 2.7 and 3.10 are refused for the trampoline with their reason, and still named.
+    assert!(stderr.contains("python_too_old"), "{stderr}");
 }
 
 /// Host pid of the process whose command line contains `marker`.
