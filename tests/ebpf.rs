@@ -23,12 +23,14 @@ fn ebpf_walker_names_every_supported_version() {
         let o = run_perfpy(&["record", "-p", &w.pid().to_string(), "-d", "3", "-r", "497", "-o", out.to_str().unwrap()]);
         assert!(o.status.success());
         let d = decode(&out);
-        // Qualified names from 3.11 on (co_qualname); before, the code object's name.
+        // Qualified names from 3.11 on (co_qualname); before, methods get the class of `self`
+        // and other functions the code object's name.
         let qualified = !matches!(name.as_str(), "3.6" | "3.7" | "3.8" | "3.9" | "3.10");
-        let (area, inner, lp) = if qualified {
-            ("Shape.area", "make_closure.<locals>.inner", "main.<locals>.loop")
+        let area = "Shape.area";
+        let (inner, lp) = if qualified {
+            ("make_closure.<locals>.inner", "main.<locals>.loop")
         } else {
-            ("area", "inner", "loop")
+            ("inner", "loop")
         };
         let rounds = d.count_where(|s| s.has("round_"));
         assert!(rounds > 500, "{name}: {rounds} samples in round_");
@@ -82,4 +84,22 @@ fn ebpf_walker_names_python_2_7() {
     let lines: Vec<i64> = d.samples.iter().flat_map(|s| &s.frames).filter(|f| f.function == "hot_any").map(|f| f.line).collect();
     assert!(lines.iter().all(|l| (10..=11).contains(l)), "{lines:?}");
     assert!(d.samples.iter().all(|s| s.str_labels.get("python_version").map(|v| v.as_str()) == Some("2.7")));
+}
+
+#[test]
+fn ebpf_walker_follows_each_thread() {
+    // Two threads running the same Python code: each thread's samples get its own frames.
+    for minor in ["3.9", "3.13"] {
+        let Some(py) = python(minor) else { continue };
+        let w = Workload::start(Command::new(&py).arg(testdata("split.py")).args(["30", "threads"]));
+        let out = tmp(&format!("ebpf-threads-{minor}.pb.gz"));
+        let o = run_perfpy(&["record", "-p", &w.pid().to_string(), "-d", "2", "-r", "497", "-o", out.to_str().unwrap()]);
+        assert!(o.status.success());
+        let d = decode(&out);
+        let tids: std::collections::HashSet<i64> = d.samples.iter().filter(|s| s.has("round_")).map(|s| s.num_labels["tid"]).collect();
+        assert_eq!(tids.len(), 2, "{minor}: threads with Python frames: {tids:?}");
+        // A worker thread's stack starts in threading's bootstrap, not in <module>.
+        let boot = d.count_where(|s| s.has("round_") && s.has("Thread._bootstrap") && !s.has("<module>"));
+        assert!(boot as f64 > 0.8 * d.count_where(|s| s.has("round_")) as f64, "{minor}: {boot}");
+    }
 }

@@ -38,6 +38,8 @@ pub struct PyFrameInfo {
 
 struct Code {
     qualname: String,
+    /// ≤ 3.10: the first local is `self` (1) or `cls` (2): the class names the method.
+    self_kind: u8,
     filename: String,
     first_line: i32,
     linetable: Vec<u8>,
@@ -51,6 +53,24 @@ const MAX_TABLE: u64 = 1 << 20;
 #[derive(Default)]
 pub struct CodeReader {
     cache: HashMap<(u32, u64), Option<std::rc::Rc<Code>>>,
+    /// (pid, type object) → its name.
+    types: HashMap<(u32, u64), Option<String>>,
+}
+
+/// `tp_name` of a type object: a C string; for builtin types `module.Name`, keep `Name`.
+fn type_name(m: &dyn RemoteMemory, pid: u32, ty: u64) -> Option<String> {
+    let p = u64_at(m, pid, ty + 24)?;
+    let mut buf = [0u8; 128];
+    // Read what is readable: the name may sit near the end of a mapping.
+    let mut n = buf.len();
+    while n >= 8 && !m.read(pid, p, &mut buf[..n]) {
+        n /= 2;
+    }
+    let s = &buf[..n];
+    let end = s.iter().position(|&c| c == 0)?;
+    let name = std::str::from_utf8(&s[..end]).ok()?;
+    let short = name.rsplit('.').next().unwrap_or(name);
+    (!short.is_empty()).then(|| short.to_string())
 }
 
 fn u64_at(m: &dyn RemoteMemory, pid: u32, addr: u64) -> Option<u64> {
@@ -116,8 +136,22 @@ fn read_code(m: &dyn RemoteMemory, pid: u32, o: &Offsets, code: u64) -> Option<C
     let filename = read_unicode(m, pid, o, p(o.code_filename)?)?;
     let first_line = i32_at(m, pid, code + o.code_firstlineno as u64)?;
     let linetable = read_bytes(m, pid, o, p(o.code_linetable)?).unwrap_or_default();
+    let self_kind = if o.code_varnames >= 0 {
+        let first = p(o.code_varnames)
+            .and_then(|t| (u64_at(m, pid, t + 16)? > 0).then_some(t))
+            .and_then(|t| u64_at(m, pid, t + 24))
+            .and_then(|n| read_unicode(m, pid, o, n));
+        match first.as_deref() {
+            Some("self") => 1,
+            Some("cls") => 2,
+            _ => 0,
+        }
+    } else {
+        0
+    };
     Some(Code {
         qualname,
+        self_kind,
         filename,
         first_line,
         linetable,
@@ -257,8 +291,19 @@ impl CodeReader {
                 }
             }
         };
+        // ≤ 3.10: `Class.method` from the class of `self` / `cls`.
+        let mut qualname = code.qualname.clone();
+        if code.self_kind != 0 && f.first_local != 0 {
+            let ty = if code.self_kind == 1 { u64_at(mem, pid, f.first_local + 8) } else { Some(f.first_local) };
+            if let Some(ty) = ty {
+                let name = self.types.entry((pid, ty)).or_insert_with(|| type_name(mem, pid, ty)).clone();
+                if let Some(name) = name {
+                    qualname = format!("{name}.{qualname}");
+                }
+            }
+        }
         Some(PyFrameInfo {
-            qualname: code.qualname.clone(),
+            qualname,
             filename: code.filename.clone(),
             line: line.max(0) as u32,
             first_line: code.first_line.max(0) as u32,

@@ -54,6 +54,8 @@ pub struct PyFrameRef {
     /// First Python frame run by its C-level `_PyEval_EvalFrameDefault` call.
     pub entry: bool,
     pub owner: u8,
+    /// ≤ 3.10: the frame's first local (`self` or `cls` in a method), for qualified names.
+    pub first_local: u64,
 }
 
 /// The Python stack of one sample, newest frame first.
@@ -92,7 +94,7 @@ pub struct Walker {
 #[derive(Clone, Copy)]
 struct ProcCfg {
     runtime: u64,
-    off: [i32; 14],
+    off: [i32; 16],
 }
 
 fn parse(data: &[u8]) -> Option<PyStack> {
@@ -105,11 +107,12 @@ fn parse(data: &[u8]) -> Option<PyStack> {
     let flags = u32_at(20)?;
     let mut frames = Vec::with_capacity(n);
     for i in 0..n {
-        let o = 24 + i * 24;
-        let f = u32_at(o + 16)?;
+        let o = 24 + i * 32;
+        let f = u32_at(o + 24)?;
         frames.push(PyFrameRef {
             code: u64_at(o)?,
             instr: u64_at(o + 8)?,
+            first_local: u64_at(o + 16)?,
             entry: f & FRAME_ENTRY != 0,
             owner: (f & 0xff) as u8,
         });
@@ -209,6 +212,8 @@ impl Walker {
                 o.owned_by_cstack,
                 o.tstate_thread_id,
                 o.lasti_int,
+                o.frame_localsplus,
+                0,
             ],
         };
         // SAFETY: ProcCfg is repr(C) plain data without padding (u64 then 12 i32), read as bytes.
@@ -263,19 +268,19 @@ mod tests {
 
     #[test]
     fn record_layout_matches_the_c_header() {
-        // pid, tid, time, nframes, flags, then 24-byte frames.
-        let mut b = vec![0u8; 24 + 2 * 24];
+        // pid, tid, time, nframes, flags, then 32-byte frames.
+        let mut b = vec![0u8; 24 + 2 * 32];
         b[0..4].copy_from_slice(&7u32.to_ne_bytes());
         b[4..8].copy_from_slice(&8u32.to_ne_bytes());
         b[8..16].copy_from_slice(&99u64.to_ne_bytes());
         b[16..20].copy_from_slice(&2u32.to_ne_bytes());
         b[20..24].copy_from_slice(&REC_TRUNCATED.to_ne_bytes());
         b[24..32].copy_from_slice(&0x1000u64.to_ne_bytes());
-        b[40..44].copy_from_slice(&(FRAME_ENTRY | 3).to_ne_bytes());
+        b[48..52].copy_from_slice(&(FRAME_ENTRY | 3).to_ne_bytes());
         let s = parse(&b).unwrap();
         assert_eq!((s.pid, s.tid, s.time_ns, s.frames.len()), (7, 8, 99, 2));
         assert!(s.truncated && s.frames[0].entry && s.frames[0].owner == 3 && !s.frames[1].entry);
-        assert_eq!(std::mem::size_of::<ProcCfg>(), 8 + 14 * 4);
+        assert_eq!(std::mem::size_of::<ProcCfg>(), 8 + 16 * 4);
     }
 
     #[test]

@@ -26,6 +26,10 @@ int main(void) {
     printf("frame_back %zu\n", offsetof(PyFrameObject, f_back));
     printf("frame_code %zu\n", offsetof(PyFrameObject, f_code));
     printf("frame_lasti %zu\n", offsetof(PyFrameObject, f_lasti));
+    printf("frame_localsplus %zu\n", offsetof(PyFrameObject, f_localsplus));
+    printf("code_varnames %zu\n", offsetof(PyCodeObject, co_varnames));
+    printf("tuple_items %zu\n", offsetof(PyTupleObject, ob_item));
+    printf("type_name %zu\n", offsetof(PyTypeObject, tp_name));
     printf("code_name %zu\n", offsetof(PyCodeObject, co_name));
     printf("code_filename %zu\n", offsetof(PyCodeObject, co_filename));
     printf("code_firstlineno %zu\n", offsetof(PyCodeObject, co_firstlineno));

@@ -97,6 +97,9 @@ static long walk_frame(u32 i, struct fctx *x)
     struct pyframe *f = &r->frames[x->n & (MAX_FRAMES - 1)];
     f->code = 0;
     f->instr = 0;
+    f->first_local = 0;
+    if (c->frame_localsplus >= 0)
+        rd(&f->first_local, 8, x->frame + c->frame_localsplus);
     rd(&f->code, 8, x->frame + c->frame_code);
     f->flags = owner;
     f->pad = 0;

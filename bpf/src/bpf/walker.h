@@ -30,11 +30,14 @@ struct proc_cfg {
     __s32 owned_by_cstack;      /* owner value of C-stack shim frames, -1 where absent */
     __s32 tstate_thread_id;     /* pthread_t of the thread (= its fsbase), for versions without native_thread_id */
     __s32 lasti_int;            /* 1: frame_instr is an int f_lasti (<= 3.10), every frame an entry */
+    __s32 frame_localsplus;     /* <= 3.10: the first local (self / cls), -1 where not read */
+    __s32 pad;
 };
 
 struct pyframe {
     __u64 code;
     __u64 instr;
+    __u64 first_local;
     __u32 flags;
     __u32 pad;
 };
