@@ -527,6 +527,16 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     let cpus = sys::online_cpus();
     let mut events: Vec<std::os::fd::OwnedFd> = Vec::new();
     let mut rings: Vec<Option<RingEntry>> = cpus.iter().map(|_| None).collect();
+    // The eBPF frame walker, loaded before any event is opened and attached to each one as it is
+    // opened: events inherited by threads created later carry the program only if their parent
+    // had it when they were created. Without it, Python frames come from trampolines only.
+    let mut walker = match perfpy_bpf::Walker::load() {
+        Ok(w) => Some(w),
+        Err(e) => {
+            eprintln!("perfpy: warning: {e}; Python frames only from perf trampolines");
+            None
+        }
+    };
     let mut open = |cfg: &mut EventConfig, tid: i32| -> Result<bool> {
         for (ci, &cpu) in cpus.iter().enumerate() {
             // tid -1: every task on this CPU (whole machine).
@@ -544,6 +554,12 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
                 }
                 Err(e) => return Err(perm_error(e)),
             };
+            if let Some(w) = walker.as_mut() {
+                if let Err(e) = w.attach(fd.as_fd()) {
+                    eprintln!("perfpy: warning: {e}; Python frames only from perf trampolines");
+                    walker = None;
+                }
+            }
             match &rings[ci] {
                 Some(r) => {
                     sys::perf_event_set_output(fd.as_raw_fd(), r.ring.fd())
@@ -670,30 +686,13 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         })
     });
 
-    // The eBPF frame walker on every event; without it Python frames come from trampolines only.
-    let py = match perfpy_bpf::Walker::load() {
-        Ok(mut w) => {
-            let mut ok = true;
-            for fd in &events {
-                if let Err(e) = w.attach(fd.as_fd()) {
-                    eprintln!("perfpy: warning: {e}; Python frames only from perf trampolines");
-                    ok = false;
-                    break;
-                }
-            }
-            ok.then(|| PyWalk {
-                walker: w,
-                reader: perfpy_bpf::CodeReader::default(),
-                procs: HashMap::new(),
-                pending: HashMap::new(),
-                tried: HashSet::new(),
-            })
-        }
-        Err(e) => {
-            eprintln!("perfpy: warning: {e}; Python frames only from perf trampolines");
-            None
-        }
-    };
+    let py = walker.map(|w| PyWalk {
+        walker: w,
+        reader: perfpy_bpf::CodeReader::default(),
+        procs: HashMap::new(),
+        pending: HashMap::new(),
+        tried: HashSet::new(),
+    });
     let mut c = Collector {
         py,
         files: Files::default(),
