@@ -74,7 +74,7 @@ impl MappedFile {
         let elf = self.elf.as_ref()?;
         elf.loads
             .iter()
-            .find(|(o, _, sz)| *o <= off && off < o + sz)
+            .find(|(o, _, sz)| *o <= off && off < o.saturating_add(*sz))
             .map(|(o, v, _)| v + (off - o))
     }
 
@@ -84,7 +84,7 @@ impl MappedFile {
         let (o, v, _) = elf
             .loads
             .iter()
-            .find(|(o, _, sz)| *o & !0xfff <= pgoff && pgoff < o + sz)
+            .find(|(o, _, sz)| *o & !0xfff <= pgoff && pgoff < o.saturating_add(*sz))
             .or_else(|| elf.loads.first())?;
         // The mapping starts at the page of p_offset: start corresponds to vaddr v - (o - pgoff).
         Some(start.wrapping_sub(v.wrapping_sub(o.wrapping_sub(pgoff))))

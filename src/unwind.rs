@@ -110,13 +110,17 @@ impl TrampolineCache {
         if let Some(k) = self.known.get(&addr) {
             return *k;
         }
+        // Not a user-space address (a garbage return address): nothing to read.
+        if !(0x1000..0x0000_8000_0000_0000).contains(&addr) {
+            return None;
+        }
         // Read the two halves separately: code at the start or end of a mapping has one half
         // unreadable, which must not hide the other. Unreadable bytes become int3.
         let mut w = [0xccu8; WINDOW];
         // Mappings are page-granular: what cannot be read as a whole is read up to the page
         // boundary (the first trampoline of an arena starts right at a page).
         let page_start = addr & !0xfff;
-        let page_end = page_start + 0x1000;
+        let page_end = page_start.saturating_add(0x1000);
         let before = mem.read(addr.wrapping_sub(10), &mut w[..10]) || {
             let n = (addr - page_start).min(10) as usize;
             n > 0 && mem.read(addr - n as u64, &mut w[10 - n..10])
@@ -197,8 +201,8 @@ pub fn unwind(
                 at
             };
             outcome.trampolines += 1;
-            let cfa = regs.sp() + at.cfa_offset();
-            match read_stack(cfa - 8) {
+            let cfa = regs.sp().saturating_add(at.cfa_offset());
+            match read_stack(cfa.saturating_sub(8)) {
                 Ok(ra) => {
                     regs.set_sp(cfa);
                     Ok(Some(ra))
@@ -291,6 +295,29 @@ mod tests {
     impl CodeMemory for Bounded {
         fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
             addr >= self.start && addr + buf.len() as u64 <= self.end && self.inner.read(addr, buf)
+        }
+    }
+
+    proptest::proptest! {
+        /// Any address, any memory: classification never panics (garbage return addresses
+        /// reach it).
+        #[test]
+        fn classify_never_panics(addr in proptest::prelude::any::<u64>(), fill in proptest::prelude::any::<u8>()) {
+            let mut f = Fixture::new();
+            f.put(addr & !0xfff, &[fill; 64]);
+            let mut c = TrampolineCache::default();
+            let _ = c.classify(addr, &f);
+        }
+
+        /// Unwinding garbage stacks from garbage registers never panics or loops.
+        #[test]
+        fn unwind_garbage_never_panics(regs in proptest::prelude::any::<[u64; 3]>(), words in proptest::collection::vec(proptest::prelude::any::<u64>(), 0..64)) {
+            let mem = Fixture::new();
+            let stack: Vec<u8> = words.iter().flat_map(|v| v.to_ne_bytes()).collect();
+            let mut p = Process::new(std::process::id(), 0);
+            let mut out = Vec::new();
+            let _ = unwind(&mut p, &mem, regs, &stack, 64, &mut out);
+            proptest::prop_assert!(out.len() <= 64);
         }
     }
 
