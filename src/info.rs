@@ -100,12 +100,31 @@ pub fn python_process(files: &mut Files, pid: u32) -> Option<Value> {
     } else {
         "off".to_string()
     };
-    let python_frames = if trampoline_capable && (x_perf || perf_env(pid) || perf_map) {
+    // The eBPF walker: offsets for this version, and the symbol it starts from.
+    let ebpf = match minor.map(|(a, b)| (a as u8, b as u8)) {
+        Some(v) if perfpy_bpf::Offsets::for_version(v).is_some() => {
+            let sym = if v >= (3, 7) { "_PyRuntime" } else { "interp_head" };
+            match perfpy_inject::discover(pid as i32) {
+                Ok(d) if d.symbol(sym).is_some() => "yes".to_string(),
+                Ok(_) => format!("no: {sym} not found in the interpreter's symbols"),
+                Err(e) => format!("no: {e}"),
+            }
+        }
+        Some((a, b)) => format!("no: CPython {a}.{b} has no offset table"),
+        None => "no: unknown version".to_string(),
+    };
+    let injection = match perfpy_inject::discover(pid as i32).and_then(|d| perfpy_inject::check_injectable(&d)) {
+        Ok(()) => "possible (--inject-python)".to_string(),
+        Err(e) => format!("no: {}", e.reason().map(|r| r.to_string()).unwrap_or_else(|| e.to_string())),
+    };
+    let python_frames = if ebpf == "yes" {
+        "named (eBPF walker)"
+    } else if trampoline_capable && (x_perf || perf_env(pid) || perf_map) {
         "named (perf trampolines)"
     } else if trampoline_capable {
-        "not named: start it with -X perf (run-time injection is planned)"
+        "named with --inject-python (perf trampolines)"
     } else {
-        "not named: eBPF frame walker planned for this version"
+        "not named"
     };
     Some(json!({
         "pid": pid,
@@ -117,6 +136,8 @@ pub fn python_process(files: &mut Files, pid: u32) -> Option<Value> {
         "trampoline": trampoline,
         "perf_map": p.perf_map_path().display().to_string().replace(&format!("/proc/self/fd/"), "fd:"),
         "python_frames": python_frames,
+        "ebpf": ebpf,
+        "injection": injection,
     }))
 }
 
@@ -169,12 +190,19 @@ pub fn run(pids: &[i32], as_json: bool) -> Result<i32> {
     if procs.is_empty() {
         println!("no CPython processes found{}", if pids.is_empty() { "" } else { " among the given pids" });
     } else {
-        println!("{:>8}  {:16} {:8} {:46} {}", "PID", "COMM", "VERSION", "INTERPRETER", "PYTHON FRAMES / TRAMPOLINE");
+        println!("{:>8}  {:16} {:8} {:46} {}", "PID", "COMM", "VERSION", "INTERPRETER", "PYTHON FRAMES / EBPF / TRAMPOLINE / INJECTION");
         for p in &procs {
             let s = |k: &str| p[k].as_str().map(|s| s.to_string()).unwrap_or_else(|| "-".into());
             println!(
-                "{:>8}  {:16} {:8} {:46} {} / {}",
-                p["pid"].as_u64().unwrap_or(0), s("comm"), s("version"), s("interpreter"), s("python_frames"), s("trampoline")
+                "{:>8}  {:16} {:8} {:46} {} / ebpf {} / trampoline {} / injection {}",
+                p["pid"].as_u64().unwrap_or(0),
+                s("comm"),
+                s("version"),
+                s("interpreter"),
+                s("python_frames"),
+                s("ebpf"),
+                s("trampoline"),
+                s("injection")
             );
         }
     }

@@ -96,6 +96,11 @@ wait || true
     assert_eq!(find("w27")["version"], "2.7");
     assert_eq!(find("wdeb")["interpreter"], "/usr/bin/python3.11");
     assert_eq!(find("wdeb")["static"], true);
+    for w in ["w312", "w39", "w27", "wdeb"] {
+        assert_eq!(find(w)["ebpf"], "yes", "{w}");
+    }
+    assert_eq!(find("w39")["injection"], "no: python_too_old");
+    assert_eq!(find("w312")["injection"], "possible (--inject-python)");
     assert!(!procs.iter().any(|p| p["pid"].as_i64() == Some(pids["wc"])));
     assert_eq!(info["machine"]["perf_events"], "ok");
     // Nothing from outside the namespace.

@@ -37,6 +37,10 @@ pub struct PyFrameInfo {
 }
 
 struct Code {
+    /// `co_name` and `co_filename` pointers when read: a code object freed and another
+    /// allocated at the same address has other ones (checked at most once a second).
+    identity: (u64, u64),
+    checked: std::cell::Cell<std::time::Instant>,
     qualname: String,
     /// ≤ 3.10: the first local is `self` (1) or `cls` (2): the class names the method.
     self_kind: u8,
@@ -150,6 +154,8 @@ fn read_code(m: &dyn RemoteMemory, pid: u32, o: &Offsets, code: u64) -> Option<C
         0
     };
     Some(Code {
+        identity: (p(o.code_name)?, p(o.code_filename)?),
+        checked: std::cell::Cell::new(std::time::Instant::now()),
         qualname,
         self_kind,
         filename,
@@ -259,11 +265,30 @@ impl CodeReader {
         if f.code == 0 {
             return None;
         }
-        let code = self
-            .cache
-            .entry((pid, f.code))
-            .or_insert_with(|| read_code(mem, pid, o, f.code).map(std::rc::Rc::new))
-            .clone()?;
+        // Revalidate a cached entry at most once a second: the address may now hold another
+        // code object (the old one freed). The same two pointers mean the same object.
+        if let Some(Some(c)) = self.cache.get(&(pid, f.code)) {
+            if c.checked.get().elapsed() >= std::time::Duration::from_secs(1) {
+                let now = (
+                    u64_at(mem, pid, f.code + o.code_name as u64).unwrap_or(0),
+                    u64_at(mem, pid, f.code + o.code_filename as u64).unwrap_or(0),
+                );
+                if now == c.identity {
+                    c.checked.set(std::time::Instant::now());
+                } else {
+                    self.cache.remove(&(pid, f.code));
+                }
+            }
+        }
+        let code = match self.cache.get(&(pid, f.code)) {
+            Some(Some(c)) => c.clone(),
+            _ => {
+                // A failure is not cached: the object may be readable at the next sample.
+                let c = std::rc::Rc::new(read_code(mem, pid, o, f.code)?);
+                self.cache.insert((pid, f.code), Some(c.clone()));
+                c
+            }
+        };
         // 3.11/3.12 point at the last instruction started (prev_instr), 3.13 at the current
         // one; before 3.11 the frame holds f_lasti, in bytes (≤ 3.9) or code units (3.10).
         let line = match version {
@@ -327,6 +352,36 @@ impl CodeReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Memory made of one repeated random block: pointers lead anywhere (cycles, huge lengths).
+    struct Garbage(Vec<u8>);
+
+    impl RemoteMemory for Garbage {
+        fn read(&self, _pid: u32, addr: u64, buf: &mut [u8]) -> bool {
+            if addr < 0x1000 || buf.len() > 1 << 16 {
+                return false;
+            }
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = self.0[(addr as usize).wrapping_add(i) % self.0.len()];
+            }
+            true
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn garbage_memory_never_panics(block in proptest::collection::vec(proptest::prelude::any::<u8>(), 1..512), code in proptest::prelude::any::<u64>(), instr in proptest::prelude::any::<u64>(), local in proptest::prelude::any::<u64>()) {
+            let mem = Garbage(block);
+            let mut r = CodeReader::default();
+            for v in [(2u8, 7u8), (3, 6), (3, 9), (3, 10), (3, 11), (3, 12), (3, 13)] {
+                let o = Offsets::for_version(v).unwrap();
+                let f = PyFrameRef { code, instr, entry: false, owner: 0, first_local: local };
+                if let Some(i) = r.resolve(&mem, 1, &o, v, &f) {
+                    proptest::prop_assert!(i.qualname.len() <= 2 * MAX_STRING as usize + 260);
+                }
+            }
+        }
+    }
 
     #[test]
     fn lnotab_and_310_tables() {
