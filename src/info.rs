@@ -69,7 +69,7 @@ fn perf_env(pid: u32) -> bool {
 }
 
 /// Describes one process if it runs CPython.
-pub fn python_process(files: &mut Files, pid: u32) -> Option<Value> {
+pub fn python_process(files: &mut Files, pid: u32, ask: bool) -> Option<Value> {
     let mut p = Process::new(pid, 0);
     p.refresh_maps(files);
     if !p.is_python {
@@ -91,8 +91,22 @@ pub fn python_process(files: &mut Files, pid: u32) -> Option<Value> {
         || args.iter().any(|a| a == "-Xperf");
     let perf_map = std::fs::metadata(p.perf_map_path()).is_ok();
     let trampoline_capable = minor.is_some_and(|m| m >= (3, 12));
+    // Asked about this process by pid: query the real state inside it (a short, safe stop).
+    let asked = if ask && trampoline_capable {
+        perfpy_inject::discover(pid as i32)
+            .and_then(|d| perfpy_inject::trampoline_active(&d, std::time::Duration::from_secs(10)))
+            .ok()
+    } else {
+        None
+    };
     let trampoline = if !trampoline_capable {
         "unsupported (CPython < 3.12)".to_string()
+    } else if let Some(on) = asked {
+        if on {
+            format!("on (turn it off with: perfpy inject -p {pid} --deactivate)")
+        } else {
+            "off".to_string()
+        }
     } else if x_perf || perf_env(pid) {
         "on (started with -X perf / PYTHONPERFSUPPORT)".to_string()
     } else if perf_map {
@@ -163,7 +177,7 @@ pub fn run(pids: &[i32], as_json: bool) -> Result<i32> {
         if pid == me {
             continue;
         }
-        match python_process(&mut files, pid) {
+        match python_process(&mut files, pid, !pids.is_empty()) {
             Some(v) => procs.push(v),
             None if !pids.is_empty() => not_python.push(pid),
             None => {}

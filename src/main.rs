@@ -41,8 +41,11 @@ enum Cmd {
         #[arg(short = 'p', long = "pid", value_name = "PID")]
         pid: i32,
         /// Turn it off instead.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "status")]
         deactivate: bool,
+        /// Only say whether it is on (asked inside the target; changes nothing).
+        #[arg(long)]
+        status: bool,
     },
     /// What this machine supports and, per Python process, its version, interpreter and how
     /// perfpy names its frames.
@@ -156,12 +159,20 @@ fn main() {
 fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Info { pids, json } => info::run(&pids, json),
-        Cmd::Inject { pid, deactivate } => {
+        Cmd::Inject { pid, deactivate, status } => {
             let t = Duration::from_secs(10);
             targets::check_pid(pid)?;
             let p = perfpy_inject::discover(pid)?;
             perfpy_inject::check_injectable(&p)?;
-            if deactivate {
+            if status {
+                let on = perfpy_inject::trampoline_active(&p, t)?;
+                println!(
+                    "pid {pid}: perf trampoline {} (CPython {}){}",
+                    if on { "on" } else { "off" },
+                    p.version_string(),
+                    if on { format!("; turn it off with: perfpy inject -p {pid} --deactivate") } else { String::new() }
+                );
+            } else if deactivate {
                 perfpy_inject::deactivate(&p, t)?;
                 println!("pid {pid}: perf trampoline off (CPython {})", p.version_string());
             } else {

@@ -139,6 +139,8 @@ sleep 2
 wait $REC || echo "perfpy exited with $?" >&2
 for f in w312 w39 w27 w310; do echo "$f $(awk '{{print $2}}' $f | head -1)"; done
 cat perfpy.err >&2
+# Asked from inside the 3.12 process itself: its trampoline is off again.
+{perfpy} inject -p $(awk '{{print $2}}' w312 | head -1) --status
 "#,
         dir = dir.display(),
         py312 = py312.display(),
@@ -180,6 +182,7 @@ cat perfpy.err >&2
     let p312 = pids["w312"];
     assert!(stderr.contains(&format!("pid {p312}: perf trampoline turned on")), "{stderr}");
     assert!(stderr.contains(&format!("pid {p312}: perf trampoline turned off again")), "{stderr}");
+    assert!(stdout.contains(&format!("pid {p312}: perf trampoline off")), "{stdout}");
     // 3.9, 2.7 and 3.10 are refused for the trampoline with their reason, and still named.
     assert!(stderr.contains("python_too_old"), "{stderr}");
 }

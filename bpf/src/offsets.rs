@@ -1,5 +1,26 @@
-//! Per-version CPython offsets, checked against each version's own headers by
-//! `tests/offsets.rs` (which compiles `tests/offsets.c` with `offsetof`).
+//! Per-version CPython offsets: one small file per minor version (`offsets/vX_Y.rs`), checked
+//! against each version's own headers by `tests/offsets.rs`, which compiles `tests/offsets.c`
+//! (3.11+) and `tests/offsets_old.c` (2.7, 3.6 – 3.10) with `offsetof` and compares.
+
+mod v3_11;
+mod v3_12;
+mod v3_13;
+mod v2_7;
+mod v3_6;
+mod v3_7;
+mod v3_8;
+mod v3_9;
+mod v3_10;
+
+pub use v3_11::V3_11;
+pub use v3_12::V3_12;
+pub use v3_13::V3_13;
+pub use v2_7::V2_7;
+pub use v3_6::V3_6;
+pub use v3_7::V3_7;
+pub use v3_8::V3_8;
+pub use v3_9::V3_9;
+pub use v3_10::V3_10;
 
 /// Offsets the walker and the code reader need (bytes; -1 where a field does not exist).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,276 +56,6 @@ pub struct Offsets {
     pub unicode_state: i32,
     pub bytes_data: i32,
 }
-
-/// CPython 3.11.
-pub const V3_11: Offsets = Offsets {
-    runtime_interp_head: 40,
-    interp_tstate_head: 16,
-    tstate_next: 8,
-    tstate_native_tid: 160,
-    tstate_cframe: 56,
-    tstate_current_frame: 8,
-    frame_code: 32,
-    frame_instr: 56,
-    frame_previous: 48,
-    frame_owner: 69,
-    frame_is_entry: 68,
-    owned_by_cstack: -1,
-    tstate_thread_id: 152,
-    lasti_int: 0,
-    frame_localsplus: -1,
-    code_varnames: -1,
-    code_name: 120,
-    code_qualname: 128,
-    code_filename: 112,
-    code_firstlineno: 72,
-    code_linetable: 136,
-    code_adaptive: 184,
-    unicode_ascii_data: 48,
-    unicode_compact_data: 72,
-    unicode_state: 32,
-    bytes_data: 32,
-};
-
-/// CPython 3.12.
-pub const V3_12: Offsets = Offsets {
-    runtime_interp_head: 40,
-    interp_tstate_head: 72,
-    tstate_next: 8,
-    tstate_native_tid: 144,
-    tstate_cframe: 56,
-    tstate_current_frame: 0,
-    frame_code: 0,
-    frame_instr: 56,
-    frame_previous: 8,
-    frame_owner: 70,
-    frame_is_entry: -1,
-    owned_by_cstack: 3,
-    tstate_thread_id: 136,
-    lasti_int: 0,
-    frame_localsplus: -1,
-    code_varnames: -1,
-    code_name: 120,
-    code_qualname: 128,
-    code_filename: 112,
-    code_firstlineno: 68,
-    code_linetable: 136,
-    code_adaptive: 192,
-    unicode_ascii_data: 40,
-    unicode_compact_data: 56,
-    unicode_state: 32,
-    bytes_data: 32,
-};
-
-/// CPython 3.13.
-pub const V3_13: Offsets = Offsets {
-    runtime_interp_head: 632,
-    interp_tstate_head: 7344,
-    tstate_next: 8,
-    tstate_native_tid: 160,
-    tstate_cframe: -1,
-    tstate_current_frame: 72,
-    frame_code: 0,
-    frame_instr: 56,
-    frame_previous: 8,
-    frame_owner: 70,
-    frame_is_entry: -1,
-    owned_by_cstack: 3,
-    tstate_thread_id: 152,
-    lasti_int: 0,
-    frame_localsplus: -1,
-    code_varnames: -1,
-    code_name: 120,
-    code_qualname: 128,
-    code_filename: 112,
-    code_firstlineno: 68,
-    code_linetable: 136,
-    code_adaptive: 200,
-    unicode_ascii_data: 40,
-    unicode_compact_data: 56,
-    unicode_state: 32,
-    bytes_data: 32,
-};
-
-/// CPython 2.7 (PyFrameObject; `code_linetable` is co_lnotab).
-pub const V2_7: Offsets = Offsets {
-    runtime_interp_head: 0,
-    interp_tstate_head: 8,
-    tstate_next: 0,
-    tstate_native_tid: -1,
-    tstate_cframe: -1,
-    tstate_current_frame: 16,
-    frame_code: 32,
-    frame_instr: 120,
-    frame_previous: 24,
-    frame_owner: -1,
-    frame_is_entry: -1,
-    owned_by_cstack: -1,
-    tstate_thread_id: 144,
-    lasti_int: 1,
-    frame_localsplus: 376,
-    code_varnames: 56,
-    code_name: 88,
-    code_qualname: -1,
-    code_filename: 80,
-    code_firstlineno: 96,
-    code_linetable: 104,
-    code_adaptive: -1,
-    unicode_ascii_data: 36,
-    unicode_compact_data: -1,
-    unicode_state: -1,
-    bytes_data: 36,
-};
-
-/// CPython 3.6 (PyFrameObject; `code_linetable` is co_lnotab).
-pub const V3_6: Offsets = Offsets {
-    runtime_interp_head: 0,
-    interp_tstate_head: 8,
-    tstate_next: 8,
-    tstate_native_tid: -1,
-    tstate_cframe: -1,
-    tstate_current_frame: 24,
-    frame_code: 32,
-    frame_instr: 120,
-    frame_previous: 24,
-    frame_owner: -1,
-    frame_is_entry: -1,
-    owned_by_cstack: -1,
-    tstate_thread_id: 152,
-    lasti_int: 1,
-    frame_localsplus: 376,
-    code_varnames: 64,
-    code_name: 104,
-    code_qualname: -1,
-    code_filename: 96,
-    code_firstlineno: 36,
-    code_linetable: 112,
-    code_adaptive: -1,
-    unicode_ascii_data: 48,
-    unicode_compact_data: 72,
-    unicode_state: 32,
-    bytes_data: 32,
-};
-
-/// CPython 3.7 (PyFrameObject; `code_linetable` is co_lnotab).
-pub const V3_7: Offsets = Offsets {
-    runtime_interp_head: 24,
-    interp_tstate_head: 8,
-    tstate_next: 8,
-    tstate_native_tid: -1,
-    tstate_cframe: -1,
-    tstate_current_frame: 24,
-    frame_code: 32,
-    frame_instr: 104,
-    frame_previous: 24,
-    frame_owner: -1,
-    frame_is_entry: -1,
-    owned_by_cstack: -1,
-    tstate_thread_id: 176,
-    lasti_int: 1,
-    frame_localsplus: 360,
-    code_varnames: 64,
-    code_name: 104,
-    code_qualname: -1,
-    code_filename: 96,
-    code_firstlineno: 36,
-    code_linetable: 112,
-    code_adaptive: -1,
-    unicode_ascii_data: 48,
-    unicode_compact_data: 72,
-    unicode_state: 32,
-    bytes_data: 32,
-};
-
-/// CPython 3.8 (PyFrameObject; `code_linetable` is co_lnotab).
-pub const V3_8: Offsets = Offsets {
-    runtime_interp_head: 32,
-    interp_tstate_head: 8,
-    tstate_next: 8,
-    tstate_native_tid: -1,
-    tstate_cframe: -1,
-    tstate_current_frame: 24,
-    frame_code: 32,
-    frame_instr: 104,
-    frame_previous: 24,
-    frame_owner: -1,
-    frame_is_entry: -1,
-    owned_by_cstack: -1,
-    tstate_thread_id: 176,
-    lasti_int: 1,
-    frame_localsplus: 360,
-    code_varnames: 72,
-    code_name: 112,
-    code_qualname: -1,
-    code_filename: 104,
-    code_firstlineno: 40,
-    code_linetable: 120,
-    code_adaptive: -1,
-    unicode_ascii_data: 48,
-    unicode_compact_data: 72,
-    unicode_state: 32,
-    bytes_data: 32,
-};
-
-/// CPython 3.9 (PyFrameObject; `code_linetable` is co_lnotab).
-pub const V3_9: Offsets = Offsets {
-    runtime_interp_head: 32,
-    interp_tstate_head: 8,
-    tstate_next: 8,
-    tstate_native_tid: -1,
-    tstate_cframe: -1,
-    tstate_current_frame: 24,
-    frame_code: 32,
-    frame_instr: 104,
-    frame_previous: 24,
-    frame_owner: -1,
-    frame_is_entry: -1,
-    owned_by_cstack: -1,
-    tstate_thread_id: 176,
-    lasti_int: 1,
-    frame_localsplus: 360,
-    code_varnames: 72,
-    code_name: 112,
-    code_qualname: -1,
-    code_filename: 104,
-    code_firstlineno: 40,
-    code_linetable: 120,
-    code_adaptive: -1,
-    unicode_ascii_data: 48,
-    unicode_compact_data: 72,
-    unicode_state: 32,
-    bytes_data: 32,
-};
-
-/// CPython 3.10 (PyFrameObject; `code_linetable` is co_linetable).
-pub const V3_10: Offsets = Offsets {
-    runtime_interp_head: 32,
-    interp_tstate_head: 8,
-    tstate_next: 8,
-    tstate_native_tid: -1,
-    tstate_cframe: -1,
-    tstate_current_frame: 24,
-    frame_code: 32,
-    frame_instr: 96,
-    frame_previous: 24,
-    frame_owner: -1,
-    frame_is_entry: -1,
-    owned_by_cstack: -1,
-    tstate_thread_id: 176,
-    lasti_int: 1,
-    frame_localsplus: 352,
-    code_varnames: 72,
-    code_name: 112,
-    code_qualname: -1,
-    code_filename: 104,
-    code_firstlineno: 40,
-    code_linetable: 120,
-    code_adaptive: -1,
-    unicode_ascii_data: 48,
-    unicode_compact_data: 72,
-    unicode_state: 32,
-    bytes_data: 32,
-};
 
 impl Offsets {
     pub fn for_version(v: (u8, u8)) -> Option<Offsets> {

@@ -26,6 +26,8 @@ const WANTED: &[&str] = &[
     "Py_Version",
     "PyGILState_Ensure",
     "PyGILState_Release",
+    "PyGILState_Check",
+    "PyInterpreterState_Main",
     "PyRun_SimpleString",
     "Py_AddPendingCall",
     "_PyEval_AddPendingCall",

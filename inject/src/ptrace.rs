@@ -35,7 +35,19 @@ pub struct Tracee {
     released: bool,
 }
 
+/// Whether the process has exited or is exiting (zombie, dead): ptrace then fails with EPERM or
+/// ESRCH, which must not read as a permission problem.
+fn exiting(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => matches!(s.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next()), Some("Z") | Some("X")),
+        Err(_) => true,
+    }
+}
+
 fn gone_or(e: nix::errno::Errno, pid: i32, what: &str) -> InjectError {
+    if exiting(pid) {
+        return InjectError::ProcessGone { pid };
+    }
     match e {
         nix::errno::Errno::ESRCH => InjectError::ProcessGone { pid },
         nix::errno::Errno::EPERM | nix::errno::Errno::EACCES => InjectError::PermissionDenied {

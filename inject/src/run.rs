@@ -378,3 +378,23 @@ mod tests {
         }
     }
 }
+
+/// The registers of thread `tid` as seen in a fresh stop: (rip, rsp, rbp, rbx, r12–r15,
+/// orig_rax, rax). For tests of the save/restore round trip.
+pub fn snapshot(pid: i32, tid: i32) -> Result<[u64; 10], InjectError> {
+    let mut t = Tracee::attach(pid, tid, Duration::from_secs(2))?;
+    let r = *t.regs();
+    t.release()?;
+    Ok([r.rip, r.rsp, r.rbp, r.rbx, r.r12, r.r13, r.r14, r.r15, r.orig_rax, r.rax])
+}
+
+/// Calls one argument-less function of the interpreter in thread `tid` (tests only: the caller
+/// must know it is safe there) and restores the thread.
+pub fn call_once(p: &PythonProcess, tid: i32, name: &str) -> Result<u64, InjectError> {
+    let f = sym(p, name)?;
+    let mut t = Tracee::attach(p.pid, tid, Duration::from_secs(2))?;
+    let below = t.scratch(0);
+    let r = t.call(f, &[], below, Duration::from_secs(2));
+    t.release()?;
+    r
+}

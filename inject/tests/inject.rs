@@ -277,3 +277,46 @@ fn symbols_and_load_bias_of_every_installed_version() {
         let _ = c.wait();
     }
 }
+
+#[test]
+fn registers_round_trip_through_a_call() {
+    // Attach to a thread waiting in read(), call a function in it, release; attach again: the
+    // thread is back in the same system call with the same registers.
+    let Some(py) = python("3.12") else { return };
+    let t = Target::start(&py, &[], "pipe");
+    let pid = t.pid();
+    let p = discover(pid).unwrap();
+    let regs = |pid: i32| perfpy_inject::run::snapshot(pid, pid).unwrap();
+    let before = regs(pid);
+    perfpy_inject::run::call_once(&p, pid, "PyGILState_Check").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let after = regs(pid);
+    assert_eq!(before, after, "registers changed across an injected call");
+    t.assert_untouched();
+}
+
+#[test]
+fn a_target_killed_during_injection_is_an_error_not_a_hang() {
+    let Some(py) = python("3.12") else { return };
+    for delay_ms in [0u64, 2, 5, 20] {
+        let t = Target::start(&py, &[], "threads");
+        let pid = t.pid();
+        let p = discover(pid).unwrap();
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            // SAFETY: killing the target this test started, by pid.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        });
+        let started = Instant::now();
+        let r = activate(&p, T);
+        killer.join().unwrap();
+        assert!(started.elapsed() < Duration::from_secs(12), "hung for {:?}", started.elapsed());
+        if let Err(e) = r {
+            let msg = e.to_string();
+            assert!(
+                e.reason() == Some(Reason::ProcessGone) || msg.contains("exited") || msg.contains("no result"),
+                "delay {delay_ms} ms: {msg}"
+            );
+        }
+    }
+}

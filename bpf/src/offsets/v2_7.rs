@@ -1,0 +1,31 @@
+use super::Offsets;
+
+/// CPython 2.7 (PyFrameObject; `code_linetable` is co_lnotab).
+pub const V2_7: Offsets = Offsets {
+    runtime_interp_head: 0,
+    interp_tstate_head: 8,
+    tstate_next: 0,
+    tstate_native_tid: -1,
+    tstate_cframe: -1,
+    tstate_current_frame: 16,
+    frame_code: 32,
+    frame_instr: 120,
+    frame_previous: 24,
+    frame_owner: -1,
+    frame_is_entry: -1,
+    owned_by_cstack: -1,
+    tstate_thread_id: 144,
+    lasti_int: 1,
+    frame_localsplus: 376,
+    code_varnames: 56,
+    code_name: 88,
+    code_qualname: -1,
+    code_filename: 80,
+    code_firstlineno: 96,
+    code_linetable: 104,
+    code_adaptive: -1,
+    unicode_ascii_data: 36,
+    unicode_compact_data: -1,
+    unicode_state: -1,
+    bytes_data: 36,
+};

@@ -1,0 +1,31 @@
+use super::Offsets;
+
+/// CPython 3.11.
+pub const V3_11: Offsets = Offsets {
+    runtime_interp_head: 40,
+    interp_tstate_head: 16,
+    tstate_next: 8,
+    tstate_native_tid: 160,
+    tstate_cframe: 56,
+    tstate_current_frame: 8,
+    frame_code: 32,
+    frame_instr: 56,
+    frame_previous: 48,
+    frame_owner: 69,
+    frame_is_entry: 68,
+    owned_by_cstack: -1,
+    tstate_thread_id: 152,
+    lasti_int: 0,
+    frame_localsplus: -1,
+    code_varnames: -1,
+    code_name: 120,
+    code_qualname: 128,
+    code_filename: 112,
+    code_firstlineno: 72,
+    code_linetable: 136,
+    code_adaptive: 184,
+    unicode_ascii_data: 48,
+    unicode_compact_data: 72,
+    unicode_state: 32,
+    bytes_data: 32,
+};

@@ -1,0 +1,31 @@
+use super::Offsets;
+
+/// CPython 3.12.
+pub const V3_12: Offsets = Offsets {
+    runtime_interp_head: 40,
+    interp_tstate_head: 72,
+    tstate_next: 8,
+    tstate_native_tid: 144,
+    tstate_cframe: 56,
+    tstate_current_frame: 0,
+    frame_code: 0,
+    frame_instr: 56,
+    frame_previous: 8,
+    frame_owner: 70,
+    frame_is_entry: -1,
+    owned_by_cstack: 3,
+    tstate_thread_id: 136,
+    lasti_int: 0,
+    frame_localsplus: -1,
+    code_varnames: -1,
+    code_name: 120,
+    code_qualname: 128,
+    code_filename: 112,
+    code_firstlineno: 68,
+    code_linetable: 136,
+    code_adaptive: 192,
+    unicode_ascii_data: 40,
+    unicode_compact_data: 56,
+    unicode_state: 32,
+    bytes_data: 32,
+};

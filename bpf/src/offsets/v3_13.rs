@@ -1,0 +1,31 @@
+use super::Offsets;
+
+/// CPython 3.13.
+pub const V3_13: Offsets = Offsets {
+    runtime_interp_head: 632,
+    interp_tstate_head: 7344,
+    tstate_next: 8,
+    tstate_native_tid: 160,
+    tstate_cframe: -1,
+    tstate_current_frame: 72,
+    frame_code: 0,
+    frame_instr: 56,
+    frame_previous: 8,
+    frame_owner: 70,
+    frame_is_entry: -1,
+    owned_by_cstack: 3,
+    tstate_thread_id: 152,
+    lasti_int: 0,
+    frame_localsplus: -1,
+    code_varnames: -1,
+    code_name: 120,
+    code_qualname: 128,
+    code_filename: 112,
+    code_firstlineno: 68,
+    code_linetable: 136,
+    code_adaptive: 200,
+    unicode_ascii_data: 40,
+    unicode_compact_data: 56,
+    unicode_state: 32,
+    bytes_data: 32,
+};

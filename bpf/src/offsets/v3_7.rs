@@ -1,0 +1,31 @@
+use super::Offsets;
+
+/// CPython 3.7 (PyFrameObject; `code_linetable` is co_lnotab).
+pub const V3_7: Offsets = Offsets {
+    runtime_interp_head: 24,
+    interp_tstate_head: 8,
+    tstate_next: 8,
+    tstate_native_tid: -1,
+    tstate_cframe: -1,
+    tstate_current_frame: 24,
+    frame_code: 32,
+    frame_instr: 104,
+    frame_previous: 24,
+    frame_owner: -1,
+    frame_is_entry: -1,
+    owned_by_cstack: -1,
+    tstate_thread_id: 176,
+    lasti_int: 1,
+    frame_localsplus: 360,
+    code_varnames: 64,
+    code_name: 104,
+    code_qualname: -1,
+    code_filename: 96,
+    code_firstlineno: 36,
+    code_linetable: 112,
+    code_adaptive: -1,
+    unicode_ascii_data: 48,
+    unicode_compact_data: 72,
+    unicode_state: 32,
+    bytes_data: 32,
+};
