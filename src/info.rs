@@ -148,7 +148,7 @@ pub fn python_process(files: &mut Files, pid: u32, ask: bool) -> Option<Value> {
         "static": interp.as_deref().is_some_and(|i| !i.contains("libpython")),
         "container_id": p.container_id,
         "trampoline": trampoline,
-        "perf_map": p.perf_map_path().display().to_string().replace(&format!("/proc/self/fd/"), "fd:"),
+        "perf_map": p.perf_map_path().display().to_string().replace(&"/proc/self/fd/".to_string(), "fd:"),
         "python_frames": python_frames,
         "ebpf": ebpf,
         "injection": injection,
@@ -204,7 +204,7 @@ pub fn run(pids: &[i32], as_json: bool) -> Result<i32> {
     if procs.is_empty() {
         println!("no CPython processes found{}", if pids.is_empty() { "" } else { " among the given pids" });
     } else {
-        println!("{:>8}  {:16} {:8} {:46} {}", "PID", "COMM", "VERSION", "INTERPRETER", "PYTHON FRAMES / EBPF / TRAMPOLINE / INJECTION");
+        println!("{:>8}  {:16} {:8} {:46} PYTHON FRAMES / EBPF / TRAMPOLINE / INJECTION", "PID", "COMM", "VERSION", "INTERPRETER");
         for p in &procs {
             let s = |k: &str| p[k].as_str().map(|s| s.to_string()).unwrap_or_else(|| "-".into());
             println!(

@@ -118,7 +118,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => n * 3600.0,
         _ => return Err(err()),
     };
-    if !(secs > 0.0) || !secs.is_finite() || secs > 366.0 * 86400.0 {
+    if secs.is_nan() || secs <= 0.0 || !secs.is_finite() || secs > 366.0 * 86400.0 {
         return Err(err());
     }
     Ok(Duration::from_secs_f64(secs))

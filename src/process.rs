@@ -106,9 +106,8 @@ impl Process {
         if end <= start {
             return;
         }
-        let file = if path.starts_with('/') && !path.starts_with("/memfd:") {
-            files.open_for_mapping(self.pid, start, end, path)
-        } else if path.starts_with("/memfd:") {
+        // File-backed (a path, `/memfd:…` included); anonymous code has no file.
+        let file = if path.starts_with('/') {
             files.open_for_mapping(self.pid, start, end, path)
         } else {
             None

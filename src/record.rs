@@ -628,7 +628,6 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             }
         }
     }
-    drop(open);
     let events = events;
     let mut rings: Vec<RingEntry> = rings.into_iter().flatten().collect();
     // Edge-triggered: a ring whose thread exited reports HUP for ever, but inherited events

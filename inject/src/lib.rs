@@ -120,7 +120,7 @@ impl PythonProcess {
 
     pub fn version_string(&self) -> String {
         let (a, b, c) = self.version;
-        if c == 0 && self.symbols.get("Py_Version").is_none() {
+        if c == 0 && !self.symbols.contains_key("Py_Version") {
             format!("{a}.{b}")
         } else {
             format!("{a}.{b}.{c}")
