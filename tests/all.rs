@@ -174,7 +174,7 @@ cat perfpy.err >&2
         let pid = pids[w];
         let n = d.count_where(|s| s.num_labels["pid"] == pid);
         let named = d.count_where(|s| s.num_labels["pid"] == pid && s.has_chain(&["<module>", hot]));
-        assert!(n > 20 && named as f64 > 0.8 * n as f64, "{w} (pid {pid}): {named} of {n} samples with <module> -> {hot}");
+        assert!(n > 20 && named as f64 > 0.6 * n as f64, "{w} (pid {pid}): {named} of {n} samples with <module> -> {hot}");
     }
     let native = d.count_where(|s| s.str_labels["comm"] == "busy-c-2" && s.has_chain(&["main", "level1", "level2", "leaf_busy"]));
     assert!(native > 20, "native busy loop: {native} samples");

@@ -79,8 +79,11 @@ fn ebpf_walker_names_python_2_7() {
     let o = run_perfpy(&["record", "-p", &w.pid().to_string(), "-d", "2", "-r", "497", "-o", out.to_str().unwrap()]);
     assert!(o.status.success());
     let d = decode(&out);
-    let hot = d.count_where(|s| s.has_chain(&["<module>", "hot_any"]));
-    assert!(hot as f64 > 0.9 * d.total() as f64, "{hot} of {}", d.total());
+    // Most CPU is in hot_any; nearly every one of its samples has the chain from <module>.
+    let hot = d.count_where(|s| s.has("hot_any"));
+    let chained = d.count_where(|s| s.has_chain(&["<module>", "hot_any"]));
+    assert!(hot as f64 > 0.75 * d.total() as f64, "{hot} of {}", d.total());
+    assert!(chained as f64 >= 0.9 * hot as f64, "{chained} of {hot}");
     let lines: Vec<i64> = d.samples.iter().flat_map(|s| &s.frames).filter(|f| f.function == "hot_any").map(|f| f.line).collect();
     assert!(lines.iter().all(|l| (10..=11).contains(l)), "{lines:?}");
     assert!(d.samples.iter().all(|s| s.str_labels.get("python_version").map(|v| v.as_str()) == Some("2.7")));

