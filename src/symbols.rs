@@ -67,10 +67,10 @@ pub fn resolve(profile: &Profile, files: &Files, procs: &HashMap<u32, &Process>)
     }
     for (file_id, locs) in by_file {
         let file = &files.list[file_id as usize];
-        let interpreter = file
-            .elf
-            .as_ref()
-            .is_some_and(|e| e.is_python_interpreter);
+        // The dynamic loader's frames under Python code are the interpreter's thread-local
+        // lookups (`__tls_get_addr`) and lazy binding: interpreter overhead, not user code.
+        let loader = file.path.rsplit('/').next().is_some_and(|n| n.starts_with("ld-linux") || n.starts_with("ld-musl"));
+        let interpreter = loader || file.elf.as_ref().is_some_and(|e| e.is_python_interpreter);
         let offsets: Vec<u64> = locs.iter().map(|(_, o)| *o).collect();
         let frames = if file.elf.is_some() {
             sym.symbolize_elf(&file.fd_path(), &offsets).unwrap_or_else(|e| {
