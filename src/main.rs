@@ -94,6 +94,9 @@ struct RecordArgs {
     /// before sampling), lenient with -a.
     #[arg(long)]
     inject_python: bool,
+    /// Do not load the eBPF frame walker: Python frames then come from perf trampolines only.
+    #[arg(long)]
+    no_ebpf: bool,
     /// Do not set PYTHONPERFSUPPORT=1 for a launched command (by default CPython 3.12+ then
     /// runs with its perf trampoline, which names its Python frames).
     #[arg(long)]
@@ -213,6 +216,7 @@ fn run(cli: Cli) -> Result<i32> {
                     keep_interpreter: a.keep_interpreter_frames,
                     python_perf_env: !a.no_python_perf_env,
                     inject_python: a.inject_python,
+                    ebpf: !a.no_ebpf,
                 },
                 stop,
             )?;

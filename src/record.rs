@@ -35,6 +35,7 @@ pub struct Options {
     pub keep_interpreter: bool,
     pub python_perf_env: bool,
     pub inject_python: bool,
+    pub ebpf: bool,
 }
 
 const INJECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -530,12 +531,13 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     // The eBPF frame walker, loaded before any event is opened and attached to each one as it is
     // opened: events inherited by threads created later carry the program only if their parent
     // had it when they were created. Without it, Python frames come from trampolines only.
-    let mut walker = match perfpy_bpf::Walker::load() {
-        Ok(w) => Some(w),
-        Err(e) => {
+    let mut walker = match opts.ebpf.then(perfpy_bpf::Walker::load) {
+        Some(Ok(w)) => Some(w),
+        Some(Err(e)) => {
             eprintln!("perfpy: warning: {e}; Python frames only from perf trampolines");
             None
         }
+        None => None,
     };
     let mut open = |cfg: &mut EventConfig, tid: i32| -> Result<bool> {
         for (ci, &cpu) in cpus.iter().enumerate() {

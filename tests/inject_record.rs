@@ -42,6 +42,29 @@ fn record_with_injection_names_python_and_restores_the_trampoline() {
 }
 
 #[test]
+fn injection_alone_names_functions_from_the_perf_map() {
+    // Without the eBPF walker, the names come from the perf map the activated trampoline writes.
+    for minor in ["3.12", "3.13"] {
+        let Some(py) = python(minor) else { continue };
+        let w = Workload::start(Command::new(&py).arg(testdata("split.py")).arg("30"));
+        let out = tmp(&format!("inject-map-{minor}.pb.gz"));
+        let o = run_perfpy(&["record", "-p", &w.pid().to_string(), "-d", "3", "-r", "497", "--no-ebpf", "--inject-python", "-o", out.to_str().unwrap()]);
+        assert!(o.status.success());
+        let d = decode(&out);
+        let rounds = d.count_where(|s| s.has("round_"));
+        assert!(rounds as f64 > 0.8 * d.total() as f64, "{minor}: {rounds} of {}", d.total());
+        assert_eq!(d.count_where(|s| s.has("round_") && s.str_labels["frames_from"] != "trampoline"), 0);
+        for (f, want) in [("hot_function", 0.40), ("Shape.area", 0.20), ("make_closure.<locals>.inner", 0.20), ("hash_work", 0.20)] {
+            let got = d.count_where(|s| s.has(f)) as f64 / rounds as f64;
+            assert!((got - want).abs() <= 0.05, "{minor}: {f}: {:.1}%", got * 100.0);
+        }
+        // Entered before activation: not wrapped, so not named on this path.
+        assert_eq!(d.count_where(|s| s.has("<module>")), 0);
+        assert!(!active(w.pid()));
+    }
+}
+
+#[test]
 fn a_target_started_with_x_perf_keeps_its_trampoline_on() {
     let Some(py) = python("3.12") else { return };
     let w = Workload::start(Command::new(&py).args(["-X", "perf"]).arg(testdata("split.py")).arg("30"));

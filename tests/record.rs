@@ -69,6 +69,17 @@ fn perf_trampoline_split_spawned_and_attached() {
         assert_eq!(pids.len(), 1);
         check_go_pprof(&out);
 
+        // The trampoline path alone (no eBPF walker): the same, named by the perf map.
+        let out = tmp(&format!("spawned-map-{minor}.pb.gz"));
+        let o = run_perfpy(&[
+            "record", "-d", "4", "-r", "497", "--no-ebpf", "-o", out.to_str().unwrap(), "--",
+            py.to_str().unwrap(), "-X", "perf", testdata("split.py").to_str().unwrap(), "5",
+        ]);
+        assert!(o.status.success());
+        let d = decode(&out);
+        check_split(&d, &format!("{minor} spawned, trampolines only"));
+        assert_eq!(d.count_where(|s| s.has("round_") && s.str_labels["frames_from"] != "trampoline"), 0);
+
         // Attached, at 1 kHz.
         let w = Workload::start(Command::new(&py).args(["-X", "perf"]).arg(testdata("split.py")).arg("30"));
         let out = tmp(&format!("attached-{minor}.pb.gz"));
