@@ -65,14 +65,24 @@ pub fn build(
             stack.to_vec()
         };
         let proc = procs.get(&key.proc);
-        let (pid, comm, thread) = match proc {
+        let (pid, mut comm, mut thread) = match proc {
             Some(p) => (
                 p.pid,
                 p.comm.clone(),
-                p.threads.get(&key.tid).cloned().unwrap_or_else(|| p.comm.clone()),
+                p.threads.get(&key.tid).cloned().unwrap_or_default(),
             ),
             None => (0, String::new(), String::new()),
         };
+        // A thread or process gone before its name was read still gets names: an empty label
+        // value would read as no label at all.
+        if comm.is_empty() {
+            comm = proc
+                .and_then(|p| p.threads.values().find(|n| !n.is_empty()).cloned())
+                .unwrap_or_else(|| format!("pid-{pid}"));
+        }
+        if thread.is_empty() {
+            thread = comm.clone();
+        }
         samples.push(Sample {
             locs,
             count: *count,
