@@ -3,10 +3,10 @@
   sleep    main thread sleeps 0.3 s at a time, measuring each sleep
   pipe     main thread blocks reading stdin
   threads  8 threads allocating without pause, main thread polls stdin without blocking
-  signals  as busy, and counts SIGUSR1
+  signals  as busy, and counts SIGRTMIN (queued, never merged)
 Commands on stdin, one per line, answered on stdout: state (1/0: trampoline active),
 check (a computation with a known result), slept (shortest sleep seen / asked, as a ratio),
-count (SIGUSR1 seen), quit. Prints "ready PID" first."""
+count (SIGRTMIN seen), quit. Prints "ready PID" first."""
 import os
 import select
 import signal
@@ -23,7 +23,8 @@ def handler(signum, frame):
     count[0] += 1
 
 
-signal.signal(signal.SIGUSR1, handler)
+# A real-time signal: each one sent is queued and delivered (standard signals may merge).
+signal.signal(signal.SIGRTMIN, handler)
 
 
 def work():

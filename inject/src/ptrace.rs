@@ -15,8 +15,6 @@
 use std::time::{Duration, Instant};
 
 use nix::sys::ptrace;
-use nix::sys::signal::Signal;
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::InjectError;
@@ -31,8 +29,28 @@ pub struct Tracee {
     xstate: Vec<u8>,
     /// (address, original bytes) of everything we wrote, to put back.
     written: Vec<(u64, Vec<u8>)>,
-    queued: Vec<Signal>,
+    /// Raw signal numbers: real-time signals included (they queue and must each be delivered).
+    queued: Vec<i32>,
     released: bool,
+}
+
+/// What a wait saw, with raw signal numbers (nix's `Signal` has no real-time signals).
+enum Stop {
+    /// A ptrace event stop (`PTRACE_EVENT_STOP` for our interrupt).
+    Event(i32),
+    /// A signal-delivery stop.
+    Signal(i32),
+    Exited,
+    Other,
+}
+
+fn cont(tid: Pid, sig: i32) -> nix::Result<()> {
+    // SAFETY: PTRACE_CONT on a tracee of ours in a stop; `sig` is a signal number or 0.
+    let r = unsafe { libc::ptrace(libc::PTRACE_CONT, tid.as_raw(), 0usize, sig as usize) };
+    if r < 0 {
+        return Err(nix::errno::Errno::last());
+    }
+    Ok(())
 }
 
 /// Whether the process has exited or is exiting (zombie, dead): ptrace then fails with EPERM or
@@ -80,26 +98,26 @@ impl Tracee {
         };
         if let Err(e) = ptrace::interrupt(t) {
             me.released = true;
-            let _ = ptrace::detach(t, None);
+            // SAFETY: detaching the tracee we just seized.
+            unsafe { libc::ptrace(libc::PTRACE_DETACH, tid, 0usize, 0usize) };
             return Err(gone_or(e, pid, "PTRACE_INTERRUPT"));
         }
         // Wait for the interrupt stop; signals that arrive first are queued for later.
         let deadline = Instant::now() + timeout;
         loop {
             match me.wait(deadline)? {
-                WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_STOP => break,
-                WaitStatus::Stopped(_, sig) => {
+                Stop::Event(ev) if ev == libc::PTRACE_EVENT_STOP => break,
+                Stop::Signal(sig) => {
                     me.queued.push(sig);
-                    ptrace::cont(t, None).map_err(|e| gone_or(e, pid, "PTRACE_CONT"))?;
+                    cont(t, 0).map_err(|e| gone_or(e, pid, "PTRACE_CONT"))?;
                 }
-                WaitStatus::PtraceSyscall(_) | WaitStatus::PtraceEvent(..) => {
-                    ptrace::cont(t, None).map_err(|e| gone_or(e, pid, "PTRACE_CONT"))?;
+                Stop::Event(_) | Stop::Other => {
+                    cont(t, 0).map_err(|e| gone_or(e, pid, "PTRACE_CONT"))?;
                 }
-                WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
+                Stop::Exited => {
                     me.released = true;
                     return Err(InjectError::ProcessGone { pid });
                 }
-                _ => {}
             }
         }
         me.saved = ptrace::getregs(t).map_err(|e| gone_or(e, pid, "PTRACE_GETREGS"))?;
@@ -114,23 +132,44 @@ impl Tracee {
         &self.saved
     }
 
-    fn wait(&mut self, deadline: Instant) -> Result<WaitStatus, InjectError> {
+    fn wait(&mut self, deadline: Instant) -> Result<Stop, InjectError> {
         loop {
-            match waitpid(self.tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) => {
-                    if Instant::now() >= deadline {
-                        return Err(InjectError::Timeout { pid: self.pid });
-                    }
-                    std::thread::sleep(Duration::from_micros(200));
+            let mut status: libc::c_int = 0;
+            // SAFETY: waitpid writes the status into our integer.
+            let r = unsafe { libc::waitpid(self.tid.as_raw(), &mut status, libc::__WALL | libc::WNOHANG) };
+            if r == 0 {
+                if Instant::now() >= deadline {
+                    return Err(InjectError::Timeout { pid: self.pid });
                 }
-                Ok(s) => return Ok(s),
-                Err(nix::errno::Errno::ECHILD) | Err(nix::errno::Errno::ESRCH) => {
-                    self.released = true;
-                    return Err(InjectError::ProcessGone { pid: self.pid });
-                }
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Err(gone_or(e, self.pid, "waitpid")),
+                std::thread::sleep(Duration::from_micros(200));
+                continue;
             }
+            if r < 0 {
+                match nix::errno::Errno::last() {
+                    nix::errno::Errno::EINTR => continue,
+                    nix::errno::Errno::ECHILD | nix::errno::Errno::ESRCH => {
+                        self.released = true;
+                        return Err(InjectError::ProcessGone { pid: self.pid });
+                    }
+                    e => return Err(gone_or(e, self.pid, "waitpid")),
+                }
+            }
+            if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+                self.released = true;
+                return Ok(Stop::Exited);
+            }
+            if !libc::WIFSTOPPED(status) {
+                return Ok(Stop::Other);
+            }
+            let sig = libc::WSTOPSIG(status);
+            let event = (status >> 16) & 0xff;
+            return Ok(if event != 0 {
+                Stop::Event(event)
+            } else if sig == (libc::SIGTRAP | 0x80) {
+                Stop::Other
+            } else {
+                Stop::Signal(sig)
+            });
         }
     }
 
@@ -187,11 +226,11 @@ impl Tracee {
             *slot = *a;
         }
         ptrace::setregs(self.tid, regs).map_err(|e| gone_or(e, self.pid, "PTRACE_SETREGS"))?;
-        ptrace::cont(self.tid, None).map_err(|e| gone_or(e, self.pid, "PTRACE_CONT"))?;
+        cont(self.tid, 0).map_err(|e| gone_or(e, self.pid, "PTRACE_CONT"))?;
         let deadline = Instant::now() + timeout;
         loop {
             match self.wait(deadline)? {
-                WaitStatus::Stopped(_, Signal::SIGSEGV) => {
+                Stop::Signal(libc::SIGSEGV) => {
                     let r = ptrace::getregs(self.tid)
                         .map_err(|e| gone_or(e, self.pid, "PTRACE_GETREGS"))?;
                     if r.rip == 0 {
@@ -203,19 +242,17 @@ impl Tracee {
                         detail: format!("the injected call faulted at {:#x}", r.rip),
                     });
                 }
-                WaitStatus::Stopped(_, sig) => {
+                Stop::Signal(sig) => {
                     // Delivered when we release the thread, not now.
                     self.queued.push(sig);
-                    ptrace::cont(self.tid, None)
-                        .map_err(|e| gone_or(e, self.pid, "PTRACE_CONT"))?;
+                    cont(self.tid, 0).map_err(|e| gone_or(e, self.pid, "PTRACE_CONT"))?;
                 }
-                WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
+                Stop::Exited => {
                     self.released = true;
                     return Err(InjectError::ProcessGone { pid: self.pid });
                 }
-                _ => {
-                    ptrace::cont(self.tid, None)
-                        .map_err(|e| gone_or(e, self.pid, "PTRACE_CONT"))?;
+                Stop::Event(_) | Stop::Other => {
+                    cont(self.tid, 0).map_err(|e| gone_or(e, self.pid, "PTRACE_CONT"))?;
                 }
             }
         }
@@ -247,13 +284,13 @@ impl Tracee {
                 });
             }
         }
-        // The first queued signal is delivered by the detach itself; others are sent again.
-        let first = if self.queued.is_empty() {
-            None
-        } else {
-            Some(self.queued.remove(0))
-        };
-        if let Err(e) = ptrace::detach(self.tid, first) {
+        // The first queued signal is delivered by the detach itself; others are sent again
+        // (real-time signals queue, so none is lost; standard ones merge as they always may).
+        let first = if self.queued.is_empty() { 0 } else { self.queued.remove(0) };
+        // SAFETY: PTRACE_DETACH of our tracee, delivering `first` (a signal number or 0).
+        let r = unsafe { libc::ptrace(libc::PTRACE_DETACH, self.tid.as_raw(), 0usize, first as usize) };
+        if r < 0 {
+            let e = nix::errno::Errno::last();
             if e != nix::errno::Errno::ESRCH {
                 first_err.get_or_insert(gone_or(e, self.pid, "PTRACE_DETACH"));
             }
@@ -261,12 +298,7 @@ impl Tracee {
         for sig in self.queued.drain(..) {
             // SAFETY: tgkill to a thread of the target with a signal that was meant for it.
             unsafe {
-                libc::syscall(
-                    libc::SYS_tgkill,
-                    self.pid,
-                    self.tid.as_raw(),
-                    sig as libc::c_int,
-                );
+                libc::syscall(libc::SYS_tgkill, self.pid, self.tid.as_raw(), sig);
             }
         }
         match first_err {

@@ -149,7 +149,7 @@ fn signals_during_injection_are_delivered() {
         let mut sent = 0;
         while !s2.load(std::sync::atomic::Ordering::Relaxed) {
             // SAFETY: signalling the target this test started, by pid.
-            unsafe { libc::kill(pid, libc::SIGUSR1) };
+            unsafe { libc::kill(pid, libc::SIGRTMIN()) };
             sent += 1;
             std::thread::sleep(Duration::from_millis(15));
         }
