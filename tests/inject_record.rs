@@ -16,7 +16,8 @@ fn active(pid: i32) -> bool {
 fn record_with_injection_names_python_and_restores_the_trampoline() {
     for minor in ["3.12", "3.13"] {
         let Some(py) = python(minor) else { continue };
-        let w = Workload::start(Command::new(&py).arg(testdata("split.py")).arg("30"));
+        let rep = split_report(&format!("inject-{minor}"));
+        let w = Workload::start(Command::new(&py).arg(testdata("split.py")).arg("30").env("SPLIT_REPORT", &rep));
         assert!(!active(w.pid()));
         let out = tmp(&format!("inject-{minor}.pb.gz"));
         let o = run_perfpy(&["record", "-p", &w.pid().to_string(), "-d", "4", "-r", "497", "--inject-python", "-o", out.to_str().unwrap()]);
@@ -27,7 +28,9 @@ fn record_with_injection_names_python_and_restores_the_trampoline() {
         // Functions called after activation are named; round_ is entered anew every round.
         let rounds = d.count_where(|s| s.has("round_"));
         assert!(rounds as f64 > 0.8 * d.total() as f64, "{minor}: {rounds} of {} samples in round_", d.total());
-        for (f, want) in [("hot_function", 0.40), ("Shape.area", 0.20), ("make_closure.<locals>.inner", 0.20), ("hash_work", 0.20)] {
+        let m = measured_split(&rep);
+        for f in ["hot_function", "Shape.area", "make_closure.<locals>.inner", "hash_work"] {
+            let want = m[f];
             let got = d.count_where(|s| s.has(f)) as f64 / rounds as f64;
             assert!((got - want).abs() <= 0.05, "{minor}: {f}: {:.1}%", got * 100.0);
         }
@@ -46,7 +49,8 @@ fn injection_alone_names_functions_from_the_perf_map() {
     // Without the eBPF walker, the names come from the perf map the activated trampoline writes.
     for minor in ["3.12", "3.13"] {
         let Some(py) = python(minor) else { continue };
-        let w = Workload::start(Command::new(&py).arg(testdata("split.py")).arg("30"));
+        let rep = split_report(&format!("inject-map-{minor}"));
+        let w = Workload::start(Command::new(&py).arg(testdata("split.py")).arg("30").env("SPLIT_REPORT", &rep));
         let out = tmp(&format!("inject-map-{minor}.pb.gz"));
         let o = run_perfpy(&["record", "-p", &w.pid().to_string(), "-d", "3", "-r", "497", "--no-ebpf", "--inject-python", "-o", out.to_str().unwrap()]);
         assert!(o.status.success());
@@ -54,7 +58,9 @@ fn injection_alone_names_functions_from_the_perf_map() {
         let rounds = d.count_where(|s| s.has("round_"));
         assert!(rounds as f64 > 0.8 * d.total() as f64, "{minor}: {rounds} of {}", d.total());
         assert_eq!(d.count_where(|s| s.has("round_") && s.str_labels["frames_from"] != "trampoline"), 0);
-        for (f, want) in [("hot_function", 0.40), ("Shape.area", 0.20), ("make_closure.<locals>.inner", 0.20), ("hash_work", 0.20)] {
+        let m = measured_split(&rep);
+        for f in ["hot_function", "Shape.area", "make_closure.<locals>.inner", "hash_work"] {
+            let want = m[f];
             let got = d.count_where(|s| s.has(f)) as f64 / rounds as f64;
             assert!((got - want).abs() <= 0.05, "{minor}: {f}: {:.1}%", got * 100.0);
         }

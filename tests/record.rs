@@ -16,11 +16,14 @@ const PARTS: [(&str, f64); 4] = [
 ];
 const CHAIN: [&str; 6] = ["<module>", "main", "main.<locals>.loop", "round_", "hot_function", "spin"];
 
-/// Checks the known split, the complete chain and the C extension's native frames.
-fn check_split(d: &Decoded, what: &str) {
+/// Checks the split the workload measured itself, the complete chain and the C extension's
+/// native frames.
+fn check_split(d: &Decoded, what: &str, measured: &std::collections::HashMap<String, f64>) {
     let rounds = d.count_where(|s| s.has("round_"));
     assert!(rounds >= 300, "{what}: too few samples in round_: {rounds}");
-    for (f, want) in PARTS {
+    for (f, nominal) in PARTS {
+        let want = measured[f];
+        assert!((want - nominal).abs() < 0.15, "{what}: the workload's own split is off: {f} {want}");
         let got = d.count_where(|s| s.has(f)) as f64 / rounds as f64;
         eprintln!("{what}: {f}: {:.1}% (want {:.0}%)", got * 100.0, want * 100.0);
         assert!((got - want).abs() <= 0.05, "{what}: {f} has {:.1}% of the samples, want {:.0}% ± 5", got * 100.0, want * 100.0);
@@ -57,36 +60,39 @@ fn perf_trampoline_split_spawned_and_attached() {
         let Some(py) = python(minor) else { continue };
         // Spawned.
         let out = tmp(&format!("spawned-{minor}.pb.gz"));
+        let rep = split_report(&format!("spawned-{minor}"));
         // ~500 Hz: enough samples that ±5 points is far outside sampling noise.
-        let o = run_perfpy(&[
+        let o = run_perfpy_env(&[
             "record", "-d", "4", "-r", "497", "-o", out.to_str().unwrap(), "--",
             py.to_str().unwrap(), "-X", "perf", testdata("split.py").to_str().unwrap(), "5",
-        ]);
+        ], &[("SPLIT_REPORT", &rep)]);
         assert!(o.status.success());
         let d = decode(&out);
-        check_split(&d, &format!("{minor} spawned"));
+        check_split(&d, &format!("{minor} spawned"), &measured_split(&rep));
         let pids: std::collections::HashSet<i64> = d.samples.iter().map(|s| s.num_labels["pid"]).collect();
         assert_eq!(pids.len(), 1);
         check_go_pprof(&out);
 
         // The trampoline path alone (no eBPF walker): the same, named by the perf map.
         let out = tmp(&format!("spawned-map-{minor}.pb.gz"));
-        let o = run_perfpy(&[
+        let rep = split_report(&format!("spawned-map-{minor}"));
+        let o = run_perfpy_env(&[
             "record", "-d", "4", "-r", "497", "--no-ebpf", "-o", out.to_str().unwrap(), "--",
             py.to_str().unwrap(), "-X", "perf", testdata("split.py").to_str().unwrap(), "5",
-        ]);
+        ], &[("SPLIT_REPORT", &rep)]);
         assert!(o.status.success());
         let d = decode(&out);
-        check_split(&d, &format!("{minor} spawned, trampolines only"));
+        check_split(&d, &format!("{minor} spawned, trampolines only"), &measured_split(&rep));
         assert_eq!(d.count_where(|s| s.has("round_") && s.str_labels["frames_from"] != "trampoline"), 0);
 
         // Attached, at 1 kHz.
-        let w = Workload::start(Command::new(&py).args(["-X", "perf"]).arg(testdata("split.py")).arg("30"));
+        let rep = split_report(&format!("attached-{minor}"));
+        let w = Workload::start(Command::new(&py).args(["-X", "perf"]).arg(testdata("split.py")).arg("30").env("SPLIT_REPORT", &rep));
         let out = tmp(&format!("attached-{minor}.pb.gz"));
         let o = run_perfpy(&["record", "-p", &w.pid().to_string(), "-d", "3", "-r", "1000", "-o", out.to_str().unwrap()]);
         assert!(o.status.success());
         let d = decode(&out);
-        check_split(&d, &format!("{minor} attached"));
+        check_split(&d, &format!("{minor} attached"), &measured_split(&rep));
         assert!(d.samples.iter().all(|s| s.num_labels["pid"] == w.pid() as i64));
         // 3000 when the workload has a CPU to itself; other tests may share the machine.
         assert!(d.total() > 600, "1 kHz for 3 s gave only {} samples", d.total());
@@ -331,9 +337,10 @@ fn spawned_python_gets_perf_support_from_the_environment() {
     let spin = d.count_where(|s| s.has("spin"));
     assert!(spin > 50);
     assert_eq!(d.count_where(|s| s.has("spin") && s.str_labels["frames_from"] != "ebpf"), 0);
-    // The walker gives lines: the hot loop of spin is at its lines 20-21.
+    // The walker gives lines: the hot loop of spin.
     let lines: Vec<i64> = d.samples.iter().flat_map(|s| &s.frames).filter(|f| f.function == "spin").map(|f| f.line).collect();
-    assert!(lines.iter().all(|l| (20..=21).contains(l)), "{lines:?}");
+    let hot = line_of("split.py", "def spin") + 2;
+    assert!(lines.iter().all(|l| (hot..=hot + 1).contains(l)), "{lines:?}");
 }
 
 #[test]

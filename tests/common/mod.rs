@@ -107,7 +107,16 @@ impl Drop for Workload {
 }
 
 pub fn run_perfpy(args: &[&str]) -> Output {
-    let out = Command::new(perfpy())
+    run_perfpy_env(args, &[])
+}
+
+/// Runs perfpy with extra environment variables (passed on to a command it launches).
+pub fn run_perfpy_env(args: &[&str], env: &[(&str, &Path)]) -> Output {
+    let mut cmd = Command::new(perfpy());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -257,4 +266,28 @@ pub fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::Exi
         std::thread::sleep(Duration::from_millis(20));
     }
     None
+}
+
+/// The split a `split.py` run measured itself (its `$SPLIT_REPORT` file): name → fraction.
+pub fn measured_split(path: &Path) -> HashMap<String, f64> {
+    let text = std::fs::read_to_string(path).expect("split report");
+    text.lines()
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A fresh path for a `split.py` report.
+pub fn split_report(name: &str) -> PathBuf {
+    let p = tmp(&format!("{name}.split"));
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+/// The 1-based line of the first line of `testdata/<file>` containing `needle`.
+pub fn line_of(file: &str, needle: &str) -> i64 {
+    let text = std::fs::read_to_string(testdata(file)).unwrap();
+    text.lines().position(|l| l.contains(needle)).expect("needle in file") as i64 + 1
 }
