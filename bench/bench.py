@@ -1,116 +1,533 @@
 #!/usr/bin/env python3
-"""perfpy benchmarks, side by side with py-spy and perf, in one interleaved run.
+"""perfpy's benchmarks: side by side with py-spy and perf, in one run, with pass/fail targets.
 
-For each interpreter and profiler configuration it runs the same fixed Python work
-(bench/work.py) several times, interleaving configurations so that the machine's noise hits all
-of them alike, and reports medians: the work's wall time, its slowdown against the bare runs of
-the same round, and for perfpy its own CPU time per sample (user + sys of the perfpy process
-divided by its samples) and peak RSS. Results go to stdout and bench/out/results.md.
+Sections (all by default; pick with --only a,b,...):
+  slowdown   the same fixed Python work (bench/work.py) bare and under each profiler, configurations
+             interleaved in every round so the machine's noise falls on all alike; medians of the
+             work's own wall time, perfpy's CPU per sample (all in), its peak RSS, lost samples and
+             the eBPF walker's run time per sample. 3.11: eBPF path (spawned). 3.12: perfpy attached
+             with --inject-python (trampoline path), the trampoline's own cost shown separately.
+  threads    1 kHz on 2 busy Python threads: no lost samples.
+  accuracy   the error of a known CPU split (testdata/split.py) on every installed CPython.
+  symbolize  a 60 s `record -a` of several Python processes (in a private PID namespace): the
+             time from the end of sampling to the written file.
+  soak       a 10-minute recording at 1 kHz of a busy 2-thread process: perfpy's RSS and open
+             file descriptors sampled every 10 s must stay flat.
+  churn      `record -a --inject-python` for 10 minutes (private PID namespace) while short-lived
+             Python processes start and exit several times a second: memory and fds flat, every
+             sample of a process's own function carries that process's pid.
 
-Usage: bench/run.sh [ROUNDS]   (builds perfpy, makes the py-spy venv, then runs this)
+Exits 1 when a target is missed (listed at the end), so it can be run by hand before a release.
+Usage: bench/run.sh [--rounds N] [--only LIST] [--soak-seconds S]   (run.sh builds and sets up)
 """
+import argparse
 import os
 import re
-import resource
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import pprof  # noqa: E402
+
 PERFPY = os.path.join(ROOT, "target", "release", "perfpy")
 PYSPY = os.path.join(ROOT, "bench", ".venv", "bin", "py-spy")
 WORK = os.path.join(ROOT, "bench", "work.py")
+SPLIT = os.path.join(ROOT, "testdata", "split.py")
+BUSY = os.path.join(ROOT, "testdata", "busy_any.py")
 OUT = os.path.join(ROOT, "bench", "out")
-ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-UNITS = os.environ.get("UNITS", "1500")
+PYENV = "/root/.pyenv/versions"
+
+# The targets of issue 6 and 7.
+TARGET_SLOWDOWN = {100: 0.5, 1000: 3.0}  # percent, perfpy vs bare
+TARGET_CPU_US = 30.0  # perfpy CPU per sample, all in, at 1 kHz
+TARGET_RSS_MIB = 64.0
+TARGET_SPLIT_POINTS = 5.0  # largest error of one part of the known split, percentage points
+TARGET_FLAT_MIB = 4.0  # RSS growth allowed after the first minute of a long recording
+
+misses = []
+report = []
+
+
+def say(line=""):
+    print(line, flush=True)
+    report.append(line)
+
+
+def check(ok, what):
+    if not ok:
+        misses.append(what)
+    return "ok" if ok else "MISSED"
+
+
+def pythons():
+    """Every installed CPython: (label, path), oldest first, then Debian's own 3.11."""
+    out = []
+    for d in sorted(os.listdir(PYENV), key=lambda v: tuple(int(x) for x in v.split(".")[:3] if x.isdigit())):
+        m = re.match(r"(\d+)\.(\d+)\.", d)
+        if m:
+            exe = os.path.join(PYENV, d, "bin", "python%s.%s" % m.groups())
+            if os.access(exe, os.X_OK):
+                out.append((d, exe))
+    if os.access("/usr/bin/python3.11", os.X_OK):
+        out.append(("3.11 (Debian)", "/usr/bin/python3.11"))
+    return out
 
 
 def pyenv(minor):
-    base = "/root/.pyenv/versions"
-    for d in sorted(os.listdir(base)):
-        if d.startswith(minor + "."):
-            return os.path.join(base, d, "bin", "python" + minor)
-    raise SystemExit("CPython %s not found under %s" % (minor, base))
+    for label, exe in pythons():
+        if label.startswith(minor + "."):
+            return exe
+    raise SystemExit("CPython %s not found under %s" % (minor, PYENV))
 
 
-def run_work(cmd_prefix, py, pyargs, tmp):
-    """Runs the work under an optional profiler; returns (wall, profiler_cpu, samples, rss_kb)."""
-    work = [py] + pyargs + [WORK, UNITS]
-    if not cmd_prefix:
-        out = subprocess.run(work, capture_output=True, text=True, check=True).stdout
-        return float(re.search(r"elapsed ([\d.]+)", out).group(1)), None, None, None
-    cmd = cmd_prefix + work
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def perfpy_stats(err):
+    """From perfpy's stderr: samples, lost, eBPF µs per run, symbolization seconds."""
+    m = re.search(r"(\d+) samples, (\d+) lost", err)
+    b = re.search(r"eBPF walker: \d+ runs, ([\d.]+) µs per run", err)
+    s = re.search(r"symbolized in ([\d.]+)s", err)
+    return (int(m.group(1)) if m else None, int(m.group(2)) if m else None,
+            float(b.group(1)) if b else None, float(s.group(1)) if s else None)
+
+
+class Run:
+    def __init__(self, wall, cpu=None, samples=None, rss_kib=None, lost=None, bpf_us=None):
+        self.wall, self.cpu, self.samples, self.rss_kib, self.lost, self.bpf_us = wall, cpu, samples, rss_kib, lost, bpf_us
+
+
+def communicate_rusage(p, first_err=""):
+    """Reads p's pipes to the end, then reaps it with wait4 (Popen.wait would drop the
+    rusage): returns (stdout, stderr, rusage)."""
+    outs = {}
+
+    def pump(name, f):
+        outs[name] = f.read() if f else ""
+
+    ts = [threading.Thread(target=pump, args=(n, f)) for n, f in (("out", p.stdout), ("err", p.stderr))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
     _, status, ru = os.wait4(p.pid, 0)
-    out = p.stdout.read()
-    err = p.stderr.read()
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return outs["out"], first_err + outs["err"], ru
+
+
+def run_bare(py, pyargs, units):
+    out = subprocess.run([py] + pyargs + [WORK, str(units)], capture_output=True, text=True, check=True).stdout
+    return Run(float(re.search(r"elapsed ([\d.]+)", out).group(1)))
+
+
+def run_prefixed(prefix, py, pyargs, units):
+    """The work launched by a profiler. The profiler's CPU is its rusage minus the work's own
+    CPU (wait4 counts the children it reaped; the work prints its CPU time)."""
+    work = [py] + pyargs + [WORK, str(units)]
+    p = subprocess.Popen(prefix + work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err, ru = communicate_rusage(p)
     m = re.search(r"elapsed ([\d.]+) ([\d.]+)", out)
-    if not m:
-        raise SystemExit("run failed: %s\n%s\n%s" % (cmd, out, err))
+    if not m or p.returncode != 0:
+        raise SystemExit("run failed (%s): %s\n%s\n%s" % (p.returncode, prefix + work, out, err))
     wall, work_cpu = float(m.group(1)), float(m.group(2))
-    samples = None
-    # perfpy: "N samples,"; perf: "(N samples)"; py-spy: "Samples: N".
-    s = re.search(r"(\d+) samples", err) or re.search(r"Samples: (\d+)", err)
-    if s:
-        samples = int(s.group(1))
-    # ru covers the profiler process itself (the work is its child, accounted separately
-    # only once reaped by it; wait4 on the profiler includes reaped children: subtract the work).
-    # wait4 reports the profiler together with the children it reaped: take the work's own CPU
-    # (which it printed) away.
-    return wall, max(0.0, ru.ru_utime + ru.ru_stime - work_cpu), samples, ru.ru_maxrss
+    samples, lost, bpf_us, _ = perfpy_stats(err)
+    if samples is None:
+        s = re.search(r"\((\d+) samples\)", err)  # perf
+        samples = int(s.group(1)) if s else None
+    cpu = max(0.0, ru.ru_utime + ru.ru_stime - work_cpu)
+    return Run(wall, cpu, samples, ru.ru_maxrss, lost, bpf_us)
+
+
+def run_attached(rate, py, units, out_path):
+    """perfpy attached to a running 3.12 with --inject-python: the work starts once perfpy says
+    it is sampling, and perfpy ends when the work's process exits. perfpy's rusage is its own."""
+    w = subprocess.Popen([py, WORK, str(units), "wait"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    pid = int(w.stdout.readline().split()[1])
+    p = subprocess.Popen([PERFPY, "record", "-p", str(pid), "--inject-python", "-r", str(rate), "-o", out_path],
+                         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    first = []
+    for line in p.stderr:
+        first.append(line)
+        if "perfpy: sampling" in line:
+            break
+    w.stdin.write("go\n")
+    w.stdin.flush()
+    out = w.stdout.read()
+    w.wait()
+    _, err, ru = communicate_rusage(p, "".join(first))
+    m = re.search(r"elapsed ([\d.]+) ([\d.]+)", out)
+    if not m or p.returncode != 0:
+        raise SystemExit("attached run failed (%s)\n%s\n%s" % (p.returncode, out, err))
+    samples, lost, bpf_us, _ = perfpy_stats(err)
+    return Run(float(m.group(1)), ru.ru_utime + ru.ru_stime, samples, ru.ru_maxrss, lost, bpf_us)
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def bpf_stats(on):
+    """Turns the kernel's BPF run-time accounting on or off; returns the previous value."""
+    path = "/proc/sys/kernel/bpf_stats_enabled"
+    try:
+        with open(path) as f:
+            old = f.read().strip()
+        with open(path, "w") as f:
+            f.write("1" if on else "0")
+        return old
+    except OSError:
+        return None
+
+
+def section_slowdown(rounds, units):
+    tmp = tempfile.mkdtemp(prefix="perfpy-bench-")
+    p11, p12 = pyenv("3.11"), pyenv("3.12")
+    pb = os.path.join(tmp, "p.pb.gz")
+    configs = [("3.11", "bare", lambda: run_bare(p11, [], units))]
+    for rate in (100, 1000):
+        configs += [
+            ("3.11", "perfpy %d Hz" % rate, lambda r=rate: run_prefixed([PERFPY, "record", "-r", str(r), "-o", pb, "--"], p11, [], units)),
+            ("3.11", "py-spy %d Hz" % rate, lambda r=rate: run_prefixed([PYSPY, "record", "-r", str(r), "-o", os.path.join(tmp, "s.txt"), "-f", "raw", "--"], p11, [], units)),
+            ("3.11", "perf dwarf %d Hz" % rate, lambda r=rate: run_prefixed(["perf", "record", "-e", "cpu-clock", "-F", str(r), "--call-graph", "dwarf,16384", "-o", os.path.join(tmp, "perf.data"), "--"], p11, [], units)),
+        ]
+    configs += [("3.12", "bare", lambda: run_bare(p12, [], units)),
+                ("3.12", "bare -X perf (trampoline alone)", lambda: run_bare(p12, ["-X", "perf"], units))]
+    for rate in (100, 1000):
+        configs += [
+            ("3.12", "perfpy %d Hz --inject-python (attached)" % rate, lambda r=rate: run_attached(r, p12, units, pb)),
+            ("3.12", "py-spy %d Hz" % rate, lambda r=rate: run_prefixed([PYSPY, "record", "-r", str(r), "-o", os.path.join(tmp, "s.txt"), "-f", "raw", "--"], p12, [], units)),
+            ("3.12", "perf dwarf %d Hz -X perf" % rate, lambda r=rate: run_prefixed(["perf", "record", "-e", "cpu-clock", "-F", str(r), "--call-graph", "dwarf,16384", "-o", os.path.join(tmp, "perf.data"), "--"], p12, ["-X", "perf"], units)),
+        ]
+    results = {}
+    for r in range(rounds):
+        for label, name, fn in configs:
+            results.setdefault((label, name), []).append(fn())
+        print("slowdown: round %d/%d done" % (r + 1, rounds), file=sys.stderr, flush=True)
+    say("### Slowdown, CPU, memory (%d interleaved rounds, work of ~%d units)" % (rounds, units))
+    say()
+    say("| python | profiler | median wall (s) | slowdown | profiler CPU per sample (µs) | samples | lost | peak RSS (MiB) | eBPF µs per sample |")
+    say("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    spreads = []
+    for (label, name), rs in results.items():
+        wall = med(r.wall for r in rs)
+        bare = med(r.wall for r in results[(label, "bare")])
+        slow = (wall / bare - 1) * 100
+        spreads.append((max(r.wall for r in rs) - min(r.wall for r in rs)) / wall * 100)
+        n = med(r.samples for r in rs)
+        cpu = med(r.cpu for r in rs)
+        per = cpu / n * 1e6 if (cpu is not None and n) else None
+        rss = med(r.rss_kib for r in rs)
+        lost = med(r.lost for r in rs)
+        bpf = med(r.bpf_us for r in rs)
+        is_perfpy = name.startswith("perfpy")
+        rss_s = "%.1f" % (rss / 1024) if (rss and is_perfpy) else "—"
+        say("| %s | %s | %.3f | %+.1f%% | %s | %s | %s | %s | %s |" % (
+            label, name, wall, slow, "%.0f" % per if per is not None and name != "bare" and not name.startswith("py-spy") else "—",
+            "%d" % n if n else "—", "%d" % lost if lost is not None else "—", rss_s, "%.2f" % bpf if bpf else "—"))
+        if is_perfpy:
+            rate = 1000 if "1000 Hz" in name else 100
+            marks = []
+            if label == "3.11":
+                marks.append(check(slow <= TARGET_SLOWDOWN[rate], "%s %s: slowdown %+.1f%% > %.1f%%" % (label, name, slow, TARGET_SLOWDOWN[rate])))
+            else:
+                # Attached with the trampoline: sampling's own cost against -X perf bare.
+                tr = med(r.wall for r in results[(label, "bare -X perf (trampoline alone)")])
+                s2 = (wall / tr - 1) * 100
+                say("|  |  ↳ against bare -X perf (sampling alone) |  | %+.1f%% |  |  |  |  |  |" % s2)
+                marks.append(check(s2 <= TARGET_SLOWDOWN[rate], "%s %s: slowdown over the trampoline %+.1f%% > %.1f%%" % (label, name, s2, TARGET_SLOWDOWN[rate])))
+            if rate == 1000 and per is not None:
+                marks.append(check(per <= TARGET_CPU_US, "%s %s: %.0f µs CPU per sample > %.0f" % (label, name, per, TARGET_CPU_US)))
+            if rss:
+                marks.append(check(rss / 1024 <= TARGET_RSS_MIB, "%s %s: peak RSS %.1f MiB > %.0f" % (label, name, rss / 1024, TARGET_RSS_MIB)))
+            if rate == 1000 and lost is not None:
+                marks.append(check(lost == 0, "%s %s: %d samples lost" % (label, name, lost)))
+    say()
+    say("Largest spread of one configuration's wall times, (max − min) / median: %.1f%%." % max(spreads))
+    say()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def section_threads():
+    """Two Python threads sharing the GIL, with hashing that releases it: both CPUs busy."""
+    tmp = tempfile.mkdtemp(prefix="perfpy-bench-")
+    pb = os.path.join(tmp, "t.pb.gz")
+    p = subprocess.run([PERFPY, "record", "-r", "1000", "-o", pb, "--", pyenv("3.11"), SPLIT, "10", "threads"],
+                       capture_output=True, text=True)
+    samples, lost, _, _ = perfpy_stats(p.stderr)
+    per_thread = {}
+    main_tid = None
+    for n, _, lab in (pprof.read(pb) if os.path.exists(pb) else []):
+        per_thread[lab.get("tid")] = per_thread.get(lab.get("tid"), 0) + n
+        main_tid = lab.get("pid")
+    # The two workers: every thread but the main one (which only waits for them).
+    workers = {k: v for k, v in per_thread.items() if k != main_tid}
+    ok = p.returncode == 0 and lost == 0 and len(workers) == 2 and all(v >= 0.25 * samples for v in workers.values())
+    say("### 1 kHz on 2 busy Python threads (testdata/split.py threads, 10 s, spawned; samples by tid)")
+    say()
+    say("%s samples, %s lost; per thread: %s: %s" % (samples, lost, ", ".join("%s %d" % kv for kv in sorted(per_thread.items(), key=str)),
+        check(ok, "2 threads at 1 kHz: %s samples, %s lost, workers %s" % (samples, lost, workers))))
+    say()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+PARTS = ["hot_function", "Shape.area", "make_closure.<locals>.inner", "hash_work"]
+
+
+def part_of(names):
+    """The split.py part a stack is in (its innermost match), by qualified or plain name."""
+    for n in names:
+        for part in PARTS:
+            if n == part or n == part.rsplit(".", 1)[-1] or n.endswith("." + part.rsplit(".", 1)[-1]):
+                return part
+    return None
+
+
+def section_accuracy(seconds=6):
+    tmp = tempfile.mkdtemp(prefix="perfpy-bench-")
+    say("### Accuracy: a known CPU split (testdata/split.py, %d s at 1 kHz, spawned)" % seconds)
+    say()
+    say("| python | samples | " + " | ".join("%s perfpy / measured" % p for p in PARTS) + " | largest error (points) |")
+    say("| --- | --- | " + " | ".join("---" for _ in PARTS) + " | --- |")
+    for label, exe in pythons():
+        pb = os.path.join(tmp, "a.pb.gz")
+        rep = os.path.join(tmp, "split.txt")
+        env = dict(os.environ, SPLIT_REPORT=rep)
+        p = subprocess.run([PERFPY, "record", "-r", "1000", "-o", pb, "--", exe, SPLIT, str(seconds)],
+                           capture_output=True, text=True, env=env)
+        if p.returncode != 0 or not os.path.exists(rep):
+            say("| %s | failed (%d) | %s |" % (label, p.returncode, p.stderr.strip().splitlines()[-1:]))
+            misses.append("accuracy %s: run failed" % label)
+            continue
+        measured = {}
+        for line in open(rep):
+            k, v = line.rsplit(" ", 1)
+            measured[k] = float(v)
+        counts = dict.fromkeys(PARTS, 0)
+        for n, names, _ in pprof.read(pb):
+            part = part_of(names)
+            if part:
+                counts[part] += n
+        total = sum(counts.values())
+        errs = [abs(counts[p] / total - measured[p]) * 100 if total else 100 for p in PARTS]
+        say("| %s | %d | %s | %.1f %s |" % (label, total, " | ".join(
+            "%.1f / %.1f" % (counts[p] / max(total, 1) * 100, measured[p] * 100) for p in PARTS), max(errs),
+            check(max(errs) <= TARGET_SPLIT_POINTS, "accuracy %s: error %.1f points" % (label, max(errs)))))
+    say()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def in_pidns(cmd):
+    """A command in a private PID namespace with its own /proc: -a sees only what it starts."""
+    return ["unshare", "--pid", "--fork", "--mount-proc"] + cmd
+
+
+NS_DRIVER = r'''
+import os, re, subprocess, sys, time
+perfpy, out, seconds, mode = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+pys = sys.argv[5:]
+procs = []
+if mode == "symbolize":
+    # Several long-running Python processes of different versions, one of them with 2 threads.
+    for i, py in enumerate(pys):
+        procs.append(subprocess.Popen([py, os.environ["BUSY"], str(seconds + 30)], stdout=subprocess.DEVNULL))
+    time.sleep(1)
+rec = subprocess.Popen([perfpy, "record", "-a", "-d", str(seconds), "-r", "1000", "-o", out] +
+                       (["--inject-python"] if mode == "churn" else []), stderr=subprocess.PIPE, text=True)
+rss_log = []
+if mode in ("churn",):
+    # Short-lived processes, several a second, each running a function named after its pid.
+    code = ("import os,time\n"
+            "exec('def pid_%d(t):\\n    e=time.time()+t\\n    while time.time()<e: sum(range(1000))' % os.getpid())\n"
+            "globals()['pid_%d' % os.getpid()](0.15)\n")
+    end = time.time() + seconds
+    kids = []
+    i = 0
+    next_rss = time.time()
+    while time.time() < end:
+        kids = [k for k in kids if k.poll() is None]
+        if len(kids) < 6:
+            kids.append(subprocess.Popen([pys[i % len(pys)], "-c", code]))
+            i += 1
+        if time.time() >= next_rss:
+            try:
+                st = open("/proc/%d/status" % rec.pid).read()
+                fds = len(os.listdir("/proc/%d/fd" % rec.pid))
+                rss_log.append((round(time.time() - (end - seconds)), int(re.search(r"VmRSS:\s+(\d+)", st).group(1)), fds))
+            except OSError:
+                pass
+            next_rss += 10
+        time.sleep(0.05)
+    for k in kids:
+        k.wait()
+    sys.stdout.write("started %d\n" % i)
+else:
+    time.sleep(seconds)
+t_end = time.time()
+err = rec.stderr.read()
+rec.wait()
+t_written = time.time()
+for p in procs:
+    p.kill(); p.wait()
+sys.stdout.write("rc %d\nafter_end %.3f\n" % (rec.returncode, t_written - t_end))
+for t, rss, fds in rss_log:
+    sys.stdout.write("rss %d %d %d\n" % (t, rss, fds))
+sys.stdout.write(err)
+'''
+
+
+def section_symbolize(seconds=60):
+    tmp = tempfile.mkdtemp(prefix="perfpy-bench-")
+    pb = os.path.join(tmp, "all.pb.gz")
+    pys = [pyenv(v) for v in ("2.7", "3.6", "3.9", "3.11", "3.12", "3.13")]
+    env = dict(os.environ, BUSY=BUSY)
+    p = subprocess.run(in_pidns([sys.executable, "-c", NS_DRIVER, PERFPY, pb, str(seconds), "symbolize"] + pys),
+                       capture_output=True, text=True, env=env)
+    out = p.stdout
+    rc = int(re.search(r"rc (-?\d+)", out).group(1)) if "rc " in out else -1
+    after = float(re.search(r"after_end ([\d.]+)", out).group(1)) if "after_end" in out else None
+    samples, lost, _, sym = perfpy_stats(out)
+    pids = {lab.get("pid") for _, _, lab in pprof.read(pb)} if os.path.exists(pb) else set()
+    say("### Symbolization after a %d s `record -a` at 1 kHz of %d Python processes (2.7 – 3.13)" % (seconds, len(pys)))
+    say()
+    say("exit %d; %s samples, %s lost, %d processes in the profile; symbolized and written in %s s "
+        "(perfpy's own figure); end of sampling to exit: %s s: %s" % (
+            rc, samples, lost, len(pids), sym, "%.2f" % after if after is not None else "?",
+            check(rc == 0 and sym is not None and sym <= 5.0 and len(pids) >= len(pys), "-a symbolization: rc %d, %s s, %d processes" % (rc, sym, len(pids)))))
+    say()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def flat(series, label):
+    """RSS (KiB) after the first minute must not grow by more than TARGET_FLAT_MIB."""
+    later = [r for t, r, _ in series if t >= 60]
+    fds = [f for t, _, f in series if t >= 60]
+    if len(later) < 2:
+        return check(False, "%s: too few RSS samples" % label)
+    growth = (max(later) - later[0]) / 1024
+    fd_growth = max(fds) - fds[0]
+    return "RSS %.1f → %.1f MiB (max %.1f), growth %.1f MiB; fds %d → %d (max %d): %s" % (
+        later[0] / 1024, later[-1] / 1024, max(later) / 1024, growth, fds[0], fds[-1], max(fds),
+        check(growth <= TARGET_FLAT_MIB and fd_growth <= 8, "%s: RSS growth %.1f MiB, fd growth %d" % (label, growth, fd_growth)))
+
+
+def section_soak(seconds):
+    tmp = tempfile.mkdtemp(prefix="perfpy-bench-")
+    pb = os.path.join(tmp, "soak.pb.gz")
+    target = subprocess.Popen([pyenv("3.11"), SPLIT, str(seconds + 60), "threads"], stdout=subprocess.PIPE, text=True)
+    target.stdout.readline()
+    p = subprocess.Popen([PERFPY, "record", "-p", str(target.pid), "-r", "1000", "-d", str(seconds), "-o", pb],
+                         stderr=subprocess.PIPE, text=True)
+    series = []
+    t0 = time.time()
+    errbuf = []
+    th = threading.Thread(target=lambda: errbuf.append(p.stderr.read()))
+    th.start()
+    while p.poll() is None:
+        try:
+            st = open("/proc/%d/status" % p.pid).read()
+            fds = len(os.listdir("/proc/%d/fd" % p.pid))
+            series.append((round(time.time() - t0), int(re.search(r"VmRSS:\s+(\d+)", st).group(1)), fds))
+        except (OSError, AttributeError):
+            pass
+        for _ in range(100):
+            if p.poll() is not None:
+                break
+            time.sleep(0.1)
+    th.join()
+    target.kill()
+    target.wait()
+    err = errbuf[0] if errbuf else ""
+    samples, lost, _, sym = perfpy_stats(err)
+    say("### %d-second recording at 1 kHz of a 2-thread process (RSS every 10 s)" % seconds)
+    say()
+    say("| seconds | " + " | ".join(str(t) for t, _, _ in series) + " |")
+    say("| --- | " + " | ".join("---" for _ in series) + " |")
+    say("| RSS (MiB) | " + " | ".join("%.1f" % (r / 1024) for _, r, _ in series) + " |")
+    say("| open fds | " + " | ".join(str(f) for _, _, f in series) + " |")
+    say()
+    say("exit %s; %s samples, %s lost; %s" % (p.returncode, samples, lost, flat(series, "soak")))
+    check(p.returncode == 0 and lost == 0, "soak: exit %s, %s lost" % (p.returncode, lost))
+    say()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def section_churn(seconds):
+    tmp = tempfile.mkdtemp(prefix="perfpy-bench-")
+    pb = os.path.join(tmp, "churn.pb.gz")
+    pys = [pyenv(v) for v in ("3.9", "3.11", "3.12", "3.13")]
+    p = subprocess.run(in_pidns([sys.executable, "-c", NS_DRIVER, PERFPY, pb, str(seconds), "churn"] + pys),
+                       capture_output=True, text=True)
+    out = p.stdout
+    rc = int(re.search(r"rc (-?\d+)", out).group(1)) if "rc " in out else -1
+    started = int(re.search(r"started (\d+)", out).group(1)) if "started" in out else 0
+    series = [tuple(int(x) for x in l.split()[1:]) for l in out.splitlines() if l.startswith("rss ")]
+    samples, lost, _, sym = perfpy_stats(out)
+    mixed = named = 0
+    pids = set()
+    if os.path.exists(pb):
+        for n, names, lab in pprof.read(pb):
+            for name in names:
+                m = re.match(r"pid_(\d+)$", name)
+                if m:
+                    named += n
+                    pids.add(int(m.group(1)))
+                    if int(m.group(1)) != lab.get("pid"):
+                        mixed += n
+    say("### `record -a --inject-python` for %d s while short-lived Python processes come and go" % seconds)
+    say()
+    say("%d processes started (3.9, 3.11, 3.12, 3.13 in turn), %d named in the profile; %s samples, %s lost; "
+        "exit %d; symbolized in %s s" % (started, len(pids), samples, lost, rc, sym))
+    say()
+    say("Samples in a `pid_N` function: %d, of which under another pid's label: %d: %s" % (
+        named, mixed, check(mixed == 0 and named > 0, "churn: %d of %d samples under the wrong pid" % (mixed, named))))
+    say()
+    say(flat(series, "churn"))
+    check(rc == 0, "churn: perfpy exit %d" % rc)
+    say()
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--units", type=int, default=2500, help="work.py units (~2 ms each)")
+    ap.add_argument("--only", default="slowdown,threads,accuracy,symbolize,soak,churn")
+    ap.add_argument("--soak-seconds", type=int, default=600)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("run the benchmarks as root (perf events, eBPF, ptrace, PID namespaces)")
     os.makedirs(OUT, exist_ok=True)
-    tmp = os.path.join(OUT, "tmp")
-    os.makedirs(tmp, exist_ok=True)
-    configs = []
-    for minor, pyargs, label in [("3.11", [], "3.11"), ("3.12", ["-X", "perf"], "3.12 -X perf")]:
-        py = pyenv(minor)
-        configs.append((label, "bare", py, pyargs, None))
-        for rate in (100, 1000):
-            configs.append((label, "perfpy %d Hz" % rate, py, pyargs,
-                            [PERFPY, "record", "-r", str(rate), "-o", os.path.join(tmp, "p.pb.gz"), "--"]))
-            configs.append((label, "py-spy %d Hz" % rate, py, pyargs,
-                            [PYSPY, "record", "-r", str(rate), "-o", os.path.join(tmp, "s.txt"), "-f", "raw", "--"]))
-            configs.append((label, "perf dwarf %d Hz" % rate, py, pyargs,
-                            ["perf", "record", "-e", "cpu-clock", "-F", str(rate), "--call-graph", "dwarf,16384",
-                             "-o", os.path.join(tmp, "perf.data"), "--"]))
-    # The trampoline's own cost: 3.12 without -X perf, bare.
-    configs.append(("3.12 (no -X perf)", "bare", pyenv("3.12"), [], None))
-    results = {}
-    for r in range(ROUNDS):
-        for label, name, py, pyargs, prefix in configs:
-            wall, cpu, samples, rss = run_work(prefix, py, pyargs, tmp)
-            results.setdefault((label, name), []).append((wall, cpu, samples, rss))
-        print("round %d/%d done" % (r + 1, ROUNDS), file=sys.stderr)
-
-    lines = ["| python | profiler | median wall (s) | slowdown | profiler CPU per sample (µs) | samples | peak RSS (MiB) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for (label, name), rs in results.items():
-        wall = statistics.median(x[0] for x in rs)
-        bare = statistics.median(x[0] for x in results[(label, "bare")])
-        slow = (wall / bare - 1) * 100
-        per = samples = rss = "—"
-        if rs[0][2]:
-            prof_cpu = statistics.median(x[1] for x in rs)
-            n = statistics.median(x[2] for x in rs)
-            per = "%.0f" % (prof_cpu / n * 1e6) if n else "—"
-            samples = "%d" % n
-        if rs[0][3] and name.startswith("perfpy"):
-            rss = "%.1f" % (statistics.median(x[3] for x in rs) / 1024)
-        lines.append("| %s | %s | %.3f | %+.1f%% | %s | %s | %s |" % (label, name, wall, slow, per, samples, rss))
-    spread = {k: (max(x[0] for x in v) - min(x[0] for x in v)) / statistics.median(x[0] for x in v) * 100
-              for k, v in results.items()}
-    lines.append("")
-    lines.append("Rounds: %d, interleaved. Largest spread of a configuration's wall times (max-min)/median: %.1f%%."
-                 % (ROUNDS, max(spread.values())))
-    text = "\n".join(lines)
-    print(text)
+    only = args.only.split(",")
+    say("## %s, %s, %d CPUs, kernel %s" % (time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        open("/proc/cpuinfo").read().split("model name")[1].split(":")[1].split("\n")[0].strip(),
+        os.cpu_count(), os.uname().release))
+    say()
+    old = bpf_stats(True)
+    try:
+        if "slowdown" in only:
+            section_slowdown(args.rounds, args.units)
+        if "threads" in only:
+            section_threads()
+        if "accuracy" in only:
+            section_accuracy()
+        if "symbolize" in only:
+            section_symbolize()
+        if "soak" in only:
+            section_soak(args.soak_seconds)
+        if "churn" in only:
+            section_churn(args.soak_seconds)
+    finally:
+        if old is not None and old != "1":
+            bpf_stats(False)
+    say("Targets missed: %d%s" % (len(misses), "".join("\n- " + m for m in misses)))
     with open(os.path.join(OUT, "results.md"), "w") as f:
-        f.write(time.strftime("%Y-%m-%d %H:%M UTC\n\n", time.gmtime()) + text + "\n")
+        f.write("\n".join(report) + "\n")
+    sys.exit(1 if misses else 0)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """Fixed amount of Python work for the benchmarks: function calls and loops, no I/O.
-Prints the wall and CPU seconds it took as 'elapsed WALL CPU'."""
+Usage: work.py UNITS [wait]. With "wait", prints "ready PID" and starts only once a line arrives
+on stdin (so that an attaching profiler is in place first). Prints the wall and CPU seconds the
+work took as 'elapsed WALL CPU'."""
+import os
 import sys
 import time
 
@@ -20,10 +23,15 @@ def g(k):
 
 def main():
     units = int(sys.argv[1]) if len(sys.argv) > 1 else 40
+    if len(sys.argv) > 2 and sys.argv[2] == "wait":
+        sys.stdout.write("ready %d\n" % os.getpid())
+        sys.stdout.flush()
+        sys.stdin.readline()
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(units):
         g(500)
-    print("elapsed %.6f %.6f" % (time.perf_counter() - t0, time.process_time() - c0), flush=True)
+    sys.stdout.write("elapsed %.6f %.6f\n" % (time.perf_counter() - t0, time.process_time() - c0))
+    sys.stdout.flush()
 
 
 main()

@@ -75,7 +75,7 @@ impl MappedFile {
         elf.loads
             .iter()
             .find(|(o, _, sz)| *o <= off && off < o.saturating_add(*sz))
-            .map(|(o, v, _)| v + (off - o))
+            .and_then(|(o, v, _)| v.checked_add(off - o))
     }
 
     /// Load bias of a mapping of this file that starts at `start` with file offset `pgoff`.
@@ -145,6 +145,13 @@ fn load_elf(file: &File) -> Option<ElfInfo> {
     // file while we read it we may get SIGBUS; mapped executables and libraries are not modified
     // in place in practice (updates replace them), the same assumption perf and py-spy make.
     let map = Arc::new(unsafe { Mmap::map(file) }.ok()?);
+    elf_info(map)
+}
+
+/// What we need of an ELF image. Any bytes are accepted: a file that is not a 64-bit ELF is
+/// `None`; offsets, addresses and sizes that do not add up (truncated or corrupt headers) leave
+/// out the part they describe instead of overflowing.
+fn elf_info(map: Arc<Mmap>) -> Option<ElfInfo> {
     let elf = ElfFile64::<object::Endianness>::parse(&map[..]).ok()?;
     let endian = elf.endian();
     let loads = elf
@@ -158,12 +165,12 @@ fn load_elf(file: &File) -> Option<ElfInfo> {
     let section = |name: &str| -> Option<(Range<u64>, SectionData)> {
         let s = elf.section_by_name(name)?;
         let (off, size) = s.file_range()?;
-        let range = off as usize..(off + size) as usize;
+        let range = usize::try_from(off).ok()?..usize::try_from(off.checked_add(size)?).ok()?;
         if range.end > map.len() {
             return None;
         }
         Some((
-            s.address()..s.address() + s.size(),
+            s.address()..s.address().checked_add(s.size())?,
             SectionData {
                 map: map.clone(),
                 range,
@@ -177,7 +184,7 @@ fn load_elf(file: &File) -> Option<ElfInfo> {
         debug_frame: section(".debug_frame").map(|(_, d)| d),
         got: elf
             .section_by_name(".got")
-            .map(|s| s.address()..s.address() + s.size()),
+            .and_then(|s| Some(s.address()..s.address().checked_add(s.size())?)),
     };
     let is_python_interpreter = elf.dynamic_symbols().any(|s| {
         matches!(
@@ -193,8 +200,8 @@ fn load_elf(file: &File) -> Option<ElfInfo> {
     let eval_range = if is_python_interpreter {
         elf.symbols()
             .chain(elf.dynamic_symbols())
-            .find(|s| matches!(s.name_bytes(), Ok(b"_PyEval_EvalFrameDefault") | Ok(b"PyEval_EvalFrameEx")) && s.size() > 0)
-            .map(|s| s.address()..s.address() + s.size())
+            .filter(|s| matches!(s.name_bytes(), Ok(b"_PyEval_EvalFrameDefault") | Ok(b"PyEval_EvalFrameEx")) && s.size() > 0)
+            .find_map(|s| Some(s.address()..s.address().checked_add(s.size())?))
     } else {
         None
     };
@@ -219,9 +226,14 @@ fn py_version_constant(
         .chain(elf.symbols())
         .find(|s| s.name_bytes() == Ok(b"Py_Version"))?;
     let vaddr = sym.address();
-    let (o, v, _) = loads.iter().find(|(_, v, sz)| *v <= vaddr && vaddr < v + sz)?;
-    let off = (o + (vaddr - v)) as usize;
-    let hex = u32::from_le_bytes(map.get(off..off + 4)?.try_into().ok()?);
+    // The PT_LOAD segment holding it gives its file offset; a corrupt segment whose end or
+    // offset overflows holds nothing.
+    let off = loads.iter().find_map(|&(o, v, sz)| {
+        let inside = v <= vaddr && vaddr < v.checked_add(sz)?;
+        inside.then(|| o.checked_add(vaddr - v)).flatten()
+    })?;
+    let off = usize::try_from(off).ok()?;
+    let hex = u32::from_le_bytes(map.get(off..off.checked_add(4)?)?.try_into().ok()?);
     let (major, minor, micro) = (hex >> 24, (hex >> 16) & 0xff, (hex >> 8) & 0xff);
     (major == 2 || major == 3).then(|| format!("{major}.{minor}.{micro}"))
 }
@@ -240,6 +252,11 @@ pub fn python_version_from_name(path: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use object::read::elf::SectionHeader;
+    use object::Endianness;
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+    use std::sync::OnceLock;
 
     #[test]
     fn versions_from_names() {
@@ -248,6 +265,37 @@ mod tests {
         assert_eq!(python_version_from_name("/usr/bin/python3.11").as_deref(), Some("3.11"));
         assert_eq!(python_version_from_name("/usr/bin/python3.13t").as_deref(), Some("3.13"));
         assert_eq!(python_version_from_name("/usr/bin/perl"), None);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Any path a process maps (a name from `/proc/PID/maps`, odd bytes included): a
+        /// version only for a python-named file, and then `2.Y` or `3.Y`.
+        #[test]
+        fn version_from_any_name(path in "\\PC{0,80}|/[a-z/]{0,20}(lib)?python[0-9.]{0,30}[a-z0-9.]{0,10}") {
+            if let Some(v) = python_version_from_name(&path) {
+                let name = path.rsplit('/').next().unwrap();
+                prop_assert!(name.starts_with("python") || name.starts_with("libpython"), "{}", path);
+                let (major, minor) = v.split_once('.').unwrap();
+                prop_assert!(major == "2" || major == "3", "{}", v);
+                prop_assert!(minor.parse::<u32>().is_ok(), "{}", v);
+            }
+        }
+
+        /// Well-formed names with any minor version and any suffix give exactly that version.
+        #[test]
+        fn version_from_well_formed_names(
+            dir in "(/[a-zA-Z0-9_ .-]{1,12}){0,4}",
+            lib in any::<bool>(),
+            major in 2u32..=3,
+            minor in 0u32..1000,
+            suffix in "(m|t|d)?(\\.so(\\.1\\.0)?)?",
+        ) {
+            let path = format!("{dir}/{}python{major}.{minor}{suffix}", if lib { "lib" } else { "" });
+            let expected = format!("{major}.{minor}");
+            prop_assert_eq!(python_version_from_name(&path), Some(expected));
+        }
     }
 
     #[test]
@@ -265,6 +313,214 @@ mod tests {
             let info = load_elf(&f).unwrap();
             assert!(info.is_python_interpreter);
             assert_eq!(info.python_version.as_deref(), Some(v.as_str()), "{}", lib.display());
+        }
+    }
+
+    // Hostile files: every file a profiled process maps is read here, so a truncated,
+    // corrupted or fake one must give `None` or facts that hold for its bytes, never a panic
+    // (an overflow in a debug build) or a section slice outside the mapping.
+
+    const LIBPYTHON: &str = "/root/.pyenv/versions/3.12.1/lib/libpython3.12.so.1.0";
+
+    fn ci() -> bool {
+        std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+    }
+
+    /// The 3.12 interpreter, read once; `None` (with a note) when it is not installed, outside
+    /// CI where a missing fixture is a failure.
+    fn libpython() -> Option<&'static [u8]> {
+        static CELL: OnceLock<Option<Vec<u8>>> = OnceLock::new();
+        CELL.get_or_init(|| match std::fs::read(LIBPYTHON) {
+            Ok(d) => Some(d),
+            Err(e) if ci() => panic!("{LIBPYTHON}: {e}"),
+            Err(e) => {
+                eprintln!("NOTE: {LIBPYTHON}: {e}; skipped");
+                None
+            }
+        })
+        .as_deref()
+    }
+
+    fn bin_true() -> &'static [u8] {
+        static CELL: OnceLock<Vec<u8>> = OnceLock::new();
+        CELL.get_or_init(|| std::fs::read("/bin/true").expect("/bin/true"))
+    }
+
+    /// `bytes` as a read-only mapping, as `load_elf` gets them from a file (without writing
+    /// 30 MB to disk per case).
+    fn mapped(bytes: &[u8]) -> Arc<Mmap> {
+        let mut m = memmap2::MmapMut::map_anon(bytes.len().max(1)).unwrap();
+        m[..bytes.len()].copy_from_slice(bytes);
+        Arc::new(m.make_read_only().unwrap())
+    }
+
+    /// What a caller may rely on whatever the input: section data inside the mapping (reading
+    /// it would panic otherwise), ranges that do not run backwards, a version `X.Y.Z`.
+    fn assert_plausible(info: &ElfInfo) {
+        let s = &info.sections;
+        for (r, d) in [&s.text, &s.eh_frame, &s.eh_frame_hdr].into_iter().flatten() {
+            assert!(r.start <= r.end);
+            let _ = d.len();
+        }
+        if let Some(d) = &s.debug_frame {
+            let _ = d.len();
+        }
+        for r in [&s.got, &info.eval_range].into_iter().flatten() {
+            assert!(r.start <= r.end);
+        }
+        if let Some(v) = &info.python_version {
+            let parts: Vec<&str> = v.split('.').collect();
+            assert!(parts.len() == 3 && (parts[0] == "2" || parts[0] == "3"), "{v}");
+            assert!(parts.iter().all(|p| p.parse::<u8>().is_ok()), "{v}");
+        }
+    }
+
+    /// Byte ranges that steer parsing: headers, the section header table, symbol tables and
+    /// their strings, notes. Flipping bits in code or data changes nothing parsed.
+    fn structural_ranges(data: &[u8]) -> Vec<Range<usize>> {
+        let elf = ElfFile64::<Endianness>::parse(data).unwrap();
+        let (h, e) = (elf.elf_header(), elf.endian());
+        let (phoff, shoff) = (h.e_phoff(e) as usize, h.e_shoff(e) as usize);
+        let mut out = vec![
+            0..64,
+            phoff..phoff + 56 * h.e_phnum(e) as usize,
+            shoff..shoff + 64 * h.e_shnum(e) as usize,
+        ];
+        for name in [".dynsym", ".dynstr", ".symtab", ".strtab", ".note.gnu.build-id", ".shstrtab"] {
+            if let Some((o, s)) = elf.section_by_name(name).and_then(|s| s.file_range()) {
+                out.push(o as usize..(o + s) as usize);
+            }
+        }
+        out
+    }
+
+    /// File offsets of the u64 fields whose sums `elf_info` computes: PT_LOAD offset, address
+    /// and size; address, offset and size of the sections handed to the unwinder; value and
+    /// size of `Py_Version` and `_PyEval_EvalFrameDefault` in both symbol tables.
+    fn summed_fields(data: &[u8]) -> Vec<usize> {
+        let elf = ElfFile64::<Endianness>::parse(data).unwrap();
+        let (h, e) = (elf.elf_header(), elf.endian());
+        let mut out = Vec::new();
+        for (i, ph) in elf.elf_program_headers().iter().enumerate() {
+            if ph.p_type(e) == object::elf::PT_LOAD {
+                let at = h.e_phoff(e) as usize + 56 * i;
+                out.extend([at + 8, at + 16, at + 32]);
+            }
+        }
+        let sections = h.sections(e, data).unwrap();
+        for (i, sh) in sections.iter().enumerate() {
+            let name = sections.section_name(e, sh).unwrap_or_default();
+            if [&b".text"[..], b".eh_frame", b".eh_frame_hdr", b".got"].contains(&name) {
+                let at = h.e_shoff(e) as usize + 64 * i;
+                out.extend([at + 16, at + 24, at + 32]);
+            }
+            if matches!(sh.sh_type(e), object::elf::SHT_SYMTAB | object::elf::SHT_DYNSYM) {
+                let table = sections.symbols(e, data, sh.sh_type(e)).unwrap();
+                for (j, sym) in table.iter().enumerate() {
+                    let n = table.symbol_name(e, sym).unwrap_or_default();
+                    if n == b"Py_Version" || n == b"_PyEval_EvalFrameDefault" {
+                        // Elf64_Sym: st_value at 8, st_size at 16.
+                        let at = sh.sh_offset(e) as usize + 24 * j;
+                        out.extend([at + 8, at + 16]);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn real_files_give_full_facts() {
+        // The baseline of the property tests below: without it "never panics" could pass on
+        // a parser that rejects everything.
+        let t = elf_info(mapped(bin_true())).unwrap();
+        assert!(!t.is_python_interpreter && t.python_version.is_none() && t.eval_range.is_none());
+        assert_eq!(t.build_id.as_ref().map(|b| b.len()), Some(20));
+        assert!(t.sections.text.is_some() && t.sections.eh_frame.is_some());
+        let Some(lib) = libpython() else { return };
+        let p = elf_info(mapped(lib)).unwrap();
+        assert!(p.is_python_interpreter);
+        assert_eq!(p.python_version.as_deref(), Some("3.12.1"));
+        assert!(p.eval_range.as_ref().is_some_and(|r| r.start < r.end));
+        assert!(summed_fields(lib).len() >= 3 * 4 + 3 * 4 + 2 * 4);
+        assert_plausible(&p);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// A file cut short, through a real file as `open_for_mapping` reads it (an empty file
+        /// included): the section headers sit at the end, so a prefix that loses them is not
+        /// an ELF file we use.
+        #[test]
+        fn prefixes_of_bin_true(len in prop_oneof![0usize..512, 0usize..40_000]) {
+            let data = bin_true();
+            let len = len.min(data.len());
+            let mut f = tempfile::tempfile().unwrap();
+            std::io::Write::write_all(&mut f, &data[..len]).unwrap();
+            let info = load_elf(&f);
+            prop_assert_eq!(info.is_some(), len == data.len(), "{}-byte prefix", len);
+        }
+
+        #[test]
+        fn prefixes_of_libpython(len in prop_oneof![0usize..70_000, any::<usize>()]) {
+            let Some(lib) = libpython() else { return Ok(()) };
+            let len = len % lib.len();
+            prop_assert!(elf_info(mapped(&lib[..len])).is_none(), "{}-byte prefix", len);
+        }
+
+        /// Random bytes, alone or behind a real ELF header (so parsing follows offsets into
+        /// the garbage).
+        #[test]
+        fn random_bytes(mut bytes in proptest::collection::vec(any::<u8>(), 0..8192), real_header in any::<bool>()) {
+            if real_header {
+                let n = bytes.len().min(64);
+                bytes[..n].copy_from_slice(&bin_true()[..n]);
+            }
+            if let Some(info) = elf_info(mapped(&bytes)) {
+                assert_plausible(&info);
+            }
+        }
+    }
+
+    proptest! {
+        // Each case copies and parses the 30 MB libpython: few cases, each worth it.
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        #[test]
+        fn bit_flipped_libpython(flips in proptest::collection::vec((any::<Index>(), any::<Index>(), 0u8..8), 1..16)) {
+            let Some(lib) = libpython() else { return Ok(()) };
+            let ranges = structural_ranges(lib);
+            let mut data = lib.to_vec();
+            for (r, at, bit) in flips {
+                let r = &ranges[r.index(ranges.len())];
+                data[r.start + at.index(r.len())] ^= 1 << bit;
+            }
+            if let Some(info) = elf_info(mapped(&data)) {
+                assert_plausible(&info);
+            }
+        }
+
+        /// Segment, section and symbol numbers set to anything, extremes included: the sums
+        /// `elf_info` makes of them overflow (a panic in a debug build before they were
+        /// checked); the file is still recognised as the interpreter, since its symbol names
+        /// are intact.
+        #[test]
+        fn summed_fields_anywhere(writes in proptest::collection::vec((any::<Index>(), prop_oneof![
+            any::<u64>(),
+            (0u64..0x1000).prop_map(|d| u64::MAX - d),
+            0u64..0x2000_0000,
+        ]), 1..4)) {
+            let Some(lib) = libpython() else { return Ok(()) };
+            let fields = summed_fields(lib);
+            let mut data = lib.to_vec();
+            for (i, v) in writes {
+                let at = fields[i.index(fields.len())];
+                data[at..at + 8].copy_from_slice(&v.to_le_bytes());
+            }
+            let info = elf_info(mapped(&data));
+            prop_assert!(info.as_ref().is_some_and(|i| i.is_python_interpreter));
+            assert_plausible(&info.unwrap());
         }
     }
 }

@@ -79,10 +79,12 @@ struct RecordArgs {
     /// Output format.
     #[arg(short = 'f', long, value_enum, default_value_t = Format::Pprof)]
     format: Format,
-    /// Bytes of user stack copied per sample: ~500 bytes per Python call under the perf
-    /// trampoline, so the default holds ~90 levels; deeper stacks are marked [truncated] (max 65000).
-    #[arg(long, default_value_t = 49152, value_name = "BYTES")]
-    stack_size: u32,
+    /// Bytes of user stack copied per sample (max 65000). Default: 16384 when the eBPF walker
+    /// runs (it reads Python frames itself; the copy is only for native frames), else 49152
+    /// (~500 bytes per Python call under the perf trampoline: ~90 levels). Deeper stacks keep
+    /// their inner frames and end in [truncated].
+    #[arg(long, value_name = "BYTES")]
+    stack_size: Option<u32>,
     /// Most frames kept per stack.
     #[arg(long, default_value_t = 512, value_name = "N")]
     max_frames: usize,

@@ -33,10 +33,16 @@ pub struct Process {
     /// Executable mappings sorted by start.
     pub maps: Vec<Mapping>,
     pub unwinder: UnwinderX86_64<SectionData>,
-    pub cache: CacheX86_64,
+    /// framehop's rule cache (~12 KiB), made at the first unwinding, dropped at `release`.
+    pub cache: Option<Box<CacheX86_64>>,
     pub trampolines: TrampolineCache,
-    /// `/proc/PID/root`, held open so the perf map can be read after the process exits.
+    /// `/proc/PID/root` when it is not our own root (containers, chroots, private /tmp): held
+    /// open so that the perf map in it can be read after the process exits, until `release`.
     pub root: Option<OwnedFd>,
+    /// Some frame of this process is in anonymous code (named by its perf map, if any).
+    pub has_anon: bool,
+    /// The perf map as read when the process was released (its root is closed then).
+    pub perf_map: Option<perfpy_symbolize::perfmap::PerfMap>,
     /// The pid as the process itself sees it (its perf map is named after this one).
     pub nspid: u32,
     pub alive: bool,
@@ -50,7 +56,10 @@ pub struct Process {
 
 impl Process {
     pub fn new(pid: u32, key: u32) -> Self {
-        let root = File::open(format!("/proc/{pid}/root")).ok().map(OwnedFd::from);
+        let root = File::open(format!("/proc/{pid}/root"))
+            .ok()
+            .filter(|f| !same_root(pid, f))
+            .map(OwnedFd::from);
         Self {
             pid,
             key,
@@ -58,9 +67,11 @@ impl Process {
             threads: HashMap::new(),
             maps: Vec::new(),
             unwinder: UnwinderX86_64::new(),
-            cache: CacheX86_64::new(),
+            cache: None,
             trampolines: TrampolineCache::default(),
             root,
+            has_anon: false,
+            perf_map: None,
             nspid: read_nspid(pid).unwrap_or(pid),
             alive: true,
             last_refresh: None,
@@ -88,7 +99,7 @@ impl Process {
         self.comm = comm;
         self.maps.clear();
         self.unwinder = UnwinderX86_64::new();
-        self.cache = CacheX86_64::new();
+        self.cache = None;
         self.trampolines = TrampolineCache::default();
         self.is_python = false;
         self.python_version = None;
@@ -106,8 +117,9 @@ impl Process {
         if end <= start {
             return;
         }
-        // File-backed (a path, `/memfd:…` included); anonymous code has no file.
-        let file = if path.starts_with('/') {
+        // File-backed (a path, `/memfd:…` included); anonymous code has no file (the kernel
+        // names it `//anon` in MMAP records of perf events).
+        let file = if path.starts_with('/') && path != "//anon" {
             files.open_for_mapping(self.pid, start, end, path)
         } else {
             None
@@ -180,21 +192,40 @@ impl Process {
             }
         }
         self.last_refresh = Some(Instant::now());
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{}/maps", self.pid)) else {
+        // Bytes, not a String: file names need not be UTF-8, and one such mapping must not
+        // hide all the others (files are opened through map_files, not by the name).
+        let Ok(bytes) = std::fs::read(format!("/proc/{}/maps", self.pid)) else {
             return false;
         };
-        for m in parse_maps(&text) {
+        for m in parse_maps(&String::from_utf8_lossy(&bytes)) {
             if !m.exec {
                 continue;
             }
             let known = self
                 .mapping(m.start)
-                .is_some_and(|k| k.start == m.start && k.end == m.end && k.pgoff == m.pgoff);
+                .is_some_and(|k| k.start == m.start && k.end == m.end && k.pgoff == m.offset);
             if !known {
-                self.add_mapping(files, m.start, m.end, m.pgoff, &m.path);
+                self.add_mapping(files, m.start, m.end, m.offset, &m.path);
             }
         }
         true
+    }
+
+    /// Frees what only a live process needs (mappings, unwind tables, its root directory) once
+    /// it has exited and its last samples are in: with `-a`, thousands of short-lived processes
+    /// must not each keep memory and a file descriptor. Its perf map, if its frames need it, is
+    /// read now.
+    pub fn release(&mut self) {
+        if self.root.is_some() && self.has_anon {
+            self.perf_map = perfpy_symbolize::perfmap::PerfMap::read(&self.perf_map_path())
+                .map_err(|e| tracing::debug!(pid = self.pid, "perf map: {e}"))
+                .ok();
+        }
+        self.root = None;
+        self.maps = Vec::new();
+        self.unwinder = UnwinderX86_64::new();
+        self.cache = None;
+        self.trampolines = TrampolineCache::default();
     }
 
     /// The perf map of this process (`/tmp/perf-<pid as the process sees it>.map` in its root).
@@ -215,35 +246,22 @@ impl Process {
     }
 }
 
-pub struct MapsLine {
-    pub start: u64,
-    pub end: u64,
-    pub exec: bool,
-    pub pgoff: u64,
-    pub path: String,
+/// Whether `pid`'s root directory (`root`, opened from `/proc/PID/root`) is ours, in our mount
+/// namespace: then its paths are our paths and nothing needs to stay open.
+fn same_root(pid: u32, root: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let same = |a: std::io::Result<std::fs::Metadata>, b: std::io::Result<std::fs::Metadata>| match (a, b) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    };
+    same(root.metadata(), std::fs::metadata("/"))
+        && same(
+            std::fs::metadata(format!("/proc/{pid}/ns/mnt")),
+            std::fs::metadata("/proc/self/ns/mnt"),
+        )
 }
 
-/// Parses `/proc/PID/maps`. Lines that do not parse are skipped.
-pub fn parse_maps(text: &str) -> Vec<MapsLine> {
-    text.lines()
-        .filter_map(|l| {
-            let mut it = l.splitn(6, char::is_whitespace);
-            let (a, b) = it.next()?.split_once('-')?;
-            let perms = it.next()?;
-            let pgoff = u64::from_str_radix(it.next()?, 16).ok()?;
-            let _dev = it.next()?;
-            let _ino = it.next()?;
-            let path = it.next().unwrap_or("").trim().to_string();
-            Some(MapsLine {
-                start: u64::from_str_radix(a, 16).ok()?,
-                end: u64::from_str_radix(b, 16).ok()?,
-                exec: perms.as_bytes().get(2) == Some(&b'x'),
-                pgoff,
-                path,
-            })
-        })
-        .collect()
-}
+pub use perfpy_inject::{parse_maps, MapLine as MapsLine};
 
 /// The container id in `/proc/PID/cgroup`: the last 64-hex-digit component of the path
 /// (`/docker/<id>`, `.../cri-containerd-<id>.scope`, `.../crio-<id>.scope`, `libpod-<id>`).
@@ -254,7 +272,8 @@ pub fn read_container_id(pid: u32) -> Option<String> {
 
 pub fn container_id_from_cgroup(text: &str) -> Option<String> {
     for line in text.lines() {
-        let path = line.splitn(3, ':').nth(2)?;
+        // A line without the two colons says nothing; the next one may still name the id.
+        let Some(path) = line.splitn(3, ':').nth(2) else { continue };
         for comp in path.rsplit('/') {
             let comp = comp.trim_end_matches(".scope");
             let id = comp.rsplit(['-', ':']).next().unwrap_or(comp);
@@ -281,20 +300,7 @@ pub fn read_nspid(pid: u32) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_maps_lines() {
-        let text = "55d4c0a00000-55d4c0a01000 r--p 00000000 fe:01 1234 /usr/bin/python3.11\n\
-55d4c0a01000-55d4c0c00000 r-xp 00001000 fe:01 1234 /usr/bin/python3.11\n\
-7f0000000000-7f0000001000 r-xp 00000000 00:00 0 \n\
-7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0                          [stack]\n\
-garbage\n";
-        let m = parse_maps(text);
-        assert_eq!(m.len(), 4);
-        assert!(m[1].exec && m[1].pgoff == 0x1000 && m[1].path == "/usr/bin/python3.11");
-        assert!(m[2].exec && m[2].path.is_empty());
-        assert_eq!(m[3].path, "[stack]");
-    }
+    use proptest::prelude::*;
 
     #[test]
     fn container_ids_from_cgroup_paths() {
@@ -310,6 +316,78 @@ garbage\n";
         }
         assert_eq!(container_id_from_cgroup("0::/user.slice/user-0.slice/session-1.scope\n"), None);
         assert_eq!(container_id_from_cgroup("0::/\n"), None);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// Any cgroup file: an id only if it is 64 hex digits that occur in the text.
+        #[test]
+        fn container_id_of_anything(text in "\\PC{0,400}|([0-9]{1,2}:[a-z,]{0,10}:[/a-z0-9.:-]{0,80}\\n){0,5}") {
+            if let Some(id) = container_id_from_cgroup(&text) {
+                prop_assert!(id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()));
+                prop_assert!(text.contains(&id));
+            }
+        }
+
+        /// A container's id under each runtime's naming, after any number of other lines
+        /// (cgroup v1 controllers, an empty or broken line): found.
+        #[test]
+        fn container_id_after_other_lines(
+            id in "[0-9a-f]{64}",
+            before in proptest::collection::vec("[0-9]{1,2}:[a-z,]{0,10}:/[a-z0-9./-]{0,40}|[^\\n:]{0,40}", 0..5),
+            form in 0usize..4,
+        ) {
+            let path = [
+                format!("/docker/{id}"),
+                format!("/kubepods.slice/kubepods-pod1.slice/cri-containerd-{id}.scope"),
+                format!("/system.slice/crio-{id}.scope"),
+                format!("/machine.slice/libpod-{id}.scope/container"),
+            ][form].clone();
+            let text = format!("{}{}0::{path}\n", before.join("\n"), if before.is_empty() { "" } else { "\n" });
+            prop_assert_eq!(container_id_from_cgroup(&text), Some(id));
+        }
+    }
+
+    #[test]
+    fn maps_with_a_file_name_that_is_not_utf8() {
+        // File names are bytes, and so is /proc/PID/maps: one library with such a name once
+        // made every mapping of the process unreadable (no unwinding, no symbols for it).
+        use std::os::unix::ffi::OsStrExt;
+        struct Sleeper(std::process::Child);
+        impl Drop for Sleeper {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let lib = dir.path().join(std::ffi::OsStr::from_bytes(b"lib\xff.so"));
+        let libz = ["/lib/x86_64-linux-gnu/libz.so.1", "/usr/lib/x86_64-linux-gnu/libz.so.1", "/usr/lib64/libz.so.1"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("libz");
+        std::fs::copy(libz, &lib).unwrap();
+        let child = std::process::Command::new("sleep")
+            .arg("300")
+            .env("LD_PRELOAD", &lib)
+            .spawn()
+            .unwrap();
+        let sleeper = Sleeper(child);
+        let pid = sleeper.0.id();
+        let name = lib.to_string_lossy().into_owned();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/maps")).unwrap()).contains(&name) {
+            assert!(Instant::now() < deadline, "{name} never mapped");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut files = Files::default();
+        let mut p = Process::new(pid, 0);
+        assert!(p.refresh_maps(&mut files));
+        // The odd library is there, opened (through map_files) and parsed, and so is the rest.
+        let odd = p.maps.iter().find(|m| m.file.as_ref().is_some_and(|f| f.path == name));
+        assert!(odd.is_some_and(|m| m.file.as_ref().unwrap().elf.is_some()), "{name} not among the mappings");
+        assert!(p.maps.iter().any(|m| m.file.as_ref().is_some_and(|f| f.path.ends_with("/sleep"))));
     }
 
     #[test]

@@ -30,7 +30,8 @@ pub struct Options {
     pub rate: u64,
     pub output: Option<PathBuf>,
     pub format: Format,
-    pub stack_size: u32,
+    /// None: chosen by whether the eBPF walker runs.
+    pub stack_size: Option<u32>,
     pub max_frames: usize,
     pub keep_interpreter: bool,
     pub python_perf_env: bool,
@@ -176,9 +177,39 @@ struct Collector {
     scratch_locs: Vec<u32>,
     /// Targets (pids) whose exit ends the run.
     exited: HashSet<u32>,
+    /// Processes that exited, by key, with when: released once their last samples are in.
+    to_release: std::collections::VecDeque<(Instant, u32)>,
 }
 
 impl Collector {
+    /// Frees what processes that exited at least `after` ago held only while alive: their
+    /// mappings and unwind tables, their root directory, their place in the eBPF walker. Other
+    /// CPUs' rings may still hold their last samples for a moment, hence the delay.
+    fn release_exited(&mut self, after: Duration) {
+        while let Some(&(at, key)) = self.to_release.front() {
+            if at.elapsed() < after {
+                break;
+            }
+            self.to_release.pop_front();
+            let p = &mut self.procs[key as usize];
+            if p.alive {
+                continue;
+            }
+            p.release();
+            let pid = p.pid;
+            if let Some(py) = self.py.as_mut() {
+                for tid in p.threads.keys() {
+                    py.pending.remove(tid);
+                }
+                py.reader.forget(pid);
+                // A new process may have taken the pid meanwhile: it keeps its registration.
+                if !self.live.contains_key(&pid) && py.procs.remove(&pid).is_some() {
+                    py.walker.remove_process(pid);
+                }
+            }
+        }
+    }
+
     fn proc_key(&mut self, pid: u32) -> u32 {
         if let Some(k) = self.live.get(&pid) {
             return *k;
@@ -210,6 +241,9 @@ impl Collector {
                     return;
                 }
                 p.add_mapping(&mut self.files, m.addr, m.addr + m.len, m.pgoff, &path);
+                // As soon as the interpreter is mapped: samples taken before the walker knows
+                // the process have no Python frames from it.
+                self.register_python(key);
             }
             Record::Comm { pid, tid, exec, comm } => {
                 let comm = String::from_utf8_lossy(comm).into_owned();
@@ -217,7 +251,8 @@ impl Collector {
                     // A new program in this pid: a new process for us (its old frames keep
                     // their meaning under the old key).
                     if let Some(old) = self.live.remove(&pid) {
-                        self.procs[old as usize].alive = true;
+                        self.procs[old as usize].alive = false;
+                        self.to_release.push_back((Instant::now(), old));
                     }
                     let key = self.proc_key(pid);
                     let p = &mut self.procs[key as usize];
@@ -248,6 +283,7 @@ impl Collector {
                 if pid == tid {
                     if let Some(k) = self.live.remove(&pid) {
                         self.procs[k as usize].alive = false;
+                        self.to_release.push_back((Instant::now(), k));
                     }
                     self.exited.insert(pid);
                 }
@@ -282,6 +318,7 @@ impl Collector {
         let Some(runtime) = runtime else { return };
         match py.walker.add_process(&perfpy_bpf::PyProcess { pid: p.pid, version, runtime }) {
             Ok(()) => {
+                tracing::debug!(pid = p.pid, "CPython {v}: frames walked by the eBPF walker");
                 py.procs.insert(p.pid, (off, version));
             }
             Err(e) => tracing::warn!("{e}"),
@@ -360,9 +397,11 @@ impl Collector {
             }
         }
         let have_py = !groups.is_empty();
-        if py_stack.as_ref().is_some_and(|st| st.truncated) {
-            // More Python frames than the walker keeps: the outer ones are missing.
-            truncated = true;
+        if have_py {
+            // The walker's frames reach the outermost Python frame whatever the stack copy
+            // held (those the unwinding did not reach are added below): only the interpreter's
+            // own start-up frames are then missing. Unless the walker itself stopped short.
+            truncated = py_stack.as_ref().is_some_and(|st| st.truncated);
         }
         let mut next_group = 0;
         for (i, &a) in addrs.iter().enumerate() {
@@ -393,9 +432,15 @@ impl Collector {
                         file: f.id,
                         offset: lookup - m.start + m.pgoff,
                     },
-                    None => FrameKey::Anon { proc: key, addr: lookup },
+                    None => {
+                        p.has_anon = true;
+                        FrameKey::Anon { proc: key, addr: lookup }
+                    }
                 },
-                None => FrameKey::Anon { proc: key, addr: lookup },
+                None => {
+                    p.has_anon = true;
+                    FrameKey::Anon { proc: key, addr: lookup }
+                }
             };
             locs.push(self.profile.location(fk));
         }
@@ -452,8 +497,8 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     if opts.rate == 0 || opts.rate > 100_000 {
         bail!("invalid rate {}: give samples per second between 1 and 100000 (e.g. -r 100)", opts.rate);
     }
-    if opts.stack_size < 512 || opts.stack_size > 65000 {
-        bail!("invalid --stack-size {}: give bytes between 512 and 65000", opts.stack_size);
+    if let Some(n) = opts.stack_size.filter(|n| !(512..=65000).contains(n)) {
+        bail!("invalid --stack-size {n}: give bytes between 512 and 65000");
     }
     // Targets first (no side effects), then the output file, then events.
     let mut tgids = Vec::new();
@@ -508,7 +553,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     let is_root = nix::unistd::geteuid().is_root();
     let mut cfg = EventConfig {
         period_ns,
-        stack_size: opts.stack_size & !7,
+        stack_size: 0,
         kernel: true,
         enable_on_exec: false,
         inherit: !opts.all,
@@ -531,14 +576,21 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     // The eBPF frame walker, loaded before any event is opened and attached to each one as it is
     // opened: events inherited by threads created later carry the program only if their parent
     // had it when they were created. Without it, Python frames come from trampolines only.
+    let t_load = Instant::now();
     let mut walker = match opts.ebpf.then(perfpy_bpf::Walker::load) {
-        Some(Ok(w)) => Some(w),
+        Some(Ok(w)) => {
+            tracing::debug!(elapsed = ?t_load.elapsed(), "eBPF walker loaded");
+            Some(w)
+        }
         Some(Err(e)) => {
             eprintln!("perfpy: warning: {e}; Python frames only from perf trampolines");
             None
         }
         None => None,
     };
+    // The kernel copies the stack into the ring at each sample, in the target's time: with the
+    // walker naming Python frames, the copy only has to reach the native frames around them.
+    cfg.stack_size = opts.stack_size.unwrap_or(if walker.is_some() { 16384 } else { 49152 }) & !7;
     let mut open = |cfg: &mut EventConfig, tid: i32| -> Result<bool> {
         for (ci, &cpu) in cpus.iter().enumerate() {
             // tid -1: every task on this CPU (whole machine).
@@ -705,14 +757,30 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         scratch_addrs: Vec::with_capacity(256),
         scratch_locs: Vec::with_capacity(256),
         exited: HashSet::new(),
+        to_release: Default::default(),
     };
     for &pid in &tgids {
-        c.proc_key(pid);
+        let key = c.proc_key(pid);
+        c.register_python(key);
     }
     if let Some(sp) = spawned.as_mut() {
         sp.release();
     }
 
+    // Said once sampling runs (scripts wait for this line before starting their work).
+    let what = if opts.all {
+        "every process".to_string()
+    } else if let Some(sp) = &spawned {
+        format!("the command (pid {})", sp.pid)
+    } else {
+        let pids: Vec<String> = tgids.iter().map(|p| p.to_string()).collect();
+        format!("pid {}", pids.join(", "))
+    };
+    let until = match opts.duration {
+        Some(d) => format!("for {}s", d.as_secs_f64()),
+        None => "until Ctrl-C".to_string(),
+    };
+    eprintln!("perfpy: sampling {what} at {} Hz {until}", opts.rate);
     let start = Instant::now();
     let start_wall = SystemTime::now();
     let tty = std::io::stderr().is_terminal();
@@ -722,13 +790,20 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     let mut child_status = None;
     let end_reason;
     loop {
-        let _ = epoll.wait(&mut ep_events, EpollTimeout::from(100u16));
+        // Records are read in batches (a ring wakes us when a quarter full); a process is
+        // handed to the eBPF walker when its interpreter's mapping is read, and samples taken
+        // before that have no Python frames from it. Short timeouts keep that gap small, at
+        // start (a launched interpreter starts running code within milliseconds) and for
+        // processes that start later.
+        let timeout: u16 = if start.elapsed() < Duration::from_millis(300) { 2 } else { 20 };
+        let _ = epoll.wait(&mut ep_events, EpollTimeout::from(timeout));
         if let Some(py) = c.py.as_mut() {
             py.poll();
         }
         for r in rings.iter_mut() {
             drain(r, &mut c, &mut scratch);
         }
+        c.release_exited(Duration::from_secs(2));
         if stop.load(Ordering::Relaxed) {
             end_reason = "interrupted";
             break;
@@ -786,6 +861,10 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     }
     drop(rings);
     drop(events);
+    // The walker's own cost, when the kernel counts it (sysctl kernel.bpf_stats_enabled=1); then
+    // its ring buffer and programs go before symbolization, which needs memory of its own.
+    let walker_stats = c.py.as_ref().and_then(|p| p.walker.stats());
+    c.py = None;
     if tty {
         eprint!("\r\x1b[2K");
     }
@@ -793,7 +872,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     // Symbolize and write.
     let t_sym = Instant::now();
     let procs: HashMap<u32, &Process> = c.procs.iter().map(|p| (p.key, p)).collect();
-    let resolved = crate::symbols::resolve(&c.profile, &c.files, &procs);
+    let resolved = crate::symbols::resolve(&c.profile, &c.files, &procs, opts.keep_interpreter);
     // The perf maps are read: now the trampolines we turned on go off again.
     deactivator.finish();
     let (samples, resolved) =
@@ -821,8 +900,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     }
     w.flush().with_context(|| format!("cannot write {}", out_path.display()))?;
     let sym_time = t_sym.elapsed();
-    // The walker's own cost, when the kernel counts it (sysctl kernel.bpf_stats_enabled=1).
-    if let Some((runs, ns)) = c.py.as_ref().and_then(|p| p.walker.stats()) {
+    if let Some((runs, ns)) = walker_stats {
         if runs > 0 && ns > 0 {
             eprintln!(
                 "perfpy: eBPF walker: {runs} runs, {:.2} µs per run",

@@ -30,69 +30,18 @@ pub struct Resolved {
 }
 
 /// Resolves all locations of `profile`. `procs` are all processes of the recording, by key.
-pub fn resolve(profile: &Profile, files: &Files, procs: &HashMap<u32, &Process>) -> Vec<Resolved> {
+///
+/// The interpreter's own frames in stacks that have Python frames are left out of the report
+/// unless `keep_interpreter` (see `report::build`), so they are not symbolized at all: for a
+/// Python program that is most of the work (libpython's DWARF) and memory of symbolization.
+pub fn resolve(
+    profile: &Profile,
+    files: &Files,
+    procs: &HashMap<u32, &Process>,
+    keep_interpreter: bool,
+) -> Vec<Resolved> {
     let sym = Symbolizer::new();
     let mut out: Vec<Option<Resolved>> = vec![None; profile.locations.len()];
-
-    // Kernel: one batch.
-    let kernel: Vec<(usize, u64)> = profile
-        .locations
-        .iter()
-        .enumerate()
-        .filter_map(|(i, k)| match k {
-            FrameKey::Kernel(a) => Some((i, *a)),
-            _ => None,
-        })
-        .collect();
-    if !kernel.is_empty() {
-        let addrs: Vec<u64> = kernel.iter().map(|(_, a)| *a).collect();
-        let frames = sym.symbolize_kernel(&addrs).unwrap_or_else(|e| {
-            tracing::warn!("{e}");
-            vec![Vec::new(); addrs.len()]
-        });
-        for ((i, a), f) in kernel.into_iter().zip(frames) {
-            out[i] = Some(Resolved {
-                frames: or_unknown(f, || format!("[kernel] {a:#x}")),
-                kind: Kind::Kernel,
-            });
-        }
-    }
-
-    // Files: one batch per file.
-    let mut by_file: HashMap<u32, Vec<(usize, u64)>> = HashMap::new();
-    for (i, k) in profile.locations.iter().enumerate() {
-        if let FrameKey::File { file, offset } = k {
-            by_file.entry(*file).or_default().push((i, *offset));
-        }
-    }
-    for (file_id, locs) in by_file {
-        let file = &files.list[file_id as usize];
-        // The dynamic loader's frames under Python code are the interpreter's thread-local
-        // lookups (`__tls_get_addr`) and lazy binding: interpreter overhead, not user code.
-        let loader = file.path.rsplit('/').next().is_some_and(|n| n.starts_with("ld-linux") || n.starts_with("ld-musl"));
-        let interpreter = loader || file.elf.as_ref().is_some_and(|e| e.is_python_interpreter);
-        let offsets: Vec<u64> = locs.iter().map(|(_, o)| *o).collect();
-        let frames = if file.elf.is_some() {
-            sym.symbolize_elf(&file.fd_path(), &offsets).unwrap_or_else(|e| {
-                tracing::debug!("{e}");
-                vec![Vec::new(); offsets.len()]
-            })
-        } else {
-            vec![Vec::new(); offsets.len()]
-        };
-        let short = file.path.rsplit('/').next().unwrap_or(&file.path).to_string();
-        for ((i, off), f) in locs.into_iter().zip(frames) {
-            out[i] = Some(Resolved {
-                // Code without a symbol (stripped local functions, hand-written assembly) is
-                // named after its file, so that its samples add up in one place.
-                frames: or_unknown(f, || {
-                    let _ = off;
-                    format!("[{short}]")
-                }),
-                kind: Kind::Native { interpreter },
-            });
-        }
-    }
 
     // Anonymous code: perf maps, read once per process.
     let mut maps: HashMap<u32, PerfMap> = HashMap::new();
@@ -102,6 +51,9 @@ pub fn resolve(profile: &Profile, files: &Files, procs: &HashMap<u32, &Process>)
             procs
                 .get(proc)
                 .and_then(|p| {
+                    if let Some(m) = &p.perf_map {
+                        return Some(m.clone());
+                    }
                     PerfMap::read(&p.perf_map_path())
                         .map_err(|e| tracing::debug!(pid = p.pid, "perf map: {e}"))
                         .ok()
@@ -161,6 +113,104 @@ pub fn resolve(profile: &Profile, files: &Files, procs: &HashMap<u32, &Process>)
             });
         }
     }
+    // Which file locations will be shown: all of them in stacks without Python frames, all but
+    // the interpreter's in the others.
+    let is_python = |i: usize| {
+        out[i]
+            .as_ref()
+            .is_some_and(|r| matches!(r.kind, Kind::Python | Kind::PythonEbpf))
+    };
+    let mut needed = vec![keep_interpreter; profile.locations.len()];
+    if !keep_interpreter {
+        for stack in &profile.stacks {
+            let python = stack.iter().any(|l| is_python(*l as usize));
+            for l in stack.iter() {
+                let l = *l as usize;
+                if let FrameKey::File { file, .. } = profile.locations[l] {
+                    needed[l] |= !python || !is_interpreter_file(&files.list[file as usize]);
+                }
+            }
+        }
+    }
+
+    // Kernel: one batch.
+    let kernel: Vec<(usize, u64)> = profile
+        .locations
+        .iter()
+        .enumerate()
+        .filter_map(|(i, k)| match k {
+            FrameKey::Kernel(a) => Some((i, *a)),
+            _ => None,
+        })
+        .collect();
+    if !kernel.is_empty() {
+        let addrs: Vec<u64> = kernel.iter().map(|(_, a)| *a).collect();
+        let t = std::time::Instant::now();
+        let frames = sym.symbolize_kernel(&addrs).unwrap_or_else(|e| {
+            tracing::warn!("{e}");
+            vec![Vec::new(); addrs.len()]
+        });
+        tracing::debug!(addresses = addrs.len(), elapsed = ?t.elapsed(), "symbolized kernel");
+        for ((i, a), f) in kernel.into_iter().zip(frames) {
+            out[i] = Some(Resolved {
+                frames: or_unknown(f, || format!("[kernel] {a:#x}")),
+                kind: Kind::Kernel,
+            });
+        }
+    }
+
+    // Files: one batch per file.
+    let mut by_file: HashMap<u32, Vec<(usize, u64)>> = HashMap::new();
+    for (i, k) in profile.locations.iter().enumerate() {
+        if let FrameKey::File { file, offset } = k {
+            by_file.entry(*file).or_default().push((i, *offset));
+        }
+    }
+    for (file_id, locs) in by_file {
+        let file = &files.list[file_id as usize];
+        let interpreter = is_interpreter_file(file);
+        let (locs, skipped): (Vec<_>, Vec<_>) = locs.into_iter().partition(|(i, _)| needed[*i]);
+        for (i, _) in skipped {
+            out[i] = Some(Resolved {
+                frames: vec![Frame {
+                    function: "[interpreter]".into(),
+                    file: None,
+                    line: None,
+                }],
+                kind: Kind::Native { interpreter: true },
+            });
+        }
+        if locs.is_empty() {
+            continue;
+        }
+        let offsets: Vec<u64> = locs.iter().map(|(_, o)| *o).collect();
+        let frames = if file.elf.is_some() {
+            let t = std::time::Instant::now();
+            // CPython's own frames are named from its symbol table: their source lines are of
+            // no use to a Python programmer, and libpython's DWARF costs ~15 ms and ~20 MiB.
+            let f = sym.symbolize_elf(&file.fd_path(), &offsets, !interpreter).unwrap_or_else(|e| {
+                tracing::debug!("{e}");
+                vec![Vec::new(); offsets.len()]
+            });
+            tracing::debug!(file = file.path, addresses = offsets.len(), elapsed = ?t.elapsed(), "symbolized");
+            f
+        } else {
+            vec![Vec::new(); offsets.len()]
+        };
+        let short = file.path.rsplit('/').next().unwrap_or(&file.path).to_string();
+        for ((i, off), f) in locs.into_iter().zip(frames) {
+            out[i] = Some(Resolved {
+                // Code without a symbol (stripped local functions, hand-written assembly) is
+                // named after its file, so that its samples add up in one place.
+                frames: or_unknown(f, || {
+                    let _ = off;
+                    format!("[{short}]")
+                }),
+                kind: Kind::Native { interpreter },
+            });
+        }
+    }
+
     out.into_iter()
         .map(|r| {
             r.unwrap_or(Resolved {
@@ -173,6 +223,18 @@ pub fn resolve(profile: &Profile, files: &Files, procs: &HashMap<u32, &Process>)
             })
         })
         .collect()
+}
+
+/// CPython's own code, and the dynamic loader's: under Python code its frames are the
+/// interpreter's thread-local lookups (`__tls_get_addr`) and lazy binding, interpreter overhead
+/// rather than user code.
+fn is_interpreter_file(file: &crate::files::MappedFile) -> bool {
+    let loader = file
+        .path
+        .rsplit('/')
+        .next()
+        .is_some_and(|n| n.starts_with("ld-linux") || n.starts_with("ld-musl"));
+    loader || file.elf.as_ref().is_some_and(|e| e.is_python_interpreter)
 }
 
 fn or_unknown(f: Vec<Frame>, name: impl FnOnce() -> String) -> Vec<Frame> {

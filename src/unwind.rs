@@ -210,8 +210,9 @@ pub fn unwind(
                 Err(()) => Err(()),
             }
         } else {
+            let cache = proc.cache.get_or_insert_with(Default::default);
             proc.unwinder
-                .unwind_frame(address, &mut regs, &mut proc.cache, &mut read_stack)
+                .unwind_frame(address, &mut regs, cache, &mut read_stack)
                 .map_err(|_| ())
         };
         match next {

@@ -63,7 +63,7 @@ pub struct CodeReader {
 
 /// `tp_name` of a type object: a C string; for builtin types `module.Name`, keep `Name`.
 fn type_name(m: &dyn RemoteMemory, pid: u32, ty: u64) -> Option<String> {
-    let p = u64_at(m, pid, ty + 24)?;
+    let p = u64_at(m, pid, field(ty, 24)?)?;
     let mut buf = [0u8; 128];
     // Read what is readable: the name may sit near the end of a mapping.
     let mut n = buf.len();
@@ -75,6 +75,12 @@ fn type_name(m: &dyn RemoteMemory, pid: u32, ty: u64) -> Option<String> {
     let name = std::str::from_utf8(&s[..end]).ok()?;
     let short = name.rsplit('.').next().unwrap_or(name);
     (!short.is_empty()).then(|| short.to_string())
+}
+
+/// The address of a field at `off` from `base`: none past the end of the address space (a
+/// garbage pointer near 2^64 would otherwise overflow).
+fn field(base: u64, off: i32) -> Option<u64> {
+    base.checked_add_signed(off.into())
 }
 
 fn u64_at(m: &dyn RemoteMemory, pid: u32, addr: u64) -> Option<u64> {
@@ -89,24 +95,24 @@ fn i32_at(m: &dyn RemoteMemory, pid: u32, addr: u64) -> Option<i32> {
 
 /// Reads a `str` object (compact ASCII or compact UCS-1/2/4; a byte string on 2.7).
 fn read_unicode(m: &dyn RemoteMemory, pid: u32, o: &Offsets, obj: u64) -> Option<String> {
-    let len = u64_at(m, pid, obj + 16)?;
+    let len = u64_at(m, pid, field(obj, 16)?)?;
     if o.unicode_state < 0 {
         // 2.7: PyStringObject, bytes at ob_sval.
         if len > MAX_STRING {
             return None;
         }
         let mut buf = vec![0u8; len as usize];
-        m.read(pid, obj + o.unicode_ascii_data as u64, &mut buf).then_some(())?;
+        m.read(pid, field(obj, o.unicode_ascii_data)?, &mut buf).then_some(())?;
         return Some(String::from_utf8_lossy(&buf).into_owned());
     }
-    let state = i32_at(m, pid, obj + o.unicode_state as u64)? as u32;
+    let state = i32_at(m, pid, field(obj, o.unicode_state)?)? as u32;
     let kind = (state >> 2) & 7;
     let compact = (state >> 5) & 1 == 1;
     let ascii = (state >> 6) & 1 == 1;
     if !compact || len > MAX_STRING || !(1..=4).contains(&kind) {
         return None;
     }
-    let data = obj + if ascii { o.unicode_ascii_data } else { o.unicode_compact_data } as u64;
+    let data = field(obj, if ascii { o.unicode_ascii_data } else { o.unicode_compact_data })?;
     let mut buf = vec![0u8; (len * kind as u64) as usize];
     if !m.read(pid, data, &mut buf) {
         return None;
@@ -125,25 +131,25 @@ fn read_unicode(m: &dyn RemoteMemory, pid: u32, o: &Offsets, obj: u64) -> Option
 }
 
 fn read_bytes(m: &dyn RemoteMemory, pid: u32, o: &Offsets, obj: u64) -> Option<Vec<u8>> {
-    let len = u64_at(m, pid, obj + 16)?;
+    let len = u64_at(m, pid, field(obj, 16)?)?;
     if len > MAX_TABLE {
         return None;
     }
     let mut buf = vec![0u8; len as usize];
-    m.read(pid, obj + o.bytes_data as u64, &mut buf).then_some(buf)
+    m.read(pid, field(obj, o.bytes_data)?, &mut buf).then_some(buf)
 }
 
 fn read_code(m: &dyn RemoteMemory, pid: u32, o: &Offsets, code: u64) -> Option<Code> {
-    let p = |off: i32| u64_at(m, pid, code + off as u64);
+    let p = |off: i32| u64_at(m, pid, field(code, off)?);
     // Before 3.11 there is no co_qualname: the name.
     let qualname = read_unicode(m, pid, o, p(if o.code_qualname >= 0 { o.code_qualname } else { o.code_name })?)?;
     let filename = read_unicode(m, pid, o, p(o.code_filename)?)?;
-    let first_line = i32_at(m, pid, code + o.code_firstlineno as u64)?;
+    let first_line = i32_at(m, pid, field(code, o.code_firstlineno)?)?;
     let linetable = read_bytes(m, pid, o, p(o.code_linetable)?).unwrap_or_default();
     let self_kind = if o.code_varnames >= 0 {
         let first = p(o.code_varnames)
-            .and_then(|t| (u64_at(m, pid, t + 16)? > 0).then_some(t))
-            .and_then(|t| u64_at(m, pid, t + 24))
+            .and_then(|t| (u64_at(m, pid, field(t, 16)?)? > 0).then_some(t))
+            .and_then(|t| u64_at(m, pid, field(t, 24)?))
             .and_then(|n| read_unicode(m, pid, o, n));
         match first.as_deref() {
             Some("self") => 1,
@@ -161,7 +167,7 @@ fn read_code(m: &dyn RemoteMemory, pid: u32, o: &Offsets, code: u64) -> Option<C
         filename,
         first_line,
         linetable,
-        start: if o.code_adaptive >= 0 { code + o.code_adaptive as u64 } else { 0 },
+        start: if o.code_adaptive >= 0 { field(code, o.code_adaptive)? } else { 0 },
     })
 }
 
@@ -198,7 +204,8 @@ pub fn line_of_lnotab(table: &[u8], first_line: i32, lasti: u64, signed: bool) -
         if addr > lasti {
             break;
         }
-        line += if signed { pair[1] as i8 as i32 } else { pair[1] as i32 };
+        // Saturating: a garbage first line or table must not overflow.
+        line = line.saturating_add(if signed { pair[1] as i8 as i32 } else { pair[1] as i32 });
     }
     line
 }
@@ -215,7 +222,7 @@ pub fn line_of_310(table: &[u8], first_line: i32, offset: u64) -> i32 {
         if ld == -128 {
             continue;
         }
-        line += ld as i32;
+        line = line.saturating_add(ld as i32);
         if start <= offset && offset < end {
             return line;
         }
@@ -239,14 +246,14 @@ pub fn line_of(table: &[u8], first_line: i32, unit: u64) -> i32 {
         match code {
             15 => {}
             14 => {
-                line += svarint(table, &mut i);
+                line = line.saturating_add(svarint(table, &mut i));
                 varint(table, &mut i);
                 varint(table, &mut i);
                 varint(table, &mut i);
             }
-            13 => line += svarint(table, &mut i),
+            13 => line = line.saturating_add(svarint(table, &mut i)),
             10..=12 => {
-                line += (code - 10) as i32;
+                line = line.saturating_add((code - 10) as i32);
                 i += 2;
             }
             _ => i += 1,
@@ -270,8 +277,8 @@ impl CodeReader {
         if let Some(Some(c)) = self.cache.get(&(pid, f.code)) {
             if c.checked.get().elapsed() >= std::time::Duration::from_secs(1) {
                 let now = (
-                    u64_at(mem, pid, f.code + o.code_name as u64).unwrap_or(0),
-                    u64_at(mem, pid, f.code + o.code_filename as u64).unwrap_or(0),
+                    field(f.code, o.code_name).and_then(|a| u64_at(mem, pid, a)).unwrap_or(0),
+                    field(f.code, o.code_filename).and_then(|a| u64_at(mem, pid, a)).unwrap_or(0),
                 );
                 if now == c.identity {
                     c.checked.set(std::time::Instant::now());
@@ -319,7 +326,11 @@ impl CodeReader {
         // ≤ 3.10: `Class.method` from the class of `self` / `cls`.
         let mut qualname = code.qualname.clone();
         if code.self_kind != 0 && f.first_local != 0 {
-            let ty = if code.self_kind == 1 { u64_at(mem, pid, f.first_local + 8) } else { Some(f.first_local) };
+            let ty = if code.self_kind == 1 {
+                f.first_local.checked_add(8).and_then(|a| u64_at(mem, pid, a))
+            } else {
+                Some(f.first_local)
+            };
             if let Some(ty) = ty {
                 let name = self.types.entry((pid, ty)).or_insert_with(|| type_name(mem, pid, ty)).clone();
                 if let Some(name) = name {
@@ -383,6 +394,347 @@ mod tests {
         }
     }
 
+    const VERSIONS: [(u8, u8); 7] = [(2, 7), (3, 6), (3, 9), (3, 10), (3, 11), (3, 12), (3, 13)];
+
+    /// A process's memory as a few objects at fixed addresses; reads outside them fail (an
+    /// unmapped pointer). Records the largest read asked for: the reader allocates its buffer
+    /// before reading, so that is its largest allocation.
+    #[derive(Default, Clone)]
+    struct Objects {
+        regions: std::collections::BTreeMap<u64, Vec<u8>>,
+        largest_read: std::cell::Cell<usize>,
+    }
+
+    impl RemoteMemory for Objects {
+        fn read(&self, _pid: u32, addr: u64, buf: &mut [u8]) -> bool {
+            self.largest_read.set(self.largest_read.get().max(buf.len()));
+            let Some((&start, bytes)) = self.regions.range(..=addr).next_back() else { return false };
+            let from = (addr - start) as usize;
+            match bytes.get(from..from.saturating_add(buf.len())) {
+                Some(src) => {
+                    buf.copy_from_slice(src);
+                    true
+                }
+                None => false,
+            }
+        }
+    }
+
+    const CODE: u64 = 0x10_0000;
+    const NAME: u64 = 0x20_0000;
+    const FILE: u64 = 0x21_0000;
+    const TABLE: u64 = 0x22_0000;
+    const VARNAMES: u64 = 0x23_0000;
+    const SELF_STR: u64 = 0x24_0000;
+    const INSTANCE: u64 = 0x30_0000;
+    const TYPE: u64 = 0x31_0000;
+    const TYPE_NAME: u64 = 0x32_0000;
+    const UNMAPPED: u64 = 0x7000_0000;
+
+    impl Objects {
+        fn put(&mut self, addr: u64, at: i32, bytes: &[u8]) {
+            let r = self.regions.get_mut(&addr).unwrap();
+            let at = at as usize;
+            r[at..at + bytes.len()].copy_from_slice(bytes);
+        }
+        fn ptr(&mut self, addr: u64, at: i32, value: u64) {
+            self.put(addr, at, &value.to_ne_bytes());
+        }
+        /// A `str` (compact ASCII; a byte string on 2.7) holding `text`.
+        fn string(&mut self, addr: u64, o: &Offsets, text: &str) {
+            let data = o.unicode_ascii_data as usize;
+            self.regions.insert(addr, vec![0; data + text.len() + 1]);
+            self.ptr(addr, 16, text.len() as u64);
+            if o.unicode_state >= 0 {
+                // kind 1 (bits 2-4), compact (bit 5), ascii (bit 6).
+                self.put(addr, o.unicode_state, &(1u32 << 2 | 1 << 5 | 1 << 6).to_ne_bytes());
+            }
+            self.put(addr, data as i32, text.as_bytes());
+        }
+
+        /// The code object of `Klass.method` in `/app/x.py`, first line 10, whose first
+        /// instruction is on line 12 (a `self` method before 3.11), and the frame running it.
+        fn method(v: (u8, u8)) -> (Objects, Offsets, PyFrameRef) {
+            let o = Offsets::for_version(v).unwrap();
+            let mut m = Objects::default();
+            m.regions.insert(CODE, vec![0; 512]);
+            m.string(NAME, &o, if o.code_qualname >= 0 { "Klass.method" } else { "method" });
+            m.ptr(CODE, o.code_name, NAME);
+            if o.code_qualname >= 0 {
+                m.ptr(CODE, o.code_qualname, NAME);
+            }
+            m.string(FILE, &o, "/app/x.py");
+            m.ptr(CODE, o.code_filename, FILE);
+            m.put(CODE, o.code_firstlineno, &10i32.to_ne_bytes());
+            // Line +2 for the first instruction, in each version's table format.
+            let table: &[u8] = match v {
+                (3, 11..) => &[0x80 | (13 << 3), 2 << 1],
+                (3, 10) => &[2, 2],
+                _ => &[0, 2],
+            };
+            m.regions.insert(TABLE, vec![0; o.bytes_data as usize + table.len()]);
+            m.ptr(TABLE, 16, table.len() as u64);
+            m.put(TABLE, o.bytes_data, table);
+            m.ptr(CODE, o.code_linetable, TABLE);
+            let mut first_local = 0;
+            if o.code_varnames >= 0 {
+                m.regions.insert(VARNAMES, vec![0; 32]);
+                m.ptr(VARNAMES, 16, 1);
+                m.ptr(VARNAMES, 24, SELF_STR);
+                m.string(SELF_STR, &o, "self");
+                m.ptr(CODE, o.code_varnames, VARNAMES);
+                m.regions.insert(INSTANCE, vec![0; 16]);
+                m.ptr(INSTANCE, 8, TYPE);
+                m.regions.insert(TYPE, vec![0; 32]);
+                m.ptr(TYPE, 24, TYPE_NAME);
+                // Padded as in a real mapping: the reader reads up to 128 bytes at once.
+                let mut name = b"mod.Klass\0".to_vec();
+                name.resize(128, 0);
+                m.regions.insert(TYPE_NAME, name);
+                first_local = INSTANCE;
+            }
+            let instr = if o.code_adaptive >= 0 { CODE + o.code_adaptive as u64 } else { 0 };
+            (m, o, PyFrameRef { code: CODE, instr, entry: false, owner: 0, first_local })
+        }
+    }
+
+    fn resolve(m: &Objects, o: &Offsets, v: (u8, u8), f: &PyFrameRef) -> Option<PyFrameInfo> {
+        CodeReader::default().resolve(m, 1, o, v, f)
+    }
+
+    #[test]
+    fn well_formed_code_objects_of_every_version() {
+        // The baseline of the hostile cases below: the same objects, intact, name the frame.
+        for v in VERSIONS {
+            let (m, o, f) = Objects::method(v);
+            let want = PyFrameInfo {
+                qualname: "Klass.method".into(),
+                filename: "/app/x.py".into(),
+                line: 12,
+                first_line: 10,
+            };
+            assert_eq!(resolve(&m, &o, v, &f), Some(want), "{v:?}");
+        }
+    }
+
+    #[test]
+    fn cyclic_pointers_end() {
+        // Objects that point back at themselves or each other (memory reused by other
+        // objects): each read is one hop, so the reader ends; a name it cannot read is no
+        // name, and a class it cannot name leaves the method unqualified.
+        for v in VERSIONS {
+            let (base, o, f) = Objects::method(v);
+            let mut cases: Vec<(&str, Objects)> = Vec::new();
+            let mut m = base.clone();
+            m.ptr(CODE, o.code_filename, CODE);
+            cases.push(("filename is the code object", m));
+            let mut m = base.clone();
+            m.ptr(CODE, o.code_linetable, CODE);
+            cases.push(("line table is the code object", m));
+            if o.code_varnames >= 0 {
+                let mut m = base.clone();
+                m.ptr(VARNAMES, 24, VARNAMES);
+                cases.push(("first variable name is the tuple", m));
+                let mut m = base.clone();
+                m.ptr(INSTANCE, 8, INSTANCE);
+                cases.push(("self is its own type", m));
+                let mut m = base.clone();
+                m.ptr(TYPE, 24, TYPE);
+                cases.push(("tp_name is the type", m));
+            }
+            for (what, m) in cases {
+                let i = resolve(&m, &o, v, &f);
+                let ok = i.as_ref().map_or(true, |i| {
+                    i.qualname.ends_with("method") && i.qualname.len() <= 2 * MAX_STRING as usize + 260
+                });
+                assert!(ok, "{v:?} {what}: {i:?}");
+            }
+            // A cycle through the name: the code object read as a string, whatever it says.
+            let mut m = base.clone();
+            m.ptr(CODE, if o.code_qualname >= 0 { o.code_qualname } else { o.code_name }, CODE);
+            let _ = resolve(&m, &o, v, &f);
+        }
+    }
+
+    #[test]
+    fn unreadable_pointers() {
+        for v in VERSIONS {
+            let (base, o, f) = Objects::method(v);
+            let name_field = if o.code_qualname >= 0 { o.code_qualname } else { o.code_name };
+            // No name or no file: no frame info (the caller keeps the frame anonymous).
+            for field in [name_field, o.code_filename] {
+                let mut m = base.clone();
+                m.ptr(CODE, field, UNMAPPED);
+                assert_eq!(resolve(&m, &o, v, &f), None, "{v:?}");
+            }
+            // A string's header readable, its characters not (cut by the end of a mapping).
+            for s in [NAME, FILE] {
+                let mut m = base.clone();
+                m.ptr(s, 16, 64);
+                assert_eq!(resolve(&m, &o, v, &f), None, "{v:?}");
+            }
+            // No line table: the first line.
+            let mut m = base.clone();
+            m.ptr(CODE, o.code_linetable, UNMAPPED);
+            assert_eq!(resolve(&m, &o, v, &f).map(|i| i.line), Some(10), "{v:?}");
+            // Before 3.11, no varnames, no self or no type: the method's own name.
+            if o.code_varnames >= 0 {
+                for (obj, at) in [(CODE, o.code_varnames), (VARNAMES, 24), (INSTANCE, 8), (TYPE, 24)] {
+                    let mut m = base.clone();
+                    m.ptr(obj, at, UNMAPPED);
+                    let i = resolve(&m, &o, v, &f).unwrap();
+                    assert_eq!(i.qualname, "method", "{v:?} {obj:#x}+{at}");
+                }
+            }
+            // The code object itself unreadable, or at the top of the address space where
+            // field addresses overflow.
+            let mut f2 = f;
+            f2.code = UNMAPPED;
+            assert_eq!(resolve(&base, &o, v, &f2), None);
+            for d in [1u64, 8, 100, 4096] {
+                f2.code = u64::MAX - d;
+                assert_eq!(resolve(&base, &o, v, &f2), None);
+            }
+        }
+    }
+
+    #[test]
+    fn pointers_near_the_top_of_the_address_space() {
+        // Every pointer the reader follows set to just below 2^64, where base + offset
+        // overflows: nothing readable there, no panic.
+        for v in VERSIONS {
+            let (base, o, f) = Objects::method(v);
+            let name_field = if o.code_qualname >= 0 { o.code_qualname } else { o.code_name };
+            let mut fields = vec![(CODE, name_field), (CODE, o.code_filename), (CODE, o.code_linetable)];
+            if o.code_varnames >= 0 {
+                fields.extend([(CODE, o.code_varnames), (VARNAMES, 24), (INSTANCE, 8), (TYPE, 24)]);
+            }
+            for (obj, at) in fields {
+                for d in [0u64, 7, 15, 31, 100] {
+                    let mut m = base.clone();
+                    m.ptr(obj, at, u64::MAX - d);
+                    let _ = resolve(&m, &o, v, &f);
+                }
+            }
+            let mut f2 = f;
+            f2.first_local = u64::MAX - 3;
+            let _ = resolve(&base, &o, v, &f2);
+        }
+    }
+
+    /// Length fields near the caps and far past them, the boundaries most of all.
+    fn length() -> impl proptest::strategy::Strategy<Value = u64> {
+        use proptest::prelude::*;
+        prop_oneof![
+            any::<u64>(),
+            (0u64..3).prop_map(|d| MAX_STRING - 1 + d),
+            (0u64..3).prop_map(|d| MAX_TABLE - 1 + d),
+            (0u64..16).prop_map(|d| u64::MAX - d),
+            // Lengths whose product with a string's kind (1, 2, 4) overflows.
+            (2u64..5).prop_map(|k| u64::MAX / k + 1),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Any length in a name, file name or line table, any kind in a string's state: a
+        /// length over the cap is refused before anything is allocated, so no read (and no
+        /// buffer) is larger than the largest cap.
+        #[test]
+        fn huge_lengths_are_refused_before_allocating(
+            vi in 0usize..VERSIONS.len(),
+            name_len in proptest::option::of(length()),
+            file_len in proptest::option::of(length()),
+            table_len in length(),
+            state in proptest::option::of(proptest::prelude::any::<u32>()),
+        ) {
+            // `None`: the field as the intact object has it.
+            let v = VERSIONS[vi];
+            let (mut m, o, f) = Objects::method(v);
+            if let Some(n) = name_len {
+                m.ptr(NAME, 16, n);
+            }
+            if let Some(n) = file_len {
+                m.ptr(FILE, 16, n);
+            }
+            m.ptr(TABLE, 16, table_len);
+            if let (Some(s), true) = (state, o.unicode_state >= 0) {
+                m.put(NAME, o.unicode_state, &s.to_ne_bytes());
+            }
+            let i = resolve(&m, &o, v, &f);
+            let largest = m.largest_read.get() as u64;
+            proptest::prop_assert!(largest <= MAX_TABLE.max(4 * MAX_STRING), "a {}-byte read", largest);
+            if name_len.unwrap_or(0) > MAX_STRING || file_len.unwrap_or(0) > MAX_STRING {
+                proptest::prop_assert_eq!(i, None);
+            } else if name_len.is_none() && file_len.is_none() && state.is_none() && table_len > MAX_TABLE {
+                // The table is dropped; the frame is still named, at its first line.
+                let i = i.unwrap();
+                proptest::prop_assert_eq!((i.qualname.as_str(), i.line), ("Klass.method", 10));
+            }
+        }
+
+        /// Every pointer field of every object pointing at any of the objects (itself
+        /// included), nowhere, or near 2^64; any length: the reader ends, allocates within
+        /// its caps and returns bounded names.
+        #[test]
+        fn pointer_graphs_with_cycles(
+            vi in 0usize..VERSIONS.len(),
+            targets in proptest::collection::vec(0usize..12, 8),
+            lens in proptest::collection::vec(length(), 3),
+        ) {
+            let v = VERSIONS[vi];
+            let (mut m, o, mut f) = Objects::method(v);
+            let addrs = [CODE, NAME, FILE, TABLE, VARNAMES, SELF_STR, INSTANCE, TYPE, TYPE_NAME, UNMAPPED, u64::MAX - 7, 0];
+            let name_field = if o.code_qualname >= 0 { o.code_qualname } else { o.code_name };
+            let mut fields = vec![(CODE, name_field), (CODE, o.code_filename), (CODE, o.code_linetable)];
+            if o.code_varnames >= 0 {
+                fields.extend([(CODE, o.code_varnames), (VARNAMES, 24), (INSTANCE, 8), (TYPE, 24)]);
+            }
+            for (&(obj, at), &t) in fields.iter().zip(&targets) {
+                m.ptr(obj, at, addrs[t]);
+            }
+            for (obj, len) in [NAME, FILE, TABLE].into_iter().zip(lens) {
+                m.ptr(obj, 16, len);
+            }
+            f.code = addrs[targets[7] % 9];
+            let mut r = CodeReader::default();
+            for _ in 0..2 {
+                if let Some(i) = r.resolve(&m, 1, &o, v, &f) {
+                    proptest::prop_assert!(i.qualname.len() <= 2 * MAX_STRING as usize + 260);
+                    proptest::prop_assert!(i.filename.len() <= 4 * MAX_STRING as usize);
+                }
+            }
+            proptest::prop_assert!(m.largest_read.get() as u64 <= MAX_TABLE.max(4 * MAX_STRING));
+        }
+
+        /// Line tables of any bytes with any first line and position: no overflow (garbage
+        /// tables and first lines come from memory being reused).
+        #[test]
+        fn line_tables_of_any_bytes(
+            table in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+            first in proptest::prelude::any::<i32>(),
+            at in proptest::prelude::any::<u64>(),
+        ) {
+            let _ = line_of(&table, first, at % 1024);
+            let _ = line_of(&table, first, at);
+            let _ = line_of_310(&table, first, at % 1024);
+            let _ = line_of_lnotab(&table, first, at % 1024, true);
+            let _ = line_of_lnotab(&table, first, at, false);
+        }
+    }
+
+    #[test]
+    fn line_numbers_saturate() {
+        // A first line at the ends of i32 and a table moving past them: pinned to the end,
+        // not wrapped to the other sign.
+        assert_eq!(line_of(&[0x80 | (13 << 3), 2 << 1], i32::MAX, 0), i32::MAX);
+        assert_eq!(line_of(&[0x80 | (13 << 3), (2 << 1) | 1], i32::MIN, 0), i32::MIN);
+        assert_eq!(line_of_310(&[2, 2], i32::MAX - 1, 0), i32::MAX);
+        assert_eq!(line_of_lnotab(&[0, 0x7f, 0, 0x7f], i32::MAX - 100, 0, true), i32::MAX);
+        assert_eq!(line_of_lnotab(&[0, 0xff], i32::MAX, 0, false), i32::MAX);
+    }
+
     #[test]
     fn lnotab_and_310_tables() {
         // lnotab: (+6 bytes, +1 line), (+4 bytes, -2 lines signed / +254 unsigned)
@@ -398,6 +750,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::identity_op)] // `0 << 3`: form 0 spelled out like the others.
     fn location_table_forms() {
         // Short form (code 0..9, 1 extra byte), one-line forms (10..12, 2 extra bytes),
         // no-column (13, svarint), long (14), none (15).

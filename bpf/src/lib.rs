@@ -83,11 +83,33 @@ pub struct PyProcess {
 
 /// The loaded program, its attachments and its ring buffer.
 pub struct Walker {
-    /// Leaked on purpose: one walker per recording, and the ring buffer borrows its map.
-    skel: &'static skel::WalkerSkel<'static>,
+    /// Borrows `*open_obj` (hence `'static`): dropped before it, in `Drop`.
+    skel: Option<Box<skel::WalkerSkel<'static>>>,
+    /// Owned; freed in `Drop` after everything that borrows it.
+    open_obj: *mut MaybeUninit<libbpf_rs::OpenObject>,
     links: Vec<Link>,
     ring: Option<RingBuffer<'static>>,
     out: Arc<Mutex<Vec<PyStack>>>,
+}
+
+impl Drop for Walker {
+    fn drop(&mut self) {
+        // Users of the program first, then the program and its maps, then the object they
+        // borrow.
+        self.ring = None;
+        self.links.clear();
+        self.skel = None;
+        // SAFETY: `open_obj` came from `Box::into_raw` in `load` and is freed only here, once;
+        // the skeleton borrowing it was dropped just above.
+        drop(unsafe { Box::from_raw(self.open_obj) });
+    }
+}
+
+/// The ring buffer's size for `ncpus` CPUs sampling at up to a few kHz: 256 KiB each (about a
+/// second of the longest records at 1 kHz), from 1 MiB to 16 MiB, a power of two as the kernel
+/// requires.
+fn ring_bytes(ncpus: usize) -> u32 {
+    ((ncpus.max(1) as u32).saturating_mul(256 << 10)).clamp(1 << 20, 16 << 20).next_power_of_two()
 }
 
 #[repr(C)]
@@ -141,11 +163,20 @@ impl Walker {
         if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rl) } != 0 {
             tracing::debug!("setrlimit(RLIMIT_MEMLOCK) refused; relying on memcg accounting");
         }
-        // The open object must outlive the skeleton, which lives as long as the walker: one
-        // per recording, so it is leaked on purpose.
-        let open_obj: &'static mut MaybeUninit<libbpf_rs::OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
+        // The open object must outlive the skeleton: the walker owns both and drops them in
+        // order. Until the walker exists, an early return leaks it (a few hundred bytes).
+        let open_obj = Box::into_raw(Box::new(MaybeUninit::<libbpf_rs::OpenObject>::uninit()));
+        // SAFETY: `open_obj` is a valid, exclusively owned allocation that lives until the
+        // walker's Drop, after the skeleton borrowing it.
+        let obj_ref: &'static mut MaybeUninit<libbpf_rs::OpenObject> = unsafe { &mut *open_obj };
         let mut open = skel::WalkerSkelBuilder::default()
-            .open(open_obj)
+            .open(obj_ref)
+            .map_err(|e| BpfError::Load(e.to_string()))?;
+        let ncpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+            .max(libbpf_rs::num_possible_cpus().unwrap_or(1));
+        open.maps
+            .events
+            .set_max_entries(ring_bytes(ncpus))
             .map_err(|e| BpfError::Load(e.to_string()))?;
         // Our PID namespace: the program reports pids as we see them.
         let ns = std::fs::metadata("/proc/self/ns/pid").map_err(|e| BpfError::Load(format!("/proc/self/ns/pid: {e}")))?;
@@ -160,16 +191,20 @@ impl Walker {
         }
         let skel = open.load().map_err(|e| BpfError::Load(e.to_string()))?;
         let out: Arc<Mutex<Vec<PyStack>>> = Arc::default();
-        let skel: &'static skel::WalkerSkel<'static> = Box::leak(Box::new(skel));
         let mut w = Walker {
-            skel,
+            skel: Some(Box::new(skel)),
+            open_obj,
             links: Vec::new(),
             ring: None,
             out,
         };
         let sink = w.out.clone();
         let mut b = RingBufferBuilder::new();
-        b.add(&w.skel.maps.events, move |data: &[u8]| {
+        let skel_ptr: *const skel::WalkerSkel<'static> = &**w.skel.as_ref().expect("just set");
+        // SAFETY: the skeleton is boxed (its address is stable) and owned by the walker, whose
+        // Drop drops the ring buffer before the skeleton.
+        let skel_ref: &'static skel::WalkerSkel<'static> = unsafe { &*skel_ptr };
+        b.add(&skel_ref.maps.events, move |data: &[u8]| {
             if let Some(s) = parse(data) {
                 sink.lock().unwrap_or_else(|e| e.into_inner()).push(s);
             }
@@ -180,10 +215,14 @@ impl Walker {
         Ok(w)
     }
 
+    fn skel(&self) -> &skel::WalkerSkel<'static> {
+        self.skel.as_deref().expect("the skeleton lives until Drop")
+    }
+
     /// Runs the program at every sample of this perf event.
     pub fn attach(&mut self, perf_event_fd: BorrowedFd<'_>) -> Result<(), BpfError> {
         let link = self
-            .skel
+            .skel()
             .progs
             .on_sample
             .attach_perf_event(perf_event_fd.as_raw_fd())
@@ -220,7 +259,7 @@ impl Walker {
         let bytes = unsafe {
             std::slice::from_raw_parts(&cfg as *const ProcCfg as *const u8, std::mem::size_of::<ProcCfg>())
         };
-        self.skel
+        self.skel()
             .maps
             .procs
             .update(&p.pid.to_ne_bytes(), bytes, MapFlags::ANY)
@@ -231,7 +270,7 @@ impl Walker {
     }
 
     pub fn remove_process(&mut self, pid: u32) {
-        let _ = self.skel.maps.procs.delete(&pid.to_ne_bytes());
+        let _ = self.skel().maps.procs.delete(&pid.to_ne_bytes());
     }
 
     /// Drains the ring buffer into `f`, without blocking.
@@ -248,7 +287,7 @@ impl Walker {
     /// (run count, total run time in ns) of the program, when `kernel.bpf_stats_enabled` is 1.
     pub fn stats(&self) -> Option<(u64, u64)> {
         use std::os::fd::AsFd;
-        let fd = self.skel.progs.on_sample.as_fd().as_raw_fd();
+        let fd = self.skel().progs.on_sample.as_fd().as_raw_fd();
         let mut info: libbpf_sys::bpf_prog_info = unsafe_zeroed();
         let mut len = std::mem::size_of::<libbpf_sys::bpf_prog_info>() as u32;
         // SAFETY: bpf_obj_get_info_by_fd writes at most `len` bytes into `info`.

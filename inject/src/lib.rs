@@ -128,32 +128,44 @@ impl PythonProcess {
     }
 }
 
-struct MapLine {
-    start: u64,
-    end: u64,
-    offset: u64,
-    path: String,
+/// A line of `/proc/PID/maps`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapLine {
+    pub start: u64,
+    pub end: u64,
+    /// Mapped with execute permission.
+    pub exec: bool,
+    /// Offset in the file.
+    pub offset: u64,
+    /// The file, `[name]` of a special mapping, or empty.
+    pub path: String,
 }
 
 fn read_maps(pid: i32) -> Result<Vec<MapLine>, InjectError> {
-    let text =
-        std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => InjectError::ProcessGone { pid },
-            std::io::ErrorKind::PermissionDenied => InjectError::PermissionDenied {
-                pid,
-                detail: format!("reading /proc/{pid}/maps: {e}"),
-            },
-            _ => InjectError::Ptrace {
-                pid,
-                detail: format!("reading /proc/{pid}/maps: {e}"),
-            },
-        })?;
-    Ok(text
-        .lines()
+    // Bytes, not a String: file names need not be UTF-8, and one such mapping must not make
+    // the whole process unreadable.
+    let bytes = std::fs::read(format!("/proc/{pid}/maps")).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => InjectError::ProcessGone { pid },
+        std::io::ErrorKind::PermissionDenied => InjectError::PermissionDenied {
+            pid,
+            detail: format!("reading /proc/{pid}/maps: {e}"),
+        },
+        _ => InjectError::Ptrace {
+            pid,
+            detail: format!("reading /proc/{pid}/maps: {e}"),
+        },
+    })?;
+    Ok(parse_maps(&String::from_utf8_lossy(&bytes)))
+}
+
+/// The lines of a `/proc/PID/maps` text; a line that does not parse is skipped. (perfpy's
+/// sampler reads maps with this parser too.)
+pub fn parse_maps(text: &str) -> Vec<MapLine> {
+    text.lines()
         .filter_map(|l| {
             let mut it = l.splitn(6, char::is_whitespace);
             let (a, b) = it.next()?.split_once('-')?;
-            let _perms = it.next()?;
+            let perms = it.next()?;
             let offset = u64::from_str_radix(it.next()?, 16).ok()?;
             let _dev = it.next()?;
             let _ino = it.next()?;
@@ -161,11 +173,12 @@ fn read_maps(pid: i32) -> Result<Vec<MapLine>, InjectError> {
             Some(MapLine {
                 start: u64::from_str_radix(a, 16).ok()?,
                 end: u64::from_str_radix(b, 16).ok()?,
+                exec: perms.as_bytes().get(2) == Some(&b'x'),
                 offset,
                 path,
             })
         })
-        .collect())
+        .collect()
 }
 
 fn start_time(pid: i32) -> Result<u64, InjectError> {
@@ -399,5 +412,146 @@ impl Registry {
             out.push((p.pid, deactivate(&p, timeout)));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! `/proc/PID/maps` of any process `discover` is pointed at: odd file names, numbers that
+    //! do not fit, broken lines. The lines that are well-formed must come out exactly (a lost
+    //! libpython line means a Python process refused as not Python).
+
+    use super::*;
+    use proptest::prelude::*;
+
+    fn fields(m: &MapLine) -> (u64, u64, u64, &str) {
+        (m.start, m.end, m.offset, m.path.as_str())
+    }
+
+    #[test]
+    fn odd_lines() {
+        let text = "\
+7f0000000000-7f0000001000 r-xp 00000000 08:01 42                         /tmp/my python (1)/libpython3.12.so.1.0\n\
+7f0000001000-7f0000002000 r--p 00001000 08:01 42                         /usr/lib/libpython3.12.so.1.0 (deleted)\n\
+\n\
+7f0000002000-7f0000003000 rw-p 00000000 00:00 0 \n\
+1ffffffffffffffff-7f0000003000 r-xp 00000000 08:01 42 /overflowing/start\n\
+7f0000003000-7f0000004000 r-xp 10000000000000000 08:01 42 /overflowing/offset\n\
+7f0000004000-7f0000005000 r-xp 00000000 08:01\n\
+7f0000005000 r-xp 00000000 08:01 42 /no/end\n\
+\u{0}\u{1}\u{fffd}-\u{7f}\n\
+7f0000006000-7f0000007000 r-xp 00002000 08:01 42 /last/line/without/newline";
+        let m = parse_maps(text);
+        let got: Vec<_> = m.iter().map(fields).collect();
+        assert_eq!(
+            got,
+            [
+                (0x7f0000000000, 0x7f0000001000, 0, "/tmp/my python (1)/libpython3.12.so.1.0"),
+                (0x7f0000001000, 0x7f0000002000, 0x1000, "/usr/lib/libpython3.12.so.1.0 (deleted)"),
+                (0x7f0000002000, 0x7f0000003000, 0, ""),
+                (0x7f0000006000, 0x7f0000007000, 0x2000, "/last/line/without/newline"),
+            ]
+        );
+    }
+
+    #[test]
+    fn exec_permission_and_fields() {
+        let m = parse_maps(
+            "55d5c0a00000-55d5c0a01000 r--p 00000000 08:01 131 /usr/bin/python3.11\n\
+             55d5c0a01000-55d5c0c00000 r-xp 00001000 08:01 131 /usr/bin/python3.11\n\
+             7ffd1c3f0000-7ffd1c411000 rw-p 00000000 00:00 0                          [stack]\n",
+        );
+        assert_eq!(m.len(), 3);
+        assert!(!m[0].exec && m[1].exec && !m[2].exec);
+        assert_eq!((m[1].offset, m[1].path.as_str()), (0x1000, "/usr/bin/python3.11"));
+        assert_eq!(m[2].path, "[stack]");
+    }
+
+    /// Paths as the kernel prints them: absolute or a `[name]`, no newline (it escapes that
+    /// one), not ending in white space (the line's end is trimmed, so such a name would lose
+    /// it; files are opened through `map_files`, which does not need the name).
+    fn kernel_path() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(String::new()),
+            Just("[heap]".to_string()),
+            "/([^\\n\\r]{0,200}\\S)?",
+            "/[a-z ]{1,20}/libpython3\\.[0-9]{1,2}\\.so(\\.1\\.0)?( \\(deleted\\))?",
+        ]
+    }
+
+    /// A line of anything but a newline: short text, or thousands of arbitrary bytes.
+    fn garbage_line() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[^\\n]{0,100}",
+            proptest::collection::vec(any::<u8>(), 2000..5000)
+                .prop_map(|b| String::from_utf8_lossy(&b).replace('\n', " ")),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// Well-formed lines, as the kernel pads them, mixed with garbage lines (very long
+        /// ones included): each well-formed line comes out exactly and in order. Garbage may
+        /// parse as a line of its own; that is not checked.
+        #[test]
+        fn maps_with_garbage_lines(
+            lines in proptest::collection::vec((
+                any::<u64>(), any::<u64>(), any::<u64>(), kernel_path(),
+                proptest::option::of(garbage_line()),
+            ), 0..20),
+        ) {
+            let mut text = String::new();
+            for (start, end, offset, path, garbage) in &lines {
+                if let Some(g) = garbage {
+                    text.push_str(g);
+                    text.push('\n');
+                }
+                let head = format!("{start:08x}-{end:08x} r-xp {offset:08x} fd:01 1234567 ");
+                if path.is_empty() {
+                    text.push_str(&head);
+                } else {
+                    text.push_str(&format!("{head:<73}{path}"));
+                }
+                text.push('\n');
+            }
+            let parsed = parse_maps(&text);
+            let mut rest = parsed.iter();
+            for (start, end, offset, path, _) in &lines {
+                let want = (*start, *end, *offset, path.as_str());
+                prop_assert!(rest.any(|m| fields(m) == want), "{:x?} missing", want);
+            }
+        }
+
+        /// Arbitrary bytes, made text lossily: no panic, no path with a line break.
+        #[test]
+        fn maps_of_binary_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            for m in parse_maps(&String::from_utf8_lossy(&bytes)) {
+                prop_assert!(!m.path.contains('\n'));
+            }
+        }
+
+        /// Any file name: a version only from a python-named file.
+        #[test]
+        fn version_from_any_name(path in "\\PC{0,80}|/[a-z/]{0,20}(lib)?python[0-9.]{0,30}[a-z0-9.]{0,10}") {
+            if elf::version_from_name(&path).is_some() {
+                let name = path.rsplit('/').next().unwrap();
+                prop_assert!(name.starts_with("python") || name.starts_with("libpython"), "{}", path);
+            }
+        }
+
+        /// Well-formed names (any directory, `m`/`t`/`d` builds, `.so` suffixes) give exactly
+        /// their version: the fallback when a file has no `Py_Version`.
+        #[test]
+        fn version_from_well_formed_names(
+            dir in "(/[a-zA-Z0-9_ .-]{1,12}){0,4}",
+            lib in any::<bool>(),
+            major in 2u8..=3,
+            minor in any::<u8>(),
+            suffix in "(m|t|d)?(\\.so(\\.1\\.0)?)?",
+        ) {
+            let path = format!("{dir}/{}python{major}.{minor}{suffix}", if lib { "lib" } else { "" });
+            prop_assert_eq!(elf::version_from_name(&path), Some((major, minor)));
+        }
     }
 }

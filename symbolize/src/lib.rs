@@ -60,14 +60,18 @@ impl Symbolizer {
 
     /// Symbolizes file offsets of the ELF file at `path`. Returns, per offset, its frames
     /// innermost (inlined leaf) first, the function that contains the code last; an empty vector
-    /// where the offset is not covered by any symbol.
+    /// where the offset is not covered by any symbol. With `dwarf`, debug information (the
+    /// file's own or through its debug link) adds source lines and inlined functions, at the
+    /// cost of parsing it (tens of ms and MB for a big library); without, the symbol tables
+    /// name functions.
     pub fn symbolize_elf(
         &self,
         path: &Path,
         file_offsets: &[u64],
+        dwarf: bool,
     ) -> Result<Vec<Vec<Frame>>, SymbolizeError> {
         let mut elf = Elf::new(path);
-        elf.debug_syms = true;
+        elf.debug_syms = dwarf;
         let src = Source::Elf(elf);
         let syms = self
             .inner
@@ -168,7 +172,7 @@ mod tests {
             })
             .unwrap();
         let s = Symbolizer::new();
-        let frames = s.symbolize_elf(&exe, &[here - start + off]).unwrap();
+        let frames = s.symbolize_elf(&exe, &[here - start + off], true).unwrap();
         let f = frames[0].last().unwrap();
         assert!(f.function.contains("own_executable_symbolizes_with_lines"), "{f:?}");
         assert!(f.file.as_deref().unwrap_or("").ends_with("lib.rs"), "{f:?}");

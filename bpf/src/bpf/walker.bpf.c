@@ -22,10 +22,32 @@ struct {
     __type(value, struct proc_cfg);
 } procs SEC(".maps");
 
+/* Sized at load time from the number of CPUs (see Walker::load). Records are only as long as
+ * their frames: most stacks are a few frames deep, so a small ring absorbs a long pause of the
+ * reader. */
 struct {
     __uint(type, BPF_MAP_TYPE_RINGBUF);
-    __uint(max_entries, 8 << 20);
+    __uint(max_entries, 1 << 20);
 } events SEC(".maps");
+
+/* The record is built here, then copied into the ring with only its used frames. */
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, u32);
+    __type(value, struct record);
+} scratch SEC(".maps");
+
+static __always_inline void emit(struct record *r)
+{
+    u32 n = r->nframes;
+    if (n > MAX_FRAMES)
+        n = MAX_FRAMES;
+    u64 size = sizeof(struct record) - sizeof(r->frames) + (u64)n * sizeof(struct pyframe);
+    if (size > sizeof(struct record))
+        size = sizeof(struct record);
+    bpf_ringbuf_output(&events, r, size, 0);
+}
 
 static __always_inline int rd(void *dst, u32 size, u64 addr)
 {
@@ -140,7 +162,8 @@ int on_sample(void *ctx)
     struct proc_cfg *c = bpf_map_lookup_elem(&procs, &pid);
     if (!c)
         return 1;
-    struct record *r = bpf_ringbuf_reserve(&events, sizeof(struct record), 0);
+    u32 zero = 0;
+    struct record *r = bpf_map_lookup_elem(&scratch, &zero);
     if (!r)
         return 1;
     r->pid = pid;
@@ -153,7 +176,7 @@ int on_sample(void *ctx)
     if (rd(&interp, 8, c->runtime + c->runtime_interp_head) || !interp ||
         rd(&ts, 8, interp + c->interp_tstate_head)) {
         r->flags = REC_READ_ERROR;
-        bpf_ringbuf_submit(r, 0);
+        emit(r);
         return 1;
     }
     u64 fsbase = 0;
@@ -175,7 +198,7 @@ int on_sample(void *ctx)
     bpf_loop(MAX_THREADS, find_thread, &t, 0);
     if (!t.found) {
         r->flags = REC_NO_TSTATE;
-        bpf_ringbuf_submit(r, 0);
+        emit(r);
         return 1;
     }
     u64 frame = 0;
@@ -188,9 +211,13 @@ int on_sample(void *ctx)
     }
     struct fctx x = { .c = c, .r = r, .frame = frame, .n = 0, .flags = 0 };
     bpf_loop(2 * MAX_FRAMES, walk_frame, &x, 0);
+    /* Frames left when the loop's budget ran out (each Python call under a perf trampoline
+     * also has an entry shim frame): the outer ones are missing. */
+    if (x.frame && !(x.flags & REC_READ_ERROR))
+        x.flags |= REC_TRUNCATED;
     r->nframes = x.n;
     r->flags = x.flags;
-    bpf_ringbuf_submit(r, 0);
+    emit(r);
     return 1;
 }
 
