@@ -261,7 +261,7 @@ fn same_root(pid: u32, root: &File) -> bool {
         )
 }
 
-pub use perfpy_inject::{parse_maps, MapLine as MapsLine};
+pub use perfpy_inject::parse_maps;
 
 /// The container id in `/proc/PID/cgroup`: the last 64-hex-digit component of the path
 /// (`/docker/<id>`, `.../cri-containerd-<id>.scope`, `.../crio-<id>.scope`, `libpod-<id>`).
