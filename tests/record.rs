@@ -329,7 +329,7 @@ fn spawned_python_gets_perf_support_from_the_environment() {
     // from the eBPF walker alone.
     let out = tmp("noenv.pb.gz");
     let o = run_perfpy(&[
-        "record", "-d", "2", "--no-python-perf-env", "-o", out.to_str().unwrap(), "--",
+        "record", "-d", "2", "-r", "397", "--no-python-perf-env", "-o", out.to_str().unwrap(), "--",
         py.to_str().unwrap(), testdata("split.py").to_str().unwrap(), "3",
     ]);
     assert!(o.status.success());

@@ -17,7 +17,13 @@ pub struct ElfFacts {
     pub loads: Vec<(u64, u64, u64)>,
     pub is_interpreter: bool,
     pub py_version_hex: Option<u32>,
+    /// Virtual address (as in the file) of `mov rax, 15; syscall` in an executable segment:
+    /// libc's `__restore_rt`, which returns from a signal handler through `rt_sigreturn`.
+    pub sigreturn: Option<u64>,
 }
+
+/// `mov rax, 15 (rt_sigreturn); syscall`: glibc's and musl's `__restore_rt`.
+const SIGRETURN: [u8; 9] = [0x48, 0xc7, 0xc0, 0x0f, 0x00, 0x00, 0x00, 0x0f, 0x05];
 
 /// Symbols we care about; reading all of a big `.symtab` into a map would cost tens of MB.
 const WANTED: &[&str] = &[
@@ -88,12 +94,30 @@ pub fn parse(data: &[u8]) -> std::io::Result<ElfFacts> {
             data.get(off..off.checked_add(4)?)?.try_into().ok()?,
         ))
     });
+    // Only libc needs it (and the interpreter is big): looked for where there is no
+    // interpreter.
+    let sigreturn = if is_interpreter { None } else { find_sigreturn(&elf, data) };
     Ok(ElfFacts {
         symbols,
         first_load_vaddr: loads.first().map(|l| l.1).unwrap_or(0),
         loads,
         is_interpreter,
         py_version_hex,
+        sigreturn,
+    })
+}
+
+fn find_sigreturn(elf: &ElfFile64<object::Endianness>, data: &[u8]) -> Option<u64> {
+    let endian = elf.endian();
+    elf.elf_program_headers().iter().find_map(|ph| {
+        if ph.p_type(endian) != object::elf::PT_LOAD || ph.p_flags(endian) & object::elf::PF_X == 0 {
+            return None;
+        }
+        let off = usize::try_from(ph.p_offset(endian)).ok()?;
+        let len = usize::try_from(ph.p_filesz(endian)).ok()?;
+        let seg = data.get(off..off.checked_add(len)?)?;
+        let at = seg.windows(SIGRETURN.len()).position(|w| w == SIGRETURN)?;
+        ph.p_vaddr(endian).checked_add(at as u64)
     })
 }
 

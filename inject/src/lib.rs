@@ -141,7 +141,7 @@ pub struct MapLine {
     pub path: String,
 }
 
-fn read_maps(pid: i32) -> Result<Vec<MapLine>, InjectError> {
+pub(crate) fn read_maps(pid: i32) -> Result<Vec<MapLine>, InjectError> {
     // Bytes, not a String: file names need not be UTF-8, and one such mapping must not make
     // the whole process unreadable.
     let bytes = std::fs::read(format!("/proc/{pid}/maps")).map_err(|e| match e.kind() {
@@ -212,7 +212,8 @@ pub fn discover(pid: i32) -> Result<PythonProcess, InjectError> {
         }
         seen.push(m.path.clone());
         let name = m.path.rsplit('/').next().unwrap_or("");
-        let is_libc = name.starts_with("libc.so") || name.starts_with("libc-");
+        // musl's libc is its dynamic loader.
+        let is_libc = name.starts_with("libc.so") || name.starts_with("libc-") || name.starts_with("ld-musl");
         let candidate = name.contains("python") || m.path == exe;
         if !candidate && !is_libc {
             continue;
@@ -233,6 +234,9 @@ pub fn discover(pid: i32) -> Result<PythonProcess, InjectError> {
                 if let Some((a, _)) = facts.symbols.get(s) {
                     libc.insert(s.to_string(), a + bias);
                 }
+            }
+            if let Some(a) = facts.sigreturn {
+                libc.insert("__restore_rt".to_string(), a + bias);
             }
             continue;
         }
@@ -299,12 +303,14 @@ pub fn check_injectable(p: &PythonProcess) -> Result<(), InjectError> {
             interpreter: p.interpreter_name.clone(),
         });
     }
-    if !p.libc.contains_key("mmap") {
-        return Err(InjectError::NoLibpythonSymbols {
-            pid: p.pid,
-            interpreter: "libc".into(),
-            missing: "mmap".into(),
-        });
+    for f in ["mmap", "munmap", "__restore_rt"] {
+        if !p.libc.contains_key(f) {
+            return Err(InjectError::NoLibpythonSymbols {
+                pid: p.pid,
+                interpreter: "libc".into(),
+                missing: f.into(),
+            });
+        }
     }
     Ok(())
 }

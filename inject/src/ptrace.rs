@@ -1,16 +1,23 @@
-//! Calling a function inside another process's thread with ptrace, as a guard value.
+//! Calling a function inside another process's thread with ptrace, as a guard value, such
+//! that the thread is never left in a state it cannot get out of by itself — whatever happens
+//! to perfpy (SIGKILL included) at any instruction.
 //!
 //! [`Tracee::attach`] seizes one thread and interrupts it (other threads keep running), saving
-//! its general registers (`NT_PRSTATUS`) and its FP/vector state (`NT_X86_XSTATE`).
-//! [`Tracee::call`] runs one function with the System V ABI: the call frame is built below the
-//! 128-byte red zone, 16-byte aligned, with return address 0 — the function's `ret` then faults
-//! at address 0, which we recognise (SIGSEGV with RIP 0) and never let the target see.
-//! `orig_rax` is set to -1 during our calls so that the kernel does not "restart" them; the
-//! saved registers keep the interrupted system call's `orig_rax` and `-ERESTART*` value, so
-//! when they are restored the kernel restarts that system call as if nothing had happened: a
-//! `read` on a pipe keeps waiting, a `sleep` sleeps its remaining time.
-//! Signals that arrive while we hold the thread are queued and delivered when it is released.
-//! [`Drop`] restores the registers and every byte written, and detaches, on every path.
+//! its general registers (`NT_PRSTATUS`), its FP/vector state (`NT_X86_XSTATE`) and its signal
+//! mask. Before the first call, a **signal frame** is written below the 128-byte red zone, as
+//! the kernel writes one for a signal handler: the interrupted registers (an interrupted
+//! system call set up to run again, as after a handler with `SA_RESTART`), the FP state and
+//! the signal mask. Every call then returns into code ending in `rt_sigreturn` (libc's
+//! `__restore_rt`, or our own page's variant that first stores RAX), which puts all of that
+//! back. So a call needs nothing from us to finish: if perfpy dies while the target runs it,
+//! the function returns and the thread resumes exactly where it was interrupted.
+//!
+//! While we are alive, we follow the call with `PTRACE_SYSCALL` and take the thread back at
+//! that `rt_sigreturn`: either for another call (the system call is then skipped) or to let it
+//! go (detaching lets the `rt_sigreturn` restore everything). Until a call is made, releasing
+//! restores the saved registers as they were. Signals that arrive while we hold the thread are
+//! queued and sent again when it is released. Nothing else of the target is written: the
+//! frame lies in free stack below the red zone.
 
 use std::time::{Duration, Instant};
 
@@ -22,17 +29,84 @@ use crate::InjectError;
 const NT_X86_XSTATE: libc::c_int = 0x202;
 const RED_ZONE: u64 = 128;
 
+/// Where an injected call returns: code that ends in `rt_sigreturn`.
+#[derive(Clone, Copy, Debug)]
+pub enum Return {
+    /// libc's `__restore_rt` (`mov rax, 15; syscall`): the return value is lost.
+    Libc(u64),
+    /// Our own page's code ([`GADGET`] at `at`): stores RAX at `slot`, then `rt_sigreturn`.
+    Page { at: u64, slot: u64 },
+}
+
+impl Return {
+    fn code_range(self) -> std::ops::Range<u64> {
+        match self {
+            Return::Libc(a) => a..a + 9,
+            Return::Page { at, .. } => at..at + GADGET.len() as u64,
+        }
+    }
+}
+
+/// Our return code, placed with [`GADGET_SLOT`] 8-byte slot right after it:
+/// `mov [rip+2], rax; mov eax, 15; syscall`, then the slot (2 bytes of padding first).
+pub const GADGET: &[u8] = &[
+    0x48, 0x89, 0x05, 0x09, 0x00, 0x00, 0x00, // mov [rip+9], rax   (→ GADGET_SLOT)
+    0xb8, 0x0f, 0x00, 0x00, 0x00, // mov eax, 15 (rt_sigreturn)
+    0x0f, 0x05, // syscall
+    0x90, 0x90, // padding: the slot is 8-aligned at +16
+];
+/// Offset of the return-value slot from the start of [`GADGET`].
+pub const GADGET_SLOT: u64 = 16;
+
+/// Where the thread is, as far as our calls go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Stopped where we interrupted it; its registers are the saved ones.
+    Interrupted,
+    /// Running a call of ours: it will return through the signal frame by itself.
+    InCall,
+    /// Stopped at the `rt_sigreturn` of a finished call: letting it go restores everything.
+    AtSigreturn,
+    /// A call faulted: the saved registers must be put back.
+    Faulted,
+}
+
 pub struct Tracee {
     pid: i32,
     tid: Pid,
     saved: libc::user_regs_struct,
     xstate: Vec<u8>,
-    /// (address, original bytes) of everything we wrote, to put back.
-    written: Vec<(u64, Vec<u8>)>,
+    /// The thread's blocked signals when interrupted.
+    sigmask: u64,
+    /// Address of the signal frame, once written.
+    frame: Option<u64>,
+    state: State,
     /// Raw signal numbers: real-time signals included (they queue and must each be delivered).
     queued: Vec<i32>,
     released: bool,
 }
+
+/// System calls during which the thread's blocked mask is a temporary one (the real one is
+/// kept by the kernel where we cannot read it): a signal frame made there would keep the
+/// temporary mask for good. Threads in them are not used.
+pub const TEMPORARY_MASK_SYSCALLS: &[i64] = &[
+    128, // rt_sigtimedwait
+    130, // rt_sigsuspend
+    270, // pselect6
+    271, // ppoll
+    281, // epoll_pwait
+    333, // io_pgetevents
+    441, // epoll_pwait2
+];
+
+const FP_XSTATE_MAGIC1: u32 = 0x4650_5853;
+const FP_XSTATE_MAGIC2: u32 = 0x4650_5845;
+/// uc_flags: UC_FP_XSTATE | UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS.
+const UC_FLAGS: u64 = 1 | 2 | 4;
+/// `struct ucontext` (kernel): flags, link, stack_t (24), sigcontext (256), sigset (8).
+const UCONTEXT_SIZE: u64 = 8 + 8 + 24 + 256 + 8;
+/// `struct rt_sigframe`: pretcode, ucontext, siginfo (128).
+const SIGFRAME_SIZE: u64 = 8 + UCONTEXT_SIZE + 128;
 
 /// What a wait saw, with raw signal numbers (nix's `Signal` has no real-time signals).
 enum Stop {
@@ -42,6 +116,22 @@ enum Stop {
     Signal(i32),
     Exited,
     Other,
+}
+
+fn syscall_cont(tid: Pid, sig: i32) -> nix::Result<()> {
+    // SAFETY: PTRACE_SYSCALL on a tracee of ours in a stop; `sig` is a signal number or 0.
+    let r = unsafe { libc::ptrace(libc::PTRACE_SYSCALL, tid.as_raw(), 0usize, sig as usize) };
+    if r < 0 {
+        return Err(nix::errno::Errno::last());
+    }
+    Ok(())
+}
+
+/// The blocked-signal mask of a thread (`SigBlk` in its status).
+fn blocked_signals(pid: i32, tid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+    let v = s.lines().find_map(|l| l.strip_prefix("SigBlk:"))?;
+    u64::from_str_radix(v.trim(), 16).ok()
 }
 
 fn cont(tid: Pid, sig: i32) -> nix::Result<()> {
@@ -92,7 +182,9 @@ impl Tracee {
             // below before use.
             saved: unsafe { std::mem::zeroed() },
             xstate: Vec::new(),
-            written: Vec::new(),
+            sigmask: 0,
+            frame: None,
+            state: State::Interrupted,
             queued: Vec::new(),
             released: false,
         };
@@ -125,6 +217,7 @@ impl Tracee {
             pid,
             detail: format!("PTRACE_GETREGSET NT_X86_XSTATE: {e}"),
         })?;
+        me.sigmask = blocked_signals(pid, tid).ok_or(InjectError::ProcessGone { pid })?;
         Ok(me)
     }
 
@@ -173,46 +266,139 @@ impl Tracee {
         }
     }
 
-    /// Writes `bytes` at `addr` in the target, remembering what was there.
+    /// Whether the thread's signal mask can be restored exactly (see
+    /// [`TEMPORARY_MASK_SYSCALLS`]).
+    pub fn mask_is_exact(&self) -> bool {
+        !TEMPORARY_MASK_SYSCALLS.contains(&(self.saved.orig_rax as i64))
+    }
+
+    /// Writes the signal frame below the red zone (once): the registers to resume with, the
+    /// FP state, the signal mask.
+    fn frame(&mut self) -> Result<u64, InjectError> {
+        if let Some(f) = self.frame {
+            return Ok(f);
+        }
+        if !self.mask_is_exact() {
+            return Err(InjectError::Ptrace {
+                pid: self.pid,
+                detail: "the thread waits with a temporary signal mask".into(),
+            });
+        }
+        let s = &self.saved;
+        // The interrupted system call is made again on return, as after a signal handler
+        // installed with SA_RESTART (the saved RAX holds the kernel's -ERESTART* code).
+        let mut r = *s;
+        if (s.orig_rax as i64) >= 0 {
+            match s.rax as i64 {
+                -514..=-512 => {
+                    r.rax = s.orig_rax;
+                    r.rip -= 2;
+                }
+                // ERESTART_RESTARTBLOCK: the kernel's restart_syscall resumes it.
+                -516 => {
+                    r.rax = 219;
+                    r.rip -= 2;
+                }
+                _ => {}
+            }
+        }
+        // FP state: the XSAVE image PTRACE_GETREGSET gave, whose software-reserved bytes
+        // (464..512) hold XCR0 there; a signal frame wants them to describe the image
+        // (`struct _fpx_sw_bytes`), and the closing magic after it.
+        let mut fp = self.xstate.clone();
+        if fp.len() < 576 {
+            return Err(InjectError::Ptrace {
+                pid: self.pid,
+                detail: format!("unexpected XSAVE image of {} bytes from PTRACE_GETREGSET", fp.len()),
+            });
+        }
+        let xcr0 = u64::from_ne_bytes(fp[464..472].try_into().unwrap_or_default());
+        let size = fp.len() as u32;
+        let mut sw = Vec::with_capacity(48);
+        sw.extend_from_slice(&FP_XSTATE_MAGIC1.to_ne_bytes());
+        sw.extend_from_slice(&(size + 4).to_ne_bytes()); // extended_size
+        sw.extend_from_slice(&xcr0.to_ne_bytes()); // xfeatures
+        sw.extend_from_slice(&size.to_ne_bytes()); // xstate_size
+        sw.resize(48, 0);
+        fp[464..512].copy_from_slice(&sw);
+        fp.extend_from_slice(&FP_XSTATE_MAGIC2.to_ne_bytes());
+        let fp_at = (s.rsp - RED_ZONE - fp.len() as u64) & !63;
+        // RSP at function entry must be ≡ 8 (mod 16), pointing at the return address (the
+        // frame's first word).
+        let f = ((fp_at - SIGFRAME_SIZE) & !15) - 8;
+
+        let mut uc = Vec::with_capacity(UCONTEXT_SIZE as usize);
+        let mut put = |v: u64| uc.extend_from_slice(&v.to_ne_bytes());
+        put(UC_FLAGS);
+        put(0); // uc_link
+        put(0); // uc_stack.ss_sp
+        // ss_flags: an invalid mode, so that rt_sigreturn leaves the alternate signal stack
+        // as it is (the kernel ignores everything but a fault in restoring it).
+        put(3);
+        put(0); // ss_size
+        for v in [
+            r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15, r.rdi, r.rsi, r.rbp, r.rbx, r.rdx, r.rax, r.rcx,
+            r.rsp, r.rip, r.eflags,
+        ] {
+            put(v);
+        }
+        // cs, gs, fs, ss (16 bits each).
+        put((r.cs & 0xffff) | ((r.ss & 0xffff) << 48));
+        put(0); // err
+        put(0); // trapno
+        put(self.sigmask); // oldmask
+        put(0); // cr2
+        put(fp_at); // fpstate
+        for _ in 0..8 {
+            put(0);
+        }
+        put(self.sigmask); // uc_sigmask
+        debug_assert_eq!(uc.len() as u64, UCONTEXT_SIZE);
+        self.write(fp_at, &fp)?;
+        self.write(f + 8, &uc)?;
+        self.write(f + 8 + UCONTEXT_SIZE, &[0u8; 128])?;
+        self.frame = Some(f);
+        Ok(f)
+    }
+
+    /// Writes `bytes` at `addr` in the target.
     pub fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), InjectError> {
-        let mut old = vec![0u8; bytes.len()];
-        crate::sys::read_mem(self.pid, addr, &mut old).map_err(|e| InjectError::Ptrace {
-            pid: self.pid,
-            detail: format!("reading target memory: {e}"),
-        })?;
         crate::sys::write_mem(self.pid, addr, bytes).map_err(|e| InjectError::Ptrace {
             pid: self.pid,
             detail: format!("writing target memory: {e}"),
-        })?;
-        self.written.push((addr, old));
-        Ok(())
+        })
     }
 
-    /// The lowest address of the area below the red zone that [`Tracee::call`] may use for data
-    /// (strings) given their size; returns where to put `len` bytes.
-    pub fn scratch(&self, len: usize) -> u64 {
-        (self.saved.rsp - RED_ZONE - len as u64) & !0xf
-    }
-
-    /// Calls `func(args...)` in the thread and returns RAX. `below` is the lowest address in
-    /// use by data we placed on the stack (the frame goes under it).
+    /// Calls `func(args...)` in the thread, returning through `ret`; the result is RAX when
+    /// `ret` keeps it. On a timeout the call goes on by itself and `release` lets it finish.
     pub fn call(
         &mut self,
         func: u64,
         args: &[u64],
-        below: u64,
+        ret: Return,
         timeout: Duration,
-    ) -> Result<u64, InjectError> {
+    ) -> Result<Option<u64>, InjectError> {
         assert!(args.len() <= 6, "at most six register arguments");
+        if !matches!(self.state, State::Interrupted | State::AtSigreturn) {
+            return Err(InjectError::Ptrace {
+                pid: self.pid,
+                detail: "a call is still running".into(),
+            });
+        }
+        let f = self.frame()?;
+        let ret_addr = match ret {
+            Return::Libc(a) => a,
+            Return::Page { at, .. } => at,
+        };
+        self.write(f, &ret_addr.to_ne_bytes())?;
         let mut regs = self.saved;
-        let sp = (below.min(self.saved.rsp - RED_ZONE) - 64) & !0xf;
-        // The return address 0, as pushed by a `call`: RSP ≡ 8 (mod 16) at function entry.
-        let ret_slot = sp - 8;
-        self.write(ret_slot, &0u64.to_ne_bytes())?;
-        regs.rsp = ret_slot;
+        regs.rsp = f;
         regs.rip = func;
         regs.rax = 0;
-        // Not in a system call: the kernel must not apply restart logic to our call.
+        // The direction flag is clear at a call (System V ABI).
+        regs.eflags &= !0x400;
+        // Not (or no longer) in a system call: no restart logic, and at the stop of a previous
+        // call's rt_sigreturn that system call is skipped.
         regs.orig_rax = u64::MAX;
         let slots = [
             &mut regs.rdi,
@@ -226,69 +412,95 @@ impl Tracee {
             *slot = *a;
         }
         ptrace::setregs(self.tid, regs).map_err(|e| gone_or(e, self.pid, "PTRACE_SETREGS"))?;
-        cont(self.tid, 0).map_err(|e| gone_or(e, self.pid, "PTRACE_CONT"))?;
+        // From here on the thread finishes the call by itself, perfpy alive or not.
+        self.state = State::InCall;
+        syscall_cont(self.tid, 0).map_err(|e| gone_or(e, self.pid, "PTRACE_SYSCALL"))?;
+        let back = ret.code_range();
         let deadline = Instant::now() + timeout;
         loop {
             match self.wait(deadline)? {
-                Stop::Signal(libc::SIGSEGV) => {
-                    let r = ptrace::getregs(self.tid)
-                        .map_err(|e| gone_or(e, self.pid, "PTRACE_GETREGS"))?;
-                    if r.rip == 0 {
-                        return Ok(r.rax);
+                Stop::Other => {
+                    // A system call stop: ours is the rt_sigreturn in the return code.
+                    let r = ptrace::getregs(self.tid).map_err(|e| gone_or(e, self.pid, "PTRACE_GETREGS"))?;
+                    if r.orig_rax == 15 && back.contains(&r.rip.wrapping_sub(2)) {
+                        self.state = State::AtSigreturn;
+                        return match ret {
+                            Return::Libc(_) => Ok(None),
+                            Return::Page { slot, .. } => {
+                                let mut b = [0u8; 8];
+                                crate::sys::read_mem(self.pid, slot, &mut b).map_err(|e| InjectError::Ptrace {
+                                    pid: self.pid,
+                                    detail: format!("reading the call's result: {e}"),
+                                })?;
+                                Ok(Some(u64::from_ne_bytes(b)))
+                            }
+                        };
                     }
-                    // A real fault inside the function: let nothing run on; report.
+                    syscall_cont(self.tid, 0).map_err(|e| gone_or(e, self.pid, "PTRACE_SYSCALL"))?;
+                }
+                Stop::Signal(sig @ (libc::SIGSEGV | libc::SIGBUS | libc::SIGILL | libc::SIGFPE)) => {
+                    // A fault inside the function: it cannot go on; the saved state goes back.
+                    let r = ptrace::getregs(self.tid).map_err(|e| gone_or(e, self.pid, "PTRACE_GETREGS"))?;
+                    self.state = State::Faulted;
                     return Err(InjectError::Ptrace {
                         pid: self.pid,
-                        detail: format!("the injected call faulted at {:#x}", r.rip),
+                        detail: format!("the injected call got signal {sig} at {:#x}", r.rip),
                     });
                 }
                 Stop::Signal(sig) => {
-                    // Delivered when we release the thread, not now.
+                    // Sent again when we release the thread.
                     self.queued.push(sig);
-                    cont(self.tid, 0).map_err(|e| gone_or(e, self.pid, "PTRACE_CONT"))?;
+                    syscall_cont(self.tid, 0).map_err(|e| gone_or(e, self.pid, "PTRACE_SYSCALL"))?;
                 }
                 Stop::Exited => {
                     self.released = true;
                     return Err(InjectError::ProcessGone { pid: self.pid });
                 }
-                Stop::Event(_) | Stop::Other => {
-                    cont(self.tid, 0).map_err(|e| gone_or(e, self.pid, "PTRACE_CONT"))?;
+                Stop::Event(_) => {
+                    syscall_cont(self.tid, 0).map_err(|e| gone_or(e, self.pid, "PTRACE_SYSCALL"))?;
                 }
             }
         }
     }
 
-    /// Puts back memory and registers and lets the thread go, delivering queued signals.
+    /// Lets the thread go: as interrupted if no call was made, through the signal frame
+    /// otherwise; queued signals are sent again.
     pub fn release(&mut self) -> Result<(), InjectError> {
         if self.released {
             return Ok(());
         }
         self.released = true;
         let mut first_err = None;
-        for (addr, old) in self.written.drain(..).rev() {
-            if let Err(e) = crate::sys::write_mem(self.pid, addr, &old) {
-                first_err.get_or_insert(InjectError::Ptrace {
-                    pid: self.pid,
-                    detail: format!("restoring target memory: {e}"),
-                });
+        match self.state {
+            State::Interrupted | State::Faulted => {
+                if let Err(e) = ptrace::setregs(self.tid, self.saved) {
+                    first_err.get_or_insert(gone_or(e, self.pid, "PTRACE_SETREGS (restore)"));
+                }
+                if !self.xstate.is_empty() {
+                    if let Err(e) = set_xstate(self.tid.as_raw(), &mut self.xstate) {
+                        first_err.get_or_insert(InjectError::Ptrace {
+                            pid: self.pid,
+                            detail: format!("PTRACE_SETREGSET NT_X86_XSTATE: {e}"),
+                        });
+                    }
+                }
+            }
+            // Stopped at the rt_sigreturn: detaching lets it restore everything.
+            State::AtSigreturn => {}
+            State::InCall => {
+                // Running our call (we gave up waiting): stop it wherever it is and detach
+                // without touching it; it returns through the signal frame when done.
+                let _ = ptrace::interrupt(self.tid);
+                let deadline = Instant::now() + Duration::from_secs(2);
+                if let Ok(Stop::Signal(sig)) = self.wait(deadline) {
+                    self.queued.push(sig);
+                }
             }
         }
-        if let Err(e) = ptrace::setregs(self.tid, self.saved) {
-            first_err.get_or_insert(gone_or(e, self.pid, "PTRACE_SETREGS (restore)"));
-        }
-        if !self.xstate.is_empty() {
-            if let Err(e) = set_xstate(self.tid.as_raw(), &mut self.xstate) {
-                first_err.get_or_insert(InjectError::Ptrace {
-                    pid: self.pid,
-                    detail: format!("PTRACE_SETREGSET NT_X86_XSTATE: {e}"),
-                });
-            }
-        }
-        // The first queued signal is delivered by the detach itself; others are sent again
-        // (real-time signals queue, so none is lost; standard ones merge as they always may).
-        let first = if self.queued.is_empty() { 0 } else { self.queued.remove(0) };
-        // SAFETY: PTRACE_DETACH of our tracee, delivering `first` (a signal number or 0).
-        let r = unsafe { libc::ptrace(libc::PTRACE_DETACH, self.tid.as_raw(), 0usize, first as usize) };
+        // Signals are sent again after the detach (a signal given to PTRACE_DETACH from a
+        // system call stop would be lost); real-time ones queue, so none is lost.
+        // SAFETY: PTRACE_DETACH of our tracee, in a stop, with no signal.
+        let r = unsafe { libc::ptrace(libc::PTRACE_DETACH, self.tid.as_raw(), 0usize, 0usize) };
         if r < 0 {
             let e = nix::errno::Errno::last();
             if e != nix::errno::Errno::ESRCH {

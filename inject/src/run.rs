@@ -23,7 +23,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::ptrace::Tracee;
+use crate::ptrace::{Return, Tracee, GADGET, GADGET_SLOT};
 use crate::{InjectError, PythonProcess, TrampolineState};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,11 +46,9 @@ const WAITING_SYSCALLS: &[i64] = &[
     230, // clock_nanosleep
     232, // epoll_wait
     247, // waitid
-    270, // pselect6
-    271, // ppoll
-    281, // epoll_pwait
     288, // accept4
-    441, // epoll_pwait2
+    // Not ppoll, pselect6, epoll_pwait: they wait with a temporary signal mask (see
+    // ptrace::TEMPORARY_MASK_SYSCALLS).
 ];
 
 /// Functions inside which a thread may hold the pending-calls lock.
@@ -137,24 +135,40 @@ pub fn inject(
             let mut t = Tracee::attach(p.pid, tid, Duration::from_secs(2))?;
             // Still in that system call? (It may have returned between the look and the stop.)
             let nr = t.regs().orig_rax as i64;
-            if !WAITING_SYSCALLS.contains(&nr) {
+            if !WAITING_SYSCALLS.contains(&nr) || !t.mask_is_exact() {
                 t.release()?;
                 continue;
             }
-            let bytes: Vec<u8> = text.bytes().chain(std::iter::once(0)).collect();
-            let at = t.scratch(bytes.len());
-            t.write(at, &bytes)?;
             let left = deadline
                 .saturating_duration_since(Instant::now())
                 .max(Duration::from_secs(1));
-            let g = t.call(sym(p, "PyGILState_Ensure")?, &[], at, left)?;
-            let r = t.call(sym(p, "PyRun_SimpleString")?, &[at], at, left);
-            // Whatever happened, the GIL state is given back.
-            let rel_r = t.call(sym(p, "PyGILState_Release")?, &[g & 0xffff_ffff], at, left);
+            // One call of our own code, which takes the GIL, runs the text and gives the GIL
+            // back: whatever happens to us meanwhile, the thread finishes it and resumes its
+            // system call (see ptrace.rs).
+            let page = map_page(&mut t, p)?;
+            let b = page + BLOCK;
+            let mut mem = page_image(THUNK, &text);
+            for (off, v) in [
+                (0, sym(p, "PyGILState_Ensure")?),
+                (8, sym(p, "PyRun_SimpleString")?),
+                (16, page + TEXT),
+                (32, sym(p, "PyGILState_Release")?),
+            ] {
+                mem[(BLOCK + off) as usize..(BLOCK + off + 8) as usize].copy_from_slice(&v.to_ne_bytes());
+            }
+            t.write(page, &mem)?;
+            t.call(page, &[b], Return::Page { at: page + RET, slot: page + RET + GADGET_SLOT }, left)?;
+            let mut blk = [0u8; 48];
+            crate::sys::read_mem(p.pid, b, &mut blk).map_err(|_| InjectError::ProcessGone { pid: p.pid })?;
+            unmap_page(&mut t, p, page);
             t.release()?;
-            let r = r?;
-            rel_r?;
-            if r as u32 != 0 {
+            if u32::from_ne_bytes(blk[40..44].try_into().unwrap_or_default()) != 1 {
+                return Err(InjectError::Failed {
+                    pid: p.pid,
+                    detail: "the injected code did not finish".into(),
+                });
+            }
+            if i32::from_ne_bytes(blk[28..32].try_into().unwrap_or_default()) != 0 {
                 return Err(InjectError::Failed {
                     pid: p.pid,
                     detail: "PyRun_SimpleString raised (see the target's stderr)".into(),
@@ -218,9 +232,100 @@ const STUB: &[u8] = &[
     0x5b, // pop rbx
     0xc3, // ret
 ];
+/// Our code for a waiting thread: `rdi` = block = [&PyGILState_Ensure, &PyRun_SimpleString,
+/// code ptr, gstate i32 @24, result i32 @28, &PyGILState_Release @32, done i32 @40].
+const THUNK: &[u8] = &[
+    0x53, // push rbx                (entry RSP ≡ 8 mod 16: calls below are aligned)
+    0x48, 0x89, 0xfb, // mov rbx, rdi
+    0xff, 0x13, // call [rbx]            PyGILState_Ensure()
+    0x89, 0x43, 0x18, // mov [rbx+24], eax
+    0x48, 0x8b, 0x7b, 0x10, // mov rdi, [rbx+16]
+    0xff, 0x53, 0x08, // call [rbx+8]          PyRun_SimpleString(code)
+    0x89, 0x43, 0x1c, // mov [rbx+28], eax
+    0x8b, 0x7b, 0x18, // mov edi, [rbx+24]
+    0xff, 0x53, 0x20, // call [rbx+32]         PyGILState_Release(gstate)
+    0xc7, 0x43, 0x28, 0x01, 0x00, 0x00, 0x00, // mov dword [rbx+40], 1
+    0x31, 0xc0, // xor eax, eax
+    0x5b, // pop rbx
+    0xc3, // ret                    (into the return code at RET)
+];
 const PAGE: u64 = 4096;
-const BLOCK: u64 = 64;
-const TEXT: u64 = 128;
+/// Page layout: code (THUNK or STUB) at 0, our return code at RET, the block, the text.
+const RET: u64 = 64;
+const BLOCK: u64 = 128;
+const TEXT: u64 = 192;
+/// MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE.
+const MAP_FLAGS: u64 = 0x02 | 0x20 | 0x10_0000;
+
+/// The page's bytes: `code` at 0, the return code at RET, a zeroed block, `text` (with its
+/// NUL) at TEXT.
+fn page_image(code: &[u8], text: &str) -> Vec<u8> {
+    let mut mem = vec![0u8; TEXT as usize + text.len() + 1];
+    mem[..code.len()].copy_from_slice(code);
+    mem[RET as usize..RET as usize + GADGET.len()].copy_from_slice(GADGET);
+    mem[TEXT as usize..TEXT as usize + text.len()].copy_from_slice(text.as_bytes());
+    mem
+}
+
+/// A free page-aligned address in `pid`'s address space, below its lowest library (where the
+/// kernel puts new mappings), at a random distance so that no other mapping races us there.
+fn free_address(pid: i32) -> Result<u64, InjectError> {
+    let maps = crate::read_maps(pid)?;
+    let mut spans: Vec<(u64, u64)> = maps.iter().map(|m| (m.start, m.end)).collect();
+    spans.sort_unstable();
+    let lowest_lib = maps
+        .iter()
+        .filter(|m| m.path.starts_with('/') && m.start >= 0x7000_0000_0000)
+        .map(|m| m.start)
+        .min()
+        .unwrap_or(0x7f00_0000_0000);
+    for attempt in 0..64u64 {
+        let below = (16 + (rand_u64() % 4096) + attempt * 4096) * PAGE;
+        let Some(at) = lowest_lib.checked_sub(below) else { continue };
+        if !spans.iter().any(|&(s, e)| s < at + PAGE && at < e) {
+            return Ok(at);
+        }
+    }
+    Err(InjectError::Failed {
+        pid,
+        detail: "no free address for a page in the target".into(),
+    })
+}
+
+/// Maps a read-write-execute page in the target through libc's `mmap` (at a free address of
+/// our choosing, so that the call needs no return value) and checks that it is there.
+fn map_page(t: &mut Tracee, p: &PythonProcess) -> Result<u64, InjectError> {
+    let (mmap, restore) = (libc_fn(p, "mmap")?, libc_fn(p, "__restore_rt")?);
+    let at = free_address(p.pid)?;
+    t.call(mmap, &[at, PAGE, 7, MAP_FLAGS, u64::MAX, 0], Return::Libc(restore), Duration::from_secs(2))?;
+    let ours = crate::read_maps(p.pid)?
+        .iter()
+        .any(|m| m.start == at && m.end == at + PAGE && m.path.is_empty());
+    if !ours {
+        return Err(InjectError::Failed {
+            pid: p.pid,
+            detail: "mmap in the target failed".into(),
+        });
+    }
+    Ok(at)
+}
+
+/// Unmaps our page with the thread `t` holds, which must not be running in it.
+fn unmap_page(t: &mut Tracee, p: &PythonProcess, page: u64) {
+    if let (Ok(munmap), Ok(restore)) = (libc_fn(p, "munmap"), libc_fn(p, "__restore_rt")) {
+        if let Err(e) = t.call(munmap, &[page, PAGE], Return::Libc(restore), Duration::from_secs(2)) {
+            tracing::debug!(pid = p.pid, "munmap of our page: {e}");
+        }
+    }
+}
+
+fn libc_fn(p: &PythonProcess, name: &str) -> Result<u64, InjectError> {
+    p.libc.get(name).copied().ok_or_else(|| InjectError::NoLibpythonSymbols {
+        pid: p.pid,
+        interpreter: "libc".into(),
+        missing: name.into(),
+    })
+}
 
 fn pending(p: &PythonProcess, text: &str, deadline: Instant) -> Result<(), InjectError> {
     if text.len() as u64 + TEXT + 1 > PAGE {
@@ -233,14 +338,6 @@ fn pending(p: &PythonProcess, text: &str, deadline: Instant) -> Result<(), Injec
         .iter()
         .filter_map(|f| p.symbol_range(f))
         .collect();
-    let mmap = *p
-        .libc
-        .get("mmap")
-        .ok_or_else(|| InjectError::NoLibpythonSymbols {
-            pid: p.pid,
-            interpreter: "libc".into(),
-            missing: "mmap".into(),
-        })?;
     let add_internal = p
         .symbol("_PyEval_AddPendingCall")
         .zip(p.symbol("PyInterpreterState_Main"));
@@ -248,65 +345,38 @@ fn pending(p: &PythonProcess, text: &str, deadline: Instant) -> Result<(), Injec
     let mut tries = 0;
     loop {
         tries += 1;
-        let tid = threads(p.pid)
-            .first()
-            .copied()
-            .ok_or(InjectError::ProcessGone { pid: p.pid })?;
+        if Instant::now() >= deadline || tries > 1000 {
+            return Err(InjectError::Timeout { pid: p.pid });
+        }
+        // Any thread will do for the two calls (no lock of theirs can be held there, checked
+        // below); the main thread first.
+        let tids = threads(p.pid);
+        let tid = tids[(tries - 1) % tids.len().max(1)..].first().copied().ok_or(InjectError::ProcessGone { pid: p.pid })?;
         let mut t = Tracee::attach(p.pid, tid, Duration::from_secs(2))?;
         let rip = t.regs().rip;
-        if forbidden.iter().any(|r| r.contains(&rip)) {
+        if forbidden.iter().any(|r| r.contains(&rip)) || !t.mask_is_exact() {
             t.release()?;
-            if Instant::now() >= deadline || tries > 1000 {
-                return Err(InjectError::Timeout { pid: p.pid });
-            }
             std::thread::sleep(Duration::from_millis(1));
             continue;
         }
-        let below = t.scratch(0);
-        let addr = t.call(
-            mmap,
-            &[0, PAGE, 7, 0x22, u64::MAX, 0],
-            below,
-            Duration::from_secs(2),
-        )?;
-        if (addr as i64) < 0 && (addr as i64) > -4096 {
-            t.release()?;
-            return Err(InjectError::Failed {
-                pid: p.pid,
-                detail: format!("mmap in the target failed (errno {})", -(addr as i64)),
-            });
-        }
-        let mut mem = vec![0u8; (TEXT as usize) + text.len() + 1];
-        mem[..STUB.len()].copy_from_slice(STUB);
+        let addr = map_page(&mut t, p)?;
+        let mut mem = page_image(STUB, text);
         let b = BLOCK as usize;
         mem[b..b + 8].copy_from_slice(&(addr + TEXT).to_ne_bytes());
         mem[b + 8..b + 16].copy_from_slice(&sym(p, "PyRun_SimpleString")?.to_ne_bytes());
-        mem[TEXT as usize..TEXT as usize + text.len()].copy_from_slice(text.as_bytes());
-        crate::sys::write_mem(p.pid, addr, &mem).map_err(|e| InjectError::Ptrace {
-            pid: p.pid,
-            detail: format!("writing the stub: {e}"),
-        })?;
+        t.write(addr, &mem)?;
+        let ret = Return::Page { at: addr + RET, slot: addr + RET + GADGET_SLOT };
         let r = match add_internal {
             // Not main-thread-only: whichever thread runs Python next picks it up, so a main
             // thread blocked in native code does not hold it back.
             Some((add, main)) => {
-                let interp = t.call(main, &[], below, Duration::from_secs(2))?;
-                t.call(
-                    add,
-                    &[interp, addr, addr + BLOCK, 0],
-                    below,
-                    Duration::from_secs(2),
-                )?
+                let interp = t.call(main, &[], ret, Duration::from_secs(2))?.unwrap_or(0);
+                t.call(add, &[interp, addr, addr + BLOCK, 0], ret, Duration::from_secs(2))?
             }
-            None => t.call(
-                sym(p, "Py_AddPendingCall")?,
-                &[addr, addr + BLOCK],
-                below,
-                Duration::from_secs(2),
-            )?,
+            None => t.call(sym(p, "Py_AddPendingCall")?, &[addr, addr + BLOCK], ret, Duration::from_secs(2))?,
         };
         t.release()?;
-        if r as u32 != 0 {
+        if r.unwrap_or(1) as u32 != 0 {
             return Err(InjectError::Failed {
                 pid: p.pid,
                 detail: "the interpreter's pending-call queue is full; try again".into(),
@@ -337,14 +407,19 @@ fn pending(p: &PythonProcess, text: &str, deadline: Instant) -> Result<(), Injec
         std::thread::sleep(Duration::from_millis(1));
     }
     let result = i32::from_ne_bytes(flag[0..4].try_into().unwrap_or([0; 4]));
-    // Unmap the page: a brief stop of one thread for a system call wrapper.
-    if let Some(munmap) = p.libc.get("munmap") {
-        if let Some(tid) = threads(p.pid).first().copied() {
-            let mut t = Tracee::attach(p.pid, tid, Duration::from_secs(2))?;
-            let below = t.scratch(0);
-            let _ = t.call(*munmap, &[page, PAGE], below, Duration::from_secs(2));
+    // Unmap the page, from a thread that is not running the end of the stub.
+    for _ in 0..100 {
+        let Some(tid) = threads(p.pid).first().copied() else { break };
+        let mut t = Tracee::attach(p.pid, tid, Duration::from_secs(2))?;
+        let rip = t.regs().rip;
+        if (page..page + PAGE).contains(&rip) || !t.mask_is_exact() {
             t.release()?;
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
         }
+        unmap_page(&mut t, p, page);
+        t.release()?;
+        break;
     }
     if result != 0 {
         return Err(InjectError::Failed {
@@ -364,6 +439,25 @@ fn rand_u64() -> u64 {
     u64::from_ne_bytes(b)
 }
 
+/// The registers of thread `tid` as seen in a fresh stop: (rip, rsp, rbp, rbx, r12–r15,
+/// orig_rax, rax). For tests of the save/restore round trip.
+pub fn snapshot(pid: i32, tid: i32) -> Result<[u64; 10], InjectError> {
+    let mut t = Tracee::attach(pid, tid, Duration::from_secs(2))?;
+    let r = *t.regs();
+    t.release()?;
+    Ok([r.rip, r.rsp, r.rbp, r.rbx, r.r12, r.r13, r.r14, r.r15, r.orig_rax, r.rax])
+}
+
+/// Calls one argument-less function of the interpreter in thread `tid` (tests only: the caller
+/// must know it is safe there) and restores the thread.
+pub fn call_once(p: &PythonProcess, tid: i32, name: &str) -> Result<(), InjectError> {
+    let f = sym(p, name)?;
+    let mut t = Tracee::attach(p.pid, tid, Duration::from_secs(2))?;
+    let r = t.call(f, &[], Return::Libc(libc_fn(p, "__restore_rt")?), Duration::from_secs(2));
+    t.release()?;
+    r.map(|_| ())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -377,24 +471,4 @@ mod tests {
             assert!(c.starts_with("(lambda s, o:"));
         }
     }
-}
-
-/// The registers of thread `tid` as seen in a fresh stop: (rip, rsp, rbp, rbx, r12–r15,
-/// orig_rax, rax). For tests of the save/restore round trip.
-pub fn snapshot(pid: i32, tid: i32) -> Result<[u64; 10], InjectError> {
-    let mut t = Tracee::attach(pid, tid, Duration::from_secs(2))?;
-    let r = *t.regs();
-    t.release()?;
-    Ok([r.rip, r.rsp, r.rbp, r.rbx, r.r12, r.r13, r.r14, r.r15, r.orig_rax, r.rax])
-}
-
-/// Calls one argument-less function of the interpreter in thread `tid` (tests only: the caller
-/// must know it is safe there) and restores the thread.
-pub fn call_once(p: &PythonProcess, tid: i32, name: &str) -> Result<u64, InjectError> {
-    let f = sym(p, name)?;
-    let mut t = Tracee::attach(p.pid, tid, Duration::from_secs(2))?;
-    let below = t.scratch(0);
-    let r = t.call(f, &[], below, Duration::from_secs(2));
-    t.release()?;
-    r
 }

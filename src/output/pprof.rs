@@ -45,9 +45,7 @@ const PYTHON_MAPPING_BASE: u64 = 0xfe << 40;
 
 pub fn encode(r: &Report) -> protos::Profile {
     let mut st = Strings::new();
-    let mut p = protos::Profile::default();
-
-    p.sample_type = vec![
+    let sample_type = vec![
         protos::ValueType {
             ty: st.id("samples"),
             unit: st.id("count"),
@@ -57,6 +55,10 @@ pub fn encode(r: &Report) -> protos::Profile {
             unit: st.id("nanoseconds"),
         },
     ];
+    let mut p = protos::Profile {
+        sample_type,
+        ..Default::default()
+    };
     p.period_type = Some(protos::ValueType {
         ty: st.id("cpu"),
         unit: st.id("nanoseconds"),
