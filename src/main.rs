@@ -77,8 +77,10 @@ struct RecordArgs {
     #[arg(short = 'o', long, value_name = "FILE")]
     output: Option<PathBuf>,
     /// Output format.
-    #[arg(short = 'f', long, value_enum, default_value_t = Format::Pprof)]
-    format: Format,
+    /// Output format [default: from the output's extension (.svg: flamegraph; .txt, .folded,
+    /// .collapsed: collapsed), else pprof].
+    #[arg(short = 'f', long, value_enum)]
+    format: Option<Format>,
     /// Bytes of user stack copied per sample (max 65000). Default: 16384 when the eBPF walker
     /// runs (it reads Python frames itself; the copy is only for native frames), else 49152
     /// (~500 bytes per Python call under the perf trampoline: ~90 levels). Deeper stacks keep
@@ -149,6 +151,7 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let code = match run(cli) {
@@ -211,8 +214,8 @@ fn run(cli: Cli) -> Result<i32> {
                     command: a.command,
                     duration: a.duration,
                     rate: a.rate,
+                    format: a.format.unwrap_or_else(|| format_from_extension(a.output.as_deref())),
                     output: a.output,
-                    format: a.format,
                     stack_size: a.stack_size,
                     max_frames: a.max_frames,
                     keep_interpreter: a.keep_interpreter_frames,
@@ -262,5 +265,14 @@ mod tests {
         let Cmd::Record(a) = c.cmd else { panic!() };
         assert_eq!(a.rate, 99);
         assert_eq!(a.command, vec!["python3", "-c", "pass"]);
+    }
+}
+
+/// The format an output file's name asks for: users write `-o flame.svg` and expect an SVG.
+fn format_from_extension(path: Option<&std::path::Path>) -> Format {
+    match path.and_then(|p| p.extension()).and_then(|e| e.to_str()) {
+        Some("svg") => Format::Flamegraph,
+        Some("txt" | "folded" | "collapsed") => Format::Collapsed,
+        _ => Format::Pprof,
     }
 }

@@ -179,6 +179,8 @@ struct Collector {
     exited: HashSet<u32>,
     /// Processes that exited, by key, with when: released once their last samples are in.
     to_release: std::collections::VecDeque<(Instant, u32)>,
+    /// Pids ever handed to the eBPF walker (for the summary).
+    walked: HashSet<u32>,
 }
 
 impl Collector {
@@ -320,6 +322,7 @@ impl Collector {
             Ok(()) => {
                 tracing::debug!(pid = p.pid, "CPython {v}: frames walked by the eBPF walker");
                 py.procs.insert(p.pid, (off, version));
+                self.walked.insert(p.pid);
             }
             Err(e) => tracing::warn!("{e}"),
         }
@@ -549,6 +552,16 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         scanner: None,
     };
 
+    // One event per (thread, CPU), each with a descriptor of its own for the eBPF walker too:
+    // a busy server on a big machine needs thousands. The soft limit goes up to the hard one.
+    let mut nofile = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut nofile) == 0 && nofile.rlim_cur < nofile.rlim_max {
+            nofile.rlim_cur = nofile.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &nofile);
+        }
+    }
     let period_ns = 1_000_000_000 / opts.rate;
     let is_root = nix::unistd::geteuid().is_root();
     let mut cfg = EventConfig {
@@ -597,9 +610,13 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             let fd = match sys::perf_event_open(cfg, tid, cpu) {
                 Ok(fd) => fd,
                 Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(false),
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM)) && cfg.kernel && !is_root => {
-                    tracing::warn!("kernel frames unavailable ({e}); sampling user space only");
-                    eprintln!("perfpy: warning: no permission to sample kernel code; kernel frames left out (run as root or set kernel.perf_event_paranoid to 1)");
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM)) && cfg.kernel => {
+                    let fix = if is_root {
+                        "perfpy runs as root without CAP_PERFMON/CAP_SYS_ADMIN (a container: add --cap-add PERFMON)"
+                    } else {
+                        "run as root, or set kernel.perf_event_paranoid to 1"
+                    };
+                    eprintln!("perfpy: warning: no permission to sample kernel code ({e}); kernel frames left out ({fix})");
                     cfg.kernel = false;
                     match sys::perf_event_open(cfg, tid, cpu) {
                         Ok(fd) => fd,
@@ -758,13 +775,14 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         scratch_locs: Vec::with_capacity(256),
         exited: HashSet::new(),
         to_release: Default::default(),
+        walked: HashSet::new(),
     };
     for &pid in &tgids {
         let key = c.proc_key(pid);
         c.register_python(key);
     }
     if let Some(sp) = spawned.as_mut() {
-        sp.release();
+        sp.release()?;
     }
 
     // Said once sampling runs (scripts wait for this line before starting their work).
@@ -864,6 +882,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     // The walker's own cost, when the kernel counts it (sysctl kernel.bpf_stats_enabled=1); then
     // its ring buffer and programs go before symbolization, which needs memory of its own.
     let walker_stats = c.py.as_ref().and_then(|p| p.walker.stats());
+    let walker_ran = c.py.is_some();
     c.py = None;
     if tty {
         eprint!("\r\x1b[2K");
@@ -951,7 +970,22 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
                     (true, Some(n)) => format!("CPython {v}: Python frames from the {n}"),
                     (true, None) => format!("CPython {v}: Python frames from its perf trampoline (-X perf)"),
                     (false, Some(n)) => format!("CPython {v}: native frames only ({n})"),
-                    (false, None) => format!("CPython {v}: native frames only (no eBPF walker for this version yet; no trampoline: start it with -X perf or use --inject-python)"),
+                    (false, None) => {
+                        let mut it = v.split('.').filter_map(|x| x.parse::<u8>().ok());
+                        let supported = perfpy_bpf::Offsets::for_version((it.next().unwrap_or(0), it.next().unwrap_or(0))).is_some();
+                        let why = if !opts.ebpf {
+                            "eBPF walker off (--no-ebpf)"
+                        } else if !walker_ran {
+                            "eBPF walker not loaded, see the warning above"
+                        } else if !supported {
+                            "the eBPF walker does not know this version"
+                        } else if c.walked.contains(&pid) {
+                            "no Python code ran while it was sampled"
+                        } else {
+                            "its interpreter could not be read: it exited first, or its symbols are stripped"
+                        };
+                        format!("CPython {v}: native frames only ({why}; on 3.12+ start it with -X perf or use --inject-python)")
+                    }
                 }
             }
             None => "native".to_string(),
@@ -982,12 +1016,27 @@ fn perm_error(e: std::io::Error) -> anyhow::Error {
             let paranoid = std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid")
                 .map(|s| s.trim().to_string())
                 .unwrap_or_else(|_| "?".into());
+            if nix::unistd::geteuid().is_root() {
+                return anyhow::anyhow!(
+                    "permission denied opening perf events ({e}) although perfpy runs as root: it lacks CAP_PERFMON (or CAP_SYS_ADMIN); in Docker add --cap-add PERFMON --cap-add SYS_PTRACE --cap-add BPF, in Kubernetes add them to the container's securityContext capabilities"
+                );
+            }
+            // Debian and Android patch levels 3 and 4: no perf events at all without
+            // CAP_PERFMON, whatever is asked.
+            let extra = if paranoid.parse::<i32>().is_ok_and(|p| p >= 3) {
+                " (levels 3 and above forbid perf events to unprivileged users entirely)"
+            } else {
+                ""
+            };
             anyhow::anyhow!(
-                "permission denied opening perf events ({e}): run perfpy as root (sudo), or give it CAP_PERFMON (and CAP_SYS_PTRACE), or lower kernel.perf_event_paranoid (now {paranoid}) with `sysctl kernel.perf_event_paranoid=1`; in Docker add --cap-add PERFMON --cap-add SYS_PTRACE"
+                "permission denied opening perf events ({e}): run perfpy as root (sudo), or give it CAP_PERFMON (and CAP_SYS_PTRACE), or lower kernel.perf_event_paranoid (now {paranoid}{extra}) with `sysctl kernel.perf_event_paranoid=1`; in Docker add --cap-add PERFMON --cap-add SYS_PTRACE"
             )
         }
         Some(libc::ENOENT) | Some(libc::EOPNOTSUPP) => anyhow::anyhow!(
             "this kernel does not support cpu-clock sampling with perf_event_open ({e}): perfpy needs CONFIG_PERF_EVENTS"
+        ),
+        Some(libc::EMFILE) | Some(libc::ENFILE) => anyhow::anyhow!(
+            "perf_event_open failed: {e}: perfpy opens one event per thread and CPU; raise the limit of open files (`ulimit -n 65536`) or profile fewer threads"
         ),
         _ => anyhow::anyhow!("perf_event_open failed: {e}"),
     }

@@ -42,10 +42,33 @@ pub fn check_pid(pid: i32) -> Result<u32> {
     // event is opened, so the message names the real cause.
     if let Err(e) = std::fs::read_to_string(format!("/proc/{tgid}/maps")) {
         if e.kind() == std::io::ErrorKind::PermissionDenied {
+            if nix::unistd::geteuid().is_root() {
+                bail!(
+                    "permission denied reading /proc/{tgid}/maps although perfpy runs as root: it lacks CAP_SYS_PTRACE (a container: add --cap-add SYS_PTRACE, or run it in the host's PID namespace), or a security module (SELinux, AppArmor) forbids it"
+                );
+            }
             bail!(
-                "permission denied reading /proc/{tgid}/maps: run perfpy as root (sudo) or as the process's user with CAP_SYS_PTRACE, and check kernel.yama.ptrace_scope"
+                "permission denied reading /proc/{tgid}/maps: pid {tgid} belongs to another user; run perfpy as root (sudo), or as that user"
             );
         }
+    }
+    // Someone else (a debugger, strace, another profiler) traces it: nothing we do then is
+    // safe to mix with theirs, and injecting would fail.
+    if let Some(tracer) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .filter(|t| *t != 0)
+    {
+        let who = std::fs::read_to_string(format!("/proc/{tracer}/comm")).unwrap_or_default();
+        tracing::warn!(pid, tracer, "traced by {}", who.trim());
+        eprintln!(
+            "perfpy: warning: pid {pid} is being traced by pid {tracer} ({}): sampling works, but --inject-python will fail until it detaches",
+            who.trim()
+        );
+    }
+    if state == "T" {
+        eprintln!("perfpy: warning: pid {pid} is stopped (SIGSTOP or job control): it gives no samples until it continues (kill -CONT {pid})");
     }
     Ok(tgid)
 }
@@ -77,6 +100,10 @@ pub fn is_gone(pid: u32) -> bool {
 pub struct Spawned {
     pub pid: i32,
     go: Option<OwnedFd>,
+    /// Closed by a successful exec (close-on-exec); the child writes its errno there if exec
+    /// fails.
+    exec_err: Option<OwnedFd>,
+    prog: std::path::PathBuf,
 }
 
 /// Forks a child that waits on a pipe, then execs `argv` (looked up in PATH) with our
@@ -107,6 +134,7 @@ pub fn spawn(argv: &[String], extra_env: &[(&str, &str)]) -> Result<Spawned> {
     let mut env_p: Vec<*const libc::c_char> = env_c.iter().map(|a| a.as_ptr()).collect();
     env_p.push(std::ptr::null());
     let (rd, wr) = nix::unistd::pipe().context("pipe")?;
+    let (err_rd, err_wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
     // SAFETY: after fork the child only calls async-signal-safe functions (close, read, execve,
     // write, _exit) on memory prepared before the fork.
     let pid = unsafe { libc::fork() };
@@ -121,23 +149,33 @@ pub fn spawn(argv: &[String], extra_env: &[(&str, &str)]) -> Result<Spawned> {
             let n = libc::read(rd.as_raw_fd(), b.as_mut_ptr().cast(), 1);
             if n == 1 {
                 libc::execve(prog_c.as_ptr(), args_p.as_ptr(), env_p.as_ptr());
-                let msg = b"perfpy: exec failed\n";
-                libc::write(2, msg.as_ptr().cast(), msg.len());
+                let errno = *libc::__errno_location();
+                libc::write(err_wr.as_raw_fd(), (&errno as *const i32).cast(), 4);
                 libc::_exit(127);
             }
             libc::_exit(126);
         }
     }
     drop(rd);
-    Ok(Spawned { pid, go: Some(wr) })
+    drop(err_wr);
+    Ok(Spawned { pid, go: Some(wr), exec_err: Some(err_rd), prog })
 }
 
 impl Spawned {
-    /// Lets the child exec.
-    pub fn release(&mut self) {
+    /// Lets the child exec, and says why if it could not.
+    pub fn release(&mut self) -> Result<()> {
         if let Some(fd) = self.go.take() {
             let _ = nix::unistd::write(&fd, b"x");
         }
+        if let Some(fd) = self.exec_err.take() {
+            let mut b = [0u8; 4];
+            // Returns 0 bytes once the exec succeeded (the pipe closed with it).
+            if let Ok(4) = nix::unistd::read(fd.as_raw_fd(), &mut b) {
+                let e = std::io::Error::from_raw_os_error(i32::from_ne_bytes(b));
+                bail!("cannot execute {}: {e}", self.prog.display());
+            }
+        }
+        Ok(())
     }
 }
 

@@ -36,7 +36,7 @@ pub const FRAME_ENTRY: u32 = 0x100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
-    #[error("cannot load the eBPF frame walker: {0}; perfpy needs root or CAP_BPF + CAP_PERFMON, and a kernel with BPF ring buffers (5.8+)")]
+    #[error("cannot load the eBPF frame walker: {0}; it needs root or CAP_BPF + CAP_PERFMON, a kernel with BTF (/sys/kernel/btf/vmlinux) and bpf_loop (5.17+)")]
     Load(String),
     #[error("cannot attach the eBPF frame walker to a perf event: {0}")]
     Attach(String),
@@ -153,6 +153,9 @@ fn parse(data: &[u8]) -> Option<PyStack> {
 impl Walker {
     /// Loads the program (the verifier checks it here).
     pub fn load() -> Result<Walker, BpfError> {
+        if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+            return Err(BpfError::Load("this kernel has no BTF (/sys/kernel/btf/vmlinux: CONFIG_DEBUG_INFO_BTF)".into()));
+        }
         // Recent kernels account BPF memory to the cgroup; older ones need RLIMIT_MEMLOCK
         // raised. Raising it may be refused (containers): that is not an error by itself.
         let rl = libc::rlimit {
@@ -221,12 +224,19 @@ impl Walker {
 
     /// Runs the program at every sample of this perf event.
     pub fn attach(&mut self, perf_event_fd: BorrowedFd<'_>) -> Result<(), BpfError> {
+        // libbpf closes (and disables) the event's descriptor when the link goes: give it a
+        // descriptor of its own, so that ours stays valid and is closed once, by us.
+        let own = perf_event_fd
+            .try_clone_to_owned()
+            .map_err(|e| BpfError::Attach(format!("dup: {e}")))?;
         let link = self
             .skel()
             .progs
             .on_sample
-            .attach_perf_event(perf_event_fd.as_raw_fd())
+            .attach_perf_event(own.as_raw_fd())
             .map_err(|e| BpfError::Attach(e.to_string()))?;
+        // The link owns it now.
+        std::mem::forget(own);
         self.links.push(link);
         Ok(())
     }
