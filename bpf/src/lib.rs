@@ -156,6 +156,11 @@ impl Walker {
         if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
             return Err(BpfError::Load("this kernel has no BTF (/sys/kernel/btf/vmlinux: CONFIG_DEBUG_INFO_BTF)".into()));
         }
+        // libbpf's own messages go to our log (RUST_LOG=debug), not raw onto stderr: the
+        // error we return says what failed and what to do.
+        libbpf_rs::set_print(Some((libbpf_rs::PrintLevel::Info, |_, msg: String| {
+            tracing::debug!("libbpf: {}", msg.trim_end());
+        })));
         // Recent kernels account BPF memory to the cgroup; older ones need RLIMIT_MEMLOCK
         // raised. Raising it may be refused (containers): that is not an error by itself.
         let rl = libc::rlimit {
