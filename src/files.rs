@@ -52,6 +52,9 @@ pub struct ElfInfo {
     /// Virtual address range of `_PyEval_EvalFrameDefault` (where the eBPF walker's Python
     /// frames go), when this file is the interpreter.
     pub eval_range: Option<Range<u64>>,
+    /// Virtual address of `_PyRuntime` (3.7+) or, failing that, `interp_head` (2.7, 3.6):
+    /// where the eBPF walker starts, when this file is the interpreter.
+    pub py_runtime: Option<u64>,
 }
 
 pub struct MappedFile {
@@ -205,6 +208,17 @@ fn elf_info(map: Arc<Mmap>) -> Option<ElfInfo> {
     } else {
         None
     };
+    let py_runtime = if is_python_interpreter {
+        let find = |name: &[u8]| {
+            elf.dynamic_symbols()
+                .chain(elf.symbols())
+                .find(|s| s.name_bytes() == Ok(name) && s.address() != 0)
+                .map(|s| s.address())
+        };
+        find(b"_PyRuntime").or_else(|| find(b"interp_head"))
+    } else {
+        None
+    };
     Some(ElfInfo {
         loads,
         build_id,
@@ -212,6 +226,7 @@ fn elf_info(map: Arc<Mmap>) -> Option<ElfInfo> {
         is_python_interpreter,
         python_version,
         eval_range,
+        py_runtime,
     })
 }
 

@@ -226,6 +226,7 @@ impl Process {
         self.unwinder = UnwinderX86_64::new();
         self.cache = None;
         self.trampolines = TrampolineCache::default();
+        self.threads.shrink_to_fit();
     }
 
     /// The perf map of this process (`/tmp/perf-<pid as the process sees it>.map` in its root).

@@ -309,15 +309,18 @@ impl Collector {
             tracing::debug!(pid = p.pid, "CPython {v}: no eBPF walker for this version yet");
             return;
         };
-        let runtime = match perfpy_inject::discover(p.pid as i32) {
-            // 3.7+: _PyRuntime; 2.7 and 3.6: the interpreter list head, `interp_head`.
-            Ok(d) => if version >= (3, 7) { d.symbol("_PyRuntime") } else { d.symbol("interp_head") },
-            Err(e) => {
-                tracing::debug!(pid = p.pid, "eBPF walker: {e}");
-                None
-            }
+        // 3.7+: _PyRuntime; 2.7 and 3.6: the interpreter list head, `interp_head`. From the
+        // interpreter file's symbols, read once per file (a new process costs no ELF parsing:
+        // with -a, short-lived processes come by the dozen a second).
+        let runtime = p.maps.iter().find_map(|m| {
+            let f = m.file.as_ref()?;
+            let vaddr = f.elf.as_ref().filter(|e| e.is_python_interpreter)?.py_runtime?;
+            Some(vaddr.wrapping_add(f.bias(m.start, m.pgoff)?))
+        });
+        let Some(runtime) = runtime else {
+            tracing::debug!(pid = p.pid, "eBPF walker: no _PyRuntime or interp_head in the interpreter");
+            return;
         };
-        let Some(runtime) = runtime else { return };
         match py.walker.add_process(&perfpy_bpf::PyProcess { pid: p.pid, version, runtime }) {
             Ok(()) => {
                 tracing::debug!(pid = p.pid, "CPython {v}: frames walked by the eBPF walker");
@@ -746,6 +749,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
                     inject_lenient(pid, &mut seen, &mut local);
                     notes.lock().unwrap_or_else(|e| e.into_inner()).extend(local);
                 }
+                perfpy_inject::registry().prune();
                 for _ in 0..10 {
                     if halt.load(Ordering::Relaxed) || stop.load(Ordering::Relaxed) {
                         break;
@@ -881,6 +885,16 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     drop(events);
     // The walker's own cost, when the kernel counts it (sysctl kernel.bpf_stats_enabled=1); then
     // its ring buffer and programs go before symbolization, which needs memory of its own.
+    tracing::debug!(
+        processes = c.procs.len(),
+        files = c.files.list.len(),
+        locations = c.profile.locations.len(),
+        stacks = c.profile.stacks.len(),
+        counts = c.profile.counts.len(),
+        py_functions = c.profile.py_functions.len(),
+        code_cache = c.py.as_ref().map(|p| p.reader.len()),
+        "recording size"
+    );
     let walker_stats = c.py.as_ref().and_then(|p| p.walker.stats());
     let walker_ran = c.py.is_some();
     c.py = None;

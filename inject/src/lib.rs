@@ -225,7 +225,7 @@ pub fn discover(pid: i32) -> Result<PythonProcess, InjectError> {
         .into_iter()
         .find(|p| std::fs::metadata(p).is_ok());
         let Some(host) = host else { continue };
-        let Ok(facts) = elf::read(&host) else {
+        let Ok(facts) = elf::read_cached(&host) else {
             continue;
         };
         let bias = m.start.wrapping_sub(facts.first_load_vaddr & !0xfff);
@@ -266,7 +266,7 @@ pub fn discover(pid: i32) -> Result<PythonProcess, InjectError> {
                 .starts_with("libpython"),
         interpreter_name: name,
         load_bias,
-        symbols: facts.symbols,
+        symbols: facts.symbols.clone(),
         libc,
         start_time: start_time(pid)?,
     })
@@ -390,6 +390,13 @@ impl Registry {
             g.push(p.clone());
         }
         r
+    }
+
+    /// Forgets activations of processes that have exited (or whose pid now names another
+    /// process): nothing is left to undo there, and `-a` meets thousands of them.
+    pub fn prune(&self) {
+        let mut g = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        g.retain(|p| start_time(p.pid).is_ok_and(|t| t == p.start_time));
     }
 
     /// Pids we activated and have not deactivated yet.

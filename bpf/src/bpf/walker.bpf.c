@@ -123,6 +123,16 @@ static long walk_frame(u32 i, struct fctx *x)
     if (c->frame_localsplus >= 0)
         rd(&f->first_local, 8, x->frame + c->frame_localsplus);
     rd(&f->code, 8, x->frame + c->frame_code);
+    /* The code object's identity at the sample instant: its address alone may meanwhile hold
+     * another code object (the first one freed), whose name user space would otherwise give. */
+    {
+        u64 name = 0, file = 0;
+        if (f->code) {
+            rd(&name, 8, f->code + c->code_name);
+            rd(&file, 8, f->code + c->code_filename);
+        }
+        f->ident = name ^ ((file << 1) | (file >> 63));
+    }
     f->flags = owner;
     f->pad = 0;
     if (c->lasti_int) {

@@ -31,6 +31,8 @@ struct proc_cfg {
     __s32 tstate_thread_id;     /* pthread_t of the thread (= its fsbase), for versions without native_thread_id */
     __s32 lasti_int;            /* 1: frame_instr is an int f_lasti (<= 3.10), every frame an entry */
     __s32 frame_localsplus;     /* <= 3.10: the first local (self / cls), -1 where not read */
+    __s32 code_name;            /* co_name and co_filename in the code object: together they */
+    __s32 code_filename;        /* tell a code object from another one later at its address */
     __s32 pad;
 };
 
@@ -38,6 +40,7 @@ struct pyframe {
     __u64 code;
     __u64 instr;
     __u64 first_local;
+    __u64 ident; /* co_name pointer ^ rotl(co_filename pointer, 1): the code object's identity */
     __u32 flags;
     __u32 pad;
 };
