@@ -231,6 +231,15 @@ fn run(cli: Cli) -> Result<i32> {
     }
 }
 
+/// The format an output file's name asks for: users write `-o flame.svg` and expect an SVG.
+fn format_from_extension(path: Option<&std::path::Path>) -> Format {
+    match path.and_then(|p| p.extension()).and_then(|e| e.to_str()) {
+        Some("svg") => Format::Flamegraph,
+        Some("txt" | "folded" | "collapsed") => Format::Collapsed,
+        _ => Format::Pprof,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,14 +274,5 @@ mod tests {
         let Cmd::Record(a) = c.cmd else { panic!() };
         assert_eq!(a.rate, 99);
         assert_eq!(a.command, vec!["python3", "-c", "pass"]);
-    }
-}
-
-/// The format an output file's name asks for: users write `-o flame.svg` and expect an SVG.
-fn format_from_extension(path: Option<&std::path::Path>) -> Format {
-    match path.and_then(|p| p.extension()).and_then(|e| e.to_str()) {
-        Some("svg") => Format::Flamegraph,
-        Some("txt" | "folded" | "collapsed") => Format::Collapsed,
-        _ => Format::Pprof,
     }
 }
