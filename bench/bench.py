@@ -338,8 +338,10 @@ if mode == "symbolize":
     for i, py in enumerate(pys):
         procs.append(subprocess.Popen([py, os.environ["BUSY"], str(seconds + 30)], stdout=subprocess.DEVNULL))
     time.sleep(1)
+# perfpy's messages go to a file: a pipe read only at the end could fill and block it.
+err_file = open(out + ".err", "w+")
 rec = subprocess.Popen([perfpy, "record", "-a", "-d", str(seconds), "-r", "1000", "-o", out] +
-                       (["--inject-python"] if mode == "churn" else []), stderr=subprocess.PIPE, text=True)
+                       (["--inject-python"] if mode == "churn" else []), stderr=err_file, text=True)
 rss_log = []
 if mode in ("churn",):
     # Short-lived processes, several a second, each running one of 16 functions (work_K, K
@@ -378,8 +380,9 @@ if mode in ("churn",):
 else:
     time.sleep(seconds)
 t_end = time.time()
-err = rec.stderr.read()
 rec.wait()
+err_file.seek(0)
+err = err_file.read()
 t_written = time.time()
 for p in procs:
     p.kill(); p.wait()

@@ -89,26 +89,50 @@ fn inject_lenient(pid: u32, seen: &mut HashSet<(u32, u64)>, notes: &mut HashMap<
     if !seen.insert((pid, start)) || pid == std::process::id() {
         return;
     }
+    // What happened to each process is said, but not without end: with many short-lived
+    // processes a line each would flood the terminal (or fill a pipe nobody reads until the
+    // end, and block us). The summary at the end has the processes that were sampled.
+    static SAID: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    const SAY_AT_MOST: usize = 20;
+    let say = |line: String| {
+        let n = SAID.fetch_add(1, Ordering::Relaxed);
+        if n < SAY_AT_MOST {
+            eprintln!("{line}");
+        } else if n == SAY_AT_MOST {
+            eprintln!("perfpy: (further --inject-python messages in the debug log: RUST_LOG=debug)");
+        }
+        tracing::debug!("{line}");
+    };
+    // Expected with -a, and not worth a line: processes that exit while we look.
+    let quiet = |e: &perfpy_inject::InjectError| e.reason() == Some(perfpy_inject::Reason::ProcessGone);
     let p = match perfpy_inject::discover(pid as i32) {
         Ok(p) => p,
         Err(e) if e.reason() == Some(perfpy_inject::Reason::NotPython) => return,
         Err(e) => {
-            eprintln!("perfpy: pid {pid}: skipped: {e}");
+            if quiet(&e) {
+                tracing::debug!("pid {pid}: skipped: {e}");
+            } else {
+                say(format!("perfpy: pid {pid}: skipped: {e}"));
+            }
             notes.insert(pid, format!("skipped: {}", e.reason().map(|r| r.to_string()).unwrap_or_else(|| e.to_string())));
             return;
         }
     };
     match perfpy_inject::registry().activate(&p, INJECT_TIMEOUT) {
         Ok(perfpy_inject::ActivateOutcome::Activated) => {
-            eprintln!("perfpy: pid {pid}: perf trampoline turned on (CPython {})", p.version_string());
+            say(format!("perfpy: pid {pid}: perf trampoline turned on (CPython {})", p.version_string()));
             notes.insert(pid, "trampoline turned on by perfpy".into());
         }
         Ok(perfpy_inject::ActivateOutcome::AlreadyActive) => {
-            eprintln!("perfpy: pid {pid}: perf trampoline already on (CPython {}); left as it is", p.version_string());
+            say(format!("perfpy: pid {pid}: perf trampoline already on (CPython {}); left as it is", p.version_string()));
             notes.insert(pid, "trampoline already on".into());
         }
         Err(e) => {
-            eprintln!("perfpy: pid {pid}: no trampoline: {e}");
+            if quiet(&e) {
+                tracing::debug!("pid {pid}: no trampoline: {e}");
+            } else {
+                say(format!("perfpy: pid {pid}: no trampoline: {e}"));
+            }
             notes.insert(pid, format!("no trampoline: {}", e.reason().map(|r| r.to_string()).unwrap_or_else(|| e.to_string())));
         }
     }
