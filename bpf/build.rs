@@ -2,7 +2,8 @@
 use libbpf_cargo::SkeletonBuilder;
 
 fn main() {
-    let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR")).join("walker.skel.rs");
+    let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"))
+        .join("walker.skel.rs");
     SkeletonBuilder::new()
         .source("src/bpf/walker.bpf.c")
         .clang_args(["-I", "src/bpf", "-O2", "-Wall"])

@@ -203,7 +203,12 @@ fn elf_info(map: Arc<Mmap>) -> Option<ElfInfo> {
     let eval_range = if is_python_interpreter {
         elf.symbols()
             .chain(elf.dynamic_symbols())
-            .filter(|s| matches!(s.name_bytes(), Ok(b"_PyEval_EvalFrameDefault") | Ok(b"PyEval_EvalFrameEx")) && s.size() > 0)
+            .filter(|s| {
+                matches!(
+                    s.name_bytes(),
+                    Ok(b"_PyEval_EvalFrameDefault") | Ok(b"PyEval_EvalFrameEx")
+                ) && s.size() > 0
+            })
             .find_map(|s| Some(s.address()..s.address().checked_add(s.size())?))
     } else {
         None
@@ -256,10 +261,16 @@ fn py_version_constant(
 /// `X.Y` from a file name such as `libpython3.9.so.1.0`, `libpython2.7.so`, `python3.11`.
 pub fn python_version_from_name(path: &str) -> Option<String> {
     let name = path.rsplit('/').next()?;
-    let rest = name.strip_prefix("libpython").or_else(|| name.strip_prefix("python"))?;
+    let rest = name
+        .strip_prefix("libpython")
+        .or_else(|| name.strip_prefix("python"))?;
     let mut it = rest.splitn(3, '.');
     let major: u32 = it.next()?.parse().ok()?;
-    let minor: String = it.next()?.chars().take_while(|c| c.is_ascii_digit()).collect();
+    let minor: String = it
+        .next()?
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
     let minor: u32 = minor.parse().ok()?;
     (major == 2 || major == 3).then(|| format!("{major}.{minor}"))
 }
@@ -275,10 +286,22 @@ mod tests {
 
     #[test]
     fn versions_from_names() {
-        assert_eq!(python_version_from_name("/x/libpython3.9.so.1.0").as_deref(), Some("3.9"));
-        assert_eq!(python_version_from_name("libpython2.7.so").as_deref(), Some("2.7"));
-        assert_eq!(python_version_from_name("/usr/bin/python3.11").as_deref(), Some("3.11"));
-        assert_eq!(python_version_from_name("/usr/bin/python3.13t").as_deref(), Some("3.13"));
+        assert_eq!(
+            python_version_from_name("/x/libpython3.9.so.1.0").as_deref(),
+            Some("3.9")
+        );
+        assert_eq!(
+            python_version_from_name("libpython2.7.so").as_deref(),
+            Some("2.7")
+        );
+        assert_eq!(
+            python_version_from_name("/usr/bin/python3.11").as_deref(),
+            Some("3.11")
+        );
+        assert_eq!(
+            python_version_from_name("/usr/bin/python3.13t").as_deref(),
+            Some("3.13")
+        );
         assert_eq!(python_version_from_name("/usr/bin/perl"), None);
     }
 
@@ -316,10 +339,16 @@ mod tests {
     #[test]
     fn py_version_constant_of_installed_interpreters() {
         // 3.11+ exports Py_Version: the version read from the file matches the directory name.
-        let Ok(dir) = std::fs::read_dir("/root/.pyenv/versions") else { return };
+        let Ok(dir) = std::fs::read_dir("/root/.pyenv/versions") else {
+            return;
+        };
         for d in dir.flatten() {
             let v = d.file_name().to_string_lossy().into_owned();
-            let minor: u32 = v.split('.').nth(1).and_then(|m| m.parse().ok()).unwrap_or(0);
+            let minor: u32 = v
+                .split('.')
+                .nth(1)
+                .and_then(|m| m.parse().ok())
+                .unwrap_or(0);
             if !v.starts_with("3.") || minor < 11 {
                 continue;
             }
@@ -327,7 +356,12 @@ mod tests {
             let f = File::open(&lib).unwrap();
             let info = load_elf(&f).unwrap();
             assert!(info.is_python_interpreter);
-            assert_eq!(info.python_version.as_deref(), Some(v.as_str()), "{}", lib.display());
+            assert_eq!(
+                info.python_version.as_deref(),
+                Some(v.as_str()),
+                "{}",
+                lib.display()
+            );
         }
     }
 
@@ -373,7 +407,10 @@ mod tests {
     /// it would panic otherwise), ranges that do not run backwards, a version `X.Y.Z`.
     fn assert_plausible(info: &ElfInfo) {
         let s = &info.sections;
-        for (r, d) in [&s.text, &s.eh_frame, &s.eh_frame_hdr].into_iter().flatten() {
+        for (r, d) in [&s.text, &s.eh_frame, &s.eh_frame_hdr]
+            .into_iter()
+            .flatten()
+        {
             assert!(r.start <= r.end);
             let _ = d.len();
         }
@@ -385,7 +422,10 @@ mod tests {
         }
         if let Some(v) = &info.python_version {
             let parts: Vec<&str> = v.split('.').collect();
-            assert!(parts.len() == 3 && (parts[0] == "2" || parts[0] == "3"), "{v}");
+            assert!(
+                parts.len() == 3 && (parts[0] == "2" || parts[0] == "3"),
+                "{v}"
+            );
             assert!(parts.iter().all(|p| p.parse::<u8>().is_ok()), "{v}");
         }
     }
@@ -401,7 +441,14 @@ mod tests {
             phoff..phoff + 56 * h.e_phnum(e) as usize,
             shoff..shoff + 64 * h.e_shnum(e) as usize,
         ];
-        for name in [".dynsym", ".dynstr", ".symtab", ".strtab", ".note.gnu.build-id", ".shstrtab"] {
+        for name in [
+            ".dynsym",
+            ".dynstr",
+            ".symtab",
+            ".strtab",
+            ".note.gnu.build-id",
+            ".shstrtab",
+        ] {
             if let Some((o, s)) = elf.section_by_name(name).and_then(|s| s.file_range()) {
                 out.push(o as usize..(o + s) as usize);
             }
@@ -429,7 +476,10 @@ mod tests {
                 let at = h.e_shoff(e) as usize + 64 * i;
                 out.extend([at + 16, at + 24, at + 32]);
             }
-            if matches!(sh.sh_type(e), object::elf::SHT_SYMTAB | object::elf::SHT_DYNSYM) {
+            if matches!(
+                sh.sh_type(e),
+                object::elf::SHT_SYMTAB | object::elf::SHT_DYNSYM
+            ) {
                 let table = sections.symbols(e, data, sh.sh_type(e)).unwrap();
                 for (j, sym) in table.iter().enumerate() {
                     let n = table.symbol_name(e, sym).unwrap_or_default();

@@ -9,7 +9,9 @@ use crate::files::Files;
 use crate::process::Process;
 
 fn read_trim(path: &str) -> Option<String> {
-    std::fs::read_to_string(path).ok().map(|s| s.trim().to_string())
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 /// Facts about the machine, each with what it means for perfpy.
@@ -17,7 +19,10 @@ pub fn machine() -> Value {
     let euid = nix::unistd::geteuid();
     let cap_eff = std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("CapEff:").map(|v| v.trim().to_string())))
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:").map(|v| v.trim().to_string()))
+        })
         .and_then(|v| u64::from_str_radix(&v, 16).ok())
         .unwrap_or(0);
     let has_cap = |bit: u32| cap_eff & (1u64 << bit) != 0;
@@ -64,7 +69,13 @@ fn cmdline(pid: u32) -> Vec<String> {
 
 fn perf_env(pid: u32) -> bool {
     std::fs::read(format!("/proc/{pid}/environ"))
-        .map(|b| b.split(|c| *c == 0).any(|kv| kv.starts_with(b"PYTHONPERFSUPPORT=") && kv != b"PYTHONPERFSUPPORT=0" && kv != b"PYTHONPERFSUPPORT="))
+        .map(|b| {
+            b.split(|c| *c == 0).any(|kv| {
+                kv.starts_with(b"PYTHONPERFSUPPORT=")
+                    && kv != b"PYTHONPERFSUPPORT=0"
+                    && kv != b"PYTHONPERFSUPPORT="
+            })
+        })
         .unwrap_or(false)
 }
 
@@ -87,7 +98,9 @@ pub fn python_process(files: &mut Files, pid: u32, ask: bool) -> Option<Value> {
         Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
     });
     let args = cmdline(pid);
-    let x_perf = args.windows(2).any(|w| w[0] == "-X" && (w[1] == "perf" || w[1] == "perf_jit"))
+    let x_perf = args
+        .windows(2)
+        .any(|w| w[0] == "-X" && (w[1] == "perf" || w[1] == "perf_jit"))
         || args.iter().any(|a| a == "-Xperf");
     let perf_map = std::fs::metadata(p.perf_map_path()).is_ok();
     let trampoline_capable = minor.is_some_and(|m| m >= (3, 12));
@@ -117,7 +130,11 @@ pub fn python_process(files: &mut Files, pid: u32, ask: bool) -> Option<Value> {
     // The eBPF walker: offsets for this version, and the symbol it starts from.
     let ebpf = match minor.map(|(a, b)| (a as u8, b as u8)) {
         Some(v) if perfpy_bpf::Offsets::for_version(v).is_some() => {
-            let sym = if v >= (3, 7) { "_PyRuntime" } else { "interp_head" };
+            let sym = if v >= (3, 7) {
+                "_PyRuntime"
+            } else {
+                "interp_head"
+            };
             match perfpy_inject::discover(pid as i32) {
                 Ok(d) if d.symbol(sym).is_some() => "yes".to_string(),
                 Ok(_) => format!("no: {sym} not found in the interpreter's symbols"),
@@ -127,9 +144,16 @@ pub fn python_process(files: &mut Files, pid: u32, ask: bool) -> Option<Value> {
         Some((a, b)) => format!("no: CPython {a}.{b} has no offset table"),
         None => "no: unknown version".to_string(),
     };
-    let injection = match perfpy_inject::discover(pid as i32).and_then(|d| perfpy_inject::check_injectable(&d)) {
+    let injection = match perfpy_inject::discover(pid as i32)
+        .and_then(|d| perfpy_inject::check_injectable(&d))
+    {
         Ok(()) => "possible (--inject-python)".to_string(),
-        Err(e) => format!("no: {}", e.reason().map(|r| r.to_string()).unwrap_or_else(|| e.to_string())),
+        Err(e) => format!(
+            "no: {}",
+            e.reason()
+                .map(|r| r.to_string())
+                .unwrap_or_else(|| e.to_string())
+        ),
     };
     let python_frames = if ebpf == "yes" {
         "named (eBPF walker)"
@@ -185,7 +209,12 @@ pub fn run(pids: &[i32], as_json: bool) -> Result<i32> {
     }
     let machine = machine();
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&json!({"machine": machine, "python_processes": procs, "not_python": not_python}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"machine": machine, "python_processes": procs, "not_python": not_python})
+            )?
+        );
         return Ok(0);
     }
     println!("machine:");
@@ -202,11 +231,25 @@ pub fn run(pids: &[i32], as_json: bool) -> Result<i32> {
     }
     println!();
     if procs.is_empty() {
-        println!("no CPython processes found{}", if pids.is_empty() { "" } else { " among the given pids" });
+        println!(
+            "no CPython processes found{}",
+            if pids.is_empty() {
+                ""
+            } else {
+                " among the given pids"
+            }
+        );
     } else {
-        println!("{:>8}  {:16} {:8} {:46} PYTHON FRAMES / EBPF / TRAMPOLINE / INJECTION", "PID", "COMM", "VERSION", "INTERPRETER");
+        println!(
+            "{:>8}  {:16} {:8} {:46} PYTHON FRAMES / EBPF / TRAMPOLINE / INJECTION",
+            "PID", "COMM", "VERSION", "INTERPRETER"
+        );
         for p in &procs {
-            let s = |k: &str| p[k].as_str().map(|s| s.to_string()).unwrap_or_else(|| "-".into());
+            let s = |k: &str| {
+                p[k].as_str()
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "-".into())
+            };
             println!(
                 "{:>8}  {:16} {:8} {:46} {} / ebpf {} / trampoline {} / injection {}",
                 p["pid"].as_u64().unwrap_or(0),
@@ -221,7 +264,9 @@ pub fn run(pids: &[i32], as_json: bool) -> Result<i32> {
         }
     }
     for pid in not_python {
-        println!("{pid:>8}  not a CPython process (no mapping holds the interpreter's evaluation loop)");
+        println!(
+            "{pid:>8}  not a CPython process (no mapping holds the interpreter's evaluation loop)"
+        );
     }
     Ok(0)
 }

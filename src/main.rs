@@ -24,7 +24,11 @@ use clap::{Parser, Subcommand};
 use output::Format;
 
 #[derive(Parser)]
-#[command(name = "perfpy", version, about = "Sampling CPU profiler for Python on Linux: mixed kernel, native and Python stacks, written as pprof")]
+#[command(
+    name = "perfpy",
+    version,
+    about = "Sampling CPU profiler for Python on Linux: mixed kernel, native and Python stacks, written as pprof"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -33,7 +37,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Sample running processes (-p) or a command (after --) and write a profile.
-    #[command(after_help = "Examples:\n  perfpy record -p 1234 -d 30s -o app.pb.gz\n  perfpy record -r 1000 -- python3 -X perf app.py\n  go tool pprof -http=:8080 app.pb.gz")]
+    #[command(
+        after_help = "Examples:\n  perfpy record -p 1234 -d 30s -o app.pb.gz\n  perfpy record -r 1000 -- python3 -X perf app.py\n  go tool pprof -http=:8080 app.pb.gz"
+    )]
     Record(RecordArgs),
     /// Turn CPython 3.12+'s perf trampoline on (or off) inside a running process, alone: to
     /// try it, or to repair a target after perfpy was killed (SIGKILL) during a recording.
@@ -134,7 +140,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 fn parse_rate(s: &str) -> Result<u64, String> {
     match s.trim().parse::<u64>() {
         Ok(n) if (1..=100_000).contains(&n) => Ok(n),
-        _ => Err(format!("invalid rate '{s}': give samples per second between 1 and 100000 (e.g. 100)")),
+        _ => Err(format!(
+            "invalid rate '{s}': give samples per second between 1 and 100000 (e.g. 100)"
+        )),
     }
 }
 
@@ -167,7 +175,11 @@ fn main() {
 fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Info { pids, json } => info::run(&pids, json),
-        Cmd::Inject { pid, deactivate, status } => {
+        Cmd::Inject {
+            pid,
+            deactivate,
+            status,
+        } => {
             let t = Duration::from_secs(10);
             targets::check_pid(pid)?;
             let p = perfpy_inject::discover(pid)?;
@@ -178,11 +190,18 @@ fn run(cli: Cli) -> Result<i32> {
                     "pid {pid}: perf trampoline {} (CPython {}){}",
                     if on { "on" } else { "off" },
                     p.version_string(),
-                    if on { format!("; turn it off with: perfpy inject -p {pid} --deactivate") } else { String::new() }
+                    if on {
+                        format!("; turn it off with: perfpy inject -p {pid} --deactivate")
+                    } else {
+                        String::new()
+                    }
                 );
             } else if deactivate {
                 perfpy_inject::deactivate(&p, t)?;
-                println!("pid {pid}: perf trampoline off (CPython {})", p.version_string());
+                println!(
+                    "pid {pid}: perf trampoline off (CPython {})",
+                    p.version_string()
+                );
             } else {
                 match perfpy_inject::activate(&p, t)? {
                     perfpy_inject::ActivateOutcome::Activated => println!(
@@ -199,12 +218,18 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Record(a) => {
             let modes = [!a.pids.is_empty(), !a.command.is_empty(), a.all];
             match modes.iter().filter(|m| **m).count() {
-                0 => bail!("nothing to profile: give -p PID, -a (whole machine) or a command after --"),
+                0 => bail!(
+                    "nothing to profile: give -p PID, -a (whole machine) or a command after --"
+                ),
                 1 => {}
                 _ => bail!("give one of -p PID, -a or a command after --, not several"),
             }
             let stop = Arc::new(AtomicBool::new(false));
-            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
+            for sig in [
+                signal_hook::consts::SIGINT,
+                signal_hook::consts::SIGTERM,
+                signal_hook::consts::SIGHUP,
+            ] {
                 signal_hook::flag::register(sig, stop.clone())?;
             }
             let outcome = record::run(
@@ -214,7 +239,9 @@ fn run(cli: Cli) -> Result<i32> {
                     command: a.command,
                     duration: a.duration,
                     rate: a.rate,
-                    format: a.format.unwrap_or_else(|| format_from_extension(a.output.as_deref())),
+                    format: a
+                        .format
+                        .unwrap_or_else(|| format_from_extension(a.output.as_deref())),
                     output: a.output,
                     stack_size: a.stack_size,
                     max_frames: a.max_frames,
@@ -266,11 +293,15 @@ mod tests {
 
     #[test]
     fn cli_accepts_perf_spelling() {
-        let c = Cli::try_parse_from(["perfpy", "record", "-F", "1000", "-p", "1", "-p", "2"]).unwrap();
+        let c =
+            Cli::try_parse_from(["perfpy", "record", "-F", "1000", "-p", "1", "-p", "2"]).unwrap();
         let Cmd::Record(a) = c.cmd else { panic!() };
         assert_eq!(a.rate, 1000);
         assert_eq!(a.pids, vec![1, 2]);
-        let c = Cli::try_parse_from(["perfpy", "record", "--freq", "99", "--", "python3", "-c", "pass"]).unwrap();
+        let c = Cli::try_parse_from([
+            "perfpy", "record", "--freq", "99", "--", "python3", "-c", "pass",
+        ])
+        .unwrap();
         let Cmd::Record(a) = c.cmd else { panic!() };
         assert_eq!(a.rate, 99);
         assert_eq!(a.command, vec!["python3", "-c", "pass"]);

@@ -232,7 +232,12 @@ impl Process {
     /// The perf map of this process (`/tmp/perf-<pid as the process sees it>.map` in its root).
     pub fn perf_map_path(&self) -> std::path::PathBuf {
         match &self.root {
-            Some(fd) => format!("/proc/self/fd/{}/tmp/perf-{}.map", fd.as_raw_fd(), self.nspid).into(),
+            Some(fd) => format!(
+                "/proc/self/fd/{}/tmp/perf-{}.map",
+                fd.as_raw_fd(),
+                self.nspid
+            )
+            .into(),
             None => format!("/tmp/perf-{}.map", self.nspid).into(),
         }
     }
@@ -251,10 +256,12 @@ impl Process {
 /// namespace: then its paths are our paths and nothing needs to stay open.
 fn same_root(pid: u32, root: &File) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let same = |a: std::io::Result<std::fs::Metadata>, b: std::io::Result<std::fs::Metadata>| match (a, b) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
-    };
+    let same =
+        |a: std::io::Result<std::fs::Metadata>, b: std::io::Result<std::fs::Metadata>| match (a, b)
+        {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        };
     same(root.metadata(), std::fs::metadata("/"))
         && same(
             std::fs::metadata(format!("/proc/{pid}/ns/mnt")),
@@ -274,7 +281,9 @@ pub fn read_container_id(pid: u32) -> Option<String> {
 pub fn container_id_from_cgroup(text: &str) -> Option<String> {
     for line in text.lines() {
         // A line without the two colons says nothing; the next one may still name the id.
-        let Some(path) = line.splitn(3, ':').nth(2) else { continue };
+        let Some(path) = line.splitn(3, ':').nth(2) else {
+            continue;
+        };
         for comp in path.rsplit('/') {
             let comp = comp.trim_end_matches(".scope");
             let id = comp.rsplit(['-', ':']).next().unwrap_or(comp);
@@ -313,9 +322,16 @@ mod tests {
             format!("0::/machine.slice/libpod-{id}.scope/container\n"),
             format!("12:cpu,cpuacct:/docker/{id}\n0::/\n"),
         ] {
-            assert_eq!(container_id_from_cgroup(&text).as_deref(), Some(id), "{text}");
+            assert_eq!(
+                container_id_from_cgroup(&text).as_deref(),
+                Some(id),
+                "{text}"
+            );
         }
-        assert_eq!(container_id_from_cgroup("0::/user.slice/user-0.slice/session-1.scope\n"), None);
+        assert_eq!(
+            container_id_from_cgroup("0::/user.slice/user-0.slice/session-1.scope\n"),
+            None
+        );
         assert_eq!(container_id_from_cgroup("0::/\n"), None);
     }
 
@@ -364,10 +380,14 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let lib = dir.path().join(std::ffi::OsStr::from_bytes(b"lib\xff.so"));
-        let libz = ["/lib/x86_64-linux-gnu/libz.so.1", "/usr/lib/x86_64-linux-gnu/libz.so.1", "/usr/lib64/libz.so.1"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-            .expect("libz");
+        let libz = [
+            "/lib/x86_64-linux-gnu/libz.so.1",
+            "/usr/lib/x86_64-linux-gnu/libz.so.1",
+            "/usr/lib64/libz.so.1",
+        ]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("libz");
         std::fs::copy(libz, &lib).unwrap();
         let child = std::process::Command::new("sleep")
             .arg("300")
@@ -378,7 +398,9 @@ mod tests {
         let pid = sleeper.0.id();
         let name = lib.to_string_lossy().into_owned();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/maps")).unwrap()).contains(&name) {
+        while !String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/maps")).unwrap())
+            .contains(&name)
+        {
             assert!(Instant::now() < deadline, "{name} never mapped");
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -386,9 +408,18 @@ mod tests {
         let mut p = Process::new(pid, 0);
         assert!(p.refresh_maps(&mut files));
         // The odd library is there, opened (through map_files) and parsed, and so is the rest.
-        let odd = p.maps.iter().find(|m| m.file.as_ref().is_some_and(|f| f.path == name));
-        assert!(odd.is_some_and(|m| m.file.as_ref().unwrap().elf.is_some()), "{name} not among the mappings");
-        assert!(p.maps.iter().any(|m| m.file.as_ref().is_some_and(|f| f.path.ends_with("/sleep"))));
+        let odd = p
+            .maps
+            .iter()
+            .find(|m| m.file.as_ref().is_some_and(|f| f.path == name));
+        assert!(
+            odd.is_some_and(|m| m.file.as_ref().unwrap().elf.is_some()),
+            "{name} not among the mappings"
+        );
+        assert!(p
+            .maps
+            .iter()
+            .any(|m| m.file.as_ref().is_some_and(|f| f.path.ends_with("/sleep"))));
     }
 
     #[test]

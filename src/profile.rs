@@ -12,14 +12,23 @@ use rustc_hash::FxHashMap;
 pub enum FrameKey {
     Kernel(u64),
     /// Code of a mapped file, by file offset (return addresses already moved into the call).
-    File { file: u32, offset: u64 },
+    File {
+        file: u32,
+        offset: u64,
+    },
     /// Code in anonymous memory of a process (JIT, perf trampolines): named by its perf map.
-    Anon { proc: u32, addr: u64 },
+    Anon {
+        proc: u32,
+        addr: u64,
+    },
     /// Marks a stack whose outer frames are missing (stack copy or frame limit exhausted).
     Truncated,
     /// A Python frame named by the eBPF walker: function (index in `Profile::py_functions`)
     /// and line.
-    Py { func: u32, line: u32 },
+    Py {
+        func: u32,
+        line: u32,
+    },
 }
 
 /// A Python function as the eBPF walker's code reader named it.
@@ -84,7 +93,10 @@ impl Profile {
 
     pub fn add(&mut self, proc: u32, tid: u32, frames: &[u32]) {
         let stack = self.stack(frames);
-        *self.counts.entry(SampleKey { proc, tid, stack }).or_default() += 1;
+        *self
+            .counts
+            .entry(SampleKey { proc, tid, stack })
+            .or_default() += 1;
         self.samples += 1;
     }
 }
@@ -97,7 +109,10 @@ mod tests {
     fn identical_stacks_are_stored_once() {
         let mut p = Profile::default();
         let a = p.location(FrameKey::Kernel(1));
-        let b = p.location(FrameKey::File { file: 0, offset: 10 });
+        let b = p.location(FrameKey::File {
+            file: 0,
+            offset: 10,
+        });
         assert_eq!(p.location(FrameKey::Kernel(1)), a);
         for _ in 0..1000 {
             p.add(0, 7, &[a, b]);
@@ -106,7 +121,14 @@ mod tests {
         p.add(0, 7, &[b]);
         assert_eq!(p.stacks.len(), 2);
         assert_eq!(p.counts.len(), 3);
-        assert_eq!(p.counts[&SampleKey { proc: 0, tid: 7, stack: 0 }], 1000);
+        assert_eq!(
+            p.counts[&SampleKey {
+                proc: 0,
+                tid: 7,
+                stack: 0
+            }],
+            1000
+        );
         assert_eq!(p.samples, 1002);
     }
 }

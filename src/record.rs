@@ -84,7 +84,10 @@ impl Drop for Deactivator {
 fn inject_lenient(pid: u32, seen: &mut HashSet<(u32, u64)>, notes: &mut HashMap<u32, String>) {
     let start = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| s.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(19)?.parse().ok()))
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().nth(19)?.parse().ok())
+        })
         .unwrap_or(0u64);
     if !seen.insert((pid, start)) || pid == std::process::id() {
         return;
@@ -99,12 +102,15 @@ fn inject_lenient(pid: u32, seen: &mut HashSet<(u32, u64)>, notes: &mut HashMap<
         if n < SAY_AT_MOST {
             eprintln!("{line}");
         } else if n == SAY_AT_MOST {
-            eprintln!("perfpy: (further --inject-python messages in the debug log: RUST_LOG=debug)");
+            eprintln!(
+                "perfpy: (further --inject-python messages in the debug log: RUST_LOG=debug)"
+            );
         }
         tracing::debug!("{line}");
     };
     // Expected with -a, and not worth a line: processes that exit while we look.
-    let quiet = |e: &perfpy_inject::InjectError| e.reason() == Some(perfpy_inject::Reason::ProcessGone);
+    let quiet =
+        |e: &perfpy_inject::InjectError| e.reason() == Some(perfpy_inject::Reason::ProcessGone);
     let p = match perfpy_inject::discover(pid as i32) {
         Ok(p) => p,
         Err(e) if e.reason() == Some(perfpy_inject::Reason::NotPython) => return,
@@ -114,17 +120,31 @@ fn inject_lenient(pid: u32, seen: &mut HashSet<(u32, u64)>, notes: &mut HashMap<
             } else {
                 say(format!("perfpy: pid {pid}: skipped: {e}"));
             }
-            notes.insert(pid, format!("skipped: {}", e.reason().map(|r| r.to_string()).unwrap_or_else(|| e.to_string())));
+            notes.insert(
+                pid,
+                format!(
+                    "skipped: {}",
+                    e.reason()
+                        .map(|r| r.to_string())
+                        .unwrap_or_else(|| e.to_string())
+                ),
+            );
             return;
         }
     };
     match perfpy_inject::registry().activate(&p, INJECT_TIMEOUT) {
         Ok(perfpy_inject::ActivateOutcome::Activated) => {
-            say(format!("perfpy: pid {pid}: perf trampoline turned on (CPython {})", p.version_string()));
+            say(format!(
+                "perfpy: pid {pid}: perf trampoline turned on (CPython {})",
+                p.version_string()
+            ));
             notes.insert(pid, "trampoline turned on by perfpy".into());
         }
         Ok(perfpy_inject::ActivateOutcome::AlreadyActive) => {
-            say(format!("perfpy: pid {pid}: perf trampoline already on (CPython {}); left as it is", p.version_string()));
+            say(format!(
+                "perfpy: pid {pid}: perf trampoline already on (CPython {}); left as it is",
+                p.version_string()
+            ));
             notes.insert(pid, "trampoline already on".into());
         }
         Err(e) => {
@@ -133,7 +153,15 @@ fn inject_lenient(pid: u32, seen: &mut HashSet<(u32, u64)>, notes: &mut HashMap<
             } else {
                 say(format!("perfpy: pid {pid}: no trampoline: {e}"));
             }
-            notes.insert(pid, format!("no trampoline: {}", e.reason().map(|r| r.to_string()).unwrap_or_else(|| e.to_string())));
+            notes.insert(
+                pid,
+                format!(
+                    "no trampoline: {}",
+                    e.reason()
+                        .map(|r| r.to_string())
+                        .unwrap_or_else(|| e.to_string())
+                ),
+            );
         }
     }
 }
@@ -168,7 +196,14 @@ impl PyWalk {
     fn poll(&mut self) {
         let pending = &mut self.pending;
         self.walker.poll(&mut |s| {
-            tracing::trace!(pid = s.pid, tid = s.tid, frames = s.frames.len(), no_tstate = s.no_thread_state, read_error = s.read_error, "walker record");
+            tracing::trace!(
+                pid = s.pid,
+                tid = s.tid,
+                frames = s.frames.len(),
+                no_tstate = s.no_thread_state,
+                read_error = s.read_error,
+                "walker record"
+            );
             let q = pending.entry(s.tid).or_default();
             if q.len() >= 256 {
                 q.pop_front();
@@ -251,7 +286,9 @@ impl Collector {
     fn handle(&mut self, rec: Record<'_>) {
         match &rec {
             Record::Mmap(m) if m.pid == 0 => return,
-            Record::Comm { pid: 0, .. } | Record::Fork { pid: 0, .. } | Record::Exit { pid: 0, .. } => return,
+            Record::Comm { pid: 0, .. }
+            | Record::Fork { pid: 0, .. }
+            | Record::Exit { pid: 0, .. } => return,
             _ => {}
         }
         match rec {
@@ -263,7 +300,9 @@ impl Collector {
                 let key = self.proc_key(m.pid);
                 let path = String::from_utf8_lossy(m.filename).into_owned();
                 let p = &mut self.procs[key as usize];
-                if p.mapping(m.addr).is_some_and(|x| x.start == m.addr && x.end == m.addr + m.len) {
+                if p.mapping(m.addr)
+                    .is_some_and(|x| x.start == m.addr && x.end == m.addr + m.len)
+                {
                     return;
                 }
                 p.add_mapping(&mut self.files, m.addr, m.addr + m.len, m.pgoff, &path);
@@ -271,7 +310,12 @@ impl Collector {
                 // the process have no Python frames from it.
                 self.register_python(key);
             }
-            Record::Comm { pid, tid, exec, comm } => {
+            Record::Comm {
+                pid,
+                tid,
+                exec,
+                comm,
+            } => {
                 let comm = String::from_utf8_lossy(comm).into_owned();
                 if exec && pid == tid {
                     // A new program in this pid: a new process for us (its old frames keep
@@ -326,11 +370,16 @@ impl Collector {
         if !p.is_python || !py.tried.insert(key) {
             return;
         }
-        let Some(v) = p.python_version.as_deref() else { return };
+        let Some(v) = p.python_version.as_deref() else {
+            return;
+        };
         let mut it = v.split('.').filter_map(|x| x.parse::<u8>().ok());
         let version = (it.next().unwrap_or(0), it.next().unwrap_or(0));
         let Some(off) = perfpy_bpf::Offsets::for_version(version) else {
-            tracing::debug!(pid = p.pid, "CPython {v}: no eBPF walker for this version yet");
+            tracing::debug!(
+                pid = p.pid,
+                "CPython {v}: no eBPF walker for this version yet"
+            );
             return;
         };
         // 3.7+: _PyRuntime; 2.7 and 3.6: the interpreter list head, `interp_head`. From the
@@ -338,14 +387,25 @@ impl Collector {
         // with -a, short-lived processes come by the dozen a second).
         let runtime = p.maps.iter().find_map(|m| {
             let f = m.file.as_ref()?;
-            let vaddr = f.elf.as_ref().filter(|e| e.is_python_interpreter)?.py_runtime?;
+            let vaddr = f
+                .elf
+                .as_ref()
+                .filter(|e| e.is_python_interpreter)?
+                .py_runtime?;
             Some(vaddr.wrapping_add(f.bias(m.start, m.pgoff)?))
         });
         let Some(runtime) = runtime else {
-            tracing::debug!(pid = p.pid, "eBPF walker: no _PyRuntime or interp_head in the interpreter");
+            tracing::debug!(
+                pid = p.pid,
+                "eBPF walker: no _PyRuntime or interp_head in the interpreter"
+            );
             return;
         };
-        match py.walker.add_process(&perfpy_bpf::PyProcess { pid: p.pid, version, runtime }) {
+        match py.walker.add_process(&perfpy_bpf::PyProcess {
+            pid: p.pid,
+            version,
+            runtime,
+        }) {
             Ok(()) => {
                 tracing::debug!(pid = p.pid, "CPython {v}: frames walked by the eBPF walker");
                 py.procs.insert(p.pid, (off, version));
@@ -409,13 +469,19 @@ impl Collector {
             if let Some((off, version)) = py.procs.get(&s.pid).copied() {
                 let mut g = Vec::new();
                 for f in &st.frames {
-                    if let Some(info) = py.reader.resolve(&perfpy_bpf::code::LiveMemory, s.pid, &off, version, f) {
+                    if let Some(info) =
+                        py.reader
+                            .resolve(&perfpy_bpf::code::LiveMemory, s.pid, &off, version, f)
+                    {
                         let func = self.profile.py_function(crate::profile::PyFunction {
                             qualname: info.qualname,
                             filename: info.filename,
                             first_line: info.first_line,
                         });
-                        g.push(FrameKey::Py { func, line: info.line });
+                        g.push(FrameKey::Py {
+                            func,
+                            line: info.line,
+                        });
                     }
                     if f.entry {
                         groups.push(std::mem::take(&mut g));
@@ -445,7 +511,10 @@ impl Collector {
                 let is_eval = p.mapping(lookup).is_some_and(|m| {
                     m.file.as_ref().is_some_and(|f| {
                         let r = f.elf.as_ref().and_then(|e| e.eval_range.clone());
-                        r.is_some_and(|r| f.file_offset_to_vaddr(lookup - m.start + m.pgoff).is_some_and(|v| r.contains(&v)))
+                        r.is_some_and(|r| {
+                            f.file_offset_to_vaddr(lookup - m.start + m.pgoff)
+                                .is_some_and(|v| r.contains(&v))
+                        })
                     })
                 });
                 if is_eval && next_group < groups.len() {
@@ -464,12 +533,18 @@ impl Collector {
                     },
                     None => {
                         p.has_anon = true;
-                        FrameKey::Anon { proc: key, addr: lookup }
+                        FrameKey::Anon {
+                            proc: key,
+                            addr: lookup,
+                        }
                     }
                 },
                 None => {
                     p.has_anon = true;
-                    FrameKey::Anon { proc: key, addr: lookup }
+                    FrameKey::Anon {
+                        proc: key,
+                        addr: lookup,
+                    }
                 }
             };
             locs.push(self.profile.location(fk));
@@ -525,7 +600,10 @@ pub struct Outcome {
 
 pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     if opts.rate == 0 || opts.rate > 100_000 {
-        bail!("invalid rate {}: give samples per second between 1 and 100000 (e.g. -r 100)", opts.rate);
+        bail!(
+            "invalid rate {}: give samples per second between 1 and 100000 (e.g. -r 100)",
+            opts.rate
+        );
     }
     if let Some(n) = opts.stack_size.filter(|n| !(512..=65000).contains(n)) {
         bail!("invalid --stack-size {n}: give bytes between 512 and 65000");
@@ -546,11 +624,18 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     } else if opts.all {
         "all".to_string()
     } else {
-        tgids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("-")
+        tgids
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("-")
     };
     let out_path = opts.output.clone().unwrap_or_else(|| {
         let ts = chrono_like_now();
-        PathBuf::from(format!("perfpy-{target_name}-{ts}.{}", opts.format.extension()))
+        PathBuf::from(format!(
+            "perfpy-{target_name}-{ts}.{}",
+            opts.format.extension()
+        ))
     });
     let out_file = File::create(&out_path).with_context(|| {
         format!(
@@ -567,8 +652,10 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             eprintln!("perfpy: note: --inject-python is for -p and -a; a launched command gets PYTHONPERFSUPPORT=1 instead");
         }
         for &pid in &tgids {
-            let p = perfpy_inject::discover(pid as i32).with_context(|| format!("--inject-python: pid {pid}"))?;
-            perfpy_inject::check_injectable(&p).with_context(|| format!("--inject-python: pid {pid}"))?;
+            let p = perfpy_inject::discover(pid as i32)
+                .with_context(|| format!("--inject-python: pid {pid}"))?;
+            perfpy_inject::check_injectable(&p)
+                .with_context(|| format!("--inject-python: pid {pid}"))?;
             to_inject.push(p);
         }
     }
@@ -581,10 +668,15 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
 
     // One event per (thread, CPU), each with a descriptor of its own for the eBPF walker too:
     // a busy server on a big machine needs thousands. The soft limit goes up to the hard one.
-    let mut nofile = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut nofile = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit read and write the struct we pass.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut nofile) == 0 && nofile.rlim_cur < nofile.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut nofile) == 0
+            && nofile.rlim_cur < nofile.rlim_max
+        {
             nofile.rlim_cur = nofile.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &nofile);
         }
@@ -602,7 +694,9 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     };
     // One ring per CPU: 4 MiB (~80 samples of 48 KiB) each, less on machines with many CPUs.
     let ncpus = sys::online_cpus().len().max(1);
-    let data_pages = ((64usize << 20) / ncpus / sys::page_size()).clamp(256, 1024).next_power_of_two();
+    let data_pages = ((64usize << 20) / ncpus / sys::page_size())
+        .clamp(256, 1024)
+        .next_power_of_two();
     cfg.wakeup_bytes = (data_pages * sys::page_size() / 4) as u32;
 
     let mut spawned = None;
@@ -630,14 +724,20 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     };
     // The kernel copies the stack into the ring at each sample, in the target's time: with the
     // walker naming Python frames, the copy only has to reach the native frames around them.
-    cfg.stack_size = opts.stack_size.unwrap_or(if walker.is_some() { 16384 } else { 49152 }) & !7;
+    cfg.stack_size = opts
+        .stack_size
+        .unwrap_or(if walker.is_some() { 16384 } else { 49152 })
+        & !7;
     let mut open = |cfg: &mut EventConfig, tid: i32| -> Result<bool> {
         for (ci, &cpu) in cpus.iter().enumerate() {
             // tid -1: every task on this CPU (whole machine).
             let fd = match sys::perf_event_open(cfg, tid, cpu) {
                 Ok(fd) => fd,
                 Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(false),
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM)) && cfg.kernel => {
+                Err(e)
+                    if matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM))
+                        && cfg.kernel =>
+                {
                     let fix = if is_root {
                         "perfpy runs as root without CAP_PERFMON/CAP_SYS_ADMIN (a container: add --cap-add PERFMON)"
                     } else {
@@ -660,8 +760,9 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             }
             match &rings[ci] {
                 Some(r) => {
-                    sys::perf_event_set_output(fd.as_raw_fd(), r.ring.fd())
-                        .context("cannot attach an event to its CPU's ring (PERF_EVENT_IOC_SET_OUTPUT)")?;
+                    sys::perf_event_set_output(fd.as_raw_fd(), r.ring.fd()).context(
+                        "cannot attach an event to its CPU's ring (PERF_EVENT_IOC_SET_OUTPUT)",
+                    )?;
                     events.push(fd);
                 }
                 None => {
@@ -681,7 +782,10 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
                         }
                     };
                     events.push(fd);
-                    rings[ci] = Some(RingEntry { ring, tid: tid.max(0) as u32 });
+                    rings[ci] = Some(RingEntry {
+                        ring,
+                        tid: tid.max(0) as u32,
+                    });
                 }
             }
         }
@@ -695,7 +799,11 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     } else if !opts.command.is_empty() {
         // CPython 3.12+ turns its perf trampoline on from the start with PYTHONPERFSUPPORT=1,
         // which names every Python frame; older versions ignore it. Set by the user, it wins.
-        let env: &[(&str, &str)] = if opts.python_perf_env { &[("PYTHONPERFSUPPORT", "1")] } else { &[] };
+        let env: &[(&str, &str)] = if opts.python_perf_env {
+            &[("PYTHONPERFSUPPORT", "1")]
+        } else {
+            &[]
+        };
         let sp = targets::spawn(&opts.command, env)?;
         cfg.enable_on_exec = true;
         if !open(&mut cfg, sp.pid)? {
@@ -732,7 +840,10 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     // of its children still write into it, so it stays drained and watched.
     for (i, r) in rings.iter().enumerate() {
         epoll
-            .add(r.ring_fd_borrow(), EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, i as u64))
+            .add(
+                r.ring_fd_borrow(),
+                EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, i as u64),
+            )
             .context("epoll_ctl")?;
     }
 
@@ -753,7 +864,10 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     }
     let inject_notes: Arc<std::sync::Mutex<HashMap<u32, String>>> = Arc::default();
     for p in &to_inject {
-        inject_notes.lock().unwrap().insert(p.pid as u32, "trampoline (--inject-python)".into());
+        inject_notes
+            .lock()
+            .unwrap()
+            .insert(p.pid as u32, "trampoline (--inject-python)".into());
     }
     // -a --inject-python: a thread looks for Python processes every second, new ones included,
     // so that injecting (up to a few hundred ms per busy process) never holds up the rings.
@@ -763,7 +877,10 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             let mut seen: HashSet<(u32, u64)> = HashSet::new();
             while !halt.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
                 let pids: Vec<u32> = std::fs::read_dir("/proc")
-                    .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+                    .map(|d| {
+                        d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                            .collect()
+                    })
                     .unwrap_or_default();
                 for pid in pids {
                     if halt.load(Ordering::Relaxed) || stop.load(Ordering::Relaxed) {
@@ -771,7 +888,10 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
                     }
                     let mut local = HashMap::new();
                     inject_lenient(pid, &mut seen, &mut local);
-                    notes.lock().unwrap_or_else(|e| e.into_inner()).extend(local);
+                    notes
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .extend(local);
                 }
                 perfpy_inject::registry().prune();
                 for _ in 0..10 {
@@ -841,7 +961,11 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         // before that have no Python frames from it. Short timeouts keep that gap small, at
         // start (a launched interpreter starts running code within milliseconds) and for
         // processes that start later.
-        let timeout: u16 = if start.elapsed() < Duration::from_millis(300) { 2 } else { 20 };
+        let timeout: u16 = if start.elapsed() < Duration::from_millis(300) {
+            2
+        } else {
+            20
+        };
         let _ = epoll.wait(&mut ep_events, EpollTimeout::from(timeout));
         if let Some(py) = c.py.as_mut() {
             py.poll();
@@ -862,7 +986,10 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             }
         }
         if let Some(sp) = &spawned {
-            match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(sp.pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+            match nix::sys::wait::waitpid(
+                nix::unistd::Pid::from_raw(sp.pid),
+                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+            ) {
                 Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => {
                     child_status = Some(code);
                     end_reason = "command exited";
@@ -875,7 +1002,11 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
                 }
                 _ => {}
             }
-        } else if !opts.all && tgids.iter().all(|p| c.exited.contains(p) || targets::is_gone(*p)) {
+        } else if !opts.all
+            && tgids
+                .iter()
+                .all(|p| c.exited.contains(p) || targets::is_gone(*p))
+        {
             end_reason = "target exited";
             break;
         }
@@ -932,8 +1063,13 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     let resolved = crate::symbols::resolve(&c.profile, &c.files, &procs, opts.keep_interpreter);
     // The perf maps are read: now the trampolines we turned on go off again.
     deactivator.finish();
-    let (samples, resolved) =
-        crate::report::build(&c.profile, resolved, &procs, &c.files, opts.keep_interpreter);
+    let (samples, resolved) = crate::report::build(
+        &c.profile,
+        resolved,
+        &procs,
+        &c.files,
+        opts.keep_interpreter,
+    );
     let report = crate::report::Report {
         locations: c.profile.locations.clone(),
         resolved,
@@ -945,7 +1081,12 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             .files
             .list
             .iter()
-            .map(|f| (f.path.clone(), f.elf.as_ref().and_then(|e| e.build_id.clone())))
+            .map(|f| {
+                (
+                    f.path.clone(),
+                    f.elf.as_ref().and_then(|e| e.build_id.clone()),
+                )
+            })
             .collect(),
         command: std::env::args().collect::<Vec<_>>().join(" "),
     };
@@ -953,9 +1094,12 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     match opts.format {
         Format::Pprof => crate::output::pprof::write(&report, &mut w)?,
         Format::Collapsed => crate::output::collapsed::write(&report, &mut w)?,
-        Format::Flamegraph => crate::output::flamegraph::write(&report, &format!("perfpy {target_name}"), &mut w)?,
+        Format::Flamegraph => {
+            crate::output::flamegraph::write(&report, &format!("perfpy {target_name}"), &mut w)?
+        }
     }
-    w.flush().with_context(|| format!("cannot write {}", out_path.display()))?;
+    w.flush()
+        .with_context(|| format!("cannot write {}", out_path.display()))?;
     let sym_time = t_sym.elapsed();
     if let Some((runs, ns)) = walker_stats {
         if runs > 0 && ns > 0 {
@@ -966,7 +1110,11 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         }
     }
 
-    let nprocs = c.procs.iter().filter(|p| procs_with_samples(&c.profile, p.key)).count();
+    let nprocs = c
+        .procs
+        .iter()
+        .filter(|p| procs_with_samples(&c.profile, p.key))
+        .count();
     eprintln!(
         "perfpy: {end_reason} after {:.1}s: {} samples, {} lost, {} process{}, {} stacks incomplete ({:.1}%){}, symbolized in {:.2}s",
         duration.as_secs_f64(),
@@ -994,7 +1142,10 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         e.1 |= s.frames_from != "native";
         e.2 |= s.frames_from.starts_with("ebpf");
     }
-    let mut rows: Vec<(u32, u64, bool, bool)> = per.into_iter().map(|(pid, (n, py, eb))| (pid, n, py, eb)).collect();
+    let mut rows: Vec<(u32, u64, bool, bool)> = per
+        .into_iter()
+        .map(|(pid, (n, py, eb))| (pid, n, py, eb))
+        .collect();
     rows.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     const SHOWN: usize = 15;
     for &(pid, n, py_named, by_ebpf) in rows.iter().take(SHOWN) {
@@ -1002,15 +1153,27 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         let comm = p.map(|p| p.comm.as_str()).unwrap_or("?");
         let how = match p.and_then(|p| p.python_version.as_deref()) {
             Some(v) => {
-                let note = inject_notes.lock().unwrap_or_else(|e| e.into_inner()).get(&pid).cloned();
+                let note = inject_notes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&pid)
+                    .cloned();
                 match (py_named, note) {
-                    (true, _) if by_ebpf => format!("CPython {v}: Python frames from the eBPF walker"),
+                    (true, _) if by_ebpf => {
+                        format!("CPython {v}: Python frames from the eBPF walker")
+                    }
                     (true, Some(n)) => format!("CPython {v}: Python frames from the {n}"),
-                    (true, None) => format!("CPython {v}: Python frames from its perf trampoline (-X perf)"),
+                    (true, None) => {
+                        format!("CPython {v}: Python frames from its perf trampoline (-X perf)")
+                    }
                     (false, Some(n)) => format!("CPython {v}: native frames only ({n})"),
                     (false, None) => {
                         let mut it = v.split('.').filter_map(|x| x.parse::<u8>().ok());
-                        let supported = perfpy_bpf::Offsets::for_version((it.next().unwrap_or(0), it.next().unwrap_or(0))).is_some();
+                        let supported = perfpy_bpf::Offsets::for_version((
+                            it.next().unwrap_or(0),
+                            it.next().unwrap_or(0),
+                        ))
+                        .is_some();
                         let why = if !opts.ebpf {
                             "eBPF walker off (--no-ebpf)"
                         } else if !walker_ran {

@@ -13,7 +13,9 @@ use crate::profile::{FrameKey, Profile};
 pub enum Kind {
     Kernel,
     /// Native code; `interpreter` when it is CPython's own (libpython or the python executable).
-    Native { interpreter: bool },
+    Native {
+        interpreter: bool,
+    },
     /// A Python function, named by a perf map (trampoline).
     Python,
     /// A Python function named by the eBPF walker (with its line).
@@ -46,7 +48,9 @@ pub fn resolve(
     // Anonymous code: perf maps, read once per process.
     let mut maps: HashMap<u32, PerfMap> = HashMap::new();
     for (i, k) in profile.locations.iter().enumerate() {
-        let FrameKey::Anon { proc, addr } = k else { continue };
+        let FrameKey::Anon { proc, addr } = k else {
+            continue;
+        };
         let map = maps.entry(*proc).or_insert_with(|| {
             procs
                 .get(proc)
@@ -188,16 +192,23 @@ pub fn resolve(
             let t = std::time::Instant::now();
             // CPython's own frames are named from its symbol table: their source lines are of
             // no use to a Python programmer, and libpython's DWARF costs ~15 ms and ~20 MiB.
-            let f = sym.symbolize_elf(&file.fd_path(), &offsets, !interpreter).unwrap_or_else(|e| {
-                tracing::debug!("{e}");
-                vec![Vec::new(); offsets.len()]
-            });
+            let f = sym
+                .symbolize_elf(&file.fd_path(), &offsets, !interpreter)
+                .unwrap_or_else(|e| {
+                    tracing::debug!("{e}");
+                    vec![Vec::new(); offsets.len()]
+                });
             tracing::debug!(file = file.path, addresses = offsets.len(), elapsed = ?t.elapsed(), "symbolized");
             f
         } else {
             vec![Vec::new(); offsets.len()]
         };
-        let short = file.path.rsplit('/').next().unwrap_or(&file.path).to_string();
+        let short = file
+            .path
+            .rsplit('/')
+            .next()
+            .unwrap_or(&file.path)
+            .to_string();
         for ((i, off), f) in locs.into_iter().zip(frames) {
             out[i] = Some(Resolved {
                 // Code without a symbol (stripped local functions, hand-written assembly) is

@@ -5,8 +5,8 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 
-use perf_event_open_sys as pe;
 use pe::bindings as b;
+use perf_event_open_sys as pe;
 
 /// x86-64 user registers we ask for: BP, SP, IP (bits of `perf_event_x86_regs`).
 pub const REG_BP: u32 = 6;
@@ -77,7 +77,13 @@ pub fn perf_event_open(cfg: &EventConfig, tid: i32, cpu: i32) -> io::Result<Owne
     // SAFETY: `attr` is a fully initialised perf_event_attr whose `size` field is its own size;
     // the kernel only reads it. The flags ask for a close-on-exec descriptor.
     let fd = unsafe {
-        pe::perf_event_open(&mut attr, tid, cpu, -1, b::PERF_FLAG_FD_CLOEXEC as libc::c_ulong)
+        pe::perf_event_open(
+            &mut attr,
+            tid,
+            cpu,
+            -1,
+            b::PERF_FLAG_FD_CLOEXEC as libc::c_ulong,
+        )
     };
     if fd < 0 {
         return Err(io::Error::last_os_error());
@@ -188,7 +194,8 @@ impl Ring {
         let meta = self.meta();
         // SAFETY: data_tail is ours to write; release ordering so the kernel sees our reads done.
         unsafe {
-            let t = std::ptr::addr_of_mut!((*meta).data_tail).cast::<std::sync::atomic::AtomicU64>();
+            let t =
+                std::ptr::addr_of_mut!((*meta).data_tail).cast::<std::sync::atomic::AtomicU64>();
             (*t).store(tail, std::sync::atomic::Ordering::Release);
         }
     }

@@ -158,7 +158,12 @@ pub fn spawn(argv: &[String], extra_env: &[(&str, &str)]) -> Result<Spawned> {
     }
     drop(rd);
     drop(err_wr);
-    Ok(Spawned { pid, go: Some(wr), exec_err: Some(err_rd), prog })
+    Ok(Spawned {
+        pid,
+        go: Some(wr),
+        exec_err: Some(err_rd),
+        prog,
+    })
 }
 
 impl Spawned {

@@ -59,10 +59,14 @@ pub fn classify_trampoline(window: &[u8; WINDOW]) -> Option<TrampolineAt> {
     const A: usize = 10;
     let at = |off: isize, pat: &[u8]| -> bool {
         let s = A as isize + off;
-        s >= 0 && (s as usize + pat.len()) <= WINDOW && &window[s as usize..s as usize + pat.len()] == pat
+        s >= 0
+            && (s as usize + pat.len()) <= WINDOW
+            && &window[s as usize..s as usize + pat.len()] == pat
     };
     // Body = sub(4) call(2) add(4) ret(1), starting at `addr + off`.
-    let body_at = |off: isize| at(off, &SUB) && at(off + 4, &CALL) && at(off + 6, &ADD) && at(off + 10, &[RET]);
+    let body_at = |off: isize| {
+        at(off, &SUB) && at(off + 4, &CALL) && at(off + 6, &ADD) && at(off + 10, &[RET])
+    };
     if body_at(-6) {
         return Some(TrampolineAt::AfterCall);
     }
@@ -129,7 +133,11 @@ impl TrampolineCache {
             let n = (page_end - addr).min((WINDOW - 10) as u64) as usize;
             mem.read(addr, &mut w[10..10 + n])
         };
-        let k = if before || after { classify_trampoline(&w) } else { None };
+        let k = if before || after {
+            classify_trampoline(&w)
+        } else {
+            None
+        };
         // Bounded: a process generating endless code cannot grow this without limit.
         if self.known.len() > 1 << 20 {
             self.known.clear();
@@ -327,14 +335,22 @@ mod tests {
         let mut f = Fixture::new();
         let base = 0x7f35_7df6_9000u64;
         f.put(base, &trampoline_bytes(false));
-        let mem = Bounded { inner: f, start: base, end: base + 0x1000 };
+        let mem = Bounded {
+            inner: f,
+            start: base,
+            end: base + 0x1000,
+        };
         let mut c = TrampolineCache::default();
         assert_eq!(c.classify(base + 6, &mem), Some(TrampolineAt::AfterCall));
         // And at the very end of a mapping.
         let mut f = Fixture::new();
         let end = 0x7f35_7df7_9000u64;
         f.put(end - 11, &trampoline_bytes(false));
-        let mem = Bounded { inner: f, start: end - 0x1000, end };
+        let mem = Bounded {
+            inner: f,
+            start: end - 0x1000,
+            end,
+        };
         let mut c = TrampolineCache::default();
         assert_eq!(c.classify(end - 5, &mem), Some(TrampolineAt::AfterCall));
     }
@@ -352,13 +368,28 @@ mod tests {
             let base = 0x7000_0000u64;
             m.put(base, &trampoline_bytes(endbr));
             let sub = base + if endbr { 4 } else { 0 };
-            assert_eq!(classify_trampoline(&window(&m, sub)), Some(TrampolineAt::Entry));
+            assert_eq!(
+                classify_trampoline(&window(&m, sub)),
+                Some(TrampolineAt::Entry)
+            );
             if endbr {
-                assert_eq!(classify_trampoline(&window(&m, base)), Some(TrampolineAt::Entry));
+                assert_eq!(
+                    classify_trampoline(&window(&m, base)),
+                    Some(TrampolineAt::Entry)
+                );
             }
-            assert_eq!(classify_trampoline(&window(&m, sub + 4)), Some(TrampolineAt::Call));
-            assert_eq!(classify_trampoline(&window(&m, sub + 6)), Some(TrampolineAt::AfterCall));
-            assert_eq!(classify_trampoline(&window(&m, sub + 10)), Some(TrampolineAt::Ret));
+            assert_eq!(
+                classify_trampoline(&window(&m, sub + 4)),
+                Some(TrampolineAt::Call)
+            );
+            assert_eq!(
+                classify_trampoline(&window(&m, sub + 6)),
+                Some(TrampolineAt::AfterCall)
+            );
+            assert_eq!(
+                classify_trampoline(&window(&m, sub + 10)),
+                Some(TrampolineAt::Ret)
+            );
             assert_eq!(classify_trampoline(&window(&m, sub + 1)), None);
         }
         let mut m = Fixture::new();
@@ -413,12 +444,22 @@ mod tests {
         mem.put(t1, &trampoline_bytes(false));
         let s = 0x7ffc_0000_0000u64;
         // The copy ends before the trampoline's return address slot.
-        let stack = [s + 16, t1 + 6].iter().flat_map(|v: &u64| v.to_ne_bytes()).collect::<Vec<_>>();
+        let stack = [s + 16, t1 + 6]
+            .iter()
+            .flat_map(|v: &u64| v.to_ne_bytes())
+            .collect::<Vec<_>>();
         let mut p = Process::new(std::process::id(), 0);
         let mut out = Vec::new();
         // leaf with frame pointer at S: [S] = bp, [S+8] = ra (trampoline), then the trampoline
         // needs [S+16+8], beyond the copy.
-        let o = unwind(&mut p, &mem, [s, s, 0x7f00_0001_0000], &stack, 128, &mut out);
+        let o = unwind(
+            &mut p,
+            &mem,
+            [s, s, 0x7f00_0001_0000],
+            &stack,
+            128,
+            &mut out,
+        );
         assert_eq!(out, vec![0x7f00_0001_0000, t1 + 6]);
         assert!(!o.complete);
         assert!(o.truncated);

@@ -10,9 +10,17 @@ use common::*;
 
 #[test]
 fn whole_machine_in_a_pid_namespace() {
-    let (Some(py312), Some(py39), Some(py27)) = (python("3.12"), python("3.9"), python("2.7")) else { return };
+    let (Some(py312), Some(py39), Some(py27)) = (python("3.12"), python("3.9"), python("2.7"))
+    else {
+        return;
+    };
     let c = tmp("busy-c");
-    let st = Command::new("cc").args(["-O2", "-g", "-o"]).arg(&c).arg(testdata("native.c")).status().unwrap();
+    let st = Command::new("cc")
+        .args(["-O2", "-g", "-o"])
+        .arg(&c)
+        .arg(testdata("native.c"))
+        .status()
+        .unwrap();
     assert!(st.success());
     let out = tmp("all.pb.gz");
     let dir = tmp("all-logs");
@@ -47,7 +55,10 @@ wait || true
         perfpy = perfpy().display(),
         out = out.display(),
     );
-    let o = Command::new("unshare").args(["--pid", "--fork", "--mount-proc", "bash", "-c", &script]).output().expect("unshare");
+    let o = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "bash", "-c", &script])
+        .output()
+        .expect("unshare");
     let stdout = String::from_utf8_lossy(&o.stdout);
     eprintln!("{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
     assert!(o.status.success());
@@ -79,19 +90,37 @@ wait || true
     // Every Python workload has its hot function named: 3.12 through its trampolines and the
     // eBPF walker, 3.9, 2.7 and Debian's static 3.11 through the walker.
     for w in ["w39", "w27", "wdeb"] {
-        let n = d.count_where(|s| s.num_labels["pid"] == pids[w] && s.has_chain(&["<module>", "hot_any"]));
+        let n = d.count_where(|s| {
+            s.num_labels["pid"] == pids[w] && s.has_chain(&["<module>", "hot_any"])
+        });
         assert!(n > 15, "{w}: {n} samples with <module> -> hot_any");
     }
     // The C program's frames are there.
     assert!(d.count_where(|s| s.num_labels["pid"] == pids["w312"] && s.has("round_")) > 15);
-    assert!(d.count_where(|s| s.num_labels["pid"] == pids["wc"] && s.has_chain(&["main", "level1", "level2", "leaf_busy"])) > 15);
+    assert!(
+        d.count_where(|s| s.num_labels["pid"] == pids["wc"]
+            && s.has_chain(&["main", "level1", "level2", "leaf_busy"]))
+            > 15
+    );
     // `perfpy info` inside the namespace lists the four Python workloads, versions and paths.
-    let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("info.json")).unwrap()).unwrap();
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("info.json")).unwrap()).unwrap();
     let procs = info["python_processes"].as_array().unwrap();
-    let find = |w: &str| procs.iter().find(|p| p["pid"].as_i64() == Some(pids[w])).unwrap_or_else(|| panic!("{w} not in info: {info}"));
+    let find = |w: &str| {
+        procs
+            .iter()
+            .find(|p| p["pid"].as_i64() == Some(pids[w]))
+            .unwrap_or_else(|| panic!("{w} not in info: {info}"))
+    };
     assert_eq!(find("w312")["version"], "3.12.1");
-    assert!(find("w312")["interpreter"].as_str().unwrap().ends_with("libpython3.12.so.1.0"));
-    assert!(find("w312")["trampoline"].as_str().unwrap().starts_with("on"));
+    assert!(find("w312")["interpreter"]
+        .as_str()
+        .unwrap()
+        .ends_with("libpython3.12.so.1.0"));
+    assert!(find("w312")["trampoline"]
+        .as_str()
+        .unwrap()
+        .starts_with("on"));
     assert_eq!(find("w39")["version"], "3.9");
     assert_eq!(find("w27")["version"], "2.7");
     assert_eq!(find("wdeb")["interpreter"], "/usr/bin/python3.11");
@@ -105,10 +134,19 @@ wait || true
     assert_eq!(info["machine"]["perf_events"], "ok");
     // Nothing from outside the namespace.
     let ours: Vec<i64> = pids.values().copied().collect();
-    let perfpy_pid = d.samples.iter().filter(|s| s.str_labels["comm"] == "perfpy").map(|s| s.num_labels["pid"]).next();
+    let perfpy_pid = d
+        .samples
+        .iter()
+        .filter(|s| s.str_labels["comm"] == "perfpy")
+        .map(|s| s.num_labels["pid"])
+        .next();
     for s in &d.samples {
         let pid = s.num_labels["pid"];
-        assert!(ours.contains(&pid) || Some(pid) == perfpy_pid || s.str_labels["comm"] == "bash", "sample of pid {pid} ({})", s.str_labels["comm"]);
+        assert!(
+            ours.contains(&pid) || Some(pid) == perfpy_pid || s.str_labels["comm"] == "bash",
+            "sample of pid {pid} ({})",
+            s.str_labels["comm"]
+        );
     }
 }
 
@@ -116,9 +154,18 @@ wait || true
 fn whole_machine_with_injection_finds_processes_as_they_appear() {
     // Issue 5's check: CPython 3.12 (no -X perf), 3.9 and 2.7 workloads, a native busy loop, and
     // a 3.10 workload started two seconds into a 6-second `record -a --inject-python`.
-    let (Some(py312), Some(py39), Some(py27), Some(py310)) = (python("3.12"), python("3.9"), python("2.7"), python("3.10")) else { return };
+    let (Some(py312), Some(py39), Some(py27), Some(py310)) =
+        (python("3.12"), python("3.9"), python("2.7"), python("3.10"))
+    else {
+        return;
+    };
     let c = tmp("busy-c-2");
-    let st = Command::new("cc").args(["-O2", "-g", "-o"]).arg(&c).arg(testdata("native.c")).status().unwrap();
+    let st = Command::new("cc")
+        .args(["-O2", "-g", "-o"])
+        .arg(&c)
+        .arg(testdata("native.c"))
+        .status()
+        .unwrap();
     assert!(st.success());
     let out = tmp("all-inject.pb.gz");
     let dir = tmp("all-inject-logs");
@@ -154,7 +201,10 @@ cat perfpy.err >&2
         out = out.display(),
     );
     // The namespace (and every workload in it) ends when the script's bash exits.
-    let o = Command::new("unshare").args(["--pid", "--fork", "--mount-proc", "bash", "-c", &script]).output().expect("unshare");
+    let o = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "bash", "-c", &script])
+        .output()
+        .expect("unshare");
     let stdout = String::from_utf8_lossy(&o.stdout);
     let stderr = String::from_utf8_lossy(&o.stderr);
     eprintln!("{stdout}\n{stderr}");
@@ -170,19 +220,40 @@ cat perfpy.err >&2
     let d = decode(&out);
     check_go_pprof(&out);
     // Every one of the five has samples; the four Python ones have their hot function named.
-    for (w, hot) in [("w312", "round_"), ("w39", "hot_any"), ("w27", "hot_any"), ("w310", "hot_any")] {
+    for (w, hot) in [
+        ("w312", "round_"),
+        ("w39", "hot_any"),
+        ("w27", "hot_any"),
+        ("w310", "hot_any"),
+    ] {
         let pid = pids[w];
         let n = d.count_where(|s| s.num_labels["pid"] == pid);
-        let named = d.count_where(|s| s.num_labels["pid"] == pid && s.has_chain(&["<module>", hot]));
-        assert!(n > 20 && named as f64 > 0.6 * n as f64, "{w} (pid {pid}): {named} of {n} samples with <module> -> {hot}");
+        let named =
+            d.count_where(|s| s.num_labels["pid"] == pid && s.has_chain(&["<module>", hot]));
+        assert!(
+            n > 20 && named as f64 > 0.6 * n as f64,
+            "{w} (pid {pid}): {named} of {n} samples with <module> -> {hot}"
+        );
     }
-    let native = d.count_where(|s| s.str_labels["comm"] == "busy-c-2" && s.has_chain(&["main", "level1", "level2", "leaf_busy"]));
+    let native = d.count_where(|s| {
+        s.str_labels["comm"] == "busy-c-2"
+            && s.has_chain(&["main", "level1", "level2", "leaf_busy"])
+    });
     assert!(native > 20, "native busy loop: {native} samples");
     // The 3.12 process had its trampoline turned on, and off again at the end.
     let p312 = pids["w312"];
-    assert!(stderr.contains(&format!("pid {p312}: perf trampoline turned on")), "{stderr}");
-    assert!(stderr.contains(&format!("pid {p312}: perf trampoline turned off again")), "{stderr}");
-    assert!(stdout.contains(&format!("pid {p312}: perf trampoline off")), "{stdout}");
+    assert!(
+        stderr.contains(&format!("pid {p312}: perf trampoline turned on")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("pid {p312}: perf trampoline turned off again")),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains(&format!("pid {p312}: perf trampoline off")),
+        "{stdout}"
+    );
     // 3.9, 2.7 and 3.10 are refused for the trampoline with their reason, and still named.
     assert!(stderr.contains("python_too_old"), "{stderr}");
 }
@@ -210,18 +281,45 @@ fn perf_map_in_a_private_tmp_of_another_pid_namespace() {
         testdata("split.py").display(),
         py.display()
     );
-    let mut ns = Workload::start(Command::new("unshare").args(["--pid", "--fork", "--mount", "--mount-proc", "bash", "-c", &script]));
+    let mut ns = Workload::start(Command::new("unshare").args([
+        "--pid",
+        "--fork",
+        "--mount",
+        "--mount-proc",
+        "bash",
+        "-c",
+        &script,
+    ]));
     let pid = find_by_cmdline(&marker).expect("namespaced python not found");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap().split_whitespace().last().unwrap().to_string();
+    let nspid = status
+        .lines()
+        .find(|l| l.starts_with("NSpid:"))
+        .unwrap()
+        .split_whitespace()
+        .last()
+        .unwrap()
+        .to_string();
     assert_ne!(nspid, pid.to_string(), "not in its own PID namespace");
     assert!(!std::path::Path::new(&format!("/tmp/perf-{nspid}.map")).exists() || nspid == "1");
     let out = tmp("ns-tmp.pb.gz");
-    let o = run_perfpy(&["record", "-p", &pid.to_string(), "-d", "2", "-o", out.to_str().unwrap()]);
+    let o = run_perfpy(&[
+        "record",
+        "-p",
+        &pid.to_string(),
+        "-d",
+        "2",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success());
     let d = decode(&out);
     let named = d.count_where(|s| s.has_chain(&["<module>", "main", "round_"]));
-    assert!(named as f64 > 0.8 * d.total() as f64, "{named} of {} samples named", d.total());
+    assert!(
+        named as f64 > 0.8 * d.total() as f64,
+        "{named} of {} samples named",
+        d.total()
+    );
     // info sees it too, with its container-side perf map.
     let o = run_perfpy(&["info", "-p", &pid.to_string(), "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -237,15 +335,39 @@ fn ebpf_names_a_process_in_another_pid_namespace() {
     // the walker must match (innermost pid level), not by the host's.
     let Some(py) = python("3.11") else { return };
     let marker = format!("{}.75", std::process::id() % 1000 + 20);
-    let script = format!("exec {} {} {marker}", py.display(), testdata("split.py").display());
-    let mut ns = Workload::start(Command::new("unshare").args(["--pid", "--fork", "--mount-proc", "bash", "-c", &script]));
+    let script = format!(
+        "exec {} {} {marker}",
+        py.display(),
+        testdata("split.py").display()
+    );
+    let mut ns = Workload::start(Command::new("unshare").args([
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        "bash",
+        "-c",
+        &script,
+    ]));
     let pid = find_by_cmdline(&marker).expect("namespaced python not found");
     let out = tmp("ns-ebpf.pb.gz");
-    let o = run_perfpy(&["record", "-p", &pid.to_string(), "-d", "2", "-o", out.to_str().unwrap()]);
+    let o = run_perfpy(&[
+        "record",
+        "-p",
+        &pid.to_string(),
+        "-d",
+        "2",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success());
     let d = decode(&out);
-    let named = d.count_where(|s| s.has_chain(&["<module>", "main", "main.<locals>.loop", "round_"]));
-    assert!(named as f64 > 0.8 * d.total() as f64, "{named} of {} samples named", d.total());
+    let named =
+        d.count_where(|s| s.has_chain(&["<module>", "main", "main.<locals>.loop", "round_"]));
+    assert!(
+        named as f64 > 0.8 * d.total() as f64,
+        "{named} of {} samples named",
+        d.total()
+    );
     let _ = ns.child.kill();
     // SAFETY: ending the namespaced python this test started, by pid.
     unsafe { libc::kill(pid, libc::SIGKILL) };

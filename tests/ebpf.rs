@@ -10,18 +10,34 @@ use common::*;
 
 #[test]
 fn ebpf_walker_names_every_supported_version() {
-    let mut pys: Vec<(String, PathBuf)> = ["3.6", "3.7", "3.8", "3.9", "3.10", "3.11", "3.12", "3.13"]
-        .iter()
-        .filter_map(|m| python(m).map(|p| (m.to_string(), p)))
-        .collect();
+    let mut pys: Vec<(String, PathBuf)> =
+        ["3.6", "3.7", "3.8", "3.9", "3.10", "3.11", "3.12", "3.13"]
+            .iter()
+            .filter_map(|m| python(m).map(|p| (m.to_string(), p)))
+            .collect();
     if std::path::Path::new("/usr/bin/python3.11").exists() {
         pys.push(("debian-3.11".into(), PathBuf::from("/usr/bin/python3.11")));
     }
     for (name, py) in pys {
         let rep = split_report(&format!("ebpf-{name}"));
-        let w = Workload::start(Command::new(&py).arg(testdata("split.py")).arg("30").env("SPLIT_REPORT", &rep));
+        let w = Workload::start(
+            Command::new(&py)
+                .arg(testdata("split.py"))
+                .arg("30")
+                .env("SPLIT_REPORT", &rep),
+        );
         let out = tmp(&format!("ebpf-{name}.pb.gz"));
-        let o = run_perfpy(&["record", "-p", &w.pid().to_string(), "-d", "3", "-r", "497", "-o", out.to_str().unwrap()]);
+        let o = run_perfpy(&[
+            "record",
+            "-p",
+            &w.pid().to_string(),
+            "-d",
+            "3",
+            "-r",
+            "497",
+            "-o",
+            out.to_str().unwrap(),
+        ]);
         assert!(o.status.success());
         let d = decode(&out);
         // Qualified names from 3.11 on (co_qualname); before, methods get the class of `self`
@@ -37,34 +53,79 @@ fn ebpf_walker_names_every_supported_version() {
         assert!(rounds > 500, "{name}: {rounds} samples in round_");
         // Compared with the split the workload measured itself.
         let m = measured_split(&rep);
-        for (f, key) in [("hot_function", "hot_function"), (area, "Shape.area"), (inner, "make_closure.<locals>.inner"), ("hash_work", "hash_work")] {
+        for (f, key) in [
+            ("hot_function", "hot_function"),
+            (area, "Shape.area"),
+            (inner, "make_closure.<locals>.inner"),
+            ("hash_work", "hash_work"),
+        ] {
             let want = m[key];
             let got = d.count_where(|s| s.has(f)) as f64 / rounds as f64;
             eprintln!("{name}: {f}: {:.1}%", got * 100.0);
-            assert!((got - want).abs() <= 0.05, "{name}: {f}: {:.1}%, want {:.0}% ± 5", got * 100.0, want * 100.0);
+            assert!(
+                (got - want).abs() <= 0.05,
+                "{name}: {f}: {:.1}%, want {:.0}% ± 5",
+                got * 100.0,
+                want * 100.0
+            );
         }
         let spin = d.count_where(|s| s.has("spin"));
-        let full = d.count_where(|s| s.has("spin") && s.has_chain(&["<module>", "main", lp, "round_", "hot_function", "spin"]));
+        let full = d.count_where(|s| {
+            s.has("spin")
+                && s.has_chain(&["<module>", "main", lp, "round_", "hot_function", "spin"])
+        });
         assert!(full as f64 >= 0.9 * spin as f64, "{name}: {full} of {spin}");
         // Lines of the hot loop, files of the functions.
-        let spin_lines: Vec<i64> = d.samples.iter().flat_map(|s| &s.frames).filter(|f| f.function == "spin").map(|f| f.line).collect();
+        let spin_lines: Vec<i64> = d
+            .samples
+            .iter()
+            .flat_map(|s| &s.frames)
+            .filter(|f| f.function == "spin")
+            .map(|f| f.line)
+            .collect();
         // The loop of spin: its `for` line and the line after it.
         let hot = line_of("split.py", "def spin") + 2;
         // A sample can land in its first instructions (`s = 0`, def + 1) as it is entered:
         // rare, never outside the function.
-        let in_loop = spin_lines.iter().filter(|l| (hot..=hot + 1).contains(*l)).count();
-        assert!(in_loop as f64 >= 0.99 * spin_lines.len() as f64, "{name}: spin lines {spin_lines:?}");
-        assert!(spin_lines.iter().all(|l| (hot - 2..=hot + 1).contains(l)), "{name}: spin lines {spin_lines:?}");
-        let f = d.samples.iter().flat_map(|s| &s.frames).find(|f| f.function == area).unwrap();
+        let in_loop = spin_lines
+            .iter()
+            .filter(|l| (hot..=hot + 1).contains(*l))
+            .count();
+        assert!(
+            in_loop as f64 >= 0.99 * spin_lines.len() as f64,
+            "{name}: spin lines {spin_lines:?}"
+        );
+        assert!(
+            spin_lines.iter().all(|l| (hot - 2..=hot + 1).contains(l)),
+            "{name}: spin lines {spin_lines:?}"
+        );
+        let f = d
+            .samples
+            .iter()
+            .flat_map(|s| &s.frames)
+            .find(|f| f.function == area)
+            .unwrap();
         assert!(f.file.ends_with("testdata/split.py"));
         // The C extension stays under its Python caller.
         let hashing = d.count_where(|s| s.has("hash_work"));
         let native_under = d.count_where(|s| {
             let i = s.frames.iter().position(|f| f.function == "hash_work");
-            i.is_some_and(|i| s.frames[..i].iter().any(|f| f.mapping.contains("libcrypto") || f.mapping.contains("_hashlib") || f.mapping.contains("_sha256")))
+            i.is_some_and(|i| {
+                s.frames[..i].iter().any(|f| {
+                    f.mapping.contains("libcrypto")
+                        || f.mapping.contains("_hashlib")
+                        || f.mapping.contains("_sha256")
+                })
+            })
         });
-        assert!(native_under as f64 >= 0.8 * hashing as f64, "{name}: {native_under} of {hashing}");
-        assert!(d.samples.iter().any(|s| s.str_labels["frames_from"] == "ebpf"));
+        assert!(
+            native_under as f64 >= 0.8 * hashing as f64,
+            "{name}: {native_under} of {hashing}"
+        );
+        assert!(d
+            .samples
+            .iter()
+            .any(|s| s.str_labels["frames_from"] == "ebpf"));
         check_go_pprof(&out);
     }
 }
@@ -74,11 +135,25 @@ fn frames_entered_before_injection_are_named_by_the_walker() {
     let Some(py) = python("3.12") else { return };
     let w = Workload::start(Command::new(&py).arg(testdata("split.py")).arg("30"));
     let out = tmp("ebpf-inject.pb.gz");
-    let o = run_perfpy(&["record", "-p", &w.pid().to_string(), "-d", "3", "--inject-python", "-o", out.to_str().unwrap()]);
+    let o = run_perfpy(&[
+        "record",
+        "-p",
+        &w.pid().to_string(),
+        "-d",
+        "3",
+        "--inject-python",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success());
     let d = decode(&out);
-    let named = d.count_where(|s| s.has_chain(&["<module>", "main", "main.<locals>.loop", "round_"]));
-    assert!(named as f64 >= 0.9 * d.total() as f64, "{named} of {}", d.total());
+    let named =
+        d.count_where(|s| s.has_chain(&["<module>", "main", "main.<locals>.loop", "round_"]));
+    assert!(
+        named as f64 >= 0.9 * d.total() as f64,
+        "{named} of {}",
+        d.total()
+    );
 }
 
 #[test]
@@ -86,17 +161,40 @@ fn ebpf_walker_names_python_2_7() {
     let Some(py) = python("2.7") else { return };
     let w = Workload::start(Command::new(&py).arg(testdata("busy_any.py")).arg("30"));
     let out = tmp("ebpf-2.7.pb.gz");
-    let o = run_perfpy(&["record", "-p", &w.pid().to_string(), "-d", "2", "-r", "497", "-o", out.to_str().unwrap()]);
+    let o = run_perfpy(&[
+        "record",
+        "-p",
+        &w.pid().to_string(),
+        "-d",
+        "2",
+        "-r",
+        "497",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success());
     let d = decode(&out);
     // Most CPU is in hot_any; nearly every one of its samples has the chain from <module>.
     let hot = d.count_where(|s| s.has("hot_any"));
     let chained = d.count_where(|s| s.has_chain(&["<module>", "hot_any"]));
-    assert!(hot as f64 > 0.75 * d.total() as f64, "{hot} of {}", d.total());
+    assert!(
+        hot as f64 > 0.75 * d.total() as f64,
+        "{hot} of {}",
+        d.total()
+    );
     assert!(chained as f64 >= 0.9 * hot as f64, "{chained} of {hot}");
-    let lines: Vec<i64> = d.samples.iter().flat_map(|s| &s.frames).filter(|f| f.function == "hot_any").map(|f| f.line).collect();
+    let lines: Vec<i64> = d
+        .samples
+        .iter()
+        .flat_map(|s| &s.frames)
+        .filter(|f| f.function == "hot_any")
+        .map(|f| f.line)
+        .collect();
     assert!(lines.iter().all(|l| (10..=11).contains(l)), "{lines:?}");
-    assert!(d.samples.iter().all(|s| s.str_labels.get("python_version").map(|v| v.as_str()) == Some("2.7")));
+    assert!(d
+        .samples
+        .iter()
+        .all(|s| s.str_labels.get("python_version").map(|v| v.as_str()) == Some("2.7")));
 }
 
 #[test]
@@ -104,15 +202,42 @@ fn ebpf_walker_follows_each_thread() {
     // Two threads running the same Python code: each thread's samples get its own frames.
     for minor in ["3.9", "3.13"] {
         let Some(py) = python(minor) else { continue };
-        let w = Workload::start(Command::new(&py).arg(testdata("split.py")).args(["30", "threads"]));
+        let w = Workload::start(
+            Command::new(&py)
+                .arg(testdata("split.py"))
+                .args(["30", "threads"]),
+        );
         let out = tmp(&format!("ebpf-threads-{minor}.pb.gz"));
-        let o = run_perfpy(&["record", "-p", &w.pid().to_string(), "-d", "2", "-r", "497", "-o", out.to_str().unwrap()]);
+        let o = run_perfpy(&[
+            "record",
+            "-p",
+            &w.pid().to_string(),
+            "-d",
+            "2",
+            "-r",
+            "497",
+            "-o",
+            out.to_str().unwrap(),
+        ]);
         assert!(o.status.success());
         let d = decode(&out);
-        let tids: std::collections::HashSet<i64> = d.samples.iter().filter(|s| s.has("round_")).map(|s| s.num_labels["tid"]).collect();
-        assert_eq!(tids.len(), 2, "{minor}: threads with Python frames: {tids:?}");
+        let tids: std::collections::HashSet<i64> = d
+            .samples
+            .iter()
+            .filter(|s| s.has("round_"))
+            .map(|s| s.num_labels["tid"])
+            .collect();
+        assert_eq!(
+            tids.len(),
+            2,
+            "{minor}: threads with Python frames: {tids:?}"
+        );
         // A worker thread's stack starts in threading's bootstrap, not in <module>.
-        let boot = d.count_where(|s| s.has("round_") && s.has("Thread._bootstrap") && !s.has("<module>"));
-        assert!(boot as f64 > 0.8 * d.count_where(|s| s.has("round_")) as f64, "{minor}: {boot}");
+        let boot =
+            d.count_where(|s| s.has("round_") && s.has("Thread._bootstrap") && !s.has("<module>"));
+        assert!(
+            boot as f64 > 0.8 * d.count_where(|s| s.has("round_")) as f64,
+            "{minor}: {boot}"
+        );
     }
 }

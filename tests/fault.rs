@@ -31,7 +31,11 @@ impl Rng {
 fn assert_unharmed(pid: i32, what: &str) {
     // SAFETY: signal 0 only checks that the process exists; `pid` is a process this test
     // started and has not reaped.
-    assert_eq!(unsafe { libc::kill(pid, 0) }, 0, "{what}: target {pid} is gone");
+    assert_eq!(
+        unsafe { libc::kill(pid, 0) },
+        0,
+        "{what}: target {pid} is gone"
+    );
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let field = |k: &str| {
         status
@@ -40,13 +44,24 @@ fn assert_unharmed(pid: i32, what: &str) {
             .map(|v| v.trim().to_string())
             .unwrap_or_default()
     };
-    assert_eq!(field("TracerPid:"), "0", "{what}: target {pid} still traced");
+    assert_eq!(
+        field("TracerPid:"),
+        "0",
+        "{what}: target {pid} still traced"
+    );
     // Every thread: none stopped (T) or in a trace stop (t), none dead.
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let tid: i32 = t.unwrap().file_name().to_string_lossy().parse().unwrap();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap_or_default();
-        let state = stat.rsplit_once(')').and_then(|(_, r)| r.trim().chars().next()).unwrap_or('?');
-        assert!(!matches!(state, 'T' | 't' | 'Z' | 'X'), "{what}: thread {tid} of {pid} in state {state}");
+        let stat =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.trim().chars().next())
+            .unwrap_or('?');
+        assert!(
+            !matches!(state, 'T' | 't' | 'Z' | 'X'),
+            "{what}: thread {tid} of {pid} in state {state}"
+        );
     }
 }
 
@@ -57,7 +72,8 @@ fn trampoline_on(pid: i32, what: &str) -> bool {
         .args(["inject", "-p", &pid.to_string(), "--status"])
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    let text =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{what}: status of {pid} failed: {text}");
     if text.contains("trampoline on") {
         true
@@ -97,16 +113,38 @@ fn targets(py: &std::path::Path) -> Vec<Target> {
     let sleeper = testdata("inject_target.py");
     let sleeper = sleeper.to_str().unwrap();
     vec![
-        Target { w: start(&[split, "600"]), name: "busy", on: false },
-        Target { w: start(&["-X", "perf", split, "600"]), name: "busy -X perf", on: true },
-        Target { w: start(&[sleeper, "pipe"]), name: "blocked", on: false },
-        Target { w: start(&["-X", "perf", sleeper, "pipe"]), name: "blocked -X perf", on: true },
+        Target {
+            w: start(&[split, "600"]),
+            name: "busy",
+            on: false,
+        },
+        Target {
+            w: start(&["-X", "perf", split, "600"]),
+            name: "busy -X perf",
+            on: true,
+        },
+        Target {
+            w: start(&[sleeper, "pipe"]),
+            name: "blocked",
+            on: false,
+        },
+        Target {
+            w: start(&["-X", "perf", sleeper, "pipe"]),
+            name: "blocked -X perf",
+            on: true,
+        },
     ]
 }
 
 /// perfpy started with stderr read by a thread (so that it never blocks on a full pipe);
 /// `ready` is signalled when it says it is sampling.
-fn spawn_perfpy(args: &[String]) -> (Child, std::sync::mpsc::Receiver<()>, std::sync::mpsc::Receiver<String>) {
+fn spawn_perfpy(
+    args: &[String],
+) -> (
+    Child,
+    std::sync::mpsc::Receiver<()>,
+    std::sync::mpsc::Receiver<String>,
+) {
     let mut child = Command::new(perfpy())
         .args(args)
         .stdin(Stdio::null())
@@ -142,7 +180,11 @@ fn signals_at_random_moments_leave_targets_as_found() {
     let mut targets = targets(&py);
     let mut rng = Rng(0x5eed_1234_abcd_ef01);
     const RUNS: usize = 32;
-    let sigs = [(libc::SIGINT, "SIGINT"), (libc::SIGTERM, "SIGTERM"), (libc::SIGHUP, "SIGHUP")];
+    let sigs = [
+        (libc::SIGINT, "SIGINT"),
+        (libc::SIGTERM, "SIGTERM"),
+        (libc::SIGHUP, "SIGHUP"),
+    ];
     let (mut exit0, mut nonzero, mut after_end) = (0, 0, 0);
     let mut by_sig = [0usize; 3];
     for run in 0..RUNS {
@@ -151,15 +193,29 @@ fn signals_at_random_moments_leave_targets_as_found() {
         let pid = t.w.pid();
         let (si, delay) = (rng.below(3) as usize, rng.below(2600));
         by_sig[si] += 1;
-        let what = format!("run {run}: {} to perfpy after {delay} ms, target {}", sigs[si].1, t.name);
+        let what = format!(
+            "run {run}: {} to perfpy after {delay} ms, target {}",
+            sigs[si].1, t.name
+        );
         let out = tmp(&format!("fault-signal-{run}.pb.gz"));
         let _ = std::fs::remove_file(&out);
         // A 2-second recording: the delays reach the attach, the injection, sampling, and the
         // end (symbolization, deactivation) that follows at about 2 s.
-        let args: Vec<String> = ["record", "-p", &pid.to_string(), "--inject-python", "-d", "2", "-r", "997", "-o", out.to_str().unwrap()]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let args: Vec<String> = [
+            "record",
+            "-p",
+            &pid.to_string(),
+            "--inject-python",
+            "-d",
+            "2",
+            "-r",
+            "997",
+            "-o",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let (mut child, _ready, all) = spawn_perfpy(&args);
         std::thread::sleep(Duration::from_millis(delay));
         let already = child.try_wait().unwrap().is_some();
@@ -168,10 +224,15 @@ fn signals_at_random_moments_leave_targets_as_found() {
         } else {
             after_end += 1;
         }
-        let status = wait_exit(&mut child, Duration::from_secs(30)).unwrap_or_else(|| panic!("{what}: perfpy did not exit"));
+        let status = wait_exit(&mut child, Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("{what}: perfpy did not exit"));
         let stderr = all.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
         assert_unharmed(pid, &what);
-        assert_eq!(trampoline_on(pid, &what), t.on, "{what}: trampoline not as found\n{stderr}");
+        assert_eq!(
+            trampoline_on(pid, &what),
+            t.on,
+            "{what}: trampoline not as found\n{stderr}"
+        );
         if status.success() {
             exit0 += 1;
             let d = decode(&out);
@@ -179,7 +240,10 @@ fn signals_at_random_moments_leave_targets_as_found() {
         } else {
             nonzero += 1;
             // A non-zero exit says why.
-            assert!(stderr.contains("perfpy:"), "{what}: exit {status:?} without a message\n{stderr}");
+            assert!(
+                stderr.contains("perfpy:"),
+                "{what}: exit {status:?} without a message\n{stderr}"
+            );
         }
     }
     eprintln!(
@@ -214,7 +278,10 @@ fn sigkill_mid_injection_leaves_a_working_target() {
         let t = &targets[[0, 2][run % 2]];
         let pid = t.w.pid();
         let delay = rng.below(full[run % 2] + 1);
-        let what = format!("run {run}: SIGKILL to `perfpy inject` after {delay} µs, target {}", t.name);
+        let what = format!(
+            "run {run}: SIGKILL to `perfpy inject` after {delay} µs, target {}",
+            t.name
+        );
         let mut child = Command::new(perfpy())
             .args(["inject", "-p", &pid.to_string()])
             .stdout(Stdio::null())
@@ -234,7 +301,10 @@ fn sigkill_mid_injection_leaves_a_working_target() {
         } else {
             off_after += 1;
         }
-        assert!(!trampoline_on(pid, &what), "{what}: still on after --deactivate");
+        assert!(
+            !trampoline_on(pid, &what),
+            "{what}: still on after --deactivate"
+        );
         assert_unharmed(pid, &what);
     }
     eprintln!("fault: {RUNS} SIGKILLs of `perfpy inject` within its {full:?} µs (busy, blocked): targets all running, {on_after} left on (then turned off with --deactivate), {off_after} left off; 0 failures");
@@ -247,22 +317,35 @@ fn sigkill_mid_recording_then_info_and_deactivate() {
     let w = Workload::start(Command::new(&py).args([split.to_str().unwrap(), "600"]));
     let pid = w.pid();
     let out = tmp("fault-kill.pb.gz");
-    let args: Vec<String> = ["record", "-p", &pid.to_string(), "--inject-python", "-o", out.to_str().unwrap()]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let args: Vec<String> = [
+        "record",
+        "-p",
+        &pid.to_string(),
+        "--inject-python",
+        "-o",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let (mut child, ready, _all) = spawn_perfpy(&args);
-    ready.recv_timeout(Duration::from_secs(30)).expect("perfpy started sampling");
+    ready
+        .recv_timeout(Duration::from_secs(30))
+        .expect("perfpy started sampling");
     std::thread::sleep(Duration::from_millis(500));
     child.kill().unwrap();
     child.wait().unwrap();
     assert_unharmed(pid, "after SIGKILL mid-recording");
     // Nobody turned the trampoline off: info says so, and how to.
-    let info = Command::new(perfpy()).args(["info", "-p", &pid.to_string()]).output().unwrap();
+    let info = Command::new(perfpy())
+        .args(["info", "-p", &pid.to_string()])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&info.stdout);
     assert!(info.status.success());
     assert!(
-        text.contains("trampoline on") && text.contains(&format!("perfpy inject -p {pid} --deactivate")),
+        text.contains("trampoline on")
+            && text.contains(&format!("perfpy inject -p {pid} --deactivate")),
         "{text}"
     );
     set_trampoline(pid, false);
@@ -286,16 +369,26 @@ fn target_killed_at_random_moments_ends_the_recording_cleanly() {
         let what = format!("run {run}: target killed {delay} ms after perfpy started");
         let out = tmp(&format!("fault-target-{run}.pb.gz"));
         let _ = std::fs::remove_file(&out);
-        let args: Vec<String> = ["record", "-p", &pid.to_string(), "--inject-python", "-d", "30", "-o", out.to_str().unwrap()]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let args: Vec<String> = [
+            "record",
+            "-p",
+            &pid.to_string(),
+            "--inject-python",
+            "-d",
+            "30",
+            "-o",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let t0 = Instant::now();
         let (mut child, _ready, all) = spawn_perfpy(&args);
         std::thread::sleep(Duration::from_millis(delay));
         w.child.kill().unwrap();
         w.child.wait().unwrap();
-        let status = wait_exit(&mut child, Duration::from_secs(20)).unwrap_or_else(|| panic!("{what}: perfpy did not end"));
+        let status = wait_exit(&mut child, Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("{what}: perfpy did not end"));
         let stderr = all.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
         // Well before the 30 s asked for: the target's end ends the recording.
         assert!(t0.elapsed() < Duration::from_secs(15), "{what}");

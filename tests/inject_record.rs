@@ -17,22 +17,54 @@ fn record_with_injection_names_python_and_restores_the_trampoline() {
     for minor in ["3.12", "3.13"] {
         let Some(py) = python(minor) else { continue };
         let rep = split_report(&format!("inject-{minor}"));
-        let w = Workload::start(Command::new(&py).arg(testdata("split.py")).arg("30").env("SPLIT_REPORT", &rep));
+        let w = Workload::start(
+            Command::new(&py)
+                .arg(testdata("split.py"))
+                .arg("30")
+                .env("SPLIT_REPORT", &rep),
+        );
         assert!(!active(w.pid()));
         let out = tmp(&format!("inject-{minor}.pb.gz"));
-        let o = run_perfpy(&["record", "-p", &w.pid().to_string(), "-d", "4", "-r", "497", "--inject-python", "-o", out.to_str().unwrap()]);
+        let o = run_perfpy(&[
+            "record",
+            "-p",
+            &w.pid().to_string(),
+            "-d",
+            "4",
+            "-r",
+            "497",
+            "--inject-python",
+            "-o",
+            out.to_str().unwrap(),
+        ]);
         assert!(o.status.success());
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains("perf trampoline turned on") && err.contains("turned off again"), "{err}");
+        assert!(
+            err.contains("perf trampoline turned on") && err.contains("turned off again"),
+            "{err}"
+        );
         let d = decode(&out);
         // Functions called after activation are named; round_ is entered anew every round.
         let rounds = d.count_where(|s| s.has("round_"));
-        assert!(rounds as f64 > 0.8 * d.total() as f64, "{minor}: {rounds} of {} samples in round_", d.total());
+        assert!(
+            rounds as f64 > 0.8 * d.total() as f64,
+            "{minor}: {rounds} of {} samples in round_",
+            d.total()
+        );
         let m = measured_split(&rep);
-        for f in ["hot_function", "Shape.area", "make_closure.<locals>.inner", "hash_work"] {
+        for f in [
+            "hot_function",
+            "Shape.area",
+            "make_closure.<locals>.inner",
+            "hash_work",
+        ] {
             let want = m[f];
             let got = d.count_where(|s| s.has(f)) as f64 / rounds as f64;
-            assert!((got - want).abs() <= 0.05, "{minor}: {f}: {:.1}%", got * 100.0);
+            assert!(
+                (got - want).abs() <= 0.05,
+                "{minor}: {f}: {:.1}%",
+                got * 100.0
+            );
         }
         assert!(d.count_where(|s| s.has_chain(&["round_", "hot_function", "spin"])) > 0);
         // Back off afterwards, target running and untraced.
@@ -50,19 +82,52 @@ fn injection_alone_names_functions_from_the_perf_map() {
     for minor in ["3.12", "3.13"] {
         let Some(py) = python(minor) else { continue };
         let rep = split_report(&format!("inject-map-{minor}"));
-        let w = Workload::start(Command::new(&py).arg(testdata("split.py")).arg("30").env("SPLIT_REPORT", &rep));
+        let w = Workload::start(
+            Command::new(&py)
+                .arg(testdata("split.py"))
+                .arg("30")
+                .env("SPLIT_REPORT", &rep),
+        );
         let out = tmp(&format!("inject-map-{minor}.pb.gz"));
-        let o = run_perfpy(&["record", "-p", &w.pid().to_string(), "-d", "3", "-r", "497", "--no-ebpf", "--inject-python", "-o", out.to_str().unwrap()]);
+        let o = run_perfpy(&[
+            "record",
+            "-p",
+            &w.pid().to_string(),
+            "-d",
+            "3",
+            "-r",
+            "497",
+            "--no-ebpf",
+            "--inject-python",
+            "-o",
+            out.to_str().unwrap(),
+        ]);
         assert!(o.status.success());
         let d = decode(&out);
         let rounds = d.count_where(|s| s.has("round_"));
-        assert!(rounds as f64 > 0.8 * d.total() as f64, "{minor}: {rounds} of {}", d.total());
-        assert_eq!(d.count_where(|s| s.has("round_") && s.str_labels["frames_from"] != "trampoline"), 0);
+        assert!(
+            rounds as f64 > 0.8 * d.total() as f64,
+            "{minor}: {rounds} of {}",
+            d.total()
+        );
+        assert_eq!(
+            d.count_where(|s| s.has("round_") && s.str_labels["frames_from"] != "trampoline"),
+            0
+        );
         let m = measured_split(&rep);
-        for f in ["hot_function", "Shape.area", "make_closure.<locals>.inner", "hash_work"] {
+        for f in [
+            "hot_function",
+            "Shape.area",
+            "make_closure.<locals>.inner",
+            "hash_work",
+        ] {
             let want = m[f];
             let got = d.count_where(|s| s.has(f)) as f64 / rounds as f64;
-            assert!((got - want).abs() <= 0.05, "{minor}: {f}: {:.1}%", got * 100.0);
+            assert!(
+                (got - want).abs() <= 0.05,
+                "{minor}: {f}: {:.1}%",
+                got * 100.0
+            );
         }
         // Entered before activation: not wrapped, so not named on this path.
         assert_eq!(d.count_where(|s| s.has("<module>")), 0);
@@ -73,15 +138,32 @@ fn injection_alone_names_functions_from_the_perf_map() {
 #[test]
 fn a_target_started_with_x_perf_keeps_its_trampoline_on() {
     let Some(py) = python("3.12") else { return };
-    let w = Workload::start(Command::new(&py).args(["-X", "perf"]).arg(testdata("split.py")).arg("30"));
+    let w = Workload::start(
+        Command::new(&py)
+            .args(["-X", "perf"])
+            .arg(testdata("split.py"))
+            .arg("30"),
+    );
     let out = tmp("xperf-inject.pb.gz");
-    let o = run_perfpy(&["record", "-p", &w.pid().to_string(), "-d", "2", "--inject-python", "-o", out.to_str().unwrap()]);
+    let o = run_perfpy(&[
+        "record",
+        "-p",
+        &w.pid().to_string(),
+        "-d",
+        "2",
+        "--inject-python",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("already on"));
     assert!(active(w.pid()));
     // With -X perf everything is named, from <module> on.
     let d = decode(&out);
-    assert!(d.count_where(|s| s.has_chain(&["<module>", "main", "round_"])) as f64 > 0.8 * d.total() as f64);
+    assert!(
+        d.count_where(|s| s.has_chain(&["<module>", "main", "round_"])) as f64
+            > 0.8 * d.total() as f64
+    );
 }
 
 #[test]
@@ -90,7 +172,14 @@ fn sigterm_during_a_recording_with_injection_turns_it_off() {
     let w = Workload::start(Command::new(&py).arg(testdata("split.py")).arg("30"));
     let out = tmp("inject-term.pb.gz");
     let mut p = Command::new(perfpy())
-        .args(["record", "-p", &w.pid().to_string(), "--inject-python", "-o", out.to_str().unwrap()])
+        .args([
+            "record",
+            "-p",
+            &w.pid().to_string(),
+            "--inject-python",
+            "-o",
+            out.to_str().unwrap(),
+        ])
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
@@ -108,14 +197,32 @@ fn injection_refusals_stop_the_run_before_sampling() {
     if let Some(py) = python("3.11") {
         let w = Workload::start(Command::new(&py).arg(testdata("split.py")).arg("30"));
         let out = tmp("old.pb.gz");
-        let o = run_perfpy(&["record", "-p", &w.pid().to_string(), "-d", "1", "--inject-python", "-o", out.to_str().unwrap()]);
+        let o = run_perfpy(&[
+            "record",
+            "-p",
+            &w.pid().to_string(),
+            "-d",
+            "1",
+            "--inject-python",
+            "-o",
+            out.to_str().unwrap(),
+        ]);
         assert_eq!(o.status.code(), Some(1));
         assert!(String::from_utf8_lossy(&o.stderr).contains("python_too_old"));
         assert!(matches!(w.state(), 'R' | 'S'));
     }
     // Not Python.
     let mut sleep = Command::new("sleep").arg("30").spawn().unwrap();
-    let o = run_perfpy(&["record", "-p", &sleep.id().to_string(), "-d", "1", "--inject-python", "-o", tmp("np.pb.gz").to_str().unwrap()]);
+    let o = run_perfpy(&[
+        "record",
+        "-p",
+        &sleep.id().to_string(),
+        "-d",
+        "1",
+        "--inject-python",
+        "-o",
+        tmp("np.pb.gz").to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("not_python"));
     let o = run_perfpy(&["inject", "-p", &sleep.id().to_string()]);

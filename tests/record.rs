@@ -14,7 +14,14 @@ const PARTS: [(&str, f64); 4] = [
     ("make_closure.<locals>.inner", 0.20),
     ("hash_work", 0.20),
 ];
-const CHAIN: [&str; 6] = ["<module>", "main", "main.<locals>.loop", "round_", "hot_function", "spin"];
+const CHAIN: [&str; 6] = [
+    "<module>",
+    "main",
+    "main.<locals>.loop",
+    "round_",
+    "hot_function",
+    "spin",
+];
 
 /// Checks the split the workload measured itself, the complete chain and the C extension's
 /// native frames.
@@ -23,24 +30,52 @@ fn check_split(d: &Decoded, what: &str, measured: &std::collections::HashMap<Str
     assert!(rounds >= 300, "{what}: too few samples in round_: {rounds}");
     for (f, nominal) in PARTS {
         let want = measured[f];
-        assert!((want - nominal).abs() < 0.15, "{what}: the workload's own split is off: {f} {want}");
+        assert!(
+            (want - nominal).abs() < 0.15,
+            "{what}: the workload's own split is off: {f} {want}"
+        );
         let got = d.count_where(|s| s.has(f)) as f64 / rounds as f64;
-        eprintln!("{what}: {f}: {:.1}% (want {:.0}%)", got * 100.0, want * 100.0);
-        assert!((got - want).abs() <= 0.05, "{what}: {f} has {:.1}% of the samples, want {:.0}% ± 5", got * 100.0, want * 100.0);
+        eprintln!(
+            "{what}: {f}: {:.1}% (want {:.0}%)",
+            got * 100.0,
+            want * 100.0
+        );
+        assert!(
+            (got - want).abs() <= 0.05,
+            "{what}: {f} has {:.1}% of the samples, want {:.0}% ± 5",
+            got * 100.0,
+            want * 100.0
+        );
     }
     // ≥ 90% of the hot function's samples carry the whole chain from <module>.
     let spin = d.count_where(|s| s.has("spin"));
     let full = d.count_where(|s| s.has("spin") && s.has_chain(&CHAIN));
     assert!(spin > 0);
-    assert!(full as f64 >= 0.9 * spin as f64, "{what}: only {full} of {spin} samples of spin have the chain {CHAIN:?}");
+    assert!(
+        full as f64 >= 0.9 * spin as f64,
+        "{what}: only {full} of {spin} samples of spin have the chain {CHAIN:?}"
+    );
     // Python frames carry their file.
-    let f = d.samples.iter().flat_map(|s| &s.frames).find(|f| f.function == "Shape.area").unwrap();
-    assert!(f.file.ends_with("testdata/split.py"), "{what}: file of Shape.area: {}", f.file);
+    let f = d
+        .samples
+        .iter()
+        .flat_map(|s| &s.frames)
+        .find(|f| f.function == "Shape.area")
+        .unwrap();
+    assert!(
+        f.file.ends_with("testdata/split.py"),
+        "{what}: file of Shape.area: {}",
+        f.file
+    );
     // The C extension: native frames below hash_work (leaf-ward), from libcrypto or _hashlib.
     let hashing = d.count_where(|s| s.has("hash_work"));
     let native_under = d.count_where(|s| {
         let i = s.frames.iter().position(|f| f.function == "hash_work");
-        i.is_some_and(|i| s.frames[..i].iter().any(|f| f.mapping.contains("libcrypto") || f.mapping.contains("_hashlib")))
+        i.is_some_and(|i| {
+            s.frames[..i]
+                .iter()
+                .any(|f| f.mapping.contains("libcrypto") || f.mapping.contains("_hashlib"))
+        })
     });
     assert!(native_under as f64 >= 0.8 * hashing as f64, "{what}: only {native_under} of {hashing} hash_work samples have C-extension frames under it");
     // Labels.
@@ -49,9 +84,15 @@ fn check_split(d: &Decoded, what: &str, measured: &std::collections::HashMap<Str
         assert!(s.str_labels.contains_key(k), "{what}: label {k} missing");
     }
     for k in ["pid", "tid"] {
-        assert!(s.num_labels.get(k).is_some_and(|v| *v > 0), "{what}: label {k} missing");
+        assert!(
+            s.num_labels.get(k).is_some_and(|v| *v > 0),
+            "{what}: label {k} missing"
+        );
     }
-    assert!(d.samples.iter().any(|s| s.str_labels["frames_from"] != "native"));
+    assert!(d
+        .samples
+        .iter()
+        .any(|s| s.str_labels["frames_from"] != "native"));
 }
 
 #[test]
@@ -62,42 +103,106 @@ fn perf_trampoline_split_spawned_and_attached() {
         let out = tmp(&format!("spawned-{minor}.pb.gz"));
         let rep = split_report(&format!("spawned-{minor}"));
         // ~500 Hz: enough samples that ±5 points is far outside sampling noise.
-        let o = run_perfpy_env(&[
-            "record", "-d", "4", "-r", "497", "-o", out.to_str().unwrap(), "--",
-            py.to_str().unwrap(), "-X", "perf", testdata("split.py").to_str().unwrap(), "5",
-        ], &[("SPLIT_REPORT", &rep)]);
+        let o = run_perfpy_env(
+            &[
+                "record",
+                "-d",
+                "4",
+                "-r",
+                "497",
+                "-o",
+                out.to_str().unwrap(),
+                "--",
+                py.to_str().unwrap(),
+                "-X",
+                "perf",
+                testdata("split.py").to_str().unwrap(),
+                "5",
+            ],
+            &[("SPLIT_REPORT", &rep)],
+        );
         assert!(o.status.success());
         let d = decode(&out);
         check_split(&d, &format!("{minor} spawned"), &measured_split(&rep));
-        let pids: std::collections::HashSet<i64> = d.samples.iter().map(|s| s.num_labels["pid"]).collect();
+        let pids: std::collections::HashSet<i64> =
+            d.samples.iter().map(|s| s.num_labels["pid"]).collect();
         assert_eq!(pids.len(), 1);
         check_go_pprof(&out);
 
         // The trampoline path alone (no eBPF walker): the same, named by the perf map.
         let out = tmp(&format!("spawned-map-{minor}.pb.gz"));
         let rep = split_report(&format!("spawned-map-{minor}"));
-        let o = run_perfpy_env(&[
-            "record", "-d", "4", "-r", "497", "--no-ebpf", "-o", out.to_str().unwrap(), "--",
-            py.to_str().unwrap(), "-X", "perf", testdata("split.py").to_str().unwrap(), "5",
-        ], &[("SPLIT_REPORT", &rep)]);
+        let o = run_perfpy_env(
+            &[
+                "record",
+                "-d",
+                "4",
+                "-r",
+                "497",
+                "--no-ebpf",
+                "-o",
+                out.to_str().unwrap(),
+                "--",
+                py.to_str().unwrap(),
+                "-X",
+                "perf",
+                testdata("split.py").to_str().unwrap(),
+                "5",
+            ],
+            &[("SPLIT_REPORT", &rep)],
+        );
         assert!(o.status.success());
         let d = decode(&out);
-        check_split(&d, &format!("{minor} spawned, trampolines only"), &measured_split(&rep));
-        assert_eq!(d.count_where(|s| s.has("round_") && s.str_labels["frames_from"] != "trampoline"), 0);
+        check_split(
+            &d,
+            &format!("{minor} spawned, trampolines only"),
+            &measured_split(&rep),
+        );
+        assert_eq!(
+            d.count_where(|s| s.has("round_") && s.str_labels["frames_from"] != "trampoline"),
+            0
+        );
 
         // Attached, at 1 kHz.
         let rep = split_report(&format!("attached-{minor}"));
-        let w = Workload::start(Command::new(&py).args(["-X", "perf"]).arg(testdata("split.py")).arg("30").env("SPLIT_REPORT", &rep));
+        let w = Workload::start(
+            Command::new(&py)
+                .args(["-X", "perf"])
+                .arg(testdata("split.py"))
+                .arg("30")
+                .env("SPLIT_REPORT", &rep),
+        );
         let out = tmp(&format!("attached-{minor}.pb.gz"));
-        let o = run_perfpy(&["record", "-p", &w.pid().to_string(), "-d", "3", "-r", "1000", "-o", out.to_str().unwrap()]);
+        let o = run_perfpy(&[
+            "record",
+            "-p",
+            &w.pid().to_string(),
+            "-d",
+            "3",
+            "-r",
+            "1000",
+            "-o",
+            out.to_str().unwrap(),
+        ]);
         assert!(o.status.success());
         let d = decode(&out);
         check_split(&d, &format!("{minor} attached"), &measured_split(&rep));
-        assert!(d.samples.iter().all(|s| s.num_labels["pid"] == w.pid() as i64));
+        assert!(d
+            .samples
+            .iter()
+            .all(|s| s.num_labels["pid"] == w.pid() as i64));
         // 3000 when the workload has a CPU to itself; other tests may share the machine.
-        assert!(d.total() > 600, "1 kHz for 3 s gave only {} samples", d.total());
+        assert!(
+            d.total() > 600,
+            "1 kHz for 3 s gave only {} samples",
+            d.total()
+        );
         check_go_pprof(&out);
-        assert!(matches!(w.state(), 'R' | 'S'), "target left in state {}", w.state());
+        assert!(
+            matches!(w.state(), 'R' | 'S'),
+            "target left in state {}",
+            w.state()
+        );
     }
 }
 
@@ -106,8 +211,18 @@ fn threads_created_during_the_run_are_followed() {
     let Some(py) = python("3.12") else { return };
     let out = tmp("threads.pb.gz");
     let o = run_perfpy(&[
-        "record", "-d", "3", "-o", out.to_str().unwrap(), "--",
-        py.to_str().unwrap(), "-X", "perf", testdata("split.py").to_str().unwrap(), "4", "threads",
+        "record",
+        "-d",
+        "3",
+        "-o",
+        out.to_str().unwrap(),
+        "--",
+        py.to_str().unwrap(),
+        "-X",
+        "perf",
+        testdata("split.py").to_str().unwrap(),
+        "4",
+        "threads",
     ]);
     assert!(o.status.success());
     let d = decode(&out);
@@ -117,9 +232,16 @@ fn threads_created_during_the_run_are_followed() {
         .filter(|s| s.has("round_"))
         .map(|s| s.num_labels["tid"])
         .collect();
-    assert!(tids.len() >= 2, "samples of round_ from {} threads, want 2", tids.len());
+    assert!(
+        tids.len() >= 2,
+        "samples of round_ from {} threads, want 2",
+        tids.len()
+    );
     // Before 3.14 Python does not name OS threads: the label is there, with the process name.
-    assert!(d.samples.iter().all(|s| !s.str_labels["thread_name"].is_empty()));
+    assert!(d
+        .samples
+        .iter()
+        .all(|s| !s.str_labels["thread_name"].is_empty()));
     assert!(d.count_where(|s| s.has_chain(&["main.<locals>.loop", "round_", "hot_function"])) > 0);
 }
 
@@ -128,26 +250,51 @@ fn syscall_heavy_workload_shows_kernel_frames() {
     let Some(py) = python("3.12") else { return };
     let out = tmp("sys.pb.gz");
     let o = run_perfpy(&[
-        "record", "-d", "2", "-o", out.to_str().unwrap(), "--",
-        py.to_str().unwrap(), "-X", "perf", testdata("syscalls.py").to_str().unwrap(), "3",
+        "record",
+        "-d",
+        "2",
+        "-o",
+        out.to_str().unwrap(),
+        "--",
+        py.to_str().unwrap(),
+        "-X",
+        "perf",
+        testdata("syscalls.py").to_str().unwrap(),
+        "3",
     ]);
     assert!(o.status.success());
     let d = decode(&out);
     let total = d.total();
     let kernel = d.count_where(|s| s.frames.iter().any(|f| f.mapping == "[kernel.kallsyms]"));
-    assert!(kernel as f64 > 0.3 * total as f64, "{kernel} of {total} samples have kernel frames");
+    assert!(
+        kernel as f64 > 0.3 * total as f64,
+        "{kernel} of {total} samples have kernel frames"
+    );
     // Kernel frames sit below the Python caller, and the syscall entry is named.
     let named = d.count_where(|s| {
-        s.frames.iter().any(|f| f.function.contains("entry_SYSCALL") || f.function.starts_with("__x64_sys_") || f.function.starts_with("do_syscall"))
-            && s.has("<module>")
+        s.frames.iter().any(|f| {
+            f.function.contains("entry_SYSCALL")
+                || f.function.starts_with("__x64_sys_")
+                || f.function.starts_with("do_syscall")
+        }) && s.has("<module>")
     });
-    assert!(named > 0, "no sample has a named syscall entry under <module>");
+    assert!(
+        named > 0,
+        "no sample has a named syscall entry under <module>"
+    );
 }
 
 #[test]
 fn c_program_with_and_without_frame_pointers() {
     let variants: [(&str, &[&str]); 2] = [
-        ("fp", &["-fno-omit-frame-pointer", "-fno-asynchronous-unwind-tables", "-fno-unwind-tables"]),
+        (
+            "fp",
+            &[
+                "-fno-omit-frame-pointer",
+                "-fno-asynchronous-unwind-tables",
+                "-fno-unwind-tables",
+            ],
+        ),
         ("cfi", &["-fomit-frame-pointer"]),
     ];
     for (name, flags) in variants {
@@ -163,29 +310,60 @@ fn c_program_with_and_without_frame_pointers() {
         assert!(st.success());
         if name == "fp" {
             // -g adds .debug_frame when there are no unwind tables: remove it, keep the lines.
-            let st = Command::new("objcopy").args(["--remove-section", ".debug_frame"]).arg(&exe).status().expect("objcopy");
+            let st = Command::new("objcopy")
+                .args(["--remove-section", ".debug_frame"])
+                .arg(&exe)
+                .status()
+                .expect("objcopy");
             assert!(st.success());
             // Our functions must have no CFI in this build, or the test would not test frame pointers.
-            let out = Command::new("readelf").arg("--debug-dump=frames").arg(&exe).output().unwrap();
+            let out = Command::new("readelf")
+                .arg("--debug-dump=frames")
+                .arg(&exe)
+                .output()
+                .unwrap();
             let text = String::from_utf8_lossy(&out.stdout);
             let sym = Command::new("nm").arg(&exe).output().unwrap();
             let syms = String::from_utf8_lossy(&sym.stdout);
             let leaf = syms.lines().find(|l| l.ends_with(" leaf_busy")).unwrap();
             let addr = u64::from_str_radix(leaf.split_whitespace().next().unwrap(), 16).unwrap();
-            assert!(!text.contains(&format!("pc={:016x}", addr)), "fp build still has an FDE for leaf_busy");
+            assert!(
+                !text.contains(&format!("pc={:016x}", addr)),
+                "fp build still has an FDE for leaf_busy"
+            );
         }
         let out = tmp(&format!("native-{name}.pb.gz"));
-        let o = run_perfpy(&["record", "-d", "2", "-r", "497", "-o", out.to_str().unwrap(), "--", exe.to_str().unwrap(), "3"]);
+        let o = run_perfpy(&[
+            "record",
+            "-d",
+            "2",
+            "-r",
+            "497",
+            "-o",
+            out.to_str().unwrap(),
+            "--",
+            exe.to_str().unwrap(),
+            "3",
+        ]);
         assert!(o.status.success());
         let d = decode(&out);
         let leaf = d.count_where(|s| s.frames.first().is_some_and(|f| f.function == "leaf_busy"));
         let chain = d.count_where(|s| {
-            s.frames.first().is_some_and(|f| f.function == "leaf_busy") && s.has_chain(&["main", "level1", "level2", "leaf_busy"])
+            s.frames.first().is_some_and(|f| f.function == "leaf_busy")
+                && s.has_chain(&["main", "level1", "level2", "leaf_busy"])
         });
         assert!(leaf > 50, "{name}: {leaf} samples in leaf_busy");
-        assert!(chain as f64 >= 0.9 * leaf as f64, "{name}: {chain} of {leaf} samples unwound to main");
+        assert!(
+            chain as f64 >= 0.9 * leaf as f64,
+            "{name}: {chain} of {leaf} samples unwound to main"
+        );
         // file:line from DWARF.
-        let f = d.samples.iter().flat_map(|s| &s.frames).find(|f| f.function == "leaf_busy").unwrap();
+        let f = d
+            .samples
+            .iter()
+            .flat_map(|s| &s.frames)
+            .find(|f| f.function == "leaf_busy")
+            .unwrap();
         assert!(f.file.ends_with("native.c") && f.line > 0, "{name}: {f:?}");
         check_go_pprof(&out);
     }
@@ -196,8 +374,19 @@ fn collapsed_and_flamegraph_formats() {
     let Some(py) = python("3.12") else { return };
     let coll = tmp("c.txt");
     let o = run_perfpy(&[
-        "record", "-d", "2", "-f", "collapsed", "-o", coll.to_str().unwrap(), "--",
-        py.to_str().unwrap(), "-X", "perf", testdata("split.py").to_str().unwrap(), "3",
+        "record",
+        "-d",
+        "2",
+        "-f",
+        "collapsed",
+        "-o",
+        coll.to_str().unwrap(),
+        "--",
+        py.to_str().unwrap(),
+        "-X",
+        "perf",
+        testdata("split.py").to_str().unwrap(),
+        "3",
     ]);
     assert!(o.status.success());
     let text = std::fs::read_to_string(&coll).unwrap();
@@ -212,8 +401,19 @@ fn collapsed_and_flamegraph_formats() {
     assert!(text.contains(";hot_function ("));
     let svg = tmp("f.svg");
     let o = run_perfpy(&[
-        "record", "-d", "2", "-f", "flamegraph", "-o", svg.to_str().unwrap(), "--",
-        py.to_str().unwrap(), "-X", "perf", testdata("split.py").to_str().unwrap(), "3",
+        "record",
+        "-d",
+        "2",
+        "-f",
+        "flamegraph",
+        "-o",
+        svg.to_str().unwrap(),
+        "--",
+        py.to_str().unwrap(),
+        "-X",
+        "perf",
+        testdata("split.py").to_str().unwrap(),
+        "3",
     ]);
     assert!(o.status.success());
     let text = std::fs::read_to_string(&svg).unwrap();
@@ -222,11 +422,27 @@ fn collapsed_and_flamegraph_formats() {
 
 #[test]
 fn bad_input_gives_one_clear_line_and_leaves_the_target_alone() {
-    let o = run_perfpy(&["record", "-p", "999999999", "-d", "1", "-o", tmp("x.pb.gz").to_str().unwrap()]);
+    let o = run_perfpy(&[
+        "record",
+        "-p",
+        "999999999",
+        "-d",
+        "1",
+        "-o",
+        tmp("x.pb.gz").to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("no process with pid 999999999"));
 
-    let o = run_perfpy(&["record", "-p", "2", "-d", "1", "-o", tmp("x.pb.gz").to_str().unwrap()]);
+    let o = run_perfpy(&[
+        "record",
+        "-p",
+        "2",
+        "-d",
+        "1",
+        "-o",
+        tmp("x.pb.gz").to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("kernel thread"));
 
@@ -246,10 +462,21 @@ fn bad_input_gives_one_clear_line_and_leaves_the_target_alone() {
     let py = python("3.12").or_else(|| python("3.11"));
     let Some(py) = py else { return };
     let w = Workload::start(Command::new(&py).arg(testdata("split.py")).arg("30"));
-    let o = run_perfpy(&["record", "-p", &w.pid().to_string(), "-d", "1", "-o", "/nonexistent-dir/out.pb.gz"]);
+    let o = run_perfpy(&[
+        "record",
+        "-p",
+        &w.pid().to_string(),
+        "-d",
+        "1",
+        "-o",
+        "/nonexistent-dir/out.pb.gz",
+    ]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("cannot write the output file /nonexistent-dir/out.pb.gz"), "{err}");
+    assert!(
+        err.contains("cannot write the output file /nonexistent-dir/out.pb.gz"),
+        "{err}"
+    );
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     assert!(matches!(w.state(), 'R' | 'S'));
 }
@@ -260,9 +487,21 @@ fn a_target_that_exits_ends_the_run_with_its_profile() {
     let w = Workload::start(Command::new(&py).arg(testdata("sleeper.py")).arg("1.5"));
     let out = tmp("exit.pb.gz");
     let t = Instant::now();
-    let o = run_perfpy(&["record", "-p", &w.pid().to_string(), "-d", "60", "-o", out.to_str().unwrap()]);
+    let o = run_perfpy(&[
+        "record",
+        "-p",
+        &w.pid().to_string(),
+        "-d",
+        "60",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success());
-    assert!(t.elapsed() < Duration::from_secs(10), "took {:?} to notice the exit", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?} to notice the exit",
+        t.elapsed()
+    );
     assert!(String::from_utf8_lossy(&o.stderr).contains("target exited"));
     decode(&out);
 }
@@ -271,16 +510,28 @@ fn a_target_that_exits_ends_the_run_with_its_profile() {
 fn sigint_and_sigterm_write_the_profile_and_exit_0() {
     let Some(py) = python("3.12") else { return };
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        let w = Workload::start(Command::new(&py).args(["-X", "perf"]).arg(testdata("split.py")).arg("30"));
+        let w = Workload::start(
+            Command::new(&py)
+                .args(["-X", "perf"])
+                .arg(testdata("split.py"))
+                .arg("30"),
+        );
         let out = tmp(&format!("sig{sig}.pb.gz"));
         let mut p = Command::new(perfpy())
-            .args(["record", "-p", &w.pid().to_string(), "-o", out.to_str().unwrap()])
+            .args([
+                "record",
+                "-p",
+                &w.pid().to_string(),
+                "-o",
+                out.to_str().unwrap(),
+            ])
             .spawn()
             .unwrap();
         std::thread::sleep(Duration::from_millis(1500));
         // SAFETY: signalling the perfpy process this test started, by its pid.
         unsafe { libc::kill(p.id() as i32, sig) };
-        let st = wait_exit(&mut p, Duration::from_secs(20)).expect("perfpy did not exit after the signal");
+        let st = wait_exit(&mut p, Duration::from_secs(20))
+            .expect("perfpy did not exit after the signal");
         assert_eq!(st.code(), Some(0), "signal {sig}");
         let d = decode(&out);
         assert!(d.total() > 50, "signal {sig}: {} samples", d.total());
@@ -291,10 +542,24 @@ fn sigint_and_sigterm_write_the_profile_and_exit_0() {
 
 #[test]
 fn spawned_command_exit_status_is_reported() {
-    let o = run_perfpy(&["record", "-o", tmp("false.pb.gz").to_str().unwrap(), "--", "sh", "-c", "exit 3"]);
+    let o = run_perfpy(&[
+        "record",
+        "-o",
+        tmp("false.pb.gz").to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        "exit 3",
+    ]);
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("command exited with status 3"));
-    let o = run_perfpy(&["record", "-o", tmp("nf.pb.gz").to_str().unwrap(), "--", "/nonexistent/prog"]);
+    let o = run_perfpy(&[
+        "record",
+        "-o",
+        tmp("nf.pb.gz").to_str().unwrap(),
+        "--",
+        "/nonexistent/prog",
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("command not found"));
 }
@@ -304,11 +569,27 @@ fn children_forked_by_the_command_are_followed() {
     let Some(py) = python("3.12") else { return };
     // A shell that runs Python as a child (not exec): the child's samples must be there.
     let out = tmp("fork.pb.gz");
-    let cmd = format!("{} -X perf {} 2; true", py.display(), testdata("split.py").display());
-    let o = run_perfpy(&["record", "-o", out.to_str().unwrap(), "--", "sh", "-c", &cmd]);
+    let cmd = format!(
+        "{} -X perf {} 2; true",
+        py.display(),
+        testdata("split.py").display()
+    );
+    let o = run_perfpy(&[
+        "record",
+        "-o",
+        out.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        &cmd,
+    ]);
     assert!(o.status.success());
     let d = decode(&out);
-    assert!(d.count_where(|s| s.has("round_")) > 50, "samples of the forked python: {}", d.count_where(|s| s.has("round_")));
+    assert!(
+        d.count_where(|s| s.has("round_")) > 50,
+        "samples of the forked python: {}",
+        d.count_where(|s| s.has("round_"))
+    );
 }
 
 #[test]
@@ -317,32 +598,67 @@ fn spawned_python_gets_perf_support_from_the_environment() {
     let Some(py) = python("3.13") else { return };
     let out = tmp("env.pb.gz");
     let o = run_perfpy(&[
-        "record", "-d", "3", "-o", out.to_str().unwrap(), "--",
-        py.to_str().unwrap(), testdata("split.py").to_str().unwrap(), "4",
+        "record",
+        "-d",
+        "3",
+        "-o",
+        out.to_str().unwrap(),
+        "--",
+        py.to_str().unwrap(),
+        testdata("split.py").to_str().unwrap(),
+        "4",
     ]);
     assert!(o.status.success());
     let d = decode(&out);
     let spin = d.count_where(|s| s.has("spin"));
     let full = d.count_where(|s| s.has("spin") && s.has_chain(&CHAIN));
-    assert!(spin > 50 && full as f64 >= 0.9 * spin as f64, "{full} of {spin}");
+    assert!(
+        spin > 50 && full as f64 >= 0.9 * spin as f64,
+        "{full} of {spin}"
+    );
     // And --no-python-perf-env leaves the environment alone: no trampoline, the names come
     // from the eBPF walker alone.
     let out = tmp("noenv.pb.gz");
     let o = run_perfpy(&[
-        "record", "-d", "2", "-r", "397", "--no-python-perf-env", "-o", out.to_str().unwrap(), "--",
-        py.to_str().unwrap(), testdata("split.py").to_str().unwrap(), "3",
+        "record",
+        "-d",
+        "2",
+        "-r",
+        "397",
+        "--no-python-perf-env",
+        "-o",
+        out.to_str().unwrap(),
+        "--",
+        py.to_str().unwrap(),
+        testdata("split.py").to_str().unwrap(),
+        "3",
     ]);
     assert!(o.status.success());
     let d = decode(&out);
     let spin = d.count_where(|s| s.has("spin"));
     assert!(spin > 50);
-    assert_eq!(d.count_where(|s| s.has("spin") && s.str_labels["frames_from"] != "ebpf"), 0);
+    assert_eq!(
+        d.count_where(|s| s.has("spin") && s.str_labels["frames_from"] != "ebpf"),
+        0
+    );
     // The walker gives lines: the hot loop of spin.
-    let lines: Vec<i64> = d.samples.iter().flat_map(|s| &s.frames).filter(|f| f.function == "spin").map(|f| f.line).collect();
+    let lines: Vec<i64> = d
+        .samples
+        .iter()
+        .flat_map(|s| &s.frames)
+        .filter(|f| f.function == "spin")
+        .map(|f| f.line)
+        .collect();
     let hot = line_of("split.py", "def spin") + 2;
-    let in_loop = lines.iter().filter(|l| (hot..=hot + 1).contains(*l)).count();
+    let in_loop = lines
+        .iter()
+        .filter(|l| (hot..=hot + 1).contains(*l))
+        .count();
     assert!(in_loop as f64 >= 0.99 * lines.len() as f64, "{lines:?}");
-    assert!(lines.iter().all(|l| (hot - 2..=hot + 1).contains(l)), "{lines:?}");
+    assert!(
+        lines.iter().all(|l| (hot - 2..=hot + 1).contains(l)),
+        "{lines:?}"
+    );
 }
 
 #[test]
@@ -353,8 +669,20 @@ fn deep_stacks_are_marked_truncated_not_wrong() {
         let out = tmp(&format!("deep{depth}.pb.gz"));
         let t = Instant::now();
         let o = run_perfpy(&[
-            "record", "-d", "2", "-r", "497", "-o", out.to_str().unwrap(), "--",
-            py.to_str().unwrap(), "-X", "perf", testdata("deep.py").to_str().unwrap(), &depth.to_string(), "30",
+            "record",
+            "-d",
+            "2",
+            "-r",
+            "497",
+            "-o",
+            out.to_str().unwrap(),
+            "--",
+            py.to_str().unwrap(),
+            "-X",
+            "perf",
+            testdata("deep.py").to_str().unwrap(),
+            &depth.to_string(),
+            "30",
         ]);
         assert!(o.status.success());
         // The duration ends the launched command too.
@@ -362,10 +690,14 @@ fn deep_stacks_are_marked_truncated_not_wrong() {
         let d = decode(&out);
         let leaf = d.count_where(|s| s.has("rec"));
         assert!(leaf > 100, "depth {depth}: {leaf} samples in rec");
-        let marked = d.count_where(|s| s.frames.last().is_some_and(|f| f.function == "[truncated]"));
+        let marked =
+            d.count_where(|s| s.frames.last().is_some_and(|f| f.function == "[truncated]"));
         let rooted = d.count_where(|s| s.has("rec") && s.has("<module>"));
         if truncated {
-            assert!(marked as f64 >= 0.9 * leaf as f64, "depth {depth}: {marked} of {leaf} marked");
+            assert!(
+                marked as f64 >= 0.9 * leaf as f64,
+                "depth {depth}: {marked} of {leaf} marked"
+            );
             // The frames that are there are right: rec calling rec, innermost first.
             let s = d.samples.iter().find(|s| s.has("rec")).unwrap();
             assert!(s.frames.iter().filter(|f| f.function == "rec").count() >= 50);
@@ -373,7 +705,10 @@ fn deep_stacks_are_marked_truncated_not_wrong() {
             assert_eq!(marked, 0, "depth {depth}");
             assert!(rooted as f64 >= 0.9 * leaf as f64);
             let s = d.samples.iter().find(|s| s.has("rec")).unwrap();
-            assert_eq!(s.frames.iter().filter(|f| f.function == "rec").count(), depth + 1);
+            assert_eq!(
+                s.frames.iter().filter(|f| f.function == "rec").count(),
+                depth + 1
+            );
         }
     }
 }

@@ -102,7 +102,8 @@ fn read_unicode(m: &dyn RemoteMemory, pid: u32, o: &Offsets, obj: u64) -> Option
             return None;
         }
         let mut buf = vec![0u8; len as usize];
-        m.read(pid, field(obj, o.unicode_ascii_data)?, &mut buf).then_some(())?;
+        m.read(pid, field(obj, o.unicode_ascii_data)?, &mut buf)
+            .then_some(())?;
         return Some(String::from_utf8_lossy(&buf).into_owned());
     }
     let state = i32_at(m, pid, field(obj, o.unicode_state)?)? as u32;
@@ -112,7 +113,14 @@ fn read_unicode(m: &dyn RemoteMemory, pid: u32, o: &Offsets, obj: u64) -> Option
     if !compact || len > MAX_STRING || !(1..=4).contains(&kind) {
         return None;
     }
-    let data = field(obj, if ascii { o.unicode_ascii_data } else { o.unicode_compact_data })?;
+    let data = field(
+        obj,
+        if ascii {
+            o.unicode_ascii_data
+        } else {
+            o.unicode_compact_data
+        },
+    )?;
     let mut buf = vec![0u8; (len * kind as u64) as usize];
     if !m.read(pid, data, &mut buf) {
         return None;
@@ -136,13 +144,23 @@ fn read_bytes(m: &dyn RemoteMemory, pid: u32, o: &Offsets, obj: u64) -> Option<V
         return None;
     }
     let mut buf = vec![0u8; len as usize];
-    m.read(pid, field(obj, o.bytes_data)?, &mut buf).then_some(buf)
+    m.read(pid, field(obj, o.bytes_data)?, &mut buf)
+        .then_some(buf)
 }
 
 fn read_code(m: &dyn RemoteMemory, pid: u32, o: &Offsets, code: u64) -> Option<Code> {
     let p = |off: i32| u64_at(m, pid, field(code, off)?);
     // Before 3.11 there is no co_qualname: the name.
-    let qualname = read_unicode(m, pid, o, p(if o.code_qualname >= 0 { o.code_qualname } else { o.code_name })?)?;
+    let qualname = read_unicode(
+        m,
+        pid,
+        o,
+        p(if o.code_qualname >= 0 {
+            o.code_qualname
+        } else {
+            o.code_name
+        })?,
+    )?;
     let filename = read_unicode(m, pid, o, p(o.code_filename)?)?;
     let first_line = i32_at(m, pid, field(code, o.code_firstlineno)?)?;
     let linetable = read_bytes(m, pid, o, p(o.code_linetable)?).unwrap_or_default();
@@ -167,7 +185,11 @@ fn read_code(m: &dyn RemoteMemory, pid: u32, o: &Offsets, code: u64) -> Option<C
         filename,
         first_line,
         linetable,
-        start: if o.code_adaptive >= 0 { field(code, o.code_adaptive)? } else { 0 },
+        start: if o.code_adaptive >= 0 {
+            field(code, o.code_adaptive)?
+        } else {
+            0
+        },
     })
 }
 
@@ -205,7 +227,11 @@ pub fn line_of_lnotab(table: &[u8], first_line: i32, lasti: u64, signed: bool) -
             break;
         }
         // Saturating: a garbage first line or table must not overflow.
-        line = line.saturating_add(if signed { pair[1] as i8 as i32 } else { pair[1] as i32 });
+        line = line.saturating_add(if signed {
+            pair[1] as i8 as i32
+        } else {
+            pair[1] as i32
+        });
     }
     line
 }
@@ -268,7 +294,14 @@ pub fn line_of(table: &[u8], first_line: i32, unit: u64) -> i32 {
 
 impl CodeReader {
     /// Names a frame of process `pid`. `None` when the code object cannot be read.
-    pub fn resolve(&mut self, mem: &dyn RemoteMemory, pid: u32, o: &Offsets, version: (u8, u8), f: &PyFrameRef) -> Option<PyFrameInfo> {
+    pub fn resolve(
+        &mut self,
+        mem: &dyn RemoteMemory,
+        pid: u32,
+        o: &Offsets,
+        version: (u8, u8),
+        f: &PyFrameRef,
+    ) -> Option<PyFrameInfo> {
         if f.code == 0 {
             return None;
         }
@@ -279,10 +312,15 @@ impl CodeReader {
             let (n, fl) = c.identity;
             if f.ident != 0 && f.ident != n ^ fl.rotate_left(1) {
                 self.cache.remove(&(pid, f.code));
-            } else if f.ident == 0 && c.checked.get().elapsed() >= std::time::Duration::from_secs(1) {
+            } else if f.ident == 0 && c.checked.get().elapsed() >= std::time::Duration::from_secs(1)
+            {
                 let now = (
-                    field(f.code, o.code_name).and_then(|a| u64_at(mem, pid, a)).unwrap_or(0),
-                    field(f.code, o.code_filename).and_then(|a| u64_at(mem, pid, a)).unwrap_or(0),
+                    field(f.code, o.code_name)
+                        .and_then(|a| u64_at(mem, pid, a))
+                        .unwrap_or(0),
+                    field(f.code, o.code_filename)
+                        .and_then(|a| u64_at(mem, pid, a))
+                        .unwrap_or(0),
                 );
                 if now == c.identity {
                     c.checked.set(std::time::Instant::now());
@@ -331,12 +369,18 @@ impl CodeReader {
         let mut qualname = code.qualname.clone();
         if code.self_kind != 0 && f.first_local != 0 {
             let ty = if code.self_kind == 1 {
-                f.first_local.checked_add(8).and_then(|a| u64_at(mem, pid, a))
+                f.first_local
+                    .checked_add(8)
+                    .and_then(|a| u64_at(mem, pid, a))
             } else {
                 Some(f.first_local)
             };
             if let Some(ty) = ty {
-                let name = self.types.entry((pid, ty)).or_insert_with(|| type_name(mem, pid, ty)).clone();
+                let name = self
+                    .types
+                    .entry((pid, ty))
+                    .or_insert_with(|| type_name(mem, pid, ty))
+                    .clone();
                 if let Some(name) = name {
                     qualname = format!("{name}.{qualname}");
                 }
@@ -412,8 +456,11 @@ mod tests {
 
     impl RemoteMemory for Objects {
         fn read(&self, _pid: u32, addr: u64, buf: &mut [u8]) -> bool {
-            self.largest_read.set(self.largest_read.get().max(buf.len()));
-            let Some((&start, bytes)) = self.regions.range(..=addr).next_back() else { return false };
+            self.largest_read
+                .set(self.largest_read.get().max(buf.len()));
+            let Some((&start, bytes)) = self.regions.range(..=addr).next_back() else {
+                return false;
+            };
             let from = (addr - start) as usize;
             match bytes.get(from..from.saturating_add(buf.len())) {
                 Some(src) => {
@@ -452,7 +499,11 @@ mod tests {
             self.ptr(addr, 16, text.len() as u64);
             if o.unicode_state >= 0 {
                 // kind 1 (bits 2-4), compact (bit 5), ascii (bit 6).
-                self.put(addr, o.unicode_state, &(1u32 << 2 | 1 << 5 | 1 << 6).to_ne_bytes());
+                self.put(
+                    addr,
+                    o.unicode_state,
+                    &(1u32 << 2 | 1 << 5 | 1 << 6).to_ne_bytes(),
+                );
             }
             self.put(addr, data as i32, text.as_bytes());
         }
@@ -463,7 +514,15 @@ mod tests {
             let o = Offsets::for_version(v).unwrap();
             let mut m = Objects::default();
             m.regions.insert(CODE, vec![0; 512]);
-            m.string(NAME, &o, if o.code_qualname >= 0 { "Klass.method" } else { "method" });
+            m.string(
+                NAME,
+                &o,
+                if o.code_qualname >= 0 {
+                    "Klass.method"
+                } else {
+                    "method"
+                },
+            );
             m.ptr(CODE, o.code_name, NAME);
             if o.code_qualname >= 0 {
                 m.ptr(CODE, o.code_qualname, NAME);
@@ -477,7 +536,8 @@ mod tests {
                 (3, 10) => &[2, 2],
                 _ => &[0, 2],
             };
-            m.regions.insert(TABLE, vec![0; o.bytes_data as usize + table.len()]);
+            m.regions
+                .insert(TABLE, vec![0; o.bytes_data as usize + table.len()]);
             m.ptr(TABLE, 16, table.len() as u64);
             m.put(TABLE, o.bytes_data, table);
             m.ptr(CODE, o.code_linetable, TABLE);
@@ -498,8 +558,23 @@ mod tests {
                 m.regions.insert(TYPE_NAME, name);
                 first_local = INSTANCE;
             }
-            let instr = if o.code_adaptive >= 0 { CODE + o.code_adaptive as u64 } else { 0 };
-            (m, o, PyFrameRef { code: CODE, instr, entry: false, owner: 0, first_local, ident: 0 })
+            let instr = if o.code_adaptive >= 0 {
+                CODE + o.code_adaptive as u64
+            } else {
+                0
+            };
+            (
+                m,
+                o,
+                PyFrameRef {
+                    code: CODE,
+                    instr,
+                    entry: false,
+                    owner: 0,
+                    first_local,
+                    ident: 0,
+                },
+            )
         }
     }
 
@@ -550,13 +625,22 @@ mod tests {
             for (what, m) in cases {
                 let i = resolve(&m, &o, v, &f);
                 let ok = i.as_ref().map_or(true, |i| {
-                    i.qualname.ends_with("method") && i.qualname.len() <= 2 * MAX_STRING as usize + 260
+                    i.qualname.ends_with("method")
+                        && i.qualname.len() <= 2 * MAX_STRING as usize + 260
                 });
                 assert!(ok, "{v:?} {what}: {i:?}");
             }
             // A cycle through the name: the code object read as a string, whatever it says.
             let mut m = base.clone();
-            m.ptr(CODE, if o.code_qualname >= 0 { o.code_qualname } else { o.code_name }, CODE);
+            m.ptr(
+                CODE,
+                if o.code_qualname >= 0 {
+                    o.code_qualname
+                } else {
+                    o.code_name
+                },
+                CODE,
+            );
             let _ = resolve(&m, &o, v, &f);
         }
     }
@@ -565,7 +649,11 @@ mod tests {
     fn unreadable_pointers() {
         for v in VERSIONS {
             let (base, o, f) = Objects::method(v);
-            let name_field = if o.code_qualname >= 0 { o.code_qualname } else { o.code_name };
+            let name_field = if o.code_qualname >= 0 {
+                o.code_qualname
+            } else {
+                o.code_name
+            };
             // No name or no file: no frame info (the caller keeps the frame anonymous).
             for field in [name_field, o.code_filename] {
                 let mut m = base.clone();
@@ -584,7 +672,12 @@ mod tests {
             assert_eq!(resolve(&m, &o, v, &f).map(|i| i.line), Some(10), "{v:?}");
             // Before 3.11, no varnames, no self or no type: the method's own name.
             if o.code_varnames >= 0 {
-                for (obj, at) in [(CODE, o.code_varnames), (VARNAMES, 24), (INSTANCE, 8), (TYPE, 24)] {
+                for (obj, at) in [
+                    (CODE, o.code_varnames),
+                    (VARNAMES, 24),
+                    (INSTANCE, 8),
+                    (TYPE, 24),
+                ] {
                     let mut m = base.clone();
                     m.ptr(obj, at, UNMAPPED);
                     let i = resolve(&m, &o, v, &f).unwrap();
@@ -609,10 +702,23 @@ mod tests {
         // overflows: nothing readable there, no panic.
         for v in VERSIONS {
             let (base, o, f) = Objects::method(v);
-            let name_field = if o.code_qualname >= 0 { o.code_qualname } else { o.code_name };
-            let mut fields = vec![(CODE, name_field), (CODE, o.code_filename), (CODE, o.code_linetable)];
+            let name_field = if o.code_qualname >= 0 {
+                o.code_qualname
+            } else {
+                o.code_name
+            };
+            let mut fields = vec![
+                (CODE, name_field),
+                (CODE, o.code_filename),
+                (CODE, o.code_linetable),
+            ];
             if o.code_varnames >= 0 {
-                fields.extend([(CODE, o.code_varnames), (VARNAMES, 24), (INSTANCE, 8), (TYPE, 24)]);
+                fields.extend([
+                    (CODE, o.code_varnames),
+                    (VARNAMES, 24),
+                    (INSTANCE, 8),
+                    (TYPE, 24),
+                ]);
             }
             for (obj, at) in fields {
                 for d in [0u64, 7, 15, 31, 100] {
@@ -734,9 +840,15 @@ mod tests {
         // A first line at the ends of i32 and a table moving past them: pinned to the end,
         // not wrapped to the other sign.
         assert_eq!(line_of(&[0x80 | (13 << 3), 2 << 1], i32::MAX, 0), i32::MAX);
-        assert_eq!(line_of(&[0x80 | (13 << 3), (2 << 1) | 1], i32::MIN, 0), i32::MIN);
+        assert_eq!(
+            line_of(&[0x80 | (13 << 3), (2 << 1) | 1], i32::MIN, 0),
+            i32::MIN
+        );
         assert_eq!(line_of_310(&[2, 2], i32::MAX - 1, 0), i32::MAX);
-        assert_eq!(line_of_lnotab(&[0, 0x7f, 0, 0x7f], i32::MAX - 100, 0, true), i32::MAX);
+        assert_eq!(
+            line_of_lnotab(&[0, 0x7f, 0, 0x7f], i32::MAX - 100, 0, true),
+            i32::MAX
+        );
         assert_eq!(line_of_lnotab(&[0, 0xff], i32::MAX, 0, false), i32::MAX);
     }
 
@@ -760,11 +872,19 @@ mod tests {
         // Short form (code 0..9, 1 extra byte), one-line forms (10..12, 2 extra bytes),
         // no-column (13, svarint), long (14), none (15).
         let t = [
-            0x80 | (13 << 3) | 1, 2 << 1,     // units 0-1: line +2 (first+2)
-            0x80 | (11 << 3), 0, 0,           // unit 2: line +1
-            0x80 | (0 << 3) | 2, 0,           // units 3-5: same line
-            0x80 | (14 << 3), (3 << 1) | 1, 0, 0, 0, // unit 6: line -3
-            0x80 | (15 << 3) | 1,             // units 7-8: no location
+            0x80 | (13 << 3) | 1,
+            2 << 1, // units 0-1: line +2 (first+2)
+            0x80 | (11 << 3),
+            0,
+            0, // unit 2: line +1
+            0x80 | (0 << 3) | 2,
+            0, // units 3-5: same line
+            0x80 | (14 << 3),
+            (3 << 1) | 1,
+            0,
+            0,
+            0,                    // unit 6: line -3
+            0x80 | (15 << 3) | 1, // units 7-8: no location
         ];
         assert_eq!(line_of(&t, 10, 0), 12);
         assert_eq!(line_of(&t, 10, 1), 12);

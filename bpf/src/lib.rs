@@ -20,7 +20,13 @@ use std::sync::{Arc, Mutex};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{Link, MapCore, MapFlags, RingBuffer, RingBufferBuilder};
 
-#[allow(clippy::all, clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn, dead_code, non_camel_case_types)]
+#[allow(
+    clippy::all,
+    clippy::undocumented_unsafe_blocks,
+    unsafe_op_in_unsafe_fn,
+    dead_code,
+    non_camel_case_types
+)]
 mod skel {
     include!(concat!(env!("OUT_DIR"), "/walker.skel.rs"));
 }
@@ -111,7 +117,9 @@ impl Drop for Walker {
 /// second of the longest records at 1 kHz), from 1 MiB to 16 MiB, a power of two as the kernel
 /// requires.
 fn ring_bytes(ncpus: usize) -> u32 {
-    ((ncpus.max(1) as u32).saturating_mul(256 << 10)).clamp(1 << 20, 16 << 20).next_power_of_two()
+    ((ncpus.max(1) as u32).saturating_mul(256 << 10))
+        .clamp(1 << 20, 16 << 20)
+        .next_power_of_two()
 }
 
 #[repr(C)]
@@ -125,8 +133,14 @@ struct ProcCfg {
 const FRAME_SIZE: usize = 40;
 
 fn parse(data: &[u8]) -> Option<PyStack> {
-    let u32_at = |o: usize| data.get(o..o + 4).map(|b| u32::from_ne_bytes(b.try_into().unwrap()));
-    let u64_at = |o: usize| data.get(o..o + 8).map(|b| u64::from_ne_bytes(b.try_into().unwrap()));
+    let u32_at = |o: usize| {
+        data.get(o..o + 4)
+            .map(|b| u32::from_ne_bytes(b.try_into().unwrap()))
+    };
+    let u64_at = |o: usize| {
+        data.get(o..o + 8)
+            .map(|b| u64::from_ne_bytes(b.try_into().unwrap()))
+    };
     let pid = u32_at(0)?;
     let tid = u32_at(4)?;
     let time_ns = u64_at(8)?;
@@ -160,7 +174,9 @@ impl Walker {
     /// Loads the program (the verifier checks it here).
     pub fn load() -> Result<Walker, BpfError> {
         if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
-            return Err(BpfError::Load("this kernel has no BTF (/sys/kernel/btf/vmlinux: CONFIG_DEBUG_INFO_BTF)".into()));
+            return Err(BpfError::Load(
+                "this kernel has no BTF (/sys/kernel/btf/vmlinux: CONFIG_DEBUG_INFO_BTF)".into(),
+            ));
         }
         // libbpf's own messages go to our log (RUST_LOG=debug), not raw onto stderr: the
         // error we return says what failed and what to do.
@@ -186,17 +202,24 @@ impl Walker {
         let mut open = skel::WalkerSkelBuilder::default()
             .open(obj_ref)
             .map_err(|e| BpfError::Load(e.to_string()))?;
-        let ncpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        let ncpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
             .max(libbpf_rs::num_possible_cpus().unwrap_or(1));
         open.maps
             .events
             .set_max_entries(ring_bytes(ncpus))
             .map_err(|e| BpfError::Load(e.to_string()))?;
         // Our PID namespace: the program reports pids as we see them.
-        let ns = std::fs::metadata("/proc/self/ns/pid").map_err(|e| BpfError::Load(format!("/proc/self/ns/pid: {e}")))?;
+        let ns = std::fs::metadata("/proc/self/ns/pid")
+            .map_err(|e| BpfError::Load(format!("/proc/self/ns/pid: {e}")))?;
         {
             use std::os::unix::fs::MetadataExt;
-            let ro = open.maps.rodata_data.as_deref_mut().ok_or_else(|| BpfError::Load("no .rodata in the program".into()))?;
+            let ro = open
+                .maps
+                .rodata_data
+                .as_deref_mut()
+                .ok_or_else(|| BpfError::Load("no .rodata in the program".into()))?;
             ro.pidns_dev = ns.dev();
             ro.pidns_ino = ns.ino();
             // The initial PID namespace has a fixed inode number (PROC_PID_INIT_INO).
@@ -254,7 +277,8 @@ impl Walker {
 
     /// Starts walking the frames of a process.
     pub fn add_process(&mut self, p: &PyProcess) -> Result<(), BpfError> {
-        let o = Offsets::for_version(p.version).ok_or(BpfError::Unsupported(p.version.0, p.version.1))?;
+        let o = Offsets::for_version(p.version)
+            .ok_or(BpfError::Unsupported(p.version.0, p.version.1))?;
         let cfg = ProcCfg {
             runtime: p.runtime,
             off: [
@@ -280,7 +304,10 @@ impl Walker {
         };
         // SAFETY: ProcCfg is repr(C) plain data without padding (u64 then 18 i32), read as bytes.
         let bytes = unsafe {
-            std::slice::from_raw_parts(&cfg as *const ProcCfg as *const u8, std::mem::size_of::<ProcCfg>())
+            std::slice::from_raw_parts(
+                &cfg as *const ProcCfg as *const u8,
+                std::mem::size_of::<ProcCfg>(),
+            )
         };
         self.skel()
             .maps
@@ -314,7 +341,13 @@ impl Walker {
         let mut info: libbpf_sys::bpf_prog_info = unsafe_zeroed();
         let mut len = std::mem::size_of::<libbpf_sys::bpf_prog_info>() as u32;
         // SAFETY: bpf_obj_get_info_by_fd writes at most `len` bytes into `info`.
-        let r = unsafe { libbpf_sys::bpf_obj_get_info_by_fd(fd, (&mut info as *mut libbpf_sys::bpf_prog_info).cast(), &mut len) };
+        let r = unsafe {
+            libbpf_sys::bpf_obj_get_info_by_fd(
+                fd,
+                (&mut info as *mut libbpf_sys::bpf_prog_info).cast(),
+                &mut len,
+            )
+        };
         (r == 0).then_some((info.run_cnt, info.run_time_ns))
     }
 }

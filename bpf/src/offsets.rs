@@ -2,25 +2,25 @@
 //! against each version's own headers by `tests/offsets.rs`, which compiles `tests/offsets.c`
 //! (3.11+) and `tests/offsets_old.c` (2.7, 3.6 – 3.10) with `offsetof` and compares.
 
+mod v2_7;
+mod v3_10;
 mod v3_11;
 mod v3_12;
 mod v3_13;
-mod v2_7;
 mod v3_6;
 mod v3_7;
 mod v3_8;
 mod v3_9;
-mod v3_10;
 
+pub use v2_7::V2_7;
+pub use v3_10::V3_10;
 pub use v3_11::V3_11;
 pub use v3_12::V3_12;
 pub use v3_13::V3_13;
-pub use v2_7::V2_7;
 pub use v3_6::V3_6;
 pub use v3_7::V3_7;
 pub use v3_8::V3_8;
 pub use v3_9::V3_9;
-pub use v3_10::V3_10;
 
 /// Offsets the walker and the code reader need (bytes; -1 where a field does not exist).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

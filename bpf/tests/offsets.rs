@@ -11,15 +11,35 @@ use perfpy_bpf::Offsets;
 fn offsets_match_every_installed_version() {
     let ci = std::env::var("CI").is_ok_and(|v| v == "true");
     let base = Path::new("/root/.pyenv/versions");
-    for (major, minor) in [(2u8, 7u8), (3, 6), (3, 7), (3, 8), (3, 9), (3, 10), (3, 11), (3, 12), (3, 13)] {
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(if (major, minor) >= (3, 11) { "tests/offsets.c" } else { "tests/offsets_old.c" });
+    for (major, minor) in [
+        (2u8, 7u8),
+        (3, 6),
+        (3, 7),
+        (3, 8),
+        (3, 9),
+        (3, 10),
+        (3, 11),
+        (3, 12),
+        (3, 13),
+    ] {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(if (major, minor) >= (3, 11) {
+            "tests/offsets.c"
+        } else {
+            "tests/offsets_old.c"
+        });
         let dir = std::fs::read_dir(base).ok().and_then(|d| {
-            d.flatten()
-                .map(|e| e.path())
-                .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&format!("{major}.{minor}.")))
+            d.flatten().map(|e| e.path()).find(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with(&format!("{major}.{minor}."))
+            })
         });
         let Some(dir) = dir else {
-            assert!(!ci, "CPython {major}.{minor} with headers is required under CI");
+            assert!(
+                !ci,
+                "CPython {major}.{minor} with headers is required under CI"
+            );
             eprintln!("NOTE: CPython {major}.{minor} not installed: not checked");
             continue;
         };
@@ -27,7 +47,10 @@ fn offsets_match_every_installed_version() {
         if !inc.exists() {
             inc = dir.join(format!("include/python{major}.{minor}m"));
         }
-        let exe = std::env::temp_dir().join(format!("perfpy-offsets-{major}{minor}-{}", std::process::id()));
+        let exe = std::env::temp_dir().join(format!(
+            "perfpy-offsets-{major}{minor}-{}",
+            std::process::id()
+        ));
         let st = Command::new("cc")
             .arg(format!("-I{}", inc.display()))
             .arg(format!("-I{}", inc.join("internal").display()))
@@ -36,7 +59,11 @@ fn offsets_match_every_installed_version() {
             .arg(&exe)
             .status()
             .expect("cc");
-        assert!(st.success(), "compiling {} against {major}.{minor}", src.display());
+        assert!(
+            st.success(),
+            "compiling {} against {major}.{minor}",
+            src.display()
+        );
         let out = Command::new(&exe).output().unwrap();
         let _ = std::fs::remove_file(&exe);
         let got: HashMap<String, i32> = String::from_utf8_lossy(&out.stdout)
@@ -48,9 +75,17 @@ fn offsets_match_every_installed_version() {
             .collect();
         let table = Offsets::for_version((major, minor)).unwrap();
         let fields: HashMap<&str, i32> = table.fields().into_iter().collect();
-        assert!(got.len() >= 16, "{major}.{minor}: only {} offsets printed", got.len());
+        assert!(
+            got.len() >= 16,
+            "{major}.{minor}: only {} offsets printed",
+            got.len()
+        );
         for (name, value) in &got {
-            assert_eq!(fields.get(name.as_str()), Some(value), "{major}.{minor}: {name}");
+            assert_eq!(
+                fields.get(name.as_str()),
+                Some(value),
+                "{major}.{minor}: {name}"
+            );
         }
     }
 }

@@ -119,7 +119,11 @@ pub fn parse(data: &[u8]) -> std::io::Result<ElfFacts> {
     });
     // Only libc needs it (and the interpreter is big): looked for where there is no
     // interpreter.
-    let sigreturn = if is_interpreter { None } else { find_sigreturn(&elf, data) };
+    let sigreturn = if is_interpreter {
+        None
+    } else {
+        find_sigreturn(&elf, data)
+    };
     Ok(ElfFacts {
         symbols,
         first_load_vaddr: loads.first().map(|l| l.1).unwrap_or(0),
@@ -133,7 +137,8 @@ pub fn parse(data: &[u8]) -> std::io::Result<ElfFacts> {
 fn find_sigreturn(elf: &ElfFile64<object::Endianness>, data: &[u8]) -> Option<u64> {
     let endian = elf.endian();
     elf.elf_program_headers().iter().find_map(|ph| {
-        if ph.p_type(endian) != object::elf::PT_LOAD || ph.p_flags(endian) & object::elf::PF_X == 0 {
+        if ph.p_type(endian) != object::elf::PT_LOAD || ph.p_flags(endian) & object::elf::PF_X == 0
+        {
             return None;
         }
         let off = usize::try_from(ph.p_offset(endian)).ok()?;

@@ -213,7 +213,8 @@ pub fn discover(pid: i32) -> Result<PythonProcess, InjectError> {
         seen.push(m.path.clone());
         let name = m.path.rsplit('/').next().unwrap_or("");
         // musl's libc is its dynamic loader.
-        let is_libc = name.starts_with("libc.so") || name.starts_with("libc-") || name.starts_with("ld-musl");
+        let is_libc =
+            name.starts_with("libc.so") || name.starts_with("libc-") || name.starts_with("ld-musl");
         let candidate = name.contains("python") || m.path == exe;
         if !candidate && !is_libc {
             continue;
@@ -459,10 +460,25 @@ mod tests {
         assert_eq!(
             got,
             [
-                (0x7f0000000000, 0x7f0000001000, 0, "/tmp/my python (1)/libpython3.12.so.1.0"),
-                (0x7f0000001000, 0x7f0000002000, 0x1000, "/usr/lib/libpython3.12.so.1.0 (deleted)"),
+                (
+                    0x7f0000000000,
+                    0x7f0000001000,
+                    0,
+                    "/tmp/my python (1)/libpython3.12.so.1.0"
+                ),
+                (
+                    0x7f0000001000,
+                    0x7f0000002000,
+                    0x1000,
+                    "/usr/lib/libpython3.12.so.1.0 (deleted)"
+                ),
                 (0x7f0000002000, 0x7f0000003000, 0, ""),
-                (0x7f0000006000, 0x7f0000007000, 0x2000, "/last/line/without/newline"),
+                (
+                    0x7f0000006000,
+                    0x7f0000007000,
+                    0x2000,
+                    "/last/line/without/newline"
+                ),
             ]
         );
     }
@@ -476,7 +492,10 @@ mod tests {
         );
         assert_eq!(m.len(), 3);
         assert!(!m[0].exec && m[1].exec && !m[2].exec);
-        assert_eq!((m[1].offset, m[1].path.as_str()), (0x1000, "/usr/bin/python3.11"));
+        assert_eq!(
+            (m[1].offset, m[1].path.as_str()),
+            (0x1000, "/usr/bin/python3.11")
+        );
         assert_eq!(m[2].path, "[stack]");
     }
 

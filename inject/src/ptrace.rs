@@ -147,7 +147,11 @@ fn cont(tid: Pid, sig: i32) -> nix::Result<()> {
 /// ESRCH, which must not read as a permission problem.
 fn exiting(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => matches!(s.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next()), Some("Z") | Some("X")),
+        Ok(s) => matches!(
+            s.rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().next()),
+            Some("Z") | Some("X")
+        ),
         Err(_) => true,
     }
 }
@@ -229,7 +233,9 @@ impl Tracee {
         loop {
             let mut status: libc::c_int = 0;
             // SAFETY: waitpid writes the status into our integer.
-            let r = unsafe { libc::waitpid(self.tid.as_raw(), &mut status, libc::__WALL | libc::WNOHANG) };
+            let r = unsafe {
+                libc::waitpid(self.tid.as_raw(), &mut status, libc::__WALL | libc::WNOHANG)
+            };
             if r == 0 {
                 if Instant::now() >= deadline {
                     return Err(InjectError::Timeout { pid: self.pid });
@@ -309,7 +315,10 @@ impl Tracee {
         if fp.len() < 576 {
             return Err(InjectError::Ptrace {
                 pid: self.pid,
-                detail: format!("unexpected XSAVE image of {} bytes from PTRACE_GETREGSET", fp.len()),
+                detail: format!(
+                    "unexpected XSAVE image of {} bytes from PTRACE_GETREGSET",
+                    fp.len()
+                ),
             });
         }
         let xcr0 = u64::from_ne_bytes(fp[464..472].try_into().unwrap_or_default());
@@ -332,13 +341,13 @@ impl Tracee {
         put(UC_FLAGS);
         put(0); // uc_link
         put(0); // uc_stack.ss_sp
-        // ss_flags: an invalid mode, so that rt_sigreturn leaves the alternate signal stack
-        // as it is (the kernel ignores everything but a fault in restoring it).
+                // ss_flags: an invalid mode, so that rt_sigreturn leaves the alternate signal stack
+                // as it is (the kernel ignores everything but a fault in restoring it).
         put(3);
         put(0); // ss_size
         for v in [
-            r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15, r.rdi, r.rsi, r.rbp, r.rbx, r.rdx, r.rax, r.rcx,
-            r.rsp, r.rip, r.eflags,
+            r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15, r.rdi, r.rsi, r.rbp, r.rbx,
+            r.rdx, r.rax, r.rcx, r.rsp, r.rip, r.eflags,
         ] {
             put(v);
         }
@@ -421,26 +430,33 @@ impl Tracee {
             match self.wait(deadline)? {
                 Stop::Other => {
                     // A system call stop: ours is the rt_sigreturn in the return code.
-                    let r = ptrace::getregs(self.tid).map_err(|e| gone_or(e, self.pid, "PTRACE_GETREGS"))?;
+                    let r = ptrace::getregs(self.tid)
+                        .map_err(|e| gone_or(e, self.pid, "PTRACE_GETREGS"))?;
                     if r.orig_rax == 15 && back.contains(&r.rip.wrapping_sub(2)) {
                         self.state = State::AtSigreturn;
                         return match ret {
                             Return::Libc(_) => Ok(None),
                             Return::Page { slot, .. } => {
                                 let mut b = [0u8; 8];
-                                crate::sys::read_mem(self.pid, slot, &mut b).map_err(|e| InjectError::Ptrace {
-                                    pid: self.pid,
-                                    detail: format!("reading the call's result: {e}"),
+                                crate::sys::read_mem(self.pid, slot, &mut b).map_err(|e| {
+                                    InjectError::Ptrace {
+                                        pid: self.pid,
+                                        detail: format!("reading the call's result: {e}"),
+                                    }
                                 })?;
                                 Ok(Some(u64::from_ne_bytes(b)))
                             }
                         };
                     }
-                    syscall_cont(self.tid, 0).map_err(|e| gone_or(e, self.pid, "PTRACE_SYSCALL"))?;
+                    syscall_cont(self.tid, 0)
+                        .map_err(|e| gone_or(e, self.pid, "PTRACE_SYSCALL"))?;
                 }
-                Stop::Signal(sig @ (libc::SIGSEGV | libc::SIGBUS | libc::SIGILL | libc::SIGFPE)) => {
+                Stop::Signal(
+                    sig @ (libc::SIGSEGV | libc::SIGBUS | libc::SIGILL | libc::SIGFPE),
+                ) => {
                     // A fault inside the function: it cannot go on; the saved state goes back.
-                    let r = ptrace::getregs(self.tid).map_err(|e| gone_or(e, self.pid, "PTRACE_GETREGS"))?;
+                    let r = ptrace::getregs(self.tid)
+                        .map_err(|e| gone_or(e, self.pid, "PTRACE_GETREGS"))?;
                     self.state = State::Faulted;
                     return Err(InjectError::Ptrace {
                         pid: self.pid,
@@ -450,14 +466,16 @@ impl Tracee {
                 Stop::Signal(sig) => {
                     // Sent again when we release the thread.
                     self.queued.push(sig);
-                    syscall_cont(self.tid, 0).map_err(|e| gone_or(e, self.pid, "PTRACE_SYSCALL"))?;
+                    syscall_cont(self.tid, 0)
+                        .map_err(|e| gone_or(e, self.pid, "PTRACE_SYSCALL"))?;
                 }
                 Stop::Exited => {
                     self.released = true;
                     return Err(InjectError::ProcessGone { pid: self.pid });
                 }
                 Stop::Event(_) => {
-                    syscall_cont(self.tid, 0).map_err(|e| gone_or(e, self.pid, "PTRACE_SYSCALL"))?;
+                    syscall_cont(self.tid, 0)
+                        .map_err(|e| gone_or(e, self.pid, "PTRACE_SYSCALL"))?;
                 }
             }
         }

@@ -47,8 +47,8 @@ const WAITING_SYSCALLS: &[i64] = &[
     232, // epoll_wait
     247, // waitid
     288, // accept4
-    // Not ppoll, pselect6, epoll_pwait: they wait with a temporary signal mask (see
-    // ptrace::TEMPORARY_MASK_SYSCALLS).
+         // Not ppoll, pselect6, epoll_pwait: they wait with a temporary signal mask (see
+         // ptrace::TEMPORARY_MASK_SYSCALLS).
 ];
 
 /// Functions inside which a thread may hold the pending-calls lock.
@@ -154,12 +154,22 @@ pub fn inject(
                 (16, page + TEXT),
                 (32, sym(p, "PyGILState_Release")?),
             ] {
-                mem[(BLOCK + off) as usize..(BLOCK + off + 8) as usize].copy_from_slice(&v.to_ne_bytes());
+                mem[(BLOCK + off) as usize..(BLOCK + off + 8) as usize]
+                    .copy_from_slice(&v.to_ne_bytes());
             }
             t.write(page, &mem)?;
-            t.call(page, &[b], Return::Page { at: page + RET, slot: page + RET + GADGET_SLOT }, left)?;
+            t.call(
+                page,
+                &[b],
+                Return::Page {
+                    at: page + RET,
+                    slot: page + RET + GADGET_SLOT,
+                },
+                left,
+            )?;
             let mut blk = [0u8; 48];
-            crate::sys::read_mem(p.pid, b, &mut blk).map_err(|_| InjectError::ProcessGone { pid: p.pid })?;
+            crate::sys::read_mem(p.pid, b, &mut blk)
+                .map_err(|_| InjectError::ProcessGone { pid: p.pid })?;
             unmap_page(&mut t, p, page);
             t.release()?;
             if u32::from_ne_bytes(blk[40..44].try_into().unwrap_or_default()) != 1 {
@@ -281,7 +291,9 @@ fn free_address(pid: i32) -> Result<u64, InjectError> {
         .unwrap_or(0x7f00_0000_0000);
     for attempt in 0..64u64 {
         let below = (16 + (rand_u64() % 4096) + attempt * 4096) * PAGE;
-        let Some(at) = lowest_lib.checked_sub(below) else { continue };
+        let Some(at) = lowest_lib.checked_sub(below) else {
+            continue;
+        };
         if !spans.iter().any(|&(s, e)| s < at + PAGE && at < e) {
             return Ok(at);
         }
@@ -297,7 +309,12 @@ fn free_address(pid: i32) -> Result<u64, InjectError> {
 fn map_page(t: &mut Tracee, p: &PythonProcess) -> Result<u64, InjectError> {
     let (mmap, restore) = (libc_fn(p, "mmap")?, libc_fn(p, "__restore_rt")?);
     let at = free_address(p.pid)?;
-    t.call(mmap, &[at, PAGE, 7, MAP_FLAGS, u64::MAX, 0], Return::Libc(restore), Duration::from_secs(2))?;
+    t.call(
+        mmap,
+        &[at, PAGE, 7, MAP_FLAGS, u64::MAX, 0],
+        Return::Libc(restore),
+        Duration::from_secs(2),
+    )?;
     let ours = crate::read_maps(p.pid)?
         .iter()
         .any(|m| m.start == at && m.end == at + PAGE && m.path.is_empty());
@@ -313,18 +330,26 @@ fn map_page(t: &mut Tracee, p: &PythonProcess) -> Result<u64, InjectError> {
 /// Unmaps our page with the thread `t` holds, which must not be running in it.
 fn unmap_page(t: &mut Tracee, p: &PythonProcess, page: u64) {
     if let (Ok(munmap), Ok(restore)) = (libc_fn(p, "munmap"), libc_fn(p, "__restore_rt")) {
-        if let Err(e) = t.call(munmap, &[page, PAGE], Return::Libc(restore), Duration::from_secs(2)) {
+        if let Err(e) = t.call(
+            munmap,
+            &[page, PAGE],
+            Return::Libc(restore),
+            Duration::from_secs(2),
+        ) {
             tracing::debug!(pid = p.pid, "munmap of our page: {e}");
         }
     }
 }
 
 fn libc_fn(p: &PythonProcess, name: &str) -> Result<u64, InjectError> {
-    p.libc.get(name).copied().ok_or_else(|| InjectError::NoLibpythonSymbols {
-        pid: p.pid,
-        interpreter: "libc".into(),
-        missing: name.into(),
-    })
+    p.libc
+        .get(name)
+        .copied()
+        .ok_or_else(|| InjectError::NoLibpythonSymbols {
+            pid: p.pid,
+            interpreter: "libc".into(),
+            missing: name.into(),
+        })
 }
 
 fn pending(p: &PythonProcess, text: &str, deadline: Instant) -> Result<(), InjectError> {
@@ -351,7 +376,10 @@ fn pending(p: &PythonProcess, text: &str, deadline: Instant) -> Result<(), Injec
         // Any thread will do for the two calls (no lock of theirs can be held there, checked
         // below); the main thread first.
         let tids = threads(p.pid);
-        let tid = tids[(tries - 1) % tids.len().max(1)..].first().copied().ok_or(InjectError::ProcessGone { pid: p.pid })?;
+        let tid = tids[(tries - 1) % tids.len().max(1)..]
+            .first()
+            .copied()
+            .ok_or(InjectError::ProcessGone { pid: p.pid })?;
         let mut t = Tracee::attach(p.pid, tid, Duration::from_secs(2))?;
         let rip = t.regs().rip;
         if forbidden.iter().any(|r| r.contains(&rip)) || !t.mask_is_exact() {
@@ -365,15 +393,28 @@ fn pending(p: &PythonProcess, text: &str, deadline: Instant) -> Result<(), Injec
         mem[b..b + 8].copy_from_slice(&(addr + TEXT).to_ne_bytes());
         mem[b + 8..b + 16].copy_from_slice(&sym(p, "PyRun_SimpleString")?.to_ne_bytes());
         t.write(addr, &mem)?;
-        let ret = Return::Page { at: addr + RET, slot: addr + RET + GADGET_SLOT };
+        let ret = Return::Page {
+            at: addr + RET,
+            slot: addr + RET + GADGET_SLOT,
+        };
         let r = match add_internal {
             // Not main-thread-only: whichever thread runs Python next picks it up, so a main
             // thread blocked in native code does not hold it back.
             Some((add, main)) => {
                 let interp = t.call(main, &[], ret, Duration::from_secs(2))?.unwrap_or(0);
-                t.call(add, &[interp, addr, addr + BLOCK, 0], ret, Duration::from_secs(2))?
+                t.call(
+                    add,
+                    &[interp, addr, addr + BLOCK, 0],
+                    ret,
+                    Duration::from_secs(2),
+                )?
             }
-            None => t.call(sym(p, "Py_AddPendingCall")?, &[addr, addr + BLOCK], ret, Duration::from_secs(2))?,
+            None => t.call(
+                sym(p, "Py_AddPendingCall")?,
+                &[addr, addr + BLOCK],
+                ret,
+                Duration::from_secs(2),
+            )?,
         };
         t.release()?;
         if r.unwrap_or(1) as u32 != 0 {
@@ -409,7 +450,9 @@ fn pending(p: &PythonProcess, text: &str, deadline: Instant) -> Result<(), Injec
     let result = i32::from_ne_bytes(flag[0..4].try_into().unwrap_or([0; 4]));
     // Unmap the page, from a thread that is not running the end of the stub.
     for _ in 0..100 {
-        let Some(tid) = threads(p.pid).first().copied() else { break };
+        let Some(tid) = threads(p.pid).first().copied() else {
+            break;
+        };
         let mut t = Tracee::attach(p.pid, tid, Duration::from_secs(2))?;
         let rip = t.regs().rip;
         if (page..page + PAGE).contains(&rip) || !t.mask_is_exact() {
@@ -445,7 +488,9 @@ pub fn snapshot(pid: i32, tid: i32) -> Result<[u64; 10], InjectError> {
     let mut t = Tracee::attach(pid, tid, Duration::from_secs(2))?;
     let r = *t.regs();
     t.release()?;
-    Ok([r.rip, r.rsp, r.rbp, r.rbx, r.r12, r.r13, r.r14, r.r15, r.orig_rax, r.rax])
+    Ok([
+        r.rip, r.rsp, r.rbp, r.rbx, r.r12, r.r13, r.r14, r.r15, r.orig_rax, r.rax,
+    ])
 }
 
 /// Calls one argument-less function of the interpreter in thread `tid` (tests only: the caller
@@ -453,7 +498,12 @@ pub fn snapshot(pid: i32, tid: i32) -> Result<[u64; 10], InjectError> {
 pub fn call_once(p: &PythonProcess, tid: i32, name: &str) -> Result<(), InjectError> {
     let f = sym(p, name)?;
     let mut t = Tracee::attach(p.pid, tid, Duration::from_secs(2))?;
-    let r = t.call(f, &[], Return::Libc(libc_fn(p, "__restore_rt")?), Duration::from_secs(2));
+    let r = t.call(
+        f,
+        &[],
+        Return::Libc(libc_fn(p, "__restore_rt")?),
+        Duration::from_secs(2),
+    );
     t.release()?;
     r.map(|_| ())
 }

@@ -322,11 +322,17 @@ fn a_target_killed_during_injection_is_an_error_not_a_hang() {
         let started = Instant::now();
         let r = activate(&p, T);
         killer.join().unwrap();
-        assert!(started.elapsed() < Duration::from_secs(12), "hung for {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(12),
+            "hung for {:?}",
+            started.elapsed()
+        );
         if let Err(e) = r {
             let msg = e.to_string();
             assert!(
-                e.reason() == Some(Reason::ProcessGone) || msg.contains("exited") || msg.contains("no result"),
+                e.reason() == Some(Reason::ProcessGone)
+                    || msg.contains("exited")
+                    || msg.contains("no result"),
                 "delay {delay_ms} ms: {msg}"
             );
         }

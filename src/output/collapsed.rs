@@ -30,7 +30,10 @@ pub fn lines(r: &Report) -> Vec<String> {
         }
         *merged.entry(parts.join(";")).or_default() += s.count;
     }
-    merged.into_iter().map(|(k, v)| format!("{k} {v}")).collect()
+    merged
+        .into_iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect()
 }
 
 pub fn write(r: &Report, out: &mut dyn std::io::Write) -> std::io::Result<()> {

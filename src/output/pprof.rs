@@ -71,7 +71,11 @@ pub fn encode(r: &Report) -> protos::Profile {
         .unwrap_or(0);
     p.duration_nanos = r.duration.as_nanos() as i64;
     p.default_sample_type = st.id("cpu");
-    p.comment = vec![st.id(&format!("perfpy {}: {}", env!("CARGO_PKG_VERSION"), r.command))];
+    p.comment = vec![st.id(&format!(
+        "perfpy {}: {}",
+        env!("CARGO_PKG_VERSION"),
+        r.command
+    ))];
 
     // Mappings: one per file (id = file id + 3), first, so that `go tool pprof` shows the
     // program's file as the profile's main file; then 1 = kernel, 2 = python.
@@ -102,7 +106,7 @@ pub fn encode(r: &Report) -> protos::Profile {
     }
 
     // Mappings: 1 = kernel, 2 = python, then one per file (id = file id + 3).
-        mappings.push(protos::Mapping {
+    mappings.push(protos::Mapping {
         id: 1,
         memory_start: 0xffff_0000_0000_0000,
         memory_limit: u64::MAX,
@@ -136,10 +140,15 @@ pub fn encode(r: &Report) -> protos::Profile {
         let res = &r.resolved[i];
         let (mapping_id, address) = match *key {
             FrameKey::Kernel(a) => (1, a),
-            FrameKey::File { file, offset } => (file as u64 + 3, (file as u64 + 1) * FILE_SPACE + offset),
+            FrameKey::File { file, offset } => {
+                (file as u64 + 3, (file as u64 + 1) * FILE_SPACE + offset)
+            }
             FrameKey::Anon { addr, .. } => (2, PYTHON_MAPPING_BASE + (addr & (FILE_SPACE - 1))),
             FrameKey::Truncated => (0, 0),
-            FrameKey::Py { func, line } => (2, PYTHON_MAPPING_BASE + (1 << 39) + ((func as u64) << 20) + line as u64),
+            FrameKey::Py { func, line } => (
+                2,
+                PYTHON_MAPPING_BASE + (1 << 39) + ((func as u64) << 20) + line as u64,
+            ),
         };
         let mut lines = Vec::with_capacity(res.frames.len());
         for f in &res.frames {

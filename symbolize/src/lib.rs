@@ -167,14 +167,20 @@ mod tests {
                 let _perms = it.next()?;
                 let off = u64::from_str_radix(it.next()?, 16).ok()?;
                 let (a, b) = range.split_once('-')?;
-                let (a, b) = (u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?);
+                let (a, b) = (
+                    u64::from_str_radix(a, 16).ok()?,
+                    u64::from_str_radix(b, 16).ok()?,
+                );
                 (a <= here && here < b).then_some((a, off))
             })
             .unwrap();
         let s = Symbolizer::new();
         let frames = s.symbolize_elf(&exe, &[here - start + off], true).unwrap();
         let f = frames[0].last().unwrap();
-        assert!(f.function.contains("own_executable_symbolizes_with_lines"), "{f:?}");
+        assert!(
+            f.function.contains("own_executable_symbolizes_with_lines"),
+            "{f:?}"
+        );
         assert!(f.file.as_deref().unwrap_or("").ends_with("lib.rs"), "{f:?}");
         assert!(f.line.is_some());
     }

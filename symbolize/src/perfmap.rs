@@ -65,7 +65,10 @@ impl PerfMap {
         loop {
             line.clear();
             // Bounded read: a line longer than MAX_LINE is consumed in pieces and dropped.
-            let n = match (&mut r).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line) {
+            let n = match (&mut r)
+                .take(MAX_LINE as u64 + 1)
+                .read_until(b'\n', &mut line)
+            {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };

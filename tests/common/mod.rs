@@ -39,7 +39,10 @@ pub fn python(minor: &str) -> Option<PathBuf> {
         Some(p) if p.exists() => Some(p),
         _ => {
             if ci() {
-                panic!("CPython {minor} is not installed under {}: CI needs every supported version", base.display());
+                panic!(
+                    "CPython {minor} is not installed under {}: CI needs every supported version",
+                    base.display()
+                );
             }
             eprintln!("NOTE: CPython {minor} not installed; part of this test not run");
             None
@@ -197,15 +200,20 @@ pub fn decode(path: &Path) -> Decoded {
     gz.read_to_end(&mut bytes).expect("gzip");
     let p = pprof::protos::Profile::decode(bytes.as_slice()).expect("protobuf");
     let s = |i: i64| p.string_table[i as usize].clone();
-    let funcs: HashMap<u64, &pprof::protos::Function> = p.function.iter().map(|f| (f.id, f)).collect();
+    let funcs: HashMap<u64, &pprof::protos::Function> =
+        p.function.iter().map(|f| (f.id, f)).collect();
     let maps: HashMap<u64, &pprof::protos::Mapping> = p.mapping.iter().map(|m| (m.id, m)).collect();
-    let locs: HashMap<u64, &pprof::protos::Location> = p.location.iter().map(|l| (l.id, l)).collect();
+    let locs: HashMap<u64, &pprof::protos::Location> =
+        p.location.iter().map(|l| (l.id, l)).collect();
     let mut samples = Vec::new();
     for smp in &p.sample {
         let mut frames = Vec::new();
         for lid in &smp.location_id {
             let l = locs[lid];
-            let mapping = maps.get(&l.mapping_id).map(|m| s(m.filename)).unwrap_or_default();
+            let mapping = maps
+                .get(&l.mapping_id)
+                .map(|m| s(m.filename))
+                .unwrap_or_default();
             for line in &l.line {
                 let f = funcs[&line.function_id];
                 frames.push(Frame {
@@ -233,13 +241,19 @@ pub fn decode(path: &Path) -> Decoded {
             num_labels,
         });
     }
-    Decoded { profile: p, samples }
+    Decoded {
+        profile: p,
+        samples,
+    }
 }
 
 /// `go tool pprof -top` (and `-traces`) must read the file. Go missing: failure under CI.
 pub fn check_go_pprof(path: &Path) {
     for mode in ["-top", "-traces"] {
-        let out = Command::new("go").args(["tool", "pprof", mode]).arg(path).output();
+        let out = Command::new("go")
+            .args(["tool", "pprof", mode])
+            .arg(path)
+            .output();
         match out {
             Ok(o) => assert!(
                 o.status.success(),
@@ -289,5 +303,8 @@ pub fn split_report(name: &str) -> PathBuf {
 /// The 1-based line of the first line of `testdata/<file>` containing `needle`.
 pub fn line_of(file: &str, needle: &str) -> i64 {
     let text = std::fs::read_to_string(testdata(file)).unwrap();
-    text.lines().position(|l| l.contains(needle)).expect("needle in file") as i64 + 1
+    text.lines()
+        .position(|l| l.contains(needle))
+        .expect("needle in file") as i64
+        + 1
 }
