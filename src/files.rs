@@ -5,9 +5,9 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::ops::{Deref, Range};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use memmap2::Mmap;
@@ -102,44 +102,41 @@ pub struct Files {
 }
 
 impl Files {
-    /// Opens the file behind a mapping of process `pid`: `/proc/PID/map_files/START-END` first
-    /// (exact even if the file was replaced or lives in another mount namespace), then
-    /// `/proc/PID/root/PATH`, then PATH.
+    /// Opens the file behind a mapping of process `pid` (see
+    /// `perfpy_inject::target_files::open_mapped`: the exact file through map_files, else its
+    /// path inside the process's root, never a link out of it nor anything but a regular file).
     pub fn open_for_mapping(
         &mut self,
         pid: u32,
-        start: u64,
-        end: u64,
+        root: Option<BorrowedFd<'_>>,
+        uids: &[u32],
+        range: (u64, u64),
         path: &str,
     ) -> Option<Arc<MappedFile>> {
-        let candidates = [
-            PathBuf::from(format!("/proc/{pid}/map_files/{start:x}-{end:x}")),
-            Path::new(&format!("/proc/{pid}/root")).join(path.trim_start_matches('/')),
-            PathBuf::from(path),
-        ];
-        for c in candidates {
-            let Ok(file) = File::open(&c) else { continue };
-            let Ok(meta) = file.metadata() else { continue };
-            if !meta.is_file() {
-                continue;
-            }
-            let key = (meta.dev(), meta.ino());
-            if let Some(f) = self.by_key.get(&key) {
-                return Some(f.clone());
-            }
-            let elf = load_elf(&file);
-            let f = Arc::new(MappedFile {
-                id: self.list.len() as u32,
-                path: path.to_string(),
-                file,
-                elf,
-            });
-            self.by_key.insert(key, f.clone());
-            self.list.push(f.clone());
-            return Some(f);
+        let (_, file) = perfpy_inject::target_files::open_mapped(
+            pid,
+            root,
+            range,
+            path,
+            uids,
+            &crate::signals::ABORT_READS,
+        )
+        .ok()?;
+        let meta = file.metadata().ok()?;
+        let key = (meta.dev(), meta.ino());
+        if let Some(f) = self.by_key.get(&key) {
+            return Some(f.clone());
         }
-        tracing::debug!(pid, path, "cannot open mapped file");
-        None
+        let elf = load_elf(&file);
+        let f = Arc::new(MappedFile {
+            id: self.list.len() as u32,
+            path: path.to_string(),
+            file,
+            elf,
+        });
+        self.by_key.insert(key, f.clone());
+        self.list.push(f.clone());
+        Some(f)
     }
 }
 
@@ -383,7 +380,7 @@ mod tests {
             Ok(d) => Some(d),
             Err(e) if ci() => panic!("{LIBPYTHON}: {e}"),
             Err(e) => {
-                eprintln!("NOTE: {LIBPYTHON}: {e}; skipped");
+                say!("NOTE: {LIBPYTHON}: {e}; skipped");
                 None
             }
         })

@@ -102,7 +102,13 @@ pub fn python_process(files: &mut Files, pid: u32, ask: bool) -> Option<Value> {
         .windows(2)
         .any(|w| w[0] == "-X" && (w[1] == "perf" || w[1] == "perf_jit"))
         || args.iter().any(|a| a == "-Xperf");
-    let perf_map = std::fs::metadata(p.perf_map_path()).is_ok();
+    // Read as a recording would read it: a file the process controls, checked first.
+    let perf_map_state = match p.perf_map() {
+        Ok(m) => format!("{} ({} entries)", p.perf_map_path().display(), m.len()),
+        Err(e) if e.contains("no such file") => "none".to_string(),
+        Err(e) => format!("refused: {e}"),
+    };
+    let perf_map = !perf_map_state.starts_with("none");
     let trampoline_capable = minor.is_some_and(|m| m >= (3, 12));
     // Asked about this process by pid: query the real state inside it (a short, safe stop).
     let asked = if ask && trampoline_capable {
@@ -155,6 +161,21 @@ pub fn python_process(files: &mut Files, pid: u32, ask: bool) -> Option<Value> {
                 .unwrap_or_else(|| e.to_string())
         ),
     };
+    let trampoline_users = perfpy_inject::discover(pid as i32)
+        .map(|d| {
+            let (users, marked) = perfpy_inject::sessions::users(pid as i32, d.start_time);
+            let who: Vec<String> = users.iter().map(|u| format!("perfpy pid {u}")).collect();
+            match (who.is_empty(), marked) {
+                (true, false) => "none".to_string(),
+                (true, true) => "none (turned on by a perfpy session that is gone)".to_string(),
+                (false, m) => format!(
+                    "{}{}",
+                    who.join(", "),
+                    if m { " (turned on by perfpy)" } else { "" }
+                ),
+            }
+        })
+        .unwrap_or_else(|_| "none".to_string());
     let python_frames = if ebpf == "yes" {
         "named (eBPF walker)"
     } else if trampoline_capable && (x_perf || perf_env(pid) || perf_map) {
@@ -172,7 +193,8 @@ pub fn python_process(files: &mut Files, pid: u32, ask: bool) -> Option<Value> {
         "static": interp.as_deref().is_some_and(|i| !i.contains("libpython")),
         "container_id": p.container_id,
         "trampoline": trampoline,
-        "perf_map": p.perf_map_path().display().to_string().replace(&"/proc/self/fd/".to_string(), "fd:"),
+        "perf_map": perf_map_state,
+        "trampoline_users": trampoline_users,
         "python_frames": python_frames,
         "ebpf": ebpf,
         "injection": injection,
@@ -209,7 +231,7 @@ pub fn run(pids: &[i32], as_json: bool) -> Result<i32> {
     }
     let machine = machine();
     if as_json {
-        println!(
+        out!(
             "{}",
             serde_json::to_string_pretty(
                 &json!({"machine": machine, "python_processes": procs, "not_python": not_python})
@@ -217,7 +239,7 @@ pub fn run(pids: &[i32], as_json: bool) -> Result<i32> {
         );
         return Ok(0);
     }
-    println!("machine:");
+    out!("machine:");
     if let Value::Object(m) = &machine {
         let m: BTreeMap<_, _> = m.iter().collect();
         for (k, v) in m {
@@ -226,12 +248,12 @@ pub fn run(pids: &[i32], as_json: bool) -> Result<i32> {
                 Value::Null => "-".into(),
                 v => v.to_string(),
             };
-            println!("  {k:28} {v}");
+            out!("  {k:28} {v}");
         }
     }
-    println!();
+    out!();
     if procs.is_empty() {
-        println!(
+        out!(
             "no CPython processes found{}",
             if pids.is_empty() {
                 ""
@@ -240,7 +262,7 @@ pub fn run(pids: &[i32], as_json: bool) -> Result<i32> {
             }
         );
     } else {
-        println!(
+        out!(
             "{:>8}  {:16} {:8} {:46} PYTHON FRAMES / EBPF / TRAMPOLINE / INJECTION",
             "PID", "COMM", "VERSION", "INTERPRETER"
         );
@@ -250,7 +272,7 @@ pub fn run(pids: &[i32], as_json: bool) -> Result<i32> {
                     .map(|s| s.to_string())
                     .unwrap_or_else(|| "-".into())
             };
-            println!(
+            out!(
                 "{:>8}  {:16} {:8} {:46} {} / ebpf {} / trampoline {} / injection {}",
                 p["pid"].as_u64().unwrap_or(0),
                 s("comm"),
@@ -261,10 +283,18 @@ pub fn run(pids: &[i32], as_json: bool) -> Result<i32> {
                 s("trampoline"),
                 s("injection")
             );
+            let users = s("trampoline_users");
+            if users != "none" && users != "-" {
+                out!("{:>8}  trampoline used by: {users}", "");
+            }
+            let map = s("perf_map");
+            if map.starts_with("refused") {
+                out!("{:>8}  warning: perf map {map}", "");
+            }
         }
     }
     for pid in not_python {
-        println!(
+        out!(
             "{pid:>8}  not a CPython process (no mapping holds the interpreter's evaluation loop)"
         );
     }

@@ -1,5 +1,8 @@
 //! perfpy: a sampling CPU profiler for Python on Linux.
 
+#[macro_use]
+mod say;
+
 mod files;
 mod info;
 mod output;
@@ -8,14 +11,13 @@ mod profile;
 mod record;
 mod records;
 mod report;
+mod signals;
 mod symbols;
 mod sys;
 mod targets;
 mod unwind;
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
@@ -49,6 +51,9 @@ enum Cmd {
         /// Turn it off instead.
         #[arg(long, conflicts_with = "status")]
         deactivate: bool,
+        /// With --deactivate: turn it off even while other perfpy sessions use it.
+        #[arg(long, requires = "deactivate")]
+        force: bool,
         /// Only say whether it is on (asked inside the target; changes nothing).
         #[arg(long)]
         status: bool,
@@ -147,12 +152,9 @@ fn parse_rate(s: &str) -> Result<u64, String> {
 }
 
 fn main() {
-    // Printing into a closed pipe (`perfpy info | head`) ends the process quietly, as it does for
-    // other command-line tools, instead of a panic.
-    // SAFETY: restoring the default disposition of SIGPIPE before any thread is started.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    // SIGPIPE stays ignored (Rust's default): a closed stderr or stdout must not kill perfpy
+    // before it has written the profile and turned off what it turned on. Lines are written
+    // with `say!`/`out!`, which ignore such errors.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -165,7 +167,7 @@ fn main() {
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("perfpy: error: {e:#}");
+            say!("perfpy: error: {e:#}");
             1
         }
     };
@@ -178,6 +180,7 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Inject {
             pid,
             deactivate,
+            force,
             status,
         } => {
             let t = Duration::from_secs(10);
@@ -186,7 +189,7 @@ fn run(cli: Cli) -> Result<i32> {
             perfpy_inject::check_injectable(&p)?;
             if status {
                 let on = perfpy_inject::trampoline_active(&p, t)?;
-                println!(
+                out!(
                     "pid {pid}: perf trampoline {} (CPython {}){}",
                     if on { "on" } else { "off" },
                     p.version_string(),
@@ -197,19 +200,31 @@ fn run(cli: Cli) -> Result<i32> {
                     }
                 );
             } else if deactivate {
+                let (users, _) = perfpy_inject::sessions::users(pid, p.start_time);
+                if !users.is_empty() && !force {
+                    let list: Vec<String> = users.iter().map(|u| u.to_string()).collect();
+                    bail!(
+                        "pid {pid}: {} perfpy session{} (pid {}) still use{} its perf trampoline; the last one turns it off when it ends. Turn it off now anyway with --force (those sessions then lose Python names)",
+                        users.len(),
+                        if users.len() > 1 { "s" } else { "" },
+                        list.join(", "),
+                        if users.len() > 1 { "" } else { "s" }
+                    );
+                }
                 perfpy_inject::deactivate(&p, t)?;
-                println!(
+                perfpy_inject::sessions::clear_mark(pid, p.start_time);
+                out!(
                     "pid {pid}: perf trampoline off (CPython {})",
                     p.version_string()
                 );
             } else {
                 match perfpy_inject::activate(&p, t)? {
-                    perfpy_inject::ActivateOutcome::Activated => println!(
+                    perfpy_inject::ActivateOutcome::Activated => out!(
                         "pid {pid}: perf trampoline on (CPython {}); turn it off with: perfpy inject -p {pid} --deactivate",
                         p.version_string()
                     ),
                     perfpy_inject::ActivateOutcome::AlreadyActive => {
-                        println!("pid {pid}: perf trampoline was already on (CPython {})", p.version_string())
+                        out!("pid {pid}: perf trampoline was already on (CPython {})", p.version_string())
                     }
                 }
             }
@@ -224,14 +239,7 @@ fn run(cli: Cli) -> Result<i32> {
                 1 => {}
                 _ => bail!("give one of -p PID, -a or a command after --, not several"),
             }
-            let stop = Arc::new(AtomicBool::new(false));
-            for sig in [
-                signal_hook::consts::SIGINT,
-                signal_hook::consts::SIGTERM,
-                signal_hook::consts::SIGHUP,
-            ] {
-                signal_hook::flag::register(sig, stop.clone())?;
-            }
+            let stop = signals::install()?;
             let outcome = record::run(
                 record::Options {
                     pids: a.pids,

@@ -5,15 +5,42 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use framehop::x86_64::{CacheX86_64, UnwinderX86_64};
 use framehop::{ExplicitModuleSectionInfo, Module, Unwinder};
 
+use perfpy_symbolize::perfmap::PerfMap;
+
 use crate::files::{Files, MappedFile, SectionData};
 use crate::unwind::TrampolineCache;
+
+/// The root directory of a process, in which the files it names are opened.
+pub enum Root {
+    /// Ours (same directory, same mount namespace).
+    Ours,
+    /// Another one (a container, a chroot, a private /tmp), held open.
+    Foreign(OwnedFd),
+    /// Not known (the process was gone before it could be opened, or released).
+    Unknown,
+}
+
+impl Root {
+    /// A descriptor to resolve the process's paths in, if its root is known.
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        static SLASH: std::sync::OnceLock<Option<File>> = std::sync::OnceLock::new();
+        match self {
+            Root::Ours => SLASH
+                .get_or_init(|| File::open("/").ok())
+                .as_ref()
+                .map(|f| f.as_fd()),
+            Root::Foreign(fd) => Some(fd.as_fd()),
+            Root::Unknown => None,
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct Mapping {
@@ -36,13 +63,17 @@ pub struct Process {
     /// framehop's rule cache (~12 KiB), made at the first unwinding, dropped at `release`.
     pub cache: Option<Box<CacheX86_64>>,
     pub trampolines: TrampolineCache,
-    /// `/proc/PID/root` when it is not our own root (containers, chroots, private /tmp): held
-    /// open so that the perf map in it can be read after the process exits, until `release`.
-    pub root: Option<OwnedFd>,
+    /// Its root directory, in which every file it names is opened (see
+    /// `perfpy_inject::target_files`): held open when it is not ours (containers, chroots,
+    /// private /tmp) so that the perf map in it can be read after the process exits.
+    pub root: Root,
+    /// Its user ids while alive: files it writes must be its own.
+    pub uids: Vec<u32>,
     /// Some frame of this process is in anonymous code (named by its perf map, if any).
     pub has_anon: bool,
-    /// The perf map as read when the process was released (its root is closed then).
-    pub perf_map: Option<perfpy_symbolize::perfmap::PerfMap>,
+    /// The perf map as read when the process was released (its root is closed then), or why
+    /// it was not read.
+    pub perf_map: Option<Result<PerfMap, String>>,
     /// The pid as the process itself sees it (its perf map is named after this one).
     pub nspid: u32,
     pub alive: bool,
@@ -56,10 +87,11 @@ pub struct Process {
 
 impl Process {
     pub fn new(pid: u32, key: u32) -> Self {
-        let root = File::open(format!("/proc/{pid}/root"))
-            .ok()
-            .filter(|f| !same_root(pid, f))
-            .map(OwnedFd::from);
+        let root = match File::open(format!("/proc/{pid}/root")) {
+            Ok(f) if same_root(pid, &f) => Root::Ours,
+            Ok(f) => Root::Foreign(OwnedFd::from(f)),
+            Err(_) => Root::Unknown,
+        };
         Self {
             pid,
             key,
@@ -70,6 +102,7 @@ impl Process {
             cache: None,
             trampolines: TrampolineCache::default(),
             root,
+            uids: perfpy_inject::target_files::process_uids(pid).unwrap_or_default(),
             has_anon: false,
             perf_map: None,
             nspid: read_nspid(pid).unwrap_or(pid),
@@ -120,7 +153,7 @@ impl Process {
         // File-backed (a path, `/memfd:…` included); anonymous code has no file (the kernel
         // names it `//anon` in MMAP records of perf events).
         let file = if path.starts_with('/') && path != "//anon" {
-            files.open_for_mapping(self.pid, start, end, path)
+            files.open_for_mapping(self.pid, self.root.fd(), &self.uids, (start, end), path)
         } else {
             None
         };
@@ -216,12 +249,12 @@ impl Process {
     /// must not each keep memory and a file descriptor. Its perf map, if its frames need it, is
     /// read now.
     pub fn release(&mut self) {
-        if self.root.is_some() && self.has_anon {
-            self.perf_map = perfpy_symbolize::perfmap::PerfMap::read(&self.perf_map_path())
-                .map_err(|e| tracing::debug!(pid = self.pid, "perf map: {e}"))
-                .ok();
+        if matches!(self.root, Root::Foreign(_)) && self.has_anon {
+            self.perf_map = Some(self.read_perf_map());
         }
-        self.root = None;
+        if matches!(self.root, Root::Foreign(_)) {
+            self.root = Root::Unknown;
+        }
         self.maps = Vec::new();
         self.unwinder = UnwinderX86_64::new();
         self.cache = None;
@@ -229,17 +262,34 @@ impl Process {
         self.threads.shrink_to_fit();
     }
 
-    /// The perf map of this process (`/tmp/perf-<pid as the process sees it>.map` in its root).
-    pub fn perf_map_path(&self) -> std::path::PathBuf {
-        match &self.root {
-            Some(fd) => format!(
-                "/proc/self/fd/{}/tmp/perf-{}.map",
-                fd.as_raw_fd(),
-                self.nspid
-            )
-            .into(),
-            None => format!("/tmp/perf-{}.map", self.nspid).into(),
+    /// The perf map of this process (`/tmp/perf-<pid as the process sees it>.map` in its
+    /// root): read once, safely (it is the target's file: see `perfpy_inject::target_files`).
+    pub fn perf_map(&self) -> Result<PerfMap, String> {
+        match &self.perf_map {
+            Some(r) => r.clone(),
+            None => self.read_perf_map(),
         }
+    }
+
+    fn read_perf_map(&self) -> Result<PerfMap, String> {
+        use perfpy_inject::target_files::{read_in_root, Rules};
+        let Some(root) = self.root.fd() else {
+            return Err("its root directory could not be opened while it ran".into());
+        };
+        let rules = Rules::perf_map(&self.uids);
+        read_in_root(
+            root,
+            &self.perf_map_path(),
+            &rules,
+            &crate::signals::ABORT_READS,
+        )
+        .map(|bytes| PerfMap::parse(&bytes))
+        .map_err(|e| e.to_string())
+    }
+
+    /// The perf map's path as the process names it.
+    pub fn perf_map_path(&self) -> std::path::PathBuf {
+        format!("/tmp/perf-{}.map", self.nspid).into()
     }
 
     pub fn thread_name(&mut self, tid: u32) -> String {

@@ -63,11 +63,27 @@ impl Deactivator {
         }
         for (pid, r) in perfpy_inject::registry().deactivate_all(INJECT_TIMEOUT) {
             match r {
-                Ok(()) => eprintln!("perfpy: pid {pid}: perf trampoline turned off again"),
+                Ok(perfpy_inject::Released::TurnedOff) => {
+                    say!("perfpy: pid {pid}: perf trampoline turned off again")
+                }
+                Ok(perfpy_inject::Released::LeftAsFound) => {
+                    tracing::debug!(pid, "trampoline was on when found: left on")
+                }
+                Ok(perfpy_inject::Released::StillUsed(others)) => say!(
+                    "perfpy: pid {pid}: perf trampoline left on: {} other perfpy session{} ({}) still use{} it; the last one turns it off",
+                    others.len().max(1),
+                    if others.len() > 1 { "s" } else { "" },
+                    if others.is_empty() {
+                        "pid unknown".to_string()
+                    } else {
+                        others.iter().map(|p| format!("pid {p}")).collect::<Vec<_>>().join(", ")
+                    },
+                    if others.len() > 1 { "" } else { "s" }
+                ),
                 Err(e) if e.reason() == Some(perfpy_inject::Reason::ProcessGone) => {
                     tracing::debug!(pid, "exited before deactivation")
                 }
-                Err(e) => eprintln!("perfpy: warning: pid {pid}: could not turn the perf trampoline off: {e}; run `perfpy inject -p {pid} --deactivate`"),
+                Err(e) => say!("perfpy: warning: pid {pid}: could not turn the perf trampoline off: {e}; run `perfpy inject -p {pid} --deactivate`"),
             }
         }
     }
@@ -100,9 +116,9 @@ fn inject_lenient(pid: u32, seen: &mut HashSet<(u32, u64)>, notes: &mut HashMap<
     let say = |line: String| {
         let n = SAID.fetch_add(1, Ordering::Relaxed);
         if n < SAY_AT_MOST {
-            eprintln!("{line}");
+            say!("{line}");
         } else if n == SAY_AT_MOST {
-            eprintln!(
+            say!(
                 "perfpy: (further --inject-python messages in the debug log: RUST_LOG=debug)"
             );
         }
@@ -637,19 +653,14 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             opts.format.extension()
         ))
     });
-    let out_file = File::create(&out_path).with_context(|| {
-        format!(
-            "cannot write the output file {}: choose a writable path with -o",
-            out_path.display()
-        )
-    })?;
+    let dest = crate::output::dest::Dest::prepare(&out_path)?;
 
     // --inject-python, strict with --pid: every target must be injectable, checked before any
     // event is opened or anything is done to a target.
     let mut to_inject = Vec::new();
     if opts.inject_python && !opts.all {
         if !opts.command.is_empty() {
-            eprintln!("perfpy: note: --inject-python is for -p and -a; a launched command gets PYTHONPERFSUPPORT=1 instead");
+            say!("perfpy: note: --inject-python is for -p and -a; a launched command gets PYTHONPERFSUPPORT=1 instead");
         }
         for &pid in &tgids {
             let p = perfpy_inject::discover(pid as i32)
@@ -717,7 +728,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             Some(w)
         }
         Some(Err(e)) => {
-            eprintln!("perfpy: warning: {e}; Python frames only from perf trampolines");
+            say!("perfpy: warning: {e}; Python frames only from perf trampolines");
             None
         }
         None => None,
@@ -743,7 +754,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
                     } else {
                         "run as root, or set kernel.perf_event_paranoid to 1"
                     };
-                    eprintln!("perfpy: warning: no permission to sample kernel code ({e}); kernel frames left out ({fix})");
+                    say!("perfpy: warning: no permission to sample kernel code ({e}); kernel frames left out ({fix})");
                     cfg.kernel = false;
                     match sys::perf_event_open(cfg, tid, cpu) {
                         Ok(fd) => fd,
@@ -754,7 +765,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             };
             if let Some(w) = walker.as_mut() {
                 if let Err(e) = w.attach(fd.as_fd()) {
-                    eprintln!("perfpy: warning: {e}; Python frames only from perf trampolines");
+                    say!("perfpy: warning: {e}; Python frames only from perf trampolines");
                     walker = None;
                 }
             }
@@ -849,12 +860,12 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
 
     for p in &to_inject {
         match perfpy_inject::registry().activate(p, INJECT_TIMEOUT) {
-            Ok(perfpy_inject::ActivateOutcome::Activated) => eprintln!(
+            Ok(perfpy_inject::ActivateOutcome::Activated) => say!(
                 "perfpy: pid {}: perf trampoline turned on (CPython {}); Python functions entered from now on are named",
                 p.pid,
                 p.version_string()
             ),
-            Ok(perfpy_inject::ActivateOutcome::AlreadyActive) => eprintln!(
+            Ok(perfpy_inject::ActivateOutcome::AlreadyActive) => say!(
                 "perfpy: pid {}: perf trampoline already on (CPython {}); left as it is",
                 p.pid,
                 p.version_string()
@@ -946,7 +957,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         Some(d) => format!("for {}s", d.as_secs_f64()),
         None => "until Ctrl-C".to_string(),
     };
-    eprintln!("perfpy: sampling {what} at {} Hz {until}", opts.rate);
+    say!("perfpy: sampling {what} at {} Hz {until}", opts.rate);
     let start = Instant::now();
     let start_wall = SystemTime::now();
     let tty = std::io::stderr().is_terminal();
@@ -1012,7 +1023,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         }
         if tty && last_status.elapsed() >= Duration::from_millis(500) {
             last_status = Instant::now();
-            eprint!(
+            say_part!(
                 "\r\x1b[2Kperfpy: recording {:.1}s  samples {}  lost {}  processes {}",
                 start.elapsed().as_secs_f64(),
                 c.stats.samples,
@@ -1023,6 +1034,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         }
     }
     let duration = start.elapsed();
+    crate::signals::sampling_done();
     // No activation may start after this point: the deactivation below must see them all.
     scan_stop.store(true, Ordering::Relaxed);
     if let Some(t) = deactivator.scanner.take() {
@@ -1054,18 +1066,21 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     let walker_ran = c.py.is_some();
     c.py = None;
     if tty {
-        eprint!("\r\x1b[2K");
+        say_part!("\r\x1b[2K");
     }
 
     // Symbolize and write.
     let t_sym = Instant::now();
     let procs: HashMap<u32, &Process> = c.procs.iter().map(|p| (p.key, p)).collect();
-    let resolved = crate::symbols::resolve(&c.profile, &c.files, &procs, opts.keep_interpreter);
+    let symbolized =
+        crate::symbols::resolve(&c.profile, &c.files, &procs, opts.keep_interpreter);
     // The perf maps are read: now the trampolines we turned on go off again.
     deactivator.finish();
+    let refused_perf_maps = symbolized.refused_perf_maps;
+    let symbolization_cut_short = symbolized.cut_short;
     let (samples, resolved) = crate::report::build(
         &c.profile,
-        resolved,
+        symbolized.resolved,
         &procs,
         &c.files,
         opts.keep_interpreter,
@@ -1090,20 +1105,18 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             .collect(),
         command: std::env::args().collect::<Vec<_>>().join(" "),
     };
-    let mut w = std::io::BufWriter::new(out_file);
-    match opts.format {
-        Format::Pprof => crate::output::pprof::write(&report, &mut w)?,
-        Format::Collapsed => crate::output::collapsed::write(&report, &mut w)?,
+    let dest_name = dest.display();
+    dest.write_with(|w| match opts.format {
+        Format::Pprof => Ok(crate::output::pprof::write(&report, w)?),
+        Format::Collapsed => Ok(crate::output::collapsed::write(&report, w)?),
         Format::Flamegraph => {
-            crate::output::flamegraph::write(&report, &format!("perfpy {target_name}"), &mut w)?
+            crate::output::flamegraph::write(&report, &format!("perfpy {target_name}"), w)
         }
-    }
-    w.flush()
-        .with_context(|| format!("cannot write {}", out_path.display()))?;
+    })?;
     let sym_time = t_sym.elapsed();
     if let Some((runs, ns)) = walker_stats {
         if runs > 0 && ns > 0 {
-            eprintln!(
+            say!(
                 "perfpy: eBPF walker: {runs} runs, {:.2} µs per run",
                 ns as f64 / runs as f64 / 1000.0
             );
@@ -1115,7 +1128,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         .iter()
         .filter(|p| procs_with_samples(&c.profile, p.key))
         .count();
-    eprintln!(
+    say!(
         "perfpy: {end_reason} after {:.1}s: {} samples, {} lost, {} process{}, {} stacks incomplete ({:.1}%){}, symbolized in {:.2}s",
         duration.as_secs_f64(),
         c.stats.samples,
@@ -1132,23 +1145,44 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         sym_time.as_secs_f64(),
     );
     if let Some(code) = child_status {
-        eprintln!("perfpy: command exited with status {code}");
+        say!("perfpy: command exited with status {code}");
+    }
+    for (pid, why) in &refused_perf_maps {
+        say!("perfpy: warning: pid {pid}: perf map not read: {why}; its trampoline frames are left unnamed");
+    }
+    if symbolization_cut_short {
+        say!("perfpy: naming of frames cut short by a signal: some frames are left as addresses");
     }
     // Per process: samples and how its Python frames were named (or why not).
-    let mut per: HashMap<u32, (u64, bool, bool)> = HashMap::new();
+    // (samples, samples with Python frames, any named by the walker)
+    let mut per: HashMap<u32, (u64, u64, bool)> = HashMap::new();
     for s in &report.samples {
         let e = per.entry(s.pid).or_default();
         e.0 += s.count;
-        e.1 |= s.frames_from != "native";
+        if s.frames_from != "native" {
+            e.1 += s.count;
+        }
         e.2 |= s.frames_from.starts_with("ebpf");
     }
-    let mut rows: Vec<(u32, u64, bool, bool)> = per
+    let mut rows: Vec<(u32, u64, u64, bool)> = per
         .into_iter()
         .map(|(pid, (n, py, eb))| (pid, n, py, eb))
         .collect();
     rows.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     const SHOWN: usize = 15;
-    for &(pid, n, py_named, by_ebpf) in rows.iter().take(SHOWN) {
+    for &(pid, n, py_samples, by_ebpf) in rows.iter().take(SHOWN) {
+        let py_named = py_samples > 0;
+        // Never claim more than the samples show: a source that named only some of them
+        // (a trampoline turned off by someone else mid-run) is said with its share.
+        let share = if py_named && py_samples < n {
+            format!(
+                " in {} of its samples ({:.0}%)",
+                py_samples,
+                100.0 * py_samples as f64 / n as f64
+            )
+        } else {
+            String::new()
+        };
         let p = c.procs.iter().rev().find(|p| p.pid == pid);
         let comm = p.map(|p| p.comm.as_str()).unwrap_or("?");
         let how = match p.and_then(|p| p.python_version.as_deref()) {
@@ -1160,11 +1194,13 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
                     .cloned();
                 match (py_named, note) {
                     (true, _) if by_ebpf => {
-                        format!("CPython {v}: Python frames from the eBPF walker")
+                        format!("CPython {v}: Python frames from the eBPF walker{share}")
                     }
-                    (true, Some(n)) => format!("CPython {v}: Python frames from the {n}"),
+                    (true, Some(n)) => format!("CPython {v}: Python frames from the {n}{share}"),
                     (true, None) => {
-                        format!("CPython {v}: Python frames from its perf trampoline (-X perf)")
+                        format!(
+                            "CPython {v}: Python frames from its perf trampoline (-X perf){share}"
+                        )
                     }
                     (false, Some(n)) => format!("CPython {v}: native frames only ({n})"),
                     (false, None) => {
@@ -1191,18 +1227,16 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             }
             None => "native".to_string(),
         };
-        eprintln!("perfpy:   {pid:>8} {comm:<16} {n:>7} samples  {how}");
+        say!("perfpy:   {pid:>8} {comm:<16} {n:>7} samples  {how}");
     }
     if rows.len() > SHOWN {
-        eprintln!("perfpy:   … and {} more processes", rows.len() - SHOWN);
+        say!("perfpy:   … and {} more processes", rows.len() - SHOWN);
     }
     match opts.format {
-        Format::Pprof => eprintln!(
-            "perfpy: wrote {}; open it with: go tool pprof -http=:8080 {}",
-            out_path.display(),
-            out_path.display()
+        Format::Pprof if dest_name != "stdout" => say!(
+            "perfpy: wrote {dest_name}; open it with: go tool pprof -http=:8080 {dest_name}"
         ),
-        _ => eprintln!("perfpy: wrote {}", out_path.display()),
+        _ => say!("perfpy: wrote {dest_name}"),
     }
     Ok(Outcome { child_status })
 }

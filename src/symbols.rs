@@ -24,6 +24,14 @@ pub enum Kind {
     Other,
 }
 
+/// What symbolization gives: a name for every location, and the perf maps refused (pid, why).
+pub struct Symbolized {
+    pub resolved: Vec<Resolved>,
+    pub refused_perf_maps: Vec<(u32, String)>,
+    /// A signal cut symbolization short: some frames are addresses only.
+    pub cut_short: bool,
+}
+
 #[derive(Clone, Debug)]
 pub struct Resolved {
     /// Leaf (innermost inlined) first.
@@ -41,28 +49,29 @@ pub fn resolve(
     files: &Files,
     procs: &HashMap<u32, &Process>,
     keep_interpreter: bool,
-) -> Vec<Resolved> {
+) -> Symbolized {
     let sym = Symbolizer::new();
     let mut out: Vec<Option<Resolved>> = vec![None; profile.locations.len()];
 
-    // Anonymous code: perf maps, read once per process.
+    // Anonymous code: perf maps, read once per process (safely: they are the targets' files).
     let mut maps: HashMap<u32, PerfMap> = HashMap::new();
+    let mut refused = Vec::new();
     for (i, k) in profile.locations.iter().enumerate() {
         let FrameKey::Anon { proc, addr } = k else {
             continue;
         };
         let map = maps.entry(*proc).or_insert_with(|| {
-            procs
-                .get(proc)
-                .and_then(|p| {
-                    if let Some(m) = &p.perf_map {
-                        return Some(m.clone());
-                    }
-                    PerfMap::read(&p.perf_map_path())
-                        .map_err(|e| tracing::debug!(pid = p.pid, "perf map: {e}"))
-                        .ok()
-                })
-                .unwrap_or_default()
+            let Some(p) = procs.get(proc) else {
+                return PerfMap::default();
+            };
+            p.perf_map().unwrap_or_else(|e| {
+                tracing::debug!(pid = p.pid, "perf map: {e}");
+                // A perf map that is simply not there is the common case (no trampoline).
+                if !e.contains("no such file") {
+                    refused.push((p.pid, e));
+                }
+                PerfMap::default()
+            })
         });
         let r = match map.lookup(*addr) {
             Some(e) => match python_name(&e.name) {
@@ -147,13 +156,19 @@ pub fn resolve(
             _ => None,
         })
         .collect();
+    let mut cut_short = false;
     if !kernel.is_empty() {
         let addrs: Vec<u64> = kernel.iter().map(|(_, a)| *a).collect();
         let t = std::time::Instant::now();
-        let frames = sym.symbolize_kernel(&addrs).unwrap_or_else(|e| {
-            tracing::warn!("{e}");
+        let frames = if crate::signals::aborted() {
+            cut_short = true;
             vec![Vec::new(); addrs.len()]
-        });
+        } else {
+            sym.symbolize_kernel(&addrs).unwrap_or_else(|e| {
+                tracing::warn!("{e}");
+                vec![Vec::new(); addrs.len()]
+            })
+        };
         tracing::debug!(addresses = addrs.len(), elapsed = ?t.elapsed(), "symbolized kernel");
         for ((i, a), f) in kernel.into_iter().zip(frames) {
             out[i] = Some(Resolved {
@@ -188,7 +203,9 @@ pub fn resolve(
             continue;
         }
         let offsets: Vec<u64> = locs.iter().map(|(_, o)| *o).collect();
-        let frames = if file.elf.is_some() {
+        let aborted = crate::signals::aborted();
+        cut_short |= aborted;
+        let frames = if file.elf.is_some() && !aborted {
             let t = std::time::Instant::now();
             // CPython's own frames are named from its symbol table: their source lines are of
             // no use to a Python programmer, and libpython's DWARF costs ~15 ms and ~20 MiB.
@@ -214,15 +231,20 @@ pub fn resolve(
                 // Code without a symbol (stripped local functions, hand-written assembly) is
                 // named after its file, so that its samples add up in one place.
                 frames: or_unknown(f, || {
-                    let _ = off;
-                    format!("[{short}]")
+                    if aborted {
+                        format!("[{short}] +{off:#x}")
+                    } else {
+                        format!("[{short}]")
+                    }
                 }),
                 kind: Kind::Native { interpreter },
             });
         }
     }
 
-    out.into_iter()
+    cut_short |= crate::signals::aborted();
+    let resolved = out
+        .into_iter()
         .map(|r| {
             r.unwrap_or(Resolved {
                 frames: vec![Frame {
@@ -233,7 +255,12 @@ pub fn resolve(
                 kind: Kind::Other,
             })
         })
-        .collect()
+        .collect();
+    Symbolized {
+        resolved,
+        refused_perf_maps: refused,
+        cut_short,
+    }
 }
 
 /// CPython's own code, and the dynamic loader's: under Python code its frames are the

@@ -62,13 +62,13 @@ pub fn check_pid(pid: i32) -> Result<u32> {
     {
         let who = std::fs::read_to_string(format!("/proc/{tracer}/comm")).unwrap_or_default();
         tracing::warn!(pid, tracer, "traced by {}", who.trim());
-        eprintln!(
+        say!(
             "perfpy: warning: pid {pid} is being traced by pid {tracer} ({}): sampling works, but --inject-python will fail until it detaches",
             who.trim()
         );
     }
     if state == "T" {
-        eprintln!("perfpy: warning: pid {pid} is stopped (SIGSTOP or job control): it gives no samples until it continues (kill -CONT {pid})");
+        say!("perfpy: warning: pid {pid} is stopped (SIGSTOP or job control): it gives no samples until it continues (kill -CONT {pid})");
     }
     Ok(tgid)
 }
@@ -144,6 +144,9 @@ pub fn spawn(argv: &[String], extra_env: &[(&str, &str)]) -> Result<Spawned> {
     if pid == 0 {
         // SAFETY: see above; the child never returns from this block.
         unsafe {
+            // perfpy ignores SIGPIPE (a closed stderr must not kill it); the command gets the
+            // default back, as a shell would give it (an ignored signal stays so across exec).
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
             libc::close(wr.as_raw_fd());
             let mut b = [0u8; 1];
             let n = libc::read(rd.as_raw_fd(), b.as_mut_ptr().cast(), 1);

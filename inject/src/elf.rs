@@ -2,7 +2,6 @@
 //! `Py_Version`.
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use object::read::elf::{ElfFile64, ProgramHeader};
 use object::{Object, ObjectSymbol};
@@ -56,20 +55,20 @@ const WANTED: &[&str] = &[
     "munmap",
 ];
 
-/// [`read`], once per file (device, inode, size, modification time): `-a` meets the same
+/// [`read_file`], once per file (device, inode, size, modification time): `-a` meets the same
 /// interpreter and libc in every process it looks at, and parsing libpython takes milliseconds.
-pub fn read_cached(path: &Path) -> std::io::Result<std::sync::Arc<ElfFacts>> {
+pub fn read_cached(file: &std::fs::File) -> std::io::Result<std::sync::Arc<ElfFacts>> {
     use std::os::unix::fs::MetadataExt;
     type Key = (u64, u64, u64, i64, i64);
     static CACHE: std::sync::OnceLock<std::sync::Mutex<HashMap<Key, std::sync::Arc<ElfFacts>>>> =
         std::sync::OnceLock::new();
-    let m = std::fs::metadata(path)?;
+    let m = file.metadata()?;
     let key = (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec());
     let cache = CACHE.get_or_init(Default::default);
     if let Some(f) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
         return Ok(f.clone());
     }
-    let facts = std::sync::Arc::new(read(path)?);
+    let facts = std::sync::Arc::new(read_file(file)?);
     let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
     // Bounded: a machine has a handful of interpreters and C libraries.
     if c.len() >= 256 {
@@ -79,11 +78,11 @@ pub fn read_cached(path: &Path) -> std::io::Result<std::sync::Arc<ElfFacts>> {
     Ok(facts)
 }
 
-pub fn read(path: &Path) -> std::io::Result<ElfFacts> {
-    let file = std::fs::File::open(path)?;
+/// The facts of an ELF file already opened (through [`crate::target_files`]: it is a target's).
+pub fn read_file(file: &std::fs::File) -> std::io::Result<ElfFacts> {
     // SAFETY: read-only private mapping of a regular file we only read; an executable or
     // library is not modified in place while mapped by a running process.
-    let map = unsafe { memmap2::Mmap::map(&file) }?;
+    let map = unsafe { memmap2::Mmap::map(file) }?;
     parse(&map)
 }
 

@@ -12,6 +12,8 @@ mod elf;
 mod ptrace;
 pub mod run;
 mod sys;
+pub mod sessions;
+pub mod target_files;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -181,7 +183,7 @@ pub fn parse_maps(text: &str) -> Vec<MapLine> {
         .collect()
 }
 
-fn start_time(pid: i32) -> Result<u64, InjectError> {
+pub(crate) fn start_time(pid: i32) -> Result<u64, InjectError> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map_err(|_| InjectError::ProcessGone { pid })?;
     let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
@@ -202,6 +204,7 @@ pub fn discover(pid: i32) -> Result<PythonProcess, InjectError> {
     let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let uids = target_files::process_uids(pid as u32).unwrap_or_default();
     // Candidates: files whose name says python, and the executable (static builds, embedders).
     let mut seen = Vec::new();
     let mut libc = HashMap::new();
@@ -219,14 +222,18 @@ pub fn discover(pid: i32) -> Result<PythonProcess, InjectError> {
         if !candidate && !is_libc {
             continue;
         }
-        let host = [
-            PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end)),
-            PathBuf::from(format!("/proc/{pid}/root{}", m.path)),
-        ]
-        .into_iter()
-        .find(|p| std::fs::metadata(p).is_ok());
-        let Some(host) = host else { continue };
-        let Ok(facts) = elf::read_cached(&host) else {
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let Ok((host, file)) = target_files::open_mapped(
+            pid as u32,
+            None,
+            (m.start, m.end),
+            &m.path,
+            &uids,
+            &stop,
+        ) else {
+            continue;
+        };
+        let Ok(facts) = elf::read_cached(&file) else {
             continue;
         };
         let bias = m.start.wrapping_sub(facts.first_load_vaddr & !0xfff);
@@ -365,9 +372,31 @@ pub fn deactivate(p: &PythonProcess, timeout: Duration) -> Result<(), InjectErro
     Ok(())
 }
 
-/// Every activation made by this process, so that each is undone once, and nothing else is.
+/// How a session's use of a trampoline ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Released {
+    /// Turned off: perfpy had turned it on, and this was the last perfpy session using it.
+    TurnedOff,
+    /// Left on: it was on when perfpy came (the target's own), and no session of ours marked it.
+    LeftAsFound,
+    /// Left on: other perfpy sessions (these pids, when known) still use it; the last one
+    /// turns it off.
+    StillUsed(Vec<u32>),
+}
+
+struct Entry {
+    p: PythonProcess,
+    /// This session turned it on.
+    ours: bool,
+    /// This session's registration as a user of it (see [`sessions`]).
+    used: Option<sessions::Use>,
+}
+
+/// Every trampoline this process relies on, turned on by it or found on, so that each is
+/// released once — turned off by the last perfpy session using it, and only if perfpy turned
+/// it on.
 pub struct Registry {
-    active: Mutex<Vec<PythonProcess>>,
+    active: Mutex<Vec<Entry>>,
 }
 
 static REGISTRY: Registry = Registry {
@@ -379,51 +408,90 @@ pub fn registry() -> &'static Registry {
 }
 
 impl Registry {
-    /// Activates through the registry: an activation we made is recorded before we return.
+    /// Activates through the registry: the use (an activation of ours, or a trampoline found
+    /// on) is recorded before we return.
     pub fn activate(
         &self,
         p: &PythonProcess,
         timeout: Duration,
     ) -> Result<ActivateOutcome, InjectError> {
         let mut g = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        // Registered first: a session turning it off holds the lock until it is off, so what
+        // we find next is the state after it.
+        let mut used = sessions::Use::join(p.pid, p.start_time, timeout);
         let r = activate(p, timeout);
-        if let Ok(ActivateOutcome::Activated) = r {
-            g.push(p.clone());
+        match r {
+            Ok(ActivateOutcome::Activated) => {
+                if let Some(u) = used.as_mut() {
+                    u.mark_ours();
+                }
+                g.push(Entry {
+                    p: p.clone(),
+                    ours: true,
+                    used,
+                });
+            }
+            Ok(ActivateOutcome::AlreadyActive) => g.push(Entry {
+                p: p.clone(),
+                ours: false,
+                used,
+            }),
+            Err(_) => {}
         }
         r
     }
 
-    /// Forgets activations of processes that have exited (or whose pid now names another
-    /// process): nothing is left to undo there, and `-a` meets thousands of them.
+    /// Forgets processes that have exited (or whose pid now names another process): nothing
+    /// is left to undo there, and `-a` meets thousands of them.
     pub fn prune(&self) {
         let mut g = self.active.lock().unwrap_or_else(|e| e.into_inner());
-        g.retain(|p| start_time(p.pid).is_ok_and(|t| t == p.start_time));
+        g.retain(|e| start_time(e.p.pid).is_ok_and(|t| t == e.p.start_time));
+        sessions::prune_stale();
     }
 
-    /// Pids we activated and have not deactivated yet.
+    /// Pids whose trampoline we turned on and have not released yet.
     pub fn pids(&self) -> Vec<i32> {
         self.active
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .map(|p| p.pid)
+            .filter(|e| e.ours)
+            .map(|e| e.p.pid)
             .collect()
     }
 
-    /// Deactivates everything we activated (a process that exited, or whose pid now names
-    /// another process, is skipped). Returns what happened per pid.
-    pub fn deactivate_all(&self, timeout: Duration) -> Vec<(i32, Result<(), InjectError>)> {
+    /// Releases every trampoline we rely on: the last perfpy session out turns off what perfpy
+    /// turned on; one the target started with is never turned off. A process that exited (or
+    /// whose pid now names another process) is skipped. Returns what happened per pid.
+    pub fn deactivate_all(&self, timeout: Duration) -> Vec<(i32, Result<Released, InjectError>)> {
         let mut g = self.active.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::new();
-        for p in g.drain(..) {
-            let same = start_time(p.pid)
-                .map(|t| t == p.start_time)
-                .unwrap_or(false);
+        for mut e in g.drain(..) {
+            let pid = e.p.pid;
+            let same = start_time(pid).is_ok_and(|t| t == e.p.start_time);
             if !same {
-                out.push((p.pid, Err(InjectError::ProcessGone { pid: p.pid })));
+                out.push((pid, Err(InjectError::ProcessGone { pid })));
                 continue;
             }
-            out.push((p.pid, deactivate(&p, timeout)));
+            let leave = match e.used.as_mut() {
+                Some(u) => u.leave(),
+                // Alone (not root): what we turned on goes off.
+                None if e.ours => sessions::Leave::LastOurs,
+                None => sessions::Leave::LastNotOurs,
+            };
+            let r = match leave {
+                sessions::Leave::Others(pids) => Ok(Released::StillUsed(pids)),
+                sessions::Leave::LastNotOurs if !e.ours => Ok(Released::LeftAsFound),
+                sessions::Leave::LastOurs | sessions::Leave::LastNotOurs => {
+                    deactivate(&e.p, timeout).map(|()| {
+                        if let Some(u) = e.used.as_mut() {
+                            u.done_off();
+                        }
+                        Released::TurnedOff
+                    })
+                }
+            };
+            out.push((pid, r));
         }
         out
     }

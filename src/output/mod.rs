@@ -1,6 +1,7 @@
 //! Writers: gzip'd pprof, collapsed stacks, SVG flamegraph.
 
 pub mod collapsed;
+pub mod dest;
 pub mod flamegraph;
 pub mod pprof;
 
