@@ -264,7 +264,10 @@ pub fn run(pids: &[i32], as_json: bool) -> Result<i32> {
     } else {
         out!(
             "{:>8}  {:16} {:8} {:46} PYTHON FRAMES / EBPF / TRAMPOLINE / INJECTION",
-            "PID", "COMM", "VERSION", "INTERPRETER"
+            "PID",
+            "COMM",
+            "VERSION",
+            "INTERPRETER"
         );
         for p in &procs {
             let s = |k: &str| {

@@ -118,9 +118,7 @@ fn inject_lenient(pid: u32, seen: &mut HashSet<(u32, u64)>, notes: &mut HashMap<
         if n < SAY_AT_MOST {
             say!("{line}");
         } else if n == SAY_AT_MOST {
-            say!(
-                "perfpy: (further --inject-python messages in the debug log: RUST_LOG=debug)"
-            );
+            say!("perfpy: (further --inject-python messages in the debug log: RUST_LOG=debug)");
         }
         tracing::debug!("{line}");
     };
@@ -1069,11 +1067,11 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         say_part!("\r\x1b[2K");
     }
 
-    // Symbolize and write.
+    // Symbolize and write. (Tests wait for this debug line to signal perfpy while it names.)
+    tracing::debug!("sampling ended; naming frames");
     let t_sym = Instant::now();
     let procs: HashMap<u32, &Process> = c.procs.iter().map(|p| (p.key, p)).collect();
-    let symbolized =
-        crate::symbols::resolve(&c.profile, &c.files, &procs, opts.keep_interpreter);
+    let symbolized = crate::symbols::resolve(&c.profile, &c.files, &procs, opts.keep_interpreter);
     // The perf maps are read: now the trampolines we turned on go off again.
     deactivator.finish();
     let refused_perf_maps = symbolized.refused_perf_maps;
@@ -1148,7 +1146,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         say!("perfpy: command exited with status {code}");
     }
     for (pid, why) in &refused_perf_maps {
-        say!("perfpy: warning: pid {pid}: perf map not read: {why}; its trampoline frames are left unnamed");
+        say!("perfpy: warning: pid {pid}: perf map not read: {why}; frames in its generated code are left as addresses");
     }
     if symbolization_cut_short {
         say!("perfpy: naming of frames cut short by a signal: some frames are left as addresses");
@@ -1233,9 +1231,9 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         say!("perfpy:   … and {} more processes", rows.len() - SHOWN);
     }
     match opts.format {
-        Format::Pprof if dest_name != "stdout" => say!(
-            "perfpy: wrote {dest_name}; open it with: go tool pprof -http=:8080 {dest_name}"
-        ),
+        Format::Pprof if dest_name != "stdout" => {
+            say!("perfpy: wrote {dest_name}; open it with: go tool pprof -http=:8080 {dest_name}")
+        }
         _ => say!("perfpy: wrote {dest_name}"),
     }
     Ok(Outcome { child_status })

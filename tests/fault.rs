@@ -31,8 +31,9 @@ impl Rng {
 fn assert_unharmed(pid: i32, what: &str) {
     // SAFETY: signal 0 only checks that the process exists; `pid` is a process this test
     // started and has not reaped.
+    let exists = unsafe { libc::kill(pid, 0) };
     assert_eq!(
-        unsafe { libc::kill(pid, 0) },
+        exists,
         0,
         "{what}: target {pid} is gone"
     );

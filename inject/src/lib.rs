@@ -11,8 +11,8 @@
 mod elf;
 mod ptrace;
 pub mod run;
-mod sys;
 pub mod sessions;
+mod sys;
 pub mod target_files;
 
 use std::collections::HashMap;
@@ -223,14 +223,9 @@ pub fn discover(pid: i32) -> Result<PythonProcess, InjectError> {
             continue;
         }
         let stop = std::sync::atomic::AtomicBool::new(false);
-        let Ok((host, file)) = target_files::open_mapped(
-            pid as u32,
-            None,
-            (m.start, m.end),
-            &m.path,
-            &uids,
-            &stop,
-        ) else {
+        let Ok((host, file)) =
+            target_files::open_mapped(pid as u32, None, (m.start, m.end), &m.path, &uids, &stop)
+        else {
             continue;
         };
         let Ok(facts) = elf::read_cached(&file) else {

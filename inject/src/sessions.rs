@@ -102,7 +102,10 @@ impl Use {
             .and_then(|_| self.file.rewind())
             .and_then(|_| self.file.write_all(MARK));
         if let Err(e) = r {
-            tracing::debug!(pid = self.pid, "cannot mark the trampoline as perfpy's: {e}");
+            tracing::debug!(
+                pid = self.pid,
+                "cannot mark the trampoline as perfpy's: {e}"
+            );
         }
     }
 
@@ -154,8 +157,7 @@ fn ensure_dir() -> std::io::Result<()> {
     // Only a directory of root's that only root can write: a lock file placed by someone else
     // would let them block or fake a session.
     let m = std::fs::symlink_metadata(DIR)?;
-    if !m.is_dir() || m.uid() != 0 || m.mode() & 0o022 != 0 || !nix::unistd::geteuid().is_root()
-    {
+    if !m.is_dir() || m.uid() != 0 || m.mode() & 0o022 != 0 || !nix::unistd::geteuid().is_root() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,
             format!("{DIR} is not a directory only root can write, or perfpy is not root"),

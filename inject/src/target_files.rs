@@ -41,13 +41,15 @@ pub enum Refused {
     NotRegular { path: PathBuf, kind: &'static str },
     #[error("{0}: on a kernel pseudo-filesystem (/proc, /sys, ...); refused")]
     PseudoFs(PathBuf),
-    #[error("{path}: owned by uid {uid}, which is neither the process's user nor root; refused")]
+    #[error("{path}: owned by uid {uid}, not by the process's user; refused")]
     Owner { path: PathBuf, uid: u32 },
     #[error("{path}: has {links} hard links (a perf map has one); refused")]
     Links { path: PathBuf, links: u64 },
     #[error("{path}: {size} bytes, more than the {cap} bytes accepted; refused")]
     TooLarge { path: PathBuf, size: u64, cap: u64 },
-    #[error("{path}: not read within {secs:.1} s (a file on a slow or hostile file system?); skipped")]
+    #[error(
+        "{path}: not read within {secs:.1} s (a file on a slow or hostile file system?); skipped"
+    )]
     Timeout { path: PathBuf, secs: f64 },
     #[error("{0}: reading stopped by a signal")]
     Interrupted(PathBuf),
@@ -64,7 +66,9 @@ pub enum Refused {
 pub struct Rules {
     /// The last component must not be a symbolic link (links before it stay inside the root).
     pub no_symlink: bool,
-    /// Accepted owners; empty: any owner.
+    /// Accepted owners; empty: any owner. A perf map must be the process's own (root's only for
+    /// a process of root's: a process can bind-mount a file of root's over its perf map in a
+    /// mount namespace of its own).
     pub owners: Vec<u32>,
     /// The file must have exactly one hard link (a hard link to a file of another user is how a
     /// file elsewhere would be passed off as this one).
@@ -107,7 +111,7 @@ impl Rules {
 
 /// Pseudo-filesystems whose "regular files" are views of the kernel or of other processes.
 const PSEUDO_FS: [i64; 10] = [
-    0x9fa0,     // proc
+    0x9fa0,      // proc
     0x6265_6572, // sysfs
     0x6462_6720, // debugfs
     0x7472_6163, // tracefs
@@ -115,7 +119,7 @@ const PSEUDO_FS: [i64; 10] = [
     0xcafe_4a11, // bpf
     0x6265_6570, // configfs
     0x6367_7270, // cgroup2
-    0x27e0eb,   // cgroup
+    0x27e0eb,    // cgroup
     0xde5e_81e4, // efivarfs
 ];
 
@@ -134,7 +138,9 @@ pub fn open_in_root(
     })?;
     let p = path.to_path_buf();
     let r = rules.clone();
-    bounded(path, rules.timeout, stop, move || open_now(dir.as_raw_fd(), &p, &r))
+    bounded(path, rules.timeout, stop, move || {
+        open_now(dir.as_raw_fd(), &p, &r)
+    })
 }
 
 /// Opens a kernel-provided link to a file (`/proc/PID/map_files/START-END`: the exact file a
@@ -445,8 +451,11 @@ mod tests {
         symlink(secret.path(), t.join("abs.map")).unwrap();
         symlink("../../../../../../../etc/passwd", t.join("dotdot.map")).unwrap();
         symlink("/proc/self/environ", t.join("proc.map")).unwrap();
-        nix::unistd::mkfifo(&t.join("fifo.map"), nix::sys::stat::Mode::from_bits_truncate(0o600))
-            .unwrap();
+        nix::unistd::mkfifo(
+            &t.join("fifo.map"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
         std::fs::create_dir(t.join("dir.map")).unwrap();
         let r = root_of(d.path());
         let rules = Rules::perf_map(&me());
@@ -485,8 +494,8 @@ mod tests {
             owners: vec![],
             ..Rules::mapped_file(&[])
         };
-        let e = read_in_root(slash.as_fd(), Path::new("/proc/version"), &any, &NO_STOP)
-            .unwrap_err();
+        let e =
+            read_in_root(slash.as_fd(), Path::new("/proc/version"), &any, &NO_STOP).unwrap_err();
         assert!(matches!(e, Refused::PseudoFs(_)), "{e}");
 
         let d = tempfile::tempdir().unwrap();
@@ -495,19 +504,32 @@ mod tests {
         let r = root_of(d.path());
         let other = Rules::perf_map(&[4242]);
         let e = read_in_root(r.as_fd(), Path::new("f.map"), &other, &NO_STOP).unwrap_err();
-        assert!(matches!(e, Refused::Owner { uid, .. } if uid == me()[0]), "{e}");
+        assert!(
+            matches!(e, Refused::Owner { uid, .. } if uid == me()[0]),
+            "{e}"
+        );
 
         std::fs::hard_link(&f, d.path().join("g.map")).unwrap();
-        let e = read_in_root(r.as_fd(), Path::new("g.map"), &Rules::perf_map(&me()), &NO_STOP)
-            .unwrap_err();
+        let e = read_in_root(
+            r.as_fd(),
+            Path::new("g.map"),
+            &Rules::perf_map(&me()),
+            &NO_STOP,
+        )
+        .unwrap_err();
         assert!(matches!(e, Refused::Links { links: 2, .. }), "{e}");
 
         let big = d.path().join("big.map");
         let file = File::create(&big).unwrap();
         file.set_len(2 << 30).unwrap();
         let t = Instant::now();
-        let e = read_in_root(r.as_fd(), Path::new("big.map"), &Rules::perf_map(&me()), &NO_STOP)
-            .unwrap_err();
+        let e = read_in_root(
+            r.as_fd(),
+            Path::new("big.map"),
+            &Rules::perf_map(&me()),
+            &NO_STOP,
+        )
+        .unwrap_err();
         assert!(matches!(e, Refused::TooLarge { .. }), "{e}");
         assert!(t.elapsed() < Duration::from_secs(1));
         let _ = std::fs::set_permissions(&big, std::fs::Permissions::from_mode(0o600));
@@ -524,8 +546,8 @@ mod tests {
         let mut s = Vec::new();
         file.read_to_end(&mut s).unwrap();
         assert_eq!(s, b"\x7fELF");
-        let e = open_link(Path::new("/dev/zero"), &Rules::mapped_file(&me()), &NO_STOP)
-            .unwrap_err();
+        let e =
+            open_link(Path::new("/dev/zero"), &Rules::mapped_file(&me()), &NO_STOP).unwrap_err();
         assert!(e.to_string().contains("character device"), "{e}");
     }
 

@@ -44,9 +44,12 @@ impl Dest {
                 );
             }
         }
-        let name = path
-            .file_name()
-            .with_context(|| format!("cannot write the output file {}: it names no file; give a file name with -o", path.display()))?;
+        let name = path.file_name().with_context(|| {
+            format!(
+                "cannot write the output file {}: it names no file; give a file name with -o",
+                path.display()
+            )
+        })?;
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
@@ -86,10 +89,7 @@ impl Dest {
 
     /// Writes the profile with `write` and puts it in place. On an error nothing is left
     /// behind and an existing file keeps its content; the error names the file.
-    pub fn write_with(
-        mut self,
-        write: impl FnOnce(&mut dyn Write) -> Result<()>,
-    ) -> Result<()> {
+    pub fn write_with(mut self, write: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
         match &mut self {
             Dest::Stdout => {
                 let out = std::io::stdout();
@@ -164,7 +164,11 @@ mod tests {
             .unwrap_err();
         assert!(format!("{e:#}").contains(&p.display().to_string()), "{e:#}");
         assert_eq!(std::fs::read(&p).unwrap(), b"old");
-        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1, "temp file left");
+        assert_eq!(
+            std::fs::read_dir(d.path()).unwrap().count(),
+            1,
+            "temp file left"
+        );
         Dest::prepare(&p)
             .unwrap()
             .write_with(|w| Ok(w.write_all(b"new")?))
@@ -179,12 +183,20 @@ mod tests {
             ("/dev/full", "a device"),
             ("/dev/null", "a device"),
             ("/proc/version", "cannot create a file in /proc"),
-            ("/nonexistent-dir/x.pb.gz", "cannot create a file in /nonexistent-dir"),
+            (
+                "/nonexistent-dir/x.pb.gz",
+                "cannot create a file in /nonexistent-dir",
+            ),
             ("/tmp", "a directory"),
         ] {
-            let e = Dest::prepare(Path::new(p)).err().unwrap_or_else(|| panic!("{p} accepted"));
+            let e = Dest::prepare(Path::new(p))
+                .err()
+                .unwrap_or_else(|| panic!("{p} accepted"));
             assert!(format!("{e:#}").contains(want), "{p}: {e:#}");
         }
-        assert!(matches!(Dest::prepare(Path::new("-")).unwrap(), Dest::Stdout));
+        assert!(matches!(
+            Dest::prepare(Path::new("-")).unwrap(),
+            Dest::Stdout
+        ));
     }
 }
