@@ -32,11 +32,7 @@ fn assert_unharmed(pid: i32, what: &str) {
     // SAFETY: signal 0 only checks that the process exists; `pid` is a process this test
     // started and has not reaped.
     let exists = unsafe { libc::kill(pid, 0) };
-    assert_eq!(
-        exists,
-        0,
-        "{what}: target {pid} is gone"
-    );
+    assert_eq!(exists, 0, "{what}: target {pid} is gone");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let field = |k: &str| {
         status

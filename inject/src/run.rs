@@ -210,10 +210,31 @@ fn sym(p: &PythonProcess, name: &str) -> Result<u64, InjectError> {
 }
 
 fn read_result(pid: i32, path: &str) -> Result<TrampolineState, InjectError> {
-    let text = std::fs::read_to_string(path).map_err(|e| InjectError::Failed {
+    // The target's own /tmp: the file is read as any file the target controls (a link or a
+    // FIFO put in its place is refused, not followed or waited on).
+    let rel = path
+        .strip_prefix(&format!("/proc/{pid}/root"))
+        .unwrap_or(path);
+    let failed = |e: String| InjectError::Failed {
         pid,
         detail: format!("no result from the injected code ({path}: {e})"),
-    })?;
+    };
+    let root =
+        std::fs::File::open(format!("/proc/{pid}/root")).map_err(|e| failed(e.to_string()))?;
+    let uids = crate::target_files::process_uids(pid as u32).unwrap_or_default();
+    let rules = crate::target_files::Rules {
+        max_bytes: 64,
+        ..crate::target_files::Rules::perf_map(&uids)
+    };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let bytes = crate::target_files::read_in_root(
+        std::os::fd::AsFd::as_fd(&root),
+        std::path::Path::new(rel),
+        &rules,
+        &stop,
+    )
+    .map_err(|e| failed(e.to_string()))?;
+    let text = String::from_utf8_lossy(&bytes).into_owned();
     let _ = std::fs::remove_file(path);
     let mut it = text.split_whitespace().map(|v| v == "1");
     match (it.next(), it.next()) {
