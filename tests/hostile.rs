@@ -331,13 +331,18 @@ fn a_hostile_perf_map_is_refused_never_followed_and_the_profile_is_written() {
     );
 }
 
-#[test]
-fn special_output_paths_are_refused_before_recording() {
-    let w = Workload::start(
+/// A busy Python for two minutes (Debian's interpreter: no pyenv needed).
+fn busy_target() -> Workload {
+    Workload::start(
         Command::new("python3.11")
             .arg(testdata("busy_any.py"))
             .arg("120"),
-    );
+    )
+}
+
+#[test]
+fn special_output_paths_are_refused_before_recording() {
+    let w = busy_target();
     for (path, want) in [
         ("/dev/full", "it is a device"),
         ("/proc/version", "cannot create a file in /proc"),
@@ -380,11 +385,7 @@ impl Drop for FullDisk {
 #[test]
 fn a_full_disk_names_the_file_and_leaves_nothing_partial() {
     let disk = FullDisk::mount("full-disk");
-    let w = Workload::start(
-        Command::new("python3.11")
-            .arg(testdata("busy_any.py"))
-            .arg("120"),
-    );
+    let w = busy_target();
     for name in ["old.pb.gz", "new.pb.gz", "new.txt", "new.svg"] {
         let path = disk.0.join(name);
         let o = run_perfpy(&[
@@ -421,11 +422,7 @@ fn a_full_disk_names_the_file_and_leaves_nothing_partial() {
 
 #[test]
 fn a_closed_stderr_does_not_kill_perfpy() {
-    let w = Workload::start(
-        Command::new("python3.11")
-            .arg(testdata("busy_any.py"))
-            .arg("120"),
-    );
+    let w = busy_target();
     let out = tmp("sigpipe.pb.gz");
     let _ = std::fs::remove_file(&out);
     // As `perfpy record ... 2>&1 >/dev/null | head -1`: the reader goes after one line.
