@@ -312,6 +312,16 @@ fn registers_round_trip_through_a_call() {
     let pid = t.pid();
     let p = discover(pid).unwrap();
     let regs = |pid: i32| perfpy_inject::run::snapshot(pid, pid).unwrap();
+    // "ready" is printed before the thread reaches read(): wait until it is there.
+    let in_read = || {
+        std::fs::read_to_string(format!("/proc/{pid}/syscall"))
+            .is_ok_and(|s| s.split_whitespace().next() == Some("0"))
+    };
+    let t0 = Instant::now();
+    while !in_read() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(in_read(), "the target never waited in read()");
     let before = regs(pid);
     perfpy_inject::run::call_once(&p, pid, "PyGILState_Check").unwrap();
     std::thread::sleep(Duration::from_millis(50));
