@@ -1,5 +1,6 @@
-"""Syscall-heavy workload: most of its CPU time is in the kernel (stat and write system calls).
-Prints "ready", runs for argv[1] seconds."""
+"""Syscall-heavy workload: much of its CPU time is in the kernel (stat and write system calls).
+Prints "ready", runs for argv[1] seconds, then prints "kernel_share X": the share of its CPU
+time the kernel accounted as system time (os.times), to compare a profile's kernel share with."""
 import os
 import sys
 import time
@@ -12,3 +13,5 @@ while time.monotonic() < end:
     for _ in range(100):
         os.stat("/")
         os.write(fd, buf)
+t = os.times()
+print("kernel_share %.3f" % (t.system / max(t.user + t.system, 1e-9)), flush=True)
