@@ -83,13 +83,13 @@ pub struct Rules {
 
 impl Rules {
     /// A perf map written by a process whose user ids (real, effective, saved, file system)
-    /// are `uids`: a plain file of that user, one link, at most 256 MiB.
+    /// are `uids`: a plain file of that user, one link, at most 64 MiB (800 000 functions).
     pub fn perf_map(uids: &[u32]) -> Self {
         Rules {
             no_symlink: true,
             owners: uids.to_vec(),
             single_link: true,
-            max_bytes: 256 << 20,
+            max_bytes: 64 << 20,
             timeout: Some(Duration::from_secs(5)),
         }
     }

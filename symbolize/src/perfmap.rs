@@ -45,15 +45,6 @@ pub struct PerfMap {
 }
 
 impl PerfMap {
-    /// Reads and parses a perf map file. A missing file is an empty map.
-    pub fn read(path: &Path) -> std::io::Result<Self> {
-        match std::fs::File::open(path) {
-            Ok(f) => Ok(Self::parse_reader(std::io::BufReader::new(f))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(e),
-        }
-    }
-
     /// Parses the bytes of a perf map.
     pub fn parse(bytes: &[u8]) -> Self {
         Self::parse_reader(bytes)
