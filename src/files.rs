@@ -220,7 +220,14 @@ fn elf_info(map: Arc<Mmap>) -> Option<ElfInfo> {
                 .find(|s| s.name_bytes() == Ok(name) && s.address() != 0)
                 .map(|s| s.address())
         };
-        find(b"_PyRuntime").or_else(|| find(b"interp_head"))
+        find(b"_PyRuntime")
+            .or_else(|| find(b"interp_head"))
+            // 3.13+: `_PyRuntime` also has a section of its own, found without any symbol.
+            .or_else(|| {
+                elf.section_by_name(".PyRuntime")
+                    .map(|s| s.address())
+                    .filter(|&a| a != 0)
+            })
     } else {
         None
     };

@@ -240,6 +240,8 @@ struct Collector {
     to_release: std::collections::VecDeque<(Instant, u32)>,
     /// Pids ever handed to the eBPF walker (for the summary).
     walked: HashSet<u32>,
+    /// Processes the walker refused, with the reason (a 3.13+ debug-offsets table that failed).
+    walk_refused: HashMap<u32, String>,
 }
 
 impl Collector {
@@ -375,13 +377,15 @@ impl Collector {
         };
         let mut it = v.split('.').filter_map(|x| x.parse::<u8>().ok());
         let version = (it.next().unwrap_or(0), it.next().unwrap_or(0));
-        let Some(off) = perfpy_bpf::Offsets::for_version(version) else {
+        if perfpy_bpf::Offsets::for_version(version).is_none()
+            && !perfpy_bpf::debug_offsets::from_target(version)
+        {
             tracing::debug!(
                 pid = p.pid,
                 "CPython {v}: no eBPF walker for this version yet"
             );
             return;
-        };
+        }
         // 3.7+: _PyRuntime; 2.7 and 3.6: the interpreter list head, `interp_head`. From the
         // interpreter file's symbols, read once per file (a new process costs no ELF parsing:
         // with -a, short-lived processes come by the dozen a second).
@@ -401,10 +405,28 @@ impl Collector {
             );
             return;
         };
+        // 3.13+: the offsets come from the target's own _Py_DebugOffsets, checked.
+        let off = match perfpy_bpf::Offsets::for_version(version) {
+            Some(o) => o,
+            None => match perfpy_bpf::debug_offsets::read(
+                &perfpy_bpf::code::LiveMemory,
+                p.pid,
+                runtime,
+                version,
+            ) {
+                Ok(t) => t.offsets,
+                Err(e) => {
+                    tracing::debug!(pid = p.pid, "CPython {v}: eBPF walker refused: {e}");
+                    self.walk_refused.insert(p.pid, e.to_string());
+                    return;
+                }
+            },
+        };
         match py.walker.add_process(&perfpy_bpf::PyProcess {
             pid: p.pid,
             version,
             runtime,
+            offsets: off,
         }) {
             Ok(()) => {
                 tracing::debug!(pid = p.pid, "CPython {v}: frames walked by the eBPF walker");
@@ -924,6 +946,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         exited: HashSet::new(),
         to_release: Default::default(),
         walked: HashSet::new(),
+        walk_refused: HashMap::new(),
     };
     for &pid in &tgids {
         let key = c.proc_key(pid);
@@ -1169,17 +1192,18 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
                     (false, Some(n)) => format!("CPython {v}: native frames only ({n})"),
                     (false, None) => {
                         let mut it = v.split('.').filter_map(|x| x.parse::<u8>().ok());
-                        let supported = perfpy_bpf::Offsets::for_version((
-                            it.next().unwrap_or(0),
-                            it.next().unwrap_or(0),
-                        ))
-                        .is_some();
+                        let ver = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+                        let supported = perfpy_bpf::Offsets::for_version(ver).is_some()
+                            || perfpy_bpf::debug_offsets::layout(ver).is_some();
+                        let refused = c.walk_refused.get(&pid).cloned().unwrap_or_default();
                         let why = if !opts.ebpf {
                             "eBPF walker off (--no-ebpf)"
                         } else if !walker_ran {
                             "eBPF walker not loaded, see the warning above"
                         } else if !supported {
                             "the eBPF walker does not know this version"
+                        } else if !refused.is_empty() {
+                            refused.as_str()
                         } else if c.walked.contains(&pid) {
                             "no Python code ran while it was sampled"
                         } else {

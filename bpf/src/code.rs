@@ -413,6 +413,14 @@ impl CodeReader {
 mod tests {
     use super::*;
 
+    /// The offsets of version `v` (3.13: the tree's reference table, what its debug table gives).
+    fn table(v: (u8, u8)) -> Offsets {
+        match v {
+            (3, 13) => crate::offsets::V3_13,
+            _ => Offsets::for_version(v).unwrap(),
+        }
+    }
+
     /// Memory made of one repeated random block: pointers lead anywhere (cycles, huge lengths).
     struct Garbage(Vec<u8>);
 
@@ -434,7 +442,7 @@ mod tests {
             let mem = Garbage(block);
             let mut r = CodeReader::default();
             for v in [(2u8, 7u8), (3, 6), (3, 9), (3, 10), (3, 11), (3, 12), (3, 13)] {
-                let o = Offsets::for_version(v).unwrap();
+                let o = table(v);
                 let f = PyFrameRef { code, instr, entry: false, owner: 0, first_local: local, ident: 0 };
                 if let Some(i) = r.resolve(&mem, 1, &o, v, &f) {
                     proptest::prop_assert!(i.qualname.len() <= 2 * MAX_STRING as usize + 260);
@@ -511,7 +519,7 @@ mod tests {
         /// The code object of `Klass.method` in `/app/x.py`, first line 10, whose first
         /// instruction is on line 12 (a `self` method before 3.11), and the frame running it.
         fn method(v: (u8, u8)) -> (Objects, Offsets, PyFrameRef) {
-            let o = Offsets::for_version(v).unwrap();
+            let o = table(v);
             let mut m = Objects::default();
             m.regions.insert(CODE, vec![0; 512]);
             m.string(

@@ -58,6 +58,9 @@ pub struct Offsets {
 }
 
 impl Offsets {
+    /// The hand-written table of 2.7 and 3.6 – 3.12. From 3.13 on the walker reads the target's
+    /// own `_Py_DebugOffsets` ([`crate::debug_offsets`]); `V3_13` stays in the tree as the
+    /// reference the table read from a 3.13 process is checked against.
     pub fn for_version(v: (u8, u8)) -> Option<Offsets> {
         match v {
             (2, 7) => Some(V2_7),
@@ -68,7 +71,6 @@ impl Offsets {
             (3, 10) => Some(V3_10),
             (3, 11) => Some(V3_11),
             (3, 12) => Some(V3_12),
-            (3, 13) => Some(V3_13),
             _ => None,
         }
     }

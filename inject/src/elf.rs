@@ -108,6 +108,17 @@ pub fn parse(data: &[u8]) -> std::io::Result<ElfFacts> {
         }
         symbols.insert(name.to_string(), (s.address(), s.size()));
     }
+    // CPython 3.13+ also puts `_PyRuntime` in a section of its own, `.PyRuntime`, so that a
+    // profiler finds it in a binary stripped of every symbol.
+    if !symbols.contains_key("_PyRuntime") {
+        use object::{ObjectSection, SectionKind};
+        if let Some(s) = elf
+            .section_by_name(".PyRuntime")
+            .filter(|s| s.address() != 0 && s.kind() != SectionKind::UninitializedData)
+        {
+            symbols.insert("_PyRuntime".to_string(), (s.address(), s.size()));
+        }
+    }
     let is_interpreter = symbols.contains_key("_PyEval_EvalFrameDefault")
         || symbols.contains_key("PyEval_EvalFrameEx");
     let py_version_hex = symbols.get("Py_Version").and_then(|(vaddr, _)| {
