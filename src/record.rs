@@ -233,6 +233,8 @@ struct Collector {
     stats: Stats,
     max_frames: usize,
     scratch_addrs: Vec<u64>,
+    /// The stack pointer of each unwound frame (`scratch_addrs[i]` runs with `scratch_sps[i]`).
+    scratch_sps: Vec<u64>,
     scratch_locs: Vec<u32>,
     /// Targets (pids) whose exit ends the run.
     exited: HashSet<u32>,
@@ -456,6 +458,8 @@ impl Collector {
             _ => None,
         };
         let mut addrs = std::mem::take(&mut self.scratch_addrs);
+        let mut sps = std::mem::take(&mut self.scratch_sps);
+        sps.clear();
         let mut locs = std::mem::take(&mut self.scratch_locs);
         addrs.clear();
         locs.clear();
@@ -471,7 +475,15 @@ impl Collector {
                     p.refresh_maps(&mut self.files);
                 }
                 let mem = LiveMemory(s.pid);
-                let o = unwind::unwind(p, &mem, regs, s.stack, self.max_frames, &mut addrs);
+                let o = unwind::unwind_sp(
+                    p,
+                    &mem,
+                    regs,
+                    s.stack,
+                    self.max_frames,
+                    &mut addrs,
+                    Some(&mut sps),
+                );
                 if !o.complete {
                     self.stats.unwind_incomplete += 1;
                 }
@@ -487,6 +499,9 @@ impl Collector {
         // Python frames from the walker, newest first, cut into groups: one per C-level
         // evaluation call (a group ends at its entry frame).
         let mut groups: Vec<Vec<FrameKey>> = Vec::new();
+        // 3.12+: per group, the address of the shim frame under its entry frame, a local of
+        // the C eval call running the group (0 where unknown).
+        let mut shims: Vec<u64> = Vec::new();
         if let (Some(st), Some(py)) = (&py_stack, self.py.as_mut()) {
             if let Some((off, version)) = py.procs.get(&s.pid).copied() {
                 let mut g = Vec::new();
@@ -507,10 +522,12 @@ impl Collector {
                     }
                     if f.entry {
                         groups.push(std::mem::take(&mut g));
+                        shims.push(if version >= (3, 12) { f.first_local } else { 0 });
                     }
                 }
                 if !g.is_empty() {
                     groups.push(g);
+                    shims.push(0);
                 }
             }
         }
@@ -521,6 +538,11 @@ impl Collector {
             // own start-up frames are then missing. Unless the walker itself stopped short.
             truncated = py_stack.as_ref().is_some_and(|st| st.truncated);
         }
+        // Where every group's shim frame is known, the native frame whose stack frame holds it
+        // runs the group: exact, even in a stripped interpreter whose evaluation loop has no
+        // symbol (Debian's); otherwise the evaluation function's symbol decides.
+        let by_shim =
+            !shims.is_empty() && shims.iter().all(|&x| x != 0) && sps.len() == addrs.len();
         let mut next_group = 0;
         for (i, &a) in addrs.iter().enumerate() {
             // Return addresses point after the call: look up the call itself.
@@ -530,15 +552,21 @@ impl Collector {
                 if p.trampolines.is_known_trampoline(a) {
                     continue;
                 }
-                let is_eval = p.mapping(lookup).is_some_and(|m| {
-                    m.file.as_ref().is_some_and(|f| {
-                        let r = f.elf.as_ref().and_then(|e| e.eval_range.clone());
-                        r.is_some_and(|r| {
-                            f.file_offset_to_vaddr(lookup - m.start + m.pgoff)
-                                .is_some_and(|v| r.contains(&v))
+                let is_eval = if by_shim {
+                    let lo = sps[i];
+                    let hi = sps.get(i + 1).copied().unwrap_or(0);
+                    shims.get(next_group).is_some_and(|&x| lo <= x && x < hi)
+                } else {
+                    p.mapping(lookup).is_some_and(|m| {
+                        m.file.as_ref().is_some_and(|f| {
+                            let r = f.elf.as_ref().and_then(|e| e.eval_range.clone());
+                            r.is_some_and(|r| {
+                                f.file_offset_to_vaddr(lookup - m.start + m.pgoff)
+                                    .is_some_and(|v| r.contains(&v))
+                            })
                         })
                     })
-                });
+                };
                 if is_eval && next_group < groups.len() {
                     for k in &groups[next_group] {
                         locs.push(self.profile.location(*k));
@@ -583,6 +611,7 @@ impl Collector {
         }
         self.profile.add(key, s.tid, &locs);
         self.scratch_addrs = addrs;
+        self.scratch_sps = sps;
         self.scratch_locs = locs;
     }
 }
@@ -942,6 +971,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         stats: Stats::default(),
         max_frames: opts.max_frames,
         scratch_addrs: Vec::with_capacity(256),
+        scratch_sps: Vec::with_capacity(256),
         scratch_locs: Vec::with_capacity(256),
         exited: HashSet::new(),
         to_release: Default::default(),
