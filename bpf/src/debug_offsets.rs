@@ -488,3 +488,204 @@ pub fn parse(bytes: &[u8], v: (u8, u8)) -> Result<DebugTable, TableError> {
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first 1024 bytes of `_PyRuntime` of real interpreters (testdata/debug_offsets/make.sh).
+    const FIXTURES: [(&str, (u8, u8), &[u8]); 4] = [
+        (
+            "pyenv-3.13",
+            (3, 13),
+            include_bytes!("../../testdata/debug_offsets/pyenv-3.13.bin"),
+        ),
+        (
+            "debian-3.13",
+            (3, 13),
+            include_bytes!("../../testdata/debug_offsets/debian-3.13.bin"),
+        ),
+        (
+            "debian-3.14",
+            (3, 14),
+            include_bytes!("../../testdata/debug_offsets/debian-3.14.bin"),
+        ),
+        (
+            "debian-3.15",
+            (3, 15),
+            include_bytes!("../../testdata/debug_offsets/debian-3.15.bin"),
+        ),
+    ];
+
+    fn index(v: (u8, u8), name: &str) -> usize {
+        8 + 8 * layout(v).unwrap().iter().position(|n| *n == name).unwrap()
+    }
+
+    fn set(b: &mut [u8], v: (u8, u8), name: &str, value: u64) {
+        let i = index(v, name);
+        b[i..i + 8].copy_from_slice(&value.to_ne_bytes());
+    }
+
+    #[test]
+    fn real_tables_of_every_installed_version() {
+        for (what, v, bytes) in FIXTURES {
+            let t = parse(bytes, v).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!((t.version >> 16) as u16, (v.0 as u16) << 8 | v.1 as u16);
+            assert!(!t.free_threaded);
+            let o = t.offsets;
+            // What every 3.13+ build with the GIL has, whatever moved around it.
+            // 3.14 adds `stackpointer` before `owner`.
+            let owner = if v >= (3, 14) { 74 } else { 70 };
+            assert_eq!(
+                (o.frame_code, o.frame_previous, o.frame_instr, o.frame_owner),
+                (0, 8, 56, owner),
+                "{what}"
+            );
+            assert_eq!(
+                (o.unicode_ascii_data, o.unicode_compact_data, o.bytes_data),
+                (40, 56, 32),
+                "{what}"
+            );
+            assert_eq!(o.owned_by_cstack, 3);
+            assert_eq!(o.tstate_cframe, -1);
+        }
+    }
+
+    /// pyenv's 3.13 gives exactly the table perfpy had by hand for 3.13 (checked against its
+    /// headers by tests/offsets.rs).
+    #[test]
+    fn pyenv_313_agrees_with_the_table_in_the_tree() {
+        let t = parse(FIXTURES[0].2, (3, 13)).unwrap();
+        assert_eq!(t.offsets, crate::offsets::V3_13);
+    }
+
+    #[test]
+    fn corrupted_tables_are_refused() {
+        for (what, v, real) in FIXTURES {
+            let bad = |f: &dyn Fn(&mut Vec<u8>)| {
+                let mut b = real.to_vec();
+                f(&mut b);
+                parse(&b, v)
+            };
+            assert_eq!(bad(&|b| b[0] = b'y'), Err(TableError::Cookie), "{what}");
+            assert!(matches!(
+                bad(&|b| set(b, v, "version", 0x030c_00f0)),
+                Err(TableError::Version { .. })
+            ));
+            assert!(matches!(
+                parse(real, (3, if v.1 == 13 { 14 } else { 13 })),
+                Err(TableError::Version { .. }) | Err(TableError::Cookie)
+            ));
+            assert_eq!(
+                bad(&|b| set(b, v, "free_threaded", 7)),
+                Err(TableError::FreeThreadedValue(7))
+            );
+            assert_eq!(
+                bad(&|b| set(b, v, "free_threaded", 1)),
+                Err(TableError::FreeThreaded)
+            );
+            assert_eq!(
+                parse(&real[..table_len(v).unwrap() - 1], v),
+                Err(TableError::Short(
+                    table_len(v).unwrap() - 1,
+                    table_len(v).unwrap()
+                ))
+            );
+            assert_eq!(parse(real, (3, 12)), Err(TableError::NoLayout(3, 12)));
+            // Every size: zero and huge.
+            for size in [
+                "runtime_state.size",
+                "interpreter_state.size",
+                "thread_state.size",
+                "interpreter_frame.size",
+                "code_object.size",
+                "bytes_object.size",
+                "unicode_object.size",
+                "unicode_object.asciiobject_size",
+            ] {
+                for value in [0, u64::MAX, 1 << 40] {
+                    assert!(
+                        matches!(
+                            bad(&|b| set(b, v, size, value)),
+                            Err(TableError::OutOfRange { .. })
+                        ),
+                        "{what}: {size} = {value}"
+                    );
+                }
+            }
+            // Every offset used: past its structure, at the top of u64, beyond i32.
+            for off in [
+                "runtime_state.interpreters_head",
+                "interpreter_state.threads_head",
+                "thread_state.next",
+                "thread_state.native_thread_id",
+                "thread_state.current_frame",
+                "thread_state.thread_id",
+                "interpreter_frame.executable",
+                "interpreter_frame.instr_ptr",
+                "interpreter_frame.previous",
+                "interpreter_frame.owner",
+                "code_object.name",
+                "code_object.qualname",
+                "code_object.filename",
+                "code_object.firstlineno",
+                "code_object.linetable",
+                "code_object.co_code_adaptive",
+                "unicode_object.state",
+                "unicode_object.length",
+                "bytes_object.ob_size",
+                "bytes_object.ob_sval",
+            ] {
+                for value in [1 << 20, u64::MAX, u64::MAX - 3, 1 << 33] {
+                    assert!(
+                        matches!(
+                            bad(&|b| set(b, v, off, value)),
+                            Err(TableError::OutOfRange { .. })
+                        ),
+                        "{what}: {off} = {value}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A free-threaded table (synthetic: a 3.14 table with `free_threaded` set and the larger
+    /// object header of a 't' build) is refused with its reason, not misread.
+    #[test]
+    fn free_threaded_table_is_refused() {
+        let v = (3, 14);
+        let mut b = FIXTURES[2].2.to_vec();
+        set(&mut b, v, "free_threaded", 1);
+        set(&mut b, v, "unicode_object.length", 40);
+        set(&mut b, v, "bytes_object.ob_size", 40);
+        set(&mut b, v, "interpreter_frame.tlbc_index", 72);
+        let e = parse(&b, v).unwrap_err();
+        assert_eq!(e, TableError::FreeThreaded);
+        assert!(e.to_string().contains("free-threaded"));
+    }
+
+    proptest::proptest! {
+        /// Any bytes flipped anywhere in a real table: refused, or accepted with every offset
+        /// inside its structure; never a panic.
+        #[test]
+        fn flipped_bytes_never_panic(which in 0usize..4, flips in proptest::collection::vec((0usize..1024, proptest::prelude::any::<u8>()), 1..8)) {
+            let (_, v, real) = FIXTURES[which];
+            let mut b = real.to_vec();
+            for (i, x) in flips {
+                b[i] ^= x;
+            }
+            if let Ok(t) = parse(&b, v) {
+                let f = Fields { bytes: &b, layout: layout(v).unwrap() };
+                let o = t.offsets;
+                proptest::prop_assert!((o.tstate_current_frame as u64) + 8 <= f.must("thread_state.size"));
+                proptest::prop_assert!((o.frame_owner as u64) < f.must("interpreter_frame.size"));
+                proptest::prop_assert!((o.code_linetable as u64) + 8 <= f.must("code_object.size"));
+            }
+        }
+
+        #[test]
+        fn any_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1024), minor in 10u8..20) {
+            let _ = parse(&bytes, (3, minor));
+        }
+    }
+}
