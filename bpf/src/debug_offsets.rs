@@ -307,7 +307,7 @@ pub enum TableError {
     Version { found: u64, expected: String },
     #[error("_Py_DebugOffsets: free_threaded is {0}, neither 0 nor 1")]
     FreeThreadedValue(u64),
-    #[error("free-threaded CPython (a 't' build): the eBPF walker does not walk it yet (thread-local bytecode and its object header are not handled); use --inject-python")]
+    #[error("free-threaded CPython (a 't' build) whose _Py_DebugOffsets gives no offset of the thread-local bytecode (co_tlbc, tlbc_index): its line numbers cannot be read; use --inject-python")]
     FreeThreaded,
     #[error("_Py_DebugOffsets: {field} = {value} is out of range ({why})")]
     OutOfRange {
@@ -417,9 +417,6 @@ pub fn parse(bytes: &[u8], v: (u8, u8)) -> Result<DebugTable, TableError> {
     if ft > 1 {
         return Err(TableError::FreeThreadedValue(ft));
     }
-    if ft == 1 {
-        return Err(TableError::FreeThreaded);
-    }
     let runtime = size(&f, "runtime_state.size", MAX_STATE)?;
     let interp = size(&f, "interpreter_state.size", MAX_STATE)?;
     let tstate = size(&f, "thread_state.size", MAX_STRUCT)?;
@@ -433,28 +430,37 @@ pub fn parse(bytes: &[u8], v: (u8, u8)) -> Result<DebugTable, TableError> {
         // PyCompactUnicodeObject is PyASCIIObject then utf8_length and utf8 (3.13, 3.14).
         None => ascii + 16,
     };
-    // The code reader takes a str's length and a bytes' size 16 bytes in (the header of a
-    // build with the GIL): a table that says otherwise is refused, not misread.
-    for field in ["unicode_object.length", "bytes_object.ob_size"] {
-        if f.must(field) != 16 {
+    // A str's length and a bytes' size sit after the object header: 16 bytes in with the GIL,
+    // further in a free-threaded build.
+    let unicode_length = inside(&f, "unicode_object.length", 8, ascii)?;
+    let ob_sval = inside(&f, "bytes_object.ob_sval", 1, bytes_obj)?;
+    let bytes_size = inside(&f, "bytes_object.ob_size", 8, ob_sval as u64)?;
+    for (field, off) in [
+        ("unicode_object.length", unicode_length),
+        ("bytes_object.ob_size", bytes_size),
+    ] {
+        if off < 16 {
             return Err(TableError::OutOfRange {
                 field,
-                value: f.must(field),
-                why: "perfpy reads it at 16, as in every build with the GIL",
+                value: off as u64,
+                why: "inside the object header",
             });
         }
     }
-    let ob_sval = inside(&f, "bytes_object.ob_sval", 1, bytes_obj)?;
-    if (ob_sval as u64) < 24 {
-        return Err(TableError::OutOfRange {
-            field: "bytes_object.ob_sval",
-            value: ob_sval as u64,
-            why: "inside the object header",
-        });
-    }
+    // Free-threaded 3.14+: a frame's instr_ptr may point into the thread's own copy of the
+    // bytecode (co_tlbc); without its offset the lines cannot be read. 3.13t has no such copies.
+    let code_tlbc = if ft == 1 && v >= (3, 14) {
+        if f.must("code_object.co_tlbc") == 0 || f.must("interpreter_frame.tlbc_index") == 0 {
+            return Err(TableError::FreeThreaded);
+        }
+        inside(&f, "interpreter_frame.tlbc_index", 4, frame)?;
+        inside(&f, "code_object.co_tlbc", 8, code)?
+    } else {
+        -1
+    };
     Ok(DebugTable {
         version,
-        free_threaded: false,
+        free_threaded: ft == 1,
         offsets: Offsets {
             runtime_interp_head: inside(&f, "runtime_state.interpreters_head", 8, runtime)?,
             interp_tstate_head: inside(&f, "interpreter_state.threads_head", 8, interp)?,
@@ -485,12 +491,15 @@ pub fn parse(bytes: &[u8], v: (u8, u8)) -> Result<DebugTable, TableError> {
             unicode_compact_data: i32::try_from(compact).unwrap_or(i32::MAX),
             unicode_state: inside(&f, "unicode_object.state", 4, ascii)?,
             bytes_data: ob_sval,
+            unicode_length,
+            bytes_size,
+            code_tlbc,
         },
     })
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// The first 1024 bytes of `_PyRuntime` of real interpreters (testdata/debug_offsets/make.sh).
@@ -581,10 +590,6 @@ mod tests {
                 Err(TableError::FreeThreadedValue(7))
             );
             assert_eq!(
-                bad(&|b| set(b, v, "free_threaded", 1)),
-                Err(TableError::FreeThreaded)
-            );
-            assert_eq!(
                 parse(&real[..table_len(v).unwrap() - 1], v),
                 Err(TableError::Short(
                     table_len(v).unwrap() - 1,
@@ -649,19 +654,65 @@ mod tests {
         }
     }
 
-    /// A free-threaded table (synthetic: a 3.14 table with `free_threaded` set and the larger
-    /// object header of a 't' build) is refused with its reason, not misread.
-    #[test]
-    fn free_threaded_table_is_refused() {
+    /// A free-threaded 3.14 table, synthetic (no 't' build is installed here): the larger object
+    /// header of a 't' build (32 bytes) moves every object field 16 bytes on; `co_tlbc` and
+    /// `tlbc_index` given. Accepted, with those offsets; without `co_tlbc`, refused.
+    pub(crate) fn free_threaded_314() -> Vec<u8> {
         let v = (3, 14);
         let mut b = FIXTURES[2].2.to_vec();
+        let get = |b: &[u8], name: &str| {
+            let i = index(v, name);
+            u64::from_ne_bytes(b[i..i + 8].try_into().unwrap())
+        };
         set(&mut b, v, "free_threaded", 1);
-        set(&mut b, v, "unicode_object.length", 40);
-        set(&mut b, v, "bytes_object.ob_size", 40);
+        for name in [
+            "code_object.size",
+            "code_object.filename",
+            "code_object.name",
+            "code_object.qualname",
+            "code_object.linetable",
+            "code_object.firstlineno",
+            "code_object.co_code_adaptive",
+            "unicode_object.size",
+            "unicode_object.state",
+            "unicode_object.length",
+            "unicode_object.asciiobject_size",
+            "bytes_object.size",
+            "bytes_object.ob_size",
+            "bytes_object.ob_sval",
+        ] {
+            let x = get(&b, name) + 16;
+            set(&mut b, v, name, x);
+        }
+        let code_size = get(&b, "code_object.size");
+        set(&mut b, v, "code_object.size", code_size + 8);
+        set(&mut b, v, "code_object.co_tlbc", code_size);
+        let frame_size = get(&b, "interpreter_frame.size");
+        set(&mut b, v, "interpreter_frame.size", frame_size + 8);
         set(&mut b, v, "interpreter_frame.tlbc_index", 72);
-        let e = parse(&b, v).unwrap_err();
+        b
+    }
+
+    #[test]
+    fn free_threaded_table() {
+        let v = (3, 14);
+        let b = free_threaded_314();
+        let t = parse(&b, v).unwrap();
+        assert!(t.free_threaded);
+        let o = t.offsets;
+        assert_eq!((o.unicode_length, o.bytes_size), (32, 32));
+        assert_eq!((o.unicode_ascii_data, o.unicode_compact_data), (56, 72));
+        assert!(o.code_tlbc > o.code_adaptive);
+        // 3.14t without the thread-local bytecode's offsets: refused, with that reason.
+        let mut bad = b.clone();
+        set(&mut bad, v, "code_object.co_tlbc", 0);
+        let e = parse(&bad, v).unwrap_err();
         assert_eq!(e, TableError::FreeThreaded);
         assert!(e.to_string().contains("free-threaded"));
+        // A length inside the header: refused.
+        let mut bad = b.clone();
+        set(&mut bad, v, "unicode_object.length", 8);
+        assert!(matches!(parse(&bad, v), Err(TableError::OutOfRange { .. })));
     }
 
     proptest::proptest! {

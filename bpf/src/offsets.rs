@@ -55,6 +55,13 @@ pub struct Offsets {
     pub unicode_compact_data: i32,
     pub unicode_state: i32,
     pub bytes_data: i32,
+    /// `PyASCIIObject.length` (2.7: `ob_size`) and `PyBytesObject.ob_size`: 16 with the GIL,
+    /// further in a free-threaded build, whose object header is larger.
+    pub unicode_length: i32,
+    pub bytes_size: i32,
+    /// `co_tlbc` (free-threaded 3.14+): the code's thread-local bytecode copies, which a frame's
+    /// `instr_ptr` may point into; -1 where absent.
+    pub code_tlbc: i32,
 }
 
 impl Offsets {
