@@ -132,10 +132,7 @@ fn walker_from_the_targets_debug_offsets_debian_and_pyenv() {
 
 fn check(d: &Decoded, what: &str, measured: &std::collections::HashMap<String, f64>) {
     let rounds = d.count_where(|s| s.has("round_"));
-    assert!(
-        rounds >= 800,
-        "{what}: too few samples in round_: {rounds}"
-    );
+    assert!(rounds >= 800, "{what}: too few samples in round_: {rounds}");
     // Nothing from a trampoline: no trampoline was turned on.
     assert_eq!(
         d.count_where(|s| s.str_labels["frames_from"].contains("trampoline")),
@@ -217,4 +214,70 @@ fn check(d: &Decoded, what: &str, measured: &std::collections::HashMap<String, f
         })
     });
     assert_eq!(above, 0, "{what}: C-extension frames above <module>");
+}
+
+/// A process whose `_Py_DebugOffsets` is corrupt (it overwrites its own, which CPython itself
+/// never reads): `info` and the record summary give the reason, the profile has native frames
+/// only — no misread Python stack. One with a wrong cookie (pyenv's 3.13), one with an offset
+/// out of range (Debian's 3.14: `interpreter_frame.owner`, field 36 of its layout).
+#[test]
+fn a_corrupt_debug_offsets_table_is_refused_with_its_reason() {
+    let script = |at: usize, bytes: &str| {
+        format!(
+            "import ctypes, os, sys\n\
+             a = ctypes.addressof(ctypes.c_char.in_dll(ctypes.pythonapi, '_PyRuntime'))\n\
+             ctypes.memmove(a + {at}, {bytes}, 8)\n\
+             def busy_here():\n\
+             \x20   x = 0\n\
+             \x20   while True:\n\
+             \x20       x += 1\n\
+             print('ready', os.getpid(), flush=True)\n\
+             busy_here()\n"
+        )
+    };
+    let mut cases: Vec<(String, std::process::Command, &str)> = Vec::new();
+    if let Some(py) = python("3.13") {
+        let mut c = std::process::Command::new(py);
+        c.args(["-c", &script(0, "b'ydebugpy'")]);
+        cases.push(("pyenv 3.13".into(), c, "cookie"));
+    }
+    if let Some(mut c) = chroot_python("3.14") {
+        // 8 (cookie) + 8 * 35: interpreter_frame.owner in the 3.14 layout.
+        c.args(["-c", &script(8 + 8 * 35, "(1 << 20).to_bytes(8, 'little')")]);
+        cases.push((
+            "Debian 3.14".into(),
+            c,
+            "interpreter_frame.owner = 1048576 is out of range",
+        ));
+    }
+    for (what, mut cmd, reason) in cases {
+        let w = Workload::start(&mut cmd);
+        let pid = w.pid().to_string();
+        let o = run_perfpy(&["info", "-p", &pid, "--json"]);
+        let info: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let ebpf = info["python_processes"][0]["ebpf"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            ebpf.starts_with("no: ") && ebpf.contains(reason),
+            "{what}: {ebpf}"
+        );
+        let out = tmp(&format!("corrupt-{}.pb.gz", what.replace(' ', "-")));
+        let o = run_perfpy(&["record", "-p", &pid, "-d", "2", "-o", out.to_str().unwrap()]);
+        assert!(o.status.success(), "{what}");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            stderr.contains("native frames only (") && stderr.contains(reason),
+            "{what}: {stderr}"
+        );
+        let d = decode(&out);
+        assert!(d.total() > 50, "{what}: {} samples", d.total());
+        assert_eq!(
+            d.count_where(|s| s.str_labels["frames_from"] != "native"),
+            0,
+            "{what}: Python frames from a refused table"
+        );
+        assert_eq!(d.count_where(|s| s.has("busy_here")), 0, "{what}");
+    }
 }
