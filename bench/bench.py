@@ -8,7 +8,8 @@ Sections (all by default; pick with --only a,b,...):
              the eBPF walker's run time per sample. 3.11: eBPF path (spawned). 3.12: perfpy attached
              with --inject-python (trampoline path), the trampoline's own cost shown separately.
   threads    1 kHz on 2 busy Python threads: no lost samples.
-  accuracy   the error of a known CPU split (testdata/split.py) on every installed CPython.
+  accuracy   the error of a known CPU split (testdata/split.py) on every installed CPython and on
+             Debian's 3.13 - 3.15 (sid chroot): error, chain share, eBPF walker µs per sample.
   symbolize  a 60 s `record -a` of several Python processes (in a private PID namespace): the
              time from the end of sampling to the written file.
   soak       a 10-minute recording at 1 kHz of a busy 2-thread process: perfpy's RSS and open
@@ -289,17 +290,45 @@ def part_of(names):
     return None
 
 
+SID = os.environ.get("PERFPY_SID", "/var/cache/perfpy/sid")
+CHAIN = ("<module>", "main", "loop", "round_", "hot_function", "spin")
+
+
+def sid_pythons():
+    """Debian unstable's own 3.13 - 3.15 in the chroot of scripts/deps.sh: (label, command
+    prefix, split.py inside the chroot, report path on the host, the same inside)."""
+    out = []
+    if not os.path.isdir(SID):
+        return out
+    os.makedirs(os.path.join(SID, "perfpy-testdata"), exist_ok=True)
+    shutil.copy(SPLIT, os.path.join(SID, "perfpy-testdata", "split.py"))
+    for v in ("3.13", "3.14", "3.15"):
+        if os.access(os.path.join(SID, "usr/bin/python" + v), os.X_OK):
+            inside = "/tmp/perfpy-bench-split-%s.txt" % v
+            out.append(("%s (Debian sid)" % v, ["chroot", SID, "/usr/bin/python" + v],
+                        "/perfpy-testdata/split.py", os.path.join(SID, inside.lstrip("/")), inside))
+    return out
+
+
 def section_accuracy(seconds=6):
     tmp = tempfile.mkdtemp(prefix="perfpy-bench-")
     say("### Accuracy: a known CPU split (testdata/split.py, %d s at 1 kHz, spawned)" % seconds)
     say()
-    say("| python | samples | " + " | ".join("%s perfpy / measured" % p for p in PARTS) + " | largest error (points) |")
-    say("| --- | --- | " + " | ".join("---" for _ in PARTS) + " | --- |")
-    for label, exe in pythons():
+    say("Chain share: the share of `spin`'s samples with the whole chain from `<module>`. eBPF µs: the walker's "
+        "run time per sample (`kernel.bpf_stats_enabled`). Debian sid: stripped, non-PIE, offsets from the target's "
+        "`_Py_DebugOffsets`.")
+    say()
+    say("| python | samples | " + " | ".join("%s perfpy / measured" % p for p in PARTS)
+        + " | largest error (points) | chain share | eBPF µs per sample |")
+    say("| --- | --- | " + " | ".join("---" for _ in PARTS) + " | --- | --- | --- |")
+    rep = os.path.join(tmp, "split.txt")
+    targets = [(label, [exe], SPLIT, rep, rep) for label, exe in pythons()] + sid_pythons()
+    for label, prefix, split, rep, rep_inside in targets:
         pb = os.path.join(tmp, "a.pb.gz")
-        rep = os.path.join(tmp, "split.txt")
-        env = dict(os.environ, SPLIT_REPORT=rep)
-        p = subprocess.run([PERFPY, "record", "-r", "1000", "-o", pb, "--", exe, SPLIT, str(seconds)],
+        if os.path.exists(rep):
+            os.unlink(rep)
+        env = dict(os.environ, SPLIT_REPORT=rep_inside)
+        p = subprocess.run([PERFPY, "record", "-r", "1000", "-o", pb, "--"] + prefix + [split, str(seconds)],
                            capture_output=True, text=True, env=env)
         if p.returncode != 0 or not os.path.exists(rep):
             say("| %s | failed (%d) | %s |" % (label, p.returncode, p.stderr.strip().splitlines()[-1:]))
@@ -310,15 +339,22 @@ def section_accuracy(seconds=6):
             k, v = line.rsplit(" ", 1)
             measured[k] = float(v)
         counts = dict.fromkeys(PARTS, 0)
+        spin = full = 0
         for n, names, _ in pprof.read(pb):
             part = part_of(names)
             if part:
                 counts[part] += n
+            if "spin" in names:
+                spin += n
+                plain = set(x.rsplit(".", 1)[-1] for x in names)
+                full += n if all(c in plain for c in CHAIN) else 0
         total = sum(counts.values())
         errs = [abs(counts[p] / total - measured[p]) * 100 if total else 100 for p in PARTS]
-        say("| %s | %d | %s | %.1f %s |" % (label, total, " | ".join(
+        bpf_us = perfpy_stats(p.stderr)[2]
+        say("| %s | %d | %s | %.1f %s | %s | %s |" % (label, total, " | ".join(
             "%.1f / %.1f" % (counts[p] / max(total, 1) * 100, measured[p] * 100) for p in PARTS), max(errs),
-            check(max(errs) <= TARGET_SPLIT_POINTS, "accuracy %s: error %.1f points" % (label, max(errs)))))
+            check(max(errs) <= TARGET_SPLIT_POINTS, "accuracy %s: error %.1f points" % (label, max(errs))),
+            "%.1f%%" % (full * 100.0 / spin) if spin else "-", "%.1f" % bpf_us if bpf_us is not None else "-"))
     say()
     shutil.rmtree(tmp, ignore_errors=True)
 

@@ -217,7 +217,14 @@ fn elf_info(map: Arc<Mmap>) -> Option<ElfInfo> {
                 .find(|s| s.name_bytes() == Ok(name) && s.address() != 0)
                 .map(|s| s.address())
         };
-        find(b"_PyRuntime").or_else(|| find(b"interp_head"))
+        find(b"_PyRuntime")
+            .or_else(|| find(b"interp_head"))
+            // 3.13+: `_PyRuntime` also has a section of its own, found without any symbol.
+            .or_else(|| {
+                elf.section_by_name(".PyRuntime")
+                    .map(|s| s.address())
+                    .filter(|&a| a != 0)
+            })
     } else {
         None
     };
@@ -359,6 +366,69 @@ mod tests {
                 "{}",
                 lib.display()
             );
+        }
+    }
+
+    /// An interpreter with no `_PyRuntime` symbol at all: the `.PyRuntime` section gives it.
+    #[test]
+    fn py_runtime_from_the_pyruntime_section() {
+        let dir = std::env::temp_dir().join(format!("perfpy-pyruntime-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let c = dir.join("rt.c");
+        std::fs::write(
+            &c,
+            "__attribute__((section(\".PyRuntime\"), used)) char runtime_state[64] = \"xdebugpy\";\n\
+             void _PyEval_EvalFrameDefault(void) {}\nint main(void) { return 0; }\n",
+        )
+        .unwrap();
+        let exe = dir.join("rt");
+        let st = std::process::Command::new("cc")
+            .args(["-O0", "-rdynamic", "-o"])
+            .arg(&exe)
+            .arg(&c)
+            .status()
+            .expect("cc");
+        assert!(st.success());
+        let data = std::fs::read(&exe).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let elf = ElfFile64::<Endianness>::parse(&data[..]).unwrap();
+        let section = elf.section_by_name(".PyRuntime").unwrap().address();
+        assert!(!elf
+            .dynamic_symbols()
+            .chain(elf.symbols())
+            .any(|s| s.name() == Ok("_PyRuntime")));
+        let info = elf_info(mapped(&data)).unwrap();
+        assert!(info.is_python_interpreter);
+        assert_eq!(info.py_runtime, Some(section));
+    }
+
+    /// Debian's own 3.13 – 3.15 (stripped, non-PIE, libpython inside), when the sid chroot of
+    /// scripts/deps.sh is there: an interpreter, its version, `_PyRuntime` (in `.dynsym`, at the
+    /// start of `.PyRuntime`).
+    #[test]
+    fn debian_stripped_non_pie_interpreters() {
+        let sid = std::path::Path::new("/var/cache/perfpy/sid/usr/bin");
+        for minor in [13, 14, 15] {
+            let Ok(data) = std::fs::read(sid.join(format!("python3.{minor}"))) else {
+                assert!(
+                    !ci(),
+                    "Debian's python3.{minor} missing: run scripts/deps.sh"
+                );
+                continue;
+            };
+            let elf = ElfFile64::<Endianness>::parse(&data[..]).unwrap();
+            assert_eq!(
+                elf.elf_header().e_type(Endianness::Little),
+                object::elf::ET_EXEC
+            );
+            let section = elf.section_by_name(".PyRuntime").unwrap().address();
+            let info = elf_info(mapped(&data)).unwrap();
+            assert!(info.is_python_interpreter);
+            assert!(info
+                .python_version
+                .as_deref()
+                .is_some_and(|v| v.starts_with(&format!("3.{minor}."))));
+            assert_eq!(info.py_runtime, Some(section), "3.{minor}");
         }
     }
 

@@ -134,7 +134,32 @@ pub fn python_process(files: &mut Files, pid: u32, ask: bool) -> Option<Value> {
         "off".to_string()
     };
     // The eBPF walker: offsets for this version, and the symbol it starts from.
+    let mut offsets = String::new();
     let ebpf = match minor.map(|(a, b)| (a as u8, b as u8)) {
+        Some(v) if perfpy_bpf::debug_offsets::from_target(v) => {
+            // 3.13+: the offsets are the target's own, read and checked now.
+            match perfpy_inject::discover(pid as i32) {
+                Ok(d) => match d.symbol("_PyRuntime") {
+                    Some(rt) => match perfpy_bpf::debug_offsets::read(
+                        &perfpy_bpf::code::LiveMemory,
+                        pid,
+                        rt,
+                        v,
+                    ) {
+                        Ok(t) => {
+                            offsets = format!(
+                                "the target's debug offsets (_Py_DebugOffsets, version {:#x})",
+                                t.version
+                            );
+                            "yes".to_string()
+                        }
+                        Err(e) => format!("no: {e}"),
+                    },
+                    None => "no: _PyRuntime not found in the interpreter's symbols".to_string(),
+                },
+                Err(e) => format!("no: {e}"),
+            }
+        }
         Some(v) if perfpy_bpf::Offsets::for_version(v).is_some() => {
             let sym = if v >= (3, 7) {
                 "_PyRuntime"
@@ -142,7 +167,10 @@ pub fn python_process(files: &mut Files, pid: u32, ask: bool) -> Option<Value> {
                 "interp_head"
             };
             match perfpy_inject::discover(pid as i32) {
-                Ok(d) if d.symbol(sym).is_some() => "yes".to_string(),
+                Ok(d) if d.symbol(sym).is_some() => {
+                    offsets = format!("perfpy's table for CPython {}.{}", v.0, v.1);
+                    "yes".to_string()
+                }
                 Ok(_) => format!("no: {sym} not found in the interpreter's symbols"),
                 Err(e) => format!("no: {e}"),
             }
@@ -197,6 +225,7 @@ pub fn python_process(files: &mut Files, pid: u32, ask: bool) -> Option<Value> {
         "trampoline_users": trampoline_users,
         "python_frames": python_frames,
         "ebpf": ebpf,
+        "ebpf_offsets": offsets,
         "injection": injection,
     }))
 }
@@ -282,7 +311,10 @@ pub fn run(pids: &[i32], as_json: bool) -> Result<i32> {
                 s("version"),
                 s("interpreter"),
                 s("python_frames"),
-                s("ebpf"),
+                match p["ebpf_offsets"].as_str() {
+                    Some(o) if !o.is_empty() => format!("yes, offsets from {o}"),
+                    _ => s("ebpf"),
+                },
                 s("trampoline"),
                 s("injection")
             );

@@ -247,6 +247,8 @@ struct Collector {
     stats: Stats,
     max_frames: usize,
     scratch_addrs: Vec<u64>,
+    /// The stack pointer of each unwound frame (`scratch_addrs[i]` runs with `scratch_sps[i]`).
+    scratch_sps: Vec<u64>,
     scratch_locs: Vec<u32>,
     /// Targets (pids) whose exit ends the run.
     exited: HashSet<u32>,
@@ -254,6 +256,8 @@ struct Collector {
     to_release: std::collections::VecDeque<(Instant, u32)>,
     /// Pids ever handed to the eBPF walker (for the summary).
     walked: HashSet<u32>,
+    /// Processes the walker refused, with the reason (a 3.13+ debug-offsets table that failed).
+    walk_refused: HashMap<u32, String>,
 }
 
 impl Collector {
@@ -389,13 +393,15 @@ impl Collector {
         };
         let mut it = v.split('.').filter_map(|x| x.parse::<u8>().ok());
         let version = (it.next().unwrap_or(0), it.next().unwrap_or(0));
-        let Some(off) = perfpy_bpf::Offsets::for_version(version) else {
+        if perfpy_bpf::Offsets::for_version(version).is_none()
+            && !perfpy_bpf::debug_offsets::from_target(version)
+        {
             tracing::debug!(
                 pid = p.pid,
                 "CPython {v}: no eBPF walker for this version yet"
             );
             return;
-        };
+        }
         // 3.7+: _PyRuntime; 2.7 and 3.6: the interpreter list head, `interp_head`. From the
         // interpreter file's symbols, read once per file (a new process costs no ELF parsing:
         // with -a, short-lived processes come by the dozen a second).
@@ -415,10 +421,28 @@ impl Collector {
             );
             return;
         };
+        // 3.13+: the offsets come from the target's own _Py_DebugOffsets, checked.
+        let off = match perfpy_bpf::Offsets::for_version(version) {
+            Some(o) => o,
+            None => match perfpy_bpf::debug_offsets::read(
+                &perfpy_bpf::code::LiveMemory,
+                p.pid,
+                runtime,
+                version,
+            ) {
+                Ok(t) => t.offsets,
+                Err(e) => {
+                    tracing::debug!(pid = p.pid, "CPython {v}: eBPF walker refused: {e}");
+                    self.walk_refused.insert(p.pid, e.to_string());
+                    return;
+                }
+            },
+        };
         match py.walker.add_process(&perfpy_bpf::PyProcess {
             pid: p.pid,
             version,
             runtime,
+            offsets: off,
         }) {
             Ok(()) => {
                 tracing::debug!(pid = p.pid, "CPython {v}: frames walked by the eBPF walker");
@@ -448,6 +472,8 @@ impl Collector {
             _ => None,
         };
         let mut addrs = std::mem::take(&mut self.scratch_addrs);
+        let mut sps = std::mem::take(&mut self.scratch_sps);
+        sps.clear();
         let mut locs = std::mem::take(&mut self.scratch_locs);
         addrs.clear();
         locs.clear();
@@ -463,7 +489,15 @@ impl Collector {
                     p.refresh_maps(&mut self.files);
                 }
                 let mem = LiveMemory(s.pid);
-                let o = unwind::unwind(p, &mem, regs, s.stack, self.max_frames, &mut addrs);
+                let o = unwind::unwind_sp(
+                    p,
+                    &mem,
+                    regs,
+                    s.stack,
+                    self.max_frames,
+                    &mut addrs,
+                    Some(&mut sps),
+                );
                 if !o.complete {
                     self.stats.unwind_incomplete += 1;
                 }
@@ -479,6 +513,9 @@ impl Collector {
         // Python frames from the walker, newest first, cut into groups: one per C-level
         // evaluation call (a group ends at its entry frame).
         let mut groups: Vec<Vec<FrameKey>> = Vec::new();
+        // 3.12+: per group, the address of the shim frame under its entry frame, a local of
+        // the C eval call running the group (0 where unknown).
+        let mut shims: Vec<u64> = Vec::new();
         if let (Some(st), Some(py)) = (&py_stack, self.py.as_mut()) {
             if let Some((off, version)) = py.procs.get(&s.pid).copied() {
                 let mut g = Vec::new();
@@ -499,10 +536,12 @@ impl Collector {
                     }
                     if f.entry {
                         groups.push(std::mem::take(&mut g));
+                        shims.push(if version >= (3, 12) { f.first_local } else { 0 });
                     }
                 }
                 if !g.is_empty() {
                     groups.push(g);
+                    shims.push(0);
                 }
             }
         }
@@ -513,6 +552,11 @@ impl Collector {
             // own start-up frames are then missing. Unless the walker itself stopped short.
             truncated = py_stack.as_ref().is_some_and(|st| st.truncated);
         }
+        // Where every group's shim frame is known, the native frame whose stack frame holds it
+        // runs the group: exact, even in a stripped interpreter whose evaluation loop has no
+        // symbol (Debian's); otherwise the evaluation function's symbol decides.
+        let by_shim =
+            !shims.is_empty() && shims.iter().all(|&x| x != 0) && sps.len() == addrs.len();
         let mut next_group = 0;
         for (i, &a) in addrs.iter().enumerate() {
             // Return addresses point after the call: look up the call itself.
@@ -522,15 +566,21 @@ impl Collector {
                 if p.trampolines.is_known_trampoline(a) {
                     continue;
                 }
-                let is_eval = p.mapping(lookup).is_some_and(|m| {
-                    m.file.as_ref().is_some_and(|f| {
-                        let r = f.elf.as_ref().and_then(|e| e.eval_range.clone());
-                        r.is_some_and(|r| {
-                            f.file_offset_to_vaddr(lookup - m.start + m.pgoff)
-                                .is_some_and(|v| r.contains(&v))
+                let is_eval = if by_shim {
+                    let lo = sps[i];
+                    let hi = sps.get(i + 1).copied().unwrap_or(0);
+                    shims.get(next_group).is_some_and(|&x| lo <= x && x < hi)
+                } else {
+                    p.mapping(lookup).is_some_and(|m| {
+                        m.file.as_ref().is_some_and(|f| {
+                            let r = f.elf.as_ref().and_then(|e| e.eval_range.clone());
+                            r.is_some_and(|r| {
+                                f.file_offset_to_vaddr(lookup - m.start + m.pgoff)
+                                    .is_some_and(|v| r.contains(&v))
+                            })
                         })
                     })
-                });
+                };
                 if is_eval && next_group < groups.len() {
                     for k in &groups[next_group] {
                         locs.push(self.profile.location(*k));
@@ -575,6 +625,7 @@ impl Collector {
         }
         self.profile.add(key, s.tid, &locs);
         self.scratch_addrs = addrs;
+        self.scratch_sps = sps;
         self.scratch_locs = locs;
     }
 }
@@ -929,10 +980,12 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         stats: Stats::default(),
         max_frames: opts.max_frames,
         scratch_addrs: Vec::with_capacity(256),
+        scratch_sps: Vec::with_capacity(256),
         scratch_locs: Vec::with_capacity(256),
         exited: HashSet::new(),
         to_release: Default::default(),
         walked: HashSet::new(),
+        walk_refused: HashMap::new(),
     };
     for &pid in &tgids {
         let key = c.proc_key(pid);
@@ -1203,17 +1256,18 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
                     (false, Some(n)) => format!("CPython {v}: native frames only ({n})"),
                     (false, None) => {
                         let mut it = v.split('.').filter_map(|x| x.parse::<u8>().ok());
-                        let supported = perfpy_bpf::Offsets::for_version((
-                            it.next().unwrap_or(0),
-                            it.next().unwrap_or(0),
-                        ))
-                        .is_some();
+                        let ver = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+                        let supported = perfpy_bpf::Offsets::for_version(ver).is_some()
+                            || perfpy_bpf::debug_offsets::layout(ver).is_some();
+                        let refused = c.walk_refused.get(&pid).cloned().unwrap_or_default();
                         let why = if !opts.ebpf {
                             "eBPF walker off (--no-ebpf)"
                         } else if !walker_ran {
                             "eBPF walker not loaded, see the warning above"
                         } else if !supported {
                             "the eBPF walker does not know this version"
+                        } else if !refused.is_empty() {
+                            refused.as_str()
                         } else if c.walked.contains(&pid) {
                             "no Python code ran while it was sampled"
                         } else {

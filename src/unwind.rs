@@ -160,6 +160,7 @@ pub struct UnwindOutcome {
 
 /// Unwinds from user registers over the copied stack (which starts at `regs.sp`). Pushes the
 /// instruction pointer, then return addresses, into `out`.
+#[cfg(test)]
 pub fn unwind(
     proc: &mut Process,
     mem: &dyn CodeMemory,
@@ -167,6 +168,20 @@ pub fn unwind(
     stack: &[u8],
     max_frames: usize,
     out: &mut Vec<u64>,
+) -> UnwindOutcome {
+    unwind_sp(proc, mem, regs, stack, max_frames, out, None)
+}
+
+/// [`unwind`], also pushing into `sps` the stack pointer of each frame (`sps[i]` for `out[i]`):
+/// frame `i`'s locals lie in `sps[i]..sps[i + 1]`.
+pub fn unwind_sp(
+    proc: &mut Process,
+    mem: &dyn CodeMemory,
+    regs: [u64; 3],
+    stack: &[u8],
+    max_frames: usize,
+    out: &mut Vec<u64>,
+    mut sps: Option<&mut Vec<u64>>,
 ) -> UnwindOutcome {
     let [bp, sp, ip] = regs;
     let stack_base = sp;
@@ -189,6 +204,9 @@ pub fn unwind(
     let mut address = FrameAddress::from_instruction_pointer(ip);
     let mut outcome = UnwindOutcome::default();
     out.push(ip);
+    if let Some(v) = sps.as_deref_mut() {
+        v.push(sp);
+    }
     loop {
         if out.len() >= max_frames {
             outcome.truncated = true;
@@ -234,6 +252,9 @@ pub fn unwind(
                 }
                 regs.set_ip(ra);
                 out.push(ra);
+                if let Some(v) = sps.as_deref_mut() {
+                    v.push(regs.sp());
+                }
             }
             Ok(_) => {
                 outcome.complete = true;

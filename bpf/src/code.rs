@@ -95,7 +95,7 @@ fn i32_at(m: &dyn RemoteMemory, pid: u32, addr: u64) -> Option<i32> {
 
 /// Reads a `str` object (compact ASCII or compact UCS-1/2/4; a byte string on 2.7).
 fn read_unicode(m: &dyn RemoteMemory, pid: u32, o: &Offsets, obj: u64) -> Option<String> {
-    let len = u64_at(m, pid, field(obj, 16)?)?;
+    let len = u64_at(m, pid, field(obj, o.unicode_length)?)?;
     if o.unicode_state < 0 {
         // 2.7: PyStringObject, bytes at ob_sval.
         if len > MAX_STRING {
@@ -139,7 +139,7 @@ fn read_unicode(m: &dyn RemoteMemory, pid: u32, o: &Offsets, obj: u64) -> Option
 }
 
 fn read_bytes(m: &dyn RemoteMemory, pid: u32, o: &Offsets, obj: u64) -> Option<Vec<u8>> {
-    let len = u64_at(m, pid, field(obj, 16)?)?;
+    let len = u64_at(m, pid, field(obj, o.bytes_size)?)?;
     if len > MAX_TABLE {
         return None;
     }
@@ -191,6 +191,26 @@ fn read_code(m: &dyn RemoteMemory, pid: u32, o: &Offsets, code: u64) -> Option<C
             0
         },
     })
+}
+
+/// Free-threaded 3.14+: the start of the copy of the bytecode `instr` runs in. `co_tlbc` is a
+/// `_PyCodeArray` (`Py_ssize_t size; char *entries[]`, entry 0 being `co_code_adaptive`, the
+/// others each thread's own copy): the nearest entry at or below `instr`.
+fn tlbc_base(m: &dyn RemoteMemory, pid: u32, o: &Offsets, code: u64, instr: u64) -> Option<u64> {
+    const MAX_COPIES: u64 = 1024;
+    let arr = u64_at(m, pid, field(code, o.code_tlbc)?)?;
+    let n = u64_at(m, pid, arr)?;
+    if n == 0 || n > MAX_COPIES {
+        return None;
+    }
+    let mut buf = vec![0u8; n as usize * 8];
+    if !m.read(pid, arr.checked_add(8)?, &mut buf) {
+        return None;
+    }
+    buf.chunks_exact(8)
+        .map(|c| u64::from_ne_bytes(c.try_into().unwrap()))
+        .filter(|&e| e != 0 && e <= instr)
+        .max()
 }
 
 fn varint(t: &[u8], i: &mut usize) -> u32 {
@@ -342,8 +362,13 @@ impl CodeReader {
         // one; before 3.11 the frame holds f_lasti, in bytes (≤ 3.9) or code units (3.10).
         let line = match version {
             (3, v) if v >= 11 => {
-                if f.instr >= code.start {
-                    line_of(&code.linetable, code.first_line, (f.instr - code.start) / 2)
+                let start = if o.code_tlbc >= 0 {
+                    tlbc_base(mem, pid, o, f.code, f.instr).unwrap_or(code.start)
+                } else {
+                    code.start
+                };
+                if f.instr >= start {
+                    line_of(&code.linetable, code.first_line, (f.instr - start) / 2)
                 } else {
                     code.first_line
                 }
@@ -413,6 +438,14 @@ impl CodeReader {
 mod tests {
     use super::*;
 
+    /// The offsets of version `v` (3.13: the tree's reference table, what its debug table gives).
+    fn table(v: (u8, u8)) -> Offsets {
+        match v {
+            (3, 13) => crate::offsets::V3_13,
+            _ => Offsets::for_version(v).unwrap(),
+        }
+    }
+
     /// Memory made of one repeated random block: pointers lead anywhere (cycles, huge lengths).
     struct Garbage(Vec<u8>);
 
@@ -434,7 +467,7 @@ mod tests {
             let mem = Garbage(block);
             let mut r = CodeReader::default();
             for v in [(2u8, 7u8), (3, 6), (3, 9), (3, 10), (3, 11), (3, 12), (3, 13)] {
-                let o = Offsets::for_version(v).unwrap();
+                let o = table(v);
                 let f = PyFrameRef { code, instr, entry: false, owner: 0, first_local: local, ident: 0 };
                 if let Some(i) = r.resolve(&mem, 1, &o, v, &f) {
                     proptest::prop_assert!(i.qualname.len() <= 2 * MAX_STRING as usize + 260);
@@ -496,7 +529,7 @@ mod tests {
         fn string(&mut self, addr: u64, o: &Offsets, text: &str) {
             let data = o.unicode_ascii_data as usize;
             self.regions.insert(addr, vec![0; data + text.len() + 1]);
-            self.ptr(addr, 16, text.len() as u64);
+            self.ptr(addr, o.unicode_length, text.len() as u64);
             if o.unicode_state >= 0 {
                 // kind 1 (bits 2-4), compact (bit 5), ascii (bit 6).
                 self.put(
@@ -511,7 +544,10 @@ mod tests {
         /// The code object of `Klass.method` in `/app/x.py`, first line 10, whose first
         /// instruction is on line 12 (a `self` method before 3.11), and the frame running it.
         fn method(v: (u8, u8)) -> (Objects, Offsets, PyFrameRef) {
-            let o = Offsets::for_version(v).unwrap();
+            Objects::method_with(v, table(v))
+        }
+
+        fn method_with(v: (u8, u8), o: Offsets) -> (Objects, Offsets, PyFrameRef) {
             let mut m = Objects::default();
             m.regions.insert(CODE, vec![0; 512]);
             m.string(
@@ -538,7 +574,7 @@ mod tests {
             };
             m.regions
                 .insert(TABLE, vec![0; o.bytes_data as usize + table.len()]);
-            m.ptr(TABLE, 16, table.len() as u64);
+            m.ptr(TABLE, o.bytes_size, table.len() as u64);
             m.put(TABLE, o.bytes_data, table);
             m.ptr(CODE, o.code_linetable, TABLE);
             let mut first_local = 0;
@@ -576,6 +612,45 @@ mod tests {
                 },
             )
         }
+    }
+
+    /// Free-threaded 3.14 (synthetic table and memory: no 't' build is installed here): strings
+    /// and bytes behind the larger object header; a frame running in a thread's own copy of
+    /// the bytecode (`co_tlbc`) gets the line of its offset in that copy.
+    #[test]
+    fn free_threaded_code_objects_and_thread_local_bytecode() {
+        let v = (3, 14);
+        let o = crate::debug_offsets::parse(&crate::debug_offsets::tests::free_threaded_314(), v)
+            .unwrap()
+            .offsets;
+        let (mut m, o, mut f) = Objects::method_with(v, o);
+        // Line 12 for unit 0, then line 15 for units 1 - 4.
+        let table = [0x80 | (13 << 3), 2 << 1, 0x80 | (13 << 3) | 3, 3 << 1];
+        m.regions
+            .insert(TABLE, vec![0; o.bytes_data as usize + table.len()]);
+        m.ptr(TABLE, o.bytes_size, table.len() as u64);
+        m.put(TABLE, o.bytes_data, &table);
+        // co_tlbc: two copies, the main one and a thread's own, below the code object.
+        const TLBC: u64 = 0x50_0000;
+        const COPY: u64 = 0x0F_0000;
+        m.regions.insert(TLBC, vec![0; 24]);
+        m.ptr(TLBC, 0, 2);
+        m.ptr(TLBC, 8, CODE + o.code_adaptive as u64);
+        m.ptr(TLBC, 16, COPY);
+        m.ptr(CODE, o.code_tlbc, TLBC);
+        let i = resolve(&m, &o, v, &f).unwrap();
+        assert_eq!(
+            (i.qualname.as_str(), i.filename.as_str(), i.line),
+            ("Klass.method", "/app/x.py", 12)
+        );
+        f.instr = COPY + 3 * 2;
+        assert_eq!(resolve(&m, &o, v, &f).unwrap().line, 15);
+        f.instr = CODE + o.code_adaptive as u64 + 2;
+        assert_eq!(resolve(&m, &o, v, &f).unwrap().line, 15);
+        // A garbage co_tlbc: the main copy's offsets, no panic.
+        m.ptr(TLBC, 0, u64::MAX);
+        f.instr = COPY + 6;
+        assert_eq!(resolve(&m, &o, v, &f).unwrap().line, 10);
     }
 
     fn resolve(m: &Objects, o: &Offsets, v: (u8, u8), f: &PyFrameRef) -> Option<PyFrameInfo> {

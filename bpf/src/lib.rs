@@ -11,6 +11,7 @@
 //! typed tables in [`offsets`], handed to the program per process through the `procs` map.
 
 pub mod code;
+pub mod debug_offsets;
 pub mod offsets;
 
 use std::mem::MaybeUninit;
@@ -48,8 +49,6 @@ pub enum BpfError {
     Attach(String),
     #[error("cannot register pid {pid} with the eBPF walker: {detail}")]
     Register { pid: u32, detail: String },
-    #[error("CPython {0}.{1} is not supported by the eBPF walker (2.7 and 3.6 – 3.13 are)")]
-    Unsupported(u8, u8),
 }
 
 /// One frame as the program saw it.
@@ -87,6 +86,8 @@ pub struct PyProcess {
     pub version: (u8, u8),
     /// Absolute address of `_PyRuntime` (3.7+) or of `interp_head` (2.7, 3.6) in the process.
     pub runtime: u64,
+    /// Its offsets: [`Offsets::for_version`] up to 3.12, its own `_Py_DebugOffsets` from 3.13.
+    pub offsets: Offsets,
 }
 
 /// The loaded program, its attachments and its ring buffer.
@@ -277,8 +278,7 @@ impl Walker {
 
     /// Starts walking the frames of a process.
     pub fn add_process(&mut self, p: &PyProcess) -> Result<(), BpfError> {
-        let o = Offsets::for_version(p.version)
-            .ok_or(BpfError::Unsupported(p.version.0, p.version.1))?;
+        let o = p.offsets;
         let cfg = ProcCfg {
             runtime: p.runtime,
             off: [
@@ -299,7 +299,8 @@ impl Walker {
                 o.frame_localsplus,
                 o.code_name,
                 o.code_filename,
-                0,
+                // 3.14+: f_executable is a _PyStackRef (tag bits to mask).
+                i32::from(p.version >= (3, 14)),
             ],
         };
         // SAFETY: ProcCfg is repr(C) plain data without padding (u64 then 18 i32), read as bytes.

@@ -55,9 +55,19 @@ pub struct Offsets {
     pub unicode_compact_data: i32,
     pub unicode_state: i32,
     pub bytes_data: i32,
+    /// `PyASCIIObject.length` (2.7: `ob_size`) and `PyBytesObject.ob_size`: 16 with the GIL,
+    /// further in a free-threaded build, whose object header is larger.
+    pub unicode_length: i32,
+    pub bytes_size: i32,
+    /// `co_tlbc` (free-threaded 3.14+): the code's thread-local bytecode copies, which a frame's
+    /// `instr_ptr` may point into; -1 where absent.
+    pub code_tlbc: i32,
 }
 
 impl Offsets {
+    /// The hand-written table of 2.7 and 3.6 – 3.12. From 3.13 on the walker reads the target's
+    /// own `_Py_DebugOffsets` ([`crate::debug_offsets`]); `V3_13` stays in the tree as the
+    /// reference the table read from a 3.13 process is checked against.
     pub fn for_version(v: (u8, u8)) -> Option<Offsets> {
         match v {
             (2, 7) => Some(V2_7),
@@ -68,7 +78,6 @@ impl Offsets {
             (3, 10) => Some(V3_10),
             (3, 11) => Some(V3_11),
             (3, 12) => Some(V3_12),
-            (3, 13) => Some(V3_13),
             _ => None,
         }
     }

@@ -107,6 +107,17 @@ pub fn parse(data: &[u8]) -> std::io::Result<ElfFacts> {
         }
         symbols.insert(name.to_string(), (s.address(), s.size()));
     }
+    // CPython 3.13+ also puts `_PyRuntime` in a section of its own, `.PyRuntime`, so that a
+    // profiler finds it in a binary stripped of every symbol.
+    if !symbols.contains_key("_PyRuntime") {
+        use object::{ObjectSection, SectionKind};
+        if let Some(s) = elf
+            .section_by_name(".PyRuntime")
+            .filter(|s| s.address() != 0 && s.kind() != SectionKind::UninitializedData)
+        {
+            symbols.insert("_PyRuntime".to_string(), (s.address(), s.size()));
+        }
+    }
     let is_interpreter = symbols.contains_key("_PyEval_EvalFrameDefault")
         || symbols.contains_key("PyEval_EvalFrameEx");
     let py_version_hex = symbols.get("Py_Version").and_then(|(vaddr, _)| {
@@ -267,6 +278,38 @@ mod tests {
             }
         }
         out
+    }
+
+    /// `_PyRuntime` from the `.PyRuntime` section when no symbol has it (a fully stripped 3.13+).
+    #[test]
+    fn py_runtime_from_the_pyruntime_section() {
+        let dir = std::env::temp_dir().join(format!("perfpy-inject-rt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let c = dir.join("rt.c");
+        std::fs::write(
+            &c,
+            "__attribute__((section(\".PyRuntime\"), used)) char runtime_state[64] = \"xdebugpy\";\n\
+             void _PyEval_EvalFrameDefault(void) {}\nint main(void) { return 0; }\n",
+        )
+        .unwrap();
+        let exe = dir.join("rt");
+        let st = std::process::Command::new("cc")
+            .args(["-O0", "-rdynamic", "-o"])
+            .arg(&exe)
+            .arg(&c)
+            .status()
+            .expect("cc");
+        assert!(st.success());
+        let data = std::fs::read(&exe).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let elf = ElfFile64::<object::Endianness>::parse(&data[..]).unwrap();
+        let section = elf.section_by_name(".PyRuntime").unwrap();
+        let f = parse(&data).unwrap();
+        assert!(f.is_interpreter);
+        assert_eq!(
+            f.symbols.get("_PyRuntime"),
+            Some(&(section.address(), section.size()))
+        );
     }
 
     #[test]

@@ -7,7 +7,6 @@
 //! Later lines win over earlier ones for the same start address (code regenerated in place).
 
 use std::io::{BufRead, Read};
-use std::path::Path;
 
 /// Longest line we accept; a longer one is skipped (a qualified name is never this long).
 const MAX_LINE: usize = 64 * 1024;

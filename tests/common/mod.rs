@@ -308,3 +308,85 @@ pub fn line_of(file: &str, needle: &str) -> i64 {
         .expect("needle in file") as i64
         + 1
 }
+
+/// The Debian sid chroot `scripts/deps.sh` prepares (python3.13 – 3.15 as Debian builds them).
+pub fn sid_root() -> PathBuf {
+    std::env::var_os("PERFPY_SID")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/perfpy/sid"))
+}
+
+/// Where testdata/*.py are inside the chroot (copied there by `chroot_python`).
+pub const CHROOT_TESTDATA: &str = "/perfpy-testdata";
+
+/// Debian's `python3.X` of the sid chroot, as a `Command` running
+/// `chroot SID /usr/bin/python3.X` (add the script and its arguments; script paths are inside
+/// the chroot: `chroot_testdata("split.py")`). Copies testdata/*.py into `SID/perfpy-testdata/`
+/// first. Missing: a failure under CI=true, otherwise `None` with a note (run scripts/deps.sh).
+pub fn chroot_python(minor: &str) -> Option<Command> {
+    let root = sid_root();
+    let exe = format!("/usr/bin/python{minor}");
+    if !root.join(exe.trim_start_matches('/')).exists() {
+        if ci() {
+            panic!(
+                "Debian's python{minor} is not in {}: run scripts/deps.sh (CI needs it)",
+                root.display()
+            );
+        }
+        eprintln!(
+            "NOTE: Debian's python{minor} not in {} (scripts/deps.sh makes it); part of this test not run",
+            root.display()
+        );
+        return None;
+    }
+    sync_testdata(&root);
+    let mut cmd = Command::new("chroot");
+    cmd.arg(&root).arg(exe);
+    Some(cmd)
+}
+
+/// `testdata/<name>` as seen from inside the chroot.
+pub fn chroot_testdata(name: &str) -> String {
+    format!("{CHROOT_TESTDATA}/{name}")
+}
+
+/// A fresh file path usable by a process in the chroot: (path on the host, path inside).
+pub fn chroot_tmp(name: &str) -> (PathBuf, String) {
+    let inside = format!("/tmp/perfpy-tests-{}/{name}", std::process::id());
+    let host = sid_root().join(inside.trim_start_matches('/'));
+    std::fs::create_dir_all(host.parent().unwrap()).unwrap();
+    let _ = std::fs::remove_file(&host);
+    (host, inside)
+}
+
+/// Copies testdata/*.py into the chroot where they differ; each file written under a temporary
+/// name and renamed, so tests running at the same time never see half a file.
+fn sync_testdata(root: &Path) {
+    let dst = root.join(CHROOT_TESTDATA.trim_start_matches('/'));
+    std::fs::create_dir_all(&dst).expect("create the chroot's testdata directory");
+    for e in std::fs::read_dir(root_testdata())
+        .unwrap()
+        .filter_map(|e| e.ok())
+    {
+        let p = e.path();
+        if p.extension().and_then(|x| x.to_str()) != Some("py") {
+            continue;
+        }
+        let text = std::fs::read(&p).unwrap();
+        let target = dst.join(e.file_name());
+        if std::fs::read(&target).is_ok_and(|t| t == text) {
+            continue;
+        }
+        let tmp = dst.join(format!(
+            ".{}.{}",
+            e.file_name().to_string_lossy(),
+            std::process::id()
+        ));
+        std::fs::write(&tmp, &text).unwrap();
+        std::fs::rename(&tmp, &target).unwrap();
+    }
+}
+
+fn root_testdata() -> PathBuf {
+    root().join("testdata")
+}

@@ -105,10 +105,15 @@ static long walk_frame(u32 i, struct fctx *x)
         x->flags |= REC_READ_ERROR;
         return 1;
     }
-    if (c->owned_by_cstack >= 0 && owner == (u8)c->owned_by_cstack) {
-        /* A C-level eval call starts here: the frame above it is its entry frame. */
-        if (x->n > 0)
+    if (c->owned_by_cstack >= 0 && owner >= (u8)c->owned_by_cstack) {
+        /* A C-level eval call starts here (3.12, 3.13: owned by CSTACK; 3.14+: by INTERPRETER,
+         * both 3; higher owners are not Python frames either): the frame above it is its entry
+         * frame. That frame's first_local (unused from 3.11 on) gets this shim frame's address:
+         * a local of the eval function, it tells user space which native frame runs the group. */
+        if (x->n > 0) {
             r->frames[(x->n - 1) & (MAX_FRAMES - 1)].flags |= FRAME_ENTRY;
+            r->frames[(x->n - 1) & (MAX_FRAMES - 1)].first_local = x->frame;
+        }
         x->frame = prev;
         return 0;
     }
@@ -123,6 +128,14 @@ static long walk_frame(u32 i, struct fctx *x)
     if (c->frame_localsplus >= 0)
         rd(&f->first_local, 8, x->frame + c->frame_localsplus);
     rd(&f->code, 8, x->frame + c->frame_code);
+    if (c->code_tagged) {
+        /* A _PyStackRef: the low two bits are tags; both set is a tagged int, not an object. */
+        if ((f->code & 3) == 3) {
+            x->frame = prev;
+            return 0;
+        }
+        f->code &= ~(u64)3;
+    }
     /* The code object's identity at the sample instant: its address alone may meanwhile hold
      * another code object (the first one freed), whose name user space would otherwise give. */
     {

@@ -33,7 +33,7 @@ struct proc_cfg {
     __s32 frame_localsplus;     /* <= 3.10: the first local (self / cls), -1 where not read */
     __s32 code_name;            /* co_name and co_filename in the code object: together they */
     __s32 code_filename;        /* tell a code object from another one later at its address */
-    __s32 pad;
+    __s32 code_tagged;          /* 1: f_executable is a _PyStackRef (3.14+): tag bits masked, tagged ints skipped */
 };
 
 struct pyframe {

@@ -28,4 +28,7 @@ pub const V2_7: Offsets = Offsets {
     unicode_compact_data: -1,
     unicode_state: -1,
     bytes_data: 36,
+    unicode_length: 16,
+    bytes_size: 16,
+    code_tlbc: -1,
 };

@@ -28,4 +28,7 @@ pub const V3_10: Offsets = Offsets {
     unicode_compact_data: 72,
     unicode_state: 32,
     bytes_data: 32,
+    unicode_length: 16,
+    bytes_size: 16,
+    code_tlbc: -1,
 };
