@@ -264,7 +264,17 @@ fn a_corrupt_debug_offsets_table_is_refused_with_its_reason() {
             "{what}: {ebpf}"
         );
         let out = tmp(&format!("corrupt-{}.pb.gz", what.replace(' ', "-")));
-        let o = run_perfpy(&["record", "-p", &pid, "-d", "2", "-o", out.to_str().unwrap()]);
+        let o = run_perfpy(&[
+            "record",
+            "-p",
+            &pid,
+            "-d",
+            "2",
+            "-r",
+            "499",
+            "-o",
+            out.to_str().unwrap(),
+        ]);
         assert!(o.status.success(), "{what}");
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert!(
