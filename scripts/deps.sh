@@ -49,3 +49,60 @@ if [ "${CI:-}" = true ] && ! sid_ready; then
     echo "CI=true: Debian's python3.13/3.14/3.15 missing in $SID" >&2
     exit 1
 fi
+
+# A real OpenTelemetry Collector for the tests of the OTLP profiles export (tests/otlp.rs): Debian
+# unstable packages the Collector's Go source (golang-opentelemetry-collector-dev) with golang-go;
+# installed in their own sid chroot (so the Python chroot above stays as Debian ships it), a small
+# main.go (testdata/otelcol/main.go: otlpreceiver + debugexporter) is built there offline in GOPATH
+# mode into a static binary the host runs. Same reuse-once, build-then-rename style as above.
+# PERFPY_OTELCOL overrides the binary's place.
+OTELCOL=${PERFPY_OTELCOL:-/var/cache/perfpy/otelcol}
+OTELCOL_SID=${PERFPY_OTELCOL_SID:-/var/cache/perfpy/otelcol-sid}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+otelcol_ready() { [ -x "$OTELCOL" ] && cmp -s "$HERE/testdata/otelcol/main.go" "$OTELCOL.main.go"; }
+if ! otelcol_ready; then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    command -v debootstrap >/dev/null || {
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq debootstrap >/dev/null 2>&1
+    }
+    MIRROR=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null |
+        grep -v '^[[:space:]]*#' | grep -oE 'https?://[^ ]+' | grep -v -- '-security' | grep -m1 debian || true)
+    MIRROR=${MIRROR:-http://deb.debian.org/debian}
+    if [ ! -x "$OTELCOL_SID/usr/bin/go" ] || [ ! -d "$OTELCOL_SID/usr/share/gocode/src/go.opentelemetry.io/collector" ]; then
+        echo "preparing a Debian sid chroot with golang-go and the OpenTelemetry Collector source in $OTELCOL_SID (~3 min)"
+        $SUDO mkdir -p "$(dirname "$OTELCOL_SID")"
+        TMP=$($SUDO mktemp -d "$OTELCOL_SID.partial.XXXXXX")
+        if $SUDO debootstrap --variant=minbase --include=golang-go,golang-opentelemetry-collector-dev \
+            sid "$TMP" "$MIRROR" >"$TMP.log" 2>&1; then
+            $SUDO rm -rf "$OTELCOL_SID"
+            $SUDO mv "$TMP" "$OTELCOL_SID"
+            $SUDO rm -f "$TMP.log"
+        else
+            echo "debootstrap failed (log: $TMP.log); the OTLP tests cannot run" >&2
+            $SUDO rm -rf "$TMP"
+            [ "${CI:-}" = true ] && exit 1
+        fi
+    fi
+    if [ -x "$OTELCOL_SID/usr/bin/go" ]; then
+        echo "building the test Collector $OTELCOL (offline, GOPATH mode, ~2 min)"
+        $SUDO rm -rf "$OTELCOL_SID/build"
+        $SUDO mkdir -p "$OTELCOL_SID/build/src/perfpy-otelcol"
+        $SUDO cp "$HERE/testdata/otelcol/main.go" "$OTELCOL_SID/build/src/perfpy-otelcol/"
+        if $SUDO chroot "$OTELCOL_SID" env GO111MODULE=off CGO_ENABLED=0 GOFLAGS=-mod=mod \
+            GOPATH=/build:/usr/share/gocode GOCACHE=/build/cache HOME=/build GOPROXY=off \
+            go build -o /build/otelcol perfpy-otelcol >"$OTELCOL.log" 2>&1; then
+            $SUDO cp "$OTELCOL_SID/build/otelcol" "$OTELCOL.partial"
+            $SUDO mv "$OTELCOL.partial" "$OTELCOL"
+            $SUDO cp "$HERE/testdata/otelcol/main.go" "$OTELCOL.main.go"
+            $SUDO rm -f "$OTELCOL.log"
+        else
+            echo "building the test Collector failed (log: $OTELCOL.log); the OTLP tests cannot run" >&2
+            [ "${CI:-}" = true ] && exit 1
+        fi
+    fi
+fi
+if [ "${CI:-}" = true ] && ! otelcol_ready; then
+    echo "CI=true: the test OpenTelemetry Collector is missing ($OTELCOL)" >&2
+    exit 1
+fi

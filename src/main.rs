@@ -116,6 +116,12 @@ struct RecordArgs {
     /// runs with its perf trampoline, which names its Python frames).
     #[arg(long)]
     no_python_perf_env: bool,
+    /// Also send the profile to an OpenTelemetry Collector (OTLP/HTTP profiles), e.g.
+    /// http://localhost:4318; the file is written as well. Without URL: from
+    /// OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT (headers, timeout,
+    /// compression, certificate: the OTEL_EXPORTER_OTLP_* variables). Checked before sampling.
+    #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "")]
+    otlp_endpoint: Option<String>,
     /// Command to launch and profile until it exits (after --).
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -257,6 +263,14 @@ fn run(cli: Cli) -> Result<i32> {
                     python_perf_env: !a.no_python_perf_env,
                     inject_python: a.inject_python,
                     ebpf: !a.no_ebpf,
+                    otlp: a
+                        .otlp_endpoint
+                        .map(|e| {
+                            output::otlp_export::Config::resolve(Some(&e), &|k| {
+                                std::env::var(k).ok()
+                            })
+                        })
+                        .transpose()?,
                 },
                 stop,
             )?;

@@ -37,6 +37,8 @@ pub struct Options {
     pub python_perf_env: bool,
     pub inject_python: bool,
     pub ebpf: bool,
+    /// `--otlp-endpoint`: also send the profile to an OpenTelemetry Collector.
+    pub otlp: Option<crate::output::otlp_export::Config>,
 }
 
 const INJECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -703,6 +705,12 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         ))
     });
     let dest = crate::output::dest::Dest::prepare(&out_path)?;
+    // A wrong or unreachable Collector is found now, before anything is done to a target.
+    let otlp = opts
+        .otlp
+        .clone()
+        .map(crate::output::otlp_export::Exporter::connect)
+        .transpose()?;
 
     // --inject-python, strict with --pid: every target must be injectable, checked before any
     // event is opened or anything is done to a target.
@@ -1164,6 +1172,9 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             crate::output::flamegraph::write(&report, &format!("perfpy {target_name}"), w)
         }
     })?;
+    if let Some(exporter) = otlp {
+        crate::output::otlp::send_recording(exporter, &report, &dest_name.to_string())?;
+    }
     let sym_time = t_sym.elapsed();
     if let Some((runs, ns)) = walker_stats {
         if runs > 0 && ns > 0 {

@@ -1,8 +1,10 @@
-//! Writers: gzip'd pprof, collapsed stacks, SVG flamegraph.
+//! Writers: gzip'd pprof, collapsed stacks, SVG flamegraph; OTLP profiles to a Collector.
 
 pub mod collapsed;
 pub mod dest;
 pub mod flamegraph;
+pub mod otlp;
+pub mod otlp_export;
 pub mod pprof;
 
 use clap::ValueEnum;

@@ -1,0 +1,384 @@
+//! OTLP profiles (`opentelemetry.proto.profiles.v1development`, proto v1.10.0, through the
+//! `opentelemetry-proto` crate) from a report: one `ResourceProfiles` per process, all sharing
+//! one `ProfilesDictionary`.
+//!
+//! The mappings, locations and functions are the pprof writer's ([`super::pprof::encode`]), moved
+//! into the dictionary: one place decides how frames are named and addressed. Sample type
+//! `cpu`/`nanoseconds`; per location the `profile.frame.type` attribute (`kernel`, `native`,
+//! `cpython`); per mapping its GNU build id (`process.executable.build_id.gnu`); per sample
+//! `thread.name` and `thread.id`. Resource attributes per the semantic conventions:
+//! `host.name`, `process.pid`, `process.executable.name`, `process.runtime.name`/`version`,
+//! `container.id`, `service.name` (the target's `OTEL_SERVICE_NAME`, else its executable name).
+
+use std::collections::{BTreeMap, HashMap};
+
+use anyhow::{bail, Result};
+use opentelemetry_proto::tonic::collector::profiles::v1development::ExportProfilesServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
+use opentelemetry_proto::tonic::profiles::v1development as otlp;
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use pprof::protos as pp;
+use prost14::Message;
+
+use super::otlp_export::Exporter;
+use crate::report::Report;
+use crate::symbols::Kind;
+
+/// What describes one process as an OpenTelemetry resource.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub executable: String,
+    pub python_version: Option<String>,
+    pub container_id: Option<String>,
+    pub service_name: String,
+}
+
+impl ProcessInfo {
+    /// From what the report knows of `pid`, completed from `/proc` while the process lives:
+    /// its executable's name and its `OTEL_SERVICE_NAME`.
+    pub fn read(
+        pid: u32,
+        comm: &str,
+        python_version: Option<&str>,
+        container: Option<&str>,
+    ) -> Self {
+        let executable = std::fs::read_link(format!("/proc/{pid}/exe"))
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .map(|n| n.trim_end_matches(" (deleted)").to_string())
+            .unwrap_or_else(|| comm.to_string());
+        let service = std::fs::read(format!("/proc/{pid}/environ"))
+            .ok()
+            .and_then(|env| service_name_from_environ(&env));
+        Self {
+            pid,
+            service_name: service.unwrap_or_else(|| executable.clone()),
+            executable,
+            python_version: python_version.map(str::to_string),
+            container_id: container.map(str::to_string),
+        }
+    }
+}
+
+fn service_name_from_environ(env: &[u8]) -> Option<String> {
+    env.split(|b| *b == 0)
+        .filter_map(|kv| kv.strip_prefix(b"OTEL_SERVICE_NAME="))
+        .map(|v| String::from_utf8_lossy(v).trim().to_string())
+        .find(|v| !v.is_empty())
+}
+
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The processes of a report, each once, described from the report and `/proc`.
+pub fn processes(r: &Report) -> Vec<ProcessInfo> {
+    let mut seen: BTreeMap<u32, ProcessInfo> = BTreeMap::new();
+    for s in &r.samples {
+        seen.entry(s.pid).or_insert_with(|| {
+            ProcessInfo::read(
+                s.pid,
+                &s.comm,
+                s.python_version.as_deref(),
+                s.container_id.as_deref(),
+            )
+        });
+    }
+    seen.into_values().collect()
+}
+
+/// Deduplicating tables of the dictionary; index 0 of each is its zero value, as the protocol
+/// requires.
+struct Dict {
+    d: otlp::ProfilesDictionary,
+    strings: HashMap<String, i32>,
+    attrs: HashMap<(i32, String), i32>,
+    stacks: HashMap<Vec<i32>, i32>,
+}
+
+impl Dict {
+    fn new() -> Self {
+        let mut d = Self {
+            d: otlp::ProfilesDictionary {
+                mapping_table: vec![Default::default()],
+                location_table: vec![Default::default()],
+                function_table: vec![Default::default()],
+                link_table: vec![Default::default()],
+                string_table: Vec::new(),
+                attribute_table: vec![Default::default()],
+                stack_table: vec![Default::default()],
+            },
+            strings: HashMap::new(),
+            attrs: HashMap::new(),
+            stacks: HashMap::new(),
+        };
+        d.string("");
+        d.stacks.insert(Vec::new(), 0);
+        d
+    }
+
+    fn string(&mut self, s: &str) -> i32 {
+        if let Some(i) = self.strings.get(s) {
+            return *i;
+        }
+        let i = self.d.string_table.len() as i32;
+        self.d.string_table.push(s.to_string());
+        self.strings.insert(s.to_string(), i);
+        i
+    }
+
+    fn attr(&mut self, key: &str, value: any_value::Value) -> i32 {
+        let k = self.string(key);
+        let id = (k, format!("{value:?}"));
+        if let Some(i) = self.attrs.get(&id) {
+            return *i;
+        }
+        let i = self.d.attribute_table.len() as i32;
+        self.d.attribute_table.push(otlp::KeyValueAndUnit {
+            key_strindex: k,
+            value: Some(AnyValue { value: Some(value) }),
+            unit_strindex: 0,
+        });
+        self.attrs.insert(id, i);
+        i
+    }
+
+    fn stack(&mut self, locs: Vec<i32>) -> i32 {
+        if let Some(i) = self.stacks.get(&locs) {
+            return *i;
+        }
+        let i = self.d.stack_table.len() as i32;
+        self.d.stack_table.push(otlp::Stack {
+            location_indices: locs.clone(),
+        });
+        self.stacks.insert(locs, i);
+        i
+    }
+}
+
+fn s(v: &str) -> any_value::Value {
+    any_value::Value::StringValue(v.to_string())
+}
+
+/// The pprof writer's mappings, functions and locations in the dictionary; per pprof location
+/// id, its index there.
+fn fill_tables(r: &Report, p: &pp::Profile, dict: &mut Dict) -> HashMap<u64, i32> {
+    let text = |i: i64| {
+        p.string_table
+            .get(i as usize)
+            .map(String::as_str)
+            .unwrap_or("")
+    };
+    let mut mapping_index = HashMap::new();
+    for m in &p.mapping {
+        let mut attribute_indices = Vec::new();
+        let build_id = text(m.build_id);
+        if !build_id.is_empty() {
+            attribute_indices.push(dict.attr("process.executable.build_id.gnu", s(build_id)));
+        }
+        let filename_strindex = dict.string(text(m.filename));
+        mapping_index.insert(m.id, dict.d.mapping_table.len() as i32);
+        dict.d.mapping_table.push(otlp::Mapping {
+            memory_start: m.memory_start,
+            memory_limit: m.memory_limit,
+            file_offset: m.file_offset,
+            filename_strindex,
+            attribute_indices,
+        });
+    }
+    let mut function_index = HashMap::new();
+    for f in &p.function {
+        let func = otlp::Function {
+            name_strindex: dict.string(text(f.name)),
+            system_name_strindex: dict.string(text(f.system_name)),
+            filename_strindex: dict.string(text(f.filename)),
+            start_line: f.start_line,
+        };
+        function_index.insert(f.id, dict.d.function_table.len() as i32);
+        dict.d.function_table.push(func);
+    }
+    let mut location_index = HashMap::new();
+    for l in &p.location {
+        // pprof location ids are report location indices + 1.
+        let kind = r.resolved.get(l.id as usize - 1).map(|x| x.kind);
+        let frame_type = match kind {
+            Some(Kind::Kernel) => "kernel",
+            Some(Kind::Python | Kind::PythonEbpf) => "cpython",
+            _ => "native",
+        };
+        let loc = otlp::Location {
+            mapping_index: mapping_index.get(&l.mapping_id).copied().unwrap_or(0),
+            address: l.address,
+            lines: l
+                .line
+                .iter()
+                .map(|ln| otlp::Line {
+                    function_index: function_index.get(&ln.function_id).copied().unwrap_or(0),
+                    line: ln.line,
+                    column: 0,
+                })
+                .collect(),
+            attribute_indices: vec![dict.attr("profile.frame.type", s(frame_type))],
+        };
+        location_index.insert(l.id, dict.d.location_table.len() as i32);
+        dict.d.location_table.push(loc);
+    }
+    location_index
+}
+
+fn resource(info: &ProcessInfo, host: &str) -> Resource {
+    let kv = |k: &str, v: any_value::Value| KeyValue {
+        key: k.to_string(),
+        value: Some(AnyValue { value: Some(v) }),
+        key_strindex: 0,
+    };
+    let mut attributes = vec![
+        kv("service.name", s(&info.service_name)),
+        kv("host.name", s(host)),
+        kv("process.pid", any_value::Value::IntValue(info.pid as i64)),
+        kv("process.executable.name", s(&info.executable)),
+    ];
+    if let Some(v) = &info.python_version {
+        attributes.push(kv("process.runtime.name", s("CPython")));
+        attributes.push(kv("process.runtime.version", s(v)));
+    }
+    if let Some(c) = &info.container_id {
+        attributes.push(kv("container.id", s(c)));
+    }
+    Resource {
+        attributes,
+        ..Default::default()
+    }
+}
+
+/// One request: per process of `procs` that has samples, a `ResourceProfiles` with one profile.
+pub fn encode(r: &Report, procs: &[ProcessInfo], host: &str) -> ExportProfilesServiceRequest {
+    let p = super::pprof::encode(r);
+    let mut dict = Dict::new();
+    let location_index = fill_tables(r, &p, &mut dict);
+    let label = |name: &str| {
+        p.string_table
+            .iter()
+            .position(|x| x == name)
+            .map(|i| i as i64)
+    };
+    let (k_pid, k_tid, k_thread) = (label("pid"), label("tid"), label("thread_name"));
+    let text = |i: i64| {
+        p.string_table
+            .get(i as usize)
+            .map(String::as_str)
+            .unwrap_or("")
+    };
+    let mut per_pid: BTreeMap<u32, Vec<otlp::Sample>> = BTreeMap::new();
+    for smp in &p.sample {
+        let find = |k: Option<i64>| smp.label.iter().find(|l| Some(l.key) == k);
+        let pid = find(k_pid).map_or(0, |l| l.num as u32);
+        let mut attribute_indices = Vec::new();
+        if let Some(l) = find(k_thread) {
+            attribute_indices.push(dict.attr("thread.name", s(text(l.str))));
+        }
+        if let Some(l) = find(k_tid) {
+            attribute_indices.push(dict.attr("thread.id", any_value::Value::IntValue(l.num)));
+        }
+        let locs = smp
+            .location_id
+            .iter()
+            .map(|id| location_index.get(id).copied().unwrap_or(0))
+            .collect();
+        per_pid.entry(pid).or_default().push(otlp::Sample {
+            stack_index: dict.stack(locs),
+            attribute_indices,
+            link_index: 0,
+            // pprof values: samples/count, cpu/nanoseconds.
+            values: vec![smp.value.get(1).copied().unwrap_or(0)],
+            timestamps_unix_nano: Vec::new(),
+        });
+    }
+    let cpu = otlp::ValueType {
+        type_strindex: dict.string("cpu"),
+        unit_strindex: dict.string("nanoseconds"),
+    };
+    let scope = InstrumentationScope {
+        name: "perfpy".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        ..Default::default()
+    };
+    let mut resource_profiles = Vec::new();
+    for (pid, samples) in per_pid {
+        let info = procs
+            .iter()
+            .find(|i| i.pid == pid)
+            .cloned()
+            .unwrap_or(ProcessInfo {
+                pid,
+                executable: format!("pid-{pid}"),
+                service_name: format!("pid-{pid}"),
+                ..Default::default()
+            });
+        let profile = otlp::Profile {
+            sample_type: Some(cpu),
+            samples,
+            time_unix_nano: p.time_nanos as u64,
+            duration_nano: p.duration_nanos as u64,
+            period_type: Some(cpu),
+            period: p.period,
+            profile_id: profile_id(pid, p.time_nanos),
+            ..Default::default()
+        };
+        resource_profiles.push(otlp::ResourceProfiles {
+            resource: Some(resource(&info, host)),
+            scope_profiles: vec![otlp::ScopeProfiles {
+                scope: Some(scope.clone()),
+                profiles: vec![profile],
+                schema_url: String::new(),
+            }],
+            schema_url: String::new(),
+        });
+    }
+    ExportProfilesServiceRequest {
+        resource_profiles,
+        dictionary: Some(dict.d),
+    }
+}
+
+/// 16 bytes, unique per process and recording (not all zero, as the protocol asks).
+fn profile_id(pid: u32, time_nanos: i64) -> Vec<u8> {
+    let mut id = Vec::with_capacity(16);
+    id.extend_from_slice(&(time_nanos as u64).to_be_bytes());
+    id.extend_from_slice(&pid.to_be_bytes());
+    id.extend_from_slice(&std::process::id().to_be_bytes());
+    id
+}
+
+/// `perfpy record --otlp-endpoint`: the recording's profile, sent (with retries) before
+/// `record` ends; an error says what became of it. `written` names the file also written.
+pub fn send_recording(exporter: Exporter, r: &Report, written: &str) -> Result<()> {
+    let req = encode(r, &processes(r), &host_name());
+    let n = req.resource_profiles.len();
+    let url = exporter.url().to_string();
+    exporter.submit(req.encode_to_vec());
+    let st = exporter.close(RECORD_GRACE);
+    if st.sent == 1 && st.rejected_profiles == 0 {
+        say!(
+            "perfpy: sent {n} profile{} (OTLP) to {url}",
+            if n == 1 { "" } else { "s" }
+        );
+        return Ok(());
+    }
+    if st.sent == 1 {
+        bail!("OTLP export to {url}: the Collector rejected {} of {n} profiles (the profile is in {written})", st.rejected_profiles);
+    }
+    bail!(
+        "OTLP export to {url} failed after {} retr{}: {}; {} profile request dropped (it is in {written})",
+        st.retries,
+        if st.retries == 1 { "y" } else { "ies" },
+        st.last_error.as_deref().unwrap_or("unknown error"),
+        st.dropped()
+    )
+}
+
+/// How long `record` keeps retrying its one export at the end.
+pub const RECORD_GRACE: std::time::Duration = std::time::Duration::from_secs(15);
