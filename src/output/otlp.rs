@@ -382,3 +382,241 @@ pub fn send_recording(exporter: Exporter, r: &Report, written: &str) -> Result<(
 
 /// How long `record` keeps retrying its one export at the end.
 pub const RECORD_GRACE: std::time::Duration = std::time::Duration::from_secs(15);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::FrameKey;
+    use crate::report::Sample;
+    use crate::symbols::Resolved;
+    use perfpy_symbolize::Frame;
+    use std::time::{Duration, SystemTime};
+
+    fn frame(f: &str, file: Option<&str>, line: Option<u32>) -> Vec<Frame> {
+        vec![Frame {
+            function: f.into(),
+            file: file.map(str::to_string),
+            line,
+        }]
+    }
+
+    fn sample(locs: Vec<u32>, count: u64, pid: u32, thread: &str) -> Sample {
+        Sample {
+            locs,
+            count,
+            pid,
+            tid: pid + 1,
+            comm: "python3.12".into(),
+            thread: thread.into(),
+            frames_from: "ebpf",
+            python_version: Some("3.12.7".into()),
+            container_id: (pid == 20).then(|| "abc123".into()),
+        }
+    }
+
+    /// Two processes sharing a library frame: kernel, native (with a build id) and Python.
+    fn report() -> Report {
+        Report {
+            locations: vec![
+                FrameKey::Py { func: 0, line: 7 },
+                FrameKey::Py { func: 1, line: 12 },
+                FrameKey::File {
+                    file: 0,
+                    offset: 0x1234,
+                },
+                FrameKey::Kernel(0xffff_ffff_8100_0000),
+            ],
+            resolved: vec![
+                Resolved {
+                    frames: frame("spin", Some("app.py"), Some(7)),
+                    kind: Kind::PythonEbpf,
+                },
+                Resolved {
+                    frames: frame("main", Some("app.py"), Some(12)),
+                    kind: Kind::PythonEbpf,
+                },
+                Resolved {
+                    frames: frame("sha256_update", None, None),
+                    kind: Kind::Native { interpreter: false },
+                },
+                Resolved {
+                    frames: frame("do_syscall_64", None, None),
+                    kind: Kind::Kernel,
+                },
+            ],
+            samples: vec![
+                sample(vec![0, 1], 30, 10, "MainThread"),
+                sample(vec![3, 2, 1], 10, 10, "worker"),
+                sample(vec![2, 1], 5, 20, "MainThread"),
+            ],
+            period_ns: 10_000_000,
+            start: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            duration: Duration::from_secs(5),
+            files: vec![("/usr/lib/libcrypto.so.3".into(), Some(vec![0xab, 0xcd]))],
+            command: "perfpy record".into(),
+        }
+    }
+
+    fn procs() -> Vec<ProcessInfo> {
+        vec![
+            ProcessInfo {
+                pid: 10,
+                executable: "python3.12".into(),
+                python_version: Some("3.12.7".into()),
+                container_id: None,
+                service_name: "checkout".into(),
+            },
+            ProcessInfo {
+                pid: 20,
+                executable: "python3.12".into(),
+                python_version: Some("3.12.7".into()),
+                container_id: Some("abc123".into()),
+                service_name: "python3.12".into(),
+            },
+        ]
+    }
+
+    fn attr(res: &Resource, k: &str) -> Option<any_value::Value> {
+        res.attributes
+            .iter()
+            .find(|a| a.key == k)
+            .and_then(|a| a.value.clone()?.value)
+    }
+
+    #[test]
+    fn one_profile_per_process_with_a_shared_dictionary() {
+        let req = encode(&report(), &procs(), "node-1");
+        let d = req.dictionary.as_ref().unwrap();
+        // Index 0 of every table is its zero value.
+        assert_eq!(d.string_table[0], "");
+        assert_eq!(d.mapping_table[0], Default::default());
+        assert_eq!(d.location_table[0], Default::default());
+        assert_eq!(d.function_table[0], Default::default());
+        assert_eq!(d.attribute_table[0], Default::default());
+        assert_eq!(d.stack_table[0], Default::default());
+        assert_eq!(d.link_table[0], Default::default());
+        let str_of = |i: i32| d.string_table[i as usize].as_str();
+        // No duplicates in the string table.
+        let mut sorted = d.string_table.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), d.string_table.len());
+
+        assert_eq!(req.resource_profiles.len(), 2);
+        let mut leaf_ns: HashMap<(u32, String), i64> = HashMap::new();
+        for rp in &req.resource_profiles {
+            let res = rp.resource.as_ref().unwrap();
+            let Some(any_value::Value::IntValue(pid)) = attr(res, "process.pid") else {
+                panic!("no process.pid")
+            };
+            let profile = &rp.scope_profiles[0].profiles[0];
+            let st = profile.sample_type.unwrap();
+            assert_eq!(
+                (str_of(st.type_strindex), str_of(st.unit_strindex)),
+                ("cpu", "nanoseconds")
+            );
+            assert_eq!(profile.period, 10_000_000);
+            assert_eq!(profile.duration_nano, 5_000_000_000);
+            assert_eq!(profile.profile_id.len(), 16);
+            for s in &profile.samples {
+                let stack = &d.stack_table[s.stack_index as usize];
+                let leaf = &d.location_table[stack.location_indices[0] as usize];
+                let f = &d.function_table[leaf.lines[0].function_index as usize];
+                *leaf_ns
+                    .entry((pid as u32, str_of(f.name_strindex).to_string()))
+                    .or_default() += s.values[0];
+                let keys: Vec<&str> = s
+                    .attribute_indices
+                    .iter()
+                    .map(|i| str_of(d.attribute_table[*i as usize].key_strindex))
+                    .collect();
+                assert_eq!(keys, ["thread.name", "thread.id"]);
+            }
+        }
+        assert_eq!(leaf_ns[&(10, "spin".to_string())], 300_000_000);
+        assert_eq!(leaf_ns[&(10, "do_syscall_64".to_string())], 100_000_000);
+        assert_eq!(leaf_ns[&(20, "sha256_update".to_string())], 50_000_000);
+        // The stack [sha256_update, main] of pid 20 is the tail of one of pid 10's, but its own
+        // entry; identical stacks would share one.
+        assert_eq!(d.stack_table.len(), 4);
+    }
+
+    #[test]
+    fn python_frames_carry_files_and_lines_native_their_mapping_and_build_id() {
+        let req = encode(&report(), &procs(), "node-1");
+        let d = req.dictionary.as_ref().unwrap();
+        let str_of = |i: i32| d.string_table[i as usize].as_str();
+        let frame_type = |l: &otlp::Location| {
+            l.attribute_indices
+                .iter()
+                .map(|i| &d.attribute_table[*i as usize])
+                .find(|a| str_of(a.key_strindex) == "profile.frame.type")
+                .and_then(|a| a.value.clone()?.value)
+        };
+        let by_name = |n: &str| {
+            d.location_table
+                .iter()
+                .find(|l| {
+                    !l.lines.is_empty()
+                        && str_of(
+                            d.function_table[l.lines[0].function_index as usize].name_strindex,
+                        ) == n
+                })
+                .unwrap()
+        };
+        let spin = by_name("spin");
+        let f = &d.function_table[spin.lines[0].function_index as usize];
+        assert_eq!(str_of(f.filename_strindex), "app.py");
+        assert_eq!(spin.lines[0].line, 7);
+        assert_eq!(frame_type(spin), Some(s("cpython")));
+        let native = by_name("sha256_update");
+        assert_eq!(frame_type(native), Some(s("native")));
+        let m = &d.mapping_table[native.mapping_index as usize];
+        assert_eq!(str_of(m.filename_strindex), "/usr/lib/libcrypto.so.3");
+        let bid = &d.attribute_table[m.attribute_indices[0] as usize];
+        assert_eq!(str_of(bid.key_strindex), "process.executable.build_id.gnu");
+        assert_eq!(bid.value.clone().unwrap().value, Some(s("abcd")));
+        // The file offset survives the synthetic address space.
+        assert_eq!(native.address - m.memory_start + m.file_offset, 0x1234);
+        let k = by_name("do_syscall_64");
+        assert_eq!(frame_type(k), Some(s("kernel")));
+        assert_eq!(
+            str_of(d.mapping_table[k.mapping_index as usize].filename_strindex),
+            "[kernel.kallsyms]"
+        );
+    }
+
+    #[test]
+    fn resource_attributes_per_semantic_conventions() {
+        let req = encode(&report(), &procs(), "node-1");
+        let a = req.resource_profiles[0].resource.as_ref().unwrap();
+        assert_eq!(attr(a, "service.name"), Some(s("checkout")));
+        assert_eq!(attr(a, "host.name"), Some(s("node-1")));
+        assert_eq!(attr(a, "process.executable.name"), Some(s("python3.12")));
+        assert_eq!(attr(a, "process.runtime.name"), Some(s("CPython")));
+        assert_eq!(attr(a, "process.runtime.version"), Some(s("3.12.7")));
+        assert_eq!(attr(a, "container.id"), None);
+        let b = req.resource_profiles[1].resource.as_ref().unwrap();
+        assert_eq!(attr(b, "container.id"), Some(s("abc123")));
+        assert_eq!(attr(b, "process.pid"), Some(any_value::Value::IntValue(20)));
+    }
+
+    #[test]
+    fn service_name_from_the_targets_environment() {
+        assert_eq!(
+            service_name_from_environ(b"PATH=/bin\0OTEL_SERVICE_NAME=billing\0X=1\0"),
+            Some("billing".into())
+        );
+        assert_eq!(service_name_from_environ(b"OTEL_SERVICE_NAME=\0"), None);
+        // Our own process: its executable is the test binary.
+        let me = ProcessInfo::read(std::process::id(), "comm", None, None);
+        assert!(me.executable.starts_with("perfpy"), "{me:?}");
+    }
+
+    #[test]
+    fn the_request_round_trips_through_protobuf() {
+        let req = encode(&report(), &procs(), "node-1");
+        let back = ExportProfilesServiceRequest::decode(&req.encode_to_vec()[..]).unwrap();
+        assert_eq!(back, req);
+    }
+}
