@@ -89,7 +89,7 @@ if ! otelcol_ready; then
         $SUDO rm -rf "$OTELCOL_SID/build"
         $SUDO mkdir -p "$OTELCOL_SID/build/src/perfpy-otelcol"
         $SUDO cp "$HERE/testdata/otelcol/main.go" "$OTELCOL_SID/build/src/perfpy-otelcol/"
-        if $SUDO chroot "$OTELCOL_SID" env GO111MODULE=off CGO_ENABLED=0 GOFLAGS=-mod=mod \
+        if $SUDO chroot "$OTELCOL_SID" env GO111MODULE=off CGO_ENABLED=0 GOROOT=/usr/lib/go GOTELEMETRY=off \
             GOPATH=/build:/usr/share/gocode GOCACHE=/build/cache HOME=/build GOPROXY=off \
             go build -o /build/otelcol perfpy-otelcol >"$OTELCOL.log" 2>&1; then
             $SUDO cp "$OTELCOL_SID/build/otelcol" "$OTELCOL.partial"
