@@ -264,20 +264,17 @@ impl Client {
         match status {
             200..=299 => Ok(ExportProfilesServiceResponse::decode(&bytes[..]).unwrap_or_default()),
             429 | 502 | 503 | 504 => Err(Failure::Retry(
-                format!("{} answered HTTP {status}", self.cfg.url),
+                format!("the Collector answered HTTP {status} (busy or unavailable)"),
                 retry_after,
             )),
             404 => Err(Failure::Fatal(format!(
-                "{} answered HTTP 404: no OTLP profiles receiver there — the Collector needs --feature-gates=+service.profilesSupport and a profiles pipeline with an otlp receiver, and the URL its OTLP/HTTP address (e.g. http://HOST:4318)",
-                self.cfg.url
+                "HTTP 404, no OTLP profiles receiver there: the Collector needs --feature-gates=+service.profilesSupport and a profiles pipeline with the otlp receiver, and the URL is its OTLP/HTTP address (e.g. http://HOST:4318)"
             ))),
             401 | 403 => Err(Failure::Fatal(format!(
-                "{} answered HTTP {status}: not authorized — set the headers it needs in OTEL_EXPORTER_OTLP_HEADERS (e.g. Authorization=Bearer%20TOKEN)",
-                self.cfg.url
+                "HTTP {status}, not authorized: set the headers it needs in OTEL_EXPORTER_OTLP_HEADERS (e.g. Authorization=Bearer%20TOKEN)"
             ))),
             _ => Err(Failure::Fatal(format!(
-                "{} answered HTTP {status}: {}",
-                self.cfg.url,
+                "HTTP {status}: {}",
                 status_message(&bytes)
             ))),
         }
@@ -337,10 +334,13 @@ impl Exporter {
         let empty = ExportProfilesServiceRequest::default().encode_to_vec();
         match client.post(&empty, client.cfg.timeout) {
             Ok(_) => {}
-            Err(Failure::Retry(m, _) | Failure::Fatal(m)) => bail!(
-                "OTLP endpoint {} does not take profiles: {m}. Check the address (--otlp-endpoint or OTEL_EXPORTER_OTLP_ENDPOINT) and that the Collector runs",
+            Err(Failure::Retry(m, _)) => bail!(
+                "OTLP endpoint {} does not answer: {m}; check the address (--otlp-endpoint, OTEL_EXPORTER_OTLP_ENDPOINT) and that the Collector runs",
                 client.cfg.url
             ),
+            Err(Failure::Fatal(m)) => {
+                bail!("OTLP endpoint {} does not take profiles: {m}", client.cfg.url)
+            }
         }
         Ok(Self::start(client, DEFAULT_QUEUE))
     }

@@ -1,5 +1,7 @@
 // A minimal OpenTelemetry Collector for perfpy's tests of the OTLP profiles export: the OTLP
-// receiver and the debug exporter, nothing else. Built offline by scripts/deps.sh from Debian's
+// receiver, the debug exporter (prints what arrives; its detailed view of profiles shows the
+// dictionary, resources and samples but not which stack a sample has) and the OTLP/HTTP exporter
+// (forwards what arrives, as to a store: the tests receive it to read the stacks). Built offline by scripts/deps.sh from Debian's
 // golang-opentelemetry-collector-dev (GO111MODULE=off, GOPATH=...:/usr/share/gocode); run as
 //   otelcol --config FILE --feature-gates=+service.profilesSupport
 // with a `profiles` pipeline (see tests/common: Collector::start).
@@ -14,6 +16,7 @@ import (
 	"go.opentelemetry.io/collector/confmap/provider/yamlprovider"
 	"go.opentelemetry.io/collector/exporter"
 	"go.opentelemetry.io/collector/exporter/debugexporter"
+	"go.opentelemetry.io/collector/exporter/otlphttpexporter"
 	"go.opentelemetry.io/collector/otelcol"
 	"go.opentelemetry.io/collector/receiver"
 	"go.opentelemetry.io/collector/receiver/otlpreceiver"
@@ -26,7 +29,7 @@ func components() (otelcol.Factories, error) {
 	if f.Receivers, err = otelcol.MakeFactoryMap[receiver.Factory](otlpreceiver.NewFactory()); err != nil {
 		return f, err
 	}
-	f.Exporters, err = otelcol.MakeFactoryMap[exporter.Factory](debugexporter.NewFactory())
+	f.Exporters, err = otelcol.MakeFactoryMap[exporter.Factory](debugexporter.NewFactory(), otlphttpexporter.NewFactory())
 	return f, err
 }
 

@@ -390,3 +390,4 @@ fn sync_testdata(root: &Path) {
 fn root_testdata() -> PathBuf {
     root().join("testdata")
 }
+pub mod otelcol;
