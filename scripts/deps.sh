@@ -90,7 +90,7 @@ if ! otelcol_ready; then
         $SUDO mkdir -p "$OTELCOL_SID/build/src/perfpy-otelcol"
         $SUDO cp "$HERE/testdata/otelcol/main.go" "$OTELCOL_SID/build/src/perfpy-otelcol/"
         if $SUDO chroot "$OTELCOL_SID" env GO111MODULE=off CGO_ENABLED=0 GOROOT=/usr/lib/go GOTELEMETRY=off \
-            GOPATH=/build:/usr/share/gocode GOCACHE=/build/cache HOME=/build GOPROXY=off \
+            GOPATH=/build:/usr/share/gocode GOCACHE=/var/cache/go-build HOME=/build GOPROXY=off \
             go build -o /build/otelcol perfpy-otelcol >"$OTELCOL.log" 2>&1; then
             $SUDO cp "$OTELCOL_SID/build/otelcol" "$OTELCOL.partial"
             $SUDO mv "$OTELCOL.partial" "$OTELCOL"
