@@ -267,9 +267,9 @@ impl Client {
                 format!("the Collector answered HTTP {status} (busy or unavailable)"),
                 retry_after,
             )),
-            404 => Err(Failure::Fatal(format!(
-                "HTTP 404, no OTLP profiles receiver there: the Collector needs --feature-gates=+service.profilesSupport and a profiles pipeline with the otlp receiver, and the URL is its OTLP/HTTP address (e.g. http://HOST:4318)"
-            ))),
+            404 => Err(Failure::Fatal(
+                "HTTP 404, no OTLP profiles receiver there: the Collector needs --feature-gates=+service.profilesSupport and a profiles pipeline with the otlp receiver, and the URL is its OTLP/HTTP address (e.g. http://HOST:4318)".to_string()
+            )),
             401 | 403 => Err(Failure::Fatal(format!(
                 "HTTP {status}, not authorized: set the headers it needs in OTEL_EXPORTER_OTLP_HEADERS (e.g. Authorization=Bearer%20TOKEN)"
             ))),
@@ -471,8 +471,21 @@ fn send_with_retries(shared: &Shared, client: &Client, body: &[u8], deadline: Op
                 st.stats.retries += 1;
                 tracing::info!(error = %msg, retry_in = ?wait, "OTLP export failed; retrying");
                 st.stats.last_error = Some(msg);
-                // Woken early by `close`: the new deadline is then taken into account.
-                let _ = shared.wake.wait_timeout(st, wait);
+                // Sleeps the backoff out; `close` cuts it short (its deadline then applies), a
+                // `submit` does not.
+                let until = Instant::now() + wait;
+                let closing = st.deadline;
+                while st.deadline == closing {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    st = shared
+                        .wake
+                        .wait_timeout(st, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
             Err(Failure::Fatal(msg)) => {
@@ -573,5 +586,106 @@ mod tests {
         assert_eq!(s.sent, 0);
         assert_eq!(s.dropped(), 6, "{s:?}");
         assert!(s.last_error.unwrap_or_default().contains("connect"));
+    }
+
+    /// A local HTTP server answering the given (status, extra header, body) in turn, one
+    /// request per connection; returns its base URL and what it received (headers and body).
+    fn scripted(
+        answers: Vec<(u16, &'static str, Vec<u8>)>,
+    ) -> (String, std::sync::mpsc::Receiver<String>) {
+        use std::io::{BufRead, BufReader, Read};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for (status, header, body) in answers {
+                let (conn, _) = l.accept().unwrap();
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let (mut head, mut len) = (String::new(), 0);
+                loop {
+                    let mut line = String::new();
+                    r.read_line(&mut line).unwrap();
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap();
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    head.push_str(&line);
+                }
+                let mut b = vec![0; len];
+                r.read_exact(&mut b).unwrap();
+                let _ = tx.send(format!("{head}body={}", b.len()));
+                let mut w = conn;
+                let _ = write!(
+                    w,
+                    "HTTP/1.1 {status} X\r\n{header}Content-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = w.write_all(&body);
+            }
+        });
+        (url, rx)
+    }
+
+    #[test]
+    fn retries_when_busy_then_sends_with_the_headers() {
+        use opentelemetry_proto::tonic::collector::profiles::v1development::ExportProfilesPartialSuccess;
+        let partial = ExportProfilesServiceResponse {
+            partial_success: Some(ExportProfilesPartialSuccess {
+                rejected_profiles: 2,
+                error_message: "bad".into(),
+            }),
+        }
+        .encode_to_vec();
+        let (url, rx) = scripted(vec![
+            (200, "", Vec::new()),
+            (503, "Retry-After: 0\r\n", Vec::new()),
+            (200, "", partial),
+        ]);
+        let e = env(&[("OTEL_EXPORTER_OTLP_HEADERS", "Authorization=Bearer%20t0ken")]);
+        let ex = Exporter::connect(Config::resolve(Some(&url), &e).unwrap()).unwrap();
+        let probe = rx.recv().unwrap();
+        assert!(
+            probe.starts_with("POST /v1development/profiles "),
+            "{probe}"
+        );
+        assert!(
+            probe.contains("authorization: Bearer t0ken")
+                || probe.contains("Authorization: Bearer t0ken"),
+            "{probe}"
+        );
+        assert!(probe
+            .to_ascii_lowercase()
+            .contains("content-type: application/x-protobuf"));
+        ex.submit(vec![1, 2, 3]);
+        let s = ex.close(Duration::from_secs(10));
+        assert_eq!(
+            (s.sent, s.retries, s.dropped(), s.rejected_profiles),
+            (1, 1, 0, 2),
+            "{s:?}"
+        );
+        assert!(rx.recv().unwrap().ends_with("body=3"));
+    }
+
+    #[test]
+    fn refusals_are_not_retried() {
+        // google.rpc.Status { code: 3, message: "unknown field" }
+        let status = [&[0x08, 0x03, 0x12, 13][..], b"unknown field"].concat();
+        let (url, _rx) = scripted(vec![(200, "", Vec::new()), (400, "", status)]);
+        let ex = Exporter::connect(Config::resolve(Some(&url), &env(&[])).unwrap()).unwrap();
+        ex.submit(vec![1]);
+        let s = ex.close(Duration::from_secs(10));
+        assert_eq!((s.sent, s.retries, s.dropped_failed), (0, 0, 1), "{s:?}");
+        assert_eq!(s.last_error.as_deref(), Some("HTTP 400: unknown field"));
+        let (url, _rx) = scripted(vec![(401, "", Vec::new())]);
+        let Err(err) = Exporter::connect(Config::resolve(Some(&url), &env(&[])).unwrap()) else {
+            panic!("401 accepted")
+        };
+        assert!(
+            err.to_string()
+                .contains("does not take profiles: HTTP 401, not authorized"),
+            "{err}"
+        );
     }
 }

@@ -301,9 +301,9 @@ impl Printed {
                 }
                 _ => {}
             }
-            if t.starts_with("Values: [") {
+            if let Some(values) = t.strip_prefix("Values: [") {
                 p.sample_values.extend(
-                    t["Values: [".len()..]
+                    values
                         .trim_end_matches(']')
                         .split_whitespace()
                         .filter_map(|v| v.parse::<i64>().ok()),
