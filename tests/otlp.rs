@@ -312,6 +312,15 @@ fn collector_down_or_without_profiles_fails_before_sampling() {
         "{stderr}"
     );
     assert!(!stderr.contains("sampling"));
+    // `--otlp-endpoint` without a URL: the SDKs' variable names it.
+    let o = run_perfpy_env(
+        &["record", "-p", &pid, "-d", "5", "--otlp-endpoint"],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", std::path::Path::new(&url))],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains(&format!(
+        "OTLP endpoint {url}/v1development/profiles does not answer"
+    )));
     // Not even the address of a URL.
     let o = run_perfpy(&[
         "record",

@@ -353,13 +353,20 @@ fn profile_id(pid: u32, time_nanos: i64) -> Vec<u8> {
     id
 }
 
+/// The encoded export request of a report (its processes described from `/proc` now), and how
+/// many profiles it holds: what an exporter's [`Exporter::submit`] takes, once per recording or
+/// interval.
+pub fn request(r: &Report) -> (Vec<u8>, usize) {
+    let req = encode(r, &processes(r), &host_name());
+    (req.encode_to_vec(), req.resource_profiles.len())
+}
+
 /// `perfpy record --otlp-endpoint`: the recording's profile, sent (with retries) before
 /// `record` ends; an error says what became of it. `written` names the file also written.
 pub fn send_recording(exporter: Exporter, r: &Report, written: &str) -> Result<()> {
-    let req = encode(r, &processes(r), &host_name());
-    let n = req.resource_profiles.len();
+    let (body, n) = request(r);
     let url = exporter.url().to_string();
-    exporter.submit(req.encode_to_vec());
+    exporter.submit(body);
     let st = exporter.close(RECORD_GRACE);
     if st.sent == 1 && st.rejected_profiles == 0 {
         say!(

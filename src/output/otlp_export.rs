@@ -193,6 +193,23 @@ enum Failure {
 }
 
 impl Client {
+    /// An empty request, as the Collector accepts it: finds a wrong address, a Collector
+    /// without profiles, a missing token.
+    fn probe(&self) -> Result<()> {
+        let empty = ExportProfilesServiceRequest::default().encode_to_vec();
+        match self.post(&empty, self.cfg.timeout) {
+            Ok(_) => {}
+            Err(Failure::Retry(m, _)) => bail!(
+                "OTLP endpoint {} does not answer: {m}; check the address (--otlp-endpoint, OTEL_EXPORTER_OTLP_ENDPOINT) and that the Collector runs",
+                self.cfg.url
+            ),
+            Err(Failure::Fatal(m)) => {
+                bail!("OTLP endpoint {} does not take profiles: {m}", self.cfg.url)
+            }
+        }
+        Ok(())
+    }
+
     fn new(cfg: Config) -> Result<Self> {
         let mut tls = ureq::tls::TlsConfig::builder();
         if let Some(path) = &cfg.ca_file {
@@ -331,18 +348,16 @@ impl Exporter {
     /// token) and starts the worker. For `record`, before sampling starts.
     pub fn connect(cfg: Config) -> Result<Self> {
         let client = Client::new(cfg)?;
-        let empty = ExportProfilesServiceRequest::default().encode_to_vec();
-        match client.post(&empty, client.cfg.timeout) {
-            Ok(_) => {}
-            Err(Failure::Retry(m, _)) => bail!(
-                "OTLP endpoint {} does not answer: {m}; check the address (--otlp-endpoint, OTEL_EXPORTER_OTLP_ENDPOINT) and that the Collector runs",
-                client.cfg.url
-            ),
-            Err(Failure::Fatal(m)) => {
-                bail!("OTLP endpoint {} does not take profiles: {m}", client.cfg.url)
-            }
-        }
+        client.probe()?;
         Ok(Self::start(client, DEFAULT_QUEUE))
+    }
+
+    /// Starts the worker without checking the endpoint first: for a continuous exporter, to
+    /// which an absent Collector is a retried warning, not an error. `queue`: requests kept
+    /// while the Collector is unreachable.
+    #[allow(dead_code)]
+    pub fn new(cfg: Config, queue: usize) -> Result<Self> {
+        Ok(Self::start(Client::new(cfg)?, queue))
     }
 
     fn start(client: Client, cap: usize) -> Self {
