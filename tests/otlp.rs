@@ -246,6 +246,31 @@ fn record_exports_the_profile_to_a_real_collector() {
             want * 100.0
         );
     }
+    drop(got);
+    // Compressed (OTEL_EXPORTER_OTLP_COMPRESSION=gzip), as the Collector takes it too.
+    let o = run_perfpy_env(
+        &[
+            "record",
+            "-p",
+            &pid,
+            "-d",
+            "1",
+            "-o",
+            out.to_str().unwrap(),
+            "--otlp-endpoint",
+            &url,
+        ],
+        &[(
+            "OTEL_EXPORTER_OTLP_COMPRESSION",
+            std::path::Path::new("gzip"),
+        )],
+    );
+    assert!(o.status.success());
+    assert!(
+        sink.wait(2, Duration::from_secs(10)),
+        "the gzip'd export did not arrive"
+    );
+    assert_eq!(col.output().matches("ResourceProfiles #0").count(), 2);
     // The chain below the hot function is whole.
     let chain = ["spin", "hot_function", "round_"];
     let spin = total(&|n| n.first().is_some_and(|x| x == "spin"));
