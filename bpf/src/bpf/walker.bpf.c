@@ -14,6 +14,10 @@
 const volatile u64 pidns_dev = 0;
 const volatile u64 pidns_ino = 0;
 const volatile u8 in_child_pidns = 0;
+/* Most Python frames in a record (--max-python-frames). The verifier knows this read-only
+ * value, so it bounds every index into the scratch record; the scratch map's value size is set
+ * to hold exactly this many frames. */
+const volatile u32 max_py_frames = DEFAULT_PY_FRAMES;
 
 struct {
     __uint(type, BPF_MAP_TYPE_HASH);
@@ -30,23 +34,23 @@ struct {
     __uint(max_entries, 1 << 20);
 } events SEC(".maps");
 
-/* The record is built here, then copied into the ring with only its used frames. */
+/* The record is built here, then copied into the ring with only its used frames. One entry
+ * per CPU, indexed by the CPU: a per-CPU array's value is limited to 32 KiB, less than 1,024
+ * frames. A perf_event program does not nest on its CPU, so an entry has one user at a time.
+ * Entries and value size are set at load time (number of CPUs, max_py_frames). */
 struct {
-    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(type, BPF_MAP_TYPE_ARRAY);
     __uint(max_entries, 1);
-    __type(key, u32);
-    __type(value, struct record);
+    __uint(key_size, sizeof(u32));
+    __uint(value_size, sizeof(struct record) + DEFAULT_PY_FRAMES * sizeof(struct pyframe));
 } scratch SEC(".maps");
 
 static __always_inline void emit(struct record *r)
 {
     u32 n = r->nframes;
-    if (n > MAX_FRAMES)
-        n = MAX_FRAMES;
-    u64 size = sizeof(struct record) - sizeof(r->frames) + (u64)n * sizeof(struct pyframe);
-    if (size > sizeof(struct record))
-        size = sizeof(struct record);
-    bpf_ringbuf_output(&events, r, size, 0);
+    if (n > max_py_frames)
+        n = max_py_frames;
+    bpf_ringbuf_output(&events, r, sizeof(struct record) + (u64)n * sizeof(struct pyframe), 0);
 }
 
 static __always_inline int rd(void *dst, u32 size, u64 addr)
@@ -105,18 +109,19 @@ static long walk_frame(u32 i, struct fctx *x)
         x->flags |= REC_READ_ERROR;
         return 1;
     }
+    u32 n = x->n;
     if (c->owned_by_cstack >= 0 && owner == (u8)c->owned_by_cstack) {
         /* A C-level eval call starts here: the frame above it is its entry frame. */
-        if (x->n > 0)
-            r->frames[(x->n - 1) & (MAX_FRAMES - 1)].flags |= FRAME_ENTRY;
+        if (n > 0 && n <= max_py_frames)
+            r->frames[n - 1].flags |= FRAME_ENTRY;
         x->frame = prev;
         return 0;
     }
-    if (x->n >= MAX_FRAMES) {
+    if (n >= max_py_frames) {
         x->flags |= REC_TRUNCATED;
         return 1;
     }
-    struct pyframe *f = &r->frames[x->n & (MAX_FRAMES - 1)];
+    struct pyframe *f = &r->frames[n];
     f->code = 0;
     f->instr = 0;
     f->first_local = 0;
@@ -172,8 +177,8 @@ int on_sample(void *ctx)
     struct proc_cfg *c = bpf_map_lookup_elem(&procs, &pid);
     if (!c)
         return 1;
-    u32 zero = 0;
-    struct record *r = bpf_map_lookup_elem(&scratch, &zero);
+    u32 cpu = bpf_get_smp_processor_id();
+    struct record *r = bpf_map_lookup_elem(&scratch, &cpu);
     if (!r)
         return 1;
     r->pid = pid;
@@ -220,11 +225,12 @@ int on_sample(void *ctx)
         rd(&frame, 8, t.found + c->tstate_current_frame);
     }
     struct fctx x = { .c = c, .r = r, .frame = frame, .n = 0, .flags = 0 };
-    bpf_loop(2 * MAX_FRAMES, walk_frame, &x, 0);
-    /* Frames left when the loop's budget ran out (each Python call under a perf trampoline
-     * also has an entry shim frame): the outer ones are missing. */
-    if (x.frame && !(x.flags & REC_READ_ERROR))
-        x.flags |= REC_TRUNCATED;
+    /* Each Python call under a perf trampoline (3.12+) also has an entry shim frame: twice the
+     * frame limit, and a little more, lets the limit be what cuts. */
+    bpf_loop(2 * max_py_frames + 2, walk_frame, &x, 0);
+    /* Frames left when the loop's budget ran out: the outer ones are missing. */
+    if (x.frame && !(x.flags & (REC_READ_ERROR | REC_TRUNCATED)))
+        x.flags |= REC_LOOP_BUDGET;
     r->nframes = x.n;
     r->flags = x.flags;
     emit(r);
