@@ -90,7 +90,8 @@ struct RecordArgs {
     /// Bytes of user stack copied per sample (max 65000). Default: 16384 when the eBPF walker
     /// runs (it reads Python frames itself; the copy is only for native frames), else 49152
     /// (~500 bytes per Python call under the perf trampoline: ~90 levels). Deeper stacks keep
-    /// their inner frames and end in [truncated].
+    /// their inner frames and end in [truncated: ...] (with the walker, its Python frames the
+    /// copy did not reach are added at the root instead).
     #[arg(long, value_name = "BYTES")]
     stack_size: Option<u32>,
     /// Most frames kept per stack.

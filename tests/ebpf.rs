@@ -311,7 +311,7 @@ fn deep_python_stacks_are_whole_on_every_version() {
             let whole =
                 d.count_where(|s| s.num_labels["pid"] == pid && deep_and_whole(s, depth + 1));
             eprintln!("{minor} depth {depth} perf {perf}: {whole} of {mine} whole");
-            assert!(mine > 150, "{minor} depth {depth}: {mine} samples");
+            assert!(mine > 50, "{minor} depth {depth}: {mine} samples");
             assert!(
                 whole as f64 >= 0.95 * mine as f64,
                 "{minor} depth {depth} perf {perf}: {whole} of {mine} samples whole"
@@ -368,7 +368,7 @@ fn c_callbacks_stay_in_place_in_deep_stacks() {
                 && !names.iter().any(|n| n.starts_with("[truncated"))
         });
         eprintln!("{minor} perf {perf}: {in_place} of {keyed} with sorted in place");
-        assert!(keyed > 300, "{minor}: {keyed} samples in key_of");
+        assert!(keyed > 100, "{minor}: {keyed} samples in key_of");
         assert!(
             in_place as f64 >= 0.9 * keyed as f64,
             "{minor} perf {perf}: {in_place} of {keyed} with sorted between rec and key_of"

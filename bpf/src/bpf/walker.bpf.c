@@ -45,6 +45,19 @@ struct {
     __uint(value_size, sizeof(struct record) + DEFAULT_PY_FRAMES * sizeof(struct pyframe));
 } scratch SEC(".maps");
 
+/* The first bytes of the frame being walked, read at once: one read per frame instead of one
+ * per field (the fields of every version's frame are within it but f_localsplus before 3.11). */
+#define FRAME_WINDOW 128
+struct frame_win {
+    u8 b[FRAME_WINDOW];
+};
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, u32);
+    __type(value, struct frame_win);
+} window SEC(".maps");
+
 static __always_inline void emit(struct record *r)
 {
     u32 n = r->nframes;
@@ -91,10 +104,28 @@ static long find_thread(u32 i, struct tctx *t)
 struct fctx {
     struct proc_cfg *c;
     struct record *r;
+    struct frame_win *win;
     u64 frame;
     u32 n;
     u32 flags;
+    /* The last code object read and its identity: recursion repeats code objects, and one
+     * alive in two frames of the same walk is the same object. */
+    u64 last_code;
+    u64 last_ident;
+    /* The window holds the current frame's first FRAME_WINDOW bytes (a frame at the very end
+     * of a mapping cannot be read as a whole: then field by field). */
+    u32 win_ok;
 };
+
+/* A field of the current frame: from the window when it lies inside, else read. */
+static __always_inline int frame_field(struct fctx *x, void *dst, s32 size, s32 off)
+{
+    if (x->win_ok && off >= 0 && off <= FRAME_WINDOW - size) {
+        __builtin_memcpy(dst, &x->win->b[off], size);
+        return 0;
+    }
+    return rd(dst, size, x->frame + off);
+}
 
 static long walk_frame(u32 i, struct fctx *x)
 {
@@ -104,8 +135,9 @@ static long walk_frame(u32 i, struct fctx *x)
     u64 prev = 0;
     if (!x->frame)
         return 1;
-    if ((c->frame_owner >= 0 && rd(&owner, 1, x->frame + c->frame_owner)) ||
-        rd(&prev, 8, x->frame + c->frame_previous)) {
+    x->win_ok = !rd(x->win->b, FRAME_WINDOW, x->frame);
+    if ((c->frame_owner >= 0 && frame_field(x, &owner, 1, c->frame_owner)) ||
+        frame_field(x, &prev, 8, c->frame_previous)) {
         x->flags |= REC_READ_ERROR;
         return 1;
     }
@@ -126,32 +158,36 @@ static long walk_frame(u32 i, struct fctx *x)
     f->instr = 0;
     f->first_local = 0;
     if (c->frame_localsplus >= 0)
-        rd(&f->first_local, 8, x->frame + c->frame_localsplus);
-    rd(&f->code, 8, x->frame + c->frame_code);
+        frame_field(x, &f->first_local, 8, c->frame_localsplus);
+    frame_field(x, &f->code, 8, c->frame_code);
     /* The code object's identity at the sample instant: its address alone may meanwhile hold
      * another code object (the first one freed), whose name user space would otherwise give. */
-    {
+    if (f->code && f->code == x->last_code) {
+        f->ident = x->last_ident;
+    } else {
         u64 name = 0, file = 0;
         if (f->code) {
             rd(&name, 8, f->code + c->code_name);
             rd(&file, 8, f->code + c->code_filename);
         }
         f->ident = name ^ ((file << 1) | (file >> 63));
+        x->last_code = f->code;
+        x->last_ident = f->ident;
     }
     f->flags = owner;
     f->pad = 0;
     if (c->lasti_int) {
         /* <= 3.10: f_lasti, and every Python call has its own C-level eval call. */
         s32 lasti = 0;
-        rd(&lasti, 4, x->frame + c->frame_instr);
+        frame_field(x, &lasti, 4, c->frame_instr);
         f->instr = (u64)(s64)lasti;
         f->flags |= FRAME_ENTRY;
     } else {
-        rd(&f->instr, 8, x->frame + c->frame_instr);
+        frame_field(x, &f->instr, 8, c->frame_instr);
     }
     if (c->frame_is_entry >= 0) {
         u8 e = 0;
-        if (!rd(&e, 1, x->frame + c->frame_is_entry) && e)
+        if (!frame_field(x, &e, 1, c->frame_is_entry) && e)
             f->flags |= FRAME_ENTRY;
     }
     x->n++;
@@ -224,7 +260,11 @@ int on_sample(void *ctx)
     } else {
         rd(&frame, 8, t.found + c->tstate_current_frame);
     }
-    struct fctx x = { .c = c, .r = r, .frame = frame, .n = 0, .flags = 0 };
+    u32 zero = 0;
+    struct frame_win *win = bpf_map_lookup_elem(&window, &zero);
+    if (!win)
+        return 1;
+    struct fctx x = { .c = c, .r = r, .win = win, .frame = frame };
     /* Each Python call under a perf trampoline (3.12+) also has an entry shim frame: twice the
      * frame limit, and a little more, lets the limit be what cuts. */
     bpf_loop(2 * max_py_frames + 2, walk_frame, &x, 0);
