@@ -278,12 +278,22 @@ fn deep_python_stacks_are_whole_on_every_version() {
                 if perf {
                     cmd.args(["-X", "perf"]);
                 }
-                cmd.arg(testdata("deep.py")).arg(depth.to_string()).arg("30");
+                cmd.arg(testdata("deep.py"))
+                    .arg(depth.to_string())
+                    .arg("30");
                 (depth, perf, Workload::start(&mut cmd))
             })
             .collect();
         let out = tmp(&format!("deep-all-{minor}.pb.gz"));
-        let mut args = vec!["record", "-d", "2", "-r", "497", "-o", out.to_str().unwrap()];
+        let mut args = vec![
+            "record",
+            "-d",
+            "2",
+            "-r",
+            "497",
+            "-o",
+            out.to_str().unwrap(),
+        ];
         let pids: Vec<String> = ws.iter().map(|w| w.2.pid().to_string()).collect();
         for p in &pids {
             args.extend(["-p", p]);

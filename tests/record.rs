@@ -689,10 +689,24 @@ fn deep_stacks_are_marked_truncated_not_wrong() {
         let depth = 300;
         let out = tmp(&format!("deep-{name}.pb.gz"));
         let t = Instant::now();
-        let mut args = vec!["record", "-d", "2", "-r", "497", "-o", out.to_str().unwrap()];
+        let mut args = vec![
+            "record",
+            "-d",
+            "2",
+            "-r",
+            "497",
+            "-o",
+            out.to_str().unwrap(),
+        ];
         args.extend(extra);
         let deep = testdata("deep.py");
-        args.extend(["--", py.to_str().unwrap(), "-X", "perf", deep.to_str().unwrap()]);
+        args.extend([
+            "--",
+            py.to_str().unwrap(),
+            "-X",
+            "perf",
+            deep.to_str().unwrap(),
+        ]);
         args.extend(["300", "30"]);
         let o = run_perfpy(&args);
         assert!(o.status.success());
@@ -714,7 +728,10 @@ fn deep_stacks_are_marked_truncated_not_wrong() {
         match marker {
             Some(m) => {
                 let n = marked(m);
-                assert!(n as f64 >= 0.9 * leaf as f64, "{name}: {n} of {leaf} marked");
+                assert!(
+                    n as f64 >= 0.9 * leaf as f64,
+                    "{name}: {n} of {leaf} marked"
+                );
                 // The frames that are there are right: rec calling rec, innermost first.
                 assert!(recs(s) >= 50, "{name}: {:?}", s.names());
                 if m == walker_limit {
