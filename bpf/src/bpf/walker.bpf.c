@@ -2,7 +2,9 @@
 /* perfpy's eBPF frame walker for CPython 3.11+: at each sample of a registered process, find
  * the sampled thread's PyThreadState (the interpreter's thread list, matched on
  * native_thread_id) and walk its _PyInterpreterFrame chain, emitting (code object, instruction
- * pointer, flags) per frame, newest first. Always returns 1: 0 would drop the perf sample. */
+ * pointer, flags) per frame, newest first. Always returns 1: 0 would drop the perf sample.
+ * One bpf_loop iteration per frame (walk_frame, which reads each frame's fields through
+ * frame_field), up to max_py_frames frames (--max-python-frames, set by user space). */
 #include "types.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
