@@ -12,6 +12,8 @@ Sections (all by default; pick with --only a,b,...):
              Debian's 3.13 - 3.15 (sid chroot): error, chain share, eBPF walker µs per sample.
   symbolize  a 60 s `record -a` of several Python processes (in a private PID namespace): the
              time from the end of sampling to the written file.
+  depth      CPU per sample against the depth of the Python stack (10, 100, 1,000 frames; 3.8 and
+             3.12), perfpy (its process and its eBPF walker) beside py-spy, attached.
   soak       a 10-minute recording at 1 kHz of a busy 2-thread process: perfpy's RSS and open
              file descriptors sampled every 10 s must stay flat.
   churn      `record -a --inject-python` for 10 minutes (private PID namespace) while short-lived
@@ -555,11 +557,92 @@ def section_churn(seconds):
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def raw_samples(path):
+    """Samples in a collapsed ("raw") file: the sum of its counts."""
+    try:
+        with open(path) as f:
+            return sum(int(line.rsplit(" ", 1)[1]) for line in f if line.strip())
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def attach_cpu(cmd):
+    """Runs a profiler attached for its duration: (its CPU seconds, its stderr)."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err, ru = communicate_rusage(p)
+    if p.returncode != 0:
+        raise SystemExit("attached run failed (%s): %s\n%s" % (p.returncode, cmd, err))
+    return ru.ru_utime + ru.ru_stime, out + err
+
+
+def section_depth(seconds=10, rate=200):
+    """The cost of a sample against the depth of the Python stack (issue 18): testdata/deep.py
+    at depths 10, 100 and 1,000 on 3.8 (one C-level call per Python call) and 3.12 (calls
+    inlined), each profiled attached by perfpy and then by py-spy for `seconds`. perfpy: its
+    process's CPU per sample (all in) and the eBPF walker's run time per sample (spent in the
+    target's time, at the sample); py-spy: its process's CPU per sample (it reads the stack
+    from its own process while the target is paused)."""
+    tmp = tempfile.mkdtemp(prefix="perfpy-bench-")
+    say("### CPU per sample against stack depth (attached, %d Hz, %d s each)" % (rate, seconds))
+    say()
+    say("| python | depth | perfpy CPU per sample (µs) | eBPF walker µs per sample | Python frames per sample | py-spy CPU per sample (µs) | py-spy frames per sample |")
+    say("| --- | --- | --- | --- | --- | --- | --- |")
+    walker_us = {}
+    for minor in ("3.8", "3.12"):
+        py = pyenv(minor)
+        for depth in (10, 100, 1000):
+            w = subprocess.Popen([py, os.path.join(ROOT, "testdata", "deep.py"), str(depth), "3600"],
+                                 stdout=subprocess.PIPE, text=True)
+            pid = w.stdout.readline().split()[1]
+            try:
+                pc = os.path.join(tmp, "p.txt")
+                cpu, err = attach_cpu([PERFPY, "record", "-p", pid, "-d", str(seconds), "-r", str(rate),
+                                       "-f", "collapsed", "-o", pc])
+                n, _, bpf_us, _ = perfpy_stats(err)
+                frames = deepest(pc)
+                sc = os.path.join(tmp, "s.txt")
+                scpu, _ = attach_cpu([PYSPY, "record", "-p", pid, "-d", str(seconds), "-r", str(rate),
+                                      "-f", "raw", "-o", sc])
+                sn = raw_samples(sc)
+                sframes = deepest(sc)
+            finally:
+                w.kill()
+                w.wait()
+            walker_us[(minor, depth)] = bpf_us
+            say("| %s | %d | %s | %s | %d | %s | %d |" % (
+                minor, depth, "%.0f" % (cpu / n * 1e6) if n else "—", "%.1f" % bpf_us if bpf_us else "—",
+                frames, "%.0f" % (scpu / sn * 1e6) if sn else "—", sframes))
+    say()
+    for minor in ("3.8", "3.12"):
+        a, b = walker_us.get((minor, 100)), walker_us.get((minor, 1000))
+        if a and b:
+            # Proportional to the depth: 10 times the frames, at most ~12 times the time.
+            say("%s: the walker's time per sample at depth 1,000 is %.1f× that at depth 100 (%s)." % (
+                minor, b / a, check(b / a <= 12, "%s: walker time at depth 1000 / depth 100 = %.1f" % (minor, b / a))))
+    say()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def deepest(path):
+    """The most common number of Python frames (rec and <module>) in a collapsed file's samples."""
+    counts = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                stack, _, n = line.rstrip("\n").rpartition(" ")
+                k = sum(1 for fr in stack.split(";") if fr.startswith("rec ") or fr.startswith("rec (")
+                        or fr.startswith("<module>"))
+                counts[k] = counts.get(k, 0) + int(n)
+    except (OSError, ValueError):
+        return 0
+    return max(counts, key=counts.get) if counts else 0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--units", type=int, default=2500, help="work.py units (~2 ms each)")
-    ap.add_argument("--only", default="slowdown,threads,accuracy,symbolize,soak,churn")
+    ap.add_argument("--only", default="slowdown,threads,accuracy,symbolize,depth,soak,churn")
     ap.add_argument("--soak-seconds", type=int, default=600)
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -580,6 +663,8 @@ def main():
             section_accuracy()
         if "symbolize" in only:
             section_symbolize()
+        if "depth" in only:
+            section_depth()
         if "soak" in only:
             section_soak(args.soak_seconds)
         if "churn" in only:

@@ -95,12 +95,19 @@ struct RecordArgs {
     /// Bytes of user stack copied per sample (max 65000). Default: 16384 when the eBPF walker
     /// runs (it reads Python frames itself; the copy is only for native frames), else 49152
     /// (~500 bytes per Python call under the perf trampoline: ~90 levels). Deeper stacks keep
-    /// their inner frames and end in [truncated].
+    /// their inner frames and end in [truncated: ...] (with the walker, its Python frames the
+    /// copy did not reach are added at the root instead).
     #[arg(long, value_name = "BYTES")]
     stack_size: Option<u32>,
     /// Most frames kept per stack.
     #[arg(long, default_value_t = 512, value_name = "N")]
     max_frames: usize,
+    /// Most Python frames the eBPF walker reads per sample (1 – 16384); more: the outer ones
+    /// are cut and the stack ends in [truncated: ...]. Covers CPython's default recursion limit
+    /// (1000); the walker's cost grows with the frames it reads, not with this limit.
+    #[arg(long, default_value_t = perfpy_bpf::DEFAULT_PY_FRAMES, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=perfpy_bpf::MAX_PY_FRAMES_CAP as i64))]
+    max_python_frames: u32,
     /// Keep CPython's own native frames (eval loop, call machinery) between Python frames.
     #[arg(long)]
     keep_interpreter_frames: bool,
@@ -259,6 +266,7 @@ fn run(cli: Cli) -> Result<i32> {
                     output: a.output,
                     stack_size: a.stack_size,
                     max_frames: a.max_frames,
+                    max_python_frames: a.max_python_frames,
                     keep_interpreter: a.keep_interpreter_frames,
                     python_perf_env: !a.no_python_perf_env,
                     inject_python: a.inject_python,

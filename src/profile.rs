@@ -21,14 +21,56 @@ pub enum FrameKey {
         proc: u32,
         addr: u64,
     },
-    /// Marks a stack whose outer frames are missing (stack copy or frame limit exhausted).
-    Truncated,
+    /// Marks a stack whose outer frames are missing, with the limit that cut them.
+    Truncated(Cut),
     /// A Python frame named by the eBPF walker: function (index in `Profile::py_functions`)
     /// and line.
     Py {
         func: u32,
         line: u32,
     },
+}
+
+/// The limit that cut a stack short: each says which option raises it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Cut {
+    /// The eBPF walker's frame limit (`--max-python-frames`).
+    PyFrames,
+    /// The eBPF walker's loop budget (twice `--max-python-frames`).
+    PyLoopBudget,
+    /// The end of the user stack the kernel copied (`--stack-size`).
+    StackCopy,
+    /// The native unwinding's frame limit (`--max-frames`).
+    MaxFrames,
+}
+
+impl Cut {
+    pub const ALL: [Cut; 4] = [
+        Cut::PyFrames,
+        Cut::PyLoopBudget,
+        Cut::StackCopy,
+        Cut::MaxFrames,
+    ];
+
+    /// The root frame of a stack cut by this limit.
+    pub fn marker(self) -> &'static str {
+        match self {
+            Cut::PyFrames => "[truncated: more Python frames than --max-python-frames]",
+            Cut::PyLoopBudget => "[truncated: eBPF walker loop budget, raise --max-python-frames]",
+            Cut::StackCopy => "[truncated: end of the native stack copy, raise --stack-size]",
+            Cut::MaxFrames => "[truncated: more native frames than --max-frames]",
+        }
+    }
+
+    /// For the summary: where the stacks were cut and what raises the limit.
+    pub fn summary(self) -> &'static str {
+        match self {
+            Cut::PyFrames => "at the eBPF walker's Python frame limit (raise --max-python-frames)",
+            Cut::PyLoopBudget => "at the eBPF walker's loop budget (raise --max-python-frames)",
+            Cut::StackCopy => "at the native stack copy's end (raise --stack-size, max 65000)",
+            Cut::MaxFrames => "at the native frame limit (raise --max-frames)",
+        }
+    }
 }
 
 /// A Python function as the eBPF walker's code reader named it.

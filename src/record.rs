@@ -16,7 +16,7 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 use crate::files::Files;
 use crate::output::Format;
 use crate::process::Process;
-use crate::profile::{FrameKey, Profile};
+use crate::profile::{Cut, FrameKey, Profile};
 use crate::records::{self, Record};
 use crate::sys::{self, EventConfig, Ring};
 use crate::targets;
@@ -33,6 +33,8 @@ pub struct Options {
     /// None: chosen by whether the eBPF walker runs.
     pub stack_size: Option<u32>,
     pub max_frames: usize,
+    /// The eBPF walker's limit of Python frames per sample.
+    pub max_python_frames: u32,
     pub keep_interpreter: bool,
     pub python_perf_env: bool,
     pub inject_python: bool,
@@ -193,7 +195,10 @@ pub struct Stats {
     pub samples: u64,
     pub lost: u64,
     pub unwind_incomplete: u64,
-    pub truncated: u64,
+    /// Stacks cut short, per limit (`Cut as usize`).
+    pub truncated: [u64; 4],
+    /// Stacks deeper than the native stack copy whose Python frames the walker completed.
+    pub py_beyond_copy: u64,
     pub foreign: u64,
     pub no_user_regs: u64,
 }
@@ -484,7 +489,9 @@ impl Collector {
         }
         let p = &mut self.procs[key as usize];
         p.thread_name(s.tid);
-        let mut truncated = false;
+        let mut truncated = None;
+        let mut beyond_copy = false;
+        let mut native_incomplete = false;
         match s.user_regs {
             Some(regs) if regs[2] != 0 => {
                 if p.mapping(regs[2]).is_none() {
@@ -500,10 +507,13 @@ impl Collector {
                     &mut addrs,
                     Some(&mut sps),
                 );
-                if !o.complete {
-                    self.stats.unwind_incomplete += 1;
-                }
-                truncated = o.truncated;
+                native_incomplete = !o.complete;
+                beyond_copy = !o.complete && o.truncated && !o.at_frame_limit;
+                truncated = o.truncated.then_some(if o.at_frame_limit {
+                    Cut::MaxFrames
+                } else {
+                    Cut::StackCopy
+                });
             }
             _ => {
                 if s.kernel.is_empty() {
@@ -552,7 +562,13 @@ impl Collector {
             // The walker's frames reach the outermost Python frame whatever the stack copy
             // held (those the unwinding did not reach are added below): only the interpreter's
             // own start-up frames are then missing. Unless the walker itself stopped short.
-            truncated = py_stack.as_ref().is_some_and(|st| st.truncated);
+            truncated = py_stack
+                .as_ref()
+                .and_then(|st| st.truncated)
+                .map(|c| match c {
+                    perfpy_bpf::WalkerCut::FrameLimit => Cut::PyFrames,
+                    perfpy_bpf::WalkerCut::LoopBudget => Cut::PyLoopBudget,
+                });
         }
         // Where every group's shim frame is known, the native frame whose stack frame holds it
         // runs the group: exact, even in a stripped interpreter whose evaluation loop has no
@@ -615,15 +631,24 @@ impl Collector {
             };
             locs.push(self.profile.location(fk));
         }
+        // A stack deeper than the copy whose Python frames come from the walker is complete
+        // but for native frames between its outer Python frames (C calling back into Python).
+        if have_py && beyond_copy {
+            if next_group < groups.len() && truncated.is_none() {
+                self.stats.py_beyond_copy += 1;
+            }
+        } else if native_incomplete {
+            self.stats.unwind_incomplete += 1;
+        }
         // Python frames whose evaluation frames the native unwinding did not reach.
         for g in groups.iter().skip(next_group) {
             for k in g {
                 locs.push(self.profile.location(*k));
             }
         }
-        if truncated {
-            self.stats.truncated += 1;
-            locs.push(self.profile.location(FrameKey::Truncated));
+        if let Some(cut) = truncated {
+            self.stats.truncated[cut as usize] += 1;
+            locs.push(self.profile.location(FrameKey::Truncated(cut)));
         }
         self.profile.add(key, s.tid, &locs);
         self.scratch_addrs = addrs;
@@ -779,7 +804,10 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     // opened: events inherited by threads created later carry the program only if their parent
     // had it when they were created. Without it, Python frames come from trampolines only.
     let t_load = Instant::now();
-    let mut walker = match opts.ebpf.then(perfpy_bpf::Walker::load) {
+    let mut walker = match opts
+        .ebpf
+        .then(|| perfpy_bpf::Walker::load(opts.max_python_frames))
+    {
         Some(Ok(w)) => {
             tracing::debug!(elapsed = ?t_load.elapsed(), "eBPF walker loaded");
             Some(w)
@@ -1199,11 +1227,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         if nprocs == 1 { "" } else { "es" },
         c.stats.unwind_incomplete,
         100.0 * c.stats.unwind_incomplete as f64 / c.stats.samples.max(1) as f64,
-        if c.stats.truncated > 0 {
-            format!(", {} truncated at the stack copy's end (raise --stack-size)", c.stats.truncated)
-        } else {
-            String::new()
-        },
+        truncation_summary(&c.stats),
         sym_time.as_secs_f64(),
     );
     if let Some(code) = child_status {
@@ -1302,6 +1326,25 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         _ => say!("perfpy: wrote {dest_name}"),
     }
     Ok(Outcome { child_status })
+}
+
+/// The summary's part on stacks cut short: how many, by which limit, and the option that
+/// raises it; and stacks deeper than the native copy that the walker completed.
+fn truncation_summary(st: &Stats) -> String {
+    let mut s = String::new();
+    for cut in Cut::ALL {
+        let n = st.truncated[cut as usize];
+        if n > 0 {
+            s += &format!(", {n} truncated {}", cut.summary());
+        }
+    }
+    if st.py_beyond_copy > 0 {
+        s += &format!(
+            ", {} deeper than the native stack copy (Python frames complete; C code calling back into Python between the outer ones not shown: raise --stack-size, max 65000)",
+            st.py_beyond_copy
+        );
+    }
+    s
 }
 
 fn procs_with_samples(p: &Profile, key: u32) -> bool {

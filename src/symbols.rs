@@ -115,10 +115,10 @@ pub fn resolve(
                 kind: Kind::PythonEbpf,
             });
         }
-        if *k == FrameKey::Truncated {
+        if let FrameKey::Truncated(cut) = *k {
             out[i] = Some(Resolved {
                 frames: vec![Frame {
-                    function: "[truncated]".into(),
+                    function: cut.marker().into(),
                     file: None,
                     line: None,
                 }],

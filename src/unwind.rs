@@ -156,6 +156,8 @@ pub struct UnwindOutcome {
     /// Stopped at the frame limit or at the end of the copied stack: the outer frames are
     /// missing (the stack is marked `[truncated]`), the inner ones are right.
     pub truncated: bool,
+    /// The truncation came from `max_frames`, not from the copy's end.
+    pub at_frame_limit: bool,
 }
 
 /// Unwinds from user registers over the copied stack (which starts at `regs.sp`). Pushes the
@@ -210,6 +212,7 @@ pub fn unwind_sp(
     loop {
         if out.len() >= max_frames {
             outcome.truncated = true;
+            outcome.at_frame_limit = true;
             return outcome;
         }
         let pc = address.address();

@@ -241,3 +241,147 @@ fn ebpf_walker_follows_each_thread() {
         );
     }
 }
+
+/// Whether a sample's stack is, root first, `<module>` then exactly `recs` `rec` frames and the
+/// leaf's own frames, with no Python frame missing and nothing cut.
+fn deep_and_whole(s: &Sample, recs: usize) -> bool {
+    let names = s.names();
+    let root_python = names.iter().rposition(|n| *n == "<module>");
+    let first_rec = names.iter().position(|n| *n == "rec");
+    let (Some(m), Some(r)) = (root_python, first_rec) else {
+        return false;
+    };
+    // Between the innermost rec and <module>: rec frames only (the interpreter's own native
+    // frames are left out of stacks with Python frames).
+    names[r..m].iter().all(|n| *n == "rec")
+        && m - r == recs
+        && !names.iter().any(|n| n.starts_with("[truncated"))
+}
+
+#[test]
+fn deep_python_stacks_are_whole_on_every_version() {
+    // Recursion at depths 200 and 900 (CPython's default recursion limit is 1,000), attached;
+    // under 3.12 also with the perf trampoline on (each Python call then a C-level call with a
+    // shim frame of its own: twice the walker's loop iterations). One recording per version, its workloads told apart by pid.
+    for minor in ["2.7", "3.8", "3.11", "3.12", "3.13"] {
+        let Some(py) = python(minor) else { continue };
+        let mut runs: Vec<(usize, bool)> = vec![(200, false), (900, false)];
+        if minor == "3.12" {
+            // Under the trampoline each Python call is a C-level call too, and 3.12 counts
+            // those against its C recursion limit (RecursionError at about 750).
+            runs.push((700, true));
+        }
+        let ws: Vec<(usize, bool, Workload)> = runs
+            .iter()
+            .map(|&(depth, perf)| {
+                let mut cmd = Command::new(&py);
+                if perf {
+                    cmd.args(["-X", "perf"]);
+                }
+                cmd.arg(testdata("deep.py"))
+                    .arg(depth.to_string())
+                    .arg("30");
+                (depth, perf, Workload::start(&mut cmd))
+            })
+            .collect();
+        let out = tmp(&format!("deep-all-{minor}.pb.gz"));
+        let mut args = vec![
+            "record",
+            "-d",
+            "2",
+            "-r",
+            "497",
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        let pids: Vec<String> = ws.iter().map(|w| w.2.pid().to_string()).collect();
+        for p in &pids {
+            args.extend(["-p", p]);
+        }
+        let o = run_perfpy(&args);
+        assert!(o.status.success(), "{minor}: {o:?}");
+        // No stack cut by the walker. (Samples taken in the milliseconds between the events'
+        // start and the walker's registration of the targets have no Python frames, and may
+        // be cut at the native stack copy's end: they are not counted below.)
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!err.contains("max-python-frames"), "{minor}: {err}");
+        let d = decode(&out);
+        let hot = line_of("deep.py", "for i in range(");
+        for (depth, perf, w) in &ws {
+            let pid = w.pid() as i64;
+            // Samples in the loop at the bottom (on the way down or up, a sample rightly has
+            // fewer rec frames).
+            let mine = d.count_where(|s| {
+                s.num_labels["pid"] == pid
+                    && s.frames
+                        .iter()
+                        .find(|f| f.function == "rec")
+                        .is_some_and(|f| (hot..=hot + 1).contains(&f.line))
+            });
+            let whole =
+                d.count_where(|s| s.num_labels["pid"] == pid && deep_and_whole(s, depth + 1));
+            eprintln!("{minor} depth {depth} perf {perf}: {whole} of {mine} whole");
+            assert!(mine > 50, "{minor} depth {depth}: {mine} samples");
+            assert!(
+                whole as f64 >= 0.95 * mine as f64,
+                "{minor} depth {depth} perf {perf}: {whole} of {mine} samples whole"
+            );
+        }
+        check_go_pprof(&out);
+    }
+}
+
+#[test]
+fn c_callbacks_stay_in_place_in_deep_stacks() {
+    // sorted() (C) calls the Python key function at the bottom of a recursion 300 deep: its
+    // frame sits between rec and key_of. With --keep-interpreter-frames, as sorted is
+    // CPython's own C code (left out of stacks with Python frames otherwise). 3.8: one C-level
+    // call per Python call; 3.12: Python calls inlined in one C-level call; 3.12 -X perf: a
+    // trampoline per Python call.
+    for (minor, perf) in [("3.8", false), ("3.12", false), ("3.12", true)] {
+        let Some(py) = python(minor) else { continue };
+        let mut cmd = Command::new(&py);
+        if perf {
+            cmd.args(["-X", "perf"]);
+        }
+        let w = Workload::start(cmd.arg(testdata("deep_callback.py")).arg("300").arg("30"));
+        let out = tmp(&format!("deep-callback-{minor}-{perf}.pb.gz"));
+        let o = run_perfpy(&[
+            "record",
+            "-p",
+            &w.pid().to_string(),
+            "-d",
+            "2",
+            "-r",
+            "497",
+            "--keep-interpreter-frames",
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{minor}: {o:?}");
+        let d = decode(&out);
+        let keyed = d.count_where(|s| s.has("key_of"));
+        let in_place = d.count_where(|s| {
+            let names = s.names();
+            let Some(k) = names.iter().position(|n| *n == "key_of") else {
+                return false;
+            };
+            // Leaf first: key_of, native frames with sorted among them, then the innermost
+            // rec, then 300 more rec and <module> at the root.
+            let Some(r) = names[k..].iter().position(|n| *n == "rec").map(|i| i + k) else {
+                return false;
+            };
+            let recs = names.iter().filter(|n| **n == "rec").count();
+            names[k + 1..r].iter().any(|n| n.contains("builtin_sorted"))
+                && recs == 301
+                && names.iter().rposition(|n| *n == "<module>") > Some(r)
+                && !names.iter().any(|n| n.starts_with("[truncated"))
+        });
+        eprintln!("{minor} perf {perf}: {in_place} of {keyed} with sorted in place");
+        assert!(keyed > 100, "{minor}: {keyed} samples in key_of");
+        assert!(
+            in_place as f64 >= 0.9 * keyed as f64,
+            "{minor} perf {perf}: {in_place} of {keyed} with sorted between rec and key_of"
+        );
+    }
+}

@@ -676,11 +676,32 @@ fn spawned_python_gets_perf_support_from_the_environment() {
 #[test]
 fn deep_stacks_are_marked_truncated_not_wrong() {
     let Some(py) = python("3.12") else { return };
-    // Shallow: complete. Deep (beyond the stack copy): a [truncated] root, right leaf frames.
-    for (depth, truncated) in [(20, false), (300, true)] {
-        let out = tmp(&format!("deep{depth}.pb.gz"));
+    // Launched with the perf trampoline on (each Python call a C-level call, ~500 bytes of C
+    // stack: 300 levels are far deeper than the 16 KiB copy). With the walker: whole, and the
+    // summary says the stacks are deeper than the copy, not incomplete. With the walker's
+    // limit below the depth, or without the walker: the inner frames, a marker naming the
+    // limit that cut and the option that raises it, the same in the summary.
+    let walker_limit = "[truncated: more Python frames than --max-python-frames]";
+    let copy_end = "[truncated: end of the native stack copy, raise --stack-size]";
+    for (name, extra, marker, said) in [
+        ("walker", &[][..], None, "deeper than the native stack copy"),
+        (
+            "limit",
+            &["--max-python-frames", "100"][..],
+            Some(walker_limit),
+            "truncated at the eBPF walker's Python frame limit (raise --max-python-frames)",
+        ),
+        (
+            "no-ebpf",
+            &["--no-ebpf"][..],
+            Some(copy_end),
+            "truncated at the native stack copy's end (raise --stack-size, max 65000)",
+        ),
+    ] {
+        let depth = 300;
+        let out = tmp(&format!("deep-{name}.pb.gz"));
         let t = Instant::now();
-        let o = run_perfpy(&[
+        let mut args = vec![
             "record",
             "-d",
             "2",
@@ -688,39 +709,62 @@ fn deep_stacks_are_marked_truncated_not_wrong() {
             "497",
             "-o",
             out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let deep = testdata("deep.py");
+        args.extend([
             "--",
             py.to_str().unwrap(),
             "-X",
             "perf",
-            testdata("deep.py").to_str().unwrap(),
-            &depth.to_string(),
-            "30",
+            deep.to_str().unwrap(),
         ]);
+        args.extend(["300", "30"]);
+        let o = run_perfpy(&args);
         assert!(o.status.success());
         // The duration ends the launched command too.
         assert!(t.elapsed() < Duration::from_secs(10));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(said), "{name}: {err}");
         let d = decode(&out);
         let leaf = d.count_where(|s| s.has("rec"));
-        assert!(leaf > 100, "depth {depth}: {leaf} samples in rec");
-        let marked =
-            d.count_where(|s| s.frames.last().is_some_and(|f| f.function == "[truncated]"));
-        let rooted = d.count_where(|s| s.has("rec") && s.has("<module>"));
-        if truncated {
-            assert!(
-                marked as f64 >= 0.9 * leaf as f64,
-                "depth {depth}: {marked} of {leaf} marked"
-            );
-            // The frames that are there are right: rec calling rec, innermost first.
-            let s = d.samples.iter().find(|s| s.has("rec")).unwrap();
-            assert!(s.frames.iter().filter(|f| f.function == "rec").count() >= 50);
-        } else {
-            assert_eq!(marked, 0, "depth {depth}");
-            assert!(rooted as f64 >= 0.9 * leaf as f64);
-            let s = d.samples.iter().find(|s| s.has("rec")).unwrap();
-            assert_eq!(
-                s.frames.iter().filter(|f| f.function == "rec").count(),
-                depth + 1
-            );
+        assert!(leaf > 100, "{name}: {leaf} samples in rec");
+        let marked = |m: &str| d.count_where(|s| s.frames.last().is_some_and(|f| f.function == m));
+        let recs = |s: &Sample| s.frames.iter().filter(|f| f.function == "rec").count();
+        let s = d
+            .samples
+            .iter()
+            .filter(|s| s.has("rec"))
+            .max_by_key(|s| s.count)
+            .unwrap();
+        match marker {
+            Some(m) => {
+                let n = marked(m);
+                assert!(
+                    n as f64 >= 0.9 * leaf as f64,
+                    "{name}: {n} of {leaf} marked"
+                );
+                // The frames that are there are right: rec calling rec, innermost first.
+                assert!(recs(s) >= 50, "{name}: {:?}", s.names());
+                if m == walker_limit {
+                    assert_eq!(recs(s), 100, "{name}");
+                }
+            }
+            None => {
+                let any = d.count_where(|s| s.names().iter().any(|f| f.starts_with("[truncated")));
+                assert_eq!(any, 0, "{name}");
+                let rooted = d.count_where(|s| s.has("rec") && s.has("<module>"));
+                assert!(rooted as f64 >= 0.9 * leaf as f64, "{rooted} of {leaf}");
+                assert_eq!(recs(s), depth + 1);
+                // Deeper than the copy is not incomplete: the walker gave every Python frame.
+                let incomplete: f64 = err
+                    .split(" stacks incomplete (")
+                    .nth(1)
+                    .and_then(|r| r.split('%').next())
+                    .and_then(|p| p.parse().ok())
+                    .expect("the summary's incomplete share");
+                assert!(incomplete < 5.0, "{err}");
+            }
         }
     }
 }

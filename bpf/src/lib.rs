@@ -35,10 +35,14 @@ mod skel {
 pub use code::{CodeReader, PyFrameInfo};
 pub use offsets::Offsets;
 
-pub const MAX_FRAMES: usize = 128;
+/// Default of `--max-python-frames`: above CPython's default recursion limit (1,000).
+pub const DEFAULT_PY_FRAMES: u32 = 1024;
+/// The most Python frames a record can be asked to hold (a 640 KiB record).
+pub const MAX_PY_FRAMES_CAP: u32 = 16384;
 const REC_NO_TSTATE: u32 = 1;
 const REC_TRUNCATED: u32 = 2;
 const REC_READ_ERROR: u32 = 4;
+const REC_LOOP_BUDGET: u32 = 8;
 pub const FRAME_ENTRY: u32 = 0x100;
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +53,8 @@ pub enum BpfError {
     Attach(String),
     #[error("cannot register pid {pid} with the eBPF walker: {detail}")]
     Register { pid: u32, detail: String },
+    #[error("--max-python-frames {0}: choose from 1 to {MAX_PY_FRAMES_CAP}")]
+    FrameLimit(u32),
 }
 
 /// One frame as the program saw it.
@@ -65,6 +71,16 @@ pub struct PyFrameRef {
     pub ident: u64,
 }
 
+/// Why the walker stopped before the outermost Python frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WalkerCut {
+    /// More Python frames than `--max-python-frames`.
+    FrameLimit,
+    /// The walk's loop budget (twice the frame limit: 3.12+ perf trampolines add one shim frame
+    /// per call) ran out first.
+    LoopBudget,
+}
+
 /// The Python stack of one sample, newest frame first.
 #[derive(Clone, Debug)]
 pub struct PyStack {
@@ -73,7 +89,8 @@ pub struct PyStack {
     /// CLOCK_MONOTONIC nanoseconds (the perf events use the same clock).
     pub time_ns: u64,
     pub frames: Vec<PyFrameRef>,
-    pub truncated: bool,
+    /// Set when outer Python frames are missing, with the limit that cut them.
+    pub truncated: Option<WalkerCut>,
     /// The thread holds no Python thread state (a native thread): no Python frames.
     pub no_thread_state: bool,
     pub read_error: bool,
@@ -114,12 +131,19 @@ impl Drop for Walker {
     }
 }
 
-/// The ring buffer's size for `ncpus` CPUs sampling at up to a few kHz: 256 KiB each (about a
-/// second of the longest records at 1 kHz), from 1 MiB to 16 MiB, a power of two as the kernel
-/// requires.
-fn ring_bytes(ncpus: usize) -> u32 {
-    ((ncpus.max(1) as u32).saturating_mul(256 << 10))
-        .clamp(1 << 20, 16 << 20)
+/// Bytes of a record holding `frames` Python frames.
+fn record_bytes(frames: u32) -> u32 {
+    HEADER_SIZE as u32 + frames * FRAME_SIZE as u32
+}
+
+/// The ring buffer's size for `ncpus` CPUs sampling at up to a few kHz: per CPU 256 KiB, or 32
+/// of the longest records when they are longer (most stacks are shallow; 32 deep ones are
+/// about 60 ms at 497 Hz, three times the reader's 20 ms period), from 1 MiB to 64 MiB, a power
+/// of two as the kernel requires.
+fn ring_bytes(ncpus: usize, max_frames: u32) -> u32 {
+    let per_cpu = (256u32 << 10).max(32 * record_bytes(max_frames));
+    ((ncpus.max(1) as u32).saturating_mul(per_cpu))
+        .clamp(1 << 20, 64 << 20)
         .next_power_of_two()
 }
 
@@ -130,8 +154,9 @@ struct ProcCfg {
     off: [i32; 18],
 }
 
-/// `struct pyframe` in walker.h.
+/// `struct pyframe` and the header of `struct record` in walker.h.
 const FRAME_SIZE: usize = 40;
+const HEADER_SIZE: usize = 24;
 
 fn parse(data: &[u8]) -> Option<PyStack> {
     let u32_at = |o: usize| {
@@ -145,11 +170,12 @@ fn parse(data: &[u8]) -> Option<PyStack> {
     let pid = u32_at(0)?;
     let tid = u32_at(4)?;
     let time_ns = u64_at(8)?;
-    let n = (u32_at(16)? as usize).min(MAX_FRAMES);
+    // Records hold only their frames: never read past the record.
+    let n = (u32_at(16)? as usize).min(data.len().saturating_sub(HEADER_SIZE) / FRAME_SIZE);
     let flags = u32_at(20)?;
     let mut frames = Vec::with_capacity(n);
     for i in 0..n {
-        let o = 24 + i * FRAME_SIZE;
+        let o = HEADER_SIZE + i * FRAME_SIZE;
         let f = u32_at(o + 32)?;
         frames.push(PyFrameRef {
             code: u64_at(o)?,
@@ -165,15 +191,25 @@ fn parse(data: &[u8]) -> Option<PyStack> {
         tid,
         time_ns,
         frames,
-        truncated: flags & REC_TRUNCATED != 0,
+        truncated: if flags & REC_TRUNCATED != 0 {
+            Some(WalkerCut::FrameLimit)
+        } else if flags & REC_LOOP_BUDGET != 0 {
+            Some(WalkerCut::LoopBudget)
+        } else {
+            None
+        },
         no_thread_state: flags & REC_NO_TSTATE != 0,
         read_error: flags & REC_READ_ERROR != 0,
     })
 }
 
 impl Walker {
-    /// Loads the program (the verifier checks it here).
-    pub fn load() -> Result<Walker, BpfError> {
+    /// Loads the program (the verifier checks it here), its records holding up to
+    /// `max_py_frames` Python frames.
+    pub fn load(max_py_frames: u32) -> Result<Walker, BpfError> {
+        if !(1..=MAX_PY_FRAMES_CAP).contains(&max_py_frames) {
+            return Err(BpfError::FrameLimit(max_py_frames));
+        }
         if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
             return Err(BpfError::Load(
                 "this kernel has no BTF (/sys/kernel/btf/vmlinux: CONFIG_DEBUG_INFO_BTF)".into(),
@@ -209,7 +245,19 @@ impl Walker {
             .max(libbpf_rs::num_possible_cpus().unwrap_or(1));
         open.maps
             .events
-            .set_max_entries(ring_bytes(ncpus))
+            .set_max_entries(ring_bytes(ncpus, max_py_frames))
+            .map_err(|e| BpfError::Load(e.to_string()))?;
+        // One scratch record per CPU (indexed by CPU number: possible CPUs, which may be more
+        // than those online), each holding the frame limit's frames.
+        let possible = libbpf_rs::num_possible_cpus().unwrap_or(ncpus).max(ncpus);
+        open.maps
+            .scratch
+            .set_max_entries(possible as u32)
+            .and_then(|()| {
+                open.maps
+                    .scratch
+                    .set_value_size(record_bytes(max_py_frames))
+            })
             .map_err(|e| BpfError::Load(e.to_string()))?;
         // Our PID namespace: the program reports pids as we see them.
         let ns = std::fs::metadata("/proc/self/ns/pid")
@@ -226,6 +274,7 @@ impl Walker {
             // The initial PID namespace has a fixed inode number (PROC_PID_INIT_INO).
             const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
             ro.in_child_pidns = u8::from(ns.ino() != PROC_PID_INIT_INO);
+            ro.max_py_frames = max_py_frames;
         }
         let skel = open.load().map_err(|e| BpfError::Load(e.to_string()))?;
         let out: Arc<Mutex<Vec<PyStack>>> = Arc::default();
@@ -376,17 +425,26 @@ mod tests {
         b[56..60].copy_from_slice(&(FRAME_ENTRY | 3).to_ne_bytes());
         let s = parse(&b).unwrap();
         assert_eq!((s.pid, s.tid, s.time_ns, s.frames.len()), (7, 8, 99, 2));
-        assert!(s.truncated && s.frames[0].entry && s.frames[0].owner == 3 && !s.frames[1].entry);
+        assert_eq!(s.truncated, Some(WalkerCut::FrameLimit));
+        assert!(s.frames[0].entry && s.frames[0].owner == 3 && !s.frames[1].entry);
         assert_eq!((s.frames[0].code, s.frames[0].ident), (0x1000, 0xabc));
         assert_eq!(std::mem::size_of::<ProcCfg>(), 8 + 18 * 4);
     }
 
     #[test]
     fn loads_and_passes_the_verifier() {
-        let w = Walker::load();
-        if std::env::var("CI").is_ok_and(|v| v == "true") || nix_is_root() {
-            w.expect("load");
+        // The verifier bounds each frame index by the limit: the smallest, the default and
+        // the largest limits all pass.
+        for limit in [1, DEFAULT_PY_FRAMES, MAX_PY_FRAMES_CAP] {
+            let w = Walker::load(limit);
+            if std::env::var("CI").is_ok_and(|v| v == "true") || nix_is_root() {
+                w.unwrap_or_else(|e| panic!("load with {limit} frames: {e}"));
+            }
         }
+        assert!(matches!(
+            Walker::load(MAX_PY_FRAMES_CAP + 1),
+            Err(BpfError::FrameLimit(_))
+        ));
     }
 
     fn nix_is_root() -> bool {

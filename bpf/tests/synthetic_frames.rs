@@ -92,7 +92,7 @@ fn walk(v: (u8, u8), table: &[u8]) {
         frames[i].put(o.frame_previous, next);
         frames[i].put_u8(o.frame_owner, *owner);
     }
-    let mut w = Walker::load().expect("load the walker");
+    let mut w = Walker::load(perfpy_bpf::DEFAULT_PY_FRAMES).expect("load the walker");
     let ev = cpu_clock_on_this_thread();
     w.attach(ev.as_fd()).expect("attach");
     w.add_process(&PyProcess {

@@ -144,7 +144,7 @@ pub fn encode(r: &Report) -> protos::Profile {
                 (file as u64 + 3, (file as u64 + 1) * FILE_SPACE + offset)
             }
             FrameKey::Anon { addr, .. } => (2, PYTHON_MAPPING_BASE + (addr & (FILE_SPACE - 1))),
-            FrameKey::Truncated => (0, 0),
+            FrameKey::Truncated(_) => (0, 0),
             FrameKey::Py { func, line } => (
                 2,
                 PYTHON_MAPPING_BASE + (1 << 39) + ((func as u64) << 20) + line as u64,

@@ -43,6 +43,7 @@ struct bpf_pidns_info {
 
 enum bpf_map_type {
     BPF_MAP_TYPE_HASH = 1,
+    BPF_MAP_TYPE_ARRAY = 2,
     BPF_MAP_TYPE_PERCPU_ARRAY = 6,
     BPF_MAP_TYPE_RINGBUF = 27,
 };

@@ -2,7 +2,9 @@
 /* perfpy's eBPF frame walker for CPython 3.11+: at each sample of a registered process, find
  * the sampled thread's PyThreadState (the interpreter's thread list, matched on
  * native_thread_id) and walk its _PyInterpreterFrame chain, emitting (code object, instruction
- * pointer, flags) per frame, newest first. Always returns 1: 0 would drop the perf sample. */
+ * pointer, flags) per frame, newest first. Always returns 1: 0 would drop the perf sample.
+ * One bpf_loop iteration per frame (walk_frame, which reads each frame's fields through
+ * frame_field), up to max_py_frames frames (--max-python-frames, set by user space). */
 #include "types.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
@@ -14,6 +16,10 @@
 const volatile u64 pidns_dev = 0;
 const volatile u64 pidns_ino = 0;
 const volatile u8 in_child_pidns = 0;
+/* Most Python frames in a record (--max-python-frames). The verifier knows this read-only
+ * value, so it bounds every index into the scratch record; the scratch map's value size is set
+ * to hold exactly this many frames. */
+const volatile u32 max_py_frames = DEFAULT_PY_FRAMES;
 
 struct {
     __uint(type, BPF_MAP_TYPE_HASH);
@@ -30,23 +36,36 @@ struct {
     __uint(max_entries, 1 << 20);
 } events SEC(".maps");
 
-/* The record is built here, then copied into the ring with only its used frames. */
+/* The record is built here, then copied into the ring with only its used frames. One entry
+ * per CPU, indexed by the CPU: a per-CPU array's value is limited to 32 KiB, less than 1,024
+ * frames. A perf_event program does not nest on its CPU, so an entry has one user at a time.
+ * Entries and value size are set at load time (number of CPUs, max_py_frames). */
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 1);
+    __uint(key_size, sizeof(u32));
+    __uint(value_size, sizeof(struct record) + DEFAULT_PY_FRAMES * sizeof(struct pyframe));
+} scratch SEC(".maps");
+
+/* The first bytes of the frame being walked, read at once: one read per frame instead of one
+ * per field (the fields of every version's frame are within it but f_localsplus before 3.11). */
+#define FRAME_WINDOW 128
+struct frame_win {
+    u8 b[FRAME_WINDOW];
+};
 struct {
     __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
     __uint(max_entries, 1);
     __type(key, u32);
-    __type(value, struct record);
-} scratch SEC(".maps");
+    __type(value, struct frame_win);
+} window SEC(".maps");
 
 static __always_inline void emit(struct record *r)
 {
     u32 n = r->nframes;
-    if (n > MAX_FRAMES)
-        n = MAX_FRAMES;
-    u64 size = sizeof(struct record) - sizeof(r->frames) + (u64)n * sizeof(struct pyframe);
-    if (size > sizeof(struct record))
-        size = sizeof(struct record);
-    bpf_ringbuf_output(&events, r, size, 0);
+    if (n > max_py_frames)
+        n = max_py_frames;
+    bpf_ringbuf_output(&events, r, sizeof(struct record) + (u64)n * sizeof(struct pyframe), 0);
 }
 
 static __always_inline int rd(void *dst, u32 size, u64 addr)
@@ -87,10 +106,28 @@ static long find_thread(u32 i, struct tctx *t)
 struct fctx {
     struct proc_cfg *c;
     struct record *r;
+    struct frame_win *win;
     u64 frame;
     u32 n;
     u32 flags;
+    /* The last code object read and its identity: recursion repeats code objects, and one
+     * alive in two frames of the same walk is the same object. */
+    u64 last_code;
+    u64 last_ident;
+    /* The window holds the current frame's first FRAME_WINDOW bytes (a frame at the very end
+     * of a mapping cannot be read as a whole: then field by field). */
+    u32 win_ok;
 };
+
+/* A field of the current frame: from the window when it lies inside, else read. */
+static __always_inline int frame_field(struct fctx *x, void *dst, s32 size, s32 off)
+{
+    if (x->win_ok && off >= 0 && off <= FRAME_WINDOW - size) {
+        __builtin_memcpy(dst, &x->win->b[off], size);
+        return 0;
+    }
+    return rd(dst, size, x->frame + off);
+}
 
 static long walk_frame(u32 i, struct fctx *x)
 {
@@ -100,34 +137,36 @@ static long walk_frame(u32 i, struct fctx *x)
     u64 prev = 0;
     if (!x->frame)
         return 1;
-    if ((c->frame_owner >= 0 && rd(&owner, 1, x->frame + c->frame_owner)) ||
-        rd(&prev, 8, x->frame + c->frame_previous)) {
+    x->win_ok = !rd(x->win->b, FRAME_WINDOW, x->frame);
+    if ((c->frame_owner >= 0 && frame_field(x, &owner, 1, c->frame_owner)) ||
+        frame_field(x, &prev, 8, c->frame_previous)) {
         x->flags |= REC_READ_ERROR;
         return 1;
     }
+    u32 n = x->n;
     if (c->owned_by_cstack >= 0 && owner >= (u8)c->owned_by_cstack) {
         /* A C-level eval call starts here (3.12, 3.13: owned by CSTACK; 3.14+: by INTERPRETER,
          * both 3; higher owners are not Python frames either): the frame above it is its entry
          * frame. That frame's first_local (unused from 3.11 on) gets this shim frame's address:
          * a local of the eval function, it tells user space which native frame runs the group. */
-        if (x->n > 0) {
-            r->frames[(x->n - 1) & (MAX_FRAMES - 1)].flags |= FRAME_ENTRY;
-            r->frames[(x->n - 1) & (MAX_FRAMES - 1)].first_local = x->frame;
+        if (n > 0 && n <= max_py_frames) {
+            r->frames[n - 1].flags |= FRAME_ENTRY;
+            r->frames[n - 1].first_local = x->frame;
         }
         x->frame = prev;
         return 0;
     }
-    if (x->n >= MAX_FRAMES) {
+    if (n >= max_py_frames) {
         x->flags |= REC_TRUNCATED;
         return 1;
     }
-    struct pyframe *f = &r->frames[x->n & (MAX_FRAMES - 1)];
+    struct pyframe *f = &r->frames[n];
     f->code = 0;
     f->instr = 0;
     f->first_local = 0;
     if (c->frame_localsplus >= 0)
-        rd(&f->first_local, 8, x->frame + c->frame_localsplus);
-    rd(&f->code, 8, x->frame + c->frame_code);
+        frame_field(x, &f->first_local, 8, c->frame_localsplus);
+    frame_field(x, &f->code, 8, c->frame_code);
     if (c->code_tagged) {
         /* A _PyStackRef: the low two bits are tags; both set is a tagged int, not an object. */
         if ((f->code & 3) == 3) {
@@ -138,28 +177,32 @@ static long walk_frame(u32 i, struct fctx *x)
     }
     /* The code object's identity at the sample instant: its address alone may meanwhile hold
      * another code object (the first one freed), whose name user space would otherwise give. */
-    {
+    if (f->code && f->code == x->last_code) {
+        f->ident = x->last_ident;
+    } else {
         u64 name = 0, file = 0;
         if (f->code) {
             rd(&name, 8, f->code + c->code_name);
             rd(&file, 8, f->code + c->code_filename);
         }
         f->ident = name ^ ((file << 1) | (file >> 63));
+        x->last_code = f->code;
+        x->last_ident = f->ident;
     }
     f->flags = owner;
     f->pad = 0;
     if (c->lasti_int) {
         /* <= 3.10: f_lasti, and every Python call has its own C-level eval call. */
         s32 lasti = 0;
-        rd(&lasti, 4, x->frame + c->frame_instr);
+        frame_field(x, &lasti, 4, c->frame_instr);
         f->instr = (u64)(s64)lasti;
         f->flags |= FRAME_ENTRY;
     } else {
-        rd(&f->instr, 8, x->frame + c->frame_instr);
+        frame_field(x, &f->instr, 8, c->frame_instr);
     }
     if (c->frame_is_entry >= 0) {
         u8 e = 0;
-        if (!rd(&e, 1, x->frame + c->frame_is_entry) && e)
+        if (!frame_field(x, &e, 1, c->frame_is_entry) && e)
             f->flags |= FRAME_ENTRY;
     }
     x->n++;
@@ -185,8 +228,8 @@ int on_sample(void *ctx)
     struct proc_cfg *c = bpf_map_lookup_elem(&procs, &pid);
     if (!c)
         return 1;
-    u32 zero = 0;
-    struct record *r = bpf_map_lookup_elem(&scratch, &zero);
+    u32 cpu = bpf_get_smp_processor_id();
+    struct record *r = bpf_map_lookup_elem(&scratch, &cpu);
     if (!r)
         return 1;
     r->pid = pid;
@@ -232,12 +275,17 @@ int on_sample(void *ctx)
     } else {
         rd(&frame, 8, t.found + c->tstate_current_frame);
     }
-    struct fctx x = { .c = c, .r = r, .frame = frame, .n = 0, .flags = 0 };
-    bpf_loop(2 * MAX_FRAMES, walk_frame, &x, 0);
-    /* Frames left when the loop's budget ran out (each Python call under a perf trampoline
-     * also has an entry shim frame): the outer ones are missing. */
-    if (x.frame && !(x.flags & REC_READ_ERROR))
-        x.flags |= REC_TRUNCATED;
+    u32 zero = 0;
+    struct frame_win *win = bpf_map_lookup_elem(&window, &zero);
+    if (!win)
+        return 1;
+    struct fctx x = { .c = c, .r = r, .win = win, .frame = frame };
+    /* Each Python call under a perf trampoline (3.12+) also has an entry shim frame: twice the
+     * frame limit, and a little more, lets the limit be what cuts. */
+    bpf_loop(2 * max_py_frames + 2, walk_frame, &x, 0);
+    /* Frames left when the loop's budget ran out: the outer ones are missing. */
+    if (x.frame && !(x.flags & (REC_READ_ERROR | REC_TRUNCATED)))
+        x.flags |= REC_LOOP_BUDGET;
     r->nframes = x.n;
     r->flags = x.flags;
     emit(r);

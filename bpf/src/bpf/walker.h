@@ -2,13 +2,17 @@
 #ifndef PERFPY_WALKER_H
 #define PERFPY_WALKER_H
 
-#define MAX_FRAMES 128
 #define MAX_THREADS 256
+/* Default and ceiling of the Python frames one record holds (user space sets the limit,
+ * --max-python-frames, before loading; the scratch map's value is sized to match). */
+#define DEFAULT_PY_FRAMES 1024
+#define MAX_PY_FRAMES_CAP 16384
 
 /* Record flags. */
 #define REC_NO_TSTATE 1   /* the thread has no PyThreadState: no Python frames */
-#define REC_TRUNCATED 2   /* more frames than MAX_FRAMES */
+#define REC_TRUNCATED 2   /* more Python frames than the limit (max_py_frames) */
 #define REC_READ_ERROR 4  /* a pointer could not be read */
+#define REC_LOOP_BUDGET 8 /* the walk's loop budget ran out before the outermost frame */
 
 /* Frame flags: low byte = owner; ENTRY = first frame run by its C-level eval call. */
 #define FRAME_ENTRY 0x100
@@ -51,7 +55,7 @@ struct record {
     __u64 time;
     __u32 nframes;
     __u32 flags;
-    struct pyframe frames[MAX_FRAMES];
+    struct pyframe frames[]; /* nframes of them, up to max_py_frames */
 };
 
 #endif
