@@ -1200,9 +1200,9 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             crate::output::flamegraph::write(&report, &format!("perfpy {target_name}"), w)
         }
     })?;
-    if let Some(exporter) = otlp {
-        crate::output::otlp::send_recording(exporter, &report, &dest_name.to_string())?;
-    }
+    // Exported after the file is written; a failed export is reported after the summary.
+    let exported =
+        otlp.map(|exporter| crate::output::otlp::send_recording(exporter, &report, &dest_name));
     let sym_time = t_sym.elapsed();
     if let Some((runs, ns)) = walker_stats {
         if runs > 0 && ns > 0 {
@@ -1324,6 +1324,9 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             say!("perfpy: wrote {dest_name}; open it with: go tool pprof -http=:8080 {dest_name}")
         }
         _ => say!("perfpy: wrote {dest_name}"),
+    }
+    if let Some(Err(e)) = exported {
+        return Err(e);
     }
     Ok(Outcome { child_status })
 }
