@@ -106,3 +106,19 @@ if [ "${CI:-}" = true ] && ! otelcol_ready; then
     echo "CI=true: the test OpenTelemetry Collector is missing ($OTELCOL)" >&2
     exit 1
 fi
+
+# speedscope's npm package (its published file-format schema) and ajv, to check `-f speedscope`
+# output in tests/outputs.rs. Pinned; installed once outside the checkout. PERFPY_NPM overrides.
+NPMDIR=${PERFPY_NPM:-/var/cache/perfpy/npm}
+npm_ready() { [ -f "$NPMDIR/node_modules/speedscope/dist/release/file-format-schema.json" ] && [ -d "$NPMDIR/node_modules/ajv" ]; }
+if ! npm_ready; then
+    command -v npm >/dev/null || {
+        SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm >/dev/null
+    }
+    mkdir -p "$NPMDIR"
+    echo "installing speedscope and ajv (npm) in $NPMDIR"
+    (cd "$NPMDIR" && npm install --silent --no-audit --no-fund --ignore-scripts speedscope@1.25.0 ajv@8.17.1 >/dev/null) ||
+        { echo "npm install failed; the speedscope test cannot run" >&2; [ "${CI:-}" = true ] && exit 1; }
+fi

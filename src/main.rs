@@ -89,7 +89,7 @@ struct RecordArgs {
     output: Option<PathBuf>,
     /// Output format.
     /// Output format [default: from the output's extension (.svg: flamegraph; .txt, .folded,
-    /// .collapsed: collapsed), else pprof].
+    /// .collapsed: collapsed; .json: speedscope), else pprof].
     #[arg(short = 'f', long, value_enum)]
     format: Option<Format>,
     /// Bytes of user stack copied per sample (max 65000). Default: 16384 when the eBPF walker
@@ -129,6 +129,13 @@ struct RecordArgs {
     /// compression, certificate: the OTEL_EXPORTER_OTLP_* variables). Checked before sampling.
     #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "")]
     otlp_endpoint: Option<String>,
+    /// Aggregate Python frames by function: each carries its function's first line instead of
+    /// the line running (one box per function in a flamegraph), as py-spy's --function.
+    #[arg(long, conflicts_with = "nolineno")]
+    function: bool,
+    /// No line numbers in Python frames at all.
+    #[arg(long)]
+    nolineno: bool,
     /// Command to launch and profile until it exits (after --).
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -279,6 +286,13 @@ fn run(cli: Cli) -> Result<i32> {
                             })
                         })
                         .transpose()?,
+                    lines: if a.function {
+                        report::Lines::Function
+                    } else if a.nolineno {
+                        report::Lines::None
+                    } else {
+                        report::Lines::Current
+                    },
                 },
                 stop,
             )?;
@@ -293,6 +307,7 @@ fn format_from_extension(path: Option<&std::path::Path>) -> Format {
     match path.and_then(|p| p.extension()).and_then(|e| e.to_str()) {
         Some("svg") => Format::Flamegraph,
         Some("txt" | "folded" | "collapsed") => Format::Collapsed,
+        Some("json") => Format::Speedscope,
         _ => Format::Pprof,
     }
 }

@@ -83,6 +83,9 @@ pub struct Process {
     pub python_version: Option<String>,
     /// Container id from the cgroup path (docker, containerd, cri-o, podman), if any.
     pub container_id: Option<String>,
+    /// The file of its lowest file-backed executable mapping (start, file id): the program's
+    /// executable (PIE or not, it is mapped below the libraries), the profile's main file.
+    pub main_file: Option<(u64, u32)>,
 }
 
 impl Process {
@@ -111,6 +114,7 @@ impl Process {
             is_python: false,
             python_version: None,
             container_id: read_container_id(pid),
+            main_file: None,
         }
     }
 
@@ -124,6 +128,7 @@ impl Process {
         p.unwinder = parent.unwinder.clone();
         p.is_python = parent.is_python;
         p.python_version = parent.python_version.clone();
+        p.main_file = parent.main_file;
         p
     }
 
@@ -137,6 +142,7 @@ impl Process {
         self.is_python = false;
         self.python_version = None;
         self.last_refresh = None;
+        self.main_file = None;
     }
 
     pub fn mapping(&self, addr: u64) -> Option<&Mapping> {
@@ -170,6 +176,9 @@ impl Process {
             self.maps.retain(|m| !(m.start < end && start < m.end));
         }
         if let Some(f) = &file {
+            if self.main_file.map_or(true, |(s, _)| start < s) {
+                self.main_file = Some((start, f.id));
+            }
             if let Some(elf) = &f.elf {
                 self.is_python |= elf.is_python_interpreter;
                 if elf.is_python_interpreter && self.python_version.is_none() {

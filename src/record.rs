@@ -41,6 +41,8 @@ pub struct Options {
     pub ebpf: bool,
     /// `--otlp-endpoint`: also send the profile to an OpenTelemetry Collector.
     pub otlp: Option<crate::output::otlp_export::Config>,
+    /// `--function` / `--nolineno`: what Python frames carry as line.
+    pub lines: crate::report::Lines,
 }
 
 const INJECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -1165,9 +1167,11 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     deactivator.finish();
     let refused_perf_maps = symbolized.refused_perf_maps;
     let symbolization_cut_short = symbolized.cut_short;
+    let mut resolved = symbolized.resolved;
+    crate::report::set_lines(&mut resolved, &c.profile, opts.lines);
     let (samples, resolved) = crate::report::build(
         &c.profile,
-        symbolized.resolved,
+        resolved,
         &procs,
         &c.files,
         opts.keep_interpreter,
@@ -1199,6 +1203,11 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         Format::Flamegraph => {
             crate::output::flamegraph::write(&report, &format!("perfpy {target_name}"), w)
         }
+        Format::Speedscope => Ok(crate::output::speedscope::write(
+            &report,
+            &format!("perfpy {target_name}"),
+            w,
+        )?),
     })?;
     // Exported after the file is written; a failed export is reported after the summary.
     let exported =

@@ -20,6 +20,8 @@ pub struct Sample {
     pub frames_from: &'static str,
     pub python_version: Option<String>,
     pub container_id: Option<String>,
+    /// File id of its process's executable (see `Process::main_file`).
+    pub main_file: Option<u32>,
 }
 
 pub struct Report {
@@ -98,12 +100,51 @@ pub fn build(
             },
             python_version: proc.and_then(|p| p.python_version.clone()),
             container_id: proc.and_then(|p| p.container_id.clone()),
+            main_file: proc.and_then(|p| p.main_file).map(|(_, f)| f),
         });
     }
     let _ = files;
     // Deterministic output: heaviest first.
     samples.sort_by(|a, b| b.count.cmp(&a.count).then(a.locs.cmp(&b.locs)));
     (samples, resolved)
+}
+
+/// What Python frames carry as line: py-spy's `--function` and `--nolineno`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Lines {
+    /// The line running (the default).
+    #[default]
+    Current,
+    /// The function's first line: one box per function in a flamegraph.
+    Function,
+    /// None at all.
+    None,
+}
+
+/// Applies `mode` to the Python frames of `resolved` (locations of `profile`). Frames the
+/// eBPF walker named carry their function's first line; frames named by a perf map have none.
+pub fn set_lines(resolved: &mut [Resolved], profile: &Profile, mode: Lines) {
+    if mode == Lines::Current {
+        return;
+    }
+    for (r, key) in resolved.iter_mut().zip(&profile.locations) {
+        if !matches!(r.kind, Kind::Python | Kind::PythonEbpf) {
+            continue;
+        }
+        let first = match key {
+            FrameKey::Py { func, .. } => profile
+                .py_functions
+                .get(*func as usize)
+                .map(|f| f.first_line),
+            _ => None,
+        };
+        for f in &mut r.frames {
+            f.line = match mode {
+                Lines::Function => first,
+                _ => None,
+            };
+        }
+    }
 }
 
 /// A frame's display name for text formats: `qualname (file:line)` for Python, the function

@@ -7,6 +7,11 @@ use crate::report::{display_name, Report};
 /// The lines, merged by stack text, sorted. The root is `comm` (the process name) when the
 /// recording holds more than one process.
 pub fn lines(r: &Report) -> Vec<String> {
+    lines_named(r, &|l, i| display_name(&r.resolved[l as usize], i))
+}
+
+/// The lines with frames named by `name(location, inline index)`.
+pub fn lines_named(r: &Report, name: &dyn Fn(u32, usize) -> String) -> Vec<String> {
     let multi = {
         let mut pids: Vec<u32> = r.samples.iter().map(|s| s.pid).collect();
         pids.sort_unstable();
@@ -22,7 +27,7 @@ pub fn lines(r: &Report) -> Vec<String> {
         for l in s.locs.iter().rev() {
             let res = &r.resolved[*l as usize];
             for i in (0..res.frames.len()).rev() {
-                parts.push(display_name(res, i).replace(';', ":"));
+                parts.push(name(*l, i).replace(';', ":"));
             }
         }
         if parts.is_empty() {

@@ -1,4 +1,4 @@
-//! Writers: gzip'd pprof, collapsed stacks, SVG flamegraph; OTLP profiles to a Collector.
+//! Writers: gzip'd pprof, collapsed stacks, SVG flamegraph, speedscope JSON; OTLP profiles to a Collector.
 
 pub mod collapsed;
 pub mod dest;
@@ -6,6 +6,7 @@ pub mod flamegraph;
 pub mod otlp;
 pub mod otlp_export;
 pub mod pprof;
+pub mod speedscope;
 
 use clap::ValueEnum;
 
@@ -17,6 +18,8 @@ pub enum Format {
     Collapsed,
     /// SVG flamegraph
     Flamegraph,
+    /// speedscope's JSON (one sampled profile per thread)
+    Speedscope,
 }
 
 impl Format {
@@ -25,6 +28,7 @@ impl Format {
             Format::Pprof => "pb.gz",
             Format::Collapsed => "txt",
             Format::Flamegraph => "svg",
+            Format::Speedscope => "speedscope.json",
         }
     }
 }

@@ -418,6 +418,7 @@ mod tests {
             frames_from: "ebpf",
             python_version: Some("3.12.7".into()),
             container_id: (pid == 20).then(|| "abc123".into()),
+            main_file: None,
         }
     }
 

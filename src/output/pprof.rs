@@ -86,7 +86,18 @@ pub fn encode(r: &Report) -> protos::Profile {
             used_files[*file as usize] = true;
         }
     }
-    for (id, (path, build_id)) in r.files.iter().enumerate() {
+    // The main file first: `go tool pprof` names the profile after the first mapping
+    // ("File: python3.12", not "File: libc.so.6"). It is the executable of the process with
+    // the most samples, listed even when its own frames were left out of the stacks.
+    let main = main_file(r);
+    let mut order: Vec<usize> = (0..r.files.len()).collect();
+    if let Some(m) = main {
+        used_files[m as usize] = true;
+        order.retain(|i| *i != m as usize);
+        order.insert(0, m as usize);
+    }
+    for id in order {
+        let (path, build_id) = &r.files[id];
         if !used_files[id] {
             continue;
         }
@@ -239,6 +250,21 @@ pub fn write(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
     gz.write_all(&bytes)?;
     gz.finish()?;
     Ok(())
+}
+
+/// The executable of the process with the most samples.
+fn main_file(r: &Report) -> Option<u32> {
+    let mut per_file: HashMap<u32, u64> = HashMap::new();
+    for s in &r.samples {
+        if let Some(f) = s.main_file {
+            *per_file.entry(f).or_default() += s.count;
+        }
+    }
+    per_file
+        .into_iter()
+        .filter(|(f, _)| (*f as usize) < r.files.len())
+        .max_by_key(|(f, n)| (*n, std::cmp::Reverse(*f)))
+        .map(|(f, _)| f)
 }
 
 fn hex(b: &[u8]) -> String {
