@@ -3,6 +3,7 @@
 #[macro_use]
 mod say;
 
+mod dump;
 mod files;
 mod info;
 mod output;
@@ -57,6 +58,15 @@ enum Cmd {
         /// Only say whether it is on (asked inside the target; changes nothing).
         #[arg(long)]
         status: bool,
+    },
+    /// Every thread's stack right now (Python frames, state, the system call it waits in,
+    /// kernel frames), read without stopping the process.
+    Dump {
+        #[arg(short = 'p', long = "pid", value_name = "PID", required = true)]
+        pids: Vec<i32>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
     /// What this machine supports and, per Python process, its version, interpreter and how
     /// perfpy names its frames.
@@ -197,6 +207,7 @@ fn main() {
 fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Info { pids, json } => info::run(&pids, json),
+        Cmd::Dump { pids, json } => dump::run(&pids, json),
         Cmd::Inject {
             pid,
             deactivate,

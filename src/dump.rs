@@ -1,0 +1,482 @@
+//! `perfpy dump`: every thread's stack at one moment, without stopping the process.
+//!
+//! Read from user space with `process_vm_readv` (no ptrace, no signal: the target runs on):
+//! the interpreter's thread states from `_PyRuntime` (or `interp_head`) with the offsets the
+//! eBPF walker uses, each thread's frame chain the way the walker follows it, code objects
+//! named by the walker's code reader (`perfpy_bpf::code`). Per thread, from `/proc`: name,
+//! state, the system call it waits in (`syscall`), and its kernel stack (`stack`, root only).
+//! The reads of one thread are not atomic with respect to the thread: a thread running Python
+//! moves on while its chain is read (a frame may come from the next instant); a blocked one
+//! does not move.
+
+use std::collections::HashMap;
+
+use anyhow::Result;
+use perfpy_bpf::code::{CodeReader, LiveMemory, RemoteMemory};
+use perfpy_bpf::{Offsets, PyFrameRef};
+use serde_json::{json, Value};
+
+use crate::files::Files;
+use crate::process::Process;
+
+/// Most thread states and frames read per process (a corrupt chain cannot loop forever).
+const MAX_THREADS: usize = 4096;
+const MAX_FRAMES: usize = 4096;
+
+pub struct Frame {
+    pub function: String,
+    pub file: String,
+    pub line: u32,
+}
+
+pub struct Thread {
+    pub tid: u32,
+    pub name: String,
+    pub state: String,
+    /// `read (fd 3)`, or None when running or not in a system call.
+    pub syscall: Option<String>,
+    pub kernel: Vec<String>,
+    /// Outermost first (a traceback's order); empty for a thread with no Python thread state.
+    pub python: Vec<Frame>,
+    pub has_thread_state: bool,
+}
+
+pub struct Dump {
+    pub pid: u32,
+    pub comm: String,
+    pub python_version: Option<String>,
+    /// Why Python frames are missing, if they are.
+    pub note: Option<String>,
+    pub threads: Vec<Thread>,
+}
+
+struct Py {
+    version: (u8, u8),
+    runtime: u64,
+    off: Offsets,
+}
+
+/// The CPython of process `pid`, as `record` finds it: version from the interpreter's ELF,
+/// `_PyRuntime`/`interp_head` from its symbols, offsets from the tables or the target's own
+/// `_Py_DebugOffsets` (3.13+).
+fn find_python(p: &Process) -> Result<Py, String> {
+    let v = p.python_version.as_deref().ok_or("not a Python process")?;
+    let mut it = v.split('.').filter_map(|x| x.parse::<u8>().ok());
+    let version = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+    let runtime = p
+        .maps
+        .iter()
+        .find_map(|m| {
+            let f = m.file.as_ref()?;
+            let vaddr = f
+                .elf
+                .as_ref()
+                .filter(|e| e.is_python_interpreter)?
+                .py_runtime?;
+            Some(vaddr.wrapping_add(f.bias(m.start, m.pgoff)?))
+        })
+        .ok_or("no _PyRuntime or interp_head in the interpreter")?;
+    let off = match Offsets::for_version(version) {
+        Some(o) => o,
+        None if perfpy_bpf::debug_offsets::from_target(version) => {
+            perfpy_bpf::debug_offsets::read(&LiveMemory, p.pid, runtime, version)
+                .map_err(|e| e.to_string())?
+                .offsets
+        }
+        None => return Err(format!("CPython {v}: no frame walker for this version")),
+    };
+    Ok(Py {
+        version,
+        runtime,
+        off,
+    })
+}
+
+fn u64_at(pid: u32, addr: u64) -> Option<u64> {
+    let mut b = [0u8; 8];
+    LiveMemory
+        .read(pid, addr, &mut b)
+        .then(|| u64::from_ne_bytes(b))
+}
+
+fn at(base: u64, off: i32) -> Option<u64> {
+    (off >= 0 && base != 0).then(|| base.wrapping_add(off as u64))
+}
+
+/// glibc x86-64: `struct pthread`'s `tid` (the pthread_t is its address). Used to match
+/// thread states of CPython < 3.11, which record only the pthread_t, to kernel thread ids;
+/// checked against the process's task list before it is believed.
+const GLIBC_PTHREAD_TID: u64 = 0x2d0;
+
+/// (thread id, thread state) of every thread state of the main interpreter.
+fn thread_states(pid: u32, py: &Py) -> Vec<(Option<u32>, u64)> {
+    let o = &py.off;
+    let mut out = Vec::new();
+    let Some(interp) = at(py.runtime, o.runtime_interp_head).and_then(|a| u64_at(pid, a)) else {
+        return out;
+    };
+    let mut ts = at(interp, o.interp_tstate_head)
+        .and_then(|a| u64_at(pid, a))
+        .unwrap_or(0);
+    while ts != 0 && out.len() < MAX_THREADS {
+        let tid = if o.tstate_native_tid >= 0 {
+            at(ts, o.tstate_native_tid)
+                .and_then(|a| u64_at(pid, a))
+                .map(|v| v as u32)
+        } else {
+            at(ts, o.tstate_thread_id)
+                .and_then(|a| u64_at(pid, a))
+                .and_then(|pt| u64_at(pid, pt.wrapping_add(GLIBC_PTHREAD_TID)))
+                .map(|v| v as u32)
+        };
+        out.push((tid, ts));
+        ts = at(ts, o.tstate_next)
+            .and_then(|a| u64_at(pid, a))
+            .unwrap_or(0);
+    }
+    out
+}
+
+/// The frame chain of a thread state, innermost first, as the eBPF walker follows it.
+fn frames_of(pid: u32, py: &Py, ts: u64) -> Vec<PyFrameRef> {
+    let o = &py.off;
+    let mut frame = if o.tstate_cframe >= 0 {
+        at(ts, o.tstate_cframe)
+            .and_then(|a| u64_at(pid, a))
+            .and_then(|cf| at(cf, o.tstate_current_frame))
+            .and_then(|a| u64_at(pid, a))
+            .unwrap_or(0)
+    } else {
+        at(ts, o.tstate_current_frame)
+            .and_then(|a| u64_at(pid, a))
+            .unwrap_or(0)
+    };
+    let mut out = Vec::new();
+    let mut steps = 0;
+    while frame != 0 && out.len() < MAX_FRAMES && steps < 2 * MAX_FRAMES {
+        steps += 1;
+        let prev = at(frame, o.frame_previous)
+            .and_then(|a| u64_at(pid, a))
+            .unwrap_or(0);
+        let owner = if o.frame_owner >= 0 {
+            let mut b = [0u8; 1];
+            LiveMemory
+                .read(pid, frame + o.frame_owner as u64, &mut b)
+                .then_some(b[0])
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        if o.owned_by_cstack >= 0 && owner >= o.owned_by_cstack as u8 {
+            frame = prev;
+            continue;
+        }
+        let mut code = at(frame, o.frame_code)
+            .and_then(|a| u64_at(pid, a))
+            .unwrap_or(0);
+        if py.version >= (3, 14) {
+            // A _PyStackRef: the low two bits are tags; both set is a tagged int.
+            if code & 3 == 3 {
+                frame = prev;
+                continue;
+            }
+            code &= !3;
+        }
+        let instr = if o.lasti_int != 0 {
+            let mut b = [0u8; 4];
+            LiveMemory.read(pid, frame + o.frame_instr as u64, &mut b);
+            i32::from_ne_bytes(b) as i64 as u64
+        } else {
+            at(frame, o.frame_instr)
+                .and_then(|a| u64_at(pid, a))
+                .unwrap_or(0)
+        };
+        let first_local = at(frame, o.frame_localsplus)
+            .and_then(|a| u64_at(pid, a))
+            .unwrap_or(0);
+        out.push(PyFrameRef {
+            code,
+            instr,
+            entry: false,
+            owner,
+            first_local,
+            ident: 0,
+        });
+        frame = prev;
+    }
+    out
+}
+
+/// x86-64 system call names of the calls threads usually wait in.
+fn syscall_name(nr: i64) -> String {
+    let n = match nr {
+        0 => "read",
+        1 => "write",
+        7 => "poll",
+        17 => "pread64",
+        19 => "readv",
+        23 => "select",
+        34 => "pause",
+        35 => "nanosleep",
+        42 => "connect",
+        43 => "accept",
+        45 => "recvfrom",
+        47 => "recvmsg",
+        61 => "wait4",
+        202 => "futex",
+        230 => "clock_nanosleep",
+        232 => "epoll_wait",
+        247 => "waitid",
+        270 => "pselect6",
+        271 => "ppoll",
+        281 => "epoll_pwait",
+        288 => "accept4",
+        441 => "epoll_pwait2",
+        _ => return format!("syscall {nr}"),
+    };
+    n.to_string()
+}
+
+/// `/proc/PID/task/TID/syscall`: "NR ARG1 … ARG6 SP PC", "-1 SP PC" (blocked, not in a system
+/// call) or "running".
+fn parse_syscall(text: &str) -> Option<String> {
+    let mut it = text.split_whitespace();
+    let nr: i64 = it.next()?.parse().ok()?;
+    if nr < 0 {
+        return None;
+    }
+    let name = syscall_name(nr);
+    let arg1 = it
+        .next()
+        .and_then(|a| i64::from_str_radix(a.trim_start_matches("0x"), 16).ok());
+    Some(match (nr, arg1) {
+        (0 | 1 | 17 | 19 | 45 | 47 | 43 | 288, Some(fd)) => format!("{name} (fd {fd})"),
+        _ => name,
+    })
+}
+
+fn state_name(c: char) -> &'static str {
+    match c {
+        'R' => "running",
+        'S' => "sleeping",
+        'D' => "uninterruptible",
+        'T' => "stopped",
+        't' => "traced",
+        'Z' => "zombie",
+        _ => "unknown",
+    }
+}
+
+fn read_thread(pid: u32, tid: u32) -> Thread {
+    let base = format!("/proc/{pid}/task/{tid}");
+    let stat = std::fs::read_to_string(format!("{base}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, r)| r.trim().chars().next())
+        .unwrap_or('?');
+    let syscall = std::fs::read_to_string(format!("{base}/syscall"))
+        .ok()
+        .and_then(|s| parse_syscall(&s))
+        .filter(|_| state != 'R');
+    let kernel = std::fs::read_to_string(format!("{base}/stack"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once("] ").map(|(_, f)| f.to_string()))
+        .map(|f| f.split('+').next().unwrap_or(&f).to_string())
+        .collect();
+    Thread {
+        tid,
+        name: crate::process::read_comm(pid, tid).unwrap_or_default(),
+        state: state_name(state).to_string(),
+        syscall,
+        kernel,
+        python: Vec::new(),
+        has_thread_state: false,
+    }
+}
+
+/// Dumps process `pid` (checked as for `record`).
+pub fn dump(pid: i32) -> Result<Dump> {
+    let pid = crate::targets::check_pid(pid)?;
+    let mut files = Files::default();
+    let mut p = Process::new(pid, 0);
+    p.refresh_maps(&mut files);
+    let mut tids: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    tids.sort_unstable();
+    let mut threads: Vec<Thread> = tids.iter().map(|t| read_thread(pid, *t)).collect();
+    let mut note = None;
+    match find_python(&p) {
+        Err(e) => note = Some(format!("{e}: native and kernel information only")),
+        Ok(py) => {
+            let mut reader = CodeReader::default();
+            let by_tid: HashMap<u32, usize> = threads
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.tid, i))
+                .collect();
+            let nspid_tids = ns_tids(pid, &tids);
+            for (tid, ts) in thread_states(pid, &py) {
+                let Some(i) = tid
+                    .and_then(|t| nspid_tids.get(&t).copied().or(Some(t)))
+                    .and_then(|t| by_tid.get(&t))
+                else {
+                    continue;
+                };
+                let refs = frames_of(pid, &py, ts);
+                let t = &mut threads[*i];
+                t.has_thread_state = true;
+                t.python = refs
+                    .iter()
+                    .rev()
+                    .map(
+                        |f| match reader.resolve(&LiveMemory, pid, &py.off, py.version, f) {
+                            Some(info) => Frame {
+                                function: info.qualname,
+                                file: info.filename,
+                                line: info.line,
+                            },
+                            None => Frame {
+                                function: format!("[unreadable code object {:#x}]", f.code),
+                                file: String::new(),
+                                line: 0,
+                            },
+                        },
+                    )
+                    .collect();
+            }
+        }
+    }
+    Ok(Dump {
+        pid,
+        comm: p.comm.clone(),
+        python_version: p.python_version.clone(),
+        note,
+        threads,
+    })
+}
+
+/// Thread ids as the target sees them (its innermost PID namespace: what `native_thread_id`
+/// holds) to ours.
+fn ns_tids(pid: u32, tids: &[u32]) -> HashMap<u32, u32> {
+    let mut m = HashMap::new();
+    for &t in tids {
+        let status =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{t}/status")).unwrap_or_default();
+        if let Some(ns) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .and_then(|v| v.split_whitespace().last()?.parse::<u32>().ok())
+        {
+            m.insert(ns, t);
+        }
+    }
+    m
+}
+
+pub fn text(d: &Dump) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Process {} ({}){}",
+        d.pid,
+        d.comm,
+        d.python_version
+            .as_ref()
+            .map(|v| format!(", CPython {v}"))
+            .unwrap_or_default()
+    );
+    if let Some(n) = &d.note {
+        let _ = writeln!(s, "  note: {n}");
+    }
+    for t in &d.threads {
+        let wait = t
+            .syscall
+            .as_ref()
+            .map(|c| format!(", in {c}"))
+            .unwrap_or_default();
+        let _ = writeln!(s, "\nThread {} \"{}\" ({}{wait})", t.tid, t.name, t.state);
+        if t.python.is_empty() {
+            let _ = writeln!(
+                s,
+                "    {}",
+                if t.has_thread_state {
+                    "(no Python frames)"
+                } else {
+                    "(no Python thread state)"
+                }
+            );
+        }
+        for f in &t.python {
+            let _ = writeln!(s, "    {} ({}:{})", f.function, f.file, f.line);
+        }
+        if !t.kernel.is_empty() {
+            let _ = writeln!(s, "  kernel, innermost last:");
+            for k in t.kernel.iter().rev() {
+                let _ = writeln!(s, "    {k}");
+            }
+        }
+    }
+    s
+}
+
+pub fn json(d: &Dump) -> Value {
+    json!({
+        "pid": d.pid,
+        "comm": d.comm,
+        "python_version": d.python_version,
+        "note": d.note,
+        "threads": d.threads.iter().map(|t| json!({
+            "tid": t.tid,
+            "name": t.name,
+            "state": t.state,
+            "syscall": t.syscall,
+            "python_thread_state": t.has_thread_state,
+            "frames": t.python.iter().map(|f| json!({
+                "function": f.function, "file": f.file, "line": f.line,
+            })).collect::<Vec<_>>(),
+            "kernel": t.kernel.iter().rev().collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// `perfpy dump -p PID [-p PID …] [--json]`.
+pub fn run(pids: &[i32], as_json: bool) -> Result<i32> {
+    if pids.is_empty() {
+        anyhow::bail!("nothing to dump: give -p PID");
+    }
+    let mut dumps = Vec::new();
+    for &pid in pids {
+        dumps.push(dump(pid)?);
+    }
+    if as_json {
+        let v: Vec<Value> = dumps.iter().map(json).collect();
+        out!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        for d in &dumps {
+            out!("{}", text(d));
+        }
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn syscall_lines() {
+        assert_eq!(
+            parse_syscall("0 0x3 0x7ffd 0x10 0x0 0x0 0x0 0x7ffd0 0x7f12").as_deref(),
+            Some("read (fd 3)")
+        );
+        assert_eq!(
+            parse_syscall("230 0x1 0x0 0x7ffd 0x0 0x0 0x0 0x7ffd0 0x7f12").as_deref(),
+            Some("clock_nanosleep")
+        );
+        assert_eq!(parse_syscall("-1 0x7ffd0 0x7f12"), None);
+        assert_eq!(parse_syscall("running"), None);
+    }
+}
