@@ -1,0 +1,197 @@
+//! `perfpy dump`: targets with threads in known states (testdata/dump_target.py), on every
+//! installed CPython: each thread's innermost Python frame and line equal what the target
+//! reports about itself (sys._current_frames on request), the blocked thread shows its system
+//! call, and the target is never stopped (its 1 ms clock thread sees no long gap during 100
+//! dumps).
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{ChildStdin, ChildStdout, Command, Stdio};
+
+use common::*;
+
+struct Target {
+    child: std::process::Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Target {
+    fn start(mut cmd: Command) -> Target {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start target");
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        assert!(line.starts_with("ready"), "target said {line:?}");
+        Target {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+    fn ask(&mut self, what: &str) -> String {
+        writeln!(self.stdin, "{what}").unwrap();
+        self.stdin.flush().unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        line
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn dump_json(pid: u32) -> serde_json::Value {
+    let o = Command::new(perfpy())
+        .args(["dump", "--json", "-p", &pid.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "dump failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).expect("dump --json")
+}
+
+/// The command of interpreter `name` of [`interpreters`] again, `quiet` or not.
+fn cmd_again(name: &str, quiet: bool) -> Command {
+    let mut c = interpreters()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .unwrap()
+        .1;
+    if quiet {
+        c.arg("quiet");
+    }
+    c
+}
+
+fn interpreters() -> Vec<(String, Command)> {
+    let mut v = Vec::new();
+    for minor in ["2.7", "3.8", "3.10", "3.12", "3.13"] {
+        if let Some(py) = python(minor) {
+            let mut c = Command::new(py);
+            c.arg(testdata("dump_target.py"));
+            v.push((minor.to_string(), c));
+        }
+    }
+    let mut c = Command::new("/usr/bin/python3.11");
+    c.arg(testdata("dump_target.py"));
+    v.push(("Debian 3.11".into(), c));
+    if let Some(mut c) = chroot_python("3.14") {
+        c.arg(chroot_testdata("dump_target.py"));
+        v.push(("Debian sid 3.14".into(), c));
+    }
+    v
+}
+
+#[test]
+fn dump_shows_each_threads_own_frame_on_every_cpython() {
+    for (name, cmd) in interpreters() {
+        let mut t = Target::start(cmd);
+        let pid = t.child.id();
+        let own: HashMap<String, (String, u64)> =
+            serde_json::from_str::<HashMap<String, (String, u64)>>(&t.ask("frames")).unwrap();
+        // The main thread goes back to its read after answering: wait until the kernel says
+        // it is there (the others stay put).
+        let t0 = std::time::Instant::now();
+        while !std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/syscall"))
+            .unwrap_or_default()
+            .starts_with("0 ")
+        {
+            assert!(
+                t0.elapsed().as_secs() < 10,
+                "{name}: main thread never back in read"
+            );
+            std::thread::yield_now();
+        }
+        let d = dump_json(pid);
+        let threads = d[0]["threads"].as_array().unwrap();
+        for (tid, (func, line)) in &own {
+            let th = threads
+                .iter()
+                .find(|x| x["tid"].to_string() == *tid)
+                .unwrap_or_else(|| panic!("{name}: thread {tid} missing in {d}"));
+            let frames = th["frames"].as_array().unwrap();
+            let inner = frames
+                .last()
+                .unwrap_or_else(|| panic!("{name}: thread {tid} without frames: {th}"));
+            assert!(
+                inner["function"].as_str().unwrap().ends_with(func.as_str())
+                    && inner["line"].as_u64() == Some(*line),
+                "{name}: thread {tid}: target says {func}:{line}, dump says {inner}"
+            );
+            if func == "read_line" {
+                assert_eq!(th["syscall"], "read (fd 0)", "{name}: {th}");
+            }
+        }
+        drop(t);
+        // Never stopped: a target whose clock thread has the GIL to itself (a busy thread
+        // competing for it makes the clock's gaps the GIL's, 100 ms and more under 2.7): its
+        // longest gap during 100 dumps of it, against its longest gap during 100 dumps of
+        // another such process (the same load on this machine's cores: perfpy's own CPU).
+        let mut t = Target::start(cmd_again(&name, true));
+        let other = Target::start(cmd_again(&name, true));
+        let mut gaps = Vec::new();
+        for (target, what) in [(other.child.id(), "another"), (t.child.id(), "it")] {
+            t.ask("gaps");
+            let start = std::time::Instant::now();
+            for _ in 0..100 {
+                let o = Command::new(perfpy())
+                    .args(["dump", "-p", &target.to_string()])
+                    .output()
+                    .unwrap();
+                assert!(o.status.success());
+            }
+            let gap: f64 = t.ask("gaps").trim().parse().unwrap();
+            eprintln!(
+                "{name}: longest clock gap {gap:.1} ms during 100 dumps of {what} ({:?} per dump)",
+                start.elapsed() / 100
+            );
+            gaps.push(gap);
+        }
+        assert!(
+            gaps[1] <= gaps[0] * 2.0 + 10.0,
+            "{name}: the target's clock stalled {:.1} ms during dumps of it, {:.1} ms during dumps of another",
+            gaps[1],
+            gaps[0]
+        );
+    }
+}
+
+#[test]
+fn dump_errors_and_non_python() {
+    let o = Command::new(perfpy())
+        .args(["dump", "-p", "999999999"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("999999999"), "{e}");
+    // A process that is not Python: its threads with a note, exit 0.
+    let mut sleep = Command::new("sleep").arg("30").spawn().unwrap();
+    let d = dump_json(sleep.id());
+    let _ = sleep.kill();
+    let _ = sleep.wait();
+    assert!(
+        d[0]["note"]
+            .as_str()
+            .unwrap()
+            .contains("not a Python process"),
+        "{d}"
+    );
+    assert_eq!(d[0]["threads"][0]["syscall"], "clock_nanosleep", "{d}");
+}
