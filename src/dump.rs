@@ -36,9 +36,15 @@ pub struct Thread {
     /// `read (fd 3)`, or None when running or not in a system call.
     pub syscall: Option<String>,
     pub kernel: Vec<String>,
+    /// Native frames, innermost first, for a thread blocked in a system call (its user
+    /// registers are in `/proc/PID/task/TID/syscall`); empty for a running thread.
+    pub native: Vec<String>,
     /// Outermost first (a traceback's order); empty for a thread with no Python thread state.
     pub python: Vec<Frame>,
     pub has_thread_state: bool,
+    /// Holds the GIL, where the interpreter says so (3.13+: its `_Py_DebugOffsets` give the
+    /// GIL's `locked` and `last_holder`); None where it cannot be told.
+    pub holds_gil: Option<bool>,
 }
 
 pub struct Dump {
@@ -207,6 +213,40 @@ fn frames_of(pid: u32, py: &Py, ts: u64) -> Vec<PyFrameRef> {
     out
 }
 
+/// The thread state holding the GIL (3.13+), from the target's `_Py_DebugOffsets`:
+/// `Some(0)` when the GIL is free, None where it cannot be told.
+fn gil_holder(pid: u32, py: &Py) -> Option<u64> {
+    let layout = perfpy_bpf::debug_offsets::layout(py.version)?;
+    let len = perfpy_bpf::debug_offsets::table_len(py.version)?;
+    let mut b = vec![0u8; len];
+    if !LiveMemory.read(pid, py.runtime, &mut b) {
+        return None;
+    }
+    let field = |name: &str| -> Option<u64> {
+        let i = layout.iter().position(|n| *n == name)?;
+        Some(u64::from_ne_bytes(
+            b.get(8 + 8 * i..16 + 8 * i)?.try_into().ok()?,
+        ))
+    };
+    // Offsets into the interpreter state (its embedded `_gil`, the main interpreter's GIL),
+    // from another process: inside the state's size before use.
+    let size = field("interpreter_state.size")?;
+    let inside = |v: u64| (v + 8 <= size).then_some(v);
+    let interp = at(py.runtime, py.off.runtime_interp_head).and_then(|a| u64_at(pid, a))?;
+    let mut locked = [0u8; 4];
+    let l = inside(field("interpreter_state.gil_runtime_state_locked")?)?;
+    if !LiveMemory.read(pid, interp + l, &mut locked) {
+        return None;
+    }
+    if i32::from_ne_bytes(locked) == 0 {
+        return Some(0);
+    }
+    u64_at(
+        pid,
+        interp + inside(field("interpreter_state.gil_runtime_state_holder")?)?,
+    )
+}
+
 /// x86-64 system call names of the calls threads usually wait in.
 fn syscall_name(nr: i64) -> String {
     let n = match nr {
@@ -290,8 +330,103 @@ fn read_thread(pid: u32, tid: u32) -> Thread {
         state: state_name(state).to_string(),
         syscall,
         kernel,
+        native: Vec::new(),
         python: Vec::new(),
         has_thread_state: false,
+        holds_gil: None,
+    }
+}
+
+/// The user stack pointer and instruction pointer of a thread blocked in a system call: the
+/// last two fields of `/proc/PID/task/TID/syscall` (absent while it runs).
+fn blocked_regs(pid: u32, tid: u32) -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).ok()?;
+    let f: Vec<&str> = s.split_whitespace().collect();
+    if f.len() < 3 || f[0] == "running" {
+        return None;
+    }
+    let hex = |x: &str| u64::from_str_radix(x.trim_start_matches("0x"), 16).ok();
+    Some((hex(f[f.len() - 2])?, hex(f[f.len() - 1])?))
+}
+
+/// Most user stack copied to unwind a blocked thread (less where the mapping ends sooner).
+const NATIVE_STACK: usize = 256 << 10;
+
+/// Native return addresses of a blocked thread, innermost first: its stack from `sp` copied
+/// with `process_vm_readv` and unwound with the profile's unwinder (CFI; no frame pointer is
+/// known, so frames without CFI end the walk). The thread is not stopped: if it wakes while its
+/// stack is copied, the outer frames may be wrong, which a blocked thread rarely does.
+fn native_addresses(p: &mut Process, tid: u32) -> Vec<u64> {
+    let Some((sp, pc)) = blocked_regs(p.pid, tid) else {
+        return Vec::new();
+    };
+    let mut len = NATIVE_STACK;
+    let stack = loop {
+        let mut buf = vec![0u8; len];
+        match crate::sys::read_process_memory(p.pid as i32, sp, &mut buf) {
+            Ok(n) if n > 0 => {
+                buf.truncate(n);
+                break buf;
+            }
+            _ if len > 4096 => len /= 2,
+            _ => return Vec::new(),
+        }
+    };
+    let mem = crate::unwind::LiveMemory(p.pid);
+    let mut out = Vec::new();
+    crate::unwind::unwind_sp(p, &mem, [0, sp, pc], &stack, 256, &mut out, None);
+    out
+}
+
+/// Names native addresses of `p` (innermost first) from the files' symbol tables, as
+/// `function (file name)`: one batch per file.
+fn name_native(p: &Process, addrs: &[u64], sym: &perfpy_symbolize::Symbolizer) -> Vec<String> {
+    let mut out: Vec<String> = addrs.iter().map(|a| format!("{a:#x}")).collect();
+    // file id -> (file, [(index in out, file offset)])
+    let mut per_file: HashMap<u32, (&crate::files::MappedFile, Vec<(usize, u64)>)> = HashMap::new();
+    for (i, &a) in addrs.iter().enumerate() {
+        // A return address points after its call: look up the call itself.
+        let look = if i == 0 { a } else { a.saturating_sub(1) };
+        match p.mapping(look) {
+            Some(m) => match &m.file {
+                Some(f) => per_file
+                    .entry(f.id)
+                    .or_insert_with(|| (f, Vec::new()))
+                    .1
+                    .push((i, look - m.start + m.pgoff)),
+                None => out[i] = format!("{a:#x} (anonymous code)"),
+            },
+            None => {}
+        }
+    }
+    for (f, v) in per_file.into_values() {
+        let base = f.path.rsplit('/').next().unwrap_or(&f.path).to_string();
+        let offs: Vec<u64> = v.iter().map(|x| x.1).collect();
+        let names = sym
+            .symbolize_elf(&f.fd_path(), &offs, false)
+            .unwrap_or_default();
+        for (k, (i, _)) in v.iter().enumerate() {
+            out[*i] = match names.get(k).and_then(|fr| fr.last()) {
+                Some(fr) => format!("{} ({base})", fr.function),
+                None => format!("{:#x} ({base})", addrs[*i]),
+            };
+        }
+    }
+    out
+}
+
+/// Addresses of every thread, then named together (a file's symbols are read once).
+fn native_of_all(p: &mut Process, threads: &mut [Thread]) {
+    let sym = perfpy_symbolize::Symbolizer::new();
+    let all: Vec<Vec<u64>> = threads.iter().map(|t| native_addresses(p, t.tid)).collect();
+    for (t, addrs) in threads.iter_mut().zip(all) {
+        t.native = name_native(p, &addrs, &sym);
+        if t.native.iter().any(|f| f.starts_with("take_gil ")) {
+            t.syscall = t
+                .syscall
+                .take()
+                .map(|c| format!("{c}: waiting for the GIL"));
+        }
     }
 }
 
@@ -306,6 +441,7 @@ pub fn dump(pid: i32) -> Result<Dump> {
         .collect();
     tids.sort_unstable();
     let mut threads: Vec<Thread> = tids.iter().map(|t| read_thread(pid, *t)).collect();
+    native_of_all(&mut p, &mut threads);
     let mut note = None;
     match find_python(&p) {
         Err(e) => note = Some(format!("{e}: native and kernel information only")),
@@ -317,6 +453,7 @@ pub fn dump(pid: i32) -> Result<Dump> {
                 .map(|(i, t)| (t.tid, i))
                 .collect();
             let nspid_tids = ns_tids(pid, &tids);
+            let holder = gil_holder(pid, &py);
             for (tid, ts) in thread_states(pid, &py) {
                 let Some(i) = tid
                     .and_then(|t| nspid_tids.get(&t).copied().or(Some(t)))
@@ -327,6 +464,7 @@ pub fn dump(pid: i32) -> Result<Dump> {
                 let refs = frames_of(pid, &py, ts);
                 let t = &mut threads[*i];
                 t.has_thread_state = true;
+                t.holds_gil = holder.map(|h| h == ts);
                 t.python = refs
                     .iter()
                     .rev()
@@ -397,7 +535,16 @@ pub fn text(d: &Dump) -> String {
             .as_ref()
             .map(|c| format!(", in {c}"))
             .unwrap_or_default();
-        let _ = writeln!(s, "\nThread {} \"{}\" ({}{wait})", t.tid, t.name, t.state);
+        let gil = if t.holds_gil == Some(true) {
+            ", holds the GIL"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            s,
+            "\nThread {} \"{}\" ({}{wait}{gil})",
+            t.tid, t.name, t.state
+        );
         if t.python.is_empty() {
             let _ = writeln!(
                 s,
@@ -411,6 +558,12 @@ pub fn text(d: &Dump) -> String {
         }
         for f in &t.python {
             let _ = writeln!(s, "    {} ({}:{})", f.function, f.file, f.line);
+        }
+        if !t.native.is_empty() {
+            let _ = writeln!(s, "  native, innermost last:");
+            for n in t.native.iter().rev() {
+                let _ = writeln!(s, "    {n}");
+            }
         }
         if !t.kernel.is_empty() {
             let _ = writeln!(s, "  kernel, innermost last:");
@@ -434,9 +587,11 @@ pub fn json(d: &Dump) -> Value {
             "state": t.state,
             "syscall": t.syscall,
             "python_thread_state": t.has_thread_state,
+            "holds_gil": t.holds_gil,
             "frames": t.python.iter().map(|f| json!({
                 "function": f.function, "file": f.file, "line": f.line,
             })).collect::<Vec<_>>(),
+            "native": t.native.iter().rev().collect::<Vec<_>>(),
             "kernel": t.kernel.iter().rev().collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })

@@ -138,6 +138,35 @@ fn dump_shows_each_threads_own_frame_on_every_cpython() {
                 assert_eq!(th["syscall"], "read (fd 0)", "{name}: {th}");
             }
         }
+        // The GIL: a busy thread's competitor waits for it (pyenv builds name take_gil; 2.7 has
+        // no take_gil); from 3.13 the interpreter says which thread holds it.
+        let pyenv = !name.starts_with("Debian") && name != "2.7";
+        let holder_known = name == "3.13" || name.ends_with("3.14");
+        let (mut waiting, mut holder) = (false, false);
+        for _ in 0..20 {
+            let d = dump_json(pid);
+            for th in d[0]["threads"].as_array().unwrap() {
+                let own = own.get(&th["tid"].to_string()).map(|x| x.0.as_str());
+                let contender = matches!(own, Some("busy" | "hasher" | "clock"));
+                waiting |= contender
+                    && th["syscall"]
+                        .as_str()
+                        .is_some_and(|c| c.ends_with("waiting for the GIL"));
+                holder |= th["holds_gil"] == true && matches!(own, Some("busy" | "hasher"));
+                assert!(
+                    holder_known || th["holds_gil"].is_null(),
+                    "{name}: GIL holder claimed: {th}"
+                );
+            }
+            if (waiting || !pyenv) && (holder || !holder_known) {
+                break;
+            }
+        }
+        assert!(
+            waiting || !pyenv,
+            "{name}: no thread seen waiting for the GIL"
+        );
+        assert!(holder || !holder_known, "{name}: no GIL holder seen");
         drop(t);
         // Never stopped: a target whose clock thread has the GIL to itself (a busy thread
         // competing for it makes the clock's gaps the GIL's, 100 ms and more under 2.7): its
