@@ -34,7 +34,8 @@ pub struct Options {
     pub stack_size: Option<u32>,
     pub max_frames: usize,
     pub keep_interpreter: bool,
-    pub python_perf_env: bool,
+    /// PYTHONPERFSUPPORT=1 for a launched command: None sets it only without the eBPF walker.
+    pub python_perf_env: Option<bool>,
     pub inject_python: bool,
     pub ebpf: bool,
 }
@@ -649,7 +650,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     let mut to_inject = Vec::new();
     if opts.inject_python && !opts.all {
         if !opts.command.is_empty() {
-            eprintln!("perfpy: note: --inject-python is for -p and -a; a launched command gets PYTHONPERFSUPPORT=1 instead");
+            eprintln!("perfpy: note: --inject-python is for -p and -a; a launched command is named by the eBPF walker from its start, or gets PYTHONPERFSUPPORT=1 where the walker cannot run (--python-perf-env: always)");
         }
         for &pid in &tgids {
             let p = perfpy_inject::discover(pid as i32)
@@ -700,6 +701,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     cfg.wakeup_bytes = (data_pages * sys::page_size() / 4) as u32;
 
     let mut spawned = None;
+    let mut perf_env_set = false;
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).context("epoll_create")?;
 
     // The kernel refuses to map inherited per-task events (cpu == -1), so, as `perf record -p`
@@ -728,6 +730,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         .stack_size
         .unwrap_or(if walker.is_some() { 16384 } else { 49152 })
         & !7;
+    let walker_loaded = walker.is_some();
     let mut open = |cfg: &mut EventConfig, tid: i32| -> Result<bool> {
         for (ci, &cpu) in cpus.iter().enumerate() {
             // tid -1: every task on this CPU (whole machine).
@@ -798,12 +801,18 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         }
     } else if !opts.command.is_empty() {
         // CPython 3.12+ turns its perf trampoline on from the start with PYTHONPERFSUPPORT=1,
-        // which names every Python frame; older versions ignore it. Set by the user, it wins.
-        let env: &[(&str, &str)] = if opts.python_perf_env {
+        // which names every Python frame; older versions ignore it. The trampoline costs the
+        // program time (it doubles the cost of resuming a generator), so it is only the
+        // fallback where the eBPF walker cannot run, or asked for. Set by the user, it wins.
+        perf_env_set = opts.python_perf_env.unwrap_or(!walker_loaded);
+        let env: &[(&str, &str)] = if perf_env_set {
             &[("PYTHONPERFSUPPORT", "1")]
         } else {
             &[]
         };
+        if perf_env_set && !walker_loaded && opts.python_perf_env.is_none() {
+            eprintln!("perfpy: note: no eBPF walker: the command gets PYTHONPERFSUPPORT=1, so CPython 3.12+ names its Python frames through its perf trampoline (which slows Python calls down)");
+        }
         let sp = targets::spawn(&opts.command, env)?;
         cfg.enable_on_exec = true;
         if !open(&mut cfg, sp.pid)? {
@@ -847,6 +856,18 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             .context("epoll_ctl")?;
     }
 
+    if walker_loaded && opts.inject_python {
+        let named: Vec<String> = to_inject
+            .iter()
+            .filter(|p| walker_names((p.version.0, p.version.1)))
+            .map(|p| p.pid.to_string())
+            .collect();
+        if opts.all {
+            eprintln!("perfpy: note: --inject-python is not needed where the eBPF walker names Python frames (it does here); the trampolines it turns on slow the targets' Python calls down");
+        } else if !named.is_empty() {
+            eprintln!("perfpy: note: --inject-python is not needed for pid {}: the eBPF walker names its Python frames; the trampoline turned on as asked slows its Python calls down (generator resumption ~2x)", named.join(", "));
+        }
+    }
     for p in &to_inject {
         match perfpy_inject::registry().activate(p, INJECT_TIMEOUT) {
             Ok(perfpy_inject::ActivateOutcome::Activated) => eprintln!(
@@ -1136,11 +1157,15 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     }
     // Per process: samples and how its Python frames were named (or why not).
     let mut per: HashMap<u32, (u64, bool, bool)> = HashMap::new();
+    let mut tramp_pids = HashSet::new();
     for s in &report.samples {
         let e = per.entry(s.pid).or_default();
         e.0 += s.count;
         e.1 |= s.frames_from != "native";
         e.2 |= s.frames_from.starts_with("ebpf");
+        if s.frames_from.ends_with("trampoline") {
+            tramp_pids.insert(s.pid);
+        }
     }
     let mut rows: Vec<(u32, u64, bool, bool)> = per
         .into_iter()
@@ -1157,10 +1182,21 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .get(&pid)
-                    .cloned();
+                    .cloned()
+                    .or_else(|| {
+                        let launched = spawned.as_ref().is_some_and(|sp| sp.pid as u32 == pid);
+                        (launched && perf_env_set && trampoline_version(v))
+                            .then(|| "trampoline (PYTHONPERFSUPPORT=1)".to_string())
+                    });
                 match (py_named, note) {
+                    (true, Some(n)) if by_ebpf => format!(
+                        "CPython {v}: Python frames from the eBPF walker; the {n} was on too, not needed, and slows Python calls down"
+                    ),
+                    (true, _) if by_ebpf && tramp_pids.contains(&pid) => format!(
+                        "CPython {v}: Python frames from the eBPF walker; its perf trampoline was on too (-X perf), not needed, and slows Python calls down"
+                    ),
                     (true, _) if by_ebpf => {
-                        format!("CPython {v}: Python frames from the eBPF walker")
+                        format!("CPython {v}: Python frames from the eBPF walker, no trampoline")
                     }
                     (true, Some(n)) => format!("CPython {v}: Python frames from the {n}"),
                     (true, None) => {
@@ -1205,6 +1241,17 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         _ => eprintln!("perfpy: wrote {}", out_path.display()),
     }
     Ok(Outcome { child_status })
+}
+
+/// Whether CPython `X.Y[.Z]` has the perf trampoline (3.12+).
+fn trampoline_version(v: &str) -> bool {
+    let mut it = v.split('.').filter_map(|x| x.parse::<u8>().ok());
+    (it.next().unwrap_or(0), it.next().unwrap_or(0)) >= (3, 12)
+}
+
+/// Whether the eBPF walker names the Python frames of this CPython minor version.
+fn walker_names(version: (u8, u8)) -> bool {
+    perfpy_bpf::Offsets::for_version(version).is_some()
 }
 
 fn procs_with_samples(p: &Profile, key: u32) -> bool {
