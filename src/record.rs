@@ -239,6 +239,12 @@ struct Collector {
     exited: HashSet<u32>,
     /// Processes that exited, by key, with when: released once their last samples are in.
     to_release: std::collections::VecDeque<(Instant, u32)>,
+    /// Pids that exited, not released yet, with their process's key: samples of other CPUs'
+    /// rings read after the exit record still belong to it. (Made into a new process, such a
+    /// sample stayed "alive" for ever, and kept the real one's place in the eBPF walker, whose
+    /// table of 4096 processes was full after a few minutes of -a churn: later processes got no
+    /// Python frames.)
+    dying: HashMap<u32, u32>,
     /// Pids ever handed to the eBPF walker (for the summary).
     walked: HashSet<u32>,
 }
@@ -259,6 +265,9 @@ impl Collector {
             }
             p.release();
             let pid = p.pid;
+            if self.dying.get(&pid) == Some(&key) {
+                self.dying.remove(&pid);
+            }
             if let Some(py) = self.py.as_mut() {
                 for tid in p.threads.keys() {
                     py.pending.remove(tid);
@@ -273,7 +282,7 @@ impl Collector {
     }
 
     fn proc_key(&mut self, pid: u32) -> u32 {
-        if let Some(k) = self.live.get(&pid) {
+        if let Some(k) = self.live.get(&pid).or_else(|| self.dying.get(&pid)) {
             return *k;
         }
         let key = self.procs.len() as u32;
@@ -355,6 +364,7 @@ impl Collector {
                     if let Some(k) = self.live.remove(&pid) {
                         self.procs[k as usize].alive = false;
                         self.to_release.push_back((Instant::now(), k));
+                        self.dying.insert(pid, k);
                     }
                     self.exited.insert(pid);
                 }
@@ -944,6 +954,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         scratch_locs: Vec::with_capacity(256),
         exited: HashSet::new(),
         to_release: Default::default(),
+        dying: HashMap::new(),
         walked: HashSet::new(),
     };
     for &pid in &tgids {
@@ -1069,6 +1080,9 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         counts = c.profile.counts.len(),
         py_functions = c.profile.py_functions.len(),
         code_cache = c.py.as_ref().map(|p| p.reader.len()),
+        walker_processes = c.py.as_ref().map(|p| p.procs.len()),
+        live = c.live.len(),
+        dying = c.dying.len(),
         "recording size"
     );
     let walker_stats = c.py.as_ref().and_then(|p| p.walker.stats());
