@@ -42,6 +42,10 @@ pub struct Options {
 
 const INJECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a walker record waits for its sample (read from any CPU's ring) before it is
+/// dropped: rings are drained at least every 20 ms.
+const KEEP_RECORDS_NS: u64 = 200_000_000;
+
 /// Turns off every trampoline we turned on, however the recording ends: explicitly after the
 /// perf maps were read ([`Deactivator::finish`]), or from `Drop` on an error or a panic.
 struct Deactivator {
@@ -213,14 +217,21 @@ impl PyWalk {
         });
     }
 
-    /// The walker's record for the sample of `tid` at `time` (same instant, same clock).
+    /// The walker's record for the sample of `tid` at `time` (same instant, same clock): the
+    /// latest one at that time. Older ones stay a while: a thread that moved to another CPU
+    /// has older samples in that CPU's ring, which may be read after this one. (Dropping them
+    /// here left those samples without Python frames.)
     fn take(&mut self, tid: u32, time: u64) -> Option<perfpy_bpf::PyStack> {
         let q = self.pending.get_mut(&tid)?;
-        let mut best = None;
-        while q.front().is_some_and(|f| f.time_ns <= time + 100_000) {
-            best = q.pop_front();
+        while q
+            .front()
+            .is_some_and(|f| f.time_ns.saturating_add(KEEP_RECORDS_NS) < time)
+        {
+            q.pop_front();
         }
-        best.filter(|b| time.saturating_sub(b.time_ns) < 2_000_000)
+        let i = q.iter().rposition(|f| f.time_ns <= time + 100_000)?;
+        let best = q.remove(i)?;
+        (time.saturating_sub(best.time_ns) < 2_000_000).then_some(best)
     }
 }
 
@@ -504,6 +515,24 @@ impl Collector {
             }
         }
         let have_py = !groups.is_empty();
+        if tracing::enabled!(tracing::Level::DEBUG)
+            && !have_py
+            && self
+                .py
+                .as_ref()
+                .is_some_and(|py| py.procs.contains_key(&s.pid))
+        {
+            tracing::debug!(
+                pid = s.pid,
+                tid = s.tid,
+                time = s.time,
+                record = py_stack.is_some(),
+                frames = py_stack.as_ref().map(|st| st.frames.len()),
+                no_tstate = py_stack.as_ref().map(|st| st.no_thread_state),
+                read_error = py_stack.as_ref().map(|st| st.read_error),
+                "sample of a walked process without Python frames"
+            );
+        }
         if have_py {
             // The walker's frames reach the outermost Python frame whatever the stack copy
             // held (those the unwinding did not reach are added below): only the interpreter's
@@ -878,21 +907,6 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             eprintln!("perfpy: note: --inject-python is not needed for pid {}: the eBPF walker names its Python frames; the trampoline turned on as asked slows its Python calls down (generator resumption ~2x)", named.join(", "));
         }
     }
-    for p in &to_inject {
-        match perfpy_inject::registry().activate(p, INJECT_TIMEOUT) {
-            Ok(perfpy_inject::ActivateOutcome::Activated) => eprintln!(
-                "perfpy: pid {}: perf trampoline turned on (CPython {}); Python functions entered from now on are named",
-                p.pid,
-                p.version_string()
-            ),
-            Ok(perfpy_inject::ActivateOutcome::AlreadyActive) => eprintln!(
-                "perfpy: pid {}: perf trampoline already on (CPython {}); left as it is",
-                p.pid,
-                p.version_string()
-            ),
-            Err(e) => return Err(anyhow::Error::new(e).context(format!("--inject-python: pid {}", p.pid))),
-        }
-    }
     let inject_notes: Arc<std::sync::Mutex<HashMap<u32, String>>> = Arc::default();
     for p in &to_inject {
         inject_notes
@@ -960,6 +974,23 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     for &pid in &tgids {
         let key = c.proc_key(pid);
         c.register_python(key);
+    }
+    // Turned on only now that the walker knows the targets: samples taken while the
+    // activation runs (a few hundred ms) would otherwise have no Python frames at all.
+    for p in &to_inject {
+        match perfpy_inject::registry().activate(p, INJECT_TIMEOUT) {
+            Ok(perfpy_inject::ActivateOutcome::Activated) => eprintln!(
+                "perfpy: pid {}: perf trampoline turned on (CPython {}); Python functions entered from now on are named",
+                p.pid,
+                p.version_string()
+            ),
+            Ok(perfpy_inject::ActivateOutcome::AlreadyActive) => eprintln!(
+                "perfpy: pid {}: perf trampoline already on (CPython {}); left as it is",
+                p.pid,
+                p.version_string()
+            ),
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("--inject-python: pid {}", p.pid))),
+        }
     }
     if let Some(sp) = spawned.as_mut() {
         sp.release()?;
