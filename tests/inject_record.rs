@@ -298,9 +298,11 @@ fn a_c_extension_call_keeps_its_share_when_attached_with_injection() {
             got * 100.0,
             want * 100.0
         );
+        // The C extension's frames stay under their Python caller.
         assert!(
-            d.count_where(|s| s.has_chain(&["hash_blocks", "SHA256_Update"])) > 0
-                || d.count_where(|s| s.has("hash_blocks") && s.frames.len() > 3) > 0
+            d.count_where(|s| s.has_chain(&["hash_blocks", "SHA256_Update"])) as f64
+                >= 0.5 * hashing,
+            "{minor}: libcrypto not under hash_blocks"
         );
         assert!(!active(w.pid()), "{minor}: trampoline left on");
     }
