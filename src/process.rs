@@ -41,6 +41,9 @@ pub struct Process {
     pub root: Option<OwnedFd>,
     /// Some frame of this process is in anonymous code (named by its perf map, if any).
     pub has_anon: bool,
+    /// Some stack of this process went through a perf trampoline (for the summary: a
+    /// trampoline the eBPF walker did not need).
+    pub trampoline_seen: bool,
     /// The perf map as read when the process was released (its root is closed then).
     pub perf_map: Option<perfpy_symbolize::perfmap::PerfMap>,
     /// The pid as the process itself sees it (its perf map is named after this one).
@@ -71,6 +74,7 @@ impl Process {
             trampolines: TrampolineCache::default(),
             root,
             has_anon: false,
+            trampoline_seen: false,
             perf_map: None,
             nspid: read_nspid(pid).unwrap_or(pid),
             alive: true,

@@ -546,6 +546,7 @@ impl Collector {
             if have_py {
                 // The walker's frames replace the trampolines and the evaluation loop's frames.
                 if p.trampolines.is_known_trampoline(a) {
+                    p.trampoline_seen = true;
                     continue;
                 }
                 let is_eval = p.mapping(lookup).is_some_and(|m| {
@@ -1237,9 +1238,15 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
                     (true, Some(n)) if by_ebpf => format!(
                         "CPython {v}: Python frames from the eBPF walker; the {n} was on too, not needed, and slows Python calls down"
                     ),
-                    (true, _) if by_ebpf && tramp_pids.contains(&pid) => format!(
-                        "CPython {v}: Python frames from the eBPF walker; its perf trampoline was on too (-X perf), not needed, and slows Python calls down"
-                    ),
+                    (true, _)
+                        if by_ebpf
+                            && (tramp_pids.contains(&pid)
+                                || p.is_some_and(|p| p.trampoline_seen)) =>
+                    {
+                        format!(
+                            "CPython {v}: Python frames from the eBPF walker; its perf trampoline was on too (-X perf or PYTHONPERFSUPPORT), not needed, and slows Python calls down"
+                        )
+                    }
                     (true, _) if by_ebpf => {
                         format!("CPython {v}: Python frames from the eBPF walker, no trampoline")
                     }
