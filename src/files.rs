@@ -123,12 +123,11 @@ impl Files {
     /// Opens the file behind a mapping of process `pid`: `/proc/PID/map_files/START-END` first
     /// (exact even if the file was replaced or lives in another mount namespace), then
     /// `/proc/PID/root/PATH`, then PATH.
-    /// `root` is the process's root directory when it is not ours (where its debug files are
-    /// looked for).
+    /// A file without DWARF gets its separate debug file, looked for in the process's root
+    /// directory as it is now (a process that just called chroot() and exec'd has a new one).
     pub fn open_for_mapping(
         &mut self,
         pid: u32,
-        root: Option<BorrowedFd<'_>>,
         start: u64,
         end: u64,
         path: &str,
@@ -149,17 +148,19 @@ impl Files {
                 return Some(f.clone());
             }
             let elf = load_elf(&file);
-            let debug = match (&elf, root) {
-                (Some(e), _) if e.has_dwarf => None,
-                (Some(e), Some(root)) => find_debug_file(root, path, e),
-                (Some(e), None) => {
-                    if self.own_root.is_none() {
+            let debug = match &elf {
+                Some(e) if !e.has_dwarf => {
+                    let root = File::open(format!("/proc/{pid}/root")).ok();
+                    if root.is_none() && self.own_root.is_none() {
                         self.own_root = File::open("/").ok().map(OwnedFd::from);
                     }
-                    let root = self.own_root.as_ref()?.as_fd();
-                    find_debug_file(root, path, e)
+                    match (&root, &self.own_root) {
+                        (Some(r), _) => find_debug_file(r.as_fd(), path, e),
+                        (None, Some(r)) => find_debug_file(r.as_fd(), path, e),
+                        (None, None) => None,
+                    }
                 }
-                (None, _) => None,
+                _ => None,
             };
             let f = Arc::new(MappedFile {
                 id: self.list.len() as u32,

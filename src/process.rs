@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -124,8 +124,7 @@ impl Process {
         // File-backed (a path, `/memfd:…` included); anonymous code has no file (the kernel
         // names it `//anon` in MMAP records of perf events).
         let file = if path.starts_with('/') && path != "//anon" {
-            let root = self.root.as_ref().map(|r| r.as_fd());
-            files.open_for_mapping(self.pid, root, start, end, path)
+            files.open_for_mapping(self.pid, start, end, path)
         } else if path == "[vdso]" {
             files.vdso(self.pid, start, end)
         } else {
