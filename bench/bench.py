@@ -521,6 +521,7 @@ def section_churn(seconds):
     which = {int(l.split()[1]): int(l.split()[2]) for l in out.splitlines() if l.startswith("which ")}
     mixed = named = 0
     pids = set()
+    own = set()
     if os.path.exists(pb):
         for n, names, lab in pprof.read(pb):
             for name in names:
@@ -530,6 +531,8 @@ def section_churn(seconds):
                     pids.add(lab.get("pid"))
                     if which.get(lab.get("pid")) != int(m.group(1)):
                         mixed += n
+                    else:
+                        own.add(lab.get("pid"))
     say("### `record -a --inject-python` for %d s while short-lived Python processes come and go" % seconds)
     say()
     say("%d processes started (3.9, 3.11, 3.12, 3.13 in turn), %d named in the profile; %s samples, %s lost; "
@@ -537,6 +540,13 @@ def section_churn(seconds):
     say()
     say("Samples in a `work_K` function: %d, of which under a pid that did not run it: %d: %s" % (
         named, mixed, check(mixed == 0 and named > 0, "churn: %d of %d samples under the wrong pid" % (mixed, named))))
+    say()
+    # Each process works 150 ms (~150 samples at 1 kHz): every one should have samples in its
+    # own function, named by the eBPF walker from its first instructions on.
+    share = len(own) / max(1, len(which))
+    say("Processes with samples in their own `work_K`: %d of %d (%.1f%%): %s" % (
+        len(own), len(which), 100 * share,
+        check(share >= 0.95, "churn: only %.1f%% of the processes named in their own function" % (100 * share))))
     say()
     # A recording holds every process it saw (its samples under its own pid label, its
     # name): memory grows with the processes, by a bounded amount each, never by time.

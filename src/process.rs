@@ -71,6 +71,9 @@ pub struct Process {
     pub uids: Vec<u32>,
     /// Some frame of this process is in anonymous code (named by its perf map, if any).
     pub has_anon: bool,
+    /// Some stack of this process went through a perf trampoline (for the summary: a
+    /// trampoline the eBPF walker did not need).
+    pub trampoline_seen: bool,
     /// The perf map as read when the process was released (its root is closed then), or why
     /// it was not read.
     pub perf_map: Option<Result<PerfMap, String>>,
@@ -104,6 +107,7 @@ impl Process {
             root,
             uids: perfpy_inject::target_files::process_uids(pid).unwrap_or_default(),
             has_anon: false,
+            trampoline_seen: false,
             perf_map: None,
             nspid: read_nspid(pid).unwrap_or(pid),
             alive: true,
@@ -154,6 +158,8 @@ impl Process {
         // names it `//anon` in MMAP records of perf events).
         let file = if path.starts_with('/') && path != "//anon" {
             files.open_for_mapping(self.pid, self.root.fd(), &self.uids, (start, end), path)
+        } else if path == "[vdso]" {
+            files.vdso(self.pid, start, end)
         } else {
             None
         };

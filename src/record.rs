@@ -36,7 +36,8 @@ pub struct Options {
     /// The eBPF walker's limit of Python frames per sample.
     pub max_python_frames: u32,
     pub keep_interpreter: bool,
-    pub python_perf_env: bool,
+    /// PYTHONPERFSUPPORT=1 for a launched command: None sets it only without the eBPF walker.
+    pub python_perf_env: Option<bool>,
     pub inject_python: bool,
     pub ebpf: bool,
     /// `--otlp-endpoint`: also send the profile to an OpenTelemetry Collector.
@@ -44,6 +45,10 @@ pub struct Options {
 }
 
 const INJECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a walker record waits for its sample (read from any CPU's ring) before it is
+/// dropped: rings are drained at least every 20 ms.
+const KEEP_RECORDS_NS: u64 = 200_000_000;
 
 /// Turns off every trampoline we turned on, however the recording ends: explicitly after the
 /// perf maps were read ([`Deactivator::finish`]), or from `Drop` on an error or a panic.
@@ -233,14 +238,21 @@ impl PyWalk {
         });
     }
 
-    /// The walker's record for the sample of `tid` at `time` (same instant, same clock).
+    /// The walker's record for the sample of `tid` at `time` (same instant, same clock): the
+    /// latest one at that time. Older ones stay a while: a thread that moved to another CPU
+    /// has older samples in that CPU's ring, which may be read after this one. (Dropping them
+    /// here left those samples without Python frames.)
     fn take(&mut self, tid: u32, time: u64) -> Option<perfpy_bpf::PyStack> {
         let q = self.pending.get_mut(&tid)?;
-        let mut best = None;
-        while q.front().is_some_and(|f| f.time_ns <= time + 100_000) {
-            best = q.pop_front();
+        while q
+            .front()
+            .is_some_and(|f| f.time_ns.saturating_add(KEEP_RECORDS_NS) < time)
+        {
+            q.pop_front();
         }
-        best.filter(|b| time.saturating_sub(b.time_ns) < 2_000_000)
+        let i = q.iter().rposition(|f| f.time_ns <= time + 100_000)?;
+        let best = q.remove(i)?;
+        (time.saturating_sub(best.time_ns) < 2_000_000).then_some(best)
     }
 }
 
@@ -261,6 +273,12 @@ struct Collector {
     exited: HashSet<u32>,
     /// Processes that exited, by key, with when: released once their last samples are in.
     to_release: std::collections::VecDeque<(Instant, u32)>,
+    /// Pids that exited, not released yet, with their process's key: samples of other CPUs'
+    /// rings read after the exit record still belong to it. (Made into a new process, such a
+    /// sample stayed "alive" for ever, and kept the real one's place in the eBPF walker, whose
+    /// table of 4096 processes was full after a few minutes of -a churn: later processes got no
+    /// Python frames.)
+    dying: HashMap<u32, u32>,
     /// Pids ever handed to the eBPF walker (for the summary).
     walked: HashSet<u32>,
     /// Processes the walker refused, with the reason (a 3.13+ debug-offsets table that failed).
@@ -283,6 +301,9 @@ impl Collector {
             }
             p.release();
             let pid = p.pid;
+            if self.dying.get(&pid) == Some(&key) {
+                self.dying.remove(&pid);
+            }
             if let Some(py) = self.py.as_mut() {
                 for tid in p.threads.keys() {
                     py.pending.remove(tid);
@@ -297,7 +318,7 @@ impl Collector {
     }
 
     fn proc_key(&mut self, pid: u32) -> u32 {
-        if let Some(k) = self.live.get(&pid) {
+        if let Some(k) = self.live.get(&pid).or_else(|| self.dying.get(&pid)) {
             return *k;
         }
         let key = self.procs.len() as u32;
@@ -379,6 +400,7 @@ impl Collector {
                     if let Some(k) = self.live.remove(&pid) {
                         self.procs[k as usize].alive = false;
                         self.to_release.push_back((Instant::now(), k));
+                        self.dying.insert(pid, k);
                     }
                     self.exited.insert(pid);
                 }
@@ -558,6 +580,24 @@ impl Collector {
             }
         }
         let have_py = !groups.is_empty();
+        if tracing::enabled!(tracing::Level::DEBUG)
+            && !have_py
+            && self
+                .py
+                .as_ref()
+                .is_some_and(|py| py.procs.contains_key(&s.pid))
+        {
+            tracing::debug!(
+                pid = s.pid,
+                tid = s.tid,
+                time = s.time,
+                record = py_stack.is_some(),
+                frames = py_stack.as_ref().map(|st| st.frames.len()),
+                no_tstate = py_stack.as_ref().map(|st| st.no_thread_state),
+                read_error = py_stack.as_ref().map(|st| st.read_error),
+                "sample of a walked process without Python frames"
+            );
+        }
         if have_py {
             // The walker's frames reach the outermost Python frame whatever the stack copy
             // held (those the unwinding did not reach are added below): only the interpreter's
@@ -582,6 +622,7 @@ impl Collector {
             if have_py {
                 // The walker's frames replace the trampolines and the evaluation loop's frames.
                 if p.trampolines.is_known_trampoline(a) {
+                    p.trampoline_seen = true;
                     continue;
                 }
                 let is_eval = if by_shim {
@@ -742,7 +783,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     let mut to_inject = Vec::new();
     if opts.inject_python && !opts.all {
         if !opts.command.is_empty() {
-            say!("perfpy: note: --inject-python is for -p and -a; a launched command gets PYTHONPERFSUPPORT=1 instead");
+            say!("perfpy: note: --inject-python is for -p and -a; a launched command is named by the eBPF walker from its start, or gets PYTHONPERFSUPPORT=1 where the walker cannot run (--python-perf-env: always)");
         }
         for &pid in &tgids {
             let p = perfpy_inject::discover(pid as i32)
@@ -793,6 +834,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     cfg.wakeup_bytes = (data_pages * sys::page_size() / 4) as u32;
 
     let mut spawned = None;
+    let mut perf_env_set = false;
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).context("epoll_create")?;
 
     // The kernel refuses to map inherited per-task events (cpu == -1), so, as `perf record -p`
@@ -824,6 +866,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         .stack_size
         .unwrap_or(if walker.is_some() { 16384 } else { 49152 })
         & !7;
+    let walker_loaded = walker.is_some();
     let mut open = |cfg: &mut EventConfig, tid: i32| -> Result<bool> {
         for (ci, &cpu) in cpus.iter().enumerate() {
             // tid -1: every task on this CPU (whole machine).
@@ -894,12 +937,18 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         }
     } else if !opts.command.is_empty() {
         // CPython 3.12+ turns its perf trampoline on from the start with PYTHONPERFSUPPORT=1,
-        // which names every Python frame; older versions ignore it. Set by the user, it wins.
-        let env: &[(&str, &str)] = if opts.python_perf_env {
+        // which names every Python frame; older versions ignore it. The trampoline costs the
+        // program time (it doubles the cost of resuming a generator), so it is only the
+        // fallback where the eBPF walker cannot run, or asked for. Set by the user, it wins.
+        perf_env_set = opts.python_perf_env.unwrap_or(!walker_loaded);
+        let env: &[(&str, &str)] = if perf_env_set {
             &[("PYTHONPERFSUPPORT", "1")]
         } else {
             &[]
         };
+        if perf_env_set && !walker_loaded && opts.python_perf_env.is_none() {
+            say!("perfpy: note: no eBPF walker: the command gets PYTHONPERFSUPPORT=1, so CPython 3.12+ names its Python frames through its perf trampoline (which slows Python calls down)");
+        }
         let sp = targets::spawn(&opts.command, env)?;
         cfg.enable_on_exec = true;
         if !open(&mut cfg, sp.pid)? {
@@ -943,19 +992,16 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             .context("epoll_ctl")?;
     }
 
-    for p in &to_inject {
-        match perfpy_inject::registry().activate(p, INJECT_TIMEOUT) {
-            Ok(perfpy_inject::ActivateOutcome::Activated) => say!(
-                "perfpy: pid {}: perf trampoline turned on (CPython {}); Python functions entered from now on are named",
-                p.pid,
-                p.version_string()
-            ),
-            Ok(perfpy_inject::ActivateOutcome::AlreadyActive) => say!(
-                "perfpy: pid {}: perf trampoline already on (CPython {}); left as it is",
-                p.pid,
-                p.version_string()
-            ),
-            Err(e) => return Err(anyhow::Error::new(e).context(format!("--inject-python: pid {}", p.pid))),
+    if walker_loaded && opts.inject_python {
+        let named: Vec<String> = to_inject
+            .iter()
+            .filter(|p| walker_names((p.version.0, p.version.1)))
+            .map(|p| p.pid.to_string())
+            .collect();
+        if opts.all {
+            say!("perfpy: note: --inject-python is not needed where the eBPF walker names Python frames (it does here); the trampolines it turns on slow the targets' Python calls down");
+        } else if !named.is_empty() {
+            say!("perfpy: note: --inject-python is not needed for pid {}: the eBPF walker names its Python frames; the trampoline turned on as asked slows its Python calls down (generator resumption ~2x)", named.join(", "));
         }
     }
     let inject_notes: Arc<std::sync::Mutex<HashMap<u32, String>>> = Arc::default();
@@ -1020,12 +1066,30 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         scratch_locs: Vec::with_capacity(256),
         exited: HashSet::new(),
         to_release: Default::default(),
+        dying: HashMap::new(),
         walked: HashSet::new(),
         walk_refused: HashMap::new(),
     };
     for &pid in &tgids {
         let key = c.proc_key(pid);
         c.register_python(key);
+    }
+    // Turned on only now that the walker knows the targets: samples taken while the
+    // activation runs (a few hundred ms) would otherwise have no Python frames at all.
+    for p in &to_inject {
+        match perfpy_inject::registry().activate(p, INJECT_TIMEOUT) {
+            Ok(perfpy_inject::ActivateOutcome::Activated) => say!(
+                "perfpy: pid {}: perf trampoline turned on (CPython {}); Python functions entered from now on are named",
+                p.pid,
+                p.version_string()
+            ),
+            Ok(perfpy_inject::ActivateOutcome::AlreadyActive) => say!(
+                "perfpy: pid {}: perf trampoline already on (CPython {}); left as it is",
+                p.pid,
+                p.version_string()
+            ),
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("--inject-python: pid {}", p.pid))),
+        }
     }
     if let Some(sp) = spawned.as_mut() {
         sp.release()?;
@@ -1147,6 +1211,9 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         counts = c.profile.counts.len(),
         py_functions = c.profile.py_functions.len(),
         code_cache = c.py.as_ref().map(|p| p.reader.len()),
+        walker_processes = c.py.as_ref().map(|p| p.procs.len()),
+        live = c.live.len(),
+        dying = c.dying.len(),
         "recording size"
     );
     let walker_stats = c.py.as_ref().and_then(|p| p.walker.stats());
@@ -1242,6 +1309,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     // Per process: samples and how its Python frames were named (or why not).
     // (samples, samples with Python frames, any named by the walker)
     let mut per: HashMap<u32, (u64, u64, bool)> = HashMap::new();
+    let mut tramp_pids = HashSet::new();
     for s in &report.samples {
         let e = per.entry(s.pid).or_default();
         e.0 += s.count;
@@ -1249,6 +1317,9 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             e.1 += s.count;
         }
         e.2 |= s.frames_from.starts_with("ebpf");
+        if s.frames_from.ends_with("trampoline") {
+            tramp_pids.insert(s.pid);
+        }
     }
     let mut rows: Vec<(u32, u64, u64, bool)> = per
         .into_iter()
@@ -1277,10 +1348,27 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .get(&pid)
-                    .cloned();
+                    .cloned()
+                    .or_else(|| {
+                        let launched = spawned.as_ref().is_some_and(|sp| sp.pid as u32 == pid);
+                        (launched && perf_env_set && trampoline_version(v))
+                            .then(|| "trampoline (PYTHONPERFSUPPORT=1)".to_string())
+                    });
                 match (py_named, note) {
+                    (true, Some(n)) if by_ebpf => format!(
+                        "CPython {v}: Python frames from the eBPF walker; the {n} was on too, not needed, and slows Python calls down"
+                    ),
+                    (true, _)
+                        if by_ebpf
+                            && (tramp_pids.contains(&pid)
+                                || p.is_some_and(|p| p.trampoline_seen)) =>
+                    {
+                        format!(
+                            "CPython {v}: Python frames from the eBPF walker; its perf trampoline was on too (-X perf or PYTHONPERFSUPPORT), not needed, and slows Python calls down"
+                        )
+                    }
                     (true, _) if by_ebpf => {
-                        format!("CPython {v}: Python frames from the eBPF walker{share}")
+                        format!("CPython {v}: Python frames from the eBPF walker, no trampoline{share}")
                     }
                     (true, Some(n)) => format!("CPython {v}: Python frames from the {n}{share}"),
                     (true, None) => {
@@ -1348,6 +1436,18 @@ fn truncation_summary(st: &Stats) -> String {
         );
     }
     s
+}
+
+/// Whether CPython `X.Y[.Z]` has the perf trampoline (3.12+).
+fn trampoline_version(v: &str) -> bool {
+    let mut it = v.split('.').filter_map(|x| x.parse::<u8>().ok());
+    (it.next().unwrap_or(0), it.next().unwrap_or(0)) >= (3, 12)
+}
+
+/// Whether the eBPF walker names the Python frames of this CPython minor version.
+fn walker_names(version: (u8, u8)) -> bool {
+    // 3.13+: from the target's own debug offsets (a table that fails is refused per process).
+    version >= (3, 13) || perfpy_bpf::Offsets::for_version(version).is_some()
 }
 
 fn procs_with_samples(p: &Profile, key: u32) -> bool {
