@@ -173,6 +173,13 @@ fn parse(data: &[u8]) -> Option<PyStack> {
 impl Walker {
     /// Loads the program (the verifier checks it here).
     pub fn load() -> Result<Walker, BpfError> {
+        Self::load_with(false)
+    }
+
+    /// Loads the program; with `filter`, it keeps only the samples of the processes given to
+    /// [`Walker::keep`] (and, with their `children` flag, of the processes they fork), for
+    /// events that sample every task of a CPU. [`Walker::follow_forks`] then starts following.
+    pub fn load_with(filter: bool) -> Result<Walker, BpfError> {
         if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
             return Err(BpfError::Load(
                 "this kernel has no BTF (/sys/kernel/btf/vmlinux: CONFIG_DEBUG_INFO_BTF)".into(),
@@ -225,7 +232,11 @@ impl Walker {
             // The initial PID namespace has a fixed inode number (PROC_PID_INIT_INO).
             const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
             ro.in_child_pidns = u8::from(ns.ino() != PROC_PID_INIT_INO);
+            ro.filter_kept = u8::from(filter);
         }
+        // The fork and exec hooks only serve the filter: without it they are not even loaded.
+        open.progs.on_fork.set_autoload(filter);
+        open.progs.on_exec.set_autoload(filter);
         let skel = open.load().map_err(|e| BpfError::Load(e.to_string()))?;
         let out: Arc<Mutex<Vec<PyStack>>> = Arc::default();
         let mut w = Walker {
@@ -273,6 +284,52 @@ impl Walker {
         std::mem::forget(own);
         self.links.push(link);
         Ok(())
+    }
+
+    /// Starts following forks and execs of kept processes (a walker loaded with a filter).
+    pub fn follow_forks(&mut self) -> Result<(), BpfError> {
+        let mut links = Vec::new();
+        for p in [&self.skel().progs.on_fork, &self.skel().progs.on_exec] {
+            links.push(
+                p.attach_trace().map_err(|e| {
+                    BpfError::Attach(format!("{}: {e}", p.name().to_string_lossy()))
+                })?,
+            );
+        }
+        self.links.extend(links);
+        Ok(())
+    }
+
+    /// Keeps the samples of process `pid` (as perfpy sees it); with `children`, also of the
+    /// processes it forks from now on, and theirs.
+    pub fn keep(&mut self, pid: u32, children: bool) -> Result<(), BpfError> {
+        let mut v = [0u8; 8];
+        v[4..].copy_from_slice(&u32::from(children).to_ne_bytes());
+        self.skel()
+            .maps
+            .kept
+            .update(&pid.to_ne_bytes(), &v, MapFlags::ANY)
+            .map_err(|e| BpfError::Register {
+                pid,
+                detail: e.to_string(),
+            })
+    }
+
+    /// Whether `pid` is kept: `Some(parent)` (the kept process that forked it, 0 for a target).
+    /// One map lookup (a system call).
+    pub fn kept(&self, pid: u32) -> Option<u32> {
+        let v = self
+            .skel()
+            .maps
+            .kept
+            .lookup(&pid.to_ne_bytes(), MapFlags::ANY)
+            .ok()??;
+        Some(u32::from_ne_bytes(v.get(..4)?.try_into().ok()?))
+    }
+
+    /// Forgets a kept process that exited (its pid may be reused).
+    pub fn unkeep(&mut self, pid: u32) {
+        let _ = self.skel().maps.kept.delete(&pid.to_ne_bytes());
     }
 
     /// Starts walking the frames of a process.
@@ -386,6 +443,27 @@ mod tests {
         if std::env::var("CI").is_ok_and(|v| v == "true") || nix_is_root() {
             w.expect("load");
         }
+    }
+
+    #[test]
+    fn the_filter_follows_forks_of_kept_processes_only() {
+        if !nix_is_root() {
+            return;
+        }
+        let mut w = Walker::load_with(true).expect("load with the filter");
+        w.follow_forks().expect("fork and exec hooks");
+        let me = std::process::id();
+        w.keep(me, true).expect("keep");
+        let mut c = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        assert_eq!(w.kept(c.id()), Some(me), "a child of a kept process is kept");
+        let _ = c.kill();
+        let _ = c.wait();
+        w.unkeep(c.id());
+        w.keep(me, false).expect("keep");
+        let mut c = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        assert_eq!(w.kept(c.id()), None, "children not followed without the flag");
+        let _ = c.kill();
+        let _ = c.wait();
     }
 
     fn nix_is_root() -> bool {

@@ -14,6 +14,17 @@
 const volatile u64 pidns_dev = 0;
 const volatile u64 pidns_ino = 0;
 const volatile u8 in_child_pidns = 0;
+/* -p and launched commands sample every CPU (so that a thread or process living less than a
+ * period is sampled in proportion to its CPU time) and keep only the samples of the processes
+ * in `kept` (pids as perfpy sees them), followed through fork by on_fork below. */
+const volatile u8 filter_kept = 0;
+
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 32768);
+    __type(key, u32);
+    __type(value, struct kept);
+} kept SEC(".maps");
 
 struct {
     __uint(type, BPF_MAP_TYPE_HASH);
@@ -161,7 +172,7 @@ int on_sample(void *ctx)
     if (in_child_pidns) {
         struct bpf_pidns_info ns = {};
         if (bpf_get_ns_current_pid_tgid(pidns_dev, pidns_ino, &ns, sizeof(ns)))
-            return 1; /* a task outside our PID namespace */
+            return !filter_kept; /* a task outside our PID namespace */
         pid = ns.tgid;
         tid = ns.pid;
     } else {
@@ -169,6 +180,9 @@ int on_sample(void *ctx)
         pid = pt >> 32;
         tid = (u32)pt;
     }
+    /* 0 drops the sample: not one of the processes profiled. */
+    if (filter_kept && !bpf_map_lookup_elem(&kept, &pid))
+        return 0;
     struct proc_cfg *c = bpf_map_lookup_elem(&procs, &pid);
     if (!c)
         return 1;
@@ -229,6 +243,83 @@ int on_sample(void *ctx)
     r->flags = x.flags;
     emit(r);
     return 1;
+}
+
+/* The pid of `task` in perfpy's PID namespace (a child namespace: one of its upids). */
+struct nsctx {
+    struct pid *p;
+    u32 nr;
+};
+
+static long ns_level(u32 i, struct nsctx *x)
+{
+    struct upid *u = (void *)((u64)x->p + bpf_core_field_offset(struct pid, numbers) +
+                              (u64)i * bpf_core_type_size(struct upid));
+    struct pid_namespace *ns = BPF_CORE_READ(u, ns);
+    if (ns && BPF_CORE_READ(ns, ns.inum) == (unsigned int)pidns_ino) {
+        x->nr = BPF_CORE_READ(u, nr);
+        return 1;
+    }
+    return 0;
+}
+
+/* A new process whose parent is kept with KEEP_CHILDREN is kept too, and walked as its parent
+ * (same address space until it execs). Runs in the parent, before the child first runs. Only
+ * loaded with filter_kept. */
+SEC("tp_btf/sched_process_fork")
+int on_fork(u64 *ctx)
+{
+    struct task_struct *parent = (void *)ctx[0], *child = (void *)ctx[1];
+    if (BPF_CORE_READ(child, pid) != BPF_CORE_READ(child, tgid))
+        return 0; /* a thread: kept with its process */
+    u32 ppid, cpid;
+    if (in_child_pidns) {
+        struct bpf_pidns_info ns = {};
+        if (bpf_get_ns_current_pid_tgid(pidns_dev, pidns_ino, &ns, sizeof(ns)))
+            return 0;
+        ppid = ns.tgid;
+        struct nsctx x = { .p = BPF_CORE_READ(child, thread_pid), .nr = 0 };
+        if (!x.p)
+            return 0;
+        bpf_loop((BPF_CORE_READ(x.p, level) & 31) + 1, ns_level, &x, 0);
+        cpid = x.nr;
+        if (!cpid)
+            return 0;
+    } else {
+        ppid = BPF_CORE_READ(parent, tgid);
+        cpid = BPF_CORE_READ(child, pid);
+    }
+    struct kept *pk = bpf_map_lookup_elem(&kept, &ppid);
+    if (!pk || !(pk->flags & KEEP_CHILDREN)) {
+        /* A kept process's pid, reused by another process after it exited: not ours. */
+        bpf_map_delete_elem(&kept, &cpid);
+        return 0;
+    }
+    struct kept k = { .parent = ppid, .flags = pk->flags };
+    bpf_map_update_elem(&kept, &cpid, &k, 0);
+    struct proc_cfg *c = bpf_map_lookup_elem(&procs, &ppid);
+    if (c)
+        bpf_map_update_elem(&procs, &cpid, c, 0);
+    return 0;
+}
+
+/* A kept process that execs is another program: no frames walked until user space has read
+ * its new interpreter. Only loaded with filter_kept. */
+SEC("tp_btf/sched_process_exec")
+int on_exec(u64 *ctx)
+{
+    u32 pid;
+    if (in_child_pidns) {
+        struct bpf_pidns_info ns = {};
+        if (bpf_get_ns_current_pid_tgid(pidns_dev, pidns_ino, &ns, sizeof(ns)))
+            return 0;
+        pid = ns.tgid;
+    } else {
+        pid = bpf_get_current_pid_tgid() >> 32;
+    }
+    if (bpf_map_lookup_elem(&kept, &pid))
+        bpf_map_delete_elem(&procs, &pid);
+    return 0;
 }
 
 char LICENSE[] SEC("license") = "GPL";

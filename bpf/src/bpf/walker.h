@@ -36,6 +36,13 @@ struct proc_cfg {
     __s32 pad;
 };
 
+/* A process whose samples are kept (-p and launched commands on per-CPU events). */
+#define KEEP_CHILDREN 1 /* processes it forks are kept too */
+struct kept {
+    __u32 parent; /* the kept process that forked it, 0 for a target */
+    __u32 flags;
+};
+
 struct pyframe {
     __u64 code;
     __u64 instr;
