@@ -253,7 +253,8 @@ struct nsctx {
 
 static long ns_level(u32 i, struct nsctx *x)
 {
-    struct upid *u = (void *)((u64)x->p + bpf_core_field_offset(struct pid, numbers) +
+    struct pid *p = x->p;
+    struct upid *u = (void *)((u64)p + bpf_core_field_offset(struct pid, numbers) +
                               (u64)i * bpf_core_type_size(struct upid));
     struct pid_namespace *ns = BPF_CORE_READ(u, ns);
     if (ns && BPF_CORE_READ(ns, ns.inum) == (unsigned int)pidns_ino) {
@@ -278,10 +279,11 @@ int on_fork(u64 *ctx)
         if (bpf_get_ns_current_pid_tgid(pidns_dev, pidns_ino, &ns, sizeof(ns)))
             return 0;
         ppid = ns.tgid;
-        struct nsctx x = { .p = BPF_CORE_READ(child, thread_pid), .nr = 0 };
-        if (!x.p)
+        struct pid *cp = BPF_CORE_READ(child, thread_pid);
+        if (!cp)
             return 0;
-        bpf_loop((BPF_CORE_READ(x.p, level) & 31) + 1, ns_level, &x, 0);
+        struct nsctx x = { .p = cp, .nr = 0 };
+        bpf_loop((BPF_CORE_READ(cp, level) & 31) + 1, ns_level, &x, 0);
         cpid = x.nr;
         if (!cpid)
             return 0;
