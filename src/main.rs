@@ -1,5 +1,6 @@
 //! perfpy: a sampling CPU profiler for Python on Linux.
 
+mod coverage;
 mod files;
 mod info;
 mod output;
@@ -104,9 +105,15 @@ struct RecordArgs {
     /// before sampling), lenient with -a.
     #[arg(long)]
     inject_python: bool,
-    /// Do not load the eBPF frame walker: Python frames then come from perf trampolines only.
+    /// Do not load the eBPF frame walker: Python frames then come from perf trampolines only
+    /// (and each thread is sampled per period of its own CPU time: short-lived threads and
+    /// processes are undercounted).
     #[arg(long)]
     no_ebpf: bool,
+    /// With -p: also profile the targets' child processes, those running now and those they
+    /// start during the recording (and theirs). A launched command's children always are.
+    #[arg(long)]
+    subprocesses: bool,
     /// Do not set PYTHONPERFSUPPORT=1 for a launched command (by default CPython 3.12+ then
     /// runs with its perf trampoline, which names its Python frames).
     #[arg(long)]
@@ -249,6 +256,7 @@ fn run(cli: Cli) -> Result<i32> {
                     python_perf_env: !a.no_python_perf_env,
                     inject_python: a.inject_python,
                     ebpf: !a.no_ebpf,
+                    subprocesses: a.subprocesses,
                 },
                 stop,
             )?;

@@ -37,6 +37,8 @@ pub struct Options {
     pub python_perf_env: bool,
     pub inject_python: bool,
     pub ebpf: bool,
+    /// -p: follow the targets' child processes too.
+    pub subprocesses: bool,
 }
 
 const INJECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -240,6 +242,9 @@ struct Collector {
     to_release: std::collections::VecDeque<(Instant, u32)>,
     /// Pids ever handed to the eBPF walker (for the summary).
     walked: HashSet<u32>,
+    /// Events sample every CPU and the eBPF program keeps the targets' samples only: the
+    /// records of every other process are ignored (see [`Collector::ours`]).
+    filter: bool,
 }
 
 impl Collector {
@@ -267,6 +272,12 @@ impl Collector {
                 if !self.live.contains_key(&pid) && py.procs.remove(&pid).is_some() {
                     py.walker.remove_process(pid);
                 }
+                if self.filter && !self.live.contains_key(&pid) {
+                    // The kernel followed it through fork: it may hold a registration we
+                    // never made.
+                    py.walker.unkeep(pid);
+                    py.walker.remove_process(pid);
+                }
             }
         }
     }
@@ -278,9 +289,28 @@ impl Collector {
         let key = self.procs.len() as u32;
         let mut p = Process::new(pid, key);
         p.refresh_maps(&mut self.files);
+        // A child that exited before its fork record was read (records of several CPUs are
+        // read one ring after the other): its parent's address space, as the kernel knows.
+        if p.maps.is_empty() && self.filter {
+            let parent = self.py.as_ref().and_then(|py| py.walker.kept(pid));
+            if let Some(pk) = parent.and_then(|pp| self.live.get(&pp)) {
+                p = Process::forked(&self.procs[*pk as usize], pid, key);
+            }
+        }
         self.procs.push(p);
         self.live.insert(pid, key);
         key
+    }
+
+    /// With the filter, whether a record's process is one of ours: known already, or kept
+    /// by the eBPF program (a map lookup: records of other processes cost one system call).
+    fn ours(&self, pid: u32) -> bool {
+        !self.filter
+            || self.live.contains_key(&pid)
+            || self
+                .py
+                .as_ref()
+                .is_some_and(|py| py.walker.kept(pid).is_some())
     }
 
     fn handle(&mut self, rec: Record<'_>) {
@@ -294,7 +324,7 @@ impl Collector {
         match rec {
             Record::Sample(s) => self.sample(s),
             Record::Mmap(m) => {
-                if !m.prot_exec {
+                if !m.prot_exec || !self.ours(m.pid) {
                     return;
                 }
                 let key = self.proc_key(m.pid);
@@ -316,8 +346,17 @@ impl Collector {
                 exec,
                 comm,
             } => {
+                if !self.ours(pid) {
+                    return;
+                }
                 let comm = String::from_utf8_lossy(comm).into_owned();
                 if exec && pid == tid {
+                    // Another program: the walker's registration of the old one is void.
+                    if let Some(py) = self.py.as_mut() {
+                        if py.procs.remove(&pid).is_some() {
+                            py.walker.remove_process(pid);
+                        }
+                    }
                     // A new program in this pid: a new process for us (its old frames keep
                     // their meaning under the old key).
                     if let Some(old) = self.live.remove(&pid) {
@@ -339,7 +378,7 @@ impl Collector {
                 }
             }
             Record::Fork { pid, ppid, tid } => {
-                if pid == tid && pid != ppid && !self.live.contains_key(&pid) {
+                if pid == tid && pid != ppid && !self.live.contains_key(&pid) && self.ours(pid) {
                     let key = self.procs.len() as u32;
                     let child = match self.live.get(&ppid) {
                         Some(pk) => Process::forked(&self.procs[*pk as usize], pid, key),
@@ -350,7 +389,7 @@ impl Collector {
                 }
             }
             Record::Exit { pid, tid } => {
-                if pid == tid {
+                if pid == tid && self.ours(pid) {
                     if let Some(k) = self.live.remove(&pid) {
                         self.procs[k as usize].alive = false;
                         self.to_release.push_back((Instant::now(), k));
@@ -468,11 +507,9 @@ impl Collector {
         if let (Some(st), Some(py)) = (&py_stack, self.py.as_mut()) {
             if let Some((off, version)) = py.procs.get(&s.pid).copied() {
                 let mut g = Vec::new();
+                let mem = ForkedMemory(p.parent);
                 for f in &st.frames {
-                    if let Some(info) =
-                        py.reader
-                            .resolve(&perfpy_bpf::code::LiveMemory, s.pid, &off, version, f)
-                    {
+                    if let Some(info) = py.reader.resolve(&mem, s.pid, &off, version, f) {
                         let func = self.profile.py_function(crate::profile::PyFunction {
                             qualname: info.qualname,
                             filename: info.filename,
@@ -562,6 +599,17 @@ impl Collector {
         self.profile.add(key, s.tid, &locs);
         self.scratch_addrs = addrs;
         self.scratch_locs = locs;
+    }
+}
+
+/// A process's memory, or once it is gone, that of the process it was forked from (without
+/// exec since): a short-lived child's code objects are its parent's.
+struct ForkedMemory(Option<u32>);
+
+impl perfpy_bpf::code::RemoteMemory for ForkedMemory {
+    fn read(&self, pid: u32, addr: u64, buf: &mut [u8]) -> bool {
+        use perfpy_bpf::code::LiveMemory;
+        LiveMemory.read(pid, addr, buf) || self.0.is_some_and(|pp| LiveMemory.read(pp, addr, buf))
     }
 }
 
@@ -681,7 +729,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             libc::setrlimit(libc::RLIMIT_NOFILE, &nofile);
         }
     }
-    let period_ns = 1_000_000_000 / opts.rate;
+    let mut period_ns = 1_000_000_000 / opts.rate;
     let is_root = nix::unistd::geteuid().is_root();
     let mut cfg = EventConfig {
         period_ns,
@@ -711,24 +759,31 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     // opened: events inherited by threads created later carry the program only if their parent
     // had it when they were created. Without it, Python frames come from trampolines only.
     let t_load = Instant::now();
-    let mut walker = match opts.ebpf.then(perfpy_bpf::Walker::load) {
-        Some(Ok(w)) => {
-            tracing::debug!(elapsed = ?t_load.elapsed(), "eBPF walker loaded");
-            Some(w)
-        }
-        Some(Err(e)) => {
-            eprintln!("perfpy: warning: {e}; Python frames only from perf trampolines");
-            None
-        }
-        None => None,
-    };
+    // -p and launched commands: with the walker, events on every CPU whose samples of other
+    // processes the walker drops (see `load_walker`).
+    let (mut walker, per_cpu) = load_walker(&opts);
+    tracing::debug!(elapsed = ?t_load.elapsed(), per_cpu, "eBPF walker");
+    if per_cpu {
+        cfg.inherit = false;
+        cfg.exclude_idle = true;
+        // Events on a CPU sample at fixed instants of its clock. With a period that is a
+        // multiple of the scheduler tick (HZ 100, 250, 1000), time slices that start and end on
+        // ticks are always sampled at the same phase, which biases the counts (measured: 86% to
+        // 126% of the CPU used at 250 Hz on a HZ=250 kernel). 1/512 longer, the phase drifts
+        // through every value within a few hundred samples.
+        period_ns += period_ns / 512;
+        cfg.period_ns = period_ns;
+    }
     // The kernel copies the stack into the ring at each sample, in the target's time: with the
     // walker naming Python frames, the copy only has to reach the native frames around them.
     cfg.stack_size = opts
         .stack_size
         .unwrap_or(if walker.is_some() { 16384 } else { 49152 })
         & !7;
-    let mut open = |cfg: &mut EventConfig, tid: i32| -> Result<bool> {
+    let mut open = |cfg: &mut EventConfig,
+                    tid: i32,
+                    walker: &mut Option<perfpy_bpf::Walker>|
+     -> Result<bool> {
         for (ci, &cpu) in cpus.iter().enumerate() {
             // tid -1: every task on this CPU (whole machine).
             let fd = match sys::perf_event_open(cfg, tid, cpu) {
@@ -754,8 +809,12 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             };
             if let Some(w) = walker.as_mut() {
                 if let Err(e) = w.attach(fd.as_fd()) {
+                    if per_cpu {
+                        // Without the program these events would keep every process's samples.
+                        bail!("{e}; rerun with --no-ebpf");
+                    }
                     eprintln!("perfpy: warning: {e}; Python frames only from perf trampolines");
-                    walker = None;
+                    *walker = None;
                 }
             }
             match &rings[ci] {
@@ -793,7 +852,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     };
 
     if opts.all {
-        if !open(&mut cfg, -1)? {
+        if !open(&mut cfg, -1, &mut walker)? {
             bail!("cannot open whole-machine events");
         }
     } else if !opts.command.is_empty() {
@@ -805,12 +864,35 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             &[]
         };
         let sp = targets::spawn(&opts.command, env)?;
-        cfg.enable_on_exec = true;
-        if !open(&mut cfg, sp.pid)? {
-            bail!("the command exited before it could be profiled");
+        if per_cpu {
+            // The child waits for us before it execs: nothing of it runs until released.
+            if let Some(w) = walker.as_mut() {
+                w.keep(sp.pid as u32, true)?;
+            }
+            open(&mut cfg, -1, &mut walker)?;
+        } else {
+            cfg.enable_on_exec = true;
+            if !open(&mut cfg, sp.pid, &mut walker)? {
+                bail!("the command exited before it could be profiled");
+            }
         }
         tgids.push(sp.pid as u32);
         spawned = Some(sp);
+    } else if per_cpu {
+        if let Some(w) = walker.as_mut() {
+            for &pid in &tgids {
+                w.keep(pid, opts.subprocesses)?;
+            }
+            if opts.subprocesses {
+                for pid in targets::descendants(&tgids) {
+                    w.keep(pid, true)?;
+                }
+            }
+        }
+        open(&mut cfg, -1, &mut walker)?;
+        if let Some(&pid) = tgids.iter().find(|p| targets::is_gone(**p)) {
+            bail!("no process with pid {pid}: it exited before sampling started");
+        }
     } else {
         for &pid in &tgids {
             // Threads may appear while we open events: list again until nothing is new.
@@ -824,7 +906,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
                 }
                 for t in new {
                     seen.insert(t);
-                    if open(&mut cfg, t as i32)? {
+                    if open(&mut cfg, t as i32, &mut walker)? {
                         opened += 1;
                     }
                 }
@@ -924,11 +1006,17 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         exited: HashSet::new(),
         to_release: Default::default(),
         walked: HashSet::new(),
+        filter: per_cpu,
     };
     for &pid in &tgids {
         let key = c.proc_key(pid);
         c.register_python(key);
     }
+    let mut meter = crate::coverage::CpuMeter::start(
+        if spawned.is_some() { &[] } else { &tgids },
+        spawned.is_some(),
+        opts.subprocesses || !per_cpu,
+    );
     if let Some(sp) = spawned.as_mut() {
         sp.release()?;
     }
@@ -974,6 +1062,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             drain(r, &mut c, &mut scratch);
         }
         c.release_exited(Duration::from_secs(2));
+        meter.poll();
         if stop.load(Ordering::Relaxed) {
             end_reason = "interrupted";
             break;
@@ -1038,6 +1127,24 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     }
     drop(rings);
     drop(events);
+    let coverage = (!opts.all).then(|| crate::coverage::Coverage {
+        cpu: meter.finish(),
+        samples: c.stats.samples,
+        lost: c.stats.lost,
+        period_ns,
+        per_cpu,
+        unprofiled_children: if per_cpu && spawned.is_none() && !opts.subprocesses {
+            meter.children_only()
+        } else {
+            Duration::ZERO
+        },
+        what: match (&spawned, tgids.len()) {
+            (Some(_), _) => "the command and its child processes".into(),
+            (None, 1) if opts.subprocesses => "the target and its child processes".into(),
+            (None, 1) => "the target".into(),
+            _ => "the targets".into(),
+        },
+    });
     // The walker's own cost, when the kernel counts it (sysctl kernel.bpf_stats_enabled=1); then
     // its ring buffer and programs go before symbolization, which needs memory of its own.
     tracing::debug!(
@@ -1134,6 +1241,9 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     if let Some(code) = child_status {
         eprintln!("perfpy: command exited with status {code}");
     }
+    if let Some(cv) = &coverage {
+        cv.print();
+    }
     // Per process: samples and how its Python frames were named (or why not).
     let mut per: HashMap<u32, (u64, bool, bool)> = HashMap::new();
     for s in &report.samples {
@@ -1205,6 +1315,38 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         _ => eprintln!("perfpy: wrote {}", out_path.display()),
     }
     Ok(Outcome { child_status })
+}
+
+/// The eBPF walker, and whether the events sample every CPU with the walker keeping only the
+/// targets' samples: -p and launched commands, so that threads and processes that live less
+/// than a period are sampled in proportion to their CPU time (inherited per-thread events
+/// count the period per thread). Falls back to per-thread events, saying so.
+fn load_walker(opts: &Options) -> (Option<perfpy_bpf::Walker>, bool) {
+    if !opts.ebpf {
+        return (None, false);
+    }
+    if !opts.all {
+        let filtered = perfpy_bpf::Walker::load_with(true).and_then(|mut w| {
+            w.follow_forks()?;
+            Ok(w)
+        });
+        match filtered {
+            Ok(w) => return (Some(w), true),
+            Err(e) => tracing::debug!("eBPF sample filter: {e}"),
+        }
+    }
+    match perfpy_bpf::Walker::load() {
+        Ok(w) => {
+            if !opts.all {
+                eprintln!("perfpy: warning: cannot follow the targets' processes in the kernel (RUST_LOG=debug says why): each thread is sampled per period of its own CPU time, so short-lived threads and processes are undercounted");
+            }
+            (Some(w), false)
+        }
+        Err(e) => {
+            eprintln!("perfpy: warning: {e}; Python frames only from perf trampolines");
+            (None, false)
+        }
+    }
 }
 
 fn procs_with_samples(p: &Profile, key: u32) -> bool {

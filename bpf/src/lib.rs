@@ -454,14 +454,28 @@ mod tests {
         w.follow_forks().expect("fork and exec hooks");
         let me = std::process::id();
         w.keep(me, true).expect("keep");
-        let mut c = std::process::Command::new("sleep").arg("5").spawn().unwrap();
-        assert_eq!(w.kept(c.id()), Some(me), "a child of a kept process is kept");
+        let mut c = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        assert_eq!(
+            w.kept(c.id()),
+            Some(me),
+            "a child of a kept process is kept"
+        );
         let _ = c.kill();
         let _ = c.wait();
         w.unkeep(c.id());
         w.keep(me, false).expect("keep");
-        let mut c = std::process::Command::new("sleep").arg("5").spawn().unwrap();
-        assert_eq!(w.kept(c.id()), None, "children not followed without the flag");
+        let mut c = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        assert_eq!(
+            w.kept(c.id()),
+            None,
+            "children not followed without the flag"
+        );
         let _ = c.kill();
         let _ = c.wait();
     }
