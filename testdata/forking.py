@@ -2,7 +2,9 @@
 about 5 ms of CPU in `child_work` and exits; between forks the parent spends about 1 ms in
 `parent_work`. Each process lives far less than a sampling period of 10 ms.
 
-Usage: forking.py SECONDS [REPORT]. Prints "ready" (flushed) once running. At the end writes to
+Usage: forking.py SECONDS [REPORT] [--on-stdin]. Prints "ready" (flushed) once running; with
+--on-stdin, starts only when a line arrives on stdin (so that a profiler attached meanwhile
+sees the whole run). At the end writes to
 REPORT (if given): the CPU time the children spent in `child_work` (each child measures its own
 and reports it through a pipe), the CPU time of the whole (parent and children, os.times()),
 and the number of children.
@@ -35,10 +37,13 @@ def parent_work():
 
 
 def main():
-    seconds = float(sys.argv[1])
-    report = sys.argv[2] if len(sys.argv) > 2 else None
+    args = [a for a in sys.argv[1:] if a != "--on-stdin"]
+    seconds = float(args[0])
+    report = args[1] if len(args) > 1 else None
     r, w = os.pipe()
     print("ready", flush=True)
+    if "--on-stdin" in sys.argv:
+        sys.stdin.readline()
     t0 = os.times()
     end = time.monotonic() + seconds
     n = 0
