@@ -258,16 +258,35 @@ mod tests {
         assert!(cov(0, 10, true, 0)[0].contains("too little"));
     }
 
+    fn self_rusage() -> f64 {
+        // SAFETY: getrusage writes into the zeroed struct we pass.
+        let u = unsafe {
+            let mut u: libc::rusage = std::mem::zeroed();
+            libc::getrusage(libc::RUSAGE_SELF, &mut u);
+            u
+        };
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        tv(u.ru_utime) + tv(u.ru_stime)
+    }
+
     #[test]
     fn our_own_cpu_time_is_read() {
+        // Our utime + stime from /proc, against the kernel's rusage, over ~0.3 s of CPU.
         let pid = std::process::id();
-        let a = read_ticks(pid).unwrap();
+        let (a, ra) = (read_ticks(pid).unwrap(), self_rusage());
         let t = Instant::now();
         let mut x = 0u64;
-        while t.elapsed() < Duration::from_millis(300) {
-            x = x.wrapping_add(std::hint::black_box(1));
+        while self_rusage() - ra < 0.3 && t.elapsed() < Duration::from_secs(20) {
+            for _ in 0..10_000 {
+                x = x.wrapping_add(std::hint::black_box(1));
+            }
         }
-        let b = read_ticks(pid).unwrap();
-        assert!(b.own >= a.own + 20, "{} -> {} ({x})", a.own, b.own);
+        let (b, rb) = (read_ticks(pid).unwrap(), self_rusage());
+        let proc_s = (b.own - a.own) as f64 / ticks_per_second() as f64;
+        assert!(
+            (proc_s - (rb - ra)).abs() < 0.05,
+            "/proc says {proc_s:.3} s, rusage {:.3} s ({x})",
+            rb - ra
+        );
     }
 }
