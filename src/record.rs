@@ -245,6 +245,9 @@ struct Collector {
     /// Events sample every CPU and the eBPF program keeps the targets' samples only: the
     /// records of every other process are ignored (see [`Collector::ours`]).
     filter: bool,
+    /// Processes found not to be ours, so that their next records cost no lookup: forgotten at
+    /// their fork and exit records (a pid reused by a new process).
+    not_ours: HashSet<u32>,
 }
 
 impl Collector {
@@ -303,14 +306,22 @@ impl Collector {
     }
 
     /// With the filter, whether a record's process is one of ours: known already, or kept
-    /// by the eBPF program (a map lookup: records of other processes cost one system call).
-    fn ours(&self, pid: u32) -> bool {
-        !self.filter
-            || self.live.contains_key(&pid)
-            || self
-                .py
-                .as_ref()
-                .is_some_and(|py| py.walker.kept(pid).is_some())
+    /// by the eBPF program (a map lookup, once per process).
+    fn ours(&mut self, pid: u32) -> bool {
+        if !self.filter || self.live.contains_key(&pid) {
+            return true;
+        }
+        if self.not_ours.contains(&pid) {
+            return false;
+        }
+        let kept = self
+            .py
+            .as_ref()
+            .is_some_and(|py| py.walker.kept(pid).is_some());
+        if !kept {
+            self.not_ours.insert(pid);
+        }
+        kept
     }
 
     fn handle(&mut self, rec: Record<'_>) {
@@ -378,6 +389,9 @@ impl Collector {
                 }
             }
             Record::Fork { pid, ppid, tid } => {
+                if pid == tid {
+                    self.not_ours.remove(&pid);
+                }
                 if pid == tid && pid != ppid && !self.live.contains_key(&pid) && self.ours(pid) {
                     let key = self.procs.len() as u32;
                     let child = match self.live.get(&ppid) {
@@ -389,6 +403,9 @@ impl Collector {
                 }
             }
             Record::Exit { pid, tid } => {
+                if pid == tid && self.not_ours.remove(&pid) {
+                    return;
+                }
                 if pid == tid && self.ours(pid) {
                     if let Some(k) = self.live.remove(&pid) {
                         self.procs[k as usize].alive = false;
@@ -707,6 +724,9 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             to_inject.push(p);
         }
     }
+    if opts.subprocesses && opts.pids.is_empty() {
+        eprintln!("perfpy: note: --subprocesses is for -p: a launched command's child processes are always profiled, and -a profiles every process");
+    }
     let scan_stop = Arc::new(AtomicBool::new(false));
     let mut deactivator = Deactivator {
         done: false,
@@ -1007,6 +1027,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         to_release: Default::default(),
         walked: HashSet::new(),
         filter: per_cpu,
+        not_ours: HashSet::new(),
     };
     for &pid in &tgids {
         let key = c.proc_key(pid);
