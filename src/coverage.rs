@@ -57,6 +57,9 @@ pub struct CpuMeter {
     targets: Vec<u32>,
     /// Their child processes count too (--subprocesses, or inherited per-thread events).
     children: bool,
+    subprocesses: bool,
+    /// Events on every CPU with the eBPF filter (false: inherited per-thread events).
+    per_cpu: bool,
     launched: bool,
     at_start: HashMap<u32, Ticks>,
     /// The latest reading of each target: what is left of one reaped before the end.
@@ -66,8 +69,11 @@ pub struct CpuMeter {
 }
 
 impl CpuMeter {
-    /// Starts measuring: call when sampling starts.
-    pub fn start(targets: &[u32], launched: bool, children: bool) -> CpuMeter {
+    /// Starts measuring: call when sampling starts. `targets`: the `-p` targets (none for a
+    /// launched command).
+    pub fn start(targets: &[u32], launched: bool, subprocesses: bool, per_cpu: bool) -> CpuMeter {
+        // Inherited per-thread events follow child processes whatever the options.
+        let children = subprocesses || !per_cpu;
         let mut at_start = HashMap::new();
         let roots = if children {
             crate::targets::descendants(targets)
@@ -82,6 +88,8 @@ impl CpuMeter {
         CpuMeter {
             targets: targets.to_vec(),
             children,
+            subprocesses,
+            per_cpu,
             launched,
             latest: at_start.clone(),
             at_start,
@@ -104,7 +112,7 @@ impl CpuMeter {
     }
 
     /// The CPU time used since [`CpuMeter::start`]; for a launched command, once it is reaped.
-    pub fn finish(&mut self) -> Duration {
+    fn finish(&mut self) -> Duration {
         if self.launched {
             return children_rusage().saturating_sub(self.rusage_start);
         }
@@ -136,9 +144,34 @@ impl CpuMeter {
         Duration::from_secs_f64(ticks as f64 / ticks_per_second() as f64)
     }
 
+    /// The figures for the summary, once sampling ended (a launched command reaped).
+    pub fn coverage(&mut self, samples: u64, lost: u64, period_ns: u64) -> Coverage {
+        let cpu = self.finish();
+        let unprofiled_children = if self.per_cpu && !self.launched && !self.subprocesses {
+            self.children_only()
+        } else {
+            Duration::ZERO
+        };
+        let what = match (self.launched, self.targets.len()) {
+            (true, _) => "the command and its child processes",
+            (false, 1) if self.subprocesses => "the target and its child processes",
+            (false, 1) => "the target",
+            _ => "the targets",
+        };
+        Coverage {
+            cpu,
+            samples,
+            lost,
+            period_ns,
+            per_cpu: self.per_cpu,
+            unprofiled_children,
+            what: what.into(),
+        }
+    }
+
     /// CPU time of the targets' children (reaped) since the start, for a hint when they are
     /// not profiled.
-    pub fn children_only(&self) -> Duration {
+    fn children_only(&self) -> Duration {
         let mut ticks = 0u64;
         for &p in &self.targets {
             if let (Some(a), Some(b)) = (self.at_start.get(&p), self.latest.get(&p)) {

@@ -1036,7 +1036,8 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     let mut meter = crate::coverage::CpuMeter::start(
         if spawned.is_some() { &[] } else { &tgids },
         spawned.is_some(),
-        opts.subprocesses || !per_cpu,
+        opts.subprocesses,
+        per_cpu,
     );
     if let Some(sp) = spawned.as_mut() {
         sp.release()?;
@@ -1148,24 +1149,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     }
     drop(rings);
     drop(events);
-    let coverage = (!opts.all).then(|| crate::coverage::Coverage {
-        cpu: meter.finish(),
-        samples: c.stats.samples,
-        lost: c.stats.lost,
-        period_ns,
-        per_cpu,
-        unprofiled_children: if per_cpu && spawned.is_none() && !opts.subprocesses {
-            meter.children_only()
-        } else {
-            Duration::ZERO
-        },
-        what: match (&spawned, tgids.len()) {
-            (Some(_), _) => "the command and its child processes".into(),
-            (None, 1) if opts.subprocesses => "the target and its child processes".into(),
-            (None, 1) => "the target".into(),
-            _ => "the targets".into(),
-        },
-    });
+    let coverage = (!opts.all).then(|| meter.coverage(c.stats.samples, c.stats.lost, period_ns));
     // The walker's own cost, when the kernel counts it (sysctl kernel.bpf_stats_enabled=1); then
     // its ring buffer and programs go before symbolization, which needs memory of its own.
     tracing::debug!(
