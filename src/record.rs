@@ -885,9 +885,10 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         };
         let sp = targets::spawn(&opts.command, env)?;
         if per_cpu {
-            // The child waits for us before it execs: nothing of it runs until released.
+            // The child waits for us before it execs; its samples count from the exec on (until
+            // then it is a copy of perfpy), as enable_on_exec does for per-thread events.
             if let Some(w) = walker.as_mut() {
-                w.keep(sp.pid as u32, true)?;
+                w.keep_from_exec(sp.pid as u32)?;
             }
             open(&mut cfg, -1, &mut walker)?;
         } else {

@@ -39,6 +39,8 @@ const REC_NO_TSTATE: u32 = 1;
 const REC_TRUNCATED: u32 = 2;
 const REC_READ_ERROR: u32 = 4;
 pub const FRAME_ENTRY: u32 = 0x100;
+const KEEP_CHILDREN: u32 = 1;
+const KEEP_FROM_EXEC: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
@@ -303,8 +305,18 @@ impl Walker {
     /// Keeps the samples of process `pid` (as perfpy sees it); with `children`, also of the
     /// processes it forks from now on, and theirs.
     pub fn keep(&mut self, pid: u32, children: bool) -> Result<(), BpfError> {
+        self.keep_flags(pid, u32::from(children))
+    }
+
+    /// Keeps the samples of a launched command, with its children's, from its next exec on
+    /// (before it, the process is still a copy of perfpy).
+    pub fn keep_from_exec(&mut self, pid: u32) -> Result<(), BpfError> {
+        self.keep_flags(pid, KEEP_CHILDREN | KEEP_FROM_EXEC)
+    }
+
+    fn keep_flags(&mut self, pid: u32, flags: u32) -> Result<(), BpfError> {
         let mut v = [0u8; 8];
-        v[4..].copy_from_slice(&u32::from(children).to_ne_bytes());
+        v[4..].copy_from_slice(&flags.to_ne_bytes());
         self.skel()
             .maps
             .kept

@@ -180,9 +180,12 @@ int on_sample(void *ctx)
         pid = pt >> 32;
         tid = (u32)pt;
     }
-    /* 0 drops the sample: not one of the processes profiled. */
-    if (filter_kept && !bpf_map_lookup_elem(&kept, &pid))
-        return 0;
+    /* 0 drops the sample: not one of the processes profiled (yet). */
+    if (filter_kept) {
+        struct kept *k = bpf_map_lookup_elem(&kept, &pid);
+        if (!k || (k->flags & KEEP_FROM_EXEC))
+            return 0;
+    }
     struct proc_cfg *c = bpf_map_lookup_elem(&procs, &pid);
     if (!c)
         return 1;
@@ -297,7 +300,7 @@ int on_fork(u64 *ctx)
         bpf_map_delete_elem(&kept, &cpid);
         return 0;
     }
-    struct kept k = { .parent = ppid, .flags = pk->flags };
+    struct kept k = { .parent = ppid, .flags = pk->flags & KEEP_CHILDREN };
     bpf_map_update_elem(&kept, &cpid, &k, 0);
     struct proc_cfg *c = bpf_map_lookup_elem(&procs, &ppid);
     if (c)
@@ -319,8 +322,11 @@ int on_exec(u64 *ctx)
     } else {
         pid = bpf_get_current_pid_tgid() >> 32;
     }
-    if (bpf_map_lookup_elem(&kept, &pid))
+    struct kept *k = bpf_map_lookup_elem(&kept, &pid);
+    if (k) {
         bpf_map_delete_elem(&procs, &pid);
+        k->flags &= ~KEEP_FROM_EXEC;
+    }
     return 0;
 }
 

@@ -38,6 +38,7 @@ struct proc_cfg {
 
 /* A process whose samples are kept (-p and launched commands on per-CPU events). */
 #define KEEP_CHILDREN 1 /* processes it forks are kept too */
+#define KEEP_FROM_EXEC 2 /* a launched command: its samples count from its exec on */
 struct kept {
     __u32 parent; /* the kept process that forked it, 0 for a target */
     __u32 flags;
