@@ -1,5 +1,5 @@
 """The standard library's threading HTTP server (one thread per connection) with a handler
-that spends about 1 ms of CPU in `Handler.do_GET` → `render`; and a client that loads it.
+that spends about 1.5 ms of CPU in `Handler.do_GET` → `render`; and a client that loads it.
 
   http_server.py serve PORTFILE      serves on 127.0.0.1 (a free port, written to PORTFILE),
                                       prints "ready" (flushed), runs until killed
@@ -22,7 +22,7 @@ def render(n):
 
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        body = b"%d\n" % render(15000)
+        body = b"%d\n" % render(25000)
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()

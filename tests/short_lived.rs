@@ -11,9 +11,11 @@ use std::time::Duration;
 
 use common::*;
 
-/// Rate of these tests: 2.5 ms between samples, longer than the CPU time of one request's
-/// thread (~1 ms) and of one child (~5 ms … 6 ms), so per-thread periods would miss them.
+/// The server's rate: 2.5 ms between samples, longer than the CPU time of one request's thread
+/// (~2 ms with its start and end): per-thread periods would miss most of them.
 const RATE: &str = "400";
+/// The forking workload's: 10 ms, longer than one child's ~5 … 6 ms.
+const FORK_RATE: &str = "100";
 
 fn clk_tck() -> f64 {
     // SAFETY: sysconf has no preconditions.
@@ -165,7 +167,7 @@ fn thread_per_request_server_attached_with_p() {
         "{:.0}% of the samples under the handler, want >= 70%",
         100.0 * share
     );
-    let call_line = line_of("http_server.py", "render(15000)");
+    let call_line = line_of("http_server.py", "render(25000)");
     let loop_first = line_of("http_server.py", "for i in range(n):");
     let in_render = d.count_where(|s| {
         let f: Vec<&Frame> = s.frames.iter().collect();
@@ -222,13 +224,13 @@ fn short_lived_children_launched() {
     let o = run_perfpy(&[
         "record",
         "-r",
-        RATE,
+        FORK_RATE,
         "-o",
         out.to_str().unwrap(),
         "--",
         py.to_str().unwrap(),
         testdata("forking.py").to_str().unwrap(),
-        "3",
+        "5",
         report.to_str().unwrap(),
     ]);
     assert!(o.status.success());
@@ -255,7 +257,7 @@ fn short_lived_children_attached_with_subprocesses() {
         "-d",
         "2",
         "-r",
-        RATE,
+        FORK_RATE,
         "-o",
         out.to_str().unwrap(),
     ]);
@@ -270,13 +272,13 @@ fn short_lived_children_attached_with_subprocesses() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("add --subprocesses"));
     drop(w);
 
-    // The workload starts forking once perfpy samples, and exits after 3 s: its report has
+    // The workload starts forking once perfpy samples, and exits after 5 s: its report has
     // the CPU the kernel accounted to it and its children over that time.
     let report = tmp("fork-attached.report");
     let mut w = Workload::start(
         Command::new(&py)
             .arg(testdata("forking.py"))
-            .arg("3")
+            .arg("5")
             .arg(&report)
             .arg("--on-stdin")
             .stdin(Stdio::piped()),
@@ -291,7 +293,7 @@ fn short_lived_children_attached_with_subprocesses() {
         "-d",
         "20",
         "-r",
-        RATE,
+        FORK_RATE,
         "-o",
         out.to_str().unwrap(),
     ]);
@@ -319,10 +321,10 @@ fn short_lived_children_in_a_pid_namespace() {
     let o = Command::new("unshare")
         .args(["--pid", "--fork", "--mount-proc"])
         .arg(perfpy())
-        .args(["record", "-r", RATE, "-o", out.to_str().unwrap(), "--"])
+        .args(["record", "-r", FORK_RATE, "-o", out.to_str().unwrap(), "--"])
         .arg(&py)
         .arg(testdata("forking.py"))
-        .arg("3")
+        .arg("5")
         .arg(&report)
         .output()
         .expect("unshare");
