@@ -3,6 +3,7 @@
 #[macro_use]
 mod say;
 
+mod coverage;
 mod files;
 mod info;
 mod output;
@@ -118,9 +119,15 @@ struct RecordArgs {
     /// targets down.
     #[arg(long)]
     inject_python: bool,
-    /// Do not load the eBPF frame walker: Python frames then come from perf trampolines only.
+    /// Do not load the eBPF frame walker: Python frames then come from perf trampolines only
+    /// (and each thread is sampled per period of its own CPU time: short-lived threads and
+    /// processes are undercounted).
     #[arg(long)]
     no_ebpf: bool,
+    /// With -p: also profile the targets' child processes, those running now and those they
+    /// start during the recording (and theirs). A launched command's children always are.
+    #[arg(long)]
+    subprocesses: bool,
     /// Set PYTHONPERFSUPPORT=1 for a launched command even when the eBPF walker names its
     /// Python frames: CPython 3.12+ then runs under its perf trampoline, which costs the program
     /// time (generator resumption ~2x). Default: set only when the walker cannot run (no BPF,
@@ -290,6 +297,7 @@ fn run(cli: Cli) -> Result<i32> {
                             })
                         })
                         .transpose()?,
+                    subprocesses: a.subprocesses,
                 },
                 stop,
             )?;

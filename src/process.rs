@@ -86,6 +86,9 @@ pub struct Process {
     pub python_version: Option<String>,
     /// Container id from the cgroup path (docker, containerd, cri-o, podman), if any.
     pub container_id: Option<String>,
+    /// The process it was forked from, until it execs: the same memory then, where its code
+    /// objects can still be read once it exited.
+    pub parent: Option<u32>,
 }
 
 impl Process {
@@ -115,6 +118,7 @@ impl Process {
             is_python: false,
             python_version: None,
             container_id: read_container_id(pid),
+            parent: None,
         }
     }
 
@@ -128,6 +132,7 @@ impl Process {
         p.unwinder = parent.unwinder.clone();
         p.is_python = parent.is_python;
         p.python_version = parent.python_version.clone();
+        p.parent = Some(parent.pid);
         p
     }
 
@@ -141,6 +146,7 @@ impl Process {
         self.is_python = false;
         self.python_version = None;
         self.last_refresh = None;
+        self.parent = None;
     }
 
     pub fn mapping(&self, addr: u64) -> Option<&Mapping> {

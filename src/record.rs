@@ -42,6 +42,8 @@ pub struct Options {
     pub ebpf: bool,
     /// `--otlp-endpoint`: also send the profile to an OpenTelemetry Collector.
     pub otlp: Option<crate::output::otlp_export::Config>,
+    /// -p: follow the targets' child processes too.
+    pub subprocesses: bool,
 }
 
 const INJECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -283,6 +285,12 @@ struct Collector {
     walked: HashSet<u32>,
     /// Processes the walker refused, with the reason (a 3.13+ debug-offsets table that failed).
     walk_refused: HashMap<u32, String>,
+    /// Events sample every CPU and the eBPF program keeps the targets' samples only: the
+    /// records of every other process are ignored (see [`Collector::ours`]).
+    filter: bool,
+    /// Processes found not to be ours, so that their next records cost no lookup: forgotten at
+    /// their fork and exit records (a pid reused by a new process).
+    not_ours: HashSet<u32>,
 }
 
 impl Collector {
@@ -313,6 +321,12 @@ impl Collector {
                 if !self.live.contains_key(&pid) && py.procs.remove(&pid).is_some() {
                     py.walker.remove_process(pid);
                 }
+                if self.filter && !self.live.contains_key(&pid) {
+                    // The kernel followed it through fork: it may hold a registration we
+                    // never made.
+                    py.walker.unkeep(pid);
+                    py.walker.remove_process(pid);
+                }
             }
         }
     }
@@ -324,9 +338,36 @@ impl Collector {
         let key = self.procs.len() as u32;
         let mut p = Process::new(pid, key);
         p.refresh_maps(&mut self.files);
+        // A child that exited before its fork record was read (records of several CPUs are
+        // read one ring after the other): its parent's address space, as the kernel knows.
+        if p.maps.is_empty() && self.filter {
+            let parent = self.py.as_ref().and_then(|py| py.walker.kept(pid));
+            if let Some(pk) = parent.and_then(|pp| self.live.get(&pp)) {
+                p = Process::forked(&self.procs[*pk as usize], pid, key);
+            }
+        }
         self.procs.push(p);
         self.live.insert(pid, key);
         key
+    }
+
+    /// With the filter, whether a record's process is one of ours: known already, or kept
+    /// by the eBPF program (a map lookup, once per process).
+    fn ours(&mut self, pid: u32) -> bool {
+        if !self.filter || self.live.contains_key(&pid) {
+            return true;
+        }
+        if self.not_ours.contains(&pid) {
+            return false;
+        }
+        let kept = self
+            .py
+            .as_ref()
+            .is_some_and(|py| py.walker.kept(pid).is_some());
+        if !kept {
+            self.not_ours.insert(pid);
+        }
+        kept
     }
 
     fn handle(&mut self, rec: Record<'_>) {
@@ -340,7 +381,7 @@ impl Collector {
         match rec {
             Record::Sample(s) => self.sample(s),
             Record::Mmap(m) => {
-                if !m.prot_exec {
+                if !m.prot_exec || !self.ours(m.pid) {
                     return;
                 }
                 let key = self.proc_key(m.pid);
@@ -362,8 +403,17 @@ impl Collector {
                 exec,
                 comm,
             } => {
+                if !self.ours(pid) {
+                    return;
+                }
                 let comm = String::from_utf8_lossy(comm).into_owned();
                 if exec && pid == tid {
+                    // Another program: the walker's registration of the old one is void.
+                    if let Some(py) = self.py.as_mut() {
+                        if py.procs.remove(&pid).is_some() {
+                            py.walker.remove_process(pid);
+                        }
+                    }
                     // A new program in this pid: a new process for us (its old frames keep
                     // their meaning under the old key).
                     if let Some(old) = self.live.remove(&pid) {
@@ -385,7 +435,10 @@ impl Collector {
                 }
             }
             Record::Fork { pid, ppid, tid } => {
-                if pid == tid && pid != ppid && !self.live.contains_key(&pid) {
+                if pid == tid {
+                    self.not_ours.remove(&pid);
+                }
+                if pid == tid && pid != ppid && !self.live.contains_key(&pid) && self.ours(pid) {
                     let key = self.procs.len() as u32;
                     let child = match self.live.get(&ppid) {
                         Some(pk) => Process::forked(&self.procs[*pk as usize], pid, key),
@@ -396,7 +449,10 @@ impl Collector {
                 }
             }
             Record::Exit { pid, tid } => {
-                if pid == tid {
+                if pid == tid && self.not_ours.remove(&pid) {
+                    return;
+                }
+                if pid == tid && self.ours(pid) {
                     if let Some(k) = self.live.remove(&pid) {
                         self.procs[k as usize].alive = false;
                         self.to_release.push_back((Instant::now(), k));
@@ -553,11 +609,9 @@ impl Collector {
         if let (Some(st), Some(py)) = (&py_stack, self.py.as_mut()) {
             if let Some((off, version)) = py.procs.get(&s.pid).copied() {
                 let mut g = Vec::new();
+                let mem = ForkedMemory(p.parent);
                 for f in &st.frames {
-                    if let Some(info) =
-                        py.reader
-                            .resolve(&perfpy_bpf::code::LiveMemory, s.pid, &off, version, f)
-                    {
+                    if let Some(info) = py.reader.resolve(&mem, s.pid, &off, version, f) {
                         let func = self.profile.py_function(crate::profile::PyFunction {
                             qualname: info.qualname,
                             filename: info.filename,
@@ -698,6 +752,17 @@ impl Collector {
     }
 }
 
+/// A process's memory, or once it is gone, that of the process it was forked from (without
+/// exec since): a short-lived child's code objects are its parent's.
+struct ForkedMemory(Option<u32>);
+
+impl perfpy_bpf::code::RemoteMemory for ForkedMemory {
+    fn read(&self, pid: u32, addr: u64, buf: &mut [u8]) -> bool {
+        use perfpy_bpf::code::LiveMemory;
+        LiveMemory.read(pid, addr, buf) || self.0.is_some_and(|pp| LiveMemory.read(pp, addr, buf))
+    }
+}
+
 /// Drains one ring into the collector.
 fn drain(r: &mut RingEntry, c: &mut Collector, scratch: &mut Vec<u8>) {
     let (head, mut tail) = r.ring.positions();
@@ -793,6 +858,9 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             to_inject.push(p);
         }
     }
+    if opts.subprocesses && opts.pids.is_empty() {
+        say!("perfpy: note: --subprocesses is for -p: a launched command's child processes are always profiled, and -a profiles every process");
+    }
     let scan_stop = Arc::new(AtomicBool::new(false));
     let mut deactivator = Deactivator {
         done: false,
@@ -815,7 +883,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             libc::setrlimit(libc::RLIMIT_NOFILE, &nofile);
         }
     }
-    let period_ns = 1_000_000_000 / opts.rate;
+    let mut period_ns = 1_000_000_000 / opts.rate;
     let is_root = nix::unistd::geteuid().is_root();
     let mut cfg = EventConfig {
         period_ns,
@@ -846,20 +914,21 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     // opened: events inherited by threads created later carry the program only if their parent
     // had it when they were created. Without it, Python frames come from trampolines only.
     let t_load = Instant::now();
-    let mut walker = match opts
-        .ebpf
-        .then(|| perfpy_bpf::Walker::load(opts.max_python_frames))
-    {
-        Some(Ok(w)) => {
-            tracing::debug!(elapsed = ?t_load.elapsed(), "eBPF walker loaded");
-            Some(w)
-        }
-        Some(Err(e)) => {
-            say!("perfpy: warning: {e}; Python frames only from perf trampolines");
-            None
-        }
-        None => None,
-    };
+    // -p and launched commands: with the walker, events on every CPU whose samples of other
+    // processes the walker drops (see `load_walker`).
+    let (mut walker, per_cpu) = load_walker(&opts);
+    tracing::debug!(elapsed = ?t_load.elapsed(), per_cpu, "eBPF walker");
+    if per_cpu {
+        cfg.inherit = false;
+        cfg.exclude_idle = true;
+        // Events on a CPU sample at fixed instants of its clock. With a period that is a
+        // multiple of the scheduler tick (HZ 100, 250, 1000), time slices that start and end on
+        // ticks are always sampled at the same phase, which biases the counts (measured: 86% to
+        // 126% of the CPU used at 250 Hz on a HZ=250 kernel). 1/512 longer, the phase drifts
+        // through every value within a few hundred samples.
+        period_ns += period_ns / 512;
+        cfg.period_ns = period_ns;
+    }
     // The kernel copies the stack into the ring at each sample, in the target's time: with the
     // walker naming Python frames, the copy only has to reach the native frames around them.
     cfg.stack_size = opts
@@ -867,7 +936,10 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         .unwrap_or(if walker.is_some() { 16384 } else { 49152 })
         & !7;
     let walker_loaded = walker.is_some();
-    let mut open = |cfg: &mut EventConfig, tid: i32| -> Result<bool> {
+    let mut open = |cfg: &mut EventConfig,
+                    tid: i32,
+                    walker: &mut Option<perfpy_bpf::Walker>|
+     -> Result<bool> {
         for (ci, &cpu) in cpus.iter().enumerate() {
             // tid -1: every task on this CPU (whole machine).
             let fd = match sys::perf_event_open(cfg, tid, cpu) {
@@ -893,8 +965,12 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             };
             if let Some(w) = walker.as_mut() {
                 if let Err(e) = w.attach(fd.as_fd()) {
+                    if per_cpu {
+                        // Without the program these events would keep every process's samples.
+                        bail!("{e}; rerun with --no-ebpf");
+                    }
                     say!("perfpy: warning: {e}; Python frames only from perf trampolines");
-                    walker = None;
+                    *walker = None;
                 }
             }
             match &rings[ci] {
@@ -932,7 +1008,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     };
 
     if opts.all {
-        if !open(&mut cfg, -1)? {
+        if !open(&mut cfg, -1, &mut walker)? {
             bail!("cannot open whole-machine events");
         }
     } else if !opts.command.is_empty() {
@@ -950,12 +1026,36 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             say!("perfpy: note: no eBPF walker: the command gets PYTHONPERFSUPPORT=1, so CPython 3.12+ names its Python frames through its perf trampoline (which slows Python calls down)");
         }
         let sp = targets::spawn(&opts.command, env)?;
-        cfg.enable_on_exec = true;
-        if !open(&mut cfg, sp.pid)? {
-            bail!("the command exited before it could be profiled");
+        if per_cpu {
+            // The child waits for us before it execs; its samples count from the exec on (until
+            // then it is a copy of perfpy), as enable_on_exec does for per-thread events.
+            if let Some(w) = walker.as_mut() {
+                w.keep_from_exec(sp.pid as u32)?;
+            }
+            open(&mut cfg, -1, &mut walker)?;
+        } else {
+            cfg.enable_on_exec = true;
+            if !open(&mut cfg, sp.pid, &mut walker)? {
+                bail!("the command exited before it could be profiled");
+            }
         }
         tgids.push(sp.pid as u32);
         spawned = Some(sp);
+    } else if per_cpu {
+        if let Some(w) = walker.as_mut() {
+            for &pid in &tgids {
+                w.keep(pid, opts.subprocesses)?;
+            }
+            if opts.subprocesses {
+                for pid in targets::descendants(&tgids) {
+                    w.keep(pid, true)?;
+                }
+            }
+        }
+        open(&mut cfg, -1, &mut walker)?;
+        if let Some(&pid) = tgids.iter().find(|p| targets::is_gone(**p)) {
+            bail!("no process with pid {pid}: it exited before sampling started");
+        }
     } else {
         for &pid in &tgids {
             // Threads may appear while we open events: list again until nothing is new.
@@ -969,7 +1069,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
                 }
                 for t in new {
                     seen.insert(t);
-                    if open(&mut cfg, t as i32)? {
+                    if open(&mut cfg, t as i32, &mut walker)? {
                         opened += 1;
                     }
                 }
@@ -1069,11 +1169,19 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         dying: HashMap::new(),
         walked: HashSet::new(),
         walk_refused: HashMap::new(),
+        filter: per_cpu,
+        not_ours: HashSet::new(),
     };
     for &pid in &tgids {
         let key = c.proc_key(pid);
         c.register_python(key);
     }
+    let mut meter = crate::coverage::CpuMeter::start(
+        if spawned.is_some() { &[] } else { &tgids },
+        spawned.is_some(),
+        opts.subprocesses,
+        per_cpu,
+    );
     // Turned on only now that the walker knows the targets: samples taken while the
     // activation runs (a few hundred ms) would otherwise have no Python frames at all.
     for p in &to_inject {
@@ -1136,6 +1244,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             drain(r, &mut c, &mut scratch);
         }
         c.release_exited(Duration::from_secs(2));
+        meter.poll();
         if stop.load(Ordering::Relaxed) {
             end_reason = "interrupted";
             break;
@@ -1201,6 +1310,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     }
     drop(rings);
     drop(events);
+    let coverage = (!opts.all).then(|| meter.coverage(c.stats.samples, c.stats.lost, period_ns));
     // The walker's own cost, when the kernel counts it (sysctl kernel.bpf_stats_enabled=1); then
     // its ring buffer and programs go before symbolization, which needs memory of its own.
     tracing::debug!(
@@ -1305,6 +1415,9 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     }
     if symbolization_cut_short {
         say!("perfpy: naming of frames cut short by a signal: some frames are left as addresses");
+    }
+    if let Some(cv) = &coverage {
+        cv.print();
     }
     // Per process: samples and how its Python frames were named (or why not).
     // (samples, samples with Python frames, any named by the walker)
@@ -1448,6 +1561,39 @@ fn trampoline_version(v: &str) -> bool {
 fn walker_names(version: (u8, u8)) -> bool {
     // 3.13+: from the target's own debug offsets (a table that fails is refused per process).
     version >= (3, 13) || perfpy_bpf::Offsets::for_version(version).is_some()
+}
+
+/// The eBPF walker, and whether the events sample every CPU with the walker keeping only the
+/// targets' samples: -p and launched commands, so that threads and processes that live less
+/// than a period are sampled in proportion to their CPU time (inherited per-thread events
+/// count the period per thread). Falls back to per-thread events, saying so.
+fn load_walker(opts: &Options) -> (Option<perfpy_bpf::Walker>, bool) {
+    if !opts.ebpf {
+        return (None, false);
+    }
+    if !opts.all {
+        let filtered =
+            perfpy_bpf::Walker::load_with(opts.max_python_frames, true).and_then(|mut w| {
+                w.follow_forks()?;
+                Ok(w)
+            });
+        match filtered {
+            Ok(w) => return (Some(w), true),
+            Err(e) => tracing::debug!("eBPF sample filter: {e}"),
+        }
+    }
+    match perfpy_bpf::Walker::load(opts.max_python_frames) {
+        Ok(w) => {
+            if !opts.all {
+                say!("perfpy: warning: cannot follow the targets' processes in the kernel (RUST_LOG=debug says why): each thread is sampled per period of its own CPU time, so short-lived threads and processes are undercounted");
+            }
+            (Some(w), false)
+        }
+        Err(e) => {
+            say!("perfpy: warning: {e}; Python frames only from perf trampolines");
+            (None, false)
+        }
+    }
 }
 
 fn procs_with_samples(p: &Profile, key: u32) -> bool {
