@@ -921,6 +921,8 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     if per_cpu {
         cfg.inherit = false;
         cfg.exclude_idle = true;
+    }
+    if per_cpu || opts.all {
         // Events on a CPU sample at fixed instants of its clock. With a period that is a
         // multiple of the scheduler tick (HZ 100, 250, 1000), time slices that start and end on
         // ticks are always sampled at the same phase, which biases the counts (measured: 86% to
