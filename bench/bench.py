@@ -19,9 +19,13 @@ Sections (all by default; pick with --only a,b,...):
   churn      `record -a --inject-python` for 10 minutes (private PID namespace) while short-lived
              Python processes start and exit several times a second: memory and fds flat, every
              sample of a process's own function carries that process's pid.
+  busy       `record -p` of a small target on a busy machine (issue 17: -p samples every CPU and
+             the eBPF program drops the other processes' samples): the others' slowdown, the
+             kernel time of the dropped samples, perfpy's CPU, the target's coverage.
 
 Exits 1 when a target is missed (listed at the end), so it can be run by hand before a release.
 Usage: bench/run.sh [--rounds N] [--only LIST] [--soak-seconds S]   (run.sh builds and sets up)
+(busy: ~2 min at 3 rounds.)
 """
 import argparse
 import os
@@ -521,6 +525,7 @@ def section_churn(seconds):
     which = {int(l.split()[1]): int(l.split()[2]) for l in out.splitlines() if l.startswith("which ")}
     mixed = named = 0
     pids = set()
+    own = set()
     if os.path.exists(pb):
         for n, names, lab in pprof.read(pb):
             for name in names:
@@ -530,6 +535,8 @@ def section_churn(seconds):
                     pids.add(lab.get("pid"))
                     if which.get(lab.get("pid")) != int(m.group(1)):
                         mixed += n
+                    else:
+                        own.add(lab.get("pid"))
     say("### `record -a --inject-python` for %d s while short-lived Python processes come and go" % seconds)
     say()
     say("%d processes started (3.9, 3.11, 3.12, 3.13 in turn), %d named in the profile; %s samples, %s lost; "
@@ -537,6 +544,13 @@ def section_churn(seconds):
     say()
     say("Samples in a `work_K` function: %d, of which under a pid that did not run it: %d: %s" % (
         named, mixed, check(mixed == 0 and named > 0, "churn: %d of %d samples under the wrong pid" % (mixed, named))))
+    say()
+    # Each process works 150 ms (~150 samples at 1 kHz): every one should have samples in its
+    # own function, named by the eBPF walker from its first instructions on.
+    share = len(own) / max(1, len(which))
+    say("Processes with samples in their own `work_K`: %d of %d (%.1f%%): %s" % (
+        len(own), len(which), 100 * share,
+        check(share >= 0.95, "churn: only %.1f%% of the processes named in their own function" % (100 * share))))
     say()
     # A recording holds every process it saw (its samples under its own pid label, its
     # name): memory grows with the processes, by a bounded amount each, never by time.
@@ -619,6 +633,93 @@ def section_depth(seconds=10, rate=200):
             # Proportional to the depth: 10 times the frames, at most ~12 times the time.
             say("%s: the walker's time per sample at depth 1,000 is %.1f× that at depth 100 (%s)." % (
                 minor, b / a, check(b / a <= 12, "%s: walker time at depth 1000 / depth 100 = %.1f" % (minor, b / a))))
+# A small target: 1 ms of work every 20 ms (~5% of a CPU), for as long as it is left running.
+SMALL_TARGET = ("import sys,time\n"
+                "def tick():\n    e=time.thread_time()+0.001\n    while time.thread_time()<e: sum(range(200))\n"
+                "print('ready', flush=True)\n"
+                "while True:\n    tick(); time.sleep(0.019)\n")
+def busy_round(config, py, units, tmp):
+    """One run: the target and perfpy (per `config`) in place, then the others: two busy
+    work.py (one per CPU) and a loop starting /bin/true 50 times a second. Returns the others'
+    median wall time, perfpy's figures and the target's coverage line."""
+    target = subprocess.Popen([py, "-c", SMALL_TARGET], stdout=subprocess.PIPE, text=True)
+    target.stdout.readline()
+    rec = None
+    first = ""
+    if config != "none":
+        args = [PERFPY, "record", "-p", str(target.pid), "-o", os.path.join(tmp, "busy.pb.gz")]
+        args += {"perfpy 100 Hz": ["-r", "100"], "perfpy 1000 Hz": ["-r", "1000"],
+                 "perfpy 1000 Hz --no-ebpf": ["-r", "1000", "--no-ebpf"]}[config]
+        rec = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        for line in rec.stderr:
+            first += line
+            if "perfpy: sampling" in line:
+                break
+    t0 = time.monotonic()
+    works = [subprocess.Popen([py, WORK, str(units)], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    spawned = 0
+    while any(w.poll() is None for w in works):
+        subprocess.run(["/bin/true"])
+        spawned += 1
+        time.sleep(0.02)
+    # Wall and CPU seconds of the timed work. The CPU time includes what interrupts on their
+    # CPU cost them (the sampling timer and the eBPF program run in their time), and is far
+    # less sensitive than the wall time to the rest of a shared machine.
+    figs = [re.search(r"elapsed ([\d.]+) ([\d.]+)", w.stdout.read()).groups() for w in works]
+    seconds = time.monotonic() - t0
+    res = {"wall": statistics.median(float(f[0]) for f in figs),
+           "cpu": statistics.median(float(f[1]) for f in figs), "spawned_per_s": spawned / seconds}
+    if rec:
+        rec.send_signal(signal.SIGINT)
+        _, err, ru = communicate_rusage(rec, first)
+        elapsed = re.search(r"after ([\d.]+)s", err)
+        samples, lost, bpf_us, _ = perfpy_stats(err)
+        runs = re.search(r"eBPF walker: (\d+) runs", err)
+        cov = re.search(r"samples cover (\d+)%", err)
+        rec_s = float(elapsed.group(1)) if elapsed else seconds
+        res.update(cpu_pct=100 * (ru.ru_utime + ru.ru_stime) / rec_s, samples=samples, lost=lost,
+                   bpf_runs_per_s=int(runs.group(1)) / rec_s if runs else None,
+                   bpf_us=bpf_us, coverage=int(cov.group(1)) if cov else None)
+    target.kill()
+    target.wait()
+    return res
+
+
+def section_busy(rounds, units=1500):
+    tmp = tempfile.mkdtemp(prefix="perfpy-bench-")
+    py = pyenv("3.12")
+    configs = ["none", "perfpy 100 Hz", "perfpy 1000 Hz", "perfpy 1000 Hz --no-ebpf"]
+    results = {}
+    for r in range(rounds):
+        for c in configs:
+            results.setdefault(c, []).append(busy_round(c, py, units, tmp))
+        print("busy: round %d/%d done" % (r + 1, rounds), file=sys.stderr, flush=True)
+    say("### A small target (~5%% of a CPU) on a busy machine, `record -p` (%d interleaved rounds)" % rounds)
+    say()
+    say("Others: two `bench/work.py %d` (one per CPU) and `/bin/true` started ~%.0f times a second." % (
+        units, med(x["spawned_per_s"] for x in results["none"])))
+    say()
+    say("| perfpy | others' median wall (s) | others' wall | others' median CPU (s) | others' CPU | eBPF runs /s (all CPUs) | eBPF µs per run | kernel time of the runs (% of a CPU) | perfpy CPU (% of a CPU) | target samples | lost | coverage |")
+    say("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    base = med(x["wall"] for x in results["none"])
+    base_cpu = med(x["cpu"] for x in results["none"])
+    for c in configs:
+        rs = results[c]
+        wall = med(x["wall"] for x in rs)
+        cpu = med(x["cpu"] for x in rs)
+        g = lambda k: med(x.get(k) for x in rs)
+        runs, us = g("bpf_runs_per_s"), g("bpf_us")
+        say("| %s | %.3f | %+.1f%% | %.3f | %+.1f%% | %s | %s | %s | %s | %s | %s | %s |" % (
+            c, wall, (wall / base - 1) * 100, cpu, (cpu / base_cpu - 1) * 100,
+            "%.0f" % runs if runs else "—", "%.2f" % us if us else "—",
+            "%.2f%%" % (runs * us / 1e4) if runs and us else "—",
+            "%.1f%%" % g("cpu_pct") if g("cpu_pct") is not None else "—",
+            "%d" % g("samples") if g("samples") is not None else "—",
+            "%d" % g("lost") if g("lost") is not None else "—",
+            "%d%%" % g("coverage") if g("coverage") is not None else "—"))
+        if c == "perfpy 1000 Hz":
+            check(g("lost") == 0, "busy: %s samples lost" % g("lost"))
+            check(g("coverage") is not None and 85 <= g("coverage") <= 115, "busy: coverage %s%%" % g("coverage"))
     say()
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -642,7 +743,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--units", type=int, default=2500, help="work.py units (~2 ms each)")
-    ap.add_argument("--only", default="slowdown,threads,accuracy,symbolize,depth,soak,churn")
+    ap.add_argument("--only", default="slowdown,threads,accuracy,symbolize,depth,soak,churn,busy")
     ap.add_argument("--soak-seconds", type=int, default=600)
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -669,6 +770,8 @@ def main():
             section_soak(args.soak_seconds)
         if "churn" in only:
             section_churn(args.soak_seconds)
+        if "busy" in only:
+            section_busy(args.rounds)
     finally:
         if old is not None and old != "1":
             bpf_stats(False)

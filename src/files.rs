@@ -4,10 +4,11 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::io;
 use std::ops::{Deref, Range};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use memmap2::Mmap;
@@ -55,6 +56,10 @@ pub struct ElfInfo {
     /// Virtual address of `_PyRuntime` (3.7+) or, failing that, `interp_head` (2.7, 3.6):
     /// where the eBPF walker starts, when this file is the interpreter.
     pub py_runtime: Option<u64>,
+    /// Has DWARF (`.debug_info`) of its own: no separate debug file is looked for.
+    pub has_dwarf: bool,
+    /// `.gnu_debuglink`: the name of its separate debug file and that file's CRC-32.
+    pub debuglink: Option<(Vec<u8>, u32)>,
 }
 
 pub struct MappedFile {
@@ -63,6 +68,9 @@ pub struct MappedFile {
     pub path: String,
     file: File,
     pub elf: Option<ElfInfo>,
+    /// Its separate debug file (same build id, or debug link and CRC), found in the root of
+    /// the process that mapped it: symbols and lines of a stripped file.
+    pub debug: Option<File>,
 }
 
 impl MappedFile {
@@ -70,6 +78,12 @@ impl MappedFile {
     /// original: our own descriptor.
     pub fn fd_path(&self) -> PathBuf {
         PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    }
+
+    /// The same for its separate debug file, if it has one.
+    pub fn debug_fd_path(&self) -> Option<PathBuf> {
+        let f = self.debug.as_ref()?;
+        Some(PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())))
     }
 
     /// The virtual address (as in the file) of a file offset, via the load segments.
@@ -99,12 +113,16 @@ impl MappedFile {
 pub struct Files {
     by_key: HashMap<(u64, u64), Arc<MappedFile>>,
     pub list: Vec<Arc<MappedFile>>,
+    /// vDSO images by size (one, in practice: see [`Files::vdso`]).
+    vdso: HashMap<u64, Option<Arc<MappedFile>>>,
 }
 
 impl Files {
     /// Opens the file behind a mapping of process `pid` (see
     /// `perfpy_inject::target_files::open_mapped`: the exact file through map_files, else its
     /// path inside the process's root, never a link out of it nor anything but a regular file).
+    /// A file without DWARF gets its separate debug file, looked for in the process's root
+    /// directory (`root`), opened the same way.
     pub fn open_for_mapping(
         &mut self,
         pid: u32,
@@ -128,16 +146,189 @@ impl Files {
             return Some(f.clone());
         }
         let elf = load_elf(&file);
+        let debug = match (&elf, root) {
+            (Some(e), Some(root)) if !e.has_dwarf => find_debug_file(root, uids, path, e),
+            _ => None,
+        };
         let f = Arc::new(MappedFile {
             id: self.list.len() as u32,
             path: path.to_string(),
             file,
             elf,
+            debug,
         });
         self.by_key.insert(key, f.clone());
         self.list.push(f.clone());
         Some(f)
     }
+
+    /// The image of the vDSO mapped at `start..end` in `pid`, as a file (a memfd) that the
+    /// unwinder and blazesym read as any other ELF file.
+    ///
+    /// Every 64-bit process on this kernel maps the same vDSO image, ours included, so our own
+    /// copy (at `getauxval(AT_SYSINFO_EHDR)`) serves for all of them: no access to the target's
+    /// memory, nothing per process, and it works for a process that already exited. A vDSO of
+    /// another size (a 32-bit process) is read from the process's memory instead.
+    pub fn vdso(&mut self, pid: u32, start: u64, end: u64) -> Option<Arc<MappedFile>> {
+        let size = end.checked_sub(start)?;
+        if let Some(f) = self.vdso.get(&size) {
+            return f.clone();
+        }
+        let image = own_vdso()
+            .filter(|v| v.len() as u64 == size)
+            .map(<[u8]>::to_vec)
+            .or_else(|| {
+                let mut buf = vec![0u8; usize::try_from(size).ok().filter(|s| *s <= 1 << 20)?];
+                let mem = File::open(format!("/proc/{pid}/mem")).ok()?;
+                std::os::unix::fs::FileExt::read_exact_at(&mem, &mut buf, start).ok()?;
+                Some(buf)
+            });
+        let f = image.and_then(|image| {
+            let file = memfd_with(&image)
+                .map_err(|e| tracing::debug!("vDSO image: {e}"))
+                .ok()?;
+            let elf = load_elf(&file);
+            let f = Arc::new(MappedFile {
+                id: self.list.len() as u32,
+                path: "[vdso]".to_string(),
+                file,
+                elf,
+                debug: None,
+            });
+            self.list.push(f.clone());
+            Some(f)
+        });
+        self.vdso.insert(size, f.clone());
+        f
+    }
+}
+
+/// Our own vDSO image: from the address the kernel passed us in the auxiliary vector to the
+/// end of its mapping in `/proc/self/maps`.
+fn own_vdso() -> Option<&'static [u8]> {
+    // SAFETY: getauxval only reads the auxiliary vector.
+    let base = unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) };
+    if base == 0 {
+        return None;
+    }
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let end = maps.lines().find_map(|l| {
+        let range = l.split_whitespace().next()?;
+        let (a, b) = range.split_once('-')?;
+        let (a, b) = (
+            u64::from_str_radix(a, 16).ok()?,
+            u64::from_str_radix(b, 16).ok()?,
+        );
+        (a == base).then_some(b)
+    })?;
+    let len = usize::try_from(end.checked_sub(base)?).ok()?;
+    // SAFETY: the vDSO is mapped readable for the life of the process at `base..end` (read from
+    // our own maps just now) and never changes.
+    Some(unsafe { std::slice::from_raw_parts(base as usize as *const u8, len) })
+}
+
+/// A sealed-size anonymous file holding `bytes`.
+fn memfd_with(bytes: &[u8]) -> io::Result<File> {
+    let fd = nix::sys::memfd::memfd_create(
+        c"perfpy-vdso",
+        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+    )?;
+    let mut f = File::from(fd);
+    io::Write::write_all(&mut f, bytes)?;
+    Ok(f)
+}
+
+/// Largest separate debug file perfpy reads (they are mapped, not read whole).
+const MAX_DEBUG_FILE: u64 = 2 << 30;
+
+/// Where a separate debug file of `path` may be, as gdb looks: by build id, then by debug
+/// link next to the file, in its `.debug/`, and under `/usr/lib/debug`.
+fn debug_candidates(path: &str, elf: &ElfInfo) -> Vec<(PathBuf, bool)> {
+    let mut out = Vec::new();
+    if let Some(id) = elf.build_id.as_ref().filter(|b| b.len() >= 2) {
+        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        out.push((
+            PathBuf::from(format!(
+                "/usr/lib/debug/.build-id/{}/{}.debug",
+                &hex[..2],
+                &hex[2..]
+            )),
+            true,
+        ));
+    }
+    if let Some((name, _)) = &elf.debuglink {
+        let name: &std::ffi::OsStr = std::os::unix::ffi::OsStrExt::from_bytes(name);
+        if let Some(dir) = Path::new(path).parent() {
+            // A name with a slash would step elsewhere than the three directories.
+            if !name.as_encoded_bytes().contains(&b'/') && !name.is_empty() {
+                let rel = dir.strip_prefix("/").unwrap_or(dir);
+                out.push((dir.join(name), false));
+                out.push((dir.join(".debug").join(name), false));
+                out.push((Path::new("/usr/lib/debug").join(rel).join(name), false));
+            }
+        }
+    }
+    out
+}
+
+/// Finds and checks the separate debug file of the file mapped at `path` (see
+/// [`debug_candidates`]), inside `root`: accepted only if its build id is the file's, or, for
+/// a debug link without build ids, if its CRC-32 is the one the link gives.
+fn find_debug_file(root: BorrowedFd<'_>, uids: &[u32], path: &str, elf: &ElfInfo) -> Option<File> {
+    use perfpy_inject::target_files::{open_in_root, Rules};
+    // A file the target controls: opened as every such file (see `target_files`).
+    let rules = Rules {
+        max_bytes: MAX_DEBUG_FILE,
+        ..Rules::mapped_file(uids)
+    };
+    // A chroot in our mount namespace: its files' paths in /proc/PID/maps are ours
+    // (`/srv/root/usr/lib/…`); inside the root they are the part after the root's own path.
+    let root_path = std::fs::read_link(format!("/proc/self/fd/{}", root.as_raw_fd())).ok();
+    let inner = root_path
+        .as_deref()
+        .filter(|r| *r != Path::new("/"))
+        .and_then(|r| Path::new(path).strip_prefix(r).ok())
+        .map(|p| format!("/{}", p.display()));
+    let mut candidates = debug_candidates(inner.as_deref().unwrap_or(path), elf);
+    if inner.is_some() {
+        candidates.extend(
+            debug_candidates(path, elf)
+                .into_iter()
+                .filter(|(_, by_id)| !by_id),
+        );
+    }
+    for (cand, by_id) in candidates {
+        if cand == Path::new(path) {
+            continue;
+        }
+        let Ok(file) = open_in_root(root, &cand, &rules, &crate::signals::ABORT_READS) else {
+            continue;
+        };
+        // SAFETY: a read-only private mapping of a regular file (see `load_elf`).
+        let Ok(map) = (unsafe { Mmap::map(&file) }) else {
+            continue;
+        };
+        let Ok(dbg) = ElfFile64::<object::Endianness>::parse(&map[..]) else {
+            continue;
+        };
+        let useful = dbg.section_by_name(".debug_info").is_some()
+            || dbg.section_by_name(".symtab").is_some();
+        let their_id = dbg.build_id().ok().flatten();
+        let matches = match (&elf.build_id, their_id) {
+            (Some(a), Some(b)) => a[..] == *b,
+            _ if by_id => false,
+            _ => elf.debuglink.as_ref().is_some_and(|(_, crc)| {
+                let mut c = flate2::Crc::new();
+                c.update(&map);
+                c.sum() == *crc
+            }),
+        };
+        if useful && matches {
+            tracing::debug!(path, debug = %cand.display(), "separate debug file");
+            return Some(file);
+        }
+    }
+    None
 }
 
 fn load_elf(file: &File) -> Option<ElfInfo> {
@@ -228,6 +419,12 @@ fn elf_info(map: Arc<Mmap>) -> Option<ElfInfo> {
     } else {
         None
     };
+    let has_dwarf = elf.section_by_name(".debug_info").is_some();
+    let debuglink = elf
+        .gnu_debuglink()
+        .ok()
+        .flatten()
+        .map(|(name, crc)| (name.to_vec(), crc));
     Some(ElfInfo {
         loads,
         build_id,
@@ -236,6 +433,8 @@ fn elf_info(map: Arc<Mmap>) -> Option<ElfInfo> {
         python_version,
         eval_range,
         py_runtime,
+        has_dwarf,
+        debuglink,
     })
 }
 
@@ -287,6 +486,84 @@ mod tests {
     use proptest::prelude::*;
     use proptest::sample::Index;
     use std::sync::OnceLock;
+
+    #[test]
+    fn vdso_image_is_an_elf_file_with_unwind_tables() {
+        // Ours stands for every 64-bit process's: same size, an ELF file with the clock
+        // functions and .eh_frame (so the unwinder leaves the vDSO by its tables).
+        let me = std::process::id();
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let (start, end) = maps
+            .lines()
+            .find(|l| l.ends_with("[vdso]"))
+            .and_then(|l| {
+                let (a, b) = l.split_whitespace().next()?.split_once('-')?;
+                Some((
+                    u64::from_str_radix(a, 16).ok()?,
+                    u64::from_str_radix(b, 16).ok()?,
+                ))
+            })
+            .unwrap();
+        let mut files = Files::default();
+        let f = files.vdso(me, start, end).unwrap();
+        assert_eq!(f.path, "[vdso]");
+        let elf = f.elf.as_ref().unwrap();
+        assert!(elf.sections.eh_frame.is_some() && elf.sections.text.is_some());
+        assert!(Arc::ptr_eq(
+            &f,
+            &files.vdso(me + 1, start + 0x1000, end + 0x1000).unwrap()
+        ));
+        let s = perfpy_symbolize::Symbolizer::new();
+        let data = std::fs::read(f.fd_path()).unwrap();
+        let obj = object::File::parse(&*data).unwrap();
+        let sym = obj
+            .dynamic_symbols()
+            .find(|s| s.name() == Ok("__vdso_clock_gettime"))
+            .unwrap();
+        let off = f.elf.as_ref().unwrap().loads[0];
+        let frames = s
+            .symbolize_elf(&f.fd_path(), &[sym.address() - off.1 + off.0 + 1], false)
+            .unwrap();
+        assert!(
+            frames[0][0].function.contains("clock_gettime"),
+            "{frames:?}"
+        );
+    }
+
+    #[test]
+    fn debug_file_candidates() {
+        let elf = ElfInfo {
+            loads: vec![],
+            build_id: Some(vec![0xab, 0xcd, 0xef]),
+            sections: UnwindSections::default(),
+            is_python_interpreter: false,
+            python_version: None,
+            eval_range: None,
+            py_runtime: None,
+            has_dwarf: false,
+            debuglink: Some((b"libx.so.debug".to_vec(), 0)),
+        };
+        let c: Vec<String> = debug_candidates("/usr/lib/libx.so", &elf)
+            .into_iter()
+            .map(|(p, _)| p.display().to_string())
+            .collect();
+        assert_eq!(
+            c,
+            [
+                "/usr/lib/debug/.build-id/ab/cdef.debug",
+                "/usr/lib/libx.so.debug",
+                "/usr/lib/.debug/libx.so.debug",
+                "/usr/lib/debug/usr/lib/libx.so.debug"
+            ]
+        );
+        // A link naming another directory is not followed.
+        let evil = ElfInfo {
+            debuglink: Some((b"../../etc/shadow".to_vec(), 0)),
+            build_id: None,
+            ..elf
+        };
+        assert!(debug_candidates("/usr/lib/libx.so", &evil).is_empty());
+    }
 
     #[test]
     fn versions_from_names() {

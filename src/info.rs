@@ -204,12 +204,16 @@ pub fn python_process(files: &mut Files, pid: u32, ask: bool) -> Option<Value> {
             }
         })
         .unwrap_or_else(|_| "none".to_string());
-    let python_frames = if ebpf == "yes" {
-        "named (eBPF walker)"
+    let tramp_on = trampoline.starts_with("on") || trampoline.starts_with("was turned on");
+    let python_frames = if ebpf == "yes" && tramp_on {
+        // The walker does not need it, and it costs the process (generator resumption ~2x).
+        "named (eBPF walker; its perf trampoline is on too: not needed, and it slows Python calls down)"
+    } else if ebpf == "yes" {
+        "named (eBPF walker, no trampoline needed)"
     } else if trampoline_capable && (x_perf || perf_env(pid) || perf_map) {
         "named (perf trampolines)"
     } else if trampoline_capable {
-        "named with --inject-python (perf trampolines)"
+        "named with --inject-python (perf trampolines, which slow Python calls down)"
     } else {
         "not named"
     };

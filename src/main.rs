@@ -4,6 +4,7 @@
 mod say;
 
 mod dump;
+mod coverage;
 mod files;
 mod info;
 mod output;
@@ -123,14 +124,27 @@ struct RecordArgs {
     keep_interpreter_frames: bool,
     /// Turn on CPython 3.12+'s perf trampoline inside the targets for the recording (ptrace),
     /// and off again at the end. Strict with -p (a target that cannot be injected stops the run
-    /// before sampling), lenient with -a.
+    /// before sampling), lenient with -a. Needed only where the eBPF walker cannot run (no BPF,
+    /// --no-ebpf): the walker names every frame without it, and the trampoline slows the
+    /// targets down.
     #[arg(long)]
     inject_python: bool,
-    /// Do not load the eBPF frame walker: Python frames then come from perf trampolines only.
+    /// Do not load the eBPF frame walker: Python frames then come from perf trampolines only
+    /// (and each thread is sampled per period of its own CPU time: short-lived threads and
+    /// processes are undercounted).
     #[arg(long)]
     no_ebpf: bool,
-    /// Do not set PYTHONPERFSUPPORT=1 for a launched command (by default CPython 3.12+ then
-    /// runs with its perf trampoline, which names its Python frames).
+    /// With -p: also profile the targets' child processes, those running now and those they
+    /// start during the recording (and theirs). A launched command's children always are.
+    #[arg(long)]
+    subprocesses: bool,
+    /// Set PYTHONPERFSUPPORT=1 for a launched command even when the eBPF walker names its
+    /// Python frames: CPython 3.12+ then runs under its perf trampoline, which costs the program
+    /// time (generator resumption ~2x). Default: set only when the walker cannot run (no BPF,
+    /// --no-ebpf).
+    #[arg(long, conflicts_with = "no_python_perf_env")]
+    python_perf_env: bool,
+    /// Never set PYTHONPERFSUPPORT=1 for a launched command, not even without the eBPF walker.
     #[arg(long)]
     no_python_perf_env: bool,
     /// Also send the profile to an OpenTelemetry Collector (OTLP/HTTP profiles), e.g.
@@ -286,7 +300,11 @@ fn run(cli: Cli) -> Result<i32> {
                     max_frames: a.max_frames,
                     max_python_frames: a.max_python_frames,
                     keep_interpreter: a.keep_interpreter_frames,
-                    python_perf_env: !a.no_python_perf_env,
+                    python_perf_env: match (a.python_perf_env, a.no_python_perf_env) {
+                        (true, _) => Some(true),
+                        (_, true) => Some(false),
+                        _ => None,
+                    },
                     inject_python: a.inject_python,
                     ebpf: !a.no_ebpf,
                     otlp: a
@@ -304,6 +322,7 @@ fn run(cli: Cli) -> Result<i32> {
                     } else {
                         report::Lines::Current
                     },
+                    subprocesses: a.subprocesses,
                 },
                 stop,
             )?;

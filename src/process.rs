@@ -71,6 +71,9 @@ pub struct Process {
     pub uids: Vec<u32>,
     /// Some frame of this process is in anonymous code (named by its perf map, if any).
     pub has_anon: bool,
+    /// Some stack of this process went through a perf trampoline (for the summary: a
+    /// trampoline the eBPF walker did not need).
+    pub trampoline_seen: bool,
     /// The perf map as read when the process was released (its root is closed then), or why
     /// it was not read.
     pub perf_map: Option<Result<PerfMap, String>>,
@@ -86,6 +89,9 @@ pub struct Process {
     /// The file of its lowest file-backed executable mapping (start, file id): the program's
     /// executable (PIE or not, it is mapped below the libraries), the profile's main file.
     pub main_file: Option<(u64, u32)>,
+    /// The process it was forked from, until it execs: the same memory then, where its code
+    /// objects can still be read once it exited.
+    pub parent: Option<u32>,
 }
 
 impl Process {
@@ -107,6 +113,7 @@ impl Process {
             root,
             uids: perfpy_inject::target_files::process_uids(pid).unwrap_or_default(),
             has_anon: false,
+            trampoline_seen: false,
             perf_map: None,
             nspid: read_nspid(pid).unwrap_or(pid),
             alive: true,
@@ -115,6 +122,7 @@ impl Process {
             python_version: None,
             container_id: read_container_id(pid),
             main_file: None,
+            parent: None,
         }
     }
 
@@ -129,6 +137,7 @@ impl Process {
         p.is_python = parent.is_python;
         p.python_version = parent.python_version.clone();
         p.main_file = parent.main_file;
+        p.parent = Some(parent.pid);
         p
     }
 
@@ -143,6 +152,7 @@ impl Process {
         self.python_version = None;
         self.last_refresh = None;
         self.main_file = None;
+        self.parent = None;
     }
 
     pub fn mapping(&self, addr: u64) -> Option<&Mapping> {
@@ -160,6 +170,8 @@ impl Process {
         // names it `//anon` in MMAP records of perf events).
         let file = if path.starts_with('/') && path != "//anon" {
             files.open_for_mapping(self.pid, self.root.fd(), &self.uids, (start, end), path)
+        } else if path == "[vdso]" {
+            files.vdso(self.pid, start, end)
         } else {
             None
         };

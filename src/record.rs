@@ -36,16 +36,23 @@ pub struct Options {
     /// The eBPF walker's limit of Python frames per sample.
     pub max_python_frames: u32,
     pub keep_interpreter: bool,
-    pub python_perf_env: bool,
+    /// PYTHONPERFSUPPORT=1 for a launched command: None sets it only without the eBPF walker.
+    pub python_perf_env: Option<bool>,
     pub inject_python: bool,
     pub ebpf: bool,
     /// `--otlp-endpoint`: also send the profile to an OpenTelemetry Collector.
     pub otlp: Option<crate::output::otlp_export::Config>,
     /// `--function` / `--nolineno`: what Python frames carry as line.
     pub lines: crate::report::Lines,
+    /// -p: follow the targets' child processes too.
+    pub subprocesses: bool,
 }
 
 const INJECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a walker record waits for its sample (read from any CPU's ring) before it is
+/// dropped: rings are drained at least every 20 ms.
+const KEEP_RECORDS_NS: u64 = 200_000_000;
 
 /// Turns off every trampoline we turned on, however the recording ends: explicitly after the
 /// perf maps were read ([`Deactivator::finish`]), or from `Drop` on an error or a panic.
@@ -235,14 +242,21 @@ impl PyWalk {
         });
     }
 
-    /// The walker's record for the sample of `tid` at `time` (same instant, same clock).
+    /// The walker's record for the sample of `tid` at `time` (same instant, same clock): the
+    /// latest one at that time. Older ones stay a while: a thread that moved to another CPU
+    /// has older samples in that CPU's ring, which may be read after this one. (Dropping them
+    /// here left those samples without Python frames.)
     fn take(&mut self, tid: u32, time: u64) -> Option<perfpy_bpf::PyStack> {
         let q = self.pending.get_mut(&tid)?;
-        let mut best = None;
-        while q.front().is_some_and(|f| f.time_ns <= time + 100_000) {
-            best = q.pop_front();
+        while q
+            .front()
+            .is_some_and(|f| f.time_ns.saturating_add(KEEP_RECORDS_NS) < time)
+        {
+            q.pop_front();
         }
-        best.filter(|b| time.saturating_sub(b.time_ns) < 2_000_000)
+        let i = q.iter().rposition(|f| f.time_ns <= time + 100_000)?;
+        let best = q.remove(i)?;
+        (time.saturating_sub(best.time_ns) < 2_000_000).then_some(best)
     }
 }
 
@@ -263,10 +277,22 @@ struct Collector {
     exited: HashSet<u32>,
     /// Processes that exited, by key, with when: released once their last samples are in.
     to_release: std::collections::VecDeque<(Instant, u32)>,
+    /// Pids that exited, not released yet, with their process's key: samples of other CPUs'
+    /// rings read after the exit record still belong to it. (Made into a new process, such a
+    /// sample stayed "alive" for ever, and kept the real one's place in the eBPF walker, whose
+    /// table of 4096 processes was full after a few minutes of -a churn: later processes got no
+    /// Python frames.)
+    dying: HashMap<u32, u32>,
     /// Pids ever handed to the eBPF walker (for the summary).
     walked: HashSet<u32>,
     /// Processes the walker refused, with the reason (a 3.13+ debug-offsets table that failed).
     walk_refused: HashMap<u32, String>,
+    /// Events sample every CPU and the eBPF program keeps the targets' samples only: the
+    /// records of every other process are ignored (see [`Collector::ours`]).
+    filter: bool,
+    /// Processes found not to be ours, so that their next records cost no lookup: forgotten at
+    /// their fork and exit records (a pid reused by a new process).
+    not_ours: HashSet<u32>,
 }
 
 impl Collector {
@@ -285,6 +311,9 @@ impl Collector {
             }
             p.release();
             let pid = p.pid;
+            if self.dying.get(&pid) == Some(&key) {
+                self.dying.remove(&pid);
+            }
             if let Some(py) = self.py.as_mut() {
                 for tid in p.threads.keys() {
                     py.pending.remove(tid);
@@ -294,20 +323,53 @@ impl Collector {
                 if !self.live.contains_key(&pid) && py.procs.remove(&pid).is_some() {
                     py.walker.remove_process(pid);
                 }
+                if self.filter && !self.live.contains_key(&pid) {
+                    // The kernel followed it through fork: it may hold a registration we
+                    // never made.
+                    py.walker.unkeep(pid);
+                    py.walker.remove_process(pid);
+                }
             }
         }
     }
 
     fn proc_key(&mut self, pid: u32) -> u32 {
-        if let Some(k) = self.live.get(&pid) {
+        if let Some(k) = self.live.get(&pid).or_else(|| self.dying.get(&pid)) {
             return *k;
         }
         let key = self.procs.len() as u32;
         let mut p = Process::new(pid, key);
         p.refresh_maps(&mut self.files);
+        // A child that exited before its fork record was read (records of several CPUs are
+        // read one ring after the other): its parent's address space, as the kernel knows.
+        if p.maps.is_empty() && self.filter {
+            let parent = self.py.as_ref().and_then(|py| py.walker.kept(pid));
+            if let Some(pk) = parent.and_then(|pp| self.live.get(&pp)) {
+                p = Process::forked(&self.procs[*pk as usize], pid, key);
+            }
+        }
         self.procs.push(p);
         self.live.insert(pid, key);
         key
+    }
+
+    /// With the filter, whether a record's process is one of ours: known already, or kept
+    /// by the eBPF program (a map lookup, once per process).
+    fn ours(&mut self, pid: u32) -> bool {
+        if !self.filter || self.live.contains_key(&pid) {
+            return true;
+        }
+        if self.not_ours.contains(&pid) {
+            return false;
+        }
+        let kept = self
+            .py
+            .as_ref()
+            .is_some_and(|py| py.walker.kept(pid).is_some());
+        if !kept {
+            self.not_ours.insert(pid);
+        }
+        kept
     }
 
     fn handle(&mut self, rec: Record<'_>) {
@@ -321,7 +383,7 @@ impl Collector {
         match rec {
             Record::Sample(s) => self.sample(s),
             Record::Mmap(m) => {
-                if !m.prot_exec {
+                if !m.prot_exec || !self.ours(m.pid) {
                     return;
                 }
                 let key = self.proc_key(m.pid);
@@ -343,8 +405,17 @@ impl Collector {
                 exec,
                 comm,
             } => {
+                if !self.ours(pid) {
+                    return;
+                }
                 let comm = String::from_utf8_lossy(comm).into_owned();
                 if exec && pid == tid {
+                    // Another program: the walker's registration of the old one is void.
+                    if let Some(py) = self.py.as_mut() {
+                        if py.procs.remove(&pid).is_some() {
+                            py.walker.remove_process(pid);
+                        }
+                    }
                     // A new program in this pid: a new process for us (its old frames keep
                     // their meaning under the old key).
                     if let Some(old) = self.live.remove(&pid) {
@@ -366,7 +437,10 @@ impl Collector {
                 }
             }
             Record::Fork { pid, ppid, tid } => {
-                if pid == tid && pid != ppid && !self.live.contains_key(&pid) {
+                if pid == tid {
+                    self.not_ours.remove(&pid);
+                }
+                if pid == tid && pid != ppid && !self.live.contains_key(&pid) && self.ours(pid) {
                     let key = self.procs.len() as u32;
                     let child = match self.live.get(&ppid) {
                         Some(pk) => Process::forked(&self.procs[*pk as usize], pid, key),
@@ -377,10 +451,14 @@ impl Collector {
                 }
             }
             Record::Exit { pid, tid } => {
-                if pid == tid {
+                if pid == tid && self.not_ours.remove(&pid) {
+                    return;
+                }
+                if pid == tid && self.ours(pid) {
                     if let Some(k) = self.live.remove(&pid) {
                         self.procs[k as usize].alive = false;
                         self.to_release.push_back((Instant::now(), k));
+                        self.dying.insert(pid, k);
                     }
                     self.exited.insert(pid);
                 }
@@ -533,11 +611,9 @@ impl Collector {
         if let (Some(st), Some(py)) = (&py_stack, self.py.as_mut()) {
             if let Some((off, version)) = py.procs.get(&s.pid).copied() {
                 let mut g = Vec::new();
+                let mem = ForkedMemory(p.parent);
                 for f in &st.frames {
-                    if let Some(info) =
-                        py.reader
-                            .resolve(&perfpy_bpf::code::LiveMemory, s.pid, &off, version, f)
-                    {
+                    if let Some(info) = py.reader.resolve(&mem, s.pid, &off, version, f) {
                         let func = self.profile.py_function(crate::profile::PyFunction {
                             qualname: info.qualname,
                             filename: info.filename,
@@ -560,6 +636,24 @@ impl Collector {
             }
         }
         let have_py = !groups.is_empty();
+        if tracing::enabled!(tracing::Level::DEBUG)
+            && !have_py
+            && self
+                .py
+                .as_ref()
+                .is_some_and(|py| py.procs.contains_key(&s.pid))
+        {
+            tracing::debug!(
+                pid = s.pid,
+                tid = s.tid,
+                time = s.time,
+                record = py_stack.is_some(),
+                frames = py_stack.as_ref().map(|st| st.frames.len()),
+                no_tstate = py_stack.as_ref().map(|st| st.no_thread_state),
+                read_error = py_stack.as_ref().map(|st| st.read_error),
+                "sample of a walked process without Python frames"
+            );
+        }
         if have_py {
             // The walker's frames reach the outermost Python frame whatever the stack copy
             // held (those the unwinding did not reach are added below): only the interpreter's
@@ -584,6 +678,7 @@ impl Collector {
             if have_py {
                 // The walker's frames replace the trampolines and the evaluation loop's frames.
                 if p.trampolines.is_known_trampoline(a) {
+                    p.trampoline_seen = true;
                     continue;
                 }
                 let is_eval = if by_shim {
@@ -656,6 +751,17 @@ impl Collector {
         self.scratch_addrs = addrs;
         self.scratch_sps = sps;
         self.scratch_locs = locs;
+    }
+}
+
+/// A process's memory, or once it is gone, that of the process it was forked from (without
+/// exec since): a short-lived child's code objects are its parent's.
+struct ForkedMemory(Option<u32>);
+
+impl perfpy_bpf::code::RemoteMemory for ForkedMemory {
+    fn read(&self, pid: u32, addr: u64, buf: &mut [u8]) -> bool {
+        use perfpy_bpf::code::LiveMemory;
+        LiveMemory.read(pid, addr, buf) || self.0.is_some_and(|pp| LiveMemory.read(pp, addr, buf))
     }
 }
 
@@ -744,7 +850,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     let mut to_inject = Vec::new();
     if opts.inject_python && !opts.all {
         if !opts.command.is_empty() {
-            say!("perfpy: note: --inject-python is for -p and -a; a launched command gets PYTHONPERFSUPPORT=1 instead");
+            say!("perfpy: note: --inject-python is for -p and -a; a launched command is named by the eBPF walker from its start, or gets PYTHONPERFSUPPORT=1 where the walker cannot run (--python-perf-env: always)");
         }
         for &pid in &tgids {
             let p = perfpy_inject::discover(pid as i32)
@@ -753,6 +859,9 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
                 .with_context(|| format!("--inject-python: pid {pid}"))?;
             to_inject.push(p);
         }
+    }
+    if opts.subprocesses && opts.pids.is_empty() {
+        say!("perfpy: note: --subprocesses is for -p: a launched command's child processes are always profiled, and -a profiles every process");
     }
     let scan_stop = Arc::new(AtomicBool::new(false));
     let mut deactivator = Deactivator {
@@ -776,7 +885,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             libc::setrlimit(libc::RLIMIT_NOFILE, &nofile);
         }
     }
-    let period_ns = 1_000_000_000 / opts.rate;
+    let mut period_ns = 1_000_000_000 / opts.rate;
     let is_root = nix::unistd::geteuid().is_root();
     let mut cfg = EventConfig {
         period_ns,
@@ -795,6 +904,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     cfg.wakeup_bytes = (data_pages * sys::page_size() / 4) as u32;
 
     let mut spawned = None;
+    let mut perf_env_set = false;
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).context("epoll_create")?;
 
     // The kernel refuses to map inherited per-task events (cpu == -1), so, as `perf record -p`
@@ -806,27 +916,34 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     // opened: events inherited by threads created later carry the program only if their parent
     // had it when they were created. Without it, Python frames come from trampolines only.
     let t_load = Instant::now();
-    let mut walker = match opts
-        .ebpf
-        .then(|| perfpy_bpf::Walker::load(opts.max_python_frames))
-    {
-        Some(Ok(w)) => {
-            tracing::debug!(elapsed = ?t_load.elapsed(), "eBPF walker loaded");
-            Some(w)
-        }
-        Some(Err(e)) => {
-            say!("perfpy: warning: {e}; Python frames only from perf trampolines");
-            None
-        }
-        None => None,
-    };
+    // -p and launched commands: with the walker, events on every CPU whose samples of other
+    // processes the walker drops (see `load_walker`).
+    let (mut walker, per_cpu) = load_walker(&opts);
+    tracing::debug!(elapsed = ?t_load.elapsed(), per_cpu, "eBPF walker");
+    if per_cpu {
+        cfg.inherit = false;
+        cfg.exclude_idle = true;
+    }
+    if per_cpu || opts.all {
+        // Events on a CPU sample at fixed instants of its clock. With a period that is a
+        // multiple of the scheduler tick (HZ 100, 250, 1000), time slices that start and end on
+        // ticks are always sampled at the same phase, which biases the counts (measured: 86% to
+        // 126% of the CPU used at 250 Hz on a HZ=250 kernel). 1/512 longer, the phase drifts
+        // through every value within a few hundred samples.
+        period_ns += period_ns / 512;
+        cfg.period_ns = period_ns;
+    }
     // The kernel copies the stack into the ring at each sample, in the target's time: with the
     // walker naming Python frames, the copy only has to reach the native frames around them.
     cfg.stack_size = opts
         .stack_size
         .unwrap_or(if walker.is_some() { 16384 } else { 49152 })
         & !7;
-    let mut open = |cfg: &mut EventConfig, tid: i32| -> Result<bool> {
+    let walker_loaded = walker.is_some();
+    let mut open = |cfg: &mut EventConfig,
+                    tid: i32,
+                    walker: &mut Option<perfpy_bpf::Walker>|
+     -> Result<bool> {
         for (ci, &cpu) in cpus.iter().enumerate() {
             // tid -1: every task on this CPU (whole machine).
             let fd = match sys::perf_event_open(cfg, tid, cpu) {
@@ -852,8 +969,12 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             };
             if let Some(w) = walker.as_mut() {
                 if let Err(e) = w.attach(fd.as_fd()) {
+                    if per_cpu {
+                        // Without the program these events would keep every process's samples.
+                        bail!("{e}; rerun with --no-ebpf");
+                    }
                     say!("perfpy: warning: {e}; Python frames only from perf trampolines");
-                    walker = None;
+                    *walker = None;
                 }
             }
             match &rings[ci] {
@@ -891,24 +1012,54 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     };
 
     if opts.all {
-        if !open(&mut cfg, -1)? {
+        if !open(&mut cfg, -1, &mut walker)? {
             bail!("cannot open whole-machine events");
         }
     } else if !opts.command.is_empty() {
         // CPython 3.12+ turns its perf trampoline on from the start with PYTHONPERFSUPPORT=1,
-        // which names every Python frame; older versions ignore it. Set by the user, it wins.
-        let env: &[(&str, &str)] = if opts.python_perf_env {
+        // which names every Python frame; older versions ignore it. The trampoline costs the
+        // program time (it doubles the cost of resuming a generator), so it is only the
+        // fallback where the eBPF walker cannot run, or asked for. Set by the user, it wins.
+        perf_env_set = opts.python_perf_env.unwrap_or(!walker_loaded);
+        let env: &[(&str, &str)] = if perf_env_set {
             &[("PYTHONPERFSUPPORT", "1")]
         } else {
             &[]
         };
+        if perf_env_set && !walker_loaded && opts.python_perf_env.is_none() {
+            say!("perfpy: note: no eBPF walker: the command gets PYTHONPERFSUPPORT=1, so CPython 3.12+ names its Python frames through its perf trampoline (which slows Python calls down)");
+        }
         let sp = targets::spawn(&opts.command, env)?;
-        cfg.enable_on_exec = true;
-        if !open(&mut cfg, sp.pid)? {
-            bail!("the command exited before it could be profiled");
+        if per_cpu {
+            // The child waits for us before it execs; its samples count from the exec on (until
+            // then it is a copy of perfpy), as enable_on_exec does for per-thread events.
+            if let Some(w) = walker.as_mut() {
+                w.keep_from_exec(sp.pid as u32)?;
+            }
+            open(&mut cfg, -1, &mut walker)?;
+        } else {
+            cfg.enable_on_exec = true;
+            if !open(&mut cfg, sp.pid, &mut walker)? {
+                bail!("the command exited before it could be profiled");
+            }
         }
         tgids.push(sp.pid as u32);
         spawned = Some(sp);
+    } else if per_cpu {
+        if let Some(w) = walker.as_mut() {
+            for &pid in &tgids {
+                w.keep(pid, opts.subprocesses)?;
+            }
+            if opts.subprocesses {
+                for pid in targets::descendants(&tgids) {
+                    w.keep(pid, true)?;
+                }
+            }
+        }
+        open(&mut cfg, -1, &mut walker)?;
+        if let Some(&pid) = tgids.iter().find(|p| targets::is_gone(**p)) {
+            bail!("no process with pid {pid}: it exited before sampling started");
+        }
     } else {
         for &pid in &tgids {
             // Threads may appear while we open events: list again until nothing is new.
@@ -922,7 +1073,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
                 }
                 for t in new {
                     seen.insert(t);
-                    if open(&mut cfg, t as i32)? {
+                    if open(&mut cfg, t as i32, &mut walker)? {
                         opened += 1;
                     }
                 }
@@ -945,19 +1096,16 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             .context("epoll_ctl")?;
     }
 
-    for p in &to_inject {
-        match perfpy_inject::registry().activate(p, INJECT_TIMEOUT) {
-            Ok(perfpy_inject::ActivateOutcome::Activated) => say!(
-                "perfpy: pid {}: perf trampoline turned on (CPython {}); Python functions entered from now on are named",
-                p.pid,
-                p.version_string()
-            ),
-            Ok(perfpy_inject::ActivateOutcome::AlreadyActive) => say!(
-                "perfpy: pid {}: perf trampoline already on (CPython {}); left as it is",
-                p.pid,
-                p.version_string()
-            ),
-            Err(e) => return Err(anyhow::Error::new(e).context(format!("--inject-python: pid {}", p.pid))),
+    if walker_loaded && opts.inject_python {
+        let named: Vec<String> = to_inject
+            .iter()
+            .filter(|p| walker_names((p.version.0, p.version.1)))
+            .map(|p| p.pid.to_string())
+            .collect();
+        if opts.all {
+            say!("perfpy: note: --inject-python is not needed where the eBPF walker names Python frames (it does here); the trampolines it turns on slow the targets' Python calls down");
+        } else if !named.is_empty() {
+            say!("perfpy: note: --inject-python is not needed for pid {}: the eBPF walker names its Python frames; the trampoline turned on as asked slows its Python calls down (generator resumption ~2x)", named.join(", "));
         }
     }
     let inject_notes: Arc<std::sync::Mutex<HashMap<u32, String>>> = Arc::default();
@@ -1022,12 +1170,38 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         scratch_locs: Vec::with_capacity(256),
         exited: HashSet::new(),
         to_release: Default::default(),
+        dying: HashMap::new(),
         walked: HashSet::new(),
         walk_refused: HashMap::new(),
+        filter: per_cpu,
+        not_ours: HashSet::new(),
     };
     for &pid in &tgids {
         let key = c.proc_key(pid);
         c.register_python(key);
+    }
+    let mut meter = crate::coverage::CpuMeter::start(
+        if spawned.is_some() { &[] } else { &tgids },
+        spawned.is_some(),
+        opts.subprocesses,
+        per_cpu,
+    );
+    // Turned on only now that the walker knows the targets: samples taken while the
+    // activation runs (a few hundred ms) would otherwise have no Python frames at all.
+    for p in &to_inject {
+        match perfpy_inject::registry().activate(p, INJECT_TIMEOUT) {
+            Ok(perfpy_inject::ActivateOutcome::Activated) => say!(
+                "perfpy: pid {}: perf trampoline turned on (CPython {}); Python functions entered from now on are named",
+                p.pid,
+                p.version_string()
+            ),
+            Ok(perfpy_inject::ActivateOutcome::AlreadyActive) => say!(
+                "perfpy: pid {}: perf trampoline already on (CPython {}); left as it is",
+                p.pid,
+                p.version_string()
+            ),
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("--inject-python: pid {}", p.pid))),
+        }
     }
     if let Some(sp) = spawned.as_mut() {
         sp.release()?;
@@ -1074,6 +1248,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             drain(r, &mut c, &mut scratch);
         }
         c.release_exited(Duration::from_secs(2));
+        meter.poll();
         if stop.load(Ordering::Relaxed) {
             end_reason = "interrupted";
             break;
@@ -1139,6 +1314,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     }
     drop(rings);
     drop(events);
+    let coverage = (!opts.all).then(|| meter.coverage(c.stats.samples, c.stats.lost, period_ns));
     // The walker's own cost, when the kernel counts it (sysctl kernel.bpf_stats_enabled=1); then
     // its ring buffer and programs go before symbolization, which needs memory of its own.
     tracing::debug!(
@@ -1149,6 +1325,9 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         counts = c.profile.counts.len(),
         py_functions = c.profile.py_functions.len(),
         code_cache = c.py.as_ref().map(|p| p.reader.len()),
+        walker_processes = c.py.as_ref().map(|p| p.procs.len()),
+        live = c.live.len(),
+        dying = c.dying.len(),
         "recording size"
     );
     let walker_stats = c.py.as_ref().and_then(|p| p.walker.stats());
@@ -1248,9 +1427,13 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     if symbolization_cut_short {
         say!("perfpy: naming of frames cut short by a signal: some frames are left as addresses");
     }
+    if let Some(cv) = &coverage {
+        cv.print();
+    }
     // Per process: samples and how its Python frames were named (or why not).
     // (samples, samples with Python frames, any named by the walker)
     let mut per: HashMap<u32, (u64, u64, bool)> = HashMap::new();
+    let mut tramp_pids = HashSet::new();
     for s in &report.samples {
         let e = per.entry(s.pid).or_default();
         e.0 += s.count;
@@ -1258,6 +1441,9 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             e.1 += s.count;
         }
         e.2 |= s.frames_from.starts_with("ebpf");
+        if s.frames_from.ends_with("trampoline") {
+            tramp_pids.insert(s.pid);
+        }
     }
     let mut rows: Vec<(u32, u64, u64, bool)> = per
         .into_iter()
@@ -1286,10 +1472,27 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .get(&pid)
-                    .cloned();
+                    .cloned()
+                    .or_else(|| {
+                        let launched = spawned.as_ref().is_some_and(|sp| sp.pid as u32 == pid);
+                        (launched && perf_env_set && trampoline_version(v))
+                            .then(|| "trampoline (PYTHONPERFSUPPORT=1)".to_string())
+                    });
                 match (py_named, note) {
+                    (true, Some(n)) if by_ebpf => format!(
+                        "CPython {v}: Python frames from the eBPF walker; the {n} was on too, not needed, and slows Python calls down"
+                    ),
+                    (true, _)
+                        if by_ebpf
+                            && (tramp_pids.contains(&pid)
+                                || p.is_some_and(|p| p.trampoline_seen)) =>
+                    {
+                        format!(
+                            "CPython {v}: Python frames from the eBPF walker; its perf trampoline was on too (-X perf or PYTHONPERFSUPPORT), not needed, and slows Python calls down"
+                        )
+                    }
                     (true, _) if by_ebpf => {
-                        format!("CPython {v}: Python frames from the eBPF walker{share}")
+                        format!("CPython {v}: Python frames from the eBPF walker, no trampoline{share}")
                     }
                     (true, Some(n)) => format!("CPython {v}: Python frames from the {n}{share}"),
                     (true, None) => {
@@ -1357,6 +1560,51 @@ fn truncation_summary(st: &Stats) -> String {
         );
     }
     s
+}
+
+/// Whether CPython `X.Y[.Z]` has the perf trampoline (3.12+).
+fn trampoline_version(v: &str) -> bool {
+    let mut it = v.split('.').filter_map(|x| x.parse::<u8>().ok());
+    (it.next().unwrap_or(0), it.next().unwrap_or(0)) >= (3, 12)
+}
+
+/// Whether the eBPF walker names the Python frames of this CPython minor version.
+fn walker_names(version: (u8, u8)) -> bool {
+    // 3.13+: from the target's own debug offsets (a table that fails is refused per process).
+    version >= (3, 13) || perfpy_bpf::Offsets::for_version(version).is_some()
+}
+
+/// The eBPF walker, and whether the events sample every CPU with the walker keeping only the
+/// targets' samples: -p and launched commands, so that threads and processes that live less
+/// than a period are sampled in proportion to their CPU time (inherited per-thread events
+/// count the period per thread). Falls back to per-thread events, saying so.
+fn load_walker(opts: &Options) -> (Option<perfpy_bpf::Walker>, bool) {
+    if !opts.ebpf {
+        return (None, false);
+    }
+    if !opts.all {
+        let filtered =
+            perfpy_bpf::Walker::load_with(opts.max_python_frames, true).and_then(|mut w| {
+                w.follow_forks()?;
+                Ok(w)
+            });
+        match filtered {
+            Ok(w) => return (Some(w), true),
+            Err(e) => tracing::debug!("eBPF sample filter: {e}"),
+        }
+    }
+    match perfpy_bpf::Walker::load(opts.max_python_frames) {
+        Ok(w) => {
+            if !opts.all {
+                say!("perfpy: warning: cannot follow the targets' processes in the kernel (RUST_LOG=debug says why): each thread is sampled per period of its own CPU time, so short-lived threads and processes are undercounted");
+            }
+            (Some(w), false)
+        }
+        Err(e) => {
+            say!("perfpy: warning: {e}; Python frames only from perf trampolines");
+            (None, false)
+        }
+    }
 }
 
 fn procs_with_samples(p: &Profile, key: u32) -> bool {

@@ -205,7 +205,36 @@ pub fn resolve(
         let offsets: Vec<u64> = locs.iter().map(|(_, o)| *o).collect();
         let aborted = crate::signals::aborted();
         cut_short |= aborted;
-        let frames = if file.elf.is_some() && !aborted {
+        let frames = if aborted {
+            vec![Vec::new(); offsets.len()]
+        } else if let Some(dbg) = file.debug_fd_path() {
+            // A stripped file with its separate debug file: by virtual address (the debug
+            // file's code sections are empty), then, for what it does not name, the file's
+            // own dynamic symbols.
+            let vaddrs: Vec<u64> = offsets
+                .iter()
+                .map(|o| file.file_offset_to_vaddr(*o).unwrap_or(u64::MAX))
+                .collect();
+            let t = std::time::Instant::now();
+            let mut f = sym
+                .symbolize_debug_file(&dbg, &vaddrs, !interpreter)
+                .unwrap_or_else(|e| {
+                    tracing::debug!("{e}");
+                    vec![Vec::new(); offsets.len()]
+                });
+            tracing::debug!(file = file.path, addresses = offsets.len(), elapsed = ?t.elapsed(), "symbolized with its debug file");
+            if f.iter().any(Vec::is_empty) {
+                let own = sym
+                    .symbolize_elf(&file.fd_path(), &offsets, false)
+                    .unwrap_or_default();
+                for (a, b) in f.iter_mut().zip(own) {
+                    if a.is_empty() {
+                        *a = b;
+                    }
+                }
+            }
+            f
+        } else if file.elf.is_some() {
             let t = std::time::Instant::now();
             // CPython's own frames are named from its symbol table: their source lines are of
             // no use to a Python programmer, and libpython's DWARF costs ~15 ms and ~20 MiB.
@@ -225,7 +254,16 @@ pub fn resolve(
             .rsplit('/')
             .next()
             .unwrap_or(&file.path)
+            .trim_matches(|c| c == '[' || c == ']')
             .to_string();
+        let mut frames = frames;
+        if file.path == "[vdso]" {
+            // Its functions are named as libc's that call them (`clock_gettime`): the file
+            // tells them apart.
+            for f in frames.iter_mut().flatten() {
+                f.file.get_or_insert_with(|| "[vdso]".to_string());
+            }
+        }
         for ((i, off), f) in locs.into_iter().zip(frames) {
             out[i] = Some(Resolved {
                 // Code without a symbol (stripped local functions, hand-written assembly) is

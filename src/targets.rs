@@ -238,3 +238,38 @@ pub fn terminate(pid: i32, grace: std::time::Duration) -> Option<i32> {
     let _ = kill(p, Signal::SIGKILL);
     waitpid(p, None).ok().and_then(status)
 }
+
+/// `roots` and every process under them now (children, theirs, …), from each process's
+/// parent in `/proc/PID/stat`.
+pub fn descendants(roots: &[u32]) -> Vec<u32> {
+    let mut children: std::collections::HashMap<u32, Vec<u32>> = Default::default();
+    if let Ok(d) = std::fs::read_dir("/proc") {
+        for e in d.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok())
+                });
+            if let Some(pp) = ppid {
+                children.entry(pp).or_default().push(pid);
+            }
+        }
+    }
+    let mut out = roots.to_vec();
+    let mut i = 0;
+    while i < out.len() {
+        if let Some(c) = children.get(&out[i]) {
+            for &p in c {
+                if !out.contains(&p) {
+                    out.push(p);
+                }
+            }
+        }
+        i += 1;
+    }
+    out
+}

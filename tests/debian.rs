@@ -291,3 +291,52 @@ fn a_corrupt_debug_offsets_table_is_refused_with_its_reason() {
         assert_eq!(d.count_where(|s| s.has("busy_here")), 0, "{what}");
     }
 }
+
+/// Attached with `--inject-python` to Debian's 3.13 – 3.15 in the chroot: frames entered
+/// before activation (`<module>`, `main`, the loop) are named (the walker names them), and the
+/// trampoline is off again afterwards, as it was found.
+#[test]
+fn debian_interpreters_attached_with_injection() {
+    for minor in ["3.13", "3.14", "3.15"] {
+        let Some(mut cmd) = chroot_python(minor) else {
+            continue;
+        };
+        let w = Workload::start(cmd.arg(chroot_testdata("split.py")).arg("60"));
+        let pid = w.pid().to_string();
+        let status = |what: &str| {
+            let o = run_perfpy(&["inject", "-p", &pid, "--status"]);
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            assert!(o.status.success(), "{minor} {what}: {text}");
+            text
+        };
+        assert!(status("before").contains("perf trampoline off"), "{minor}");
+        let out = tmp(&format!("debian-inject-{minor}.pb.gz"));
+        let o = run_perfpy(&[
+            "record",
+            "-p",
+            &pid,
+            "--inject-python",
+            "-d",
+            "3",
+            "-r",
+            "499",
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{minor}: {err}");
+        assert!(
+            err.contains("perf trampoline turned on") && err.contains("turned off again"),
+            "{minor}: {err}"
+        );
+        let d = decode(&out);
+        let spin = d.count_where(|s| s.has("spin"));
+        let whole = d.count_where(|s| s.has("spin") && s.has_chain(&CHAIN));
+        assert!(spin > 50, "{minor}: {spin} samples in spin");
+        assert!(
+            whole as f64 >= 0.9 * spin as f64,
+            "{minor}: {whole} of {spin} spin samples with the chain from <module>"
+        );
+        assert!(status("after").contains("perf trampoline off"), "{minor}");
+    }
+}

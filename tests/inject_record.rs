@@ -251,3 +251,59 @@ fn inject_command_turns_it_on_and_off() {
     assert!(o.status.success());
     assert!(!active(w.pid()));
 }
+
+#[test]
+fn a_c_extension_call_keeps_its_share_when_attached_with_injection() {
+    // 10% of the work hashes in hashlib (long C calls: the activation's pending call waits for
+    // them). Every sample from the first one has its Python frames (the walker knows the
+    // target before the trampoline is turned on), so the C call keeps its share.
+    for minor in ["3.12", "3.13"] {
+        let Some(py) = python(minor) else { continue };
+        let rep = split_report(&format!("hashing-{minor}"));
+        let w = Workload::start(
+            Command::new(&py)
+                .arg(testdata("hashing.py"))
+                .arg("30")
+                .env("SPLIT_REPORT", &rep),
+        );
+        let out = tmp(&format!("hashing-{minor}.pb.gz"));
+        let o = run_perfpy(&[
+            "record",
+            "-p",
+            &w.pid().to_string(),
+            "-d",
+            "4",
+            "-r",
+            "997",
+            "--inject-python",
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success());
+        let d = decode(&out);
+        let total = d.total();
+        let no_python = d.count_where(|s| !s.frames.iter().any(|f| f.file.ends_with(".py")));
+        assert!(
+            (no_python as f64) < 0.01 * total as f64,
+            "{minor}: {no_python} of {total} samples name no Python function"
+        );
+        let hashing = d.count_where(|s| s.has("hash_blocks")) as f64;
+        let work = hashing + d.count_where(|s| s.has("compute")) as f64;
+        let got = hashing / work;
+        let want = measured_split(&rep)["hash_blocks"];
+        eprintln!("{minor}: hash_blocks {got:.3}, measured {want:.3}");
+        assert!(
+            (got - want).abs() <= 0.02,
+            "{minor}: hash_blocks {:.1}% of the samples, {:.1}% of the CPU",
+            got * 100.0,
+            want * 100.0
+        );
+        // The C extension's frames stay under their Python caller.
+        assert!(
+            d.count_where(|s| s.has_chain(&["hash_blocks", "SHA256_Update"])) as f64
+                >= 0.5 * hashing,
+            "{minor}: libcrypto not under hash_blocks"
+        );
+        assert!(!active(w.pid()), "{minor}: trampoline left on");
+    }
+}

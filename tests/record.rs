@@ -605,14 +605,16 @@ fn children_forked_by_the_command_are_followed() {
 }
 
 #[test]
-fn spawned_python_gets_perf_support_from_the_environment() {
-    // Launched without -X perf: perfpy sets PYTHONPERFSUPPORT=1, so 3.12+ names its frames.
+fn spawned_python_gets_perf_support_from_the_environment_only_when_asked() {
+    // With --python-perf-env perfpy sets PYTHONPERFSUPPORT=1, so 3.12+ runs under its perf
+    // trampoline (which names its frames too, from <module> on).
     let Some(py) = python("3.13") else { return };
     let out = tmp("env.pb.gz");
     let o = run_perfpy(&[
         "record",
         "-d",
         "3",
+        "--python-perf-env",
         "-o",
         out.to_str().unwrap(),
         "--",
@@ -621,6 +623,11 @@ fn spawned_python_gets_perf_support_from_the_environment() {
         "4",
     ]);
     assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("the trampoline (PYTHONPERFSUPPORT=1) was on too, not needed"),
+        "{err}"
+    );
     let d = decode(&out);
     let spin = d.count_where(|s| s.has("spin"));
     let full = d.count_where(|s| s.has("spin") && s.has_chain(&CHAIN));
@@ -628,8 +635,8 @@ fn spawned_python_gets_perf_support_from_the_environment() {
         spin > 50 && full as f64 >= 0.9 * spin as f64,
         "{full} of {spin}"
     );
-    // And --no-python-perf-env leaves the environment alone: no trampoline, the names come
-    // from the eBPF walker alone.
+    // By default the environment is left alone where the eBPF walker runs: no trampoline (no
+    // perf map written), the names come from the walker alone, with lines.
     let out = tmp("noenv.pb.gz");
     let o = run_perfpy(&[
         "record",
@@ -637,7 +644,6 @@ fn spawned_python_gets_perf_support_from_the_environment() {
         "2",
         "-r",
         "397",
-        "--no-python-perf-env",
         "-o",
         out.to_str().unwrap(),
         "--",
@@ -646,6 +652,11 @@ fn spawned_python_gets_perf_support_from_the_environment() {
         "3",
     ]);
     assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("Python frames from the eBPF walker, no trampoline"),
+        "{err}"
+    );
     let d = decode(&out);
     let spin = d.count_where(|s| s.has("spin"));
     assert!(spin > 50);
@@ -671,6 +682,105 @@ fn spawned_python_gets_perf_support_from_the_environment() {
         lines.iter().all(|l| (hot - 2..=hot + 1).contains(l)),
         "{lines:?}"
     );
+    // Without the walker the trampoline is the fallback: the environment is set again.
+    let out = tmp("env-noebpf.pb.gz");
+    let o = run_perfpy(&[
+        "record",
+        "-d",
+        "2",
+        "--no-ebpf",
+        "-o",
+        out.to_str().unwrap(),
+        "--",
+        py.to_str().unwrap(),
+        testdata("split.py").to_str().unwrap(),
+        "3",
+    ]);
+    assert!(o.status.success());
+    let d = decode(&out);
+    let spin = d.count_where(|s| s.has("spin"));
+    assert!(
+        spin > 20
+            && d.count_where(|s| s.has("spin") && s.str_labels["frames_from"] == "trampoline")
+                == spin,
+        "{spin}"
+    );
+}
+
+/// The program's own CPU split of `generators.py` (build / iterate), and perfpy's if `out`.
+fn generators_split(
+    py: &std::path::Path,
+    name: &str,
+    perfpy_args: Option<&[&str]>,
+) -> (f64, Option<f64>) {
+    let rep = split_report(name);
+    let script = testdata("generators.py");
+    let args = [py.to_str().unwrap(), script.to_str().unwrap(), "3"];
+    let ours = match perfpy_args {
+        None => {
+            let o = Command::new(args[0])
+                .args(&args[1..])
+                .env("SPLIT_REPORT", &rep)
+                .output()
+                .unwrap();
+            assert!(o.status.success());
+            None
+        }
+        Some(extra) => {
+            let out = tmp(&format!("{name}.pb.gz"));
+            let mut a = vec!["record", "-r", "499", "-o", out.to_str().unwrap()];
+            a.extend_from_slice(extra);
+            a.push("--");
+            a.extend_from_slice(&args);
+            let o = run_perfpy_env(&a, &[("SPLIT_REPORT", &rep)]);
+            assert!(o.status.success());
+            let d = decode(&out);
+            let build = d.count_where(|s| s.has("build_tree")) as f64;
+            let iterate = d.count_where(|s| s.has("iterate_tree")) as f64;
+            assert!(build + iterate > 500.0, "{build} + {iterate} samples");
+            Some(build / (build + iterate))
+        }
+    };
+    (measured_split(&rep)["build_tree"], ours)
+}
+
+#[test]
+fn a_launched_program_is_profiled_without_the_trampoline_distorting_it() {
+    // pyperformance's `generators`: under a perf trampoline resuming a generator costs about
+    // twice as much, so the program's own build/iterate split moves by ~20 points. By default
+    // perfpy names its frames with the eBPF walker and leaves the program as it runs alone.
+    for minor in ["3.12", "3.13"] {
+        let Some(py) = python(minor) else { continue };
+        let (alone, _) = generators_split(&py, &format!("gen-alone-{minor}"), None);
+        let (own, got) = generators_split(&py, &format!("gen-default-{minor}"), Some(&[]));
+        let got = got.unwrap();
+        eprintln!("{minor}: build alone {alone:.3}, under perfpy {own:.3}, perfpy says {got:.3}");
+        assert!(
+            (got - own).abs() <= 0.03,
+            "{minor}: perfpy {got:.3}, program {own:.3}"
+        );
+        assert!(
+            (own - alone).abs() <= 0.05,
+            "{minor}: under perfpy {own:.3}, alone {alone:.3}"
+        );
+        // The distortion the default avoids is real (so the check above could fail): asked
+        // for, the trampoline moves the program's own split, and perfpy reports that.
+        let (own_t, got_t) = generators_split(
+            &py,
+            &format!("gen-env-{minor}"),
+            Some(&["--python-perf-env"]),
+        );
+        let got_t = got_t.unwrap();
+        eprintln!("{minor}: with the trampoline: program {own_t:.3}, perfpy {got_t:.3}");
+        assert!(
+            alone - own_t >= 0.10,
+            "{minor}: {own_t:.3} vs {alone:.3} alone"
+        );
+        assert!(
+            (got_t - own_t).abs() <= 0.03,
+            "{minor}: perfpy {got_t:.3}, program {own_t:.3}"
+        );
+    }
 }
 
 #[test]

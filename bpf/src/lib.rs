@@ -44,6 +44,8 @@ const REC_TRUNCATED: u32 = 2;
 const REC_READ_ERROR: u32 = 4;
 const REC_LOOP_BUDGET: u32 = 8;
 pub const FRAME_ENTRY: u32 = 0x100;
+const KEEP_CHILDREN: u32 = 1;
+const KEEP_FROM_EXEC: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
@@ -207,6 +209,13 @@ impl Walker {
     /// Loads the program (the verifier checks it here), its records holding up to
     /// `max_py_frames` Python frames.
     pub fn load(max_py_frames: u32) -> Result<Walker, BpfError> {
+        Self::load_with(max_py_frames, false)
+    }
+
+    /// Loads the program; with `filter`, it keeps only the samples of the processes given to
+    /// [`Walker::keep`] (and, with their `children` flag, of the processes they fork), for
+    /// events that sample every task of a CPU. [`Walker::follow_forks`] then starts following.
+    pub fn load_with(max_py_frames: u32, filter: bool) -> Result<Walker, BpfError> {
         if !(1..=MAX_PY_FRAMES_CAP).contains(&max_py_frames) {
             return Err(BpfError::FrameLimit(max_py_frames));
         }
@@ -275,7 +284,11 @@ impl Walker {
             const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
             ro.in_child_pidns = u8::from(ns.ino() != PROC_PID_INIT_INO);
             ro.max_py_frames = max_py_frames;
+            ro.filter_kept = u8::from(filter);
         }
+        // The fork and exec hooks only serve the filter: without it they are not even loaded.
+        open.progs.on_fork.set_autoload(filter);
+        open.progs.on_exec.set_autoload(filter);
         let skel = open.load().map_err(|e| BpfError::Load(e.to_string()))?;
         let out: Arc<Mutex<Vec<PyStack>>> = Arc::default();
         let mut w = Walker {
@@ -323,6 +336,62 @@ impl Walker {
         std::mem::forget(own);
         self.links.push(link);
         Ok(())
+    }
+
+    /// Starts following forks and execs of kept processes (a walker loaded with a filter).
+    pub fn follow_forks(&mut self) -> Result<(), BpfError> {
+        let mut links = Vec::new();
+        for p in [&self.skel().progs.on_fork, &self.skel().progs.on_exec] {
+            links.push(
+                p.attach_trace().map_err(|e| {
+                    BpfError::Attach(format!("{}: {e}", p.name().to_string_lossy()))
+                })?,
+            );
+        }
+        self.links.extend(links);
+        Ok(())
+    }
+
+    /// Keeps the samples of process `pid` (as perfpy sees it); with `children`, also of the
+    /// processes it forks from now on, and theirs.
+    pub fn keep(&mut self, pid: u32, children: bool) -> Result<(), BpfError> {
+        self.keep_flags(pid, u32::from(children))
+    }
+
+    /// Keeps the samples of a launched command, with its children's, from its next exec on
+    /// (before it, the process is still a copy of perfpy).
+    pub fn keep_from_exec(&mut self, pid: u32) -> Result<(), BpfError> {
+        self.keep_flags(pid, KEEP_CHILDREN | KEEP_FROM_EXEC)
+    }
+
+    fn keep_flags(&mut self, pid: u32, flags: u32) -> Result<(), BpfError> {
+        let mut v = [0u8; 8];
+        v[4..].copy_from_slice(&flags.to_ne_bytes());
+        self.skel()
+            .maps
+            .kept
+            .update(&pid.to_ne_bytes(), &v, MapFlags::ANY)
+            .map_err(|e| BpfError::Register {
+                pid,
+                detail: e.to_string(),
+            })
+    }
+
+    /// Whether `pid` is kept: `Some(parent)` (the kept process that forked it, 0 for a target).
+    /// One map lookup (a system call).
+    pub fn kept(&self, pid: u32) -> Option<u32> {
+        let v = self
+            .skel()
+            .maps
+            .kept
+            .lookup(&pid.to_ne_bytes(), MapFlags::ANY)
+            .ok()??;
+        Some(u32::from_ne_bytes(v.get(..4)?.try_into().ok()?))
+    }
+
+    /// Forgets a kept process that exited (its pid may be reused).
+    pub fn unkeep(&mut self, pid: u32) {
+        let _ = self.skel().maps.kept.delete(&pid.to_ne_bytes());
     }
 
     /// Starts walking the frames of a process.
@@ -445,6 +514,41 @@ mod tests {
             Walker::load(MAX_PY_FRAMES_CAP + 1),
             Err(BpfError::FrameLimit(_))
         ));
+    }
+
+    #[test]
+    fn the_filter_follows_forks_of_kept_processes_only() {
+        if !nix_is_root() {
+            return;
+        }
+        let mut w = Walker::load_with(DEFAULT_PY_FRAMES, true).expect("load with the filter");
+        w.follow_forks().expect("fork and exec hooks");
+        let me = std::process::id();
+        w.keep(me, true).expect("keep");
+        let mut c = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        assert_eq!(
+            w.kept(c.id()),
+            Some(me),
+            "a child of a kept process is kept"
+        );
+        let _ = c.kill();
+        let _ = c.wait();
+        w.unkeep(c.id());
+        w.keep(me, false).expect("keep");
+        let mut c = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        assert_eq!(
+            w.kept(c.id()),
+            None,
+            "children not followed without the flag"
+        );
+        let _ = c.kill();
+        let _ = c.wait();
     }
 
     fn nix_is_root() -> bool {

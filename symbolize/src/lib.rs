@@ -54,6 +54,10 @@ impl Symbolizer {
             .enable_code_info(true)
             .enable_inlined_fns(true)
             .enable_demangling(true)
+            // Separate debug files are found by the caller, in the root of the process that
+            // mapped the file (a container's, a chroot's), by build id or debug link: a search
+            // of our own /usr/lib/debug could read a file of the same name from another system.
+            .set_debug_dirs(Some::<[&Path; 0]>([]))
             .build();
         Self { inner }
     }
@@ -76,6 +80,29 @@ impl Symbolizer {
         let syms = self
             .inner
             .symbolize(&src, Input::FileOffset(file_offsets))
+            .map_err(|source| SymbolizeError::Elf {
+                path: path.display().to_string(),
+                source,
+            })?;
+        Ok(syms.into_iter().map(frames_of).collect())
+    }
+
+    /// Symbolizes virtual addresses (as in the file's symbol table) with the separate debug
+    /// file at `path` (found by build id or debug link; its code sections are empty, so file
+    /// offsets of the original file mean nothing in it). Same result as
+    /// [`Symbolizer::symbolize_elf`].
+    pub fn symbolize_debug_file(
+        &self,
+        path: &Path,
+        vaddrs: &[u64],
+        dwarf: bool,
+    ) -> Result<Vec<Vec<Frame>>, SymbolizeError> {
+        let mut elf = Elf::new(path);
+        elf.debug_syms = dwarf;
+        let src = Source::Elf(elf);
+        let syms = self
+            .inner
+            .symbolize(&src, Input::VirtOffset(vaddrs))
             .map_err(|source| SymbolizeError::Elf {
                 path: path.display().to_string(),
                 source,

@@ -22,8 +22,17 @@ struct thread_struct {
     unsigned long fsbase;
 } __attribute__((preserve_access_index));
 
+struct ns_common {
+    unsigned int inum;
+} __attribute__((preserve_access_index));
+
+struct pid_namespace {
+    struct ns_common ns;
+} __attribute__((preserve_access_index));
+
 struct upid {
     int nr;
+    struct pid_namespace *ns;
 } __attribute__((preserve_access_index));
 
 struct pid {
@@ -34,6 +43,8 @@ struct pid {
 struct task_struct {
     struct thread_struct thread;
     struct pid *thread_pid;
+    int pid;
+    int tgid;
 } __attribute__((preserve_access_index));
 
 struct bpf_pidns_info {

@@ -21,6 +21,18 @@ const volatile u8 in_child_pidns = 0;
  * to hold exactly this many frames. */
 const volatile u32 max_py_frames = DEFAULT_PY_FRAMES;
 
+/* -p and launched commands sample every CPU (so that a thread or process living less than a
+ * period is sampled in proportion to its CPU time) and keep only the samples of the processes
+ * in `kept` (pids as perfpy sees them), followed through fork by on_fork below. */
+const volatile u8 filter_kept = 0;
+
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 32768);
+    __type(key, u32);
+    __type(value, struct kept);
+} kept SEC(".maps");
+
 struct {
     __uint(type, BPF_MAP_TYPE_HASH);
     __uint(max_entries, 4096);
@@ -217,13 +229,19 @@ int on_sample(void *ctx)
     if (in_child_pidns) {
         struct bpf_pidns_info ns = {};
         if (bpf_get_ns_current_pid_tgid(pidns_dev, pidns_ino, &ns, sizeof(ns)))
-            return 1; /* a task outside our PID namespace */
+            return !filter_kept; /* a task outside our PID namespace */
         pid = ns.tgid;
         tid = ns.pid;
     } else {
         u64 pt = bpf_get_current_pid_tgid();
         pid = pt >> 32;
         tid = (u32)pt;
+    }
+    /* 0 drops the sample: not one of the processes profiled (yet). */
+    if (filter_kept) {
+        struct kept *k = bpf_map_lookup_elem(&kept, &pid);
+        if (!k || (k->flags & KEEP_FROM_EXEC))
+            return 0;
     }
     struct proc_cfg *c = bpf_map_lookup_elem(&procs, &pid);
     if (!c)
@@ -290,6 +308,88 @@ int on_sample(void *ctx)
     r->flags = x.flags;
     emit(r);
     return 1;
+}
+
+/* The pid of `task` in perfpy's PID namespace (a child namespace: one of its upids). */
+struct nsctx {
+    struct pid *p;
+    u32 nr;
+};
+
+static long ns_level(u32 i, struct nsctx *x)
+{
+    struct pid *p = x->p;
+    struct upid *u = (void *)((u64)p + bpf_core_field_offset(struct pid, numbers) +
+                              (u64)i * bpf_core_type_size(struct upid));
+    struct pid_namespace *ns = BPF_CORE_READ(u, ns);
+    if (ns && BPF_CORE_READ(ns, ns.inum) == (unsigned int)pidns_ino) {
+        x->nr = BPF_CORE_READ(u, nr);
+        return 1;
+    }
+    return 0;
+}
+
+/* A new process whose parent is kept with KEEP_CHILDREN is kept too, and walked as its parent
+ * (same address space until it execs). Runs in the parent, before the child first runs. Only
+ * loaded with filter_kept. */
+SEC("tp_btf/sched_process_fork")
+int on_fork(u64 *ctx)
+{
+    struct task_struct *parent = (void *)ctx[0], *child = (void *)ctx[1];
+    if (BPF_CORE_READ(child, pid) != BPF_CORE_READ(child, tgid))
+        return 0; /* a thread: kept with its process */
+    u32 ppid, cpid;
+    if (in_child_pidns) {
+        struct bpf_pidns_info ns = {};
+        if (bpf_get_ns_current_pid_tgid(pidns_dev, pidns_ino, &ns, sizeof(ns)))
+            return 0;
+        ppid = ns.tgid;
+        struct pid *cp = BPF_CORE_READ(child, thread_pid);
+        if (!cp)
+            return 0;
+        struct nsctx x = { .p = cp, .nr = 0 };
+        bpf_loop((BPF_CORE_READ(cp, level) & 31) + 1, ns_level, &x, 0);
+        cpid = x.nr;
+        if (!cpid)
+            return 0;
+    } else {
+        ppid = BPF_CORE_READ(parent, tgid);
+        cpid = BPF_CORE_READ(child, pid);
+    }
+    struct kept *pk = bpf_map_lookup_elem(&kept, &ppid);
+    if (!pk || !(pk->flags & KEEP_CHILDREN)) {
+        /* A kept process's pid, reused by another process after it exited: not ours. */
+        bpf_map_delete_elem(&kept, &cpid);
+        return 0;
+    }
+    struct kept k = { .parent = ppid, .flags = pk->flags & KEEP_CHILDREN };
+    bpf_map_update_elem(&kept, &cpid, &k, 0);
+    struct proc_cfg *c = bpf_map_lookup_elem(&procs, &ppid);
+    if (c)
+        bpf_map_update_elem(&procs, &cpid, c, 0);
+    return 0;
+}
+
+/* A kept process that execs is another program: no frames walked until user space has read
+ * its new interpreter. Only loaded with filter_kept. */
+SEC("tp_btf/sched_process_exec")
+int on_exec(u64 *ctx)
+{
+    u32 pid;
+    if (in_child_pidns) {
+        struct bpf_pidns_info ns = {};
+        if (bpf_get_ns_current_pid_tgid(pidns_dev, pidns_ino, &ns, sizeof(ns)))
+            return 0;
+        pid = ns.tgid;
+    } else {
+        pid = bpf_get_current_pid_tgid() >> 32;
+    }
+    struct kept *k = bpf_map_lookup_elem(&kept, &pid);
+    if (k) {
+        bpf_map_delete_elem(&procs, &pid);
+        k->flags &= ~KEEP_FROM_EXEC;
+    }
+    return 0;
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -40,6 +40,14 @@ struct proc_cfg {
     __s32 code_tagged;          /* 1: f_executable is a _PyStackRef (3.14+): tag bits masked, tagged ints skipped */
 };
 
+/* A process whose samples are kept (-p and launched commands on per-CPU events). */
+#define KEEP_CHILDREN 1 /* processes it forks are kept too */
+#define KEEP_FROM_EXEC 2 /* a launched command: its samples count from its exec on */
+struct kept {
+    __u32 parent; /* the kept process that forked it, 0 for a target */
+    __u32 flags;
+};
+
 struct pyframe {
     __u64 code;
     __u64 instr;
