@@ -3,8 +3,8 @@
 #[macro_use]
 mod say;
 
-mod dump;
 mod coverage;
+mod dump;
 mod files;
 mod info;
 mod output;
