@@ -27,6 +27,8 @@ pub struct Frame {
     pub function: String,
     pub file: String,
     pub line: u32,
+    /// With `--locals`: its local variables, arguments first.
+    pub locals: Vec<crate::dump_locals::Local>,
 }
 
 pub struct Thread {
@@ -60,6 +62,13 @@ struct Py {
     version: (u8, u8),
     runtime: u64,
     off: Offsets,
+}
+
+/// A field of the target's `_Py_DebugOffsets` (3.13+), by name.
+fn debug_field(pid: u32, py: &Py, name: &str) -> Option<u64> {
+    let layout = perfpy_bpf::debug_offsets::layout(py.version)?;
+    let i = layout.iter().position(|n| *n == name)?;
+    u64_at(pid, py.runtime + 8 + 8 * i as u64)
 }
 
 /// The CPython of process `pid`, as `record` finds it: version from the interpreter's ELF,
@@ -143,8 +152,9 @@ fn thread_states(pid: u32, py: &Py) -> Vec<(Option<u32>, u64)> {
     out
 }
 
-/// The frame chain of a thread state, innermost first, as the eBPF walker follows it.
-fn frames_of(pid: u32, py: &Py, ts: u64) -> Vec<PyFrameRef> {
+/// The frame chain of a thread state, innermost first, as the eBPF walker follows it: each
+/// frame's address and what the code reader needs of it.
+fn frames_of(pid: u32, py: &Py, ts: u64) -> Vec<(u64, PyFrameRef)> {
     let o = &py.off;
     let mut frame = if o.tstate_cframe >= 0 {
         at(ts, o.tstate_cframe)
@@ -200,14 +210,17 @@ fn frames_of(pid: u32, py: &Py, ts: u64) -> Vec<PyFrameRef> {
         let first_local = at(frame, o.frame_localsplus)
             .and_then(|a| u64_at(pid, a))
             .unwrap_or(0);
-        out.push(PyFrameRef {
-            code,
-            instr,
-            entry: false,
-            owner,
-            first_local,
-            ident: 0,
-        });
+        out.push((
+            frame,
+            PyFrameRef {
+                code,
+                instr,
+                entry: false,
+                owner,
+                first_local,
+                ident: 0,
+            },
+        ));
         frame = prev;
     }
     out
@@ -216,18 +229,7 @@ fn frames_of(pid: u32, py: &Py, ts: u64) -> Vec<PyFrameRef> {
 /// The thread state holding the GIL (3.13+), from the target's `_Py_DebugOffsets`:
 /// `Some(0)` when the GIL is free, None where it cannot be told.
 fn gil_holder(pid: u32, py: &Py) -> Option<u64> {
-    let layout = perfpy_bpf::debug_offsets::layout(py.version)?;
-    let len = perfpy_bpf::debug_offsets::table_len(py.version)?;
-    let mut b = vec![0u8; len];
-    if !LiveMemory.read(pid, py.runtime, &mut b) {
-        return None;
-    }
-    let field = |name: &str| -> Option<u64> {
-        let i = layout.iter().position(|n| *n == name)?;
-        Some(u64::from_ne_bytes(
-            b.get(8 + 8 * i..16 + 8 * i)?.try_into().ok()?,
-        ))
-    };
+    let field = |name: &str| debug_field(pid, py, name);
     // Offsets into the interpreter state (its embedded `_gil`, the main interpreter's GIL),
     // from another process: inside the state's size before use.
     let size = field("interpreter_state.size")?;
@@ -431,7 +433,7 @@ fn native_of_all(p: &mut Process, threads: &mut [Thread]) {
 }
 
 /// Dumps process `pid` (checked as for `record`).
-pub fn dump(pid: i32) -> Result<Dump> {
+pub fn dump(pid: i32, with_locals: bool) -> Result<Dump> {
     let pid = crate::targets::check_pid(pid)?;
     let mut files = Files::default();
     let mut p = Process::new(pid, 0);
@@ -454,6 +456,19 @@ pub fn dump(pid: i32) -> Result<Dump> {
                 .collect();
             let nspid_tids = ns_tids(pid, &tids);
             let holder = gil_holder(pid, &py);
+            let locals_layout = with_locals
+                .then(|| {
+                    crate::dump_locals::Layout::new(py.version, &py.off, &|n| {
+                        debug_field(pid, &py, n)
+                    })
+                })
+                .flatten();
+            if with_locals && locals_layout.is_none() {
+                note = Some(format!(
+                    "--locals: the locals of CPython {}.{} cannot be read",
+                    py.version.0, py.version.1
+                ));
+            }
             for (tid, ts) in thread_states(pid, &py) {
                 let Some(i) = tid
                     .and_then(|t| nspid_tids.get(&t).copied().or(Some(t)))
@@ -468,20 +483,26 @@ pub fn dump(pid: i32) -> Result<Dump> {
                 t.python = refs
                     .iter()
                     .rev()
-                    .map(
-                        |f| match reader.resolve(&LiveMemory, pid, &py.off, py.version, f) {
+                    .map(|(addr, f)| {
+                        let locals = locals_layout
+                            .as_ref()
+                            .map(|l| crate::dump_locals::locals(pid, &py.off, l, *addr, f.code))
+                            .unwrap_or_default();
+                        match reader.resolve(&LiveMemory, pid, &py.off, py.version, f) {
                             Some(info) => Frame {
                                 function: info.qualname,
                                 file: info.filename,
                                 line: info.line,
+                                locals,
                             },
                             None => Frame {
                                 function: format!("[unreadable code object {:#x}]", f.code),
                                 file: String::new(),
                                 line: 0,
+                                locals,
                             },
-                        },
-                    )
+                        }
+                    })
                     .collect();
             }
         }
@@ -558,6 +579,9 @@ pub fn text(d: &Dump) -> String {
         }
         for f in &t.python {
             let _ = writeln!(s, "    {} ({}:{})", f.function, f.file, f.line);
+            for l in &f.locals {
+                let _ = writeln!(s, "        {} = {}  ({})", l.name, l.repr, l.type_name);
+            }
         }
         if !t.native.is_empty() {
             let _ = writeln!(s, "  native, innermost last:");
@@ -588,23 +612,29 @@ pub fn json(d: &Dump) -> Value {
             "syscall": t.syscall,
             "python_thread_state": t.has_thread_state,
             "holds_gil": t.holds_gil,
-            "frames": t.python.iter().map(|f| json!({
-                "function": f.function, "file": f.file, "line": f.line,
-            })).collect::<Vec<_>>(),
+            "frames": t.python.iter().map(|f| {
+                let mut v = json!({ "function": f.function, "file": f.file, "line": f.line });
+                if !f.locals.is_empty() {
+                    v["locals"] = f.locals.iter().map(|l| json!({
+                        "name": l.name, "type": l.type_name, "repr": l.repr,
+                    })).collect();
+                }
+                v
+            }).collect::<Vec<_>>(),
             "native": t.native.iter().rev().collect::<Vec<_>>(),
             "kernel": t.kernel.iter().rev().collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
 }
 
-/// `perfpy dump -p PID [-p PID …] [--json]`.
-pub fn run(pids: &[i32], as_json: bool) -> Result<i32> {
+/// `perfpy dump -p PID [-p PID …] [--json] [--locals]`.
+pub fn run(pids: &[i32], as_json: bool, with_locals: bool) -> Result<i32> {
     if pids.is_empty() {
         anyhow::bail!("nothing to dump: give -p PID");
     }
     let mut dumps = Vec::new();
     for &pid in pids {
-        dumps.push(dump(pid)?);
+        dumps.push(dump(pid, with_locals)?);
     }
     if as_json {
         let v: Vec<Value> = dumps.iter().map(json).collect();

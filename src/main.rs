@@ -5,6 +5,7 @@ mod say;
 
 mod coverage;
 mod dump;
+mod dump_locals;
 mod files;
 mod info;
 mod output;
@@ -68,6 +69,11 @@ enum Cmd {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Also each Python frame's local variables (arguments first): names, types, a bounded
+        /// repr of ints, floats, strings, bytes, None and bools, the length of containers; read
+        /// from memory, no code run in the target.
+        #[arg(long)]
+        locals: bool,
     },
     /// What this machine supports and, per Python process, its version, interpreter and how
     /// perfpy names its frames.
@@ -221,7 +227,7 @@ fn main() {
 fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Info { pids, json } => info::run(&pids, json),
-        Cmd::Dump { pids, json } => dump::run(&pids, json),
+        Cmd::Dump { pids, json, locals } => dump::run(&pids, json, locals),
         Cmd::Inject {
             pid,
             deactivate,

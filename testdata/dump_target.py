@@ -7,7 +7,8 @@ reading stdin (a pipe). Prints "ready" once all run. For each line on stdin: "fr
 one JSON line {native tid: [function, line]} of every thread's innermost frame from
 sys._current_frames, taken while the main thread is back in its read only for itself (its
 own entry is where it waits: the read line); "gaps" prints the clock thread's longest gap in
-ms since the last "gaps" (and resets it). With argv[1] == "quiet": only the sleeper and the
+ms since the last "gaps" (and resets it). The sleeper's locals have known values (arg=7, i=42,
+big=2**40, neg=-7, f=2.5, n=None, t=True, s="h\xe9llo", b=b"ab\x00", l of 3, d of 1, tup of 2). With argv[1] == "quiet": only the sleeper and the
 clock thread (no thread competes with the clock for the GIL, so its jitter is the machine's).
 """
 import ctypes
@@ -33,8 +34,12 @@ def busy():
     while True: n += 1  # noqa: E701 -- one line: the innermost line never changes
 
 
-def sleeper():
+def sleeper(arg=7):
     register()
+    # Locals of known values, for `perfpy dump --locals`.
+    i, big, neg, f, n, t = 42, 2 ** 40, -7, 2.5, None, True
+    s, b = u"h\xe9llo", b"ab\x00"
+    l, d, tup = [1, 2, 3], {"a": 1}, (1, 2)
     while True: time.sleep(100)  # noqa: E701
 
 

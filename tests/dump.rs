@@ -174,29 +174,36 @@ fn dump_shows_each_threads_own_frame_on_every_cpython() {
         // another such process (the same load on this machine's cores: perfpy's own CPU).
         let mut t = Target::start(cmd_again(&name, true));
         let other = Target::start(cmd_again(&name, true));
-        let mut gaps = Vec::new();
-        for (target, what) in [(other.child.id(), "another"), (t.child.id(), "it")] {
-            t.ask("gaps");
-            let start = std::time::Instant::now();
-            for _ in 0..100 {
-                let o = Command::new(perfpy())
-                    .args(["dump", "-p", &target.to_string()])
-                    .output()
-                    .unwrap();
-                assert!(o.status.success());
+        // Other engineers' builds share these cores: a noisy round is run again (up to 3); a
+        // target stopped by the dumps fails every round.
+        let mut rounds = Vec::new();
+        for _ in 0..3 {
+            let mut gaps = Vec::new();
+            for (target, what) in [(other.child.id(), "another"), (t.child.id(), "it")] {
+                t.ask("gaps");
+                let start = std::time::Instant::now();
+                for _ in 0..100 {
+                    let o = Command::new(perfpy())
+                        .args(["dump", "-p", &target.to_string()])
+                        .output()
+                        .unwrap();
+                    assert!(o.status.success());
+                }
+                let gap: f64 = t.ask("gaps").trim().parse().unwrap();
+                eprintln!(
+                    "{name}: longest clock gap {gap:.1} ms during 100 dumps of {what} ({:?} per dump)",
+                    start.elapsed() / 100
+                );
+                gaps.push(gap);
             }
-            let gap: f64 = t.ask("gaps").trim().parse().unwrap();
-            eprintln!(
-                "{name}: longest clock gap {gap:.1} ms during 100 dumps of {what} ({:?} per dump)",
-                start.elapsed() / 100
-            );
-            gaps.push(gap);
+            rounds.push((gaps[1], gaps[0]));
+            if gaps[1] <= gaps[0] * 2.0 + 10.0 {
+                break;
+            }
         }
         assert!(
-            gaps[1] <= gaps[0] * 2.0 + 10.0,
-            "{name}: the target's clock stalled {:.1} ms during dumps of it, {:.1} ms during dumps of another",
-            gaps[1],
-            gaps[0]
+            rounds.iter().any(|(it, other)| *it <= other * 2.0 + 10.0),
+            "{name}: the target's clock stalled during dumps of it in every round: (it, another) = {rounds:?} ms"
         );
     }
 }
@@ -223,4 +230,119 @@ fn dump_errors_and_non_python() {
         "{d}"
     );
     assert_eq!(d[0]["threads"][0]["syscall"], "clock_nanosleep", "{d}");
+}
+
+#[test]
+fn dump_locals_shows_known_values_on_every_cpython() {
+    for (name, _) in interpreters() {
+        let t = Target::start(cmd_again(&name, true));
+        let o = Command::new(perfpy())
+            .args([
+                "dump",
+                "--json",
+                "--locals",
+                "-p",
+                &t.child.id().to_string(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let d: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let frame = d[0]["threads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|t| t["frames"].as_array().unwrap().iter())
+            .find(|f| f["function"] == "sleeper")
+            .unwrap_or_else(|| panic!("{name}: no sleeper frame in {d}"))
+            .clone();
+        let locals: HashMap<String, (String, String)> = frame["locals"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{name}: no locals in {frame}"))
+            .iter()
+            .map(|l| {
+                (
+                    l["name"].as_str().unwrap().to_string(),
+                    (
+                        l["type"].as_str().unwrap().to_string(),
+                        l["repr"].as_str().unwrap().to_string(),
+                    ),
+                )
+            })
+            .collect();
+        let mut want = vec![
+            ("arg", "int", "7"),
+            ("i", "int", "42"),
+            ("neg", "int", "-7"),
+            ("f", "float", "2.5"),
+            ("n", "NoneType", "None"),
+            ("t", "bool", "True"),
+            ("l", "list", "<list of length 3>"),
+            ("d", "dict", "<dict of length 1>"),
+            ("tup", "tuple", "<tuple of length 2>"),
+        ];
+        // 2.7: 2**40 is an `int` too (a C long); its strings are bytes, its text `unicode`.
+        want.push(("big", "int", "1099511627776"));
+        if name != "2.7" {
+            want.push(("s", "str", "'h\u{e9}llo'"));
+            want.push(("b", "bytes", "b'ab\\x00'"));
+        }
+        for (k, ty, repr) in want {
+            let got = locals
+                .get(k)
+                .unwrap_or_else(|| panic!("{name}: no local {k}: {locals:?}"));
+            assert_eq!(
+                (got.0.as_str(), got.1.as_str()),
+                (ty, repr),
+                "{name}: local {k}"
+            );
+        }
+        // The order: arguments first.
+        assert_eq!(frame["locals"][0]["name"], "arg", "{name}");
+    }
+}
+
+#[test]
+fn locals_offsets_of_3_11_and_3_12_match_their_headers() {
+    for minor in ["3.11", "3.12"] {
+        let Some(py) = python(minor) else { continue };
+        let inc = py
+            .parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .join("include")
+            .join(format!("python{minor}"));
+        let exe = tmp(&format!("locals_offsets_{minor}"));
+        let st = Command::new("cc")
+            .arg(format!("-I{}", inc.display()))
+            .arg(format!("-I{}", inc.join("internal").display()))
+            .arg(testdata("locals_offsets.c"))
+            .arg("-o")
+            .arg(&exe)
+            .status()
+            .expect("cc");
+        assert!(st.success(), "{minor}: cc failed");
+        let out = String::from_utf8(Command::new(&exe).output().unwrap().stdout).unwrap();
+        let get = |k: &str| -> u64 {
+            out.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k} ")))
+                .unwrap_or_else(|| panic!("{k} in {out}"))
+                .parse()
+                .unwrap()
+        };
+        assert_eq!(
+            (
+                get("frame_localsplus"),
+                get("code_localsplusnames"),
+                get("code_localspluskinds")
+            ),
+            (72, 96, 104),
+            "{minor}: src/dump_locals.rs LOCALS_3_11"
+        );
+    }
 }

@@ -62,7 +62,7 @@ pub struct CodeReader {
 }
 
 /// `tp_name` of a type object: a C string; for builtin types `module.Name`, keep `Name`.
-fn type_name(m: &dyn RemoteMemory, pid: u32, ty: u64) -> Option<String> {
+pub fn type_name(m: &dyn RemoteMemory, pid: u32, ty: u64) -> Option<String> {
     let p = u64_at(m, pid, field(ty, 24)?)?;
     let mut buf = [0u8; 128];
     // Read what is readable: the name may sit near the end of a mapping.
@@ -93,8 +93,9 @@ fn i32_at(m: &dyn RemoteMemory, pid: u32, addr: u64) -> Option<i32> {
     m.read(pid, addr, &mut b).then(|| i32::from_ne_bytes(b))
 }
 
-/// Reads a `str` object (compact ASCII or compact UCS-1/2/4; a byte string on 2.7).
-fn read_unicode(m: &dyn RemoteMemory, pid: u32, o: &Offsets, obj: u64) -> Option<String> {
+/// Reads a `str` object (compact ASCII or compact UCS-1/2/4; a byte string on 2.7), at most
+/// 4096 characters. Also used by `perfpy dump --locals`.
+pub fn read_unicode(m: &dyn RemoteMemory, pid: u32, o: &Offsets, obj: u64) -> Option<String> {
     let len = u64_at(m, pid, field(obj, o.unicode_length)?)?;
     if o.unicode_state < 0 {
         // 2.7: PyStringObject, bytes at ob_sval.
