@@ -176,10 +176,11 @@ fn frames_of(pid: u32, py: &Py, ts: u64) -> Vec<(u64, PyFrameRef)> {
             .unwrap_or(0);
         let owner = if o.frame_owner >= 0 {
             let mut b = [0u8; 1];
-            LiveMemory
-                .read(pid, frame + o.frame_owner as u64, &mut b)
-                .then_some(b[0])
-                .unwrap_or(0)
+            if LiveMemory.read(pid, frame + o.frame_owner as u64, &mut b) {
+                b[0]
+            } else {
+                0
+            }
         } else {
             0
         };
@@ -385,20 +386,20 @@ fn native_addresses(p: &mut Process, tid: u32) -> Vec<u64> {
 fn name_native(p: &Process, addrs: &[u64], sym: &perfpy_symbolize::Symbolizer) -> Vec<String> {
     let mut out: Vec<String> = addrs.iter().map(|a| format!("{a:#x}")).collect();
     // file id -> (file, [(index in out, file offset)])
-    let mut per_file: HashMap<u32, (&crate::files::MappedFile, Vec<(usize, u64)>)> = HashMap::new();
+    type PerFile<'a> = HashMap<u32, (&'a crate::files::MappedFile, Vec<(usize, u64)>)>;
+    let mut per_file: PerFile = HashMap::new();
     for (i, &a) in addrs.iter().enumerate() {
         // A return address points after its call: look up the call itself.
         let look = if i == 0 { a } else { a.saturating_sub(1) };
-        match p.mapping(look) {
-            Some(m) => match &m.file {
+        if let Some(m) = p.mapping(look) {
+            match &m.file {
                 Some(f) => per_file
                     .entry(f.id)
                     .or_insert_with(|| (f, Vec::new()))
                     .1
                     .push((i, look - m.start + m.pgoff)),
                 None => out[i] = format!("{a:#x} (anonymous code)"),
-            },
-            None => {}
+            }
         }
     }
     for (f, v) in per_file.into_values() {

@@ -123,7 +123,7 @@ fn dump_shows_each_threads_own_frame_on_every_cpython() {
         for (tid, (func, line)) in &own {
             let th = threads
                 .iter()
-                .find(|x| x["tid"].to_string() == *tid)
+                .find(|x| x["tid"].as_u64().map(|t| t.to_string()).as_deref() == Some(tid.as_str()))
                 .unwrap_or_else(|| panic!("{name}: thread {tid} missing in {d}"));
             let frames = th["frames"].as_array().unwrap();
             let inner = frames

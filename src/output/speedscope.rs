@@ -18,8 +18,8 @@ fn document(r: &Report, name: &str) -> Value {
     let mut frames: Vec<Value> = Vec::new();
     let mut frame_ids: HashMap<(String, Option<String>, Option<u32>), usize> = HashMap::new();
     // (pid, tid) -> (comm, thread name, stacks, weights); equal stacks merged.
-    let mut threads: BTreeMap<(u32, u32), (String, String, Vec<Vec<usize>>, Vec<u64>)> =
-        BTreeMap::new();
+    type Thread = (String, String, Vec<Vec<usize>>, Vec<u64>);
+    let mut threads: BTreeMap<(u32, u32), Thread> = BTreeMap::new();
     let mut stack_ids: HashMap<(u32, u32, Vec<usize>), usize> = HashMap::new();
     for s in &r.samples {
         let mut stack = Vec::new();
@@ -78,7 +78,7 @@ fn document(r: &Report, name: &str) -> Value {
             )
         })
         .collect();
-    profiles.sort_by(|a, b| b.0.cmp(&a.0));
+    profiles.sort_by_key(|p| std::cmp::Reverse(p.0));
     json!({
         "$schema": "https://www.speedscope.app/file-format-schema.json",
         "shared": { "frames": frames },
