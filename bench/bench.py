@@ -19,6 +19,10 @@ Sections (all by default; pick with --only a,b,...):
   churn      `record -a --inject-python` for 10 minutes (private PID namespace) while short-lived
              Python processes start and exit several times a second: memory and fds flat, every
              sample of a process's own function carries that process's pid.
+  dump       `perfpy dump` of a process of 50 threads (48 in time.sleep, a 1 ms clock thread, the
+             main thread blocked on a pipe), 100 times: the time per dump and the longest gap the
+             target's own clock saw, against 100 dumps of another process; py-spy's `dump` (which
+             stops the process while it reads it) beside it.
   busy       `record -p` of a small target on a busy machine (issue 17: -p samples every CPU and
              the eBPF program drops the other processes' samples): the others' slowdown, the
              kernel time of the dropped samples, perfpy's CPU, the target's coverage.
@@ -43,7 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import pprof  # noqa: E402
 
-PERFPY = os.path.join(ROOT, "target", "release", "perfpy")
+PERFPY = os.environ.get("PERFPY_BIN", os.path.join(ROOT, "target", "release", "perfpy"))
 PYSPY = os.path.join(ROOT, "bench", ".venv", "bin", "py-spy")
 WORK = os.path.join(ROOT, "bench", "work.py")
 SPLIT = os.path.join(ROOT, "testdata", "split.py")
@@ -259,6 +263,73 @@ def section_slowdown(rounds, units):
     say("Largest spread of one configuration's wall times, (max − min) / median: %.1f%%." % max(spreads))
     say()
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+DUMP50 = r"""
+import sys, threading, time
+def sleeper():
+    while True:
+        time.sleep(100)
+longest = [0.0]
+def clock():
+    last = time.time()
+    while True:
+        time.sleep(0.001)
+        now = time.time()
+        longest[0] = max(longest[0], now - last)
+        last = now
+for _ in range(48):
+    threading.Thread(target=sleeper, daemon=True).start()
+threading.Thread(target=clock, daemon=True).start()
+print("ready", flush=True)
+for line in sys.stdin:
+    g, longest[0] = longest[0], 0.0
+    print("%f" % (g * 1000), flush=True)
+"""
+
+
+def section_dump(n=100):
+    """perfpy dump of 50 threads: time per dump, the target's longest clock gap."""
+    py = pyenv("3.12")
+
+    def start():
+        p = subprocess.Popen([py, "-c", DUMP50], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        p.stdout.readline()
+        return p
+
+    def gaps(t):
+        t.stdin.write("gaps\n")
+        t.stdin.flush()
+        return float(t.stdout.readline())
+
+    target, other = start(), start()
+    say("### `dump` of a process of 50 threads (CPython 3.12, %d dumps each)" % n)
+    say()
+    say("| tool | dumping | time per dump (median, max) | target's longest clock gap |")
+    say("| --- | --- | --- | --- |")
+    tools = [("perfpy", [PERFPY, "dump", "-p"])]
+    if os.path.exists(PYSPY):
+        tools.append(("py-spy", [PYSPY, "dump", "--pid"]))
+    results = {}
+    for name, cmd in tools:
+        for what, pid in (("another process", other.pid), ("the target", target.pid)):
+            gaps(target)
+            times = []
+            for _ in range(n):
+                t0 = time.time()
+                subprocess.run(cmd + [str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                times.append(time.time() - t0)
+            g = gaps(target)
+            results[(name, what)] = g
+            say("| %s | %s | %.1f ms, %.1f ms | %.1f ms |" % (name, what, med(times) * 1000, max(times) * 1000, g))
+    say()
+    ok = results[("perfpy", "the target")] <= 2 * results[("perfpy", "another process")] + 10
+    say(check(ok, "perfpy dump leaves the target running: its clock gap %.1f ms dumping it, %.1f ms dumping another" % (
+        results[("perfpy", "the target")], results[("perfpy", "another process")])))
+    say()
+    for p in (target, other):
+        p.kill()
+        p.wait()
 
 
 def section_threads():
@@ -743,7 +814,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--units", type=int, default=2500, help="work.py units (~2 ms each)")
-    ap.add_argument("--only", default="slowdown,threads,accuracy,symbolize,depth,soak,churn,busy")
+    ap.add_argument("--only", default="slowdown,threads,accuracy,symbolize,depth,soak,churn,busy,dump")
     ap.add_argument("--soak-seconds", type=int, default=600)
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -772,6 +843,8 @@ def main():
             section_churn(args.soak_seconds)
         if "busy" in only:
             section_busy(args.rounds)
+        if "dump" in only:
+            section_dump()
     finally:
         if old is not None and old != "1":
             bpf_stats(False)
