@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use perfpy_bpf::code::{CodeReader, LiveMemory, RemoteMemory};
 use perfpy_bpf::{Offsets, PyFrameRef};
 use serde_json::{json, Value};
@@ -439,7 +439,8 @@ pub fn dump(pid: i32, with_locals: bool) -> Result<Dump> {
     let mut files = Files::default();
     let mut p = Process::new(pid, 0);
     p.refresh_maps(&mut files);
-    let mut tids: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))?
+    let mut tids: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .with_context(|| format!("pid {pid} exited while it was being read"))?
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
     tids.sort_unstable();
