@@ -629,12 +629,49 @@ pub fn json(d: &Dump) -> Value {
     })
 }
 
-/// `perfpy dump -p PID [-p PID …] [--json] [--locals]`.
-pub fn run(pids: &[i32], as_json: bool, with_locals: bool) -> Result<i32> {
-    if pids.is_empty() {
-        anyhow::bail!("nothing to dump: give -p PID");
+/// Processes that map a CPython interpreter (a `python*` executable or a `libpython*`), by
+/// their `/proc/PID/maps`: the cheap test `-a` makes before reading a process.
+fn python_processes() -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let mut out: Vec<i32> = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|p| *p != me)
+                .filter(|p| {
+                    std::fs::read(format!("/proc/{p}/maps")).is_ok_and(|m| {
+                        String::from_utf8_lossy(&m).lines().any(|l| {
+                            let base = l.rsplit('/').next().unwrap_or("");
+                            l.contains('/')
+                                && (base.starts_with("libpython")
+                                    || (base.starts_with("python")
+                                        && base[6..]
+                                            .chars()
+                                            .all(|c| c.is_ascii_digit() || c == '.')))
+                        })
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort_unstable();
+    out
+}
+
+/// `perfpy dump -p PID [-p PID …] | -a [--json] [--locals]`. With `-p` the first process that
+/// cannot be dumped stops the run (as `record -p`); with `-a` it is reported and skipped.
+pub fn run(pids: &[i32], all: bool, as_json: bool, with_locals: bool) -> Result<i32> {
+    if pids.is_empty() && !all {
+        anyhow::bail!("nothing to dump: give -p PID or -a");
     }
     let mut dumps = Vec::new();
+    if all {
+        for pid in python_processes() {
+            match dump(pid, with_locals) {
+                Ok(d) => dumps.push(d),
+                Err(e) => say!("perfpy: pid {pid} skipped: {e:#}"),
+            }
+        }
+    }
     for &pid in pids {
         dumps.push(dump(pid, with_locals)?);
     }

@@ -64,8 +64,18 @@ enum Cmd {
     /// Every thread's stack right now (Python frames, state, the system call it waits in,
     /// kernel frames), read without stopping the process.
     Dump {
-        #[arg(short = 'p', long = "pid", value_name = "PID", required = true)]
+        /// Process to dump. Repeatable.
+        #[arg(
+            short = 'p',
+            long = "pid",
+            value_name = "PID",
+            required_unless_present = "all"
+        )]
         pids: Vec<i32>,
+        /// Every Python process (those mapping a python executable or libpython); one that
+        /// cannot be read is reported and skipped.
+        #[arg(short = 'a', long = "all", conflicts_with = "pids")]
+        all: bool,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -227,7 +237,12 @@ fn main() {
 fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Info { pids, json } => info::run(&pids, json),
-        Cmd::Dump { pids, json, locals } => dump::run(&pids, json, locals),
+        Cmd::Dump {
+            pids,
+            all,
+            json,
+            locals,
+        } => dump::run(&pids, all, json, locals),
         Cmd::Inject {
             pid,
             deactivate,

@@ -346,3 +346,68 @@ fn locals_offsets_of_3_11_and_3_12_match_their_headers() {
         );
     }
 }
+
+/// `dump -a` inside a private PID namespace: every Python process there, and only those.
+#[test]
+fn dump_all_finds_every_python_process_in_a_pid_namespace() {
+    let (Some(py312), Some(py27)) = (python("3.12"), python("2.7")) else {
+        return;
+    };
+    let dir = tmp("dump-all");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Each target prints "ready PID" into its own file once its threads run; the script waits
+    // for both, then dumps.
+    let script = format!(
+        r#"set -e
+cd {dir}
+sleep 60 | {py312} {target} quiet > w312 &
+sleep 60 | {py27} {target} quiet > w27 &
+sleep 60 &
+for f in w312 w27; do
+  for i in $(seq 1 300); do grep -q ready $f 2>/dev/null && break; sleep 0.1; done
+done
+{perfpy} dump -a --json > dump.json
+for f in w312 w27; do echo "$f $(awk '{{print $2}}' $f | head -1)"; done
+kill $(jobs -p) 2>/dev/null || true
+"#,
+        dir = dir.display(),
+        py312 = py312.display(),
+        py27 = py27.display(),
+        target = testdata("dump_target.py").display(),
+        perfpy = perfpy().display(),
+    );
+    let o = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "bash", "-c", &script])
+        .output()
+        .expect("unshare");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    eprintln!("{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success());
+    let want: Vec<u64> = stdout
+        .lines()
+        .filter_map(|l| l.split_once(' ')?.1.trim().parse().ok())
+        .collect();
+    assert_eq!(want.len(), 2, "{stdout}");
+    let d: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("dump.json")).unwrap()).unwrap();
+    let mut got: Vec<u64> = d
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["pid"].as_u64().unwrap())
+        .collect();
+    got.sort_unstable();
+    let mut want = want;
+    want.sort_unstable();
+    assert_eq!(got, want, "the Python processes, not sleep nor bash: {d}");
+    for p in d.as_array().unwrap() {
+        let sleeper = p["threads"].as_array().unwrap().iter().any(|t| {
+            t["frames"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f["function"] == "sleeper")
+        });
+        assert!(sleeper, "{p}");
+    }
+}
