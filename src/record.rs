@@ -409,7 +409,26 @@ impl Collector {
                     return;
                 }
                 let comm = String::from_utf8_lossy(comm).into_owned();
-                if exec && pid == tid {
+                // Rings are read one CPU after the other: the record of an earlier exec (of
+                // `chroot`, say) can come after that of a later one (`python3.14`). A stale
+                // one would start a new process under the old name: the name the process has
+                // now, which its current key already carries, says it is stale.
+                let stale = exec
+                    && pid == tid
+                    && crate::process::read_comm(pid, pid).is_some_and(|now| {
+                        now != comm
+                            && self
+                                .live
+                                .get(&pid)
+                                .is_some_and(|k| self.procs[*k as usize].comm == now)
+                    });
+                if stale {
+                    tracing::debug!(
+                        pid,
+                        comm,
+                        "exec record older than the process's name: ignored"
+                    );
+                } else if exec && pid == tid {
                     // Another program: the walker's registration of the old one is void.
                     if let Some(py) = self.py.as_mut() {
                         if py.procs.remove(&pid).is_some() {
