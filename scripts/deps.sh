@@ -14,6 +14,19 @@ if ((${#need[@]})); then
 fi
 command -v cargo >/dev/null || { echo "perfpy needs Rust (cargo): https://rustup.rs" >&2; exit 1; }
 
+# Sets SUDO and MIRROR (this machine's own Debian mirror, deb822 or one-line sources, not a
+# security mirror) and installs debootstrap if missing: the sid chroots below are made with it.
+prepare_debootstrap() {
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    command -v debootstrap >/dev/null || {
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq debootstrap >/dev/null 2>&1
+    }
+    MIRROR=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null |
+        grep -v '^[[:space:]]*#' | grep -oE 'https?://[^ ]+' | grep -v -- '-security' | grep -m1 debian || true)
+    MIRROR=${MIRROR:-http://deb.debian.org/debian}
+}
+
 # Debian unstable's own CPython 3.13, 3.14, 3.15 (stripped, non-PIE, libpython inside the
 # executable, a newer glibc) in a chroot, the way distributions and containers ship them. Built
 # once, outside the checkout so every clone reuses it; built in a temporary directory and renamed,
@@ -22,15 +35,7 @@ SID=${PERFPY_SID:-/var/cache/perfpy/sid}
 SID_PKGS=python3.13,python3.14,python3.15,libpython3.13-dev,libpython3.14-dev,libpython3.15-dev
 sid_ready() { for v in 3.13 3.14 3.15; do [ -x "$SID/usr/bin/python$v" ] || return 1; done; }
 if ! sid_ready; then
-    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
-    command -v debootstrap >/dev/null || {
-        $SUDO apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq debootstrap >/dev/null 2>&1
-    }
-    # The machine's own Debian mirror (deb822 or one-line sources), not a security mirror.
-    MIRROR=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null |
-        grep -v '^[[:space:]]*#' | grep -oE 'https?://[^ ]+' | grep -v -- '-security' | grep -m1 debian || true)
-    MIRROR=${MIRROR:-http://deb.debian.org/debian}
+    prepare_debootstrap
     echo "preparing the Debian sid chroot with CPython 3.13-3.15 in $SID (from $MIRROR, ~1 min)"
     $SUDO mkdir -p "$(dirname "$SID")"
     TMP_SID=$($SUDO mktemp -d "$SID.partial.XXXXXX")
@@ -61,14 +66,7 @@ OTELCOL_SID=${PERFPY_OTELCOL_SID:-/var/cache/perfpy/otelcol-sid}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 otelcol_ready() { [ -x "$OTELCOL" ] && cmp -s "$HERE/testdata/otelcol/main.go" "$OTELCOL.main.go"; }
 if ! otelcol_ready; then
-    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
-    command -v debootstrap >/dev/null || {
-        $SUDO apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq debootstrap >/dev/null 2>&1
-    }
-    MIRROR=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null |
-        grep -v '^[[:space:]]*#' | grep -oE 'https?://[^ ]+' | grep -v -- '-security' | grep -m1 debian || true)
-    MIRROR=${MIRROR:-http://deb.debian.org/debian}
+    prepare_debootstrap
     if [ ! -x "$OTELCOL_SID/usr/bin/go" ] || [ ! -d "$OTELCOL_SID/usr/share/gocode/src/go.opentelemetry.io/collector" ]; then
         echo "preparing a Debian sid chroot with golang-go and the OpenTelemetry Collector source in $OTELCOL_SID (~3 min)"
         $SUDO mkdir -p "$(dirname "$OTELCOL_SID")"

@@ -245,7 +245,9 @@ pub fn unwind_sp(
                 .map_err(|_| ())
         };
         match next {
-            Ok(Some(ra)) if ra != 0 => {
+            // Nothing is ever mapped in the first pages (vm.mmap_min_addr): such a "return
+            // address" is a value the unwinding misread, not a frame.
+            Ok(Some(ra)) if ra >= 0x1000 => {
                 match FrameAddress::from_return_address(ra) {
                     Some(a) => address = a,
                     None => {
@@ -258,6 +260,10 @@ pub fn unwind_sp(
                 if let Some(v) = sps.as_deref_mut() {
                     v.push(regs.sp());
                 }
+            }
+            Ok(Some(ra)) if ra != 0 => {
+                tracing::trace!(ra, "unwinding stopped at an impossible return address");
+                return outcome;
             }
             Ok(_) => {
                 outcome.complete = true;

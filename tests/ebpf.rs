@@ -85,8 +85,8 @@ fn ebpf_walker_names_every_supported_version() {
             .collect();
         // The loop of spin: its `for` line and the line after it.
         let hot = line_of("split.py", "def spin") + 2;
-        // A sample can land in its first instructions (`s = 0`, def + 1) as it is entered:
-        // rare, never outside the function.
+        // A sample can land in its first instructions (`s = 0`, def + 1) as it is entered, or
+        // on its `return s` as it leaves: rare, never outside the function.
         let in_loop = spin_lines
             .iter()
             .filter(|l| (hot..=hot + 1).contains(*l))
@@ -96,7 +96,7 @@ fn ebpf_walker_names_every_supported_version() {
             "{name}: spin lines {spin_lines:?}"
         );
         assert!(
-            spin_lines.iter().all(|l| (hot - 2..=hot + 1).contains(l)),
+            spin_lines.iter().all(|l| (hot - 2..=hot + 2).contains(l)),
             "{name}: spin lines {spin_lines:?}"
         );
         let f = d
