@@ -129,9 +129,10 @@ fn dump_shows_each_threads_own_frame_on_every_cpython() {
             let inner = frames
                 .last()
                 .unwrap_or_else(|| panic!("{name}: thread {tid} without frames: {th}"));
+            // The clock thread wakes every 1 ms and runs three lines: its function only.
+            let line_ok = func == "clock" || inner["line"].as_u64() == Some(*line);
             assert!(
-                inner["function"].as_str().unwrap().ends_with(func.as_str())
-                    && inner["line"].as_u64() == Some(*line),
+                inner["function"].as_str().unwrap().ends_with(func.as_str()) && line_ok,
                 "{name}: thread {tid}: target says {func}:{line}, dump says {inner}"
             );
             if func == "read_line" {
