@@ -75,21 +75,9 @@ fn debug_field(pid: u32, py: &Py, name: &str) -> Option<u64> {
 /// `_PyRuntime`/`interp_head` from its symbols, offsets from the tables or the target's own
 /// `_Py_DebugOffsets` (3.13+).
 fn find_python(p: &Process) -> Result<Py, String> {
-    let v = p.python_version.as_deref().ok_or("not a Python process")?;
-    let mut it = v.split('.').filter_map(|x| x.parse::<u8>().ok());
-    let version = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+    let version = p.python_minor().ok_or("not a Python process")?;
     let runtime = p
-        .maps
-        .iter()
-        .find_map(|m| {
-            let f = m.file.as_ref()?;
-            let vaddr = f
-                .elf
-                .as_ref()
-                .filter(|e| e.is_python_interpreter)?
-                .py_runtime?;
-            Some(vaddr.wrapping_add(f.bias(m.start, m.pgoff)?))
-        })
+        .py_runtime_address()
         .ok_or("no _PyRuntime or interp_head in the interpreter")?;
     let off = match Offsets::for_version(version) {
         Some(o) => o,
@@ -98,7 +86,12 @@ fn find_python(p: &Process) -> Result<Py, String> {
                 .map_err(|e| e.to_string())?
                 .offsets
         }
-        None => return Err(format!("CPython {v}: no frame walker for this version")),
+        None => {
+            return Err(format!(
+                "CPython {}.{}: no frame walker for this version",
+                version.0, version.1
+            ))
+        }
     };
     Ok(Py {
         version,

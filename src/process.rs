@@ -101,6 +101,8 @@ impl Process {
             Ok(f) => Root::Foreign(OwnedFd::from(f)),
             Err(_) => Root::Unknown,
         };
+        // Read once: its user ids and its pid as it sees itself come from it.
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok();
         Self {
             pid,
             key,
@@ -111,11 +113,14 @@ impl Process {
             cache: None,
             trampolines: TrampolineCache::default(),
             root,
-            uids: perfpy_inject::target_files::process_uids(pid).unwrap_or_default(),
+            uids: status
+                .as_deref()
+                .and_then(perfpy_inject::target_files::uids_in_status)
+                .unwrap_or_default(),
             has_anon: false,
             trampoline_seen: false,
             perf_map: None,
-            nspid: read_nspid(pid).unwrap_or(pid),
+            nspid: status.as_deref().and_then(nspid_in_status).unwrap_or(pid),
             alive: true,
             last_refresh: None,
             is_python: false,
@@ -313,6 +318,25 @@ impl Process {
         format!("/tmp/perf-{}.map", self.nspid).into()
     }
 
+    /// The CPython minor version `(major, minor)` of this process, if it runs CPython.
+    pub fn python_minor(&self) -> Option<(u8, u8)> {
+        self.python_version.as_deref().map(minor_of)
+    }
+
+    /// Where `_PyRuntime` (3.7+) or `interp_head` (2.7, 3.6) is in this process: from the
+    /// interpreter file's symbols, read once per file (a new process costs no ELF parsing).
+    pub fn py_runtime_address(&self) -> Option<u64> {
+        self.maps.iter().find_map(|m| {
+            let f = m.file.as_ref()?;
+            let vaddr = f
+                .elf
+                .as_ref()
+                .filter(|e| e.is_python_interpreter)?
+                .py_runtime?;
+            Some(vaddr.wrapping_add(f.bias(m.start, m.pgoff)?))
+        })
+    }
+
     pub fn thread_name(&mut self, tid: u32) -> String {
         if let Some(n) = self.threads.get(&tid) {
             return n.clone();
@@ -372,9 +396,15 @@ pub fn read_comm(pid: u32, tid: u32) -> Option<String> {
 }
 
 /// The innermost pid of the process (`NSpid:` in status): its name for itself.
-pub fn read_nspid(pid: u32) -> Option<u32> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = s.lines().find(|l| l.starts_with("NSpid:"))?;
+/// `(major, minor)` of a version string `X.Y[.Z]` (missing parts 0).
+pub fn minor_of(v: &str) -> (u8, u8) {
+    let mut it = v.split('.').filter_map(|x| x.parse::<u8>().ok());
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
+}
+
+/// The innermost pid of `NSpid:` in the text of a `/proc/PID/status`.
+fn nspid_in_status(status: &str) -> Option<u32> {
+    let line = status.lines().find(|l| l.starts_with("NSpid:"))?;
     line.split_whitespace().last()?.parse().ok()
 }
 

@@ -240,8 +240,12 @@ pub fn open_mapped(
 
 /// The user ids of process `pid` (real, effective, saved, file system), from its status.
 pub fn process_uids(pid: u32) -> Option<Vec<u32>> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = s.lines().find(|l| l.starts_with("Uid:"))?;
+    uids_in_status(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+}
+
+/// The user ids in the text of a `/proc/PID/status` (for callers that read it anyway).
+pub fn uids_in_status(status: &str) -> Option<Vec<u32>> {
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
     let mut uids: Vec<u32> = line[4..]
         .split_whitespace()
         .filter_map(|x| x.parse().ok())

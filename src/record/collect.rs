@@ -320,29 +320,15 @@ impl Collector {
         let Some(v) = p.python_version.as_deref() else {
             return;
         };
-        let mut it = v.split('.').filter_map(|x| x.parse::<u8>().ok());
-        let version = (it.next().unwrap_or(0), it.next().unwrap_or(0));
-        if perfpy_bpf::Offsets::for_version(version).is_none()
-            && !perfpy_bpf::debug_offsets::from_target(version)
-        {
+        let version = crate::process::minor_of(v);
+        if !super::summary::walker_names(version) {
             tracing::debug!(
                 pid = p.pid,
                 "CPython {v}: no eBPF walker for this version yet"
             );
             return;
         }
-        // 3.7+: _PyRuntime; 2.7 and 3.6: the interpreter list head, `interp_head`. From the
-        // interpreter file's symbols, read once per file (a new process costs no ELF parsing:
-        // with -a, short-lived processes come by the dozen a second).
-        let runtime = p.maps.iter().find_map(|m| {
-            let f = m.file.as_ref()?;
-            let vaddr = f
-                .elf
-                .as_ref()
-                .filter(|e| e.is_python_interpreter)?
-                .py_runtime?;
-            Some(vaddr.wrapping_add(f.bias(m.start, m.pgoff)?))
-        });
+        let runtime = p.py_runtime_address();
         let Some(runtime) = runtime else {
             tracing::debug!(
                 pid = p.pid,

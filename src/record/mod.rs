@@ -473,41 +473,11 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     // Symbolize and write. (Tests wait for this debug line to signal perfpy while it names.)
     tracing::debug!("sampling ended; naming frames");
     let t_sym = Instant::now();
-    let procs: HashMap<u32, &Process> = c.procs.iter().map(|p| (p.key, p)).collect();
-    let symbolized = crate::symbols::resolve(&c.profile, &c.files, &procs, opts.keep_interpreter);
-    // The perf maps are read: now the trampolines we turned on go off again.
-    deactivator.finish();
-    let refused_perf_maps = symbolized.refused_perf_maps;
-    let symbolization_cut_short = symbolized.cut_short;
-    let mut resolved = symbolized.resolved;
-    crate::report::set_lines(&mut resolved, &c.profile, opts.lines);
-    let (samples, resolved) = crate::report::build(
-        &c.profile,
-        resolved,
-        &procs,
-        &c.files,
-        opts.keep_interpreter,
-    );
-    let report = crate::report::Report {
-        locations: c.profile.locations.clone(),
-        resolved,
-        samples,
-        period_ns,
-        start: start_wall,
-        duration,
-        files: c
-            .files
-            .list
-            .iter()
-            .map(|f| {
-                (
-                    f.path.clone(),
-                    f.elf.as_ref().and_then(|e| e.build_id.clone()),
-                )
-            })
-            .collect(),
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-    };
+    let Named {
+        report,
+        refused_perf_maps,
+        cut_short: symbolization_cut_short,
+    } = name_frames(&c, &opts, &mut deactivator, period_ns, start_wall, duration);
     let dest_name = dest.display();
     dest.write_with(|w| match opts.format {
         Format::Pprof => Ok(crate::output::pprof::write(&report, w)?),
@@ -555,6 +525,65 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         return Err(e);
     }
     Ok(Outcome { child_status })
+}
+
+/// The profile as users read it, and what naming its frames met.
+struct Named {
+    report: crate::report::Report,
+    /// Perf maps not read (pid, why).
+    refused_perf_maps: Vec<(u32, String)>,
+    /// A signal cut naming short.
+    cut_short: bool,
+}
+
+/// Names every location once, releases the trampolines (the perf maps are read then), and
+/// builds the report the writers take.
+fn name_frames(
+    c: &Collector,
+    opts: &Options,
+    deactivator: &mut Deactivator,
+    period_ns: u64,
+    start: SystemTime,
+    duration: Duration,
+) -> Named {
+    let procs: HashMap<u32, &Process> = c.procs.iter().map(|p| (p.key, p)).collect();
+    let symbolized = crate::symbols::resolve(&c.profile, &c.files, &procs, opts.keep_interpreter);
+    // The perf maps are read: now the trampolines we turned on go off again.
+    deactivator.finish();
+    let mut resolved = symbolized.resolved;
+    crate::report::set_lines(&mut resolved, &c.profile, opts.lines);
+    let (samples, resolved) = crate::report::build(
+        &c.profile,
+        resolved,
+        &procs,
+        &c.files,
+        opts.keep_interpreter,
+    );
+    let report = crate::report::Report {
+        locations: c.profile.locations.clone(),
+        resolved,
+        samples,
+        period_ns,
+        start,
+        duration,
+        files: c
+            .files
+            .list
+            .iter()
+            .map(|f| {
+                (
+                    f.path.clone(),
+                    f.elf.as_ref().and_then(|e| e.build_id.clone()),
+                )
+            })
+            .collect(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+    };
+    Named {
+        report,
+        refused_perf_maps: symbolized.refused_perf_maps,
+        cut_short: symbolized.cut_short,
+    }
 }
 
 /// Collects until the recording ends: the duration, a signal, the launched command's end or

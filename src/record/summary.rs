@@ -26,8 +26,7 @@ fn truncation_summary(st: &Stats) -> String {
 
 /// Whether CPython `X.Y[.Z]` has the perf trampoline (3.12+).
 fn trampoline_version(v: &str) -> bool {
-    let mut it = v.split('.').filter_map(|x| x.parse::<u8>().ok());
-    (it.next().unwrap_or(0), it.next().unwrap_or(0)) >= (3, 12)
+    crate::process::minor_of(v) >= (3, 12)
 }
 
 /// Whether the eBPF walker names the Python frames of this CPython minor version.
@@ -204,10 +203,8 @@ fn python_row(
 
 /// Why the walker named no frame of a CPython process.
 fn why_unnamed(e: &Ending, pid: u32, v: &str) -> String {
-    let mut it = v.split('.').filter_map(|x| x.parse::<u8>().ok());
-    let ver = (it.next().unwrap_or(0), it.next().unwrap_or(0));
-    let supported = perfpy_bpf::Offsets::for_version(ver).is_some()
-        || perfpy_bpf::debug_offsets::layout(ver).is_some();
+    // 3.13+ beyond the layouts perfpy holds: the walker's refusal (next) names the version.
+    let supported = walker_names(crate::process::minor_of(v));
     let c = e.collector;
     if !e.ebpf {
         "eBPF walker off (--no-ebpf)".into()

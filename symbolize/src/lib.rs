@@ -74,17 +74,7 @@ impl Symbolizer {
         file_offsets: &[u64],
         dwarf: bool,
     ) -> Result<Vec<Vec<Frame>>, SymbolizeError> {
-        let mut elf = Elf::new(path);
-        elf.debug_syms = dwarf;
-        let src = Source::Elf(elf);
-        let syms = self
-            .inner
-            .symbolize(&src, Input::FileOffset(file_offsets))
-            .map_err(|source| SymbolizeError::Elf {
-                path: path.display().to_string(),
-                source,
-            })?;
-        Ok(syms.into_iter().map(frames_of).collect())
+        self.elf(path, Input::FileOffset(file_offsets), dwarf)
     }
 
     /// Symbolizes virtual addresses (as in the file's symbol table) with the separate debug
@@ -97,12 +87,21 @@ impl Symbolizer {
         vaddrs: &[u64],
         dwarf: bool,
     ) -> Result<Vec<Vec<Frame>>, SymbolizeError> {
+        self.elf(path, Input::VirtOffset(vaddrs), dwarf)
+    }
+
+    /// One blazesym batch over the ELF file at `path`, by file offset or virtual address.
+    fn elf(
+        &self,
+        path: &Path,
+        input: Input<&[u64]>,
+        dwarf: bool,
+    ) -> Result<Vec<Vec<Frame>>, SymbolizeError> {
         let mut elf = Elf::new(path);
         elf.debug_syms = dwarf;
-        let src = Source::Elf(elf);
         let syms = self
             .inner
-            .symbolize(&src, Input::VirtOffset(vaddrs))
+            .symbolize(&Source::Elf(elf), input)
             .map_err(|source| SymbolizeError::Elf {
                 path: path.display().to_string(),
                 source,
