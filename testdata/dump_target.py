@@ -21,6 +21,8 @@ import time
 
 libc = ctypes.CDLL(None, use_errno=True)
 SYS_gettid = 186
+YIELD = 20000 if sys.version_info[0] == 2 else 10 ** 12
+HASH_YIELD = 1 if sys.version_info[0] == 2 else 10 ** 12
 tids = {}  # thread ident -> native tid
 
 
@@ -31,7 +33,10 @@ def register():
 def busy():
     register()
     n = 0
-    while True: n += 1  # noqa: E701 -- one line: the innermost line never changes
+    # One line: the innermost line never changes. Under 2.7 a 1 ms sleep every YIELD turns
+    # lets the other threads in: 2.7's GIL has no forced switching, so a busy thread re-takes
+    # the GIL as it drops it and the main thread can wait for it for minutes.
+    while True: n += 1; n % YIELD or time.sleep(0.001)  # noqa: E701,E702
 
 
 def sleeper(arg=7):
@@ -46,7 +51,9 @@ def sleeper(arg=7):
 def hasher():
     register()
     buf = b"x" * (1 << 20)
-    while True: hashlib.sha256(buf).digest()  # noqa: E701
+    n = 0
+    # 2.7's builtin sha256 keeps the GIL: a 1 ms sleep after each hash (see busy).
+    while True: hashlib.sha256(buf).digest(); n += 1; n % HASH_YIELD or time.sleep(0.001)  # noqa: E701,E702
 
 
 longest = [0.0]

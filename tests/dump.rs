@@ -8,15 +8,20 @@ mod common;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
-use std::process::{ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::Duration;
 
 use common::*;
 
 struct Target {
     child: std::process::Child,
     stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
+    lines: Receiver<String>,
 }
+
+/// How long a target may take to answer: it needs the GIL, which busy threads contend for.
+const ANSWER_WITHIN: Duration = Duration::from_secs(30);
 
 impl Target {
     fn start(mut cmd: Command) -> Target {
@@ -27,22 +32,40 @@ impl Target {
             .spawn()
             .expect("start target");
         let stdin = child.stdin.take().unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        assert!(line.starts_with("ready"), "target said {line:?}");
-        Target {
+        let stdout = child.stdout.take().unwrap();
+        // Lines are read by a thread so that a target that never answers fails the test
+        // within ANSWER_WITHIN instead of hanging it.
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut t = Target {
             child,
             stdin,
-            stdout,
+            lines,
+        };
+        let line = t.answer("ready");
+        assert!(line.starts_with("ready"), "target said {line:?}");
+        t
+    }
+    fn answer(&mut self, to: &str) -> String {
+        match self.lines.recv_timeout(ANSWER_WITHIN) {
+            Ok(line) => line,
+            Err(e) => panic!(
+                "target {} did not answer {to:?} within {ANSWER_WITHIN:?} ({e})",
+                self.child.id()
+            ),
         }
     }
     fn ask(&mut self, what: &str) -> String {
         writeln!(self.stdin, "{what}").unwrap();
         self.stdin.flush().unwrap();
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        line
+        self.answer(what)
     }
 }
 
@@ -54,10 +77,10 @@ impl Drop for Target {
 }
 
 fn dump_json(pid: u32) -> serde_json::Value {
-    let o = Command::new(perfpy())
-        .args(["dump", "--json", "-p", &pid.to_string()])
-        .output()
-        .unwrap();
+    let o = output_within(
+        Command::new(perfpy()).args(["dump", "--json", "-p", &pid.to_string()]),
+        Duration::from_secs(60),
+    );
     assert!(
         o.status.success(),
         "dump failed: {}",
@@ -184,10 +207,10 @@ fn dump_shows_each_threads_own_frame_on_every_cpython() {
                 t.ask("gaps");
                 let start = std::time::Instant::now();
                 for _ in 0..100 {
-                    let o = Command::new(perfpy())
-                        .args(["dump", "-p", &target.to_string()])
-                        .output()
-                        .unwrap();
+                    let o = output_within(
+                        Command::new(perfpy()).args(["dump", "-p", &target.to_string()]),
+                        Duration::from_secs(60),
+                    );
                     assert!(o.status.success());
                 }
                 let gap: f64 = t.ask("gaps").trim().parse().unwrap();

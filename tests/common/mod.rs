@@ -119,11 +119,8 @@ pub fn run_perfpy_env(args: &[&str], env: &[(&str, &Path)]) -> Output {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run perfpy");
+    cmd.args(args).stdin(Stdio::null());
+    let out = output_within(&mut cmd, Duration::from_secs(600));
     eprintln!(
         "perfpy {:?} -> {:?}\n{}",
         args,
@@ -268,6 +265,38 @@ pub fn check_go_pprof(path: &Path) {
                 return;
             }
         }
+    }
+}
+
+/// `cmd.output()`, but a command still running after `limit` is killed and the test fails
+/// saying so: a hang must fail the suite with its name, never stall CI.
+pub fn output_within(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {cmd:?}: {e}"));
+    let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut v);
+            }
+            v
+        })
+    };
+    let out = drain(child.stdout.take().map(|x| Box::new(x) as _));
+    let err = drain(child.stderr.take().map(|x| Box::new(x) as _));
+    let Some(status) = wait_exit(&mut child, limit) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        let err = String::from_utf8_lossy(&err.join().unwrap_or_default()).into_owned();
+        panic!("{cmd:?} still running after {limit:?}: killed; its stderr:\n{err}");
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
     }
 }
 
