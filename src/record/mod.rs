@@ -22,6 +22,7 @@ use crate::targets;
 mod collect;
 mod events;
 mod inject;
+mod merge;
 mod summary;
 
 use collect::{drain, Collector, PyWalk, RingEntry, Stats};
@@ -362,6 +363,9 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         scratch_addrs: Vec::with_capacity(256),
         scratch_sps: Vec::with_capacity(256),
         scratch_locs: Vec::with_capacity(256),
+        scratch_stack: Vec::with_capacity(256),
+        scratch_native: Vec::with_capacity(256),
+        scratch_py: Vec::with_capacity(256),
         exited: HashSet::new(),
         to_release: Default::default(),
         dying: HashMap::new(),
