@@ -72,7 +72,10 @@ pub(crate) fn report() -> Report {
             FrameKey::Py { func: 3, line: 3 },
         ],
         resolved: vec![
-            resolved(Kind::PythonEbpf, &[("spin", Some("/srv/app/split.py"), Some(7))]),
+            resolved(
+                Kind::PythonEbpf,
+                &[("spin", Some("/srv/app/split.py"), Some(7))],
+            ),
             resolved(
                 Kind::PythonEbpf,
                 &[("<module>", Some("/srv/app/split.py"), Some(30))],
@@ -89,7 +92,10 @@ pub(crate) fn report() -> Report {
                 ],
             ),
             resolved(Kind::Kernel, &[("do_syscall_64", None, None)]),
-            resolved(Kind::Python, &[("hash_work", Some("/srv/app/worker.py"), None)]),
+            resolved(
+                Kind::Python,
+                &[("hash_work", Some("/srv/app/worker.py"), None)],
+            ),
             resolved(Kind::Other, &[(Cut::StackCopy.marker(), None, None)]),
             resolved(
                 Kind::Native { interpreter: false },

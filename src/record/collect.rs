@@ -10,9 +10,14 @@ use crate::process::Process;
 use crate::profile::{Cut, FrameKey, Profile};
 use crate::records::{self, Record};
 use crate::sys::Ring;
-use crate::unwind::{self, LiveMemory};
+use crate::unwind::{self, CodeMemory};
 
 use super::merge;
+use super::replay::Target;
+
+/// A target's memory as the collector reads it: live, captured or replayed (see
+/// [`Target`]). The one trait of `perfpy_bpf` (where the code-object reader needs it too).
+pub(super) use perfpy_bpf::code::RemoteMemory as TargetMemory;
 
 /// How long a walker record waits for its sample (read from any CPU's ring) before it is
 /// dropped: rings are drained at least every 20 ms.
@@ -40,7 +45,8 @@ pub struct Stats {
 /// The eBPF frame walker and what goes with it: registered processes, records waiting for
 /// their sample, the code-object reader.
 pub(super) struct PyWalk {
-    pub(super) walker: perfpy_bpf::Walker,
+    /// `None` in a replay: the walker's records come from the fixture.
+    pub(super) walker: Option<perfpy_bpf::Walker>,
     pub(super) reader: perfpy_bpf::CodeReader,
     pub(super) procs: HashMap<u32, (perfpy_bpf::Offsets, (u8, u8))>,
     pub(super) pending: HashMap<u32, std::collections::VecDeque<perfpy_bpf::PyStack>>,
@@ -48,9 +54,15 @@ pub(super) struct PyWalk {
 }
 
 impl PyWalk {
-    pub(super) fn poll(&mut self) {
+    pub(super) fn poll(&mut self, target: &Target) {
+        let Some(walker) = self.walker.as_mut() else {
+            return;
+        };
         let pending = &mut self.pending;
-        self.walker.poll(&mut |s| {
+        walker.poll(&mut |s| {
+            if let Some(c) = target.capture() {
+                c.walker(&s);
+            }
             tracing::trace!(
                 pid = s.pid,
                 tid = s.tid,
@@ -121,9 +133,38 @@ pub(super) struct Collector {
     /// Processes found not to be ours, so that their next records cost no lookup: forgotten at
     /// their fork and exit records (a pid reused by a new process).
     pub(super) not_ours: HashSet<u32>,
+    /// Where the targets are read from.
+    pub(super) target: Target,
 }
 
 impl Collector {
+    /// `filter`: see [`Collector::filter`].
+    pub(super) fn new(py: Option<PyWalk>, max_frames: usize, filter: bool, target: Target) -> Self {
+        Self {
+            py,
+            files: Files::default(),
+            procs: Vec::new(),
+            live: HashMap::new(),
+            profile: Profile::default(),
+            stats: Stats::default(),
+            max_frames,
+            scratch_addrs: Vec::with_capacity(256),
+            scratch_sps: Vec::with_capacity(256),
+            scratch_locs: Vec::with_capacity(256),
+            scratch_stack: Vec::with_capacity(256),
+            scratch_native: Vec::with_capacity(256),
+            scratch_py: Vec::with_capacity(256),
+            exited: HashSet::new(),
+            to_release: Default::default(),
+            dying: HashMap::new(),
+            walked: HashSet::new(),
+            walk_refused: HashMap::new(),
+            filter,
+            not_ours: HashSet::new(),
+            target,
+        }
+    }
+
     /// Frees what processes that exited at least `after` ago held only while alive: their
     /// mappings and unwind tables, their root directory, their place in the eBPF walker. Other
     /// CPUs' rings may still hold their last samples for a moment, hence the delay.
@@ -149,13 +190,17 @@ impl Collector {
                 py.reader.forget(pid);
                 // A new process may have taken the pid meanwhile: it keeps its registration.
                 if !self.live.contains_key(&pid) && py.procs.remove(&pid).is_some() {
-                    py.walker.remove_process(pid);
+                    if let Some(w) = py.walker.as_mut() {
+                        w.remove_process(pid);
+                    }
                 }
                 if self.filter && !self.live.contains_key(&pid) {
                     // The kernel followed it through fork: it may hold a registration we
                     // never made.
-                    py.walker.unkeep(pid);
-                    py.walker.remove_process(pid);
+                    if let Some(w) = py.walker.as_mut() {
+                        w.unkeep(pid);
+                        w.remove_process(pid);
+                    }
                 }
             }
         }
@@ -167,11 +212,14 @@ impl Collector {
         }
         let key = self.procs.len() as u32;
         let mut p = Process::new(pid, key);
-        p.refresh_maps(&mut self.files);
+        self.target.refresh_maps(&mut p, &mut self.files);
         // A child that exited before its fork record was read (records of several CPUs are
         // read one ring after the other): its parent's address space, as the kernel knows.
         if p.maps.is_empty() && self.filter {
-            let parent = self.py.as_ref().and_then(|py| py.walker.kept(pid));
+            let parent = self
+                .py
+                .as_ref()
+                .and_then(|py| py.walker.as_ref()?.kept(pid));
             if let Some(pk) = parent.and_then(|pp| self.live.get(&pp)) {
                 p = Process::forked(&self.procs[*pk as usize], pid, key);
             }
@@ -193,7 +241,8 @@ impl Collector {
         let kept = self
             .py
             .as_ref()
-            .is_some_and(|py| py.walker.kept(pid).is_some());
+            .and_then(|py| py.walker.as_ref())
+            .is_some_and(|w| w.kept(pid).is_some());
         if !kept {
             self.not_ours.insert(pid);
         }
@@ -260,7 +309,9 @@ impl Collector {
                     // Another program: the walker's registration of the old one is void.
                     if let Some(py) = self.py.as_mut() {
                         if py.procs.remove(&pid).is_some() {
-                            py.walker.remove_process(pid);
+                            if let Some(w) = py.walker.as_mut() {
+                                w.remove_process(pid);
+                            }
                         }
                     }
                     // A new program in this pid: a new process for us (its old frames keep
@@ -272,7 +323,7 @@ impl Collector {
                     let key = self.proc_key(pid);
                     let p = &mut self.procs[key as usize];
                     p.exec(comm.clone());
-                    p.refresh_maps(&mut self.files);
+                    self.target.refresh_maps(p, &mut self.files);
                     p.threads.insert(tid, comm);
                 } else {
                     let key = self.proc_key(pid);
@@ -344,12 +395,7 @@ impl Collector {
         // 3.13+: the offsets come from the target's own _Py_DebugOffsets, checked.
         let off = match perfpy_bpf::Offsets::for_version(version) {
             Some(o) => o,
-            None => match perfpy_bpf::debug_offsets::read(
-                &perfpy_bpf::code::LiveMemory,
-                p.pid,
-                runtime,
-                version,
-            ) {
+            None => match perfpy_bpf::debug_offsets::read(&self.target, p.pid, runtime, version) {
                 Ok(t) => t.offsets,
                 Err(e) => {
                     tracing::debug!(pid = p.pid, "CPython {v}: eBPF walker refused: {e}");
@@ -358,7 +404,10 @@ impl Collector {
                 }
             },
         };
-        match py.walker.add_process(&perfpy_bpf::PyProcess {
+        let Some(walker) = py.walker.as_mut() else {
+            return;
+        };
+        match walker.add_process(&perfpy_bpf::PyProcess {
             pid: p.pid,
             version,
             runtime,
@@ -367,6 +416,9 @@ impl Collector {
             Ok(()) => {
                 tracing::debug!(pid = p.pid, "CPython {v}: frames walked by the eBPF walker");
                 py.procs.insert(p.pid, (off, version));
+                if let Some(c) = self.target.capture() {
+                    c.registered(p.pid, version, runtime);
+                }
                 self.walked.insert(p.pid);
             }
             Err(e) => tracing::warn!("{e}"),
@@ -386,7 +438,7 @@ impl Collector {
         // The walker's Python frames for this sample, if the process is registered.
         let py_stack = match self.py.as_mut() {
             Some(py) if py.procs.contains_key(&s.pid) => py.take(s.tid, s.time).or_else(|| {
-                py.poll();
+                py.poll(&self.target);
                 py.take(s.tid, s.time)
             }),
             _ => None,
@@ -453,7 +505,7 @@ impl Collector {
         let Some((off, version)) = py.procs.get(&p.pid).copied() else {
             return;
         };
-        let mem = ForkedMemory(p.parent);
+        let mem = ForkedMemory(&self.target, p.parent);
         for f in &st.frames {
             let info = py.reader.resolve(&mem, p.pid, &off, version, f);
             let key = info.map(|info| {
@@ -495,9 +547,9 @@ impl Collector {
         match s.user_regs {
             Some(regs) if regs[2] != 0 => {
                 if p.mapping(regs[2]).is_none() {
-                    p.refresh_maps(&mut self.files);
+                    self.target.refresh_maps(p, &mut self.files);
                 }
-                let mem = LiveMemory(s.pid);
+                let mem = PidMemory(&self.target, s.pid);
                 let o = unwind::unwind_sp(
                     p,
                     &mem,
@@ -581,12 +633,20 @@ fn in_eval(m: &crate::process::Mapping, addr: u64) -> bool {
 
 /// A process's memory, or once it is gone, that of the process it was forked from (without
 /// exec since): a short-lived child's code objects are its parent's.
-pub(super) struct ForkedMemory(Option<u32>);
+pub(super) struct ForkedMemory<'a>(&'a Target, Option<u32>);
 
-impl perfpy_bpf::code::RemoteMemory for ForkedMemory {
+impl TargetMemory for ForkedMemory<'_> {
     fn read(&self, pid: u32, addr: u64, buf: &mut [u8]) -> bool {
-        use perfpy_bpf::code::LiveMemory;
-        LiveMemory.read(pid, addr, buf) || self.0.is_some_and(|pp| LiveMemory.read(pp, addr, buf))
+        self.0.read(pid, addr, buf) || self.1.is_some_and(|pp| self.0.read(pp, addr, buf))
+    }
+}
+
+/// The memory of one process, for the unwinder's reads of code (perf trampolines).
+struct PidMemory<'a>(&'a Target, u32);
+
+impl CodeMemory for PidMemory<'_> {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+        self.0.read(self.1, addr, buf)
     }
 }
 
@@ -610,8 +670,11 @@ pub(super) fn drain(r: &mut RingEntry, c: &mut Collector, scratch: &mut Vec<u8>)
             scratch.extend_from_slice(&data[..hsize - (data.len() - off)]);
             scratch
         };
-        if let Some(rec) = records::parse(rec) {
-            c.handle(rec);
+        if let Some(parsed) = records::parse(rec) {
+            c.handle(parsed);
+            if let Some(cap) = c.target.capture() {
+                cap.ring(rec);
+            }
         }
         tail += hsize as u64;
     }

@@ -12,10 +12,8 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{bail, Context, Result};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
-use crate::files::Files;
 use crate::output::Format;
 use crate::process::Process;
-use crate::profile::Profile;
 use crate::sys::{self, EventConfig, Ring};
 use crate::targets;
 
@@ -23,9 +21,10 @@ mod collect;
 mod events;
 mod inject;
 mod merge;
+pub mod replay;
 mod summary;
 
-use collect::{drain, Collector, PyWalk, RingEntry, Stats};
+use collect::{drain, Collector, PyWalk, RingEntry};
 use events::{load_walker, perm_error};
 use inject::{inject_lenient, Deactivator, INJECT_TIMEOUT};
 use summary::walker_names;
@@ -346,34 +345,13 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     });
 
     let py = walker.map(|w| PyWalk {
-        walker: w,
+        walker: Some(w),
         reader: perfpy_bpf::CodeReader::default(),
         procs: HashMap::new(),
         pending: HashMap::new(),
         tried: HashSet::new(),
     });
-    let mut c = Collector {
-        py,
-        files: Files::default(),
-        procs: Vec::new(),
-        live: HashMap::new(),
-        profile: Profile::default(),
-        stats: Stats::default(),
-        max_frames: opts.max_frames,
-        scratch_addrs: Vec::with_capacity(256),
-        scratch_sps: Vec::with_capacity(256),
-        scratch_locs: Vec::with_capacity(256),
-        scratch_stack: Vec::with_capacity(256),
-        scratch_native: Vec::with_capacity(256),
-        scratch_py: Vec::with_capacity(256),
-        exited: HashSet::new(),
-        to_release: Default::default(),
-        dying: HashMap::new(),
-        walked: HashSet::new(),
-        walk_refused: HashMap::new(),
-        filter: per_cpu,
-        not_ours: HashSet::new(),
-    };
+    let mut c = Collector::new(py, opts.max_frames, per_cpu, replay::Target::from_env()?);
     for &pid in &tgids {
         let key = c.proc_key(pid);
         c.register_python(key);
@@ -451,6 +429,9 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     }
     drop(rings);
     drop(events);
+    if let Some(cap) = c.target.capture() {
+        cap.finish(&c).context("PERFPY_CAPTURE")?;
+    }
     let coverage = (!opts.all).then(|| meter.coverage(c.stats.samples, c.stats.lost, period_ns));
     // The walker's own cost, when the kernel counts it (sysctl kernel.bpf_stats_enabled=1); then
     // its ring buffer and programs go before symbolization, which needs memory of its own.
@@ -467,7 +448,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         dying = c.dying.len(),
         "recording size"
     );
-    let walker_stats = c.py.as_ref().and_then(|p| p.walker.stats());
+    let walker_stats = c.py.as_ref().and_then(|p| p.walker.as_ref()?.stats());
     let walker_ran = c.py.is_some();
     c.py = None;
     if tty {
@@ -623,7 +604,7 @@ fn sample_until_done(
         };
         let _ = epoll.wait(&mut ep_events, EpollTimeout::from(timeout));
         if let Some(py) = c.py.as_mut() {
-            py.poll();
+            py.poll(&c.target);
         }
         for r in rings.iter_mut() {
             drain(r, c, &mut scratch);
