@@ -168,3 +168,30 @@ fn not_a_capture_is_refused() {
         "{err}"
     );
 }
+
+/// The replay gives the recording's own result (`recorded.txt`, written by the capturing
+/// run): the same Python stacks with the same counts. (Native names may differ: the fixture
+/// keeps the files' own symbol tables, not their separate debug files.)
+#[test]
+fn replay_gives_what_the_recording_gave() {
+    let python_part = |stacks: BTreeMap<Vec<String>, u64>| {
+        let mut out: BTreeMap<Vec<String>, u64> = BTreeMap::new();
+        for (s, n) in stacks {
+            let py: Vec<String> = s.into_iter().filter(|f| f.contains(".py")).collect();
+            *out.entry(py).or_default() += n;
+        }
+        out
+    };
+    for name in ["py312-trampoline", "py311-walker", "py312-c-extension"] {
+        let text = std::fs::read_to_string(testdata("replay").join(name).join("recorded.txt"))
+            .expect("recorded.txt");
+        let mut recorded = BTreeMap::new();
+        for line in text.lines() {
+            let (stack, n) = line.rsplit_once(' ').expect("`stack count`");
+            let frames: Vec<String> = stack.split(';').map(short).collect();
+            *recorded.entry(frames).or_default() += n.parse::<u64>().expect("count");
+        }
+        let (want, got) = (python_part(recorded), python_part(replay(name)));
+        assert_eq!(want, got, "{name}: replay differs from the recording");
+    }
+}

@@ -52,7 +52,7 @@ type MapLine = (u64, u64, u64, String);
 pub(super) enum Target {
     Live,
     /// Live, and everything read is written to a fixture as well.
-    Capture(Capture),
+    Capture(Box<Capture>),
     Replay(Replayed),
 }
 
@@ -60,7 +60,7 @@ impl Target {
     /// `PERFPY_CAPTURE=DIR`: capture into DIR.
     pub(super) fn from_env() -> Result<Self> {
         match std::env::var_os("PERFPY_CAPTURE") {
-            Some(dir) => Ok(Target::Capture(Capture::create(Path::new(&dir))?)),
+            Some(dir) => Ok(Target::Capture(Box::new(Capture::create(Path::new(&dir))?))),
             None => Ok(Target::Live),
         }
     }
@@ -125,6 +125,8 @@ impl TargetMemory for Target {
 /// The fixture being written.
 pub(super) struct Capture {
     dir: PathBuf,
+    /// Where the reduced files go (`PERFPY_CAPTURE_FILES`, else `DIR/files`).
+    files: PathBuf,
     stream: RefCell<GzEncoder<std::io::BufWriter<std::fs::File>>>,
     /// Reads already written: (pid, address, length).
     reads: RefCell<HashSet<(u32, u64, usize)>>,
@@ -132,11 +134,19 @@ pub(super) struct Capture {
 
 impl Capture {
     fn create(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir.join("files"))
+        let files = match std::env::var_os("PERFPY_CAPTURE_FILES") {
+            Some(f) => PathBuf::from(f),
+            None => dir.join("files"),
+        };
+        std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::create_dir_all(&files))
             .with_context(|| format!("PERFPY_CAPTURE: cannot create {}", dir.display()))?;
+        // files.txt names them from the capture's directory.
+        let files = std::fs::canonicalize(&files)?;
         let f = std::fs::File::create(dir.join("stream.gz"))?;
         Ok(Self {
             dir: dir.to_path_buf(),
+            files,
             stream: RefCell::new(GzEncoder::new(
                 std::io::BufWriter::new(f),
                 flate2::Compression::best(),
@@ -224,36 +234,58 @@ impl Capture {
             }
         }
         self.stream.borrow_mut().try_finish()?;
-        // The code pages around every sampled address, per file.
-        let mut code: HashMap<u32, Vec<u64>> = HashMap::new();
-        for k in &c.profile.locations {
-            if let FrameKey::File { file, offset } = k {
-                code.entry(*file).or_default().push(*offset);
-            }
-        }
+        let with_frames: HashSet<u32> = c
+            .profile
+            .locations
+            .iter()
+            .filter_map(|k| match k {
+                FrameKey::File { file, .. } => Some(*file),
+                _ => None,
+            })
+            .collect();
         let mut list = String::new();
         for f in &c.files.list {
             let interpreter = f.elf.as_ref().is_some_and(|e| e.is_python_interpreter);
             // The vDSO is the replaying machine's; a file without frames is not read (the
             // interpreter's evaluation frames may all have been replaced by Python ones).
-            if f.path == "[vdso]" || !(interpreter || code.contains_key(&f.id)) {
+            if f.path == "[vdso]" || !(interpreter || with_frames.contains(&f.id)) {
                 continue;
             }
             let bytes = std::fs::read(f.fd_path())?;
-            let code = code.get(&f.id).map_or(&[][..], Vec::as_slice);
-            let reduced = reduce_elf(&bytes, code);
-            let name = format!("{}.gz", f.id);
-            let mut gz = GzEncoder::new(
-                std::fs::File::create(self.dir.join("files").join(&name))?,
-                flate2::Compression::best(),
-            );
-            gz.write_all(&reduced)?;
-            gz.finish()?;
-            list.push_str(&format!("{name}\t{}\n", f.path));
+            let reduced = reduce_elf(&bytes);
+            // Named by content: captures of the same file share one copy.
+            let mut crc = flate2::Crc::new();
+            crc.update(&reduced);
+            let base = f.path.rsplit('/').next().unwrap_or("file");
+            let name = format!("{base}-{:08x}-{:x}.gz", crc.sum(), reduced.len());
+            let to = self.files.join(&name);
+            if !to.exists() {
+                let mut gz =
+                    GzEncoder::new(std::fs::File::create(&to)?, flate2::Compression::best());
+                gz.write_all(&reduced)?;
+                gz.finish()?;
+            }
+            let rel = relative(&to, &std::fs::canonicalize(&self.dir)?);
+            list.push_str(&format!("{}\t{}\n", rel.display(), f.path));
         }
         std::fs::write(self.dir.join("files.txt"), list)?;
         Ok(())
     }
+}
+
+/// `path` from `dir` (both absolute, canonical): `../files/x.gz`.
+fn relative(path: &Path, dir: &Path) -> PathBuf {
+    let common = path
+        .components()
+        .zip(dir.components())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let mut rel = PathBuf::new();
+    for _ in dir.components().skip(common) {
+        rel.push("..");
+    }
+    rel.extend(path.components().skip(common));
+    rel
 }
 
 /// Sections the collector and the symbolizer read whole. (The interpreter's `.symtab` too:
@@ -275,8 +307,8 @@ const KEEP: &[&str] = &[
 ];
 
 /// `bytes` (an ELF file) with zeroes where nothing is read: its headers, the [`KEEP`]
-/// sections, `Py_Version` and the pages of code around `code` (file offsets) stay.
-fn reduce_elf(bytes: &[u8], code: &[u64]) -> Vec<u8> {
+/// sections and `Py_Version` stay. (Code is not read: framehop reads it for Mach-O only.)
+fn reduce_elf(bytes: &[u8]) -> Vec<u8> {
     let Ok(elf) = object::read::elf::ElfFile64::<object::Endianness>::parse(bytes) else {
         return bytes.to_vec();
     };
@@ -326,10 +358,6 @@ fn reduce_elf(bytes: &[u8], code: &[u64]) -> Vec<u8> {
                 keep(off, 8);
             }
         }
-    }
-    for &off in code {
-        let page = off & !0xfff;
-        keep(page.saturating_sub(0x1000), 0x3000);
     }
     let entsize = u64::from(hdr.e_shentsize(endian));
     for i in dropped {
@@ -491,9 +519,8 @@ fn unpack(dir: &Path) -> Result<(Unpacked, HashMap<String, PathBuf>)> {
             continue;
         };
         let mut bytes = Vec::new();
-        GzDecoder::new(std::fs::File::open(dir.join("files").join(name))?)
-            .read_to_end(&mut bytes)?;
-        let to = tmp.0.join(name.trim_end_matches(".gz"));
+        GzDecoder::new(std::fs::File::open(dir.join(name))?).read_to_end(&mut bytes)?;
+        let to = tmp.0.join(paths.len().to_string());
         std::fs::write(&to, bytes)?;
         paths.insert(path.to_string(), to);
     }

@@ -10,6 +10,9 @@ cargo build --quiet
 PERFPY="$PWD/target/debug/perfpy"
 PY=/root/.pyenv/versions
 OUT=testdata/replay
+# The reduced ELF files, shared by the captures (named by content).
+rm -rf "$OUT/files"
+export PERFPY_CAPTURE_FILES="$OUT/files"
 
 capture() { # NAME PERFPY-OPTIONS... -- COMMAND...
     name=$1
