@@ -165,6 +165,20 @@ impl Collector {
         }
     }
 
+    /// The files of the recording as the report names them: (path, build id) by file id.
+    pub(super) fn report_files(&self) -> Vec<(String, Option<Vec<u8>>)> {
+        self.files
+            .list
+            .iter()
+            .map(|f| {
+                (
+                    f.path.clone(),
+                    f.elf.as_ref().and_then(|e| e.build_id.clone()),
+                )
+            })
+            .collect()
+    }
+
     /// Frees what processes that exited at least `after` ago held only while alive: their
     /// mappings and unwind tables, their root directory, their place in the eBPF walker. Other
     /// CPUs' rings may still hold their last samples for a moment, hence the delay.

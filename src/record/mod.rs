@@ -551,17 +551,7 @@ fn name_frames(
         period_ns,
         start,
         duration,
-        files: c
-            .files
-            .list
-            .iter()
-            .map(|f| {
-                (
-                    f.path.clone(),
-                    f.elf.as_ref().and_then(|e| e.build_id.clone()),
-                )
-            })
-            .collect(),
+        files: c.report_files(),
         command: std::env::args().collect::<Vec<_>>().join(" "),
     };
     Named {

@@ -9,9 +9,10 @@
 //!   process's executable mappings when they were read from `/proc`, the walker's
 //!   registrations, every read of a target's memory (code objects, trampoline code) and, at the
 //!   end, the perf maps of processes with anonymous code;
-//! - `files/N.gz` with `files.txt` (N, then the path the process mapped): each mapped ELF file
-//!   reduced to what is read of it (headers, unwind tables, symbol tables, the `Py_Version`
-//!   constant and the code pages around sampled addresses; the rest zeroes), gzip'd.
+//! - `files.txt`: per mapped file with frames, its copy (in `PERFPY_CAPTURE_FILES`, else
+//!   `DIR/files`, named by content so that captures share them) and the path the process
+//!   mapped. A copy is the ELF file with zeroes except what is read of it (headers, unwind
+//!   tables, symbol tables, notes, the `Py_Version` constant), gzip'd.
 //!
 //! `perfpy replay DIR` reads it back: the collector gets the same records, its memory reads
 //! are answered from the fixture, its files are the reduced copies, and its pids are moved
@@ -637,17 +638,7 @@ pub fn run(dir: &Path, format: crate::output::Format, out: &mut dyn Write) -> Re
         period_ns: 10_000_000,
         start: std::time::SystemTime::UNIX_EPOCH,
         duration: std::time::Duration::ZERO,
-        files: c
-            .files
-            .list
-            .iter()
-            .map(|f| {
-                (
-                    f.path.clone(),
-                    f.elf.as_ref().and_then(|e| e.build_id.clone()),
-                )
-            })
-            .collect(),
+        files: c.report_files(),
         command: format!("perfpy replay {}", dir.display()),
     };
     use crate::output::Format;
