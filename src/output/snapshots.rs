@@ -13,7 +13,7 @@ use perfpy_symbolize::Frame;
 use pprof::protos::{self, Message};
 
 use crate::profile::{Cut, FrameKey};
-use crate::report::{Report, Sample};
+use crate::report::{FramesFrom, Report, Sample};
 use crate::symbols::{Kind, Resolved};
 
 fn resolved(kind: Kind, frames: &[(&str, Option<&str>, Option<u32>)]) -> Resolved {
@@ -38,7 +38,11 @@ fn sample(locs: &[u32], count: u64, pid: u32, tid: u32, thread: &str) -> Sample 
         tid,
         comm: if pid == 20 { "worker.py" } else { "python3.12" }.into(),
         thread: thread.into(),
-        frames_from: if pid == 20 { "trampoline" } else { "ebpf" },
+        frames_from: if pid == 20 {
+            FramesFrom::Trampoline
+        } else {
+            FramesFrom::Ebpf
+        },
         python_version: Some("3.12.1".into()),
         container_id: (pid == 20).then(|| "0123abcd".into()),
         main_file: Some(0),

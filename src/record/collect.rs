@@ -138,10 +138,21 @@ pub(super) struct Collector {
 }
 
 impl Collector {
-    /// `filter`: see [`Collector::filter`].
-    pub(super) fn new(py: Option<PyWalk>, max_frames: usize, filter: bool, target: Target) -> Self {
-        Self {
-            py,
+    /// An empty collector; `walker`: the eBPF walker, if loaded; `filter`: see [`Collector::filter`].
+    /// It reads its targets live (see [`Collector::target`]).
+    pub(super) fn new(
+        walker: Option<perfpy_bpf::Walker>,
+        max_frames: usize,
+        filter: bool,
+    ) -> Collector {
+        Collector {
+            py: walker.map(|walker| PyWalk {
+                walker: Some(walker),
+                reader: perfpy_bpf::CodeReader::default(),
+                procs: HashMap::new(),
+                pending: HashMap::new(),
+                tried: HashSet::new(),
+            }),
             files: Files::default(),
             procs: Vec::new(),
             live: HashMap::new(),
@@ -161,7 +172,7 @@ impl Collector {
             walk_refused: HashMap::new(),
             filter,
             not_ours: HashSet::new(),
-            target,
+            target: Target::Live,
         }
     }
 

@@ -618,14 +618,15 @@ pub(super) fn feed(dir: &Path, c: &mut Collector) -> Result<impl Drop> {
 /// `perfpy replay DIR`: the capture in DIR through the collector into a profile, written in
 /// `format` to `out`. Needs no privilege: it reads only DIR.
 pub fn run(dir: &Path, format: crate::output::Format, out: &mut dyn Write) -> Result<()> {
-    let py = super::collect::PyWalk {
+    let mut c = Collector::new(None, 1024, false);
+    // The walker's records come from the capture.
+    c.py = Some(super::collect::PyWalk {
         walker: None,
         reader: perfpy_bpf::CodeReader::default(),
         procs: HashMap::new(),
         pending: HashMap::new(),
         tried: HashSet::new(),
-    };
-    let mut c = Collector::new(Some(py), 1024, false, Target::Live);
+    });
     let _files = feed(dir, &mut c)?;
     let procs: HashMap<u32, &Process> = c.procs.iter().map(|p| (p.key, p)).collect();
     let symbolized = crate::symbols::resolve(&c.profile, &c.files, &procs, false);
