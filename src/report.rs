@@ -98,7 +98,7 @@ pub fn build(
                 (false, true) => "trampoline",
                 (false, false) => "native",
             },
-            python_version: proc.and_then(|p| p.python_version.clone()),
+            python_version: proc.and_then(|p| p.python_version.map(|v| v.to_string())),
             container_id: proc.and_then(|p| p.container_id.clone()),
             main_file: proc.and_then(|p| p.main_file).map(|(_, f)| f),
         });

@@ -8,7 +8,6 @@
 //! * [`Registry`]: every activation *we* made, so that every way out of a recording turns
 //!   off exactly those and nothing else.
 
-mod elf;
 mod ptrace;
 pub mod run;
 pub mod sessions;
@@ -19,6 +18,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
+
+use perfpy_process::{elf, proc, Version};
 
 /// Why a process cannot be injected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,14 +93,15 @@ impl InjectError {
 #[derive(Clone, Debug)]
 pub struct PythonProcess {
     pub pid: i32,
-    pub version: (u8, u8, u8),
+    /// `0.0` when neither `Py_Version` nor a file name says it.
+    pub version: Version,
     /// Path under which perfpy read the interpreter's ELF file (through `/proc/PID/...`).
     pub interpreter: PathBuf,
     /// The path as the process names it.
     pub interpreter_name: String,
     /// libpython is linked into the executable (Debian's python3.11).
     pub in_executable: bool,
-    /// Start of the file's offset-0 mapping − p_vaddr of its first PT_LOAD.
+    /// The interpreter file's load bias (see [`perfpy_process::elf::load_bias`]).
     pub load_bias: u64,
     symbols: HashMap<String, (u64, u64)>,
     /// libc's `mmap`/`munmap`, absolute.
@@ -119,34 +121,10 @@ impl PythonProcess {
             .get(name)
             .map(|(a, s)| a + self.load_bias..a + self.load_bias + (*s).max(1))
     }
-
-    pub fn version_string(&self) -> String {
-        let (a, b, c) = self.version;
-        if c == 0 && !self.symbols.contains_key("Py_Version") {
-            format!("{a}.{b}")
-        } else {
-            format!("{a}.{b}.{c}")
-        }
-    }
 }
 
-/// A line of `/proc/PID/maps`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MapLine {
-    pub start: u64,
-    pub end: u64,
-    /// Mapped with execute permission.
-    pub exec: bool,
-    /// Offset in the file.
-    pub offset: u64,
-    /// The file, `[name]` of a special mapping, or empty.
-    pub path: String,
-}
-
-pub(crate) fn read_maps(pid: i32) -> Result<Vec<MapLine>, InjectError> {
-    // Bytes, not a String: file names need not be UTF-8, and one such mapping must not make
-    // the whole process unreadable.
-    let bytes = std::fs::read(format!("/proc/{pid}/maps")).map_err(|e| match e.kind() {
+fn read_maps(pid: i32) -> Result<Vec<proc::MapLine>, InjectError> {
+    proc::maps(pid as u32).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => InjectError::ProcessGone { pid },
         std::io::ErrorKind::PermissionDenied => InjectError::PermissionDenied {
             pid,
@@ -156,43 +134,11 @@ pub(crate) fn read_maps(pid: i32) -> Result<Vec<MapLine>, InjectError> {
             pid,
             detail: format!("reading /proc/{pid}/maps: {e}"),
         },
-    })?;
-    Ok(parse_maps(&String::from_utf8_lossy(&bytes)))
-}
-
-/// The lines of a `/proc/PID/maps` text; a line that does not parse is skipped. (perfpy's
-/// sampler reads maps with this parser too.)
-pub fn parse_maps(text: &str) -> Vec<MapLine> {
-    text.lines()
-        .filter_map(|l| {
-            let mut it = l.splitn(6, char::is_whitespace);
-            let (a, b) = it.next()?.split_once('-')?;
-            let perms = it.next()?;
-            let offset = u64::from_str_radix(it.next()?, 16).ok()?;
-            let _dev = it.next()?;
-            let _ino = it.next()?;
-            let path = it.next().unwrap_or("").trim().to_string();
-            Some(MapLine {
-                start: u64::from_str_radix(a, 16).ok()?,
-                end: u64::from_str_radix(b, 16).ok()?,
-                exec: perms.as_bytes().get(2) == Some(&b'x'),
-                offset,
-                path,
-            })
-        })
-        .collect()
+    })
 }
 
 pub(crate) fn start_time(pid: i32) -> Result<u64, InjectError> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map_err(|_| InjectError::ProcessGone { pid })?;
-    let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    // Field 22 overall is starttime; after the comm it is the 20th.
-    Ok(rest
-        .split_whitespace()
-        .nth(19)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0))
+    proc::start_time(pid as u32).map_err(|_| InjectError::ProcessGone { pid })
 }
 
 /// Finds CPython in process `pid`.
@@ -204,7 +150,7 @@ pub fn discover(pid: i32) -> Result<PythonProcess, InjectError> {
     let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let uids = target_files::process_uids(pid as u32).unwrap_or_default();
+    let uids = proc::status(pid as u32).map(|s| s.uids).unwrap_or_default();
     // Candidates: files whose name says python, and the executable (static builds, embedders).
     let mut seen = Vec::new();
     let mut libc = HashMap::new();
@@ -231,14 +177,16 @@ pub fn discover(pid: i32) -> Result<PythonProcess, InjectError> {
         let Ok(facts) = elf::read_cached(&file) else {
             continue;
         };
-        let bias = m.start.wrapping_sub(facts.first_load_vaddr & !0xfff);
+        let Some(bias) = facts.bias(m.start, m.offset) else {
+            continue;
+        };
         if is_libc {
             for s in ["mmap", "munmap"] {
                 if let Some((a, _)) = facts.symbols.get(s) {
                     libc.insert(s.to_string(), a + bias);
                 }
             }
-            if let Some(a) = facts.sigreturn {
+            if let Some(a) = facts.sigreturn() {
                 libc.insert("__restore_rt".to_string(), a + bias);
             }
             continue;
@@ -250,13 +198,11 @@ pub fn discover(pid: i32) -> Result<PythonProcess, InjectError> {
     let Some((name, host, facts, load_bias)) = found else {
         return Err(InjectError::NotPython { pid });
     };
-    let version = match facts.py_version_hex {
-        Some(h) => ((h >> 24) as u8, (h >> 16) as u8, (h >> 8) as u8),
-        None => match elf::version_from_name(&name).or_else(|| elf::version_from_name(&exe)) {
-            Some((a, b)) => (a, b, 0),
-            None => (0, 0, 0),
-        },
-    };
+    let version = facts
+        .python_version
+        .or_else(|| Version::from_file_name(&name))
+        .or_else(|| Version::from_file_name(&exe))
+        .unwrap_or(Version::new(0, 0));
     Ok(PythonProcess {
         pid,
         version,
@@ -277,10 +223,10 @@ pub fn discover(pid: i32) -> Result<PythonProcess, InjectError> {
 
 /// Checks that `p` can get a perf trampoline from us.
 pub fn check_injectable(p: &PythonProcess) -> Result<(), InjectError> {
-    if p.version < (3, 12, 0) {
+    if !p.version.at_least(3, 12) {
         return Err(InjectError::PythonTooOld {
             pid: p.pid,
-            version: p.version_string(),
+            version: p.version.to_string(),
         });
     }
     let missing: Vec<&str> = [
@@ -302,7 +248,7 @@ pub fn check_injectable(p: &PythonProcess) -> Result<(), InjectError> {
     if p.symbol("_Py_trampoline_func_start").is_none() {
         return Err(InjectError::NoPerfTrampoline {
             pid: p.pid,
-            version: p.version_string(),
+            version: p.version.to_string(),
             interpreter: p.interpreter_name.clone(),
         });
     }

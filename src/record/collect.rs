@@ -10,7 +10,8 @@ use crate::process::Process;
 use crate::profile::{Cut, FrameKey, Profile};
 use crate::records::{self, Record};
 use crate::sys::Ring;
-use crate::unwind::{self, LiveMemory};
+use crate::unwind;
+use perfpy_process::{LiveMemory, ReadMemory};
 
 /// How long a walker record waits for its sample (read from any CPU's ring) before it is
 /// dropped: rings are drained at least every 20 ms.
@@ -238,7 +239,7 @@ impl Collector {
                 // now, which its current key already carries, says it is stale.
                 let stale = exec
                     && pid == tid
-                    && crate::process::read_comm(pid, pid).is_some_and(|now| {
+                    && perfpy_process::proc::comm(pid, pid).is_some_and(|now| {
                         now != comm
                             && self
                                 .live
@@ -317,10 +318,10 @@ impl Collector {
         if !p.is_python || !py.tried.insert(key) {
             return;
         }
-        let Some(v) = p.python_version.as_deref() else {
+        let Some(v) = p.python_version else {
             return;
         };
-        let version = crate::process::minor_of(v);
+        let version = v.minor_pair();
         if !super::summary::walker_names(version) {
             tracing::debug!(
                 pid = p.pid,
@@ -339,12 +340,7 @@ impl Collector {
         // 3.13+: the offsets come from the target's own _Py_DebugOffsets, checked.
         let off = match perfpy_bpf::Offsets::for_version(version) {
             Some(o) => o,
-            None => match perfpy_bpf::debug_offsets::read(
-                &perfpy_bpf::code::LiveMemory,
-                p.pid,
-                runtime,
-                version,
-            ) {
+            None => match perfpy_bpf::debug_offsets::read(&LiveMemory(p.pid), runtime, version) {
                 Ok(t) => t.offsets,
                 Err(e) => {
                     tracing::debug!(pid = p.pid, "CPython {v}: eBPF walker refused: {e}");
@@ -439,7 +435,10 @@ impl Collector {
         if let (Some(st), Some(py)) = (&py_stack, self.py.as_mut()) {
             if let Some((off, version)) = py.procs.get(&s.pid).copied() {
                 let mut g = Vec::new();
-                let mem = ForkedMemory(p.parent);
+                let mem = ForkedMemory {
+                    pid: s.pid,
+                    parent: p.parent,
+                };
                 for f in &st.frames {
                     if let Some(info) = py.reader.resolve(&mem, s.pid, &off, version, f) {
                         let func = self.profile.py_function(crate::profile::PyFunction {
@@ -584,12 +583,19 @@ impl Collector {
 
 /// A process's memory, or once it is gone, that of the process it was forked from (without
 /// exec since): a short-lived child's code objects are its parent's.
-pub(super) struct ForkedMemory(Option<u32>);
+pub(super) struct ForkedMemory {
+    pid: u32,
+    parent: Option<u32>,
+}
 
-impl perfpy_bpf::code::RemoteMemory for ForkedMemory {
-    fn read(&self, pid: u32, addr: u64, buf: &mut [u8]) -> bool {
-        use perfpy_bpf::code::LiveMemory;
-        LiveMemory.read(pid, addr, buf) || self.0.is_some_and(|pp| LiveMemory.read(pp, addr, buf))
+impl ReadMemory for ForkedMemory {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        let own = LiveMemory(self.pid).read(addr, buf);
+        match (&own, self.parent) {
+            (Ok(n), _) if *n == buf.len() => own,
+            (_, Some(pp)) => LiveMemory(pp).read(addr, buf),
+            _ => own,
+        }
     }
 }
 

@@ -69,13 +69,7 @@ pub(super) fn inject_lenient(
     seen: &mut HashSet<(u32, u64)>,
     notes: &mut HashMap<u32, String>,
 ) {
-    let start = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .and_then(|(_, r)| r.split_whitespace().nth(19)?.parse().ok())
-        })
-        .unwrap_or(0u64);
+    let start = perfpy_process::proc::start_time(pid).unwrap_or(0);
     if !seen.insert((pid, start)) || pid == std::process::id() {
         return;
     }
@@ -121,14 +115,14 @@ pub(super) fn inject_lenient(
         Ok(perfpy_inject::ActivateOutcome::Activated) => {
             say(format!(
                 "perfpy: pid {pid}: perf trampoline turned on (CPython {})",
-                p.version_string()
+                p.version
             ));
             notes.insert(pid, "trampoline turned on by perfpy".into());
         }
         Ok(perfpy_inject::ActivateOutcome::AlreadyActive) => {
             say(format!(
                 "perfpy: pid {pid}: perf trampoline already on (CPython {}); left as it is",
-                p.version_string()
+                p.version
             ));
             notes.insert(pid, "trampoline already on".into());
         }

@@ -293,7 +293,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     if walker_loaded && opts.inject_python {
         let named: Vec<String> = to_inject
             .iter()
-            .filter(|p| walker_names((p.version.0, p.version.1)))
+            .filter(|p| walker_names(p.version.minor_pair()))
             .map(|p| p.pid.to_string())
             .collect();
         if opts.all {
@@ -387,12 +387,12 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             Ok(perfpy_inject::ActivateOutcome::Activated) => say!(
                 "perfpy: pid {}: perf trampoline turned on (CPython {}); Python functions entered from now on are named",
                 p.pid,
-                p.version_string()
+                p.version
             ),
             Ok(perfpy_inject::ActivateOutcome::AlreadyActive) => say!(
                 "perfpy: pid {}: perf trampoline already on (CPython {}); left as it is",
                 p.pid,
-                p.version_string()
+                p.version
             ),
             Err(e) => return Err(anyhow::Error::new(e).context(format!("--inject-python: pid {}", p.pid))),
         }

@@ -198,9 +198,9 @@ impl ElfFacts {
             .map(|ph| (ph.p_offset(endian), ph.p_vaddr(endian), ph.p_filesz(endian)))
             .collect();
         let symbols = wanted_symbols(&elf);
-        let is_interpreter = EVAL.iter().any(|n| {
-            symbols.contains_key(std::str::from_utf8(n).expect("ASCII"))
-        });
+        let is_interpreter = EVAL
+            .iter()
+            .any(|n| symbols.contains_key(std::str::from_utf8(n).expect("ASCII")));
         let python_version = symbols
             .get("Py_Version")
             .filter(|_| is_interpreter)
@@ -449,7 +449,9 @@ mod tests {
             let section = elf.section_by_name(".PyRuntime").unwrap().address();
             let f = ElfFacts::parse(&data).unwrap();
             assert!(f.is_interpreter);
-            assert!(f.python_version.is_some_and(|v| v.minor_pair() == (3, minor)));
+            assert!(f
+                .python_version
+                .is_some_and(|v| v.minor_pair() == (3, minor)));
             assert_eq!(f.py_runtime, Some(section), "3.{minor}");
             let first = f.loads[0];
             assert_eq!(f.bias(first.1 & !0xfff, 0), Some(0));
@@ -459,7 +461,11 @@ mod tests {
     #[test]
     fn load_bias_of_pie_and_non_pie_mappings() {
         // A PIE file: text at p_offset 0x1000, p_vaddr 0x1000; mapped at 0x7f00_0000_0000.
-        let pie = [(0, 0, 0x800), (0x1000, 0x1000, 0x5000), (0x6000, 0x7000, 0x100)];
+        let pie = [
+            (0, 0, 0x800),
+            (0x1000, 0x1000, 0x5000),
+            (0x6000, 0x7000, 0x100),
+        ];
         let base = 0x7f00_0000_0000;
         assert_eq!(load_bias(&pie, base, 0), Some(base));
         assert_eq!(load_bias(&pie, base + 0x1000, 0x1000), Some(base));
@@ -579,16 +585,22 @@ mod tests {
 
     #[test]
     fn sigreturn_of_the_c_library() {
-        let libc = ["/lib/x86_64-linux-gnu/libc.so.6", "/usr/lib/x86_64-linux-gnu/libc.so.6"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-            .expect("libc");
+        let libc = [
+            "/lib/x86_64-linux-gnu/libc.so.6",
+            "/usr/lib/x86_64-linux-gnu/libc.so.6",
+        ]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("libc");
         let f = read_cached(&File::open(libc).unwrap()).unwrap();
         let at = f.sigreturn().expect("__restore_rt");
         let off = vaddr_to_offset(&f.loads, at).unwrap() as usize;
         assert_eq!(f.bytes()[off..off + SIGRETURN.len()], SIGRETURN);
         // Read once: the same facts for the same file.
-        assert!(Arc::ptr_eq(&f, &read_cached(&File::open(libc).unwrap()).unwrap()));
+        assert!(Arc::ptr_eq(
+            &f,
+            &read_cached(&File::open(libc).unwrap()).unwrap()
+        ));
     }
 
     proptest! {

@@ -116,7 +116,11 @@ impl Status {
     pub fn parse(text: &str) -> Self {
         let field = |name: &str| text.lines().find_map(|l| l.strip_prefix(name));
         let mut uids: Vec<u32> = field("Uid:")
-            .map(|v| v.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+            .map(|v| {
+                v.split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            })
             .unwrap_or_default();
         uids.sort_unstable();
         uids.dedup();
@@ -142,6 +146,39 @@ pub fn task_status(pid: u32, tid: u32) -> io::Result<Status> {
     Ok(Status::parse(&std::fs::read_to_string(format!(
         "/proc/{pid}/task/{tid}/status"
     ))?))
+}
+
+/// `/proc/PID/task/TID/syscall` of a thread that is not running: "NR ARG1 … ARG6 SP PC" in a
+/// system call, "-1 SP PC" blocked outside one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Syscall {
+    /// The system call number; negative when not in one.
+    pub nr: i64,
+    pub arg1: Option<i64>,
+    /// Its user stack pointer and instruction pointer (the last two fields).
+    pub sp_pc: Option<(u64, u64)>,
+}
+
+impl Syscall {
+    /// `None` for "running" (the registers are not known then) or text that does not parse.
+    pub fn parse(text: &str) -> Option<Self> {
+        let f: Vec<&str> = text.split_whitespace().collect();
+        let hex = |x: &str| u64::from_str_radix(x.trim_start_matches("0x"), 16).ok();
+        Some(Syscall {
+            nr: f.first()?.parse().ok()?,
+            arg1: f
+                .get(1)
+                .and_then(|a| i64::from_str_radix(a.trim_start_matches("0x"), 16).ok()),
+            sp_pc: (f.len() >= 3)
+                .then(|| Some((hex(f[f.len() - 2])?, hex(f[f.len() - 1])?)))
+                .flatten(),
+        })
+    }
+}
+
+/// A thread's [`Syscall`]: `None` while it runs, or once it is gone.
+pub fn task_syscall(pid: u32, tid: u32) -> Option<Syscall> {
+    Syscall::parse(&std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).ok()?)
 }
 
 /// A line of `/proc/PID/maps`.
@@ -349,17 +386,52 @@ mod tests {
 
     #[test]
     fn stat_with_a_name_holding_parentheses_and_spaces() {
-        let s = Stat::parse("42 (a) b (c)) S 7 42 42 0 -1 4194560 10 0 0 0 11 12 13 14 20 0 1 0 99 0 0\n");
+        let s = Stat::parse(
+            "42 (a) b (c)) S 7 42 42 0 -1 4194560 10 0 0 0 11 12 13 14 20 0 1 0 99 0 0\n",
+        );
         assert_eq!(
-            (s.state, s.ppid, s.flags, s.utime, s.stime, s.cutime, s.cstime, s.start_time),
-            ('S', Some(7), Some(4194560), Some(11), Some(12), Some(13), Some(14), Some(99))
+            (
+                s.state,
+                s.ppid,
+                s.flags,
+                s.utime,
+                s.stime,
+                s.cutime,
+                s.cstime,
+                s.start_time
+            ),
+            (
+                'S',
+                Some(7),
+                Some(4194560),
+                Some(11),
+                Some(12),
+                Some(13),
+                Some(14),
+                Some(99)
+            )
         );
         assert!(!s.is_exited() && Stat::parse("1 (x) Z 0").is_exited());
         assert_eq!(Stat::parse("").state, '?');
         let me = stat(std::process::id()).unwrap();
         assert_eq!(me.ppid, Some(std::os::unix::process::parent_id()));
         assert!(me.start_time.is_some_and(|t| t > 0));
-        assert!(tasks(std::process::id()).unwrap().contains(&std::process::id()));
+        assert!(tasks(std::process::id())
+            .unwrap()
+            .contains(&std::process::id()));
+    }
+
+    #[test]
+    fn syscall_lines() {
+        let s = Syscall::parse("0 0x3 0x7ffd 0x10 0x0 0x0 0x0 0x7ffd0 0x7f12\n").unwrap();
+        assert_eq!(
+            (s.nr, s.arg1, s.sp_pc),
+            (0, Some(3), Some((0x7ffd0, 0x7f12)))
+        );
+        let s = Syscall::parse("-1 0x7ffd0 0x7f12").unwrap();
+        assert_eq!((s.nr, s.sp_pc), (-1, Some((0x7ffd0, 0x7f12))));
+        assert_eq!(Syscall::parse("running\n"), None);
+        assert_eq!(Syscall::parse(""), None);
     }
 
     #[test]
@@ -371,7 +443,10 @@ mod tests {
         assert_eq!(s.nspid, Some(1));
         assert_eq!(s.sig_blk, Some(0x10000));
         assert_eq!(Status::parse(""), Status::default());
-        assert_eq!(status(std::process::id()).unwrap().nspid, Some(std::process::id()));
+        assert_eq!(
+            status(std::process::id()).unwrap().nspid,
+            Some(std::process::id())
+        );
     }
 
     #[test]
