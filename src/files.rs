@@ -15,6 +15,7 @@ use memmap2::Mmap;
 use object::read::elf::ElfFile64;
 use object::Object;
 use perfpy_process::elf::{ElfFacts, ElfFile, Section};
+use perfpy_process::{LiveMemory, ReadMemory};
 
 /// A byte range of a mapped file, handed to framehop as section data.
 #[derive(Clone)]
@@ -181,8 +182,7 @@ impl Files {
             .map(<[u8]>::to_vec)
             .or_else(|| {
                 let mut buf = vec![0u8; usize::try_from(size).ok().filter(|s| *s <= 1 << 20)?];
-                let mem = File::open(format!("/proc/{pid}/mem")).ok()?;
-                std::os::unix::fs::FileExt::read_exact_at(&mem, &mut buf, start).ok()?;
+                LiveMemory(pid).read_exact(start, &mut buf).ok()?;
                 Some(buf)
             });
         let f = image.and_then(|image| {
@@ -208,23 +208,15 @@ impl Files {
 }
 
 /// Our own vDSO image: from the address the kernel passed us in the auxiliary vector to the
-/// end of its mapping in `/proc/self/maps`.
+/// end of its mapping in our own `/proc/PID/maps`.
 fn own_vdso() -> Option<&'static [u8]> {
     // SAFETY: getauxval only reads the auxiliary vector.
     let base = unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) };
     if base == 0 {
         return None;
     }
-    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    let end = maps.lines().find_map(|l| {
-        let range = l.split_whitespace().next()?;
-        let (a, b) = range.split_once('-')?;
-        let (a, b) = (
-            u64::from_str_radix(a, 16).ok()?,
-            u64::from_str_radix(b, 16).ok()?,
-        );
-        (a == base).then_some(b)
-    })?;
+    let maps = perfpy_process::proc::maps(std::process::id()).ok()?;
+    let end = maps.iter().find(|m| m.start == base)?.end;
     let len = usize::try_from(end.checked_sub(base)?).ok()?;
     // SAFETY: the vDSO is mapped readable for the life of the process at `base..end` (read from
     // our own maps just now) and never changes.
