@@ -11,9 +11,6 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use memmap2::Mmap;
-use object::read::elf::ElfFile64;
-use object::Object;
 use perfpy_process::elf::{ElfFacts, ElfFile, Section};
 use perfpy_process::{LiveMemory, ReadMemory};
 
@@ -300,23 +297,17 @@ fn find_debug_file(root: BorrowedFd<'_>, uids: &[u32], path: &str, elf: &ElfFact
         let Ok(file) = open_in_root(root, &cand, &rules, &crate::signals::ABORT_READS) else {
             continue;
         };
-        // SAFETY: a read-only private mapping of a regular file (see
-        // `perfpy_process::elf::read_file`).
-        let Ok(map) = (unsafe { Mmap::map(&file) }) else {
+        let Ok(dbg) = perfpy_process::elf::read_file(&file) else {
             continue;
         };
-        let Ok(dbg) = ElfFile64::<object::Endianness>::parse(&map[..]) else {
-            continue;
-        };
-        let useful = dbg.section_by_name(".debug_info").is_some()
-            || dbg.section_by_name(".symtab").is_some();
-        let their_id = dbg.build_id().ok().flatten();
+        let useful = dbg.has_dwarf || dbg.has_symtab;
+        let their_id = dbg.build_id.as_deref();
         let matches = match (&elf.build_id, their_id) {
-            (Some(a), Some(b)) => a[..] == *b,
+            (Some(a), Some(b)) => a[..] == b[..],
             _ if by_id => false,
             _ => elf.debuglink.as_ref().is_some_and(|(_, crc)| {
                 let mut c = flate2::Crc::new();
-                c.update(&map);
+                c.update(dbg.bytes());
                 c.sum() == *crc
             }),
         };
@@ -331,7 +322,7 @@ fn find_debug_file(root: BorrowedFd<'_>, uids: &[u32], path: &str, elf: &ElfFact
 #[cfg(test)]
 mod tests {
     use super::*;
-    use object::ObjectSymbol;
+    use object::{Object, ObjectSymbol};
 
     #[test]
     fn vdso_image_is_an_elf_file_with_unwind_tables() {
@@ -388,6 +379,7 @@ mod tests {
             eval_range: None,
             py_runtime: None,
             has_dwarf: false,
+            has_symtab: false,
             debuglink: Some((b"libx.so.debug".to_vec(), 0)),
         };
         let c: Vec<String> = debug_candidates("/usr/lib/libx.so", &elf)

@@ -48,6 +48,8 @@ pub struct ElfFacts {
     pub build_id: Option<Vec<u8>>,
     /// Has DWARF (`.debug_info`) of its own: no separate debug file is looked for.
     pub has_dwarf: bool,
+    /// Has a symbol table (`.symtab`), not only the dynamic one.
+    pub has_symtab: bool,
     /// `.gnu_debuglink`: the name of its separate debug file and that file's CRC-32.
     pub debuglink: Option<(Vec<u8>, u32)>,
     pub sections: UnwindSections,
@@ -228,6 +230,7 @@ impl ElfFacts {
         Ok(ElfFacts {
             build_id: elf.build_id().ok().flatten().map(<[u8]>::to_vec),
             has_dwarf: elf.section_by_name(".debug_info").is_some(),
+            has_symtab: elf.section_by_name(".symtab").is_some(),
             debuglink: elf
                 .gnu_debuglink()
                 .ok()
