@@ -228,8 +228,9 @@ fn signals_at_random_moments_leave_targets_as_found() {
         );
         if status.success() {
             exit0 += 1;
-            let d = decode(&out);
-            assert!(d.total() >= 0, "{what}");
+            // A complete profile (decode fails on a partial one); it may hold no sample when
+            // the fault came before the first one.
+            decode(&out);
         } else {
             nonzero += 1;
             // A non-zero exit says why.

@@ -120,6 +120,39 @@ pub(super) struct Collector {
 }
 
 impl Collector {
+    /// An empty collector; `walker`: the eBPF walker, if loaded; `filter`: see [`Collector::filter`].
+    pub(super) fn new(
+        walker: Option<perfpy_bpf::Walker>,
+        max_frames: usize,
+        filter: bool,
+    ) -> Collector {
+        Collector {
+            py: walker.map(|walker| PyWalk {
+                walker,
+                reader: perfpy_bpf::CodeReader::default(),
+                procs: HashMap::new(),
+                pending: HashMap::new(),
+                tried: HashSet::new(),
+            }),
+            files: Files::default(),
+            procs: Vec::new(),
+            live: HashMap::new(),
+            profile: Profile::default(),
+            stats: Stats::default(),
+            max_frames,
+            scratch_addrs: Vec::with_capacity(256),
+            scratch_sps: Vec::with_capacity(256),
+            scratch_locs: Vec::with_capacity(256),
+            exited: HashSet::new(),
+            to_release: Default::default(),
+            dying: HashMap::new(),
+            walked: HashSet::new(),
+            walk_refused: HashMap::new(),
+            filter,
+            not_ours: HashSet::new(),
+        }
+    }
+
     /// Frees what processes that exited at least `after` ago held only while alive: their
     /// mappings and unwind tables, their root directory, their place in the eBPF walker. Other
     /// CPUs' rings may still hold their last samples for a moment, hence the delay.
