@@ -17,6 +17,7 @@ mod capture;
 mod collect;
 mod events;
 mod inject;
+pub mod live;
 mod session;
 mod summary;
 
@@ -65,7 +66,8 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         dest,
         otlp,
         to_inject,
-    } = plan(&opts)?;
+    } = plan(&opts, true)?;
+    let dest = dest.context("no output file")?;
     if opts.subprocesses && opts.pids.is_empty() {
         say!("perfpy: note: --subprocesses is for -p: a launched command's child processes are always profiled, and -a profiles every process");
     }
@@ -236,13 +238,15 @@ fn name_frames(
 struct Plan {
     tgids: Vec<u32>,
     target_name: String,
-    dest: crate::output::dest::Dest,
+    /// None: no file asked for, and none by default (`top` without -o).
+    dest: Option<crate::output::dest::Dest>,
     otlp: Option<crate::output::otlp_export::Exporter>,
     to_inject: Vec<perfpy_inject::PythonProcess>,
 }
 
 /// The first step of a recording: every check that needs no side effect on a target.
-fn plan(opts: &Options) -> Result<Plan> {
+/// `default_file`: without -o, write to perfpy-<target>-<time>.<ext>.
+fn plan(opts: &Options, default_file: bool) -> Result<Plan> {
     if opts.rate == 0 || opts.rate > 100_000 {
         bail!(
             "invalid rate {}: give samples per second between 1 and 100000 (e.g. -r 100)",
@@ -274,14 +278,18 @@ fn plan(opts: &Options) -> Result<Plan> {
             .collect::<Vec<_>>()
             .join("-")
     };
-    let out_path = opts.output.clone().unwrap_or_else(|| {
+    let out_path = opts.output.clone().or_else(|| {
         let ts = chrono_like_now();
-        PathBuf::from(format!(
-            "perfpy-{target_name}-{ts}.{}",
-            opts.format.extension()
-        ))
+        default_file.then(|| {
+            PathBuf::from(format!(
+                "perfpy-{target_name}-{ts}.{}",
+                opts.format.extension()
+            ))
+        })
     });
-    let dest = crate::output::dest::Dest::prepare(&out_path)?;
+    let dest = out_path
+        .map(|p| crate::output::dest::Dest::prepare(&p))
+        .transpose()?;
     // A wrong or unreachable Collector is found now, before anything is done to a target.
     let otlp = opts
         .otlp
