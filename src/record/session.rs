@@ -34,7 +34,7 @@ pub(super) struct Session {
     pub(super) start: Instant,
     pub(super) start_wall: SystemTime,
     /// The "recording 1.5s samples …" line on a terminal.
-    status_line: bool,
+    pub(super) status_line: bool,
     last_status: Instant,
     scratch: Vec<u8>,
     ep_events: Vec<EpollEvent>,
