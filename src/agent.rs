@@ -116,14 +116,14 @@ impl Health {
             let waiting = st.pending + u64::from(profiles > 0);
             let export = if failing {
                 format!(
-                    "export failing: {} sent, {waiting} waiting, {} dropped (last error: {})",
+                    "export failing: {} sent, {waiting} queued, {} dropped (last error: {})",
                     st.sent,
                     st.dropped(),
                     st.last_error.as_deref().unwrap_or("none yet")
                 )
             } else if recovered {
                 format!(
-                    "export recovered: {} sent, {waiting} waiting, {} dropped",
+                    "export recovered: {} sent, {waiting} queued, {} dropped",
                     st.sent,
                     st.dropped()
                 )
