@@ -3,6 +3,7 @@
 #[macro_use]
 mod say;
 
+mod agent;
 mod coverage;
 mod dump;
 mod dump_locals;
@@ -91,6 +92,12 @@ enum Cmd {
     /// k native and kernel frames, space pause, q quit). Without a terminal on stdout, a plain
     /// table per interval.
     Top(TopArgs),
+    /// Continuous profiling: sample until SIGTERM/Ctrl-C (the whole machine, or -p) and export
+    /// each interval's profile to an OpenTelemetry Collector (OTLP profiles).
+    #[command(
+        after_help = "Examples:\n  perfpy agent --otlp-endpoint http://collector:4318\n  perfpy agent -p 1234 --interval 30s\n  OTEL_EXPORTER_OTLP_ENDPOINT=http://collector:4318 perfpy agent"
+    )]
+    Agent(AgentArgs),
     /// What this machine supports and, per Python process, its version, interpreter and how
     /// perfpy names its frames.
     Info {
@@ -292,6 +299,49 @@ fn one_target(pids: &[i32], command: &[String], all: bool) -> Result<()> {
     }
 }
 
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// Process to profile, with all its threads. Repeatable. Default: every process (-a).
+    #[arg(short = 'p', long = "pid", value_name = "PID")]
+    pids: Vec<i32>,
+    /// Every process on every CPU, leniently (the default).
+    #[arg(
+        short = 'a',
+        long = "all-cpus",
+        visible_alias = "all",
+        conflicts_with = "pids"
+    )]
+    all: bool,
+    /// How often a profile is exported: each holds the samples of its interval.
+    #[arg(long, default_value = "10s", value_parser = parse_interval, value_name = "DURATION")]
+    interval: Duration,
+    /// Samples per second per CPU (-a) or thread (-p).
+    #[arg(short = 'r', long = "rate", visible_alias = "freq", short_alias = 'F', default_value_t = 100, value_parser = parse_rate, value_name = "HZ")]
+    rate: u64,
+    /// The Collector's OTLP/HTTP address, e.g. http://collector:4318. Default: from
+    /// OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT, else
+    /// http://localhost:4318 (headers, timeout, compression, certificate: the
+    /// OTEL_EXPORTER_OTLP_* variables). Not checked at start: an absent Collector is retried.
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
+    /// Turn on CPython 3.12+'s perf trampoline in the targets while the agent runs (as record
+    /// --inject-python): only where the eBPF walker cannot run.
+    #[arg(long)]
+    inject_python: bool,
+    /// Do not load the eBPF frame walker (Python frames from perf trampolines only).
+    #[arg(long)]
+    no_ebpf: bool,
+}
+
+/// `--interval`: a duration of at least one second.
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("interval '{s}' is too short: give 1s or more"));
+    }
+    Ok(d)
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let err = || format!("invalid duration '{s}': use e.g. 30, 30s, 500ms, 2m or 1h");
@@ -413,6 +463,38 @@ fn run(cli: Cli) -> Result<i32> {
             let (opts, top) = top_options(a);
             record::live::run(opts, top, stop)?;
             Ok(0)
+        }
+        Cmd::Agent(a) => {
+            let stop = signals::install()?;
+            let otlp = output::otlp_export::Config::resolve(a.otlp_endpoint.as_deref(), &|k| {
+                std::env::var(k).ok()
+            })?;
+            agent::run(
+                agent::Options {
+                    record: record::Options {
+                        all: a.pids.is_empty(),
+                        pids: a.pids,
+                        command: Vec::new(),
+                        duration: None,
+                        rate: a.rate,
+                        output: None,
+                        format: Format::Pprof,
+                        stack_size: None,
+                        max_frames: 512,
+                        max_python_frames: perfpy_bpf::DEFAULT_PY_FRAMES,
+                        keep_interpreter: false,
+                        python_perf_env: None,
+                        inject_python: a.inject_python,
+                        ebpf: !a.no_ebpf,
+                        otlp: None,
+                        subprocesses: false,
+                        lines: report::Lines::Current,
+                    },
+                    interval: a.interval,
+                    otlp,
+                },
+                stop,
+            )
         }
         Cmd::Record(a) => {
             one_target(&a.pids, &a.command, a.all)?;

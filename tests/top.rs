@@ -156,10 +156,11 @@ fn hot_function_on_top_sorting_keys_and_q() {
     };
     let (ok, s) = t.wait(Duration::from_secs(30), |s| s.contains("perfpy top: pid"));
     assert!(ok, "no screen:\n{s}");
-    assert!(s.contains("frames from the eBPF walker"), "{s}");
     assert!(s.contains("o own  t total  n name"), "no footer:\n{s}");
     let (ok, s) = t.wait(Duration::from_secs(3), |s| top_row_is(s, "spin ("));
     assert!(ok, "spin not on top within 3 s:\n{s}");
+    assert!(s.contains("CPython 3.12"), "{s}");
+    assert!(s.contains("frames from the eBPF walker"), "{s}");
     assert!(s.contains("hot_function ("), "{s}");
 
     // Total: a root of every stack first (ties by name: <module>).

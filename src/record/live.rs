@@ -1,23 +1,19 @@
-//! `perfpy top`: the recording's sampling session (same events, same walker, same cost on the
-//! targets as `record` at the same rate), read every interval into the view model of
-//! `crate::top`, on a terminal screen or as plain tables.
-//!
-//! Naming is incremental: each interval names only the locations sampled for the first time
-//! (one `symbols::resolve` over a profile of just those), and each stack is turned into frame
-//! names once.
+//! `perfpy top`: the recording's sampling session taken interval by interval
+//! ([`super::interval::Periodic`]: same events, same walker, same cost on the targets as
+//! `record` at the same rate; each location named once, in the interval it first appears),
+//! fed into the view model of `crate::top`, on a terminal screen or as plain tables.
 
-use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
-use super::collect::Collector;
-use super::session::{End, Session};
-use super::{name_frames, plan, sampled, write, Named, Options, Outcome, Plan};
-use crate::profile::{Profile, SampleKey};
+use super::interval::{Interval, Periodic};
+use super::{write, Options};
+use crate::output::dest::Dest;
+use crate::report::Report;
 use crate::symbols::Kind;
 use crate::top::model::{Class, Model, Stack, View};
 use crate::top::screen::{self, Action, Header, Terminal};
@@ -34,16 +30,9 @@ pub struct TopOptions {
     pub rows: usize,
 }
 
-/// Names what the collector sampled, interval by interval.
-#[derive(Default)]
-struct Feed {
-    /// Per collector location: its frames in the model (leaf first, inlined ones included).
-    locs: Vec<Vec<u32>>,
-    /// Per collector stack: its frames in the model, once named.
-    stacks: Vec<Option<Vec<u32>>>,
-    /// The collector's counts at the last interval's end.
-    seen: HashMap<SampleKey, u64>,
-}
+/// On a terminal, the session is read in slices this long, so that keys are answered promptly;
+/// the view's interval is made of such slices.
+const SLICE: Duration = Duration::from_millis(100);
 
 fn class(k: Kind) -> Class {
     match k {
@@ -54,164 +43,186 @@ fn class(k: Kind) -> Class {
     }
 }
 
+/// What the intervals add up to: the model, the header's figures and, with -o, the profile of
+/// the whole run.
+struct Feed {
+    model: Model,
+    header: Header,
+    /// The intervals' reports, one after the other (with -o).
+    whole: Option<Report>,
+}
+
 impl Feed {
-    /// Names the locations sampled for the first time since the last call.
-    fn name_new(&mut self, c: &Collector, opts: &Options, model: &mut Model) {
-        let known = self.locs.len();
-        if c.profile.locations.len() == known {
-            return;
-        }
-        let mut fresh = Profile::default();
-        for k in &c.profile.locations[known..] {
-            fresh.location(*k);
-        }
-        fresh.py_functions = c.profile.py_functions.clone();
-        let procs = c.procs.iter().map(|p| (p.key, p)).collect();
-        // The interpreter's frames are named too (from its symbol table: cheap): whether a
-        // stack shows them is the view's choice.
-        let mut named = crate::symbols::resolve(&fresh, &c.files, &procs, true);
-        crate::report::set_lines(&mut named.resolved, &fresh, opts.lines);
-        for r in &named.resolved {
-            let ids = (0..r.frames.len())
-                .map(|i| model.frame(crate::report::display_name(r, i), class(r.kind)))
-                .collect();
-            self.locs.push(ids);
+    fn new(header: Header, keep: bool) -> Feed {
+        Feed {
+            model: Model::default(),
+            header,
+            whole: keep.then(empty_report),
         }
     }
 
-    /// Adds what was sampled since the last call to the model: to a new interval, or (paused)
-    /// only to the figures since the start.
-    fn tick(&mut self, c: &Collector, opts: &Options, model: &mut Model, paused: bool) {
-        self.name_new(c, opts, model);
-        if !paused {
-            model.next_interval();
+    /// Adds an interval's samples: to the view's current interval, or (paused) only to the
+    /// figures since the start.
+    fn add(&mut self, iv: Interval, current: bool) {
+        let r = &iv.report;
+        let m = &mut self.model;
+        for s in &r.samples {
+            let frames = s
+                .locs
+                .iter()
+                .flat_map(|l| {
+                    let res = &r.resolved[*l as usize];
+                    (0..res.frames.len()).map(move |i| (res, i))
+                })
+                .map(|(res, i)| m.frame(crate::report::display_name(res, i), class(res.kind)))
+                .collect();
+            m.thread_name(s.tid, &s.thread);
+            m.add(Stack { tid: s.tid, frames }, s.count, current);
+            if let Some(v) = &s.python_version {
+                let v = format!("CPython {v}");
+                if !self.header.python.split(", ").any(|p| p == v) {
+                    if !self.header.python.is_empty() {
+                        self.header.python.push_str(", ");
+                    }
+                    self.header.python.push_str(&v);
+                }
+            }
+            if s.frames_from.contains("ebpf") {
+                self.header.frames_from = "eBPF walker".into();
+            } else if s.frames_from.contains("trampoline") && self.header.frames_from.is_empty() {
+                self.header.frames_from = "perf trampoline".into();
+            }
         }
-        let procs: HashMap<u32, &crate::process::Process> =
-            c.procs.iter().map(|p| (p.key, p)).collect();
-        self.stacks.resize(c.profile.stacks.len(), None);
-        for (key, &count) in &c.profile.counts {
-            let before = self.seen.insert(*key, count).unwrap_or(0);
-            if count <= before {
-                continue;
-            }
-            let frames = self.stacks[key.stack as usize].get_or_insert_with(|| {
-                c.profile.stacks[key.stack as usize]
-                    .iter()
-                    .flat_map(|l| self.locs[*l as usize].iter().copied())
-                    .collect()
-            });
-            if let Some(name) = procs.get(&key.proc).and_then(|p| p.threads.get(&key.tid)) {
-                model.thread_name(key.tid, name);
-            }
-            model.add(
-                Stack {
-                    tid: key.tid,
-                    frames: frames.clone(),
-                },
-                count - before,
-                !paused,
-            );
+        self.header.samples += iv.samples;
+        self.header.lost += iv.lost;
+        if let Some(w) = self.whole.as_mut() {
+            append(w, iv.report);
         }
     }
 }
 
-/// The header's figures, read from the session.
-fn header(s: &Session, opts: &Options, top: &TopOptions, target: &str) -> Header {
-    let mut versions: Vec<String> =
-        s.c.procs
-            .iter()
-            .filter_map(|p| p.python_version.as_ref().map(|v| format!("CPython {v}")))
-            .collect();
-    versions.sort();
-    versions.dedup();
-    let frames_from = if s.c.py.is_some() {
-        "eBPF walker"
-    } else if opts.inject_python || s.capture.perf_env_set {
-        "perf trampoline"
-    } else {
-        "native unwinder only"
-    };
-    Header {
-        target: target.to_string(),
-        rate: opts.rate,
-        elapsed: s.start.elapsed(),
-        interval: top.interval,
-        samples: s.c.stats.samples,
-        lost: s.c.stats.lost,
-        python: versions.join(", "),
-        frames_from: frames_from.to_string(),
-        paused: false,
-        ended: None,
+fn empty_report() -> Report {
+    Report {
+        locations: Vec::new(),
+        resolved: Vec::new(),
+        samples: Vec::new(),
+        period_ns: 0,
+        start: std::time::SystemTime::now(),
+        duration: Duration::ZERO,
+        files: Vec::new(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+    }
+}
+
+/// Appends an interval's report to the whole run's (locations are the interval's own: they
+/// are renumbered after those already there).
+fn append(whole: &mut Report, mut r: Report) {
+    let base = whole.locations.len() as u32;
+    if whole.locations.is_empty() && whole.samples.is_empty() {
+        whole.start = r.start;
+    }
+    whole.locations.append(&mut r.locations);
+    whole.resolved.append(&mut r.resolved);
+    for mut s in r.samples {
+        for l in &mut s.locs {
+            *l += base;
+        }
+        whole.samples.push(s);
+    }
+    whole.period_ns = r.period_ns;
+    whole.duration += r.duration;
+    // File ids are the session's: later lists extend earlier ones.
+    if r.files.len() >= whole.files.len() {
+        whole.files = r.files;
     }
 }
 
 /// Runs `perfpy top`: the live view until `q`, Ctrl-C, a signal, the duration or the targets'
 /// end; then, with -o, the profile of the whole run written as `record` writes it.
-pub fn run(opts: Options, top: TopOptions, stop: Arc<AtomicBool>) -> Result<Outcome> {
+pub fn run(opts: Options, top: TopOptions, stop: Arc<AtomicBool>) -> Result<()> {
     if opts.otlp.is_some() {
         bail!("--otlp-endpoint is for perfpy record");
     }
-    let Plan {
-        tgids,
-        target_name,
-        dest,
-        otlp: _,
-        to_inject,
-    } = plan(&opts, false)?;
+    // An unwritable output fails now, before anything is done to a target.
+    let dest = opts.output.as_deref().map(Dest::prepare).transpose()?;
     let tty = std::io::stdout().is_terminal();
-    let mut s = Session::start(&opts, tgids, &to_inject, &stop)?;
-    s.status_line = false;
-    let target = sampled(&opts, &s);
+    let duration = opts.duration;
+    let (format, rate) = (opts.format, opts.rate);
+    let mut p = Periodic::start(opts, stop.clone())?;
+    let target = p.sampled();
+    let header = Header {
+        target: target.clone(),
+        rate,
+        interval: top.interval,
+        ..Header::default()
+    };
+    let mut feed = Feed::new(header, dest.is_some());
     let mut view = View {
         thread: top.tid,
         ..View::default()
     };
-    let end = if tty {
+    let started = Instant::now();
+    let ending = Ending {
+        stop: &stop,
+        until: duration.map(|d| started + d),
+        started,
+    };
+    let reason = if tty {
         let mut term = Terminal::enter()?;
         let mut last = None;
-        let end = live(
-            &mut s, &opts, &top, &stop, &target, &mut view, &mut term, &mut last,
+        let reason = live(
+            &mut p, &top, &ending, &mut feed, &mut view, &mut term, &mut last,
         );
         drop(term);
         if let Some(table) = last {
             out!("{}", table.trim_end());
         }
-        end
+        reason
     } else {
         say!(
-            "perfpy: sampling {target} at {} Hz, a table every {}s",
-            opts.rate,
+            "perfpy: sampling {target} at {rate} Hz, a table every {}s",
             top.interval.as_secs_f64()
         );
-        tables(&mut s, &opts, &top, &stop, &target, &mut view)
+        tables(&mut p, &top, &ending, &mut feed, &mut view)
     };
-    let fin = s.finish(&opts, end);
     say!(
-        "perfpy: top ended ({}) after {:.1}s: {} samples, {} lost",
-        end.reason,
-        fin.duration.as_secs_f64(),
-        s.c.stats.samples,
-        s.c.stats.lost
+        "perfpy: top ended ({reason}) after {:.1}s: {} samples, {} lost",
+        started.elapsed().as_secs_f64(),
+        feed.header.samples,
+        feed.header.lost
     );
-    match dest {
-        Some(dest) => {
-            let Named { report, .. } = name_frames(
-                &s.c,
-                &opts,
-                &mut s.injection.deactivator,
-                s.capture.period_ns,
-                s.start_wall,
-                fin.duration,
-            );
-            let name = dest.display();
-            dest.write_with(|w| write(&report, opts.format, &target_name, w))?;
-            say!("perfpy: wrote {name}");
-        }
-        None => s.injection.deactivator.finish(),
+    if let (Some(dest), Some(whole)) = (dest, feed.whole) {
+        let name = dest.display();
+        let title = format!("perfpy top {target}");
+        dest.write_with(|w| write(&whole, format, &title, w))?;
+        say!("perfpy: wrote {name}");
     }
-    Ok(Outcome {
-        child_status: fin.child_status,
-    })
+    Ok(())
+}
+
+/// When the view ends on its own: a signal, the duration.
+struct Ending<'a> {
+    stop: &'a AtomicBool,
+    until: Option<Instant>,
+    started: Instant,
+}
+
+impl Ending<'_> {
+    /// The next deadline: `want`, or the duration's end if sooner.
+    fn deadline(&self, want: Instant) -> Instant {
+        self.until.map_or(want, |u| u.min(want))
+    }
+
+    fn duration_elapsed(&self) -> bool {
+        self.until.is_some_and(|u| Instant::now() >= u)
+    }
+}
+
+/// Ends the session (the stop flag, as a signal would) and takes its last interval.
+fn finish(p: &mut Periodic, e: &Ending, feed: &mut Feed, current: bool) {
+    e.stop.store(true, Ordering::Relaxed);
+    let iv = p.next(Instant::now());
+    feed.add(iv, current);
 }
 
 /// Picks the thread named by --thread once it has been seen.
@@ -229,46 +240,50 @@ fn pick_thread(view: &mut View, model: &Model, top: &TopOptions, picked: &mut bo
     }
 }
 
-/// The terminal screen: redrawn every interval and on every key. Returns why it ended.
+/// The terminal screen: redrawn every interval and on every key. Returns why it ended; `last`
+/// gets the final table when the session ended on its own (printed once the terminal is back).
 fn live(
-    s: &mut Session,
-    opts: &Options,
+    p: &mut Periodic,
     top: &TopOptions,
-    stop: &AtomicBool,
-    target: &str,
+    e: &Ending,
+    feed: &mut Feed,
     view: &mut View,
     term: &mut Terminal,
     last: &mut Option<String>,
-) -> End {
-    let mut feed = Feed::default();
-    let mut model = Model::default();
+) -> String {
     let mut paused = false;
     let mut picked = false;
     let mut next = Instant::now() + top.interval;
-    let mut h = header(s, opts, top, target);
-    let draw = |term: &mut Terminal, h: &Header, model: &Model, view: &View| {
+    let draw = |term: &mut Terminal, feed: &Feed, view: &View| {
         let (w, rows) = term.size();
         // A failed draw (terminal gone) ends nothing: the signal that follows does.
-        let _ = term.draw(&screen::screen(h, model, view, w, rows));
+        let _ = term.draw(&screen::screen(&feed.header, &feed.model, view, w, rows));
     };
-    draw(term, &h, &model, view);
-    let end = loop {
-        let slice = next.min(Instant::now() + Duration::from_millis(50));
-        if let Some(end) = s.collect_until(opts, stop, Some(slice)) {
-            break end;
+    draw(term, feed, view);
+    loop {
+        let iv = p.next(e.deadline(next.min(Instant::now() + SLICE)));
+        let ended = iv.end;
+        feed.add(iv, !paused);
+        if ended.is_some() || e.duration_elapsed() {
+            if ended.is_none() {
+                finish(p, e, feed, !paused);
+            }
+            let reason = ended.unwrap_or("duration elapsed").to_string();
+            feed.model.next_interval();
+            feed.header.elapsed = e.started.elapsed();
+            *last = Some(screen::plain(&feed.header, &feed.model, view, top.rows));
+            return reason;
         }
         let (keys, mut redraw) = term.keys();
         for k in &keys {
-            match screen::key(k, view, &model) {
+            match screen::key(k, view, &feed.model) {
                 Action::Quit => {
-                    return End {
-                        reason: "quit",
-                        child_status: None,
-                    }
+                    finish(p, e, feed, false);
+                    return "quit".to_string();
                 }
                 Action::TogglePause => {
                     paused = !paused;
-                    h.paused = paused;
+                    feed.header.paused = paused;
                     redraw = true;
                 }
                 Action::Redraw => redraw = true,
@@ -277,48 +292,38 @@ fn live(
         }
         if Instant::now() >= next {
             next += top.interval;
-            feed.tick(&s.c, opts, &mut model, paused);
-            pick_thread(view, &model, top, &mut picked);
+            pick_thread(view, &feed.model, top, &mut picked);
             if !paused {
-                h = header(s, opts, top, target);
+                feed.header.elapsed = e.started.elapsed();
+                feed.model.next_interval();
                 redraw = true;
             }
         }
         if redraw {
-            draw(term, &h, &model, view);
+            draw(term, feed, view);
         }
-    };
-    // The targets ended (or the duration): their last figures are printed once the terminal
-    // is restored (`run`).
-    feed.tick(&s.c, opts, &mut model, false);
-    *last = Some(screen::plain(
-        &header(s, opts, top, target),
-        &model,
-        view,
-        top.rows,
-    ));
-    end
+    }
 }
 
-/// Plain tables on stdout, one per interval, until the recording ends or stdout is closed.
+/// Plain tables on stdout, one per interval, until the session ends or stdout is closed.
 fn tables(
-    s: &mut Session,
-    opts: &Options,
+    p: &mut Periodic,
     top: &TopOptions,
-    stop: &AtomicBool,
-    target: &str,
+    e: &Ending,
+    feed: &mut Feed,
     view: &mut View,
-) -> End {
-    let mut feed = Feed::default();
-    let mut model = Model::default();
+) -> String {
     let mut picked = false;
     let mut next = Instant::now() + top.interval;
     loop {
-        let end = s.collect_until(opts, stop, Some(next));
+        let iv = p.next(e.deadline(next));
         next += top.interval;
-        feed.tick(&s.c, opts, &mut model, false);
-        pick_thread(view, &model, top, &mut picked);
-        let table = screen::plain(&header(s, opts, top, target), &model, view, top.rows);
+        let ended = iv.end;
+        feed.add(iv, true);
+        feed.model.next_interval();
+        pick_thread(view, &feed.model, top, &mut picked);
+        feed.header.elapsed = e.started.elapsed();
+        let table = screen::plain(&feed.header, &feed.model, view, top.rows);
         let mut out = std::io::stdout();
         if out
             .write_all(table.as_bytes())
@@ -326,13 +331,15 @@ fn tables(
             .is_err()
         {
             // `perfpy top … | head`: the reader is gone.
-            return End {
-                reason: "stdout closed",
-                child_status: None,
-            };
+            finish(p, e, feed, false);
+            return "stdout closed".to_string();
         }
-        if let Some(end) = end {
-            return end;
+        if let Some(why) = ended {
+            return why.to_string();
+        }
+        if e.duration_elapsed() {
+            finish(p, e, feed, false);
+            return "duration elapsed".to_string();
         }
     }
 }

@@ -33,7 +33,7 @@ pub(super) struct Session {
     /// When sampling started (the line "perfpy: sampling …" is said then).
     pub(super) start: Instant,
     pub(super) start_wall: SystemTime,
-    /// The "recording 1.5s samples …" line on a terminal (off under `top`'s own screen).
+    /// The "recording 1.5s samples …" line on a terminal.
     pub(super) status_line: bool,
     last_status: Instant,
     scratch: Vec<u8>,

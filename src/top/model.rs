@@ -101,7 +101,9 @@ pub struct Model {
     frame_ids: HashMap<Frame, u32>,
     stacks: Vec<Stack>,
     stack_ids: HashMap<Stack, u32>,
-    /// Per stack id: samples in the last interval and since the start.
+    /// Per stack id: samples in the interval being taken, in the last one complete, and
+    /// since the start.
+    pending: HashMap<u32, u64>,
     now: HashMap<u32, u64>,
     all: HashMap<u32, u64>,
     threads: BTreeMap<u32, String>,
@@ -130,12 +132,13 @@ impl Model {
         self.threads.iter().map(|(t, n)| (*t, n.as_str()))
     }
 
-    /// A new interval begins: the last one's counts are dropped (those since the start stay).
+    /// The interval being taken is complete: it becomes the last interval shown, and a new one
+    /// begins.
     pub fn next_interval(&mut self) {
-        self.now.clear();
+        self.now = std::mem::take(&mut self.pending);
     }
 
-    /// Adds samples of a stack to the current interval (and since the start) or, with
+    /// Adds samples of a stack to the interval being taken (and since the start) or, with
     /// `interval` false, since the start only (samples taken while the view was paused).
     pub fn add(&mut self, stack: Stack, count: u64, interval: bool) {
         self.threads.entry(stack.tid).or_default();
@@ -149,7 +152,7 @@ impl Model {
             }
         };
         if interval {
-            *self.now.entry(id).or_default() += count;
+            *self.pending.entry(id).or_default() += count;
         }
         *self.all.entry(id).or_default() += count;
     }
@@ -288,6 +291,7 @@ mod tests {
             10,
             true,
         );
+        m.next_interval();
         m
     }
 
@@ -331,7 +335,6 @@ mod tests {
     #[test]
     fn interval_and_since_start() {
         let mut m = model();
-        m.next_interval();
         let idle = m.frame("idle (a.py:20)".into(), Class::Python);
         let main = m.frame("main (a.py:1)".into(), Class::Python);
         m.add(
@@ -351,6 +354,9 @@ mod tests {
             5,
             false,
         );
+        // Not shown before the interval is complete.
+        assert_eq!(m.table(&View::default()).samples_now, 100);
+        m.next_interval();
         let t = m.table(&View::default());
         assert_eq!(t.samples_now, 30);
         assert_eq!(t.samples_all, 135);
@@ -409,6 +415,7 @@ mod tests {
             7,
             true,
         );
+        m.next_interval();
         let t = m.table(&View::default());
         assert_eq!((t.rows[0].own_now, t.rows[0].total_now), (7, 7));
     }

@@ -302,6 +302,7 @@ mod tests {
             1,
             true,
         );
+        m.next_interval();
         m
     }
 
