@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 use super::interval::{Interval, Periodic};
 use super::{write, Options};
@@ -140,9 +140,6 @@ fn append(whole: &mut Report, mut r: Report) {
 /// Runs `perfpy top`: the live view until `q`, Ctrl-C, a signal, the duration or the targets'
 /// end; then, with -o, the profile of the whole run written as `record` writes it.
 pub fn run(opts: Options, top: TopOptions, stop: Arc<AtomicBool>) -> Result<()> {
-    if opts.otlp.is_some() {
-        bail!("--otlp-endpoint is for perfpy record");
-    }
     // An unwritable output fails now, before anything is done to a target.
     let dest = opts.output.as_deref().map(Dest::prepare).transpose()?;
     let tty = std::io::stdout().is_terminal();

@@ -25,8 +25,6 @@ pub struct Header {
     /// Where Python frames come from: "eBPF walker", "perf trampoline", "native only".
     pub frames_from: String,
     pub paused: bool,
-    /// Why sampling ended, once it has (the screen stays until `q`).
-    pub ended: Option<String>,
 }
 
 pub const FOOTER: &str =
@@ -62,7 +60,7 @@ fn table_lines(t: &Table, interval: Duration, rows: usize) -> Vec<String> {
     let mut v = vec![
         format!(
             "{:>14}  {:>14}",
-            format!("last {:.0}s", interval.as_secs_f64()),
+            format!("last {}s", interval.as_secs_f64()),
             "since start"
         ),
         format!(
@@ -110,11 +108,7 @@ pub fn screen(h: &Header, model: &Model, v: &View, width: usize, height: usize) 
             h.lost,
             thread_name(model, v),
             sort_name(v),
-            match (&h.ended, h.paused) {
-                (Some(why), _) => format!("  [sampling ended: {why}]"),
-                (None, true) => "  [paused]".to_string(),
-                _ => String::new(),
-            }
+            if h.paused { "  [paused]" } else { "" }
         ),
         String::new(),
     ];
