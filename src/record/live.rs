@@ -222,6 +222,13 @@ fn finish(p: &mut Periodic, e: &Ending, feed: &mut Feed, current: bool) {
     feed.add(iv, current);
 }
 
+/// The refresh after `last`: one interval later or, when naming made us late (the first
+/// interval names every library the targets run), one interval from now: no short catch-up
+/// intervals of a few samples.
+fn next_tick(last: Instant, interval: Duration) -> Instant {
+    (last + interval).max(Instant::now() + interval / 2)
+}
+
 /// Picks the thread named by --thread once it has been seen.
 fn pick_thread(view: &mut View, model: &Model, top: &TopOptions, picked: &mut bool) {
     if *picked {
@@ -288,7 +295,7 @@ fn live(
             }
         }
         if Instant::now() >= next {
-            next += top.interval;
+            next = next_tick(next, top.interval);
             pick_thread(view, &feed.model, top, &mut picked);
             if !paused {
                 feed.header.elapsed = e.started.elapsed();
@@ -314,7 +321,7 @@ fn tables(
     let mut next = Instant::now() + top.interval;
     loop {
         let iv = p.next(e.deadline(next));
-        next += top.interval;
+        next = next_tick(next, top.interval);
         let ended = iv.end;
         feed.add(iv, true);
         feed.model.next_interval();

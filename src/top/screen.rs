@@ -131,7 +131,7 @@ pub fn screen(h: &Header, model: &Model, v: &View, width: usize, height: usize) 
 pub fn plain(h: &Header, model: &Model, v: &View, rows: usize) -> String {
     let t = model.table(v);
     let mut s = format!(
-        "perfpy top: {}  {:.1}s  samples {} (last interval {})  lost {}{}\n",
+        "perfpy top: {}  {:.1}s  samples {} (last interval {})  lost {}{}{}\n",
         h.target,
         h.elapsed.as_secs_f64(),
         h.samples,
@@ -141,6 +141,10 @@ pub fn plain(h: &Header, model: &Model, v: &View, rows: usize) -> String {
             String::new()
         } else {
             format!("  {}", h.python)
+        },
+        match v.thread {
+            Some(_) => format!("  thread {}", thread_name(model, v)),
+            None => String::new(),
         }
     );
     for l in table_lines(&t, h.interval, rows) {
