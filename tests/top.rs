@@ -3,8 +3,8 @@
 //! parts ~20% each): the hot function is on top within 3 s of the first screen, sorting keys
 //! change the order, q and Ctrl-C quit with exit 0 (-o then writes the profile), the target is
 //! left running and untraced, the terminal is restored (no raw mode, main screen, cursor shown)
-//! also when the target exits; without a terminal, plain tables whose top row is `spin`, and
-//! `perfpy top … | head` ends when head does.
+//! also on SIGTERM and when the target exits; without a terminal, plain tables whose top row is
+//! `spin`, `--tid` shows one thread's samples, and `perfpy top … | head` ends when head does.
 
 mod common;
 
@@ -247,6 +247,36 @@ fn samples_shown(screen: &str) -> i64 {
         .and_then(|r| r.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
+}
+
+#[test]
+fn sigterm_restores_the_terminal() {
+    let Some(w) = split_target() else { return };
+    let Some(t) = Tmux::start("term", &after(&format!("-p {}", w.pid()))) else {
+        return;
+    };
+    let (ok, s) = t.wait(Duration::from_secs(30), |s| s.contains("perfpy top: pid"));
+    assert!(ok, "no screen:\n{s}");
+    // perfpy: the child of the pane's shell (both started by this test).
+    let out = t.run(&["display", "-p", "#{pane_pid}"]);
+    let sh = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let children = std::fs::read_to_string(format!("/proc/{sh}/task/{sh}/children")).unwrap();
+    let perfpy: i32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(std::fs::read_to_string(format!("/proc/{perfpy}/cmdline"))
+        .unwrap()
+        .contains("top"));
+    // A pid this test started (through tmux).
+    let rc = Command::new("kill")
+        .args(["-TERM", &perfpy.to_string()])
+        .status()
+        .unwrap();
+    assert!(rc.success());
+    let (ok, s) = t.wait(Duration::from_secs(30), |s| s.contains("tty:"));
+    assert!(ok, "perfpy did not end on SIGTERM:\n{s}");
+    assert!(s.contains("perfpy-exit=0"), "{s}");
+    assert!(s.contains("perfpy: top ended (interrupted)"), "{s}");
+    restored(&t, &s);
+    untouched(w.pid());
 }
 
 #[test]
