@@ -115,6 +115,9 @@ pub struct Files {
     pub list: Vec<Arc<MappedFile>>,
     /// vDSO images by size (one, in practice: see [`Files::vdso`]).
     vdso: HashMap<u64, Option<Arc<MappedFile>>>,
+    /// A replay (`record::replay`): the files, by the path the process mapped, are these
+    /// copies from the fixture instead.
+    pub replay_files: Option<HashMap<String, PathBuf>>,
 }
 
 impl Files {
@@ -131,15 +134,21 @@ impl Files {
         range: (u64, u64),
         path: &str,
     ) -> Option<Arc<MappedFile>> {
-        let (_, file) = perfpy_inject::target_files::open_mapped(
-            pid,
-            root,
-            range,
-            path,
-            uids,
-            &crate::signals::ABORT_READS,
-        )
-        .ok()?;
+        let file = match &self.replay_files {
+            Some(copies) => File::open(copies.get(path)?).ok()?,
+            None => {
+                perfpy_inject::target_files::open_mapped(
+                    pid,
+                    root,
+                    range,
+                    path,
+                    uids,
+                    &crate::signals::ABORT_READS,
+                )
+                .ok()?
+                .1
+            }
+        };
         let meta = file.metadata().ok()?;
         let key = (meta.dev(), meta.ino());
         if let Some(f) = self.by_key.get(&key) {

@@ -63,6 +63,14 @@ enum Cmd {
         #[arg(long)]
         status: bool,
     },
+    /// Replay a capture (`PERFPY_CAPTURE=DIR perfpy record …`) into a profile, without
+    /// privileges: for tests (see testdata/replay/README.md).
+    #[command(hide = true)]
+    Replay {
+        dir: std::path::PathBuf,
+        #[arg(short = 'f', long = "format", value_enum, default_value = "collapsed")]
+        format: Format,
+    },
     /// Every thread's stack right now (Python frames, state, the system call it waits in,
     /// kernel frames), read without stopping the process.
     Dump {
@@ -398,6 +406,10 @@ fn main() {
 fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Info { pids, json } => info::run(&pids, json),
+        Cmd::Replay { dir, format } => {
+            record::replay::run(&dir, format, &mut std::io::stdout().lock())?;
+            Ok(0)
+        }
         Cmd::Dump {
             pids,
             all,

@@ -87,10 +87,15 @@ impl Feed {
                     self.header.python.push_str(&v);
                 }
             }
-            if s.frames_from.contains("ebpf") {
-                self.header.frames_from = "eBPF walker".into();
-            } else if s.frames_from.contains("trampoline") && self.header.frames_from.is_empty() {
-                self.header.frames_from = "perf trampoline".into();
+            use crate::report::FramesFrom;
+            match s.frames_from {
+                FramesFrom::Ebpf | FramesFrom::EbpfAndTrampoline => {
+                    self.header.frames_from = "eBPF walker".into()
+                }
+                FramesFrom::Trampoline if self.header.frames_from.is_empty() => {
+                    self.header.frames_from = "perf trampoline".into()
+                }
+                _ => {}
             }
         }
         self.header.samples += iv.samples;

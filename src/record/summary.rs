@@ -116,11 +116,11 @@ fn process_rows(e: &Ending) {
     for s in &e.report.samples {
         let x = per.entry(s.pid).or_default();
         x.0 += s.count;
-        if s.frames_from != "native" {
+        if s.frames_from.python() {
             x.1 += s.count;
         }
-        x.2 |= s.frames_from.starts_with("ebpf");
-        if s.frames_from.ends_with("trampoline") {
+        x.2 |= s.frames_from.ebpf();
+        if s.frames_from.trampoline() {
             tramp_pids.insert(s.pid);
         }
     }
