@@ -190,6 +190,18 @@ fn hot_function_on_top_sorting_keys_and_q() {
     });
     assert!(ok, "sort by own:\n{s}");
 
+    // Space: the screen stays as it is (two refreshes later, the same), until space again.
+    t.keys("Space");
+    let (ok, paused) = t.wait(Duration::from_secs(5), |s| s.contains("[paused]"));
+    assert!(ok, "no pause:\n{paused}");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(t.screen(), paused);
+    t.keys("Space");
+    let (ok, s) = t.wait(Duration::from_secs(5), |s| {
+        !s.contains("[paused]") && samples_shown(s) > samples_shown(&paused)
+    });
+    assert!(ok, "no resume:\n{s}");
+
     t.keys("q");
     let (ok, s) = t.wait(Duration::from_secs(20), |s| s.contains("tty:"));
     assert!(ok, "perfpy did not quit on q:\n{s}");

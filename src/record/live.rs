@@ -3,6 +3,7 @@
 //! `record` at the same rate; each location named once, in the interval it first appears),
 //! fed into the view model of `crate::top`, on a terminal screen or as plain tables.
 
+use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use anyhow::Result;
 use super::interval::{Interval, Periodic};
 use super::{write, Options};
 use crate::output::dest::Dest;
+use crate::profile::FrameKey;
 use crate::report::Report;
 use crate::symbols::Kind;
 use crate::top::model::{Class, Model, Stack, View};
@@ -48,8 +50,8 @@ fn class(k: Kind) -> Class {
 struct Feed {
     model: Model,
     header: Header,
-    /// The intervals' reports, one after the other (with -o).
-    whole: Option<Report>,
+    /// The whole run's profile (with -o).
+    whole: Option<Whole>,
 }
 
 impl Feed {
@@ -57,7 +59,7 @@ impl Feed {
         Feed {
             model: Model::default(),
             header,
-            whole: keep.then(empty_report),
+            whole: keep.then(Whole::new),
         }
     }
 
@@ -101,44 +103,76 @@ impl Feed {
         self.header.samples += iv.samples;
         self.header.lost += iv.lost;
         if let Some(w) = self.whole.as_mut() {
-            append(w, iv.report);
+            w.add(iv.report);
         }
     }
 }
 
-fn empty_report() -> Report {
-    Report {
-        locations: Vec::new(),
-        resolved: Vec::new(),
-        samples: Vec::new(),
-        period_ns: 0,
-        start: std::time::SystemTime::now(),
-        duration: Duration::ZERO,
-        files: Vec::new(),
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-    }
+/// The whole run's profile (`-o`), from the intervals' reports: a location (the same key in
+/// every interval) and a stack of a thread are kept once, so that memory grows with the distinct
+/// stacks, as in a recording, not with the number of intervals.
+struct Whole {
+    report: Report,
+    ids: HashMap<FrameKey, u32>,
+    stacks: HashMap<(Vec<u32>, u32, u32), usize>,
 }
 
-/// Appends an interval's report to the whole run's (locations are the interval's own: they
-/// are renumbered after those already there).
-fn append(whole: &mut Report, mut r: Report) {
-    let base = whole.locations.len() as u32;
-    if whole.locations.is_empty() && whole.samples.is_empty() {
-        whole.start = r.start;
-    }
-    whole.locations.append(&mut r.locations);
-    whole.resolved.append(&mut r.resolved);
-    for mut s in r.samples {
-        for l in &mut s.locs {
-            *l += base;
+impl Whole {
+    fn new() -> Whole {
+        Whole {
+            report: Report {
+                locations: Vec::new(),
+                resolved: Vec::new(),
+                samples: Vec::new(),
+                period_ns: 0,
+                start: std::time::SystemTime::now(),
+                duration: Duration::ZERO,
+                files: Vec::new(),
+                command: std::env::args().collect::<Vec<_>>().join(" "),
+            },
+            ids: HashMap::new(),
+            stacks: HashMap::new(),
         }
-        whole.samples.push(s);
     }
-    whole.period_ns = r.period_ns;
-    whole.duration += r.duration;
-    // File ids are the session's: later lists extend earlier ones.
-    if r.files.len() >= whole.files.len() {
-        whole.files = r.files;
+
+    fn add(&mut self, r: Report) {
+        let w = &mut self.report;
+        if w.samples.is_empty() && w.duration.is_zero() {
+            w.start = r.start;
+        }
+        let mut resolved = r.resolved.into_iter();
+        let ids: Vec<u32> = r
+            .locations
+            .iter()
+            .map(|k| {
+                let res = resolved.next();
+                *self.ids.entry(*k).or_insert_with(|| {
+                    w.locations.push(*k);
+                    w.resolved.push(res.expect("a name per location"));
+                    w.locations.len() as u32 - 1
+                })
+            })
+            .collect();
+        for mut s in r.samples {
+            for l in &mut s.locs {
+                *l = ids[*l as usize];
+            }
+            match self.stacks.entry((s.locs.clone(), s.pid, s.tid)) {
+                std::collections::hash_map::Entry::Occupied(e) => {
+                    w.samples[*e.get()].count += s.count
+                }
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(w.samples.len());
+                    w.samples.push(s);
+                }
+            }
+        }
+        w.period_ns = r.period_ns;
+        w.duration += r.duration;
+        // File ids are the session's: later lists extend earlier ones.
+        if r.files.len() >= w.files.len() {
+            w.files = r.files;
+        }
     }
 }
 
@@ -196,7 +230,7 @@ pub fn run(opts: Options, top: TopOptions, stop: Arc<AtomicBool>) -> Result<()> 
     if let (Some(dest), Some(whole)) = (dest, feed.whole) {
         let name = dest.display();
         let title = format!("perfpy top {target}");
-        dest.write_with(|w| write(&whole, format, &title, w))?;
+        dest.write_with(|w| write(&whole.report, format, &title, w))?;
         say!("perfpy: wrote {name}");
     }
     Ok(())
@@ -350,5 +384,66 @@ fn tables(
             finish(p, e, feed, false);
             return "duration elapsed".to_string();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::{FramesFrom, Sample};
+    use crate::symbols::Resolved;
+
+    fn report(keys: &[u64], stacks: &[(&[u32], u64)]) -> Report {
+        let mut r = Whole::new().report;
+        r.duration = Duration::from_secs(1);
+        for k in keys {
+            r.locations.push(FrameKey::Kernel(*k));
+            r.resolved.push(Resolved {
+                frames: vec![perfpy_symbolize::Frame {
+                    function: format!("f{k}"),
+                    file: None,
+                    line: None,
+                }],
+                kind: Kind::Kernel,
+            });
+        }
+        for (locs, count) in stacks {
+            r.samples.push(Sample {
+                locs: locs.to_vec(),
+                count: *count,
+                pid: 1,
+                tid: 1,
+                comm: "p".into(),
+                thread: "p".into(),
+                frames_from: FramesFrom::Native,
+                python_version: None,
+                container_id: None,
+                main_file: None,
+            });
+        }
+        r
+    }
+
+    #[test]
+    fn whole_run_keeps_each_location_and_stack_once() {
+        let mut w = Whole::new();
+        // Interval 1: a ← b (3), b (1). Interval 2 numbers its locations otherwise: c, b, a.
+        w.add(report(&[10, 20], &[(&[0, 1], 3), (&[1], 1)]));
+        w.add(report(&[30, 20, 10], &[(&[2, 1], 2), (&[0, 1], 5)]));
+        let r = &w.report;
+        let keys: Vec<FrameKey> = r.locations.clone();
+        assert_eq!(
+            keys,
+            [10, 20, 30].map(FrameKey::Kernel).to_vec(),
+            "each key once"
+        );
+        assert_eq!(r.resolved[2].frames[0].function, "f30");
+        let counts: Vec<(Vec<u32>, u64)> = r
+            .samples
+            .iter()
+            .map(|s| (s.locs.clone(), s.count))
+            .collect();
+        assert_eq!(counts, [(vec![0, 1], 5), (vec![1], 1), (vec![2, 1], 5)]);
+        assert_eq!(r.duration, Duration::from_secs(2));
     }
 }
