@@ -51,7 +51,14 @@ pub fn resolve(
     keep_interpreter: bool,
 ) -> Symbolized {
     let out = vec![None; profile.locations.len()];
-    resolve_rest(profile, files, procs, keep_interpreter, out)
+    resolve_rest(
+        profile,
+        files,
+        procs,
+        keep_interpreter,
+        out,
+        &Symbolizer::new(),
+    )
 }
 
 /// Resolves the locations of `profile` that `out` (one entry per location) does not name yet.
@@ -61,9 +68,8 @@ fn resolve_rest(
     procs: &HashMap<u32, &Process>,
     keep_interpreter: bool,
     mut out: Vec<Option<Resolved>>,
+    sym: &Symbolizer,
 ) -> Symbolized {
-    let sym = Symbolizer::new();
-
     // Anonymous code: perf maps, read once per process (safely: they are the targets' files).
     let mut maps: HashMap<u32, PerfMap> = HashMap::new();
     let mut refused = Vec::new();
@@ -327,6 +333,11 @@ pub struct NameCache {
     names: HashMap<FrameKey, (Resolved, u64)>,
     /// Interval number, for [`NameCache::KEEP_UNUSED`].
     generation: u64,
+    /// blazesym, with the files it parsed (kallsyms, symbol tables, DWARF): parsing them is
+    /// most of the cost of naming a few new addresses (measured: kallsyms and libc's debug
+    /// file took seconds per interval when parsed anew). Made anew every
+    /// [`NameCache::KEEP_UNUSED`] intervals, so that files no longer used are let go.
+    symbolizer: Option<(Symbolizer, u64)>,
 }
 
 /// What one interval's naming did.
@@ -376,7 +387,17 @@ pub fn resolve_incremental(
         })
         .collect();
     let fresh: Vec<bool> = out.iter().map(Option::is_none).collect();
-    let symbolized = resolve_rest(profile, files, procs, keep_interpreter, out);
+    if cache
+        .symbolizer
+        .as_ref()
+        .is_some_and(|(_, made)| generation - made >= NameCache::KEEP_UNUSED)
+    {
+        cache.symbolizer = None;
+    }
+    let (sym, _) = cache
+        .symbolizer
+        .get_or_insert_with(|| (Symbolizer::new(), generation));
+    let symbolized = resolve_rest(profile, files, procs, keep_interpreter, out, sym);
     let named = fresh.iter().filter(|f| **f).count();
     // A naming cut short by a signal left addresses: not names to keep.
     if !symbolized.cut_short {
