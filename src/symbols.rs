@@ -361,8 +361,15 @@ impl NameCache {
     /// stack may need named ("[interpreter]"), not an address a perf map did not name (yet).
     fn cacheable(r: &Resolved) -> bool {
         let f = r.frames.first().map(|f| f.function.as_str()).unwrap_or("");
-        !(f == "[interpreter]" || f.starts_with("[unknown]"))
+        !(is_placeholder(r) || f.starts_with("[unknown]"))
     }
+}
+
+/// An interpreter frame left unnamed (see [`resolve`]).
+fn is_placeholder(r: &Resolved) -> bool {
+    r.frames
+        .first()
+        .is_some_and(|f| f.function == "[interpreter]")
 }
 
 /// [`resolve`] for one interval of a continuous profile: locations named in earlier intervals
@@ -398,7 +405,10 @@ pub fn resolve_incremental(
         .symbolizer
         .get_or_insert_with(|| (Symbolizer::new(), generation));
     let symbolized = resolve_rest(profile, files, procs, keep_interpreter, out, sym);
-    let named = fresh.iter().filter(|f| **f).count();
+    // Placeholders cost nothing: not counted as named.
+    let named = (0..fresh.len())
+        .filter(|&i| fresh[i] && !is_placeholder(&symbolized.resolved[i]))
+        .count();
     // A naming cut short by a signal left addresses: not names to keep.
     if !symbolized.cut_short {
         for (i, r) in symbolized.resolved.iter().enumerate() {
@@ -413,7 +423,7 @@ pub fn resolve_incremental(
         .names
         .retain(|_, (_, used)| generation - *used < NameCache::KEEP_UNUSED);
     let stats = Incremental {
-        cached: profile.locations.len() - named,
+        cached: fresh.iter().filter(|f| !**f).count(),
         named,
         kept: cache.names.len(),
     };
