@@ -51,7 +51,14 @@ pub fn resolve(
     keep_interpreter: bool,
 ) -> Symbolized {
     let out = vec![None; profile.locations.len()];
-    resolve_rest(profile, files, procs, keep_interpreter, out)
+    resolve_rest(
+        profile,
+        files,
+        procs,
+        keep_interpreter,
+        out,
+        &Symbolizer::new(),
+    )
 }
 
 /// Resolves the locations of `profile` that `out` (one entry per location) does not name yet.
@@ -61,9 +68,8 @@ fn resolve_rest(
     procs: &HashMap<u32, &Process>,
     keep_interpreter: bool,
     mut out: Vec<Option<Resolved>>,
+    sym: &Symbolizer,
 ) -> Symbolized {
-    let sym = Symbolizer::new();
-
     // Anonymous code: perf maps, read once per process (safely: they are the targets' files).
     let mut maps: HashMap<u32, PerfMap> = HashMap::new();
     let mut refused = Vec::new();
@@ -327,6 +333,11 @@ pub struct NameCache {
     names: HashMap<FrameKey, (Resolved, u64)>,
     /// Interval number, for [`NameCache::KEEP_UNUSED`].
     generation: u64,
+    /// blazesym, with the files it parsed (kallsyms, symbol tables, DWARF): parsing them is
+    /// most of the cost of naming a few new addresses (measured: kallsyms and libc's debug
+    /// file took seconds per interval when parsed anew). Made anew every
+    /// [`NameCache::KEEP_UNUSED`] intervals, so that files no longer used are let go.
+    symbolizer: Option<(Symbolizer, u64)>,
 }
 
 /// What one interval's naming did.
@@ -350,8 +361,15 @@ impl NameCache {
     /// stack may need named ("[interpreter]"), not an address a perf map did not name (yet).
     fn cacheable(r: &Resolved) -> bool {
         let f = r.frames.first().map(|f| f.function.as_str()).unwrap_or("");
-        !(f == "[interpreter]" || f.starts_with("[unknown]"))
+        !(is_placeholder(r) || f.starts_with("[unknown]"))
     }
+}
+
+/// An interpreter frame left unnamed (see [`resolve`]).
+fn is_placeholder(r: &Resolved) -> bool {
+    r.frames
+        .first()
+        .is_some_and(|f| f.function == "[interpreter]")
 }
 
 /// [`resolve`] for one interval of a continuous profile: locations named in earlier intervals
@@ -376,8 +394,21 @@ pub fn resolve_incremental(
         })
         .collect();
     let fresh: Vec<bool> = out.iter().map(Option::is_none).collect();
-    let symbolized = resolve_rest(profile, files, procs, keep_interpreter, out);
-    let named = fresh.iter().filter(|f| **f).count();
+    if cache
+        .symbolizer
+        .as_ref()
+        .is_some_and(|(_, made)| generation - made >= NameCache::KEEP_UNUSED)
+    {
+        cache.symbolizer = None;
+    }
+    let (sym, _) = cache
+        .symbolizer
+        .get_or_insert_with(|| (Symbolizer::new(), generation));
+    let symbolized = resolve_rest(profile, files, procs, keep_interpreter, out, sym);
+    // Placeholders cost nothing: not counted as named.
+    let named = (0..fresh.len())
+        .filter(|&i| fresh[i] && !is_placeholder(&symbolized.resolved[i]))
+        .count();
     // A naming cut short by a signal left addresses: not names to keep.
     if !symbolized.cut_short {
         for (i, r) in symbolized.resolved.iter().enumerate() {
@@ -392,7 +423,7 @@ pub fn resolve_incremental(
         .names
         .retain(|_, (_, used)| generation - *used < NameCache::KEEP_UNUSED);
     let stats = Incremental {
-        cached: profile.locations.len() - named,
+        cached: fresh.iter().filter(|f| !**f).count(),
         named,
         kept: cache.names.len(),
     };

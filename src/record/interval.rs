@@ -168,6 +168,10 @@ impl Periodic {
             "interval"
         );
         self.s.c.profile.reset_samples();
+        if self.opts.all {
+            // Only -p runs end on their targets' exits: with -a, every exit would be kept.
+            self.s.c.exited.clear();
+        }
         self.counted = (samples, lost);
         self.start = now;
         self.start_wall = now_wall;
