@@ -328,9 +328,11 @@ fn resolve_rest(
 /// location named once is not named again, and a process's perf map is read again only when an
 /// anonymous address it has not named appears. Keys stay valid across intervals: file ids,
 /// process keys and Python function ids are never reused within a session.
-#[derive(Default)]
 pub struct NameCache {
     names: HashMap<FrameKey, (Resolved, u64)>,
+    /// Intervals a name (and the symbolizer) is kept unused: [`NameCache::KEEP_UNUSED`], more
+    /// for a consumer that takes many short intervals (`perfpy top` on a terminal).
+    pub keep_unused: u64,
     /// Interval number, for [`NameCache::KEEP_UNUSED`].
     generation: u64,
     /// blazesym, with the files it parsed (kallsyms, symbol tables, DWARF): parsing them is
@@ -338,6 +340,17 @@ pub struct NameCache {
     /// file took seconds per interval when parsed anew). Made anew every
     /// [`NameCache::KEEP_UNUSED`] intervals, so that files no longer used are let go.
     symbolizer: Option<(Symbolizer, u64)>,
+}
+
+impl Default for NameCache {
+    fn default() -> NameCache {
+        NameCache {
+            names: HashMap::new(),
+            keep_unused: NameCache::KEEP_UNUSED,
+            generation: 0,
+            symbolizer: None,
+        }
+    }
 }
 
 /// What one interval's naming did.
@@ -397,7 +410,7 @@ pub fn resolve_incremental(
     if cache
         .symbolizer
         .as_ref()
-        .is_some_and(|(_, made)| generation - made >= NameCache::KEEP_UNUSED)
+        .is_some_and(|(_, made)| generation - made >= cache.keep_unused)
     {
         cache.symbolizer = None;
     }
@@ -419,9 +432,8 @@ pub fn resolve_incremental(
             }
         }
     }
-    cache
-        .names
-        .retain(|_, (_, used)| generation - *used < NameCache::KEEP_UNUSED);
+    let keep = cache.keep_unused;
+    cache.names.retain(|_, (_, used)| generation - *used < keep);
     let stats = Incremental {
         cached: fresh.iter().filter(|f| !**f).count(),
         named,

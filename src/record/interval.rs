@@ -89,6 +89,12 @@ impl Periodic {
         })
     }
 
+    /// Keeps names (and the symbolizer's parsed files) unused for this many intervals instead
+    /// of [`NameCache::KEEP_UNUSED`]: for a caller that takes many short intervals.
+    pub fn keep_names_for(&mut self, intervals: u64) {
+        self.names.keep_unused = intervals.max(1);
+    }
+
     /// What is sampled, for a "sampling …" line: "every process", "pid 12, 34".
     pub fn sampled(&self) -> String {
         super::sampled(&self.opts, &self.s)

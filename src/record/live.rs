@@ -185,6 +185,11 @@ pub fn run(opts: Options, top: TopOptions, stop: Arc<AtomicBool>) -> Result<()> 
     let duration = opts.duration;
     let (format, rate) = (opts.format, opts.rate);
     let mut p = Periodic::start(opts, stop.clone())?;
+    if tty {
+        // Names kept as long as for 60 views' intervals, not 60 slices.
+        let slices = (top.interval.as_nanos() / SLICE.as_nanos()).max(1) as u64;
+        p.keep_names_for(crate::symbols::NameCache::KEEP_UNUSED * slices);
+    }
     let target = p.sampled();
     let header = Header {
         target: target.clone(),
