@@ -431,7 +431,7 @@ fn run(cli: Cli) -> Result<i32> {
                 out!(
                     "pid {pid}: perf trampoline {} (CPython {}){}",
                     if on { "on" } else { "off" },
-                    p.version_string(),
+                    p.version,
                     if on {
                         format!("; turn it off with: perfpy inject -p {pid} --deactivate")
                     } else {
@@ -452,18 +452,15 @@ fn run(cli: Cli) -> Result<i32> {
                 }
                 perfpy_inject::deactivate(&p, t)?;
                 perfpy_inject::sessions::clear_mark(pid, p.start_time);
-                out!(
-                    "pid {pid}: perf trampoline off (CPython {})",
-                    p.version_string()
-                );
+                out!("pid {pid}: perf trampoline off (CPython {})", p.version);
             } else {
                 match perfpy_inject::activate(&p, t)? {
                     perfpy_inject::ActivateOutcome::Activated => out!(
                         "pid {pid}: perf trampoline on (CPython {}); turn it off with: perfpy inject -p {pid} --deactivate",
-                        p.version_string()
+                        p.version
                     ),
                     perfpy_inject::ActivateOutcome::AlreadyActive => {
-                        out!("pid {pid}: perf trampoline was already on (CPython {})", p.version_string())
+                        out!("pid {pid}: perf trampoline was already on (CPython {})", p.version)
                     }
                 }
             }

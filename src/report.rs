@@ -139,7 +139,7 @@ pub fn build(
             comm,
             thread,
             frames_from: FramesFrom::of(has_ebpf, has_trampoline),
-            python_version: proc.and_then(|p| p.python_version.clone()),
+            python_version: proc.and_then(|p| p.python_version.map(|v| v.to_string())),
             container_id: proc.and_then(|p| p.container_id.clone()),
             main_file: proc.and_then(|p| p.main_file).map(|(_, f)| f),
         });

@@ -24,15 +24,15 @@ fn clk_tck() -> f64 {
 
 /// utime + stime (+ cutime + cstime with `children`) of `pid`, in seconds.
 fn cpu_of(pid: i32, children: bool) -> f64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let f: Vec<f64> = s
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0.0))
-        .collect();
-    let t = f[11] + f[12] + if children { f[13] + f[14] } else { 0.0 };
+    let s = perfpy_process::proc::stat(pid as u32).unwrap();
+    let n = |v: Option<u64>| v.unwrap_or(0) as f64;
+    let t = n(s.utime)
+        + n(s.stime)
+        + if children {
+            n(s.cutime) + n(s.cstime)
+        } else {
+            0.0
+        };
     t / clk_tck()
 }
 

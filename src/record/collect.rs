@@ -10,14 +10,11 @@ use crate::process::Process;
 use crate::profile::{Cut, FrameKey, Profile};
 use crate::records::{self, Record};
 use crate::sys::Ring;
-use crate::unwind::{self, CodeMemory};
+use crate::unwind;
+use perfpy_process::ReadMemory;
 
 use super::merge;
 use super::replay::Target;
-
-/// A target's memory as the collector reads it: live, captured or replayed (see
-/// [`Target`]). The one trait of `perfpy_bpf` (where the code-object reader needs it too).
-pub(super) use perfpy_bpf::code::RemoteMemory as TargetMemory;
 
 /// How long a walker record waits for its sample (read from any CPU's ring) before it is
 /// dropped: rings are drained at least every 20 ms.
@@ -317,7 +314,7 @@ impl Collector {
                 // now, which its current key already carries, says it is stale.
                 let stale = exec
                     && pid == tid
-                    && crate::process::read_comm(pid, pid).is_some_and(|now| {
+                    && perfpy_process::proc::comm(pid, pid).is_some_and(|now| {
                         now != comm
                             && self
                                 .live
@@ -398,10 +395,10 @@ impl Collector {
         if !p.is_python || !py.tried.insert(key) {
             return;
         }
-        let Some(v) = p.python_version.as_deref() else {
+        let Some(v) = p.python_version else {
             return;
         };
-        let version = crate::process::minor_of(v);
+        let version = v.minor_pair();
         if !super::summary::walker_names(version) {
             tracing::debug!(
                 pid = p.pid,
@@ -420,7 +417,11 @@ impl Collector {
         // 3.13+: the offsets come from the target's own _Py_DebugOffsets, checked.
         let off = match perfpy_bpf::Offsets::for_version(version) {
             Some(o) => o,
-            None => match perfpy_bpf::debug_offsets::read(&self.target, p.pid, runtime, version) {
+            None => match perfpy_bpf::debug_offsets::read(
+                &PidMemory(&self.target, p.pid),
+                runtime,
+                version,
+            ) {
                 Ok(t) => t.offsets,
                 Err(e) => {
                     tracing::debug!(pid = p.pid, "CPython {v}: eBPF walker refused: {e}");
@@ -530,7 +531,7 @@ impl Collector {
         let Some((off, version)) = py.procs.get(&p.pid).copied() else {
             return;
         };
-        let mem = ForkedMemory(&self.target, p.parent);
+        let mem = ForkedMemory(&self.target, p.pid, p.parent);
         for f in &st.frames {
             let info = py.reader.resolve(&mem, p.pid, &off, version, f);
             let key = info.map(|info| {
@@ -658,19 +659,25 @@ fn in_eval(m: &crate::process::Mapping, addr: u64) -> bool {
 
 /// A process's memory, or once it is gone, that of the process it was forked from (without
 /// exec since): a short-lived child's code objects are its parent's.
-pub(super) struct ForkedMemory<'a>(&'a Target, Option<u32>);
+pub(super) struct ForkedMemory<'a>(&'a Target, u32, Option<u32>);
 
-impl TargetMemory for ForkedMemory<'_> {
-    fn read(&self, pid: u32, addr: u64, buf: &mut [u8]) -> bool {
-        self.0.read(pid, addr, buf) || self.1.is_some_and(|pp| self.0.read(pp, addr, buf))
+impl ReadMemory for ForkedMemory<'_> {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        let own = self.0.read(self.1, addr, buf);
+        match (&own, self.2) {
+            (Ok(n), _) if *n == buf.len() => own,
+            (_, Some(pp)) => self.0.read(pp, addr, buf),
+            _ => own,
+        }
     }
 }
 
-/// The memory of one process, for the unwinder's reads of code (perf trampolines).
-struct PidMemory<'a>(&'a Target, u32);
+/// The memory of one process as the collector reads it: live, captured or replayed (see
+/// [`Target`]).
+pub(super) struct PidMemory<'a>(pub(super) &'a Target, pub(super) u32);
 
-impl CodeMemory for PidMemory<'_> {
-    fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+impl ReadMemory for PidMemory<'_> {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> std::io::Result<usize> {
         self.0.read(self.1, addr, buf)
     }
 }

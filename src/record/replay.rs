@@ -33,7 +33,7 @@ use crate::process::Process;
 use crate::profile::FrameKey;
 use crate::records::{self, Record};
 
-use super::collect::{Collector, TargetMemory};
+use super::collect::Collector;
 
 const RING: u8 = 1;
 const WALKER: u8 = 2;
@@ -102,22 +102,25 @@ impl Target {
     }
 }
 
-impl TargetMemory for Target {
-    fn read(&self, pid: u32, addr: u64, buf: &mut [u8]) -> bool {
-        use perfpy_bpf::code::LiveMemory;
+impl Target {
+    /// Reads `pid`'s memory: live, live and written to the capture, or from the capture.
+    pub(super) fn read(&self, pid: u32, addr: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        use perfpy_process::{LiveMemory, ReadMemory};
         match self {
-            Target::Live => LiveMemory.read(pid, addr, buf),
+            Target::Live => LiveMemory(pid).read(addr, buf),
             Target::Capture(c) => {
-                let ok = LiveMemory.read(pid, addr, buf);
-                c.memory(pid, addr, buf.len(), ok.then_some(&*buf));
-                ok
+                let n = LiveMemory(pid).read(addr, buf);
+                let whole = matches!(n, Ok(n) if n == buf.len());
+                c.memory(pid, addr, buf.len(), whole.then_some(&*buf));
+                n
             }
             Target::Replay(r) => match r.memory.get(&(pid, addr, buf.len())) {
                 Some(Some(bytes)) => {
                     buf.copy_from_slice(bytes);
-                    true
+                    Ok(buf.len())
                 }
-                _ => false,
+                // A read the recording could not make in full (the replay keeps whole reads).
+                _ => Err(std::io::Error::from_raw_os_error(libc::EFAULT)),
             },
         }
     }
@@ -246,7 +249,7 @@ impl Capture {
             .collect();
         let mut list = String::new();
         for f in &c.files.list {
-            let interpreter = f.elf.as_ref().is_some_and(|e| e.is_python_interpreter);
+            let interpreter = f.elf.as_ref().is_some_and(|e| e.is_interpreter);
             // The vDSO is the replaying machine's; a file without frames is not read (the
             // interpreter's evaluation frames may all have been replaced by Python ones).
             if f.path == "[vdso]" || !(interpreter || with_frames.contains(&f.id)) {
@@ -591,7 +594,12 @@ pub(super) fn feed(dir: &Path, c: &mut Collector) -> Result<impl Drop> {
                 let off = match perfpy_bpf::Offsets::for_version(version) {
                     Some(o) => o,
                     None => {
-                        perfpy_bpf::debug_offsets::read(&c.target, pid, runtime, version)?.offsets
+                        perfpy_bpf::debug_offsets::read(
+                            &super::collect::PidMemory(&c.target, pid),
+                            runtime,
+                            version,
+                        )?
+                        .offsets
                     }
                 };
                 if let Some(py) = c.py.as_mut() {
