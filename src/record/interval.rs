@@ -95,6 +95,14 @@ impl Periodic {
         self.names.keep_unused = intervals.max(1);
     }
 
+    /// The share of the `-p` targets' CPU time the samples so far cover, where it can be told.
+    pub fn coverage(&mut self) -> Option<f64> {
+        if self.ended {
+            return None;
+        }
+        self.s.coverage_now()
+    }
+
     /// What is sampled, for a "sampling …" line: "every process", "pid 12, 34".
     pub fn sampled(&self) -> String {
         super::sampled(&self.opts, &self.s)

@@ -343,6 +343,7 @@ fn live(
             pick_thread(view, &feed.model, top, &mut picked);
             if !paused {
                 feed.header.elapsed = e.started.elapsed();
+                feed.header.coverage = p.coverage();
                 feed.model.next_interval();
                 redraw = true;
             }
@@ -371,6 +372,7 @@ fn tables(
         feed.model.next_interval();
         pick_thread(view, &feed.model, top, &mut picked);
         feed.header.elapsed = e.started.elapsed();
+        feed.header.coverage = p.coverage();
         let table = screen::plain(&feed.header, &feed.model, view, top.rows);
         let mut out = std::io::stdout();
         if out

@@ -95,6 +95,19 @@ impl Session {
         })
     }
 
+    /// The share of the `-p` targets' CPU time that the samples so far cover (`perfpy top`'s
+    /// header); None for a launched command (its time is known once it is reaped), `-a`, or
+    /// under 50 ms of CPU. Reads one small /proc file per target.
+    pub(super) fn coverage_now(&mut self) -> Option<f64> {
+        if self.launched().is_some() {
+            return None;
+        }
+        let (samples, lost) = (self.c.stats.samples, self.c.stats.lost);
+        let c = self.meter.coverage(samples, lost, self.capture.period_ns);
+        let sampled = samples.saturating_mul(self.capture.period_ns) as f64 / 1e9;
+        (c.cpu >= Duration::from_millis(50)).then(|| sampled / c.cpu.as_secs_f64())
+    }
+
     /// The launched command's pid, if any.
     pub(super) fn launched(&self) -> Option<i32> {
         self.capture.spawned.as_ref().map(|sp| sp.pid)

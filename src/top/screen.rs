@@ -25,6 +25,8 @@ pub struct Header {
     /// Where Python frames come from: "eBPF walker", "perf trampoline", "native only".
     pub frames_from: String,
     pub paused: bool,
+    /// The share of the targets' CPU time the samples cover, where known.
+    pub coverage: Option<f64>,
 }
 
 pub const FOOTER: &str =
@@ -53,6 +55,13 @@ fn thread_name(model: &Model, v: &View) -> String {
             _ => t.to_string(),
         },
     }
+}
+
+/// "  coverage 97%": the share of the targets' CPU time sampled, where known.
+fn coverage(h: &Header) -> String {
+    h.coverage
+        .map(|c| format!("  coverage {:.0}%", 100.0 * c))
+        .unwrap_or_default()
 }
 
 /// The column titles and one line per row, shares in percent.
@@ -100,12 +109,13 @@ pub fn screen(h: &Header, model: &Model, v: &View, width: usize, height: usize) 
             },
         ),
         format!(
-            "{:.1}s at {} Hz  samples {} (last interval {})  lost {}  thread {}  sort {}{}",
+            "{:.1}s at {} Hz  samples {} (last interval {})  lost {}{}  thread {}  sort {}{}",
             h.elapsed.as_secs_f64(),
             h.rate,
             h.samples,
             t.samples_now,
             h.lost,
+            coverage(h),
             thread_name(model, v),
             sort_name(v),
             if h.paused { "  [paused]" } else { "" }
@@ -131,12 +141,13 @@ pub fn screen(h: &Header, model: &Model, v: &View, width: usize, height: usize) 
 pub fn plain(h: &Header, model: &Model, v: &View, rows: usize) -> String {
     let t = model.table(v);
     let mut s = format!(
-        "perfpy top: {}  {:.1}s  samples {} (last interval {})  lost {}{}{}\n",
+        "perfpy top: {}  {:.1}s  samples {} (last interval {})  lost {}{}{}{}\n",
         h.target,
         h.elapsed.as_secs_f64(),
         h.samples,
         t.samples_now,
         h.lost,
+        coverage(h),
         if h.python.is_empty() {
             String::new()
         } else {
@@ -310,6 +321,7 @@ mod tests {
             rate: 100,
             interval: Duration::from_secs(1),
             samples: 4,
+            coverage: Some(0.97),
             ..Header::default()
         }
     }
@@ -321,6 +333,7 @@ mod tests {
         assert_eq!(s.len(), 12);
         assert!(s[0].starts_with("perfpy top: pid 7"), "{s:?}");
         assert!(s[1].contains("sort own (last interval)"), "{s:?}");
+        assert!(s[1].contains("lost 0  coverage 97%"), "{s:?}");
         assert_eq!(
             s[5].split_whitespace().collect::<Vec<_>>(),
             ["75.0", "75.0", "75.0", "75.0", "hot", "(a.py:5)"]
