@@ -17,6 +17,8 @@ mod capture;
 mod collect;
 mod events;
 mod inject;
+pub mod interval;
+pub mod live;
 mod merge;
 pub mod replay;
 mod session;
@@ -196,16 +198,34 @@ fn name_frames(
     let symbolized = crate::symbols::resolve(&c.profile, &c.files, &procs, opts.keep_interpreter);
     // The perf maps are read: now the trampolines we turned on go off again.
     deactivator.finish();
-    let mut resolved = symbolized.resolved;
-    crate::report::set_lines(&mut resolved, &c.profile, opts.lines);
-    let (samples, resolved) = crate::report::build(
-        &c.profile,
-        resolved,
+    let report = build_report(
+        c,
         &procs,
-        &c.files,
-        opts.keep_interpreter,
+        symbolized.resolved,
+        opts,
+        (period_ns, start, duration),
     );
-    let report = crate::report::Report {
+    Named {
+        report,
+        refused_perf_maps: symbolized.refused_perf_maps,
+        cut_short: symbolized.cut_short,
+    }
+}
+
+/// The report of what `c.profile` holds, its locations named by `resolved`; `span`: the
+/// sampling period, when the profile started, how long it covers.
+fn build_report(
+    c: &Collector,
+    procs: &HashMap<u32, &Process>,
+    mut resolved: Vec<crate::symbols::Resolved>,
+    opts: &Options,
+    span: (u64, SystemTime, Duration),
+) -> crate::report::Report {
+    let (period_ns, start, duration) = span;
+    crate::report::set_lines(&mut resolved, &c.profile, opts.lines);
+    let (samples, resolved) =
+        crate::report::build(&c.profile, resolved, procs, &c.files, opts.keep_interpreter);
+    crate::report::Report {
         locations: c.profile.locations.clone(),
         resolved,
         samples,
@@ -214,11 +234,6 @@ fn name_frames(
         duration,
         files: c.report_files(),
         command: std::env::args().collect::<Vec<_>>().join(" "),
-    };
-    Named {
-        report,
-        refused_perf_maps: symbolized.refused_perf_maps,
-        cut_short: symbolized.cut_short,
     }
 }
 
@@ -235,23 +250,8 @@ struct Plan {
 
 /// The first step of a recording: every check that needs no side effect on a target.
 fn plan(opts: &Options) -> Result<Plan> {
-    if opts.rate == 0 || opts.rate > 100_000 {
-        bail!(
-            "invalid rate {}: give samples per second between 1 and 100000 (e.g. -r 100)",
-            opts.rate
-        );
-    }
-    if let Some(n) = opts.stack_size.filter(|n| !(512..=65000).contains(n)) {
-        bail!("invalid --stack-size {n}: give bytes between 512 and 65000");
-    }
     // Targets first (no side effects), then the output file, then events.
-    let mut tgids = Vec::new();
-    for &pid in &opts.pids {
-        let t = targets::check_pid(pid)?;
-        if !tgids.contains(&t) {
-            tgids.push(t);
-        }
-    }
+    let tgids = check_targets(opts)?;
     let target_name = if !opts.command.is_empty() {
         std::path::Path::new(&opts.command[0])
             .file_name()
@@ -280,22 +280,10 @@ fn plan(opts: &Options) -> Result<Plan> {
         .clone()
         .map(crate::output::otlp_export::Exporter::connect)
         .transpose()?;
-
-    // --inject-python, strict with --pid: every target must be injectable, checked before any
-    // event is opened or anything is done to a target.
-    let mut to_inject = Vec::new();
-    if opts.inject_python && !opts.all {
-        if !opts.command.is_empty() {
-            say!("perfpy: note: --inject-python is for -p and -a; a launched command is named by the eBPF walker from its start, or gets PYTHONPERFSUPPORT=1 where the walker cannot run (--python-perf-env: always)");
-        }
-        for &pid in &tgids {
-            let p = perfpy_inject::discover(pid as i32)
-                .with_context(|| format!("--inject-python: pid {pid}"))?;
-            perfpy_inject::check_injectable(&p)
-                .with_context(|| format!("--inject-python: pid {pid}"))?;
-            to_inject.push(p);
-        }
+    if opts.inject_python && !opts.command.is_empty() {
+        say!("perfpy: note: --inject-python is for -p and -a; a launched command is named by the eBPF walker from its start, or gets PYTHONPERFSUPPORT=1 where the walker cannot run (--python-perf-env: always)");
     }
+    let to_inject = injectable(opts, &tgids)?;
     Ok(Plan {
         tgids,
         target_name,
@@ -303,6 +291,44 @@ fn plan(opts: &Options) -> Result<Plan> {
         otlp,
         to_inject,
     })
+}
+
+/// The options' limits, and the `-p` targets as processes (thread ids given are taken to
+/// their process): checks without side effects.
+fn check_targets(opts: &Options) -> Result<Vec<u32>> {
+    if opts.rate == 0 || opts.rate > 100_000 {
+        bail!(
+            "invalid rate {}: give samples per second between 1 and 100000 (e.g. -r 100)",
+            opts.rate
+        );
+    }
+    if let Some(n) = opts.stack_size.filter(|n| !(512..=65000).contains(n)) {
+        bail!("invalid --stack-size {n}: give bytes between 512 and 65000");
+    }
+    let mut tgids = Vec::new();
+    for &pid in &opts.pids {
+        let t = targets::check_pid(pid)?;
+        if !tgids.contains(&t) {
+            tgids.push(t);
+        }
+    }
+    Ok(tgids)
+}
+
+/// `--inject-python` with `-p`, strict: every target must be injectable, checked before any
+/// event is opened or anything is done to a target.
+fn injectable(opts: &Options, tgids: &[u32]) -> Result<Vec<perfpy_inject::PythonProcess>> {
+    let mut to_inject = Vec::new();
+    if opts.inject_python && !opts.all && opts.command.is_empty() {
+        for &pid in tgids {
+            let p = perfpy_inject::discover(pid as i32)
+                .with_context(|| format!("--inject-python: pid {pid}"))?;
+            perfpy_inject::check_injectable(&p)
+                .with_context(|| format!("--inject-python: pid {pid}"))?;
+            to_inject.push(p);
+        }
+    }
+    Ok(to_inject)
 }
 
 /// Local time as YYYYmmdd-HHMMSS, for default file names.
