@@ -30,31 +30,42 @@ pub use abi::{DEFAULT_PY_FRAMES, FRAME_ENTRY, MAX_PY_FRAMES_CAP};
 pub use code::{CodeReader, PyFrameInfo};
 pub use offsets::Offsets;
 
-/// Why the walker could not be loaded, attached or told about a process. The kernel's or
-/// libbpf's error is the source, and is also in the message: callers print it as one line.
+/// Why the walker could not be loaded, attached or told about a process: what failed and what
+/// to do. The kernel's or libbpf's error is the `source`, not repeated in the message: print
+/// the chain (`{:#}` of an `anyhow::Error`) to show it, as `message: cause`.
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
-    #[error("cannot load the eBPF frame walker: this kernel has no BTF (/sys/kernel/btf/vmlinux: CONFIG_DEBUG_INFO_BTF); {NEEDS}")]
+    #[error("{LOAD}: this kernel has no BTF (/sys/kernel/btf/vmlinux: CONFIG_DEBUG_INFO_BTF)")]
     NoBtf,
-    #[error("cannot load the eBPF frame walker: /proc/self/ns/pid: {0}; {NEEDS}")]
+    #[error(
+        "{LOAD}: /proc/self/ns/pid, perfpy's PID namespace, cannot be read (is /proc mounted?)"
+    )]
     PidNamespace(#[source] std::io::Error),
-    #[error("cannot load the eBPF frame walker: no .rodata in the program (a broken build: rebuild perfpy); {NEEDS}")]
+    #[error("{LOAD}: the program has no .rodata section (a broken build of perfpy: rebuild it)")]
     NoRodata,
-    #[error("cannot load the eBPF frame walker: {0}; {NEEDS}")]
+    #[error("{LOAD}")]
     Load(#[source] libbpf_rs::Error),
-    #[error("cannot attach the eBPF frame walker to a perf event: dup: {0}")]
+    #[error("cannot attach the eBPF frame walker to a perf event: its descriptor cannot be duplicated (out of file descriptors? raise `ulimit -n`)")]
     Dup(#[source] std::io::Error),
-    #[error("cannot attach the eBPF frame walker to a perf event: {0}")]
+    #[error("cannot attach the eBPF frame walker to a perf event")]
     Attach(#[source] libbpf_rs::Error),
-    #[error("cannot attach the eBPF walker's {hook} program, which follows the targets' forks and execs (it needs tp_btf tracepoints): {source}")]
+    #[error("cannot attach the eBPF walker's {hook} program, which follows the targets' forks and execs (it needs BTF-enabled tracepoints, tp_btf)")]
     Hook {
         hook: String,
         #[source]
         source: libbpf_rs::Error,
     },
-    #[error("cannot register pid {pid} with the eBPF walker: {source}")]
+    #[error("cannot register pid {pid} with the eBPF walker, whose table holds {capacity} processes (its samples get native frames only)")]
     Register {
         pid: u32,
+        capacity: u32,
+        #[source]
+        source: libbpf_rs::Error,
+    },
+    #[error("cannot have the eBPF walker keep the samples of pid {pid}, in a table of {capacity} processes (--no-ebpf does without it)")]
+    Keep {
+        pid: u32,
+        capacity: u32,
         #[source]
         source: libbpf_rs::Error,
     },
@@ -62,8 +73,8 @@ pub enum BpfError {
     FrameLimit(u32),
 }
 
-/// What loading the walker needs, said with every load error.
-const NEEDS: &str = "it needs root or CAP_BPF + CAP_PERFMON, a kernel with BTF (/sys/kernel/btf/vmlinux) and bpf_loop (5.17+)";
+/// How every load error starts: what loading the walker needs.
+const LOAD: &str = "cannot load the eBPF frame walker, which needs root or CAP_BPF + CAP_PERFMON, a kernel with BTF (/sys/kernel/btf/vmlinux) and bpf_loop (5.17+)";
 
 /// One frame as the program saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -314,15 +325,17 @@ impl Walker {
     }
 
     fn keep_flags(&mut self, pid: u32, flags: u32) -> Result<(), BpfError> {
-        self.skel()
-            .maps
-            .kept
-            .update(
-                &pid.to_ne_bytes(),
-                bytemuck::bytes_of(&abi::kept_target(flags)),
-                MapFlags::ANY,
-            )
-            .map_err(|source| BpfError::Register { pid, source })
+        let kept = &self.skel().maps.kept;
+        kept.update(
+            &pid.to_ne_bytes(),
+            bytemuck::bytes_of(&abi::kept_target(flags)),
+            MapFlags::ANY,
+        )
+        .map_err(|source| BpfError::Keep {
+            pid,
+            capacity: kept.max_entries(),
+            source,
+        })
     }
 
     /// Whether `pid` is kept: `Some(parent)` (the kept process that forked it, 0 for a target).
@@ -344,15 +357,18 @@ impl Walker {
 
     /// Starts walking the frames of a process.
     pub fn add_process(&mut self, p: &PyProcess) -> Result<(), BpfError> {
-        self.skel()
-            .maps
-            .procs
+        let procs = &self.skel().maps.procs;
+        procs
             .update(
                 &p.pid.to_ne_bytes(),
                 bytemuck::bytes_of(&abi::proc_cfg(p)),
                 MapFlags::ANY,
             )
-            .map_err(|source| BpfError::Register { pid: p.pid, source })
+            .map_err(|source| BpfError::Register {
+                pid: p.pid,
+                capacity: procs.max_entries(),
+                source,
+            })
     }
 
     pub fn remove_process(&mut self, pid: u32) {
@@ -390,6 +406,27 @@ impl Walker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_keep_their_source_and_say_what_to_do() {
+        use std::error::Error as _;
+        let eperm = || libbpf_rs::Error::from(std::io::Error::from_raw_os_error(libc::EPERM));
+        let e = BpfError::Load(eperm());
+        let cause = e.source().expect("the libbpf error is the source");
+        assert_eq!(
+            cause.downcast_ref::<libbpf_rs::Error>().map(|e| e.kind()),
+            Some(libbpf_rs::ErrorKind::PermissionDenied)
+        );
+        let msg = e.to_string();
+        assert!(msg.contains("CAP_BPF") && msg.contains("BTF"), "{msg}");
+        assert!(!msg.contains("not permitted"), "the cause is not repeated: {msg}");
+        let e = BpfError::Register {
+            pid: 7,
+            capacity: 4096,
+            source: eperm(),
+        };
+        assert!(e.to_string().contains("4096") && e.source().is_some());
+    }
 
     #[test]
     fn loads_and_passes_the_verifier() {

@@ -364,7 +364,7 @@ impl Collector {
                 py.procs.insert(p.pid, (off, version));
                 self.walked.insert(p.pid);
             }
-            Err(e) => tracing::warn!("{e}"),
+            Err(e) => tracing::warn!("{:#}", anyhow::Error::from(e)),
         }
     }
 

@@ -163,11 +163,12 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
             };
             if let Some(w) = walker.as_mut() {
                 if let Err(e) = w.attach(fd.as_fd()) {
+                    let e = anyhow::Error::from(e);
                     if per_cpu {
                         // Without the program these events would keep every process's samples.
-                        bail!("{e}; rerun with --no-ebpf");
+                        bail!("{e:#}; rerun with --no-ebpf");
                     }
-                    say!("perfpy: warning: {e}; Python frames only from perf trampolines");
+                    say!("perfpy: warning: {e:#}; Python frames only from perf trampolines");
                     *walker = None;
                 }
             }
