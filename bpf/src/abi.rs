@@ -223,6 +223,15 @@ mod tests {
         assert_eq!(s.frames.len(), 1);
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_decode_without_panicking(b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+            if let Some(s) = decode(&b) {
+                proptest::prop_assert!(HEADER_SIZE + s.frames.len() * FRAME_SIZE <= b.len());
+            }
+        }
+    }
+
     #[test]
     fn the_configuration_is_filled_by_name() {
         let p = PyProcess {
