@@ -392,7 +392,7 @@ impl Collector {
         }
     }
 
-    /// Registers a CPython 3.11+ process with the eBPF walker, once.
+    /// Registers a CPython process (2.7, 3.6 and later) with the eBPF walker, once.
     pub(super) fn register_python(&mut self, key: u32) {
         let Some(py) = self.py.as_mut() else { return };
         let p = &self.procs[key as usize];
@@ -451,7 +451,7 @@ impl Collector {
                 }
                 self.walked.insert(p.pid);
             }
-            Err(e) => tracing::warn!("{e}"),
+            Err(e) => tracing::warn!("{:#}", anyhow::Error::from(e)),
         }
     }
 
