@@ -522,9 +522,11 @@ impl Walker {
         }
         let mut links = Vec::new();
         for p in [&self.skel().progs.on_switch, &self.skel().progs.on_sys_exit] {
-            links.push(p.attach_trace().map_err(|e| {
-                BpfError::OffCpu(format!("{}: {e}", p.name().to_string_lossy()))
-            })?);
+            links.push(
+                p.attach_trace().map_err(|e| {
+                    BpfError::OffCpu(format!("{}: {e}", p.name().to_string_lossy()))
+                })?,
+            );
         }
         self.links.extend(links);
         Ok(())
@@ -689,7 +691,8 @@ mod tests {
         let mut w = Walker::load_full(DEFAULT_PY_FRAMES, true, Some(1_000_000))
             .expect("load with --off-cpu");
         w.follow_forks().expect("fork and exec hooks");
-        w.attach_offcpu().expect("attach the context-switch programs");
+        w.attach_offcpu()
+            .expect("attach the context-switch programs");
         let me = std::process::id();
         w.keep(me, false).expect("keep");
         // 20 waits of 5 ms and 200 of ~0 ms (a yield or a short sleep).
@@ -711,10 +714,16 @@ mod tests {
             .iter()
             .filter(|r| (5_000_000..50_000_000).contains(&r.wait_ns))
             .count();
-        assert!(sleeps >= 18, "{sleeps} waits of 5 ms recorded of 20: {mine:?}");
+        assert!(
+            sleeps >= 18,
+            "{sleeps} waits of 5 ms recorded of 20: {mine:?}"
+        );
         for r in &mine {
             assert!(!r.kernel.is_empty(), "kernel frames");
-            assert!(r.user_regs[1] != 0 && r.stack.len() >= 512, "user stack copied");
+            assert!(
+                r.user_regs[1] != 0 && r.stack.len() >= 512,
+                "user stack copied"
+            );
             assert!(r.state != 0 || r.wait_ns >= 1_000_000);
         }
         let shorts: u64 = w

@@ -111,7 +111,9 @@ pub(crate) fn syscall_range() -> Option<(u64, u64)> {
         })
         .collect();
     text.sort_unstable();
-    let i = text.iter().position(|(a, n)| *n == "do_syscall_64" && *a != 0)?;
+    let i = text
+        .iter()
+        .position(|(a, n)| *n == "do_syscall_64" && *a != 0)?;
     let lo = text[i].0;
     let hi = text[i + 1..].iter().find(|(a, _)| *a > lo)?.0;
     Some((lo, hi))
@@ -141,7 +143,10 @@ mod tests {
         let Some(OffCpuEvent::Wait(r)) = parse(&b) else {
             panic!("a wait")
         };
-        assert_eq!((r.pid, r.tid, r.time_ns, r.wait_ns, r.state), (7, 8, 99, 5_000_000, 1));
+        assert_eq!(
+            (r.pid, r.tid, r.time_ns, r.wait_ns, r.state),
+            (7, 8, 99, 5_000_000, 1)
+        );
         assert_eq!(r.user_regs, [0x7ff8, 0x7ff0, 0x401000]);
         assert!(r.has_py);
         assert_eq!(r.kernel.len(), 2);

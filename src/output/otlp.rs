@@ -411,6 +411,8 @@ mod tests {
         Sample {
             locs,
             count,
+            offcpu_ns: 0,
+            wait: None,
             pid,
             tid: pid + 1,
             comm: "python3.12".into(),

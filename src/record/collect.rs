@@ -43,12 +43,19 @@ pub(super) struct PyWalk {
     pub(super) procs: HashMap<u32, (perfpy_bpf::Offsets, (u8, u8))>,
     pub(super) pending: HashMap<u32, std::collections::VecDeque<perfpy_bpf::PyStack>>,
     pub(super) tried: HashSet<u32>,
+    /// Python frames of off-CPU waits, by (tid, time), until their wait's record is read.
+    pub(super) offcpu_py: HashMap<(u32, u64), perfpy_bpf::PyStack>,
 }
 
 impl PyWalk {
     pub(super) fn poll(&mut self) {
         let pending = &mut self.pending;
+        let offcpu_py = &mut self.offcpu_py;
         self.walker.poll(&mut |s| {
+            if s.offcpu {
+                offcpu_py.insert((s.tid, s.time_ns), s);
+                return;
+            }
             tracing::trace!(
                 pid = s.pid,
                 tid = s.tid,
@@ -116,6 +123,8 @@ pub(super) struct Collector {
     /// Processes found not to be ours, so that their next records cost no lookup: forgotten at
     /// their fork and exit records (a pid reused by a new process).
     pub(super) not_ours: HashSet<u32>,
+    /// `--off-cpu`: waits being matched with their Python frames and their length.
+    pub(super) offcpu: Option<super::offcpu::OffCpu>,
 }
 
 impl Collector {
@@ -386,6 +395,19 @@ impl Collector {
             }),
             _ => None,
         };
+        self.add_stack(key, &s, py_stack, None);
+    }
+
+    /// Unwinds the sample's user stack, merges the walker's Python frames (`py_stack`) and
+    /// adds the stack to the profile: one CPU sample, or with `offcpu` an off-CPU wait (its
+    /// nanoseconds, and whether the thread was preempted: a root frame says so).
+    pub(super) fn add_stack(
+        &mut self,
+        key: u32,
+        s: &records::Sample<'_>,
+        py_stack: Option<perfpy_bpf::PyStack>,
+        offcpu: Option<(u64, bool)>,
+    ) {
         let mut addrs = std::mem::take(&mut self.scratch_addrs);
         let mut sps = std::mem::take(&mut self.scratch_sps);
         sps.clear();
@@ -575,7 +597,16 @@ impl Collector {
             self.stats.truncated[cut as usize] += 1;
             locs.push(self.profile.location(FrameKey::Truncated(cut)));
         }
-        self.profile.add(key, s.tid, &locs);
+        match offcpu {
+            Some((ns, preempted)) => {
+                if preempted {
+                    let w = crate::wait::WaitKind::Preempted;
+                    locs.push(self.profile.location(FrameKey::Wait(w)));
+                }
+                self.profile.add_offcpu(key, s.tid, &locs, ns)
+            }
+            None => self.profile.add(key, s.tid, &locs),
+        }
         self.scratch_addrs = addrs;
         self.scratch_sps = sps;
         self.scratch_locs = locs;

@@ -22,6 +22,7 @@ use crate::targets;
 mod collect;
 mod events;
 mod inject;
+mod offcpu;
 mod summary;
 
 use collect::{drain, Collector, PyWalk, RingEntry, Stats};
@@ -53,6 +54,10 @@ pub struct Options {
     pub subprocesses: bool,
     /// `--function` / `--nolineno`: what Python frames carry as line.
     pub lines: crate::report::Lines,
+    /// `--off-cpu`: the `--min-block` threshold in nanoseconds.
+    pub off_cpu: Option<u64>,
+    /// `--sample`: what collapsed, flamegraph and speedscope show (None: wall with --off-cpu).
+    pub sample: Option<crate::report::SampleView>,
 }
 
 pub struct Outcome {
@@ -112,7 +117,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     let t_load = Instant::now();
     // -p and launched commands: with the walker, events on every CPU whose samples of other
     // processes the walker drops (see `load_walker`).
-    let (mut walker, per_cpu) = load_walker(&opts);
+    let (mut walker, per_cpu) = load_walker(&opts)?;
     tracing::debug!(elapsed = ?t_load.elapsed(), per_cpu, "eBPF walker");
     if per_cpu {
         cfg.inherit = false;
@@ -350,6 +355,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         procs: HashMap::new(),
         pending: HashMap::new(),
         tried: HashSet::new(),
+        offcpu_py: HashMap::new(),
     });
     let mut c = Collector {
         py,
@@ -369,6 +375,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         walk_refused: HashMap::new(),
         filter: per_cpu,
         not_ours: HashSet::new(),
+        offcpu: opts.off_cpu.map(offcpu::OffCpu::new),
     };
     for &pid in &tgids {
         let key = c.proc_key(pid);
@@ -445,6 +452,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     for r in rings.iter_mut() {
         drain(r, &mut c, &mut scratch);
     }
+    c.finish_offcpu();
     drop(rings);
     drop(events);
     let coverage = (!opts.all).then(|| meter.coverage(c.stats.samples, c.stats.lost, period_ns));
@@ -479,14 +487,27 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         cut_short: symbolization_cut_short,
     } = name_frames(&c, &opts, &mut deactivator, period_ns, start_wall, duration);
     let dest_name = dest.display();
+    let mut text_report;
+    let text = if opts.format == Format::Pprof {
+        &report
+    } else {
+        // Collapsed, flamegraph, speedscope: one value, chosen by --sample.
+        text_report = report.clone();
+        text_report.select(opts.sample.unwrap_or(if opts.off_cpu.is_some() {
+            crate::report::SampleView::Wall
+        } else {
+            crate::report::SampleView::Cpu
+        }));
+        &text_report
+    };
     dest.write_with(|w| match opts.format {
-        Format::Pprof => Ok(crate::output::pprof::write(&report, w)?),
-        Format::Collapsed => Ok(crate::output::collapsed::write(&report, w)?),
+        Format::Pprof => Ok(crate::output::pprof::write(text, w)?),
+        Format::Collapsed => Ok(crate::output::collapsed::write(text, w)?),
         Format::Flamegraph => {
-            crate::output::flamegraph::write(&report, &format!("perfpy {target_name}"), w)
+            crate::output::flamegraph::write(text, &format!("perfpy {target_name}"), w)
         }
         Format::Speedscope => Ok(crate::output::speedscope::write(
-            &report,
+            text,
             &format!("perfpy {target_name}"),
             w,
         )?),
@@ -578,6 +599,7 @@ fn name_frames(
             })
             .collect(),
         command: std::env::args().collect::<Vec<_>>().join(" "),
+        offcpu: opts.off_cpu.is_some(),
     };
     Named {
         report,
@@ -624,6 +646,7 @@ fn sample_until_done(
         for r in rings.iter_mut() {
             drain(r, c, &mut scratch);
         }
+        c.poll_offcpu();
         c.release_exited(Duration::from_secs(2));
         meter.poll();
         if stop.load(Ordering::Relaxed) {

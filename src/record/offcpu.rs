@@ -1,0 +1,156 @@
+//! `--off-cpu`: the eBPF walker's off-CPU records turned into off-CPU stacks of the profile.
+//! A wait's record comes after its Python frames (emitted first into the walker's ring, read
+//! first); a thread stacked as it left the CPU (preempted, a page fault) gets its wait from a
+//! later resume record. Waits under the threshold come from the kernel's per-thread counts at
+//! the end, as one stack per thread.
+
+use std::collections::HashMap;
+
+use perfpy_bpf::{OffCpuEvent, OffCpuLost, OffCpuRecord};
+
+use super::collect::Collector;
+use crate::profile::FrameKey;
+use crate::records;
+use crate::wait::WaitKind;
+
+/// Python frames older than this (and never claimed: a short wait's) are dropped.
+const KEEP_PY_NS: u64 = 2_000_000_000;
+
+#[derive(Default)]
+pub(crate) struct OffCpu {
+    /// `--min-block` in nanoseconds.
+    pub(crate) min_block_ns: u64,
+    /// Waits whose Python frames were not read yet: they get one more poll.
+    waiting: Vec<OffCpuRecord>,
+    /// Stacked as they left, by tid: their wait comes with a resume record.
+    pending: HashMap<u32, OffCpuRecord>,
+    pub(crate) stats: OffCpuStats,
+}
+
+#[derive(Clone, Copy, Default, Debug)]
+pub(crate) struct OffCpuStats {
+    /// Waits stacked, and their time.
+    pub(crate) waits: u64,
+    pub(crate) wait_ns: u64,
+    /// Waits under the threshold, and their time.
+    pub(crate) short: u64,
+    pub(crate) short_ns: u64,
+    pub(crate) lost: OffCpuLost,
+}
+
+impl OffCpu {
+    pub(crate) fn new(min_block_ns: u64) -> OffCpu {
+        OffCpu {
+            min_block_ns,
+            ..Default::default()
+        }
+    }
+}
+
+impl Collector {
+    /// Reads the walker's rings (Python frames first) and adds the waits they complete.
+    pub(super) fn poll_offcpu(&mut self) {
+        let (Some(py), Some(off)) = (self.py.as_mut(), self.offcpu.as_mut()) else {
+            return;
+        };
+        py.poll();
+        let mut events = Vec::new();
+        py.walker.poll_offcpu(&mut |e| events.push(e));
+        let mut ready: Vec<OffCpuRecord> = std::mem::take(&mut off.waiting);
+        for e in events {
+            match e {
+                OffCpuEvent::Wait(r) if r.pending => {
+                    off.pending.insert(r.tid, r);
+                }
+                OffCpuEvent::Wait(r) => {
+                    if r.has_py && !py.offcpu_py.contains_key(&(r.tid, r.time_ns)) {
+                        off.waiting.push(r);
+                    } else {
+                        ready.push(r);
+                    }
+                }
+                OffCpuEvent::Resume { tid, wait_ns } => {
+                    if let Some(mut r) = off.pending.remove(&tid) {
+                        // Under the threshold: counted by the kernel with the short waits.
+                        if wait_ns >= off.min_block_ns {
+                            r.wait_ns = wait_ns;
+                            ready.push(r);
+                        }
+                    }
+                }
+            }
+        }
+        let latest = ready.iter().map(|r| r.time_ns).max().unwrap_or(0);
+        for r in ready {
+            let stack = self
+                .py
+                .as_mut()
+                .and_then(|py| py.offcpu_py.remove(&(r.tid, r.time_ns)));
+            self.add_wait(&r, stack);
+        }
+        if let Some(py) = self.py.as_mut() {
+            py.offcpu_py.retain(|_, s| s.time_ns + KEEP_PY_NS > latest);
+        }
+    }
+
+    /// One wait into the profile: unwound and merged as a CPU sample is.
+    fn add_wait(&mut self, r: &OffCpuRecord, py_stack: Option<perfpy_bpf::PyStack>) {
+        if r.pid == 0 {
+            return;
+        }
+        let key = self.proc_key(r.pid);
+        self.register_python(key);
+        let s = records::Sample {
+            ip: r.user_regs[2],
+            pid: r.pid,
+            tid: r.tid,
+            time: r.time_ns,
+            cpu: 0,
+            period: 0,
+            kernel: r.kernel.clone(),
+            user_regs: (r.user_regs[1] != 0).then_some(r.user_regs),
+            stack: &r.stack,
+        };
+        self.add_stack(key, &s, py_stack, Some((r.wait_ns, r.state == 0)));
+        if let Some(off) = self.offcpu.as_mut() {
+            off.stats.waits += 1;
+            off.stats.wait_ns += r.wait_ns;
+        }
+    }
+
+    /// At the end: the last records, the short waits per thread (one stack each), what was
+    /// lost, and the root frames of every wait kind (named with the others).
+    pub(super) fn finish_offcpu(&mut self) {
+        if self.offcpu.is_none() {
+            return;
+        }
+        self.poll_offcpu();
+        // Records still waiting for Python frames that never came: without them.
+        if let Some(off) = self.offcpu.as_mut() {
+            let left = std::mem::take(&mut off.waiting);
+            for r in left {
+                self.add_wait(&r, None);
+            }
+        }
+        let (shorts, lost) = match self.py.as_ref() {
+            Some(py) => (py.walker.short_waits(), py.walker.offcpu_lost()),
+            None => return,
+        };
+        let root = self.profile.location(FrameKey::Wait(WaitKind::Short));
+        let mut stats = OffCpuStats::default();
+        for ((pid, tid), w) in shorts {
+            stats.short += w.count;
+            stats.short_ns += w.ns;
+            let key = self.proc_key(pid);
+            self.profile.add_offcpu(key, tid, &[root], w.ns);
+        }
+        for k in WaitKind::ALL {
+            self.profile.location(FrameKey::Wait(k));
+        }
+        if let Some(off) = self.offcpu.as_mut() {
+            off.stats.short = stats.short;
+            off.stats.short_ns = stats.short_ns;
+            off.stats.lost = lost;
+        }
+    }
+}
