@@ -95,6 +95,8 @@ const GIL: &[&str] = &[
     "eval_frame_handle_pending",
     "_Py_HandlePending",
     "_PyThreadState_Attach",
+    "drop_gil",
+    "PyEval_SaveThread",
     "PyGILState_Ensure",
 ];
 const PY_LOCK: &[&str] = &[

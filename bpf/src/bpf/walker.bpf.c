@@ -522,7 +522,8 @@ static __always_inline void switch_out(u64 *ctx, struct task_struct *prev, u64 n
     st = bpf_map_lookup_elem(&offcpu_start, &ktid);
     if (!st)
         return;
-    long kb = bpf_get_stack(ctx, st->kstack, sizeof(st->kstack), 0);
+    /* The first two frames are this program and the tracepoint runner. */
+    long kb = bpf_get_stack(ctx, st->kstack, sizeof(st->kstack), 2);
     st->kstack_bytes = kb > 0 ? kb : 0;
     struct kctx k = { .st = st };
     if (!ctx[0])
