@@ -4,7 +4,8 @@
 //! kernel waited on, CPython's own functions (symbolized for off-CPU stacks) say what the
 //! interpreter waited for. Several may match; the kind is the first of this order that does:
 //! preempted (the thread was still runnable when it left: waiting for a CPU), page fault, GIL,
-//! lock (a Python lock), sleep, network, I/O read, poll, lock (any other futex), other.
+//! lock (a Python lock), GIL (2.7's lock; a condition variable), sleep, network, I/O read, poll,
+//! lock (any other futex), other.
 
 /// The kind of a wait: the synthetic root frame of off-CPU stacks and the pprof label `wait`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -64,7 +65,7 @@ impl WaitKind {
             WaitKind::IoRead => "[off-CPU: I/O read]",
             WaitKind::Poll => "[off-CPU: poll]",
             WaitKind::Other => "[off-CPU: other]",
-            WaitKind::Short => "[off-CPU: waits under --min-block]",
+            WaitKind::Short => "[off-CPU: under --min-block]",
         }
     }
 }
@@ -101,13 +102,28 @@ const GIL: &[&str] = &[
 ];
 const PY_LOCK: &[&str] = &[
     "PyThread_acquire_lock_timed",
-    "PyThread_acquire_lock",
     "acquire_timed",
     "lock_PyThread_acquire_lock",
     "rlock_acquire",
     "_PyMutex_LockTimed",
     "_PyParkingLot_Park",
     "_PySemaphore_Wait",
+];
+/// 2.7's GIL is a lock taken with `PyThread_acquire_lock` (its `threading` locks go through
+/// `lock_PyThread_acquire_lock` first, a Python lock above).
+const GIL_27: &[&str] = &["PyThread_acquire_lock"];
+/// CPython 3.2+ waits for the GIL on a condition variable (and signals one handing it over):
+/// in an interpreter without a symbol table (Debian's), the condition variable calls in libc,
+/// with no Python lock function named, say GIL.
+const GIL_COND: &[&str] = &[
+    "pthread_cond_timedwait",
+    "___pthread_cond_timedwait",
+    "__pthread_cond_wait_common",
+    "pthread_cond_wait",
+    "___pthread_cond_wait",
+    "pthread_cond_signal",
+    "___pthread_cond_signal",
+    "__condvar_quiesce_and_switch_g1",
 ];
 const SLEEP_NATIVE: &[&str] = &["pysleep", "time_sleep", "floatsleep"];
 const SLEEP: &[&str] = &[
@@ -171,6 +187,8 @@ pub fn classify<'a>(preempted: bool, frames: impl IntoIterator<Item = Named<'a>>
         (PAGE_FAULT, true, WaitKind::PageFault),
         (GIL, false, WaitKind::Gil),
         (PY_LOCK, false, WaitKind::Lock),
+        (GIL_27, false, WaitKind::Gil),
+        (GIL_COND, false, WaitKind::Gil),
         (SLEEP_NATIVE, false, WaitKind::Sleep),
         (SLEEP, true, WaitKind::Sleep),
         (NETWORK, true, WaitKind::Network),
@@ -222,6 +240,28 @@ mod tests {
             Native("take_gil"),
         ];
         assert_eq!(classify(false, lock), WaitKind::Lock);
+        let gil27 = [
+            Kernel("futex_wait"),
+            Native("sem_wait"),
+            Native("PyThread_acquire_lock"),
+            Python,
+        ];
+        assert_eq!(classify(false, gil27), WaitKind::Gil);
+        let lock27 = [
+            Kernel("futex_wait"),
+            Native("PyThread_acquire_lock"),
+            Native("lock_PyThread_acquire_lock"),
+            Python,
+        ];
+        assert_eq!(classify(false, lock27), WaitKind::Lock);
+        // A stripped interpreter: only libc's names.
+        let cond = [
+            Kernel("futex_wait"),
+            Native("___pthread_cond_timedwait"),
+            Native("_end"),
+            Python,
+        ];
+        assert_eq!(classify(false, cond), WaitKind::Gil);
         let sleep_select = [
             Kernel("do_select"),
             Native("select"),

@@ -30,9 +30,12 @@ def spin():
 
 def main():
     r, w = os.pipe()
-    # The helper is another process: its writes cost this one no GIL.
+    # The helper is another process: its writes cost this one no GIL. It ends with this
+    # process (a failed write, or this pid gone: SIGPIPE may be ignored).
     subprocess.Popen(
-        ["sh", "-c", "while :; do printf x; sleep 0.02; done"], stdout=w, close_fds=True
+        ["sh", "-c", "while printf x && kill -0 %d 2>/dev/null; do sleep 0.02; done" % os.getpid()],
+        stdout=w,
+        close_fds=True,
     )
     os.close(w)
     names = [("nap", nap, ()), ("wait_pipe", wait_pipe, (r,)), ("spin_a", spin, ()), ("spin_b", spin, ())]

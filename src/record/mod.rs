@@ -423,6 +423,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
     };
     say!("perfpy: sampling {what} at {} Hz {until}", opts.rate);
     let start = Instant::now();
+    c.offcpu_window(false);
     let start_wall = SystemTime::now();
     let tty = std::io::stderr().is_terminal();
     let mut scratch = Vec::new();
@@ -438,6 +439,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         start,
     );
     let duration = start.elapsed();
+    c.offcpu_window(true);
     crate::signals::sampling_done();
     // No activation may start after this point: the deactivation below must see them all.
     scan_stop.store(true, Ordering::Relaxed);
@@ -536,6 +538,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         ebpf: opts.ebpf,
         walker_ran,
     });
+    offcpu::print_summary(&c, &report, duration);
     match opts.format {
         Format::Pprof if dest_name != "stdout" => {
             say!("perfpy: wrote {dest_name}; open it with: go tool pprof -http=:8080 {dest_name}")

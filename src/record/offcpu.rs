@@ -5,6 +5,7 @@
 //! the end, as one stack per thread.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use perfpy_bpf::{OffCpuEvent, OffCpuLost, OffCpuRecord};
 
@@ -20,6 +21,9 @@ const KEEP_PY_NS: u64 = 2_000_000_000;
 pub(crate) struct OffCpu {
     /// `--min-block` in nanoseconds.
     pub(crate) min_block_ns: u64,
+    /// The recording's window (CLOCK_MONOTONIC ns; end 0 while it runs): the part of a wait
+    /// outside it is not counted (the programs run from before the start to the last drain).
+    pub(crate) window: (u64, u64),
     /// Waits whose Python frames were not read yet: they get one more poll.
     waiting: Vec<OffCpuRecord>,
     /// Stacked as they left, by tid: their wait comes with a resume record.
@@ -47,7 +51,30 @@ impl OffCpu {
     }
 }
 
+/// CLOCK_MONOTONIC now, in ns (the clock of the eBPF programs' bpf_ktime_get_ns).
+pub(super) fn monotonic_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we pass; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
 impl Collector {
+    /// The recording starts (`end` false) or ends now: off-CPU time is counted inside.
+    pub(super) fn offcpu_window(&mut self, end: bool) {
+        if let Some(off) = self.offcpu.as_mut() {
+            let now = monotonic_ns();
+            if end {
+                off.window.1 = now;
+            } else {
+                off.window.0 = now;
+            }
+        }
+    }
+
     /// Reads the walker's rings (Python frames first) and adds the waits they complete.
     pub(super) fn poll_offcpu(&mut self) {
         let (Some(py), Some(off)) = (self.py.as_mut(), self.offcpu.as_mut()) else {
@@ -95,7 +122,15 @@ impl Collector {
 
     /// One wait into the profile: unwound and merged as a CPU sample is.
     fn add_wait(&mut self, r: &OffCpuRecord, py_stack: Option<perfpy_bpf::PyStack>) {
-        if r.pid == 0 {
+        let (start, end) = self.offcpu.as_ref().map(|o| o.window).unwrap_or((0, 0));
+        let until = if end > 0 {
+            r.time_ns.min(end)
+        } else {
+            r.time_ns
+        };
+        let from = r.time_ns.saturating_sub(r.wait_ns).max(start);
+        let wait_ns = until.saturating_sub(from);
+        if r.pid == 0 || wait_ns == 0 {
             return;
         }
         let key = self.proc_key(r.pid);
@@ -111,10 +146,10 @@ impl Collector {
             user_regs: (r.user_regs[1] != 0).then_some(r.user_regs),
             stack: &r.stack,
         };
-        self.add_stack(key, &s, py_stack, Some((r.wait_ns, r.state == 0)));
+        self.add_stack(key, &s, py_stack, Some((wait_ns, r.state == 0)));
         if let Some(off) = self.offcpu.as_mut() {
             off.stats.waits += 1;
-            off.stats.wait_ns += r.wait_ns;
+            off.stats.wait_ns += wait_ns;
         }
     }
 
@@ -152,5 +187,70 @@ impl Collector {
             off.stats.short_ns = stats.short_ns;
             off.stats.lost = lost;
         }
+    }
+}
+
+/// The off-CPU part of the summary: waits stacked and counted, what was lost, and per thread
+/// (the 12 with the most recorded time) its wall time split into CPU and each wait kind: two
+/// threads each half on CPU and half in `GIL` are serialised by the GIL.
+pub(super) fn print_summary(c: &Collector, report: &crate::report::Report, wall: Duration) {
+    let Some(off) = c.offcpu.as_ref() else {
+        return;
+    };
+    let st = off.stats;
+    say!(
+        "perfpy: off-CPU: {} waits of at least {} stacked ({:.2} s), {} shorter ones counted ({:.2} s)",
+        st.waits,
+        human_ns(off.min_block_ns),
+        st.wait_ns as f64 / 1e9,
+        st.short,
+        st.short_ns as f64 / 1e9
+    );
+    if st.lost.records > 0 {
+        say!("perfpy: warning: off-CPU: {} waits lost (the ring was full): raise --min-block, or profile fewer threads", st.lost.records);
+    }
+    if st.lost.short_threads > 0 {
+        say!("perfpy: warning: off-CPU: short waits of {} threads not counted (per-thread table full)", st.lost.short_threads);
+    }
+    let mut per: HashMap<(u32, u32), (String, u64, HashMap<&'static str, u64>)> = HashMap::new();
+    for s in &report.samples {
+        let e = per
+            .entry((s.pid, s.tid))
+            .or_insert_with(|| (s.thread.clone(), 0, HashMap::new()));
+        e.1 += s.count * report.period_ns;
+        if let Some(w) = s.wait {
+            *e.2.entry(w.label()).or_default() += s.offcpu_ns;
+        }
+    }
+    let mut rows: Vec<_> = per.into_iter().collect();
+    rows.sort_by_key(|(k, (_, cpu, w))| (std::cmp::Reverse(cpu + w.values().sum::<u64>()), *k));
+    let wall = wall.as_nanos().max(1) as f64;
+    for ((pid, tid), (name, cpu, waits)) in rows.into_iter().take(12) {
+        let mut kinds: Vec<_> = waits.into_iter().filter(|(_, ns)| *ns > 0).collect();
+        kinds.sort_by_key(|(k, ns)| (std::cmp::Reverse(*ns), *k));
+        let kinds: Vec<String> = kinds
+            .iter()
+            .map(|(k, ns)| format!("{k} {:.0}%", *ns as f64 * 100.0 / wall))
+            .collect();
+        say!(
+            "perfpy:   {pid}/{tid} {name}: on CPU {:.0}%, off CPU: {}",
+            cpu as f64 * 100.0 / wall,
+            if kinds.is_empty() {
+                "-".to_string()
+            } else {
+                kinds.join(", ")
+            }
+        );
+    }
+}
+
+/// `1ms`, `500µs`, `2s`: the threshold as given.
+fn human_ns(ns: u64) -> String {
+    match ns {
+        0 => "0".into(),
+        n if n % 1_000_000_000 == 0 => format!("{}s", n / 1_000_000_000),
+        n if n % 1_000_000 == 0 => format!("{}ms", n / 1_000_000),
+        n if n % 1000 == 0 => format!("{}µs", n / 1000),
+        n => format!("{n}ns"),
     }
 }
