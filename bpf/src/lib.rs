@@ -60,7 +60,7 @@ pub enum BpfError {
     Register { pid: u32, detail: String },
     #[error("--max-python-frames {0}: choose from 1 to {MAX_PY_FRAMES_CAP}")]
     FrameLimit(u32),
-    #[error("cannot trace context switches for --off-cpu: {0}; it needs root (or CAP_BPF + CAP_PERFMON) and a kernel with BTF whose finish_task_switch can be probed (kprobes, CONFIG_KPROBES)")]
+    #[error("cannot trace context switches for --off-cpu: {0}; it needs root (or CAP_BPF + CAP_PERFMON) and a kernel with BTF (tracepoints sched_switch and sys_exit)")]
     OffCpu(String),
 }
 
@@ -309,18 +309,6 @@ impl Walker {
         }
         open.progs.on_switch.set_autoload(offcpu.is_some());
         open.progs.on_sys_exit.set_autoload(offcpu.is_some());
-        if offcpu.is_some() {
-            let (lo, hi) = offcpu::syscall_range().ok_or_else(|| {
-                BpfError::OffCpu("no do_syscall_64 in /proc/kallsyms (root sees addresses)".into())
-            })?;
-            let ro = open
-                .maps
-                .rodata_data
-                .as_deref_mut()
-                .ok_or_else(|| BpfError::Load("no .rodata in the program".into()))?;
-            ro.syscall_lo = lo;
-            ro.syscall_hi = hi;
-        }
         // Off-CPU records are at most ~17 KiB; per CPU room for 128 of them, bounded. Without
         // --off-cpu the smallest ring and one scratch entry.
         let (oring, oentries) = match offcpu {

@@ -97,28 +97,6 @@ pub(crate) fn parse(data: &[u8]) -> Option<OffCpuEvent> {
     }))
 }
 
-/// The address range of the kernel's `do_syscall_64`: a kernel stack through it is a system
-/// call's (root reads addresses in /proc/kallsyms; others see zeros).
-pub(crate) fn syscall_range() -> Option<(u64, u64)> {
-    let s = std::fs::read_to_string("/proc/kallsyms").ok()?;
-    let mut text: Vec<(u64, &str)> = s
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let a = u64::from_str_radix(f.next()?, 16).ok()?;
-            let t = f.next()?;
-            matches!(t, "t" | "T").then_some((a, f.next()?))
-        })
-        .collect();
-    text.sort_unstable();
-    let i = text
-        .iter()
-        .position(|(a, n)| *n == "do_syscall_64" && *a != 0)?;
-    let lo = text[i].0;
-    let hi = text[i + 1..].iter().find(|(a, _)| *a > lo)?.0;
-    Some((lo, hi))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

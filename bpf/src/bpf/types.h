@@ -52,6 +52,8 @@ struct task_struct {
 /* The user registers of a task (x86-64), as bpf_task_pt_regs gives them. */
 struct pt_regs {
     unsigned long bp;
+    unsigned long ax;
+    unsigned long orig_ax;
     unsigned long ip;
     unsigned long sp;
 } __attribute__((preserve_access_index));

@@ -338,10 +338,6 @@ int on_sample(void *ctx)
  * space without such a point: it is stacked as it leaves, and its wait follows as an
  * OFFCPU_RESUME record. Kernel probes are not needed (this kernel may have none). */
 const volatile u64 min_block_ns = 1000000;
-/* do_syscall_64's address range (from /proc/kallsyms): a kernel stack through it is a system
- * call's. */
-const volatile u64 syscall_lo = 0;
-const volatile u64 syscall_hi = 0;
 
 struct {
     __uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -474,23 +470,6 @@ static __always_inline void stack_wait(struct offcpu_start *st, struct pt_regs *
         count_lost(0);
 }
 
-struct kctx {
-    struct offcpu_start *st;
-    u32 found;
-};
-
-static long in_syscall_frame(u32 i, struct kctx *k)
-{
-    if (i >= k->st->kstack_bytes / 8)
-        return 1;
-    u64 a = k->st->kstack[i & 63];
-    if (a >= syscall_lo && a < syscall_hi) {
-        k->found = 1;
-        return 1;
-    }
-    return 0;
-}
-
 /* A profiled thread leaves the CPU (it is the current task here). */
 static __always_inline void switch_out(u64 *ctx, struct task_struct *prev, u64 now)
 {
@@ -518,6 +497,16 @@ static __always_inline void switch_out(u64 *ctx, struct task_struct *prev, u64 n
     n->state = ctx[0] ? 0 : BPF_CORE_READ(prev, __state);
     n->flags = 0;
     n->kstack_bytes = 0;
+    /* Blocked in a system call: its entry left -ENOSYS in ax (the return value to come) and
+     * the call's number in orig_ax. Then nothing more now: the stacks are taken only if the
+     * wait turns out long. Otherwise (preempted, a page fault) they are taken now. */
+    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(prev);
+    if (!ctx[0] && (long)BPF_CORE_READ(regs, orig_ax) >= 0 && (long)BPF_CORE_READ(regs, ax) == -38) {
+        n->flags = START_IN_SYSCALL;
+        bpf_map_update_elem(&offcpu_start, &ktid, n, 0);
+        return;
+    }
+    n->flags = START_PENDING;
     bpf_map_update_elem(&offcpu_start, &ktid, n, 0);
     st = bpf_map_lookup_elem(&offcpu_start, &ktid);
     if (!st)
@@ -525,15 +514,7 @@ static __always_inline void switch_out(u64 *ctx, struct task_struct *prev, u64 n
     /* The first two frames are this program and the tracepoint runner. */
     long kb = bpf_get_stack(ctx, st->kstack, sizeof(st->kstack), 2);
     st->kstack_bytes = kb > 0 ? kb : 0;
-    struct kctx k = { .st = st };
-    if (!ctx[0])
-        bpf_loop(64, in_syscall_frame, &k, 0);
-    if (k.found) {
-        st->flags = START_IN_SYSCALL;
-    } else {
-        st->flags = START_PENDING;
-        stack_wait(st, (struct pt_regs *)bpf_task_pt_regs(prev), 0, OFFCPU_PENDING);
-    }
+    stack_wait(st, regs, 0, OFFCPU_PENDING);
 }
 
 /* A profiled thread is switched in again (`next`; the current task is the one leaving). */
@@ -555,6 +536,12 @@ static __always_inline void switch_in(struct task_struct *next, u64 now)
         count_short(st->pid, st->tid, wait);
         bpf_map_delete_elem(&offcpu_start, &ktid);
     } else {
+        /* A long wait in a system call: its kernel stack now, from __schedule (the thread has
+         * not run since it blocked), the rest at the call's exit. */
+        if (!st->kstack_bytes) {
+            long kb = bpf_get_task_stack(next, st->kstack, sizeof(st->kstack), 0);
+            st->kstack_bytes = kb > 0 ? kb : 0;
+        }
         st->wait = wait;
         st->flags |= START_WOKEN;
     }
