@@ -243,3 +243,51 @@ pub fn display_name(r: &Resolved, inline_index: usize) -> String {
         _ => f.function.clone(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(count: u64, offcpu_ns: u64) -> Sample {
+        Sample {
+            locs: vec![0],
+            count,
+            offcpu_ns,
+            wait: (offcpu_ns > 0).then_some(WaitKind::Sleep),
+            pid: 1,
+            tid: 1,
+            comm: "p".into(),
+            thread: "p".into(),
+            frames_from: "native",
+            python_version: None,
+            container_id: None,
+            main_file: None,
+        }
+    }
+
+    #[test]
+    fn the_text_formats_take_the_chosen_value() {
+        let r = Report {
+            locations: vec![],
+            resolved: vec![],
+            samples: vec![sample(3, 0), sample(0, 5_000_000)],
+            period_ns: 1_000_000,
+            start: SystemTime::UNIX_EPOCH,
+            duration: Duration::from_secs(1),
+            files: vec![],
+            command: String::new(),
+            offcpu: true,
+        };
+        let counts = |v: SampleView| {
+            let mut r = r.clone();
+            r.select(v);
+            (
+                r.samples.iter().map(|s| s.count).collect::<Vec<_>>(),
+                r.period_ns,
+            )
+        };
+        assert_eq!(counts(SampleView::Cpu), (vec![3], 1_000_000));
+        assert_eq!(counts(SampleView::OffCpu), (vec![5000], 1000));
+        assert_eq!(counts(SampleView::Wall), (vec![3000, 5000], 1000));
+    }
+}

@@ -464,6 +464,7 @@ mod tests {
             duration: Duration::from_secs(5),
             files: vec![("/usr/lib/libcrypto.so.3".into(), Some(vec![0xab, 0xcd]))],
             command: "perfpy record".into(),
+            offcpu: false,
         }
     }
 

@@ -190,6 +190,9 @@ impl Collector {
     }
 }
 
+/// A thread's name, CPU ns and off-CPU ns per wait kind.
+type ThreadRow = (String, u64, HashMap<&'static str, u64>);
+
 /// The off-CPU part of the summary: waits stacked and counted, what was lost, and per thread
 /// (the 12 with the most recorded time) its wall time split into CPU and each wait kind: two
 /// threads each half on CPU and half in `GIL` are serialised by the GIL.
@@ -212,7 +215,7 @@ pub(super) fn print_summary(c: &Collector, report: &crate::report::Report, wall:
     if st.lost.short_threads > 0 {
         say!("perfpy: warning: off-CPU: short waits of {} threads not counted (per-thread table full)", st.lost.short_threads);
     }
-    let mut per: HashMap<(u32, u32), (String, u64, HashMap<&'static str, u64>)> = HashMap::new();
+    let mut per: HashMap<(u32, u32), ThreadRow> = HashMap::new();
     for s in &report.samples {
         let e = per
             .entry((s.pid, s.tid))
