@@ -330,3 +330,30 @@ fn sample_choice_needs_off_cpu_and_text_formats_follow_it() {
         "{us} µs of sleep:\n{text}"
     );
 }
+
+/// `-a` in a private PID namespace: a Python process's sleeps, named, beside perfpy's own waits.
+#[test]
+fn whole_machine_in_a_pid_namespace() {
+    let py = python("3.12").expect("CPython 3.12");
+    let out = tmp("offcpu-all.txt");
+    let script = format!(
+        "{py} -c 'import time\ndef napper():\n    for _ in range(500): time.sleep(0.01)\nnapper()' & {perfpy} record -a --off-cpu -d 2 --sample off-cpu -f collapsed -o {out}; wait",
+        py = py.display(),
+        perfpy = perfpy().display(),
+        out = out.display()
+    );
+    let o = output_within(
+        Command::new("unshare")
+            .args(["--pid", "--fork", "--mount-proc", "sh", "-c"])
+            .arg(&script),
+        std::time::Duration::from_secs(120),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = std::fs::read_to_string(&out).unwrap();
+    let us: u64 = text
+        .lines()
+        .filter(|l| l.contains("[off-CPU: sleep]") && l.contains(";napper (<string>:3);"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(us >= 1_500_000, "{us} µs of napper's sleep in 2 s:\n{text}");
+}

@@ -39,6 +39,8 @@ pub(crate) struct OffCpuStats {
     /// Waits under the threshold, and their time.
     pub(crate) short: u64,
     pub(crate) short_ns: u64,
+    /// Waits whose native stack could not be unwound to its start, or was cut short.
+    pub(crate) incomplete: u64,
     pub(crate) lost: OffCpuLost,
 }
 
@@ -146,10 +148,28 @@ impl Collector {
             user_regs: (r.user_regs[1] != 0).then_some(r.user_regs),
             stack: &r.stack,
         };
+        // The CPU samples' unwinding counters stay theirs (the summary gives them as shares
+        // of the samples): a wait's are counted here.
+        let st = &self.stats;
+        let before = (
+            st.unwind_incomplete,
+            st.no_user_regs,
+            st.py_beyond_copy,
+            st.truncated,
+        );
         self.add_stack(key, &s, py_stack, Some((wait_ns, r.state == 0)));
+        let st = &mut self.stats;
+        let incomplete = st.unwind_incomplete > before.0 || st.truncated != before.3;
+        (
+            st.unwind_incomplete,
+            st.no_user_regs,
+            st.py_beyond_copy,
+            st.truncated,
+        ) = before;
         if let Some(off) = self.offcpu.as_mut() {
             off.stats.waits += 1;
             off.stats.wait_ns += wait_ns;
+            off.stats.incomplete += u64::from(incomplete);
         }
     }
 
@@ -209,6 +229,13 @@ pub(super) fn print_summary(c: &Collector, report: &crate::report::Report, wall:
         st.short,
         st.short_ns as f64 / 1e9
     );
+    if st.incomplete > 0 {
+        say!(
+            "perfpy: off-CPU: {} of the stacked waits incomplete ({:.1}%): their outer native frames are missing",
+            st.incomplete,
+            st.incomplete as f64 * 100.0 / st.waits.max(1) as f64
+        );
+    }
     if st.lost.records > 0 {
         say!("perfpy: warning: off-CPU: {} waits lost (the ring was full): raise --min-block, or profile fewer threads", st.lost.records);
     }
