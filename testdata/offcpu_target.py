@@ -33,7 +33,7 @@ def main():
     # The helper is another process: its writes cost this one no GIL. It ends with this
     # process (a failed write, or this pid gone: SIGPIPE may be ignored).
     subprocess.Popen(
-        ["sh", "-c", "while printf x && kill -0 %d 2>/dev/null; do sleep 0.02; done" % os.getpid()],
+        ["sh", "-c", "while printf x 2>/dev/null && kill -0 %d 2>/dev/null; do sleep 0.02; done" % os.getpid()],
         stdout=w,
         close_fds=True,
     )
