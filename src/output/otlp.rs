@@ -274,6 +274,10 @@ pub fn encode(r: &Report, procs: &[ProcessInfo], host: &str) -> ExportProfilesSe
     };
     let mut per_pid: BTreeMap<u32, Vec<otlp::Sample>> = BTreeMap::new();
     for smp in &p.sample {
+        // The CPU profile only: off-CPU stacks (`--off-cpu`) have no CPU samples.
+        if smp.value.first().is_some_and(|n| *n == 0) {
+            continue;
+        }
         let find = |k: Option<i64>| smp.label.iter().find(|l| Some(l.key) == k);
         let pid = find(k_pid).map_or(0, |l| l.num as u32);
         let mut attribute_indices = Vec::new();

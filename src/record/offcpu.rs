@@ -179,6 +179,9 @@ impl Collector {
         if self.offcpu.is_none() {
             return;
         }
+        // Twice: Python frames read by the first poll's last ring read are matched by the
+        // second.
+        self.poll_offcpu();
         self.poll_offcpu();
         // Records still waiting for Python frames that never came: without them.
         if let Some(off) = self.offcpu.as_mut() {
