@@ -34,7 +34,7 @@ mod skel {
 }
 
 pub use code::{CodeReader, PyFrameInfo};
-pub use offcpu::{OffCpuEvent, OffCpuLost, OffCpuRecord, ShortWaits};
+pub use offcpu::{InProgress, OffCpuEvent, OffCpuLost, OffCpuRecord, ShortWaits};
 pub use offsets::Offsets;
 
 /// Default of `--max-python-frames`: above CPython's default recursion limit (1,000).
@@ -554,6 +554,14 @@ impl Walker {
                     },
                 ))
             })
+            .collect()
+    }
+
+    /// The waits going on now (threads off the CPU since they were last seen leaving it).
+    pub fn waits_in_progress(&self) -> Vec<InProgress> {
+        let m = &self.skel().maps.offcpu_start;
+        m.keys()
+            .filter_map(|k| offcpu::parse_start(&m.lookup(&k, MapFlags::ANY).ok()??))
             .collect()
     }
 

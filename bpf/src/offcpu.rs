@@ -59,6 +59,44 @@ pub struct OffCpuLost {
     pub short_threads: u64,
 }
 
+/// A wait still going on: a thread off the CPU since `since_ns` (CLOCK_MONOTONIC), after
+/// `before_ns` off the CPU in the same system call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InProgress {
+    pub pid: u32,
+    pub tid: u32,
+    pub since_ns: u64,
+    pub before_ns: u64,
+    /// Its wait ended already (at least the threshold long); its system call has not returned.
+    pub ended: bool,
+    /// Stacked as it left (preempted, a page fault): its record was sent.
+    pub stacked: bool,
+}
+
+const START_WOKEN: u32 = 2;
+const START_PENDING: u32 = 4;
+
+/// `struct offcpu_start` (its head) as a wait in progress.
+pub(crate) fn parse_start(v: &[u8]) -> Option<InProgress> {
+    let u32_at = |o: usize| {
+        v.get(o..o + 4)
+            .map(|b| u32::from_ne_bytes(b.try_into().unwrap()))
+    };
+    let u64_at = |o: usize| {
+        v.get(o..o + 8)
+            .map(|b| u64::from_ne_bytes(b.try_into().unwrap()))
+    };
+    let flags = u32_at(28)?;
+    Some(InProgress {
+        since_ns: u64_at(0)?,
+        before_ns: u64_at(8)?,
+        pid: u32_at(16)?,
+        tid: u32_at(20)?,
+        ended: flags & START_WOKEN != 0,
+        stacked: flags & START_PENDING != 0,
+    })
+}
+
 pub(crate) fn parse(data: &[u8]) -> Option<OffCpuEvent> {
     let u32_at = |o: usize| {
         data.get(o..o + 4)

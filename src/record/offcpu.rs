@@ -24,6 +24,9 @@ pub(crate) struct OffCpu {
     /// The recording's window (CLOCK_MONOTONIC ns; end 0 while it runs): the part of a wait
     /// outside it is not counted (the programs run from before the start to the last drain).
     pub(crate) window: (u64, u64),
+    /// The targets' threads at the start with their CPU time so far (schedstat, ns): one
+    /// that never ran during the recording waited all of it, without a switch to see.
+    idle_check: Vec<(u32, u32, u64)>,
     /// Waits whose Python frames were not read yet: they get one more poll.
     waiting: Vec<OffCpuRecord>,
     /// Stacked as they left, by tid: their wait comes with a resume record.
@@ -53,6 +56,67 @@ impl OffCpu {
     }
 }
 
+impl Collector {
+    /// Waits still going on when the recording ends, up to its end: those stacked as they left
+    /// with their stacks, the others (blocked in a system call, stacked only when it returns)
+    /// with their kind from the system call, as a root frame alone.
+    fn add_in_progress(&mut self) {
+        let Some(off) = self.offcpu.as_mut() else {
+            return;
+        };
+        let (start, end) = off.window;
+        let min_block = off.min_block_ns;
+        let pending: Vec<OffCpuRecord> = off.pending.drain().map(|(_, r)| r).collect();
+        // Threads that did not run at all: off the CPU for the whole recording.
+        let idle: Vec<(u32, u32)> = off
+            .idle_check
+            .drain(..)
+            .filter(|&(pid, tid, ran)| run_time(pid, tid) == Some(ran))
+            .map(|(pid, tid, _)| (pid, tid))
+            .collect();
+        for mut r in pending {
+            let stack = self
+                .py
+                .as_mut()
+                .and_then(|py| py.offcpu_py.remove(&(r.tid, r.time_ns)));
+            r.wait_ns = end.saturating_sub(r.time_ns);
+            r.time_ns = end;
+            self.add_wait(&r, stack);
+        }
+        for (pid, tid) in idle {
+            let kind = kind_of_syscall(pid, tid);
+            let key = self.proc_key(pid);
+            let root = self.profile.location(FrameKey::Wait(kind));
+            self.profile
+                .add_offcpu(key, tid, &[root], end.saturating_sub(start));
+        }
+        let Some(py) = self.py.as_ref() else { return };
+        for w in py.walker.waits_in_progress() {
+            if w.stacked || w.pid == 0 {
+                continue;
+            }
+            let from = if w.ended {
+                end.saturating_sub(w.before_ns)
+            } else {
+                w.since_ns.saturating_sub(w.before_ns)
+            };
+            let ns = end.saturating_sub(from.max(start));
+            if ns == 0 || !std::path::Path::new(&format!("/proc/{}/task/{}", w.pid, w.tid)).exists()
+            {
+                continue;
+            }
+            let kind = if ns < min_block {
+                WaitKind::Short
+            } else {
+                kind_of_syscall(w.pid, w.tid)
+            };
+            let key = self.proc_key(w.pid);
+            let root = self.profile.location(FrameKey::Wait(kind));
+            self.profile.add_offcpu(key, w.tid, &[root], ns);
+        }
+    }
+}
+
 /// CLOCK_MONOTONIC now, in ns (the clock of the eBPF programs' bpf_ktime_get_ns).
 pub(super) fn monotonic_ns() -> u64 {
     let mut t = libc::timespec {
@@ -73,6 +137,15 @@ impl Collector {
                 off.window.1 = now;
             } else {
                 off.window.0 = now;
+                off.idle_check = self
+                    .live
+                    .keys()
+                    .flat_map(|&pid| {
+                        crate::targets::threads(pid)
+                            .into_iter()
+                            .filter_map(move |tid| Some((pid, tid, run_time(pid, tid)?)))
+                    })
+                    .collect();
             }
         }
     }
@@ -190,6 +263,7 @@ impl Collector {
                 self.add_wait(&r, None);
             }
         }
+        self.add_in_progress();
         let (shorts, lost) = match self.py.as_ref() {
             Some(py) => (py.walker.short_waits(), py.walker.offcpu_lost()),
             None => return,
@@ -213,8 +287,37 @@ impl Collector {
     }
 }
 
-/// A thread's name, CPU ns and off-CPU ns per wait kind.
-type ThreadRow = (String, u64, HashMap<&'static str, u64>);
+/// A thread's time on a CPU so far (ns), from the kernel's schedstat.
+fn run_time(pid: u32, tid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The kind of a wait still going on at the end, from the system call the thread is in
+/// (x86-64 numbers; `/proc/PID/task/TID/syscall`), since its stacks are taken only when it ends.
+fn kind_of_syscall(pid: u32, tid: u32) -> WaitKind {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).unwrap_or_default();
+    match s
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse::<i64>().ok())
+    {
+        Some(0 | 17 | 19 | 295) => WaitKind::IoRead,
+        Some(35 | 230) => WaitKind::Sleep,
+        Some(202) => WaitKind::Lock,
+        Some(7 | 23 | 232 | 270 | 271 | 281 | 441) => WaitKind::Poll,
+        Some(42 | 43 | 45 | 47 | 288 | 299) => WaitKind::Network,
+        _ => WaitKind::Other,
+    }
+}
+
+/// A thread's name, CPU ns, off-CPU ns per wait kind, and the time it held the GIL (running
+/// Python, or preempted in Python code), for a Python thread.
+type ThreadRow = (String, u64, HashMap<&'static str, u64>, Option<u64>);
 
 /// The off-CPU part of the summary: waits stacked and counted, what was lost, and per thread
 /// (the 12 with the most recorded time) its wall time split into CPU and each wait kind: two
@@ -249,24 +352,41 @@ pub(super) fn print_summary(c: &Collector, report: &crate::report::Report, wall:
     for s in &report.samples {
         let e = per
             .entry((s.pid, s.tid))
-            .or_insert_with(|| (s.thread.clone(), 0, HashMap::new()));
+            .or_insert_with(|| (s.thread.clone(), 0, HashMap::new(), None));
         e.1 += s.count * report.period_ns;
         if let Some(w) = s.wait {
             *e.2.entry(w.label()).or_default() += s.offcpu_ns;
         }
+        // A thread runs Python code only while it holds the GIL, and keeps it when preempted.
+        let python = s.frames_from != "native";
+        if s.python_version.is_some() {
+            let held = e.3.get_or_insert(0);
+            if python && (s.wait.is_none() || s.wait == Some(WaitKind::Preempted)) {
+                *held += s.count * report.period_ns + s.offcpu_ns;
+            }
+        }
     }
     let mut rows: Vec<_> = per.into_iter().collect();
-    rows.sort_by_key(|(k, (_, cpu, w))| (std::cmp::Reverse(cpu + w.values().sum::<u64>()), *k));
+    rows.sort_by_key(|(k, (_, cpu, w, _))| (std::cmp::Reverse(cpu + w.values().sum::<u64>()), *k));
     let wall = wall.as_nanos().max(1) as f64;
-    for ((pid, tid), (name, cpu, waits)) in rows.into_iter().take(12) {
+    for ((pid, tid), (name, cpu, waits, held)) in rows.into_iter().take(12) {
+        let gil = waits.get(WaitKind::Gil.label()).copied().unwrap_or(0);
         let mut kinds: Vec<_> = waits.into_iter().filter(|(_, ns)| *ns > 0).collect();
         kinds.sort_by_key(|(k, ns)| (std::cmp::Reverse(*ns), *k));
         let kinds: Vec<String> = kinds
             .iter()
             .map(|(k, ns)| format!("{k} {:.0}%", *ns as f64 * 100.0 / wall))
             .collect();
+        let gil = match held {
+            Some(h) => format!(
+                "; GIL held ~{:.0}%, waited for {:.0}%",
+                h as f64 * 100.0 / wall,
+                gil as f64 * 100.0 / wall
+            ),
+            None => String::new(),
+        };
         say!(
-            "perfpy:   {pid}/{tid} {name}: on CPU {:.0}%, off CPU: {}",
+            "perfpy:   {pid}/{tid} {name}: on CPU {:.0}%, off CPU: {}{gil}",
             cpu as f64 * 100.0 / wall,
             if kinds.is_empty() {
                 "-".to_string()
