@@ -136,26 +136,30 @@ fn check_python(py: &std::path::Path, what: &str, errors: &mut Vec<String>) {
     let mut seen = HashMap::new();
     for (tid, parts) in per_thread(&d) {
         let has = |f: &dyn Fn(&str) -> bool| parts.iter().any(|p| p.at.iter().any(|a| f(a)));
-        let (role, at): (&str, &dyn Fn(&str) -> bool) = if has(&|a| a == nap_at) {
-            ("nap", &|a| a == nap_at)
+        // The role, its function, and the line of its wait.
+        let (role, func, line) = if has(&|a| a == nap_at) {
+            ("nap", "nap:", nap_at.as_str())
         } else if has(&|a| a == pipe_at) {
-            ("pipe", &|a| a == pipe_at)
+            ("pipe", "wait_pipe:", pipe_at.as_str())
         } else if has(&|a| a.starts_with("spin:")) {
-            ("spin", &|a| a.starts_with("spin:"))
+            ("spin", "spin:", "spin:")
         } else {
             continue;
         };
         *seen.entry(role).or_insert(0) += 1;
-        // Off-CPU time of these kinds in stacks through the role's function (and line).
-        let share = |kinds: &[&str]| {
+        // Off-CPU time of these kinds in stacks through `at` (the role's function: its GIL
+        // waits are also at the loop's line, where a drop request is served; or the wait's
+        // own line).
+        let share_in = |at: &str, kinds: &[&str]| {
             parts
                 .iter()
-                .filter(|p| p.at.iter().any(|a| at(a)))
+                .filter(|p| p.at.iter().any(|a| a.starts_with(at)))
                 .filter(|p| p.kind.as_deref().is_some_and(|k| kinds.contains(&k)))
                 .map(|p| p.off)
                 .sum::<i64>() as f64
                 / wall
         };
+        let share = |kinds: &[&str]| share_in(func, kinds);
         let cpu = parts.iter().map(|p| p.cpu).sum::<i64>() as f64 / wall;
         let total = cpu + parts.iter().map(|p| p.off).sum::<i64>() as f64 / wall;
         let known_cpu = match (before.get(&tid), after.get(&tid)) {
@@ -186,27 +190,20 @@ fn check_python(py: &std::path::Path, what: &str, errors: &mut Vec<String>) {
         match role {
             "nap" => {
                 // Each wake-up waits for the GIL the spinners hold: sleep, then the GIL.
-                check(
-                    share(&["sleep"]) >= 0.2,
-                    format!("sleep {:.3}", share(&["sleep"])),
-                );
+                let sleep = share_in(line, &["sleep"]);
+                check(sleep >= 0.2, format!("sleep at {line}: {sleep:.3}"));
                 check(gil >= 0.05, format!("GIL after waking {gil:.3}"));
                 let s = share(&["sleep", "GIL", "preempted"]);
-                check(
-                    s >= 0.9,
-                    format!("sleep + GIL + preempted at {nap_at}: {s:.3}"),
-                );
+                check(s >= 0.9, format!("sleep + GIL + preempted in nap: {s:.3}"));
             }
             "pipe" => {
-                check(
-                    share(&["I/O read"]) >= 0.2,
-                    format!("I/O read {:.3}", share(&["I/O read"])),
-                );
+                let read = share_in(line, &["I/O read"]);
+                check(read >= 0.2, format!("I/O read at {line}: {read:.3}"));
                 check(gil >= 0.05, format!("GIL after waking {gil:.3}"));
                 let s = share(&["I/O read", "GIL", "preempted"]);
                 check(
                     s >= 0.9,
-                    format!("I/O read + GIL + preempted at {pipe_at}: {s:.3}"),
+                    format!("I/O read + GIL + preempted in wait_pipe: {s:.3}"),
                 );
             }
             _ => {

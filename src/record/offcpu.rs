@@ -85,6 +85,7 @@ impl Collector {
         }
         for (pid, tid) in idle {
             let kind = kind_of_syscall(pid, tid);
+            tracing::debug!(pid, tid, ?kind, "off-CPU: did not run during the recording");
             let key = self.proc_key(pid);
             let root = self.profile.location(FrameKey::Wait(kind));
             self.profile
@@ -110,6 +111,7 @@ impl Collector {
             } else {
                 kind_of_syscall(w.pid, w.tid)
             };
+            tracing::debug!(?w, ns, ?kind, "off-CPU: wait in progress at the end");
             let key = self.proc_key(w.pid);
             let root = self.profile.location(FrameKey::Wait(kind));
             self.profile.add_offcpu(key, w.tid, &[root], ns);
