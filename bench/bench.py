@@ -23,6 +23,11 @@ Sections (all by default; pick with --only a,b,...):
              main thread blocked on a pipe), 100 times: the time per dump and the longest gap the
              target's own clock saw, against 100 dumps of another process; py-spy's `dump` (which
              stops the process while it reads it) beside it.
+  agent      `perfpy agent -a --interval 10s` for --soak-seconds (private PID namespace: Python
+             processes of several versions, 2 threads in one, a short-lived one every second)
+             exporting to the real OpenTelemetry Collector (scripts/deps.sh builds it): perfpy's CPU
+             per interval and RSS every 10 s must stay flat; every interval exported; the time
+             naming each interval, and how many locations were named vs taken from the cache.
   offcpu     a context-switch-heavy echo server (~10 000 requests/s over a Unix socket, one
              context switch per request; bench/ctxswitch.py) attached with `record -p`, with and
              without --off-cpu: the server's CPU per request, its latency, perfpy's CPU, the waits
@@ -33,6 +38,7 @@ Sections (all by default; pick with --only a,b,...):
 
 Exits 1 when a target is missed (listed at the end), so it can be run by hand before a release.
 Usage: bench/run.sh [--rounds N] [--only LIST] [--soak-seconds S]   (run.sh builds and sets up)
+(agent alone, 3 minutes: bench/run.sh --only agent --soak-seconds 180)
 (busy: ~2 min at 3 rounds.)
 """
 import argparse
@@ -58,6 +64,7 @@ SPLIT = os.path.join(ROOT, "testdata", "split.py")
 BUSY = os.path.join(ROOT, "testdata", "busy_any.py")
 OUT = os.path.join(ROOT, "bench", "out")
 PYENV = "/root/.pyenv/versions"
+OTELCOL = os.environ.get("PERFPY_OTELCOL", "/var/cache/perfpy/otelcol")
 
 # The targets of issue 6 and 7.
 TARGET_SLOWDOWN = {100: 0.5, 1000: 3.0}  # percent, perfpy vs bare
@@ -646,6 +653,119 @@ def section_churn(seconds):
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+AGENT_DRIVER = r'''
+import os, re, signal, subprocess, sys, time
+perfpy, url, seconds, log = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+busy, split, pys = sys.argv[5], sys.argv[6], sys.argv[7:]
+procs = [subprocess.Popen([py, busy, str(seconds + 60)], stdout=subprocess.DEVNULL) for py in pys]
+procs.append(subprocess.Popen([pys[-1], split, str(seconds + 60), "threads"], stdout=subprocess.DEVNULL))
+time.sleep(1)
+# perfpy's messages go to a file: a pipe read only at the end could fill and block it.
+err = open(log, "w")
+env = dict(os.environ, RUST_LOG="perfpy=info")
+agent = subprocess.Popen([perfpy, "agent", "-a", "--interval", "10s", "--otlp-endpoint", url],
+                         stderr=err, env=env)
+hz = os.sysconf("SC_CLK_TCK")
+t0 = time.time()
+next_at = t0
+kids = []
+i = 0
+while time.time() < t0 + seconds:
+    kids = [k for k in kids if k.poll() is None]
+    if len(kids) < 2:
+        kids.append(subprocess.Popen([pys[i % len(pys)], "-c", "import time\ne=time.time()+0.3\nwhile time.time()<e: sum(range(1000))"]))
+        i += 1
+    if time.time() >= next_at:
+        try:
+            f = open("/proc/%d/stat" % agent.pid).read().rsplit(")", 1)[1].split()
+            st = open("/proc/%d/status" % agent.pid).read()
+            sys.stdout.write("at %d %.3f %d %d\n" % (round(time.time() - t0), (int(f[11]) + int(f[12])) / hz,
+                             int(re.search(r"VmRSS:\s+(\d+)", st).group(1)), len(os.listdir("/proc/%d/fd" % agent.pid))))
+            sys.stdout.flush()
+        except (OSError, AttributeError):
+            pass
+        next_at += 10
+    time.sleep(0.05)
+agent.send_signal(signal.SIGTERM)
+rc = agent.wait()
+for p in procs + kids:
+    p.kill(); p.wait()
+sys.stdout.write("rc %d\nstarted %d\n" % (rc, i))
+'''
+
+
+def section_agent(seconds):
+    """`perfpy agent -a` exporting every 10 s to the real Collector for `seconds`."""
+    if not os.path.exists(OTELCOL):
+        check(False, "agent: no Collector at %s (scripts/deps.sh builds it)" % OTELCOL)
+        return
+    tmp = tempfile.mkdtemp(prefix="perfpy-bench-")
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = os.path.join(tmp, "otelcol.yaml")
+    with open(cfg, "w") as f:
+        f.write("receivers:\n  otlp:\n    protocols:\n      http:\n        endpoint: 127.0.0.1:%d\n"
+                "exporters:\n  debug:\n    verbosity: basic\n"
+                "service:\n  telemetry:\n    metrics:\n      level: none\n"
+                "  pipelines:\n    profiles:\n      receivers: [otlp]\n      exporters: [debug]\n" % port)
+    col_log = open(os.path.join(tmp, "otelcol.log"), "w+")
+    col = subprocess.Popen([OTELCOL, "--config", cfg, "--feature-gates=+service.profilesSupport"],
+                           stdout=col_log, stderr=subprocess.STDOUT)
+    t = time.time()
+    while time.time() - t < 30 and "Everything is ready" not in open(col_log.name).read():
+        time.sleep(0.2)
+    log = os.path.join(tmp, "agent.log")
+    pys = [pyenv(v) for v in ("3.9", "3.11", "3.12", "3.13")]
+    p = subprocess.run(in_pidns([sys.executable, "-c", AGENT_DRIVER, PERFPY, "http://127.0.0.1:%d" % port,
+                                 str(seconds), log, BUSY, SPLIT] + pys), capture_output=True, text=True)
+    col.terminate()
+    col.wait()
+    exports = [int(m) for m in re.findall(r'"sample records": (\d+)', open(col_log.name).read())]
+    out = p.stdout
+    rc = int(re.search(r"rc (-?\d+)", out).group(1)) if "rc " in out else -1
+    started = int(re.search(r"started (\d+)", out).group(1)) if "started " in out else 0
+    series = [(int(a), float(b), int(c), int(d)) for a, b, c, d in re.findall(r"^at (\d+) ([\d.]+) (\d+) (\d+)$", out, re.M)]
+    intervals = []
+    for line in open(log).read().splitlines():
+        if "interval exported" in line:
+            intervals.append({k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", line)})
+    say("### `perfpy agent -a --interval 10s` for %d s, exporting to the OpenTelemetry Collector" % seconds)
+    say()
+    say("In a private PID namespace: 3.9, 3.11, 3.12, 3.13 busy, a 2-thread 3.13 process, and %d short-lived "
+        "Python processes (0.3 s each, two at a time). Exit %d; %d intervals, %d exports received by the Collector "
+        "(%d samples)." % (started, rc, len(intervals), len(exports), sum(exports)))
+    say()
+    say("| seconds | " + " | ".join(str(t) for t, _, _, _ in series[1:]) + " |")
+    say("| --- | " + " | ".join("---" for _ in series[1:]) + " |")
+    say("| CPU per 10 s (ms) | " + " | ".join("%.0f" % (1000 * (b[1] - a[1])) for a, b in zip(series, series[1:])) + " |")
+    say("| RSS (MiB) | " + " | ".join("%.1f" % (r / 1024) for _, _, r, _ in series[1:]) + " |")
+    say("| open fds | " + " | ".join(str(f) for _, _, _, f in series[1:]) + " |")
+    say()
+    if intervals:
+        say("Naming per interval (ms): first %d, then median %.0f, max %d; locations named: first %d, then median %.0f "
+            "(from the cache: median %.0f)" % (
+                intervals[0].get("naming_ms", 0),
+                med([i.get("naming_ms", 0) for i in intervals[1:]] or [0]),
+                max([i.get("naming_ms", 0) for i in intervals[1:]] or [0]),
+                intervals[0].get("named", 0),
+                med([i.get("named", 0) for i in intervals[1:]] or [0]),
+                med([i.get("from_cache", 0) for i in intervals[1:]] or [0])))
+        say()
+    cpu = [b[1] - a[1] for a, b in zip(series, series[1:])]
+    if len(cpu) >= 8:
+        early, late = med(cpu[1:4]), med(cpu[-3:])
+        say("CPU per interval: %.0f ms early (second to fourth), %.0f ms at the end: %s" % (
+            1000 * early, 1000 * late, check(late <= 1.5 * early + 0.05, "agent: CPU per interval grew %.0f -> %.0f ms" % (1000 * early, 1000 * late))))
+    say("Memory: %s" % flat([(t, r, f) for t, _, r, f in series], "agent"))
+    check(rc == 0, "agent: exit %d" % rc)
+    check(len(exports) >= len(intervals) - 1 and len(intervals) >= seconds // 10 - 1,
+          "agent: %d intervals, %d exports" % (len(intervals), len(exports)))
+    say()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def raw_samples(path):
     """Samples in a collapsed ("raw") file: the sum of its counts."""
     try:
@@ -894,7 +1014,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--units", type=int, default=2500, help="work.py units (~2 ms each)")
-    ap.add_argument("--only", default="slowdown,threads,accuracy,symbolize,depth,soak,churn,busy,dump,offcpu")
+    ap.add_argument("--only", default="slowdown,threads,accuracy,symbolize,depth,soak,churn,agent,busy,dump,offcpu")
     ap.add_argument("--soak-seconds", type=int, default=600)
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -921,6 +1041,8 @@ def main():
             section_soak(args.soak_seconds)
         if "churn" in only:
             section_churn(args.soak_seconds)
+        if "agent" in only:
+            section_agent(args.soak_seconds)
         if "busy" in only:
             section_busy(args.rounds)
         if "dump" in only:

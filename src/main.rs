@@ -3,6 +3,7 @@
 #[macro_use]
 mod say;
 
+mod agent;
 mod coverage;
 mod dump;
 mod dump_locals;
@@ -18,6 +19,7 @@ mod signals;
 mod symbols;
 mod sys;
 mod targets;
+mod top;
 mod unwind;
 mod wait;
 
@@ -62,6 +64,14 @@ enum Cmd {
         #[arg(long)]
         status: bool,
     },
+    /// Replay a capture (`PERFPY_CAPTURE=DIR perfpy record …`) into a profile, without
+    /// privileges: for tests (see testdata/replay/README.md).
+    #[command(hide = true)]
+    Replay {
+        dir: std::path::PathBuf,
+        #[arg(short = 'f', long = "format", value_enum, default_value = "collapsed")]
+        format: Format,
+    },
     /// Every thread's stack right now (Python frames, state, the system call it waits in,
     /// kernel frames), read without stopping the process.
     Dump {
@@ -86,6 +96,17 @@ enum Cmd {
         #[arg(long)]
         locals: bool,
     },
+    /// A live view: functions by own and total share, over the last interval and since the
+    /// start, refreshed every interval (keys: o own, t total, n name, s last/all, Tab thread,
+    /// k native and kernel frames, space pause, q quit). Without a terminal on stdout, a plain
+    /// table per interval.
+    Top(TopArgs),
+    /// Continuous profiling: sample until SIGTERM/Ctrl-C (the whole machine, or -p) and export
+    /// each interval's profile to an OpenTelemetry Collector (OTLP profiles).
+    #[command(
+        after_help = "Examples:\n  perfpy agent --otlp-endpoint http://collector:4318\n  perfpy agent -p 1234 --interval 30s\n  OTEL_EXPORTER_OTLP_ENDPOINT=http://collector:4318 perfpy agent"
+    )]
+    Agent(AgentArgs),
     /// What this machine supports and, per Python process, its version, interpreter and how
     /// perfpy names its frames.
     Info {
@@ -215,6 +236,156 @@ fn parse_min_block(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_nanos(ns as u64))
 }
 
+#[derive(clap::Args)]
+struct TopArgs {
+    /// Process to watch, with all its threads (present and future). Repeatable.
+    #[arg(short = 'p', long = "pid", value_name = "PID")]
+    pids: Vec<i32>,
+    /// Every process on every CPU (whole machine).
+    #[arg(short = 'a', long = "all-cpus", visible_alias = "all")]
+    all: bool,
+    /// Stop after this long: 30, 30s, 500ms, 2m, 1h. Default: until q, Ctrl-C or the targets exit.
+    #[arg(short = 'd', long, value_parser = parse_duration, value_name = "DURATION")]
+    duration: Option<Duration>,
+    /// Samples per second per thread (cpu-clock).
+    #[arg(short = 'r', long = "rate", visible_alias = "freq", short_alias = 'F', default_value_t = 100, value_parser = parse_rate, value_name = "HZ")]
+    rate: u64,
+    /// How often the view is refreshed: the length of "last interval".
+    #[arg(short = 'i', long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
+    interval: Duration,
+    /// At the end, write the profile of the whole run to FILE (as perfpy record writes it).
+    #[arg(short = 'o', long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Format of -o [default: from the output's extension, else pprof].
+    #[arg(short = 'f', long, value_enum)]
+    format: Option<Format>,
+    /// Show only this thread at first (Tab cycles threads).
+    #[arg(long, value_name = "TID", conflicts_with = "thread")]
+    tid: Option<u32>,
+    /// Show only the thread of this name at first (once it is seen).
+    #[arg(long, value_name = "NAME")]
+    thread: Option<String>,
+    /// Rows per table without a terminal.
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    rows: usize,
+    /// Aggregate Python frames by function (their first line), as py-spy's --function.
+    #[arg(long, conflicts_with = "nolineno")]
+    function: bool,
+    /// No line numbers in Python frames.
+    #[arg(long)]
+    nolineno: bool,
+    /// With -p: also the targets' child processes.
+    #[arg(long)]
+    subprocesses: bool,
+    /// Do not load the eBPF frame walker (Python frames then come from perf trampolines only).
+    #[arg(long)]
+    no_ebpf: bool,
+    /// Turn on CPython 3.12+'s perf trampoline in the targets (needed only without the walker).
+    #[arg(long)]
+    inject_python: bool,
+    /// Command to launch and watch until it exits (after --).
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+/// `record`'s options for `top` (the same sampling; top's own options apart).
+fn top_options(a: TopArgs) -> (record::Options, record::live::TopOptions) {
+    let opts = record::Options {
+        pids: a.pids,
+        all: a.all,
+        command: a.command,
+        duration: a.duration,
+        rate: a.rate,
+        format: a
+            .format
+            .unwrap_or_else(|| format_from_extension(a.output.as_deref())),
+        output: a.output,
+        stack_size: None,
+        max_frames: 512,
+        max_python_frames: perfpy_bpf::DEFAULT_PY_FRAMES,
+        keep_interpreter: false,
+        python_perf_env: None,
+        inject_python: a.inject_python,
+        ebpf: !a.no_ebpf,
+        otlp: None,
+        subprocesses: a.subprocesses,
+        lines: lines(a.function, a.nolineno),
+        off_cpu: None,
+        sample: None,
+    };
+    let top = record::live::TopOptions {
+        interval: a.interval,
+        tid: a.tid,
+        thread: a.thread,
+        rows: a.rows,
+    };
+    (opts, top)
+}
+
+/// `--function` / `--nolineno`.
+fn lines(function: bool, nolineno: bool) -> report::Lines {
+    if function {
+        report::Lines::Function
+    } else if nolineno {
+        report::Lines::None
+    } else {
+        report::Lines::Current
+    }
+}
+
+/// One of -p, -a or a command.
+fn one_target(pids: &[i32], command: &[String], all: bool) -> Result<()> {
+    let modes = [!pids.is_empty(), !command.is_empty(), all];
+    match modes.iter().filter(|m| **m).count() {
+        0 => bail!("nothing to profile: give -p PID, -a (whole machine) or a command after --"),
+        1 => Ok(()),
+        _ => bail!("give one of -p PID, -a or a command after --, not several"),
+    }
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// Process to profile, with all its threads. Repeatable. Default: every process (-a).
+    #[arg(short = 'p', long = "pid", value_name = "PID")]
+    pids: Vec<i32>,
+    /// Every process on every CPU, leniently (the default).
+    #[arg(
+        short = 'a',
+        long = "all-cpus",
+        visible_alias = "all",
+        conflicts_with = "pids"
+    )]
+    all: bool,
+    /// How often a profile is exported: each holds the samples of its interval.
+    #[arg(long, default_value = "10s", value_parser = parse_interval, value_name = "DURATION")]
+    interval: Duration,
+    /// Samples per second per CPU (-a) or thread (-p).
+    #[arg(short = 'r', long = "rate", visible_alias = "freq", short_alias = 'F', default_value_t = 100, value_parser = parse_rate, value_name = "HZ")]
+    rate: u64,
+    /// The Collector's OTLP/HTTP address, e.g. http://collector:4318. Default: from
+    /// OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT, else
+    /// http://localhost:4318 (headers, timeout, compression, certificate: the
+    /// OTEL_EXPORTER_OTLP_* variables). Not checked at start: an absent Collector is retried.
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
+    /// Turn on CPython 3.12+'s perf trampoline in the targets while the agent runs (as record
+    /// --inject-python): only where the eBPF walker cannot run.
+    #[arg(long)]
+    inject_python: bool,
+    /// Do not load the eBPF frame walker (Python frames from perf trampolines only).
+    #[arg(long)]
+    no_ebpf: bool,
+}
+
+/// `--interval`: a duration of at least one second.
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("interval '{s}' is too short: give 1s or more"));
+    }
+    Ok(d)
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let err = || format!("invalid duration '{s}': use e.g. 30, 30s, 500ms, 2m or 1h");
@@ -271,6 +442,10 @@ fn main() {
 fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Info { pids, json } => info::run(&pids, json),
+        Cmd::Replay { dir, format } => {
+            record::replay::run(&dir, format, &mut std::io::stdout().lock())?;
+            Ok(0)
+        }
         Cmd::Dump {
             pids,
             all,
@@ -292,7 +467,7 @@ fn run(cli: Cli) -> Result<i32> {
                 out!(
                     "pid {pid}: perf trampoline {} (CPython {}){}",
                     if on { "on" } else { "off" },
-                    p.version_string(),
+                    p.version,
                     if on {
                         format!("; turn it off with: perfpy inject -p {pid} --deactivate")
                     } else {
@@ -313,32 +488,63 @@ fn run(cli: Cli) -> Result<i32> {
                 }
                 perfpy_inject::deactivate(&p, t)?;
                 perfpy_inject::sessions::clear_mark(pid, p.start_time);
-                out!(
-                    "pid {pid}: perf trampoline off (CPython {})",
-                    p.version_string()
-                );
+                out!("pid {pid}: perf trampoline off (CPython {})", p.version);
             } else {
                 match perfpy_inject::activate(&p, t)? {
                     perfpy_inject::ActivateOutcome::Activated => out!(
                         "pid {pid}: perf trampoline on (CPython {}); turn it off with: perfpy inject -p {pid} --deactivate",
-                        p.version_string()
+                        p.version
                     ),
                     perfpy_inject::ActivateOutcome::AlreadyActive => {
-                        out!("pid {pid}: perf trampoline was already on (CPython {})", p.version_string())
+                        out!("pid {pid}: perf trampoline was already on (CPython {})", p.version)
                     }
                 }
             }
             Ok(0)
         }
+        Cmd::Top(a) => {
+            one_target(&a.pids, &a.command, a.all)?;
+            let stop = signals::install()?;
+            let (opts, top) = top_options(a);
+            record::live::run(opts, top, stop)?;
+            Ok(0)
+        }
+        Cmd::Agent(a) => {
+            let stop = signals::install()?;
+            let otlp = output::otlp_export::Config::resolve(a.otlp_endpoint.as_deref(), &|k| {
+                std::env::var(k).ok()
+            })?;
+            agent::run(
+                agent::Options {
+                    record: record::Options {
+                        all: a.pids.is_empty(),
+                        pids: a.pids,
+                        command: Vec::new(),
+                        duration: None,
+                        rate: a.rate,
+                        output: None,
+                        format: Format::Pprof,
+                        stack_size: None,
+                        max_frames: 512,
+                        max_python_frames: perfpy_bpf::DEFAULT_PY_FRAMES,
+                        keep_interpreter: false,
+                        python_perf_env: None,
+                        inject_python: a.inject_python,
+                        ebpf: !a.no_ebpf,
+                        otlp: None,
+                        subprocesses: false,
+                        lines: report::Lines::Current,
+                        off_cpu: None,
+                        sample: None,
+                    },
+                    interval: a.interval,
+                    otlp,
+                },
+                stop,
+            )
+        }
         Cmd::Record(a) => {
-            let modes = [!a.pids.is_empty(), !a.command.is_empty(), a.all];
-            match modes.iter().filter(|m| **m).count() {
-                0 => bail!(
-                    "nothing to profile: give -p PID, -a (whole machine) or a command after --"
-                ),
-                1 => {}
-                _ => bail!("give one of -p PID, -a or a command after --, not several"),
-            }
+            one_target(&a.pids, &a.command, a.all)?;
             if !a.off_cpu
                 && matches!(
                     a.sample,
@@ -378,13 +584,7 @@ fn run(cli: Cli) -> Result<i32> {
                             })
                         })
                         .transpose()?,
-                    lines: if a.function {
-                        report::Lines::Function
-                    } else if a.nolineno {
-                        report::Lines::None
-                    } else {
-                        report::Lines::Current
-                    },
+                    lines: lines(a.function, a.nolineno),
                     subprocesses: a.subprocesses,
                     off_cpu: a.off_cpu.then_some(a.min_block.as_nanos() as u64),
                     sample: a.sample,

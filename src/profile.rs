@@ -151,6 +151,28 @@ impl Profile {
             .or_default() += ns;
     }
 
+    /// Forgets the samples, stacks and locations counted so far, for a profile taken interval
+    /// by interval (`perfpy agent`): memory then holds one interval. The Python functions stay:
+    /// [`FrameKey::Py`] keys refer to them, and names cached by key stay valid.
+    pub fn reset_samples(&mut self) {
+        self.location_ids.clear();
+        self.locations.clear();
+        self.stack_ids.clear();
+        self.stacks.clear();
+        self.counts.clear();
+        self.offcpu.clear();
+        self.samples = 0;
+        // What one busy interval needed is kept; a burst's worth is given back.
+        if self.locations.capacity().max(self.stacks.capacity()) > 1 << 16 {
+            self.location_ids.shrink_to_fit();
+            self.locations.shrink_to_fit();
+            self.stack_ids.shrink_to_fit();
+            self.stacks.shrink_to_fit();
+            self.counts.shrink_to_fit();
+            self.offcpu.shrink_to_fit();
+        }
+    }
+
     pub fn add(&mut self, proc: u32, tid: u32, frames: &[u32]) {
         let stack = self.stack(frames);
         *self

@@ -50,9 +50,26 @@ pub fn resolve(
     procs: &HashMap<u32, &Process>,
     keep_interpreter: bool,
 ) -> Symbolized {
-    let sym = Symbolizer::new();
-    let mut out: Vec<Option<Resolved>> = vec![None; profile.locations.len()];
+    let out = vec![None; profile.locations.len()];
+    resolve_rest(
+        profile,
+        files,
+        procs,
+        keep_interpreter,
+        out,
+        &Symbolizer::new(),
+    )
+}
 
+/// Resolves the locations of `profile` that `out` (one entry per location) does not name yet.
+fn resolve_rest(
+    profile: &Profile,
+    files: &Files,
+    procs: &HashMap<u32, &Process>,
+    keep_interpreter: bool,
+    mut out: Vec<Option<Resolved>>,
+    sym: &Symbolizer,
+) -> Symbolized {
     // Anonymous code: perf maps, read once per process (safely: they are the targets' files).
     let mut maps: HashMap<u32, PerfMap> = HashMap::new();
     let mut refused = Vec::new();
@@ -60,6 +77,9 @@ pub fn resolve(
         let FrameKey::Anon { proc, addr } = k else {
             continue;
         };
+        if out[i].is_some() {
+            continue;
+        }
         let map = maps.entry(*proc).or_insert_with(|| {
             let Some(p) = procs.get(proc) else {
                 return PerfMap::default();
@@ -165,7 +185,7 @@ pub fn resolve(
         .iter()
         .enumerate()
         .filter_map(|(i, k)| match k {
-            FrameKey::Kernel(a) => Some((i, *a)),
+            FrameKey::Kernel(a) if out[i].is_none() => Some((i, *a)),
             _ => None,
         })
         .collect();
@@ -194,8 +214,11 @@ pub fn resolve(
     // Files: one batch per file.
     let mut by_file: HashMap<u32, Vec<(usize, u64)>> = HashMap::new();
     for (i, k) in profile.locations.iter().enumerate() {
-        if let FrameKey::File { file, offset } = k {
-            by_file.entry(*file).or_default().push((i, *offset));
+        match k {
+            FrameKey::File { file, offset } if out[i].is_none() => {
+                by_file.entry(*file).or_default().push((i, *offset))
+            }
+            _ => {}
         }
     }
     for (file_id, locs) in by_file {
@@ -314,6 +337,124 @@ pub fn resolve(
     }
 }
 
+/// Names of locations kept from one interval to the next (`perfpy agent`, `perfpy top`): a
+/// location named once is not named again, and a process's perf map is read again only when an
+/// anonymous address it has not named appears. Keys stay valid across intervals: file ids,
+/// process keys and Python function ids are never reused within a session.
+pub struct NameCache {
+    names: HashMap<FrameKey, (Resolved, u64)>,
+    /// Intervals a name (and the symbolizer) is kept unused: [`NameCache::KEEP_UNUSED`], more
+    /// for a consumer that takes many short intervals (`perfpy top` on a terminal).
+    pub keep_unused: u64,
+    /// Interval number, for [`NameCache::KEEP_UNUSED`].
+    generation: u64,
+    /// blazesym, with the files it parsed (kallsyms, symbol tables, DWARF): parsing them is
+    /// most of the cost of naming a few new addresses (measured: kallsyms and libc's debug
+    /// file took seconds per interval when parsed anew). Made anew every
+    /// [`NameCache::KEEP_UNUSED`] intervals, so that files no longer used are let go.
+    symbolizer: Option<(Symbolizer, u64)>,
+}
+
+impl Default for NameCache {
+    fn default() -> NameCache {
+        NameCache {
+            names: HashMap::new(),
+            keep_unused: NameCache::KEEP_UNUSED,
+            generation: 0,
+            symbolizer: None,
+        }
+    }
+}
+
+/// What one interval's naming did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Incremental {
+    /// Locations of the interval named from the cache.
+    pub cached: usize,
+    /// Locations named now.
+    pub named: usize,
+    /// Names in the cache after the interval.
+    pub kept: usize,
+}
+
+impl NameCache {
+    /// Names unused for this many intervals are forgotten: memory stays bounded on a machine
+    /// whose processes come and go (`-a`), and a long-lived location costs one naming per
+    /// this many intervals at most.
+    pub const KEEP_UNUSED: u64 = 60;
+
+    /// Whether a fresh name may stand for later intervals: not a placeholder that another
+    /// stack may need named ("[interpreter]"), not an address a perf map did not name (yet).
+    fn cacheable(r: &Resolved) -> bool {
+        let f = r.frames.first().map(|f| f.function.as_str()).unwrap_or("");
+        !(is_placeholder(r) || f.starts_with("[unknown]"))
+    }
+}
+
+/// An interpreter frame left unnamed (see [`resolve`]).
+fn is_placeholder(r: &Resolved) -> bool {
+    r.frames
+        .first()
+        .is_some_and(|f| f.function == "[interpreter]")
+}
+
+/// [`resolve`] for one interval of a continuous profile: locations named in earlier intervals
+/// come from `cache`, the others are named now and added to it.
+pub fn resolve_incremental(
+    profile: &Profile,
+    files: &Files,
+    procs: &HashMap<u32, &Process>,
+    keep_interpreter: bool,
+    cache: &mut NameCache,
+) -> (Symbolized, Incremental) {
+    cache.generation += 1;
+    let generation = cache.generation;
+    let out: Vec<Option<Resolved>> = profile
+        .locations
+        .iter()
+        .map(|k| {
+            cache.names.get_mut(k).map(|(r, used)| {
+                *used = generation;
+                r.clone()
+            })
+        })
+        .collect();
+    let fresh: Vec<bool> = out.iter().map(Option::is_none).collect();
+    if cache
+        .symbolizer
+        .as_ref()
+        .is_some_and(|(_, made)| generation - made >= cache.keep_unused)
+    {
+        cache.symbolizer = None;
+    }
+    let (sym, _) = cache
+        .symbolizer
+        .get_or_insert_with(|| (Symbolizer::new(), generation));
+    let symbolized = resolve_rest(profile, files, procs, keep_interpreter, out, sym);
+    // Placeholders cost nothing: not counted as named.
+    let named = (0..fresh.len())
+        .filter(|&i| fresh[i] && !is_placeholder(&symbolized.resolved[i]))
+        .count();
+    // A naming cut short by a signal left addresses: not names to keep.
+    if !symbolized.cut_short {
+        for (i, r) in symbolized.resolved.iter().enumerate() {
+            if fresh[i] && NameCache::cacheable(r) {
+                cache
+                    .names
+                    .insert(profile.locations[i], (r.clone(), generation));
+            }
+        }
+    }
+    let keep = cache.keep_unused;
+    cache.names.retain(|_, (_, used)| generation - *used < keep);
+    let stats = Incremental {
+        cached: fresh.iter().filter(|f| !**f).count(),
+        named,
+        kept: cache.names.len(),
+    };
+    (symbolized, stats)
+}
+
 /// CPython's own code, and the dynamic loader's: under Python code its frames are the
 /// interpreter's thread-local lookups (`__tls_get_addr`) and lazy binding, interpreter overhead
 /// rather than user code.
@@ -323,7 +464,7 @@ fn is_interpreter_file(file: &crate::files::MappedFile) -> bool {
         .rsplit('/')
         .next()
         .is_some_and(|n| n.starts_with("ld-linux") || n.starts_with("ld-musl"));
-    loader || file.elf.as_ref().is_some_and(|e| e.is_python_interpreter)
+    loader || file.elf.as_ref().is_some_and(|e| e.is_interpreter)
 }
 
 fn or_unknown(f: Vec<Frame>, name: impl FnOnce() -> String) -> Vec<Frame> {
@@ -335,5 +476,54 @@ fn or_unknown(f: Vec<Frame>, name: impl FnOnce() -> String) -> Vec<Frame> {
         }]
     } else {
         f
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::{Cut, PyFunction};
+
+    #[test]
+    fn a_location_named_once_is_not_named_again() {
+        let mut profile = Profile::default();
+        let func = profile.py_function(PyFunction {
+            qualname: "Shape.area".into(),
+            filename: "app.py".into(),
+            first_line: 3,
+        });
+        let keys = [
+            FrameKey::Py { func, line: 7 },
+            FrameKey::Truncated(Cut::StackCopy),
+            // A process we know nothing of: "[unknown] ...", not kept (its perf map may name
+            // it later).
+            FrameKey::Anon {
+                proc: 9,
+                addr: 0x1000,
+            },
+        ];
+        let mut cache = NameCache::default();
+        let files = Files::default();
+        let procs = HashMap::new();
+        let interval = |profile: &mut Profile, cache: &mut NameCache| {
+            profile.reset_samples();
+            let locs: Vec<u32> = keys.iter().map(|k| profile.location(*k)).collect();
+            profile.add(0, 1, &locs);
+            let (s, inc) = resolve_incremental(profile, &files, &procs, false, cache);
+            assert_eq!(s.resolved[0].frames[0].function, "Shape.area");
+            assert_eq!(s.resolved[0].frames[0].line, Some(7));
+            assert!(s.resolved[2].frames[0].function.starts_with("[unknown]"));
+            inc
+        };
+        let first = interval(&mut profile, &mut cache);
+        assert_eq!((first.named, first.cached, first.kept), (3, 0, 2));
+        let second = interval(&mut profile, &mut cache);
+        assert_eq!((second.named, second.cached, second.kept), (1, 2, 2));
+        // Unused for long enough: forgotten.
+        for _ in 0..NameCache::KEEP_UNUSED {
+            profile.reset_samples();
+            resolve_incremental(&profile, &files, &procs, false, &mut cache);
+        }
+        assert_eq!(cache.names.len(), 0);
     }
 }

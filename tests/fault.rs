@@ -49,12 +49,8 @@ fn assert_unharmed(pid: i32, what: &str) {
     // Every thread: none stopped (T) or in a trace stop (t), none dead.
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let tid: i32 = t.unwrap().file_name().to_string_lossy().parse().unwrap();
-        let stat =
-            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap_or_default();
-        let state = stat
-            .rsplit_once(')')
-            .and_then(|(_, r)| r.trim().chars().next())
-            .unwrap_or('?');
+        let state =
+            perfpy_process::proc::task_stat(pid as u32, tid as u32).map_or('?', |s| s.state);
         assert!(
             !matches!(state, 'T' | 't' | 'Z' | 'X'),
             "{what}: thread {tid} of {pid} in state {state}"
@@ -232,8 +228,9 @@ fn signals_at_random_moments_leave_targets_as_found() {
         );
         if status.success() {
             exit0 += 1;
-            let d = decode(&out);
-            assert!(d.total() >= 0, "{what}");
+            // A complete profile (decode fails on a partial one); it may hold no sample when
+            // the fault came before the first one.
+            decode(&out);
         } else {
             nonzero += 1;
             // A non-zero exit says why.

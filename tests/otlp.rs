@@ -425,3 +425,379 @@ fn collector_killed_or_stalled_mid_recording_retries_then_reports_the_drop() {
         assert!(decode(&out).total() > 0, "the file must be written");
     }
 }
+
+// ---- perfpy agent: an interval's profile per export, continuously -------------------------
+
+/// A process's CPU time (user + system) so far, in nanoseconds.
+fn cpu_ns(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let f: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    // After the ')' come fields 3 (state) on: utime and stime are fields 14 and 15.
+    let field = |i: usize| {
+        f.get(i - 3)
+            .and_then(|x| x.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (field(14) + field(15)) * 1_000_000_000 / hz
+}
+
+/// Waits for a line containing `needle`, keeping every line read in `said`.
+fn wait_said(
+    rx: &mpsc::Receiver<String>,
+    said: &mut Vec<String>,
+    needle: &str,
+    limit: Duration,
+) -> bool {
+    if said.iter().any(|l| l.contains(needle)) {
+        return true;
+    }
+    let t = Instant::now();
+    while let Some(left) = limit.checked_sub(t.elapsed()) {
+        match rx.recv_timeout(left) {
+            Ok(l) => {
+                let hit = l.contains(needle);
+                said.push(l);
+                if hit {
+                    return true;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+/// What the Collector printed, cut per export (each starts with the debug exporter's
+/// "Profiles {...}" log line).
+fn printed_exports(out: &str) -> Vec<Printed> {
+    let mut chunks: Vec<String> = Vec::new();
+    for line in out.lines() {
+        if line.contains("\tProfiles\t") && line.contains("resource profiles") {
+            chunks.push(String::new());
+        } else if let Some(c) = chunks.last_mut() {
+            c.push_str(line);
+            c.push('\n');
+        }
+    }
+    chunks.iter().map(|c| Printed::parse(c)).collect()
+}
+
+/// The profiles of a forwarded request: (start, duration, sum of values), nanoseconds.
+fn spans(req: &ExportProfilesServiceRequest) -> Vec<(u64, u64, i64)> {
+    req.resource_profiles
+        .iter()
+        .flat_map(|rp| &rp.scope_profiles)
+        .flat_map(|sp| &sp.profiles)
+        .map(|p| {
+            (
+                p.time_unix_nano,
+                p.duration_nano,
+                p.samples.iter().map(|s| s.values[0]).sum(),
+            )
+        })
+        .collect()
+}
+
+fn sigterm(child: &Child) {
+    // SAFETY: kill(2) on our own child, not reaped yet.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+}
+
+/// The issue's check: `perfpy agent -p PID --interval 2s` on the known split for ~10 s. At least
+/// 4 exports arrive; each holds only its interval's samples; what the Collector printed has the
+/// resource attributes and Python functions with files and lines; the split read from what it
+/// forwarded agrees with the workload's own; SIGTERM: exit 0, the last interval exported.
+#[test]
+fn agent_exports_each_interval_to_a_real_collector() {
+    let sink = Sink::start();
+    let Some(col) = Collector::start(Some(&sink.url), true) else {
+        return;
+    };
+    let Some((w, rep)) = split_workload("agent") else {
+        return;
+    };
+    let pid = w.pid().to_string();
+    let url = col.url();
+    let cpu_before = cpu_ns(w.pid());
+    let (mut child, rx) = spawn_perfpy(
+        &[
+            "agent",
+            "-p",
+            &pid,
+            "--interval",
+            "2s",
+            "-r",
+            "250",
+            "--otlp-endpoint",
+            &url,
+        ],
+        &[],
+    );
+    let mut said = Vec::new();
+    assert!(
+        wait_said(
+            &rx,
+            &mut said,
+            "agent sampling pid",
+            Duration::from_secs(30)
+        ),
+        "perfpy did not start: {said:?}"
+    );
+    // Five intervals of 2 s (CPU time permitting: the workload is CPU-bound), then stop.
+    let arrived = sink.wait(5, Duration::from_secs(90));
+    let at_stop = sink.received.lock().unwrap().len();
+    let cpu_at_stop = cpu_ns(w.pid());
+    sigterm(&child);
+    let status = wait_exit(&mut child, Duration::from_secs(40));
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    wait_said(&rx, &mut said, "agent stopped", Duration::from_secs(5));
+    let said = said.join("\n");
+    assert!(arrived, "fewer than 5 exports in 90 s: {said}");
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{said}");
+    // The last interval (cut short by SIGTERM) is exported too.
+    let stopped = said
+        .lines()
+        .find(|l| l.contains("agent stopped (interrupted) after "))
+        .unwrap_or_else(|| panic!("no final line: {said}"));
+    let sent: usize = stopped
+        .split(": ")
+        .nth(2)
+        .and_then(|x| x.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{stopped}"));
+    assert!(stopped.ends_with(", 0 dropped"), "{stopped}");
+    assert!(sent > at_stop, "{sent} sent, {at_stop} before SIGTERM");
+    assert!(
+        sink.wait(sent, Duration::from_secs(10)),
+        "the Collector forwarded fewer than the {sent} exports"
+    );
+    assert!(said.contains("perfpy: interval 1: "), "{said}");
+
+    // What the Collector printed, export by export.
+    let exports = printed_exports(&col.output());
+    assert_eq!(exports.len(), sent, "exports printed by the Collector");
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    for (i, printed) in exports.iter().enumerate() {
+        assert_eq!(printed.resources.len(), 1, "export {i}: one process");
+        let res: HashMap<&str, &str> = printed.resources[0]
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        for (k, v) in [
+            ("service.name", "Str(checkout-test)".to_string()),
+            ("process.pid", format!("Int({pid})")),
+            ("process.executable.name", "Str(python3.12)".into()),
+            ("process.runtime.name", "Str(CPython)".into()),
+            ("host.name", format!("Str({})", host.trim())),
+        ] {
+            assert_eq!(res.get(k).copied(), Some(v.as_str()), "export {i}: {k}");
+        }
+        assert!(res["process.runtime.version"].starts_with("Str(3.12."));
+        // Every full interval runs every part of the workload (rounds of ~0.1 s).
+        if i + 1 < exports.len() {
+            let (file, lines) = printed
+                .function("hot_function")
+                .unwrap_or_else(|| panic!("export {i}: hot_function not printed"));
+            assert!(file.ends_with("testdata/split.py"), "export {i}: {file}");
+            assert!(
+                lines.contains(&line_of("split.py", "return spin(n)")),
+                "export {i}: hot_function lines {lines:?}"
+            );
+        }
+    }
+
+    // What it forwarded: each export holds its interval only (together they account for the
+    // CPU the workload used while sampled, not a multiple of it), and the split.
+    let got = sink.received.lock().unwrap();
+    let reqs: Vec<ExportProfilesServiceRequest> = got
+        .iter()
+        .map(|r| ExportProfilesServiceRequest::decode(&r.body[..]).expect("OTLP protobuf"))
+        .collect();
+    let exported_ns: i64 = reqs.iter().flat_map(spans).map(|s| s.2).sum();
+    let used = (cpu_at_stop - cpu_before) as f64;
+    eprintln!(
+        "agent: {sent} exports, {:.2} s of CPU exported, {:.2} s used by the workload",
+        exported_ns as f64 / 1e9,
+        used / 1e9
+    );
+    assert!(
+        (exported_ns as f64) < 1.1 * used + 0.3e9,
+        "exports hold more CPU than was used: intervals overlap"
+    );
+    assert!(
+        (exported_ns as f64) > 0.7 * used - 0.3e9,
+        "exports miss CPU that was used"
+    );
+    let mut samples: Vec<(Vec<String>, i64)> = Vec::new();
+    for r in &reqs {
+        samples.extend(stacks(r).remove(&(w.pid() as i64)).unwrap_or_default());
+    }
+    let period = reqs[0].resource_profiles[0].scope_profiles[0].profiles[0].period as f64;
+    let total = |f: &dyn Fn(&Vec<String>) -> bool| -> i64 {
+        samples.iter().filter(|(n, _)| f(n)).map(|(_, v)| v).sum()
+    };
+    let rounds = total(&|n| n.iter().any(|x| x == "round_"));
+    let n = rounds as f64 / period;
+    assert!(n > 200.0, "{n} samples of round_");
+    let measured = measured_split(&rep);
+    for (f, _) in PARTS {
+        let want = measured[f];
+        let share = total(&|n| n.iter().any(|x| x == f)) as f64 / rounds as f64;
+        // ±5 points, or 3 standard errors where the samples are few (a busy machine).
+        let tol = (3.0 * (want * (1.0 - want) / n).sqrt()).max(0.05);
+        eprintln!(
+            "agent: {f}: {:.1}% (want {:.1}% ± {:.1})",
+            share * 100.0,
+            want * 100.0,
+            tol * 100.0
+        );
+        assert!(
+            (share - want).abs() <= tol,
+            "{f}: {:.1}%, want {:.1}% ± {:.1}",
+            share * 100.0,
+            want * 100.0,
+            tol * 100.0
+        );
+    }
+}
+
+/// A Collector that is not there when the agent starts: not an error; the agent samples, says
+/// its exports fail and why, and on SIGTERM exits 0 saying what it dropped.
+#[test]
+fn agent_without_a_collector_warns_and_retries() {
+    let Some((w, _)) = split_workload("agent-nocol") else {
+        return;
+    };
+    let pid = w.pid().to_string();
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let (mut child, rx) = spawn_perfpy(
+        &[
+            "agent",
+            "-p",
+            &pid,
+            "--interval",
+            "1s",
+            "--otlp-endpoint",
+            &url,
+        ],
+        &[("OTEL_EXPORTER_OTLP_TIMEOUT", "1000")],
+    );
+    let mut said = Vec::new();
+    let failing = wait_said(&rx, &mut said, "export failing", Duration::from_secs(30));
+    sigterm(&child);
+    let t = Instant::now();
+    let status = wait_exit(&mut child, Duration::from_secs(40));
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    wait_said(&rx, &mut said, "agent stopped", Duration::from_secs(5));
+    let said = said.join("\n");
+    assert!(failing, "{said}");
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{said}");
+    // Stopping waits for the queue a bounded while only.
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    let line = said.lines().find(|l| l.contains("export failing")).unwrap();
+    assert!(
+        line.contains("cannot connect") && line.contains("queued"),
+        "{line}"
+    );
+    assert!(
+        said.contains(&format!("exports sent to {url}/v1development/profiles"))
+            && said.contains("agent stopped (interrupted) after "),
+        "{said}"
+    );
+    let stopped = said.lines().find(|l| l.contains("agent stopped")).unwrap();
+    assert!(
+        stopped.contains(": 0 exports sent") && !stopped.contains(", 0 dropped"),
+        "{stopped}"
+    );
+}
+
+/// The issue's check: the Collector killed for 5 s and restarted during a run. The agent keeps
+/// sampling, says its exports are waiting, and once the Collector is back the intervals of the
+/// outage arrive (queued, not lost), then the later ones.
+#[test]
+fn agent_rides_out_a_collector_restart() {
+    let sink = Sink::start();
+    let Some(mut col) = Collector::start(Some(&sink.url), true) else {
+        return;
+    };
+    let Some((w, _)) = split_workload("agent-restart") else {
+        return;
+    };
+    let pid = w.pid().to_string();
+    let url = col.url();
+    let (mut child, rx) = spawn_perfpy(
+        &[
+            "agent",
+            "-p",
+            &pid,
+            "--interval",
+            "1s",
+            "--otlp-endpoint",
+            &url,
+        ],
+        &[("OTEL_EXPORTER_OTLP_TIMEOUT", "2000")],
+    );
+    let mut said = Vec::new();
+    let now_ns = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+    };
+    assert!(
+        sink.wait(2, Duration::from_secs(60)),
+        "no exports before the restart"
+    );
+    col.kill();
+    let killed = Instant::now();
+    let down_ns = now_ns();
+    let noticed = wait_said(&rx, &mut said, "export failing", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_secs(5).saturating_sub(killed.elapsed()));
+    let up_ns = now_ns();
+    let Some(_col2) = Collector::start_at(col.port, Some(&sink.url), true) else {
+        return;
+    };
+    let recovered = wait_said(&rx, &mut said, "export recovered", Duration::from_secs(60));
+    let after = sink.received.lock().unwrap().len();
+    let more = sink.wait(after + 2, Duration::from_secs(30));
+    sigterm(&child);
+    let status = wait_exit(&mut child, Duration::from_secs(40));
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    wait_said(&rx, &mut said, "agent stopped", Duration::from_secs(5));
+    let said = said.join("\n");
+    assert!(noticed, "the failing exports were not said: {said}");
+    assert!(recovered, "no recovery said: {said}");
+    assert!(more, "exports after the restart did not go on arriving");
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{said}");
+    let failing = said.lines().find(|l| l.contains("export failing")).unwrap();
+    assert!(
+        failing.contains("queued") && failing.contains("cannot connect"),
+        "{failing}"
+    );
+    // Nothing dropped: the outage's intervals were queued and sent after the restart.
+    let stopped = said.lines().find(|l| l.contains("agent stopped")).unwrap();
+    assert!(stopped.ends_with(", 0 dropped"), "{stopped}");
+    let got = sink.received.lock().unwrap();
+    let during: Vec<(u64, u64, i64)> = got
+        .iter()
+        .map(|r| ExportProfilesServiceRequest::decode(&r.body[..]).unwrap())
+        .flat_map(|r| spans(&r))
+        .filter(|(start, _, _)| *start >= down_ns && *start < up_ns)
+        .collect();
+    eprintln!("intervals sampled while the Collector was down: {during:?}");
+    assert!(
+        during.len() >= 3 && during.iter().all(|s| s.2 > 0),
+        "intervals of the outage missing: {during:?}"
+    );
+}

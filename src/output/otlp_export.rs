@@ -155,6 +155,8 @@ pub struct Stats {
     /// Profiles the Collector said it rejected in accepted requests (partial success).
     pub rejected_profiles: u64,
     pub last_error: Option<String>,
+    /// Requests not sent yet: queued, or being sent (retried) now. Read by [`Exporter::stats`].
+    pub pending: u64,
 }
 
 impl Stats {
@@ -166,6 +168,8 @@ impl Stats {
 struct State {
     queue: VecDeque<Vec<u8>>,
     stats: Stats,
+    /// The worker holds a request (sending or waiting to retry it).
+    in_flight: bool,
     /// Set by `close`: send what is queued until then, drop the rest.
     deadline: Option<Instant>,
 }
@@ -355,7 +359,6 @@ impl Exporter {
     /// Starts the worker without checking the endpoint first: for a continuous exporter, to
     /// which an absent Collector is a retried warning, not an error. `queue`: requests kept
     /// while the Collector is unreachable.
-    #[allow(dead_code)]
     pub fn new(cfg: Config, queue: usize) -> Result<Self> {
         Ok(Self::start(Client::new(cfg)?, queue))
     }
@@ -366,6 +369,7 @@ impl Exporter {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 stats: Stats::default(),
+                in_flight: false,
                 deadline: None,
             }),
             wake: Condvar::new(),
@@ -400,9 +404,12 @@ impl Exporter {
     }
 
     /// For a continuous exporter (`perfpy agent`) to report drops per interval.
-    #[allow(dead_code)]
     pub fn stats(&self) -> Stats {
-        lock(&self.shared).stats.clone()
+        let st = lock(&self.shared);
+        Stats {
+            pending: st.queue.len() as u64 + u64::from(st.in_flight),
+            ..st.stats.clone()
+        }
     }
 
     /// Sends what is queued within `grace`, drops (and counts) the rest, stops the worker.
@@ -439,6 +446,7 @@ fn worker(shared: &Shared, client: &Client) {
             let mut st = lock(shared);
             loop {
                 if let Some(b) = st.queue.pop_front() {
+                    st.in_flight = true;
                     break (b, st.deadline);
                 }
                 if st.deadline.is_some() {
@@ -448,6 +456,7 @@ fn worker(shared: &Shared, client: &Client) {
             }
         };
         send_with_retries(shared, client, &body, deadline);
+        lock(shared).in_flight = false;
     }
 }
 

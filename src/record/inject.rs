@@ -69,13 +69,7 @@ pub(super) fn inject_lenient(
     seen: &mut HashSet<(u32, u64)>,
     notes: &mut HashMap<u32, String>,
 ) {
-    let start = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .and_then(|(_, r)| r.split_whitespace().nth(19)?.parse().ok())
-        })
-        .unwrap_or(0u64);
+    let start = perfpy_process::proc::start_time(pid).unwrap_or(0);
     if !seen.insert((pid, start)) || pid == std::process::id() {
         return;
     }
@@ -121,14 +115,14 @@ pub(super) fn inject_lenient(
         Ok(perfpy_inject::ActivateOutcome::Activated) => {
             say(format!(
                 "perfpy: pid {pid}: perf trampoline turned on (CPython {})",
-                p.version_string()
+                p.version
             ));
             notes.insert(pid, "trampoline turned on by perfpy".into());
         }
         Ok(perfpy_inject::ActivateOutcome::AlreadyActive) => {
             say(format!(
                 "perfpy: pid {pid}: perf trampoline already on (CPython {}); left as it is",
-                p.version_string()
+                p.version
             ));
             notes.insert(pid, "trampoline already on".into());
         }
@@ -149,4 +143,135 @@ pub(super) fn inject_lenient(
             );
         }
     }
+}
+
+/// `--inject-python` for a recording: the trampolines turned on (strictly for `-p`, by a
+/// scanner thread for `-a`), what happened per process for the summary, and the guard that
+/// turns them off again however the recording ends.
+pub(super) struct Injection {
+    pub(super) deactivator: Deactivator,
+    /// Per pid, how its Python frames are named by injection (for the summary).
+    pub(super) notes: Arc<std::sync::Mutex<HashMap<u32, String>>>,
+}
+
+impl Injection {
+    /// Notes where the walker makes injection needless, and starts the `-a` scanner. The `-p`
+    /// targets are turned on by [`Injection::activate`], once the walker knows them.
+    pub(super) fn start(
+        opts: &super::Options,
+        to_inject: &[perfpy_inject::PythonProcess],
+        walker_loaded: bool,
+        stop: &Arc<AtomicBool>,
+    ) -> Injection {
+        if walker_loaded && opts.inject_python {
+            let named: Vec<String> = to_inject
+                .iter()
+                .filter(|p| super::summary::walker_names(p.version.minor_pair()))
+                .map(|p| p.pid.to_string())
+                .collect();
+            if opts.all {
+                say!("perfpy: note: --inject-python is not needed where the eBPF walker names Python frames (it does here); the trampolines it turns on slow the targets' Python calls down");
+            } else if !named.is_empty() {
+                say!("perfpy: note: --inject-python is not needed for pid {}: the eBPF walker names its Python frames; the trampoline turned on as asked slows its Python calls down (generator resumption ~2x)", named.join(", "));
+            }
+        }
+        let notes: Arc<std::sync::Mutex<HashMap<u32, String>>> = Arc::default();
+        for p in to_inject {
+            notes
+                .lock()
+                .unwrap()
+                .insert(p.pid as u32, "trampoline (--inject-python)".into());
+        }
+        let halt = Arc::new(AtomicBool::new(false));
+        // -a --inject-python: a thread looks for Python processes every second, new ones
+        // included, so that injecting (up to a few hundred ms per busy process) never holds up
+        // the rings.
+        let scanner = (opts.all && opts.inject_python)
+            .then(|| scan(notes.clone(), halt.clone(), stop.clone()));
+        Injection {
+            deactivator: Deactivator {
+                done: false,
+                halt,
+                scanner,
+            },
+            notes,
+        }
+    }
+
+    /// Turns on the trampolines of the `-p` targets (all checked injectable by the plan).
+    pub(super) fn activate(
+        &self,
+        to_inject: &[perfpy_inject::PythonProcess],
+    ) -> anyhow::Result<()> {
+        for p in to_inject {
+            match perfpy_inject::registry().activate(p, INJECT_TIMEOUT) {
+                Ok(perfpy_inject::ActivateOutcome::Activated) => say!(
+                    "perfpy: pid {}: perf trampoline turned on (CPython {}); Python functions entered from now on are named",
+                    p.pid,
+                    p.version
+                ),
+                Ok(perfpy_inject::ActivateOutcome::AlreadyActive) => say!(
+                    "perfpy: pid {}: perf trampoline already on (CPython {}); left as it is",
+                    p.pid,
+                    p.version
+                ),
+                Err(e) => {
+                    return Err(anyhow::Error::new(e)
+                        .context(format!("--inject-python: pid {}", p.pid)))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops the `-a` scanner: no activation may start after this, so that the deactivation
+    /// sees them all.
+    pub(super) fn stop_scanning(&mut self) {
+        self.deactivator.halt.store(true, Ordering::Relaxed);
+        if let Some(t) = self.deactivator.scanner.take() {
+            let _ = t.join();
+        }
+    }
+
+    pub(super) fn notes(&self) -> HashMap<u32, String> {
+        self.notes.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// The `-a --inject-python` scanner thread: every second, every process not seen yet.
+fn scan(
+    notes: Arc<std::sync::Mutex<HashMap<u32, String>>>,
+    halt: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let ended = || halt.load(Ordering::Relaxed) || stop.load(Ordering::Relaxed);
+        let mut seen: HashSet<(u32, u64)> = HashSet::new();
+        while !ended() {
+            let pids: Vec<u32> = std::fs::read_dir("/proc")
+                .map(|d| {
+                    d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default();
+            for pid in pids {
+                if ended() {
+                    break;
+                }
+                let mut local = HashMap::new();
+                inject_lenient(pid, &mut seen, &mut local);
+                notes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend(local);
+            }
+            perfpy_inject::registry().prune();
+            for _ in 0..10 {
+                if ended() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    })
 }

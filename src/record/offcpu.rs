@@ -91,8 +91,10 @@ impl Collector {
             self.profile
                 .add_offcpu(key, tid, &[root], end.saturating_sub(start));
         }
-        let Some(py) = self.py.as_ref() else { return };
-        for w in py.walker.waits_in_progress() {
+        let Some(walker) = self.py.as_ref().and_then(|py| py.walker.as_ref()) else {
+            return;
+        };
+        for w in walker.waits_in_progress() {
             if w.stacked || w.pid == 0 {
                 continue;
             }
@@ -157,9 +159,11 @@ impl Collector {
         let (Some(py), Some(off)) = (self.py.as_mut(), self.offcpu.as_mut()) else {
             return;
         };
-        py.poll();
+        py.poll(&self.target);
         let mut events = Vec::new();
-        py.walker.poll_offcpu(&mut |e| events.push(e));
+        if let Some(w) = py.walker.as_mut() {
+            w.poll_offcpu(&mut |e| events.push(e));
+        }
         let mut ready: Vec<OffCpuRecord> = std::mem::take(&mut off.waiting);
         for e in events {
             match e {
@@ -266,8 +270,8 @@ impl Collector {
             }
         }
         self.add_in_progress();
-        let (shorts, lost) = match self.py.as_ref() {
-            Some(py) => (py.walker.short_waits(), py.walker.offcpu_lost()),
+        let (shorts, lost) = match self.py.as_ref().and_then(|py| py.walker.as_ref()) {
+            Some(w) => (w.short_waits(), w.offcpu_lost()),
             None => return,
         };
         let root = self.profile.location(FrameKey::Wait(WaitKind::Short));
@@ -360,7 +364,7 @@ pub(super) fn print_summary(c: &Collector, report: &crate::report::Report, wall:
             *e.2.entry(w.label()).or_default() += s.offcpu_ns;
         }
         // A thread runs Python code only while it holds the GIL, and keeps it when preempted.
-        let python = s.frames_from != "native";
+        let python = s.frames_from.python();
         if s.python_version.is_some() {
             let held = e.3.get_or_insert(0);
             if python && (s.wait.is_none() || s.wait == Some(WaitKind::Preempted)) {

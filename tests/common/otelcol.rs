@@ -51,8 +51,12 @@ impl Collector {
     /// also forward what arrives (OTLP/HTTP, protobuf, uncompressed) to this base URL.
     /// `profiles: false` configures only a traces pipeline (no profiles receiver).
     pub fn start(forward_to: Option<&str>, profiles: bool) -> Option<Collector> {
+        Self::start_at(free_port(), forward_to, profiles)
+    }
+
+    /// [`Collector::start`] on a given port (a Collector restarted where the last one was).
+    pub fn start_at(port: u16, forward_to: Option<&str>, profiles: bool) -> Option<Collector> {
         let bin = otelcol_binary()?;
-        let port = free_port();
         let mut exporters = vec!["debug"];
         let mut forward = String::new();
         if let Some(url) = forward_to {
