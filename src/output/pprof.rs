@@ -1,6 +1,8 @@
 //! gzip'd pprof (profile.proto) through the `pprof` crate's prost types.
 //!
-//! Sample types `samples/count` and `cpu/nanoseconds`; one Location per distinct frame address
+//! Sample types `samples/count` and `cpu/nanoseconds` (with `--off-cpu` also
+//! `off-cpu/nanoseconds` and `wall/nanoseconds`, the default then, and a `wait` label on
+//! off-CPU samples); one Location per distinct frame address
 //! (inlined functions as several lines, leaf first); one Mapping per file (with its build id),
 //! plus `[kernel.kallsyms]` and `[python]` (frames named by perf maps). Labels per sample: `pid`
 //! and `tid` (numbers), `comm`, `thread_name`, `frames_from` (strings).
