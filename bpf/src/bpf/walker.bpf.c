@@ -386,6 +386,24 @@ struct {
     __type(value, struct offcpu_record);
 } offcpu_scratch SEC(".maps");
 
+/* How many waits ended long enough but are not stacked yet (START_WOKEN entries): while none,
+ * sys_exit, which runs at every system call of every task, has nothing to look up. (An entry
+ * the LRU map evicts leaves the count high: then only slower.) */
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, u32);
+    __type(value, s64);
+} woken SEC(".maps");
+
+static __always_inline void woken_add(s64 d)
+{
+    u32 zero = 0;
+    s64 *n = bpf_map_lookup_elem(&woken, &zero);
+    if (n)
+        __sync_fetch_and_add(n, d);
+}
+
 static __always_inline void count_lost(u32 i)
 {
     u64 *n = bpf_map_lookup_elem(&offcpu_lost, &i);
@@ -484,8 +502,11 @@ static __always_inline void switch_out(u64 *ctx, struct task_struct *prev, u64 n
         /* Blocks again in the system call whose long wait is not stacked yet: one wait. */
         st->ts = now;
         st->flags &= ~START_WOKEN;
+        woken_add(-1);
         return;
     }
+    if (st && (st->flags & START_WOKEN))
+        woken_add(-1); /* replaced below before its stacks were taken */
     u32 zero = 0;
     struct offcpu_start *n = bpf_map_lookup_elem(&start_tmpl, &zero);
     if (!n)
@@ -544,6 +565,7 @@ static __always_inline void switch_in(struct task_struct *next, u64 now)
         }
         st->wait = wait;
         st->flags |= START_WOKEN;
+        woken_add(1);
     }
 }
 
@@ -560,6 +582,10 @@ int on_switch(u64 *ctx)
 SEC("tp_btf/sys_exit")
 int on_sys_exit(u64 *ctx)
 {
+    u32 zero = 0;
+    s64 *n = bpf_map_lookup_elem(&woken, &zero);
+    if (!n || *n <= 0)
+        return 0;
     struct task_struct *task = bpf_get_current_task_btf();
     u32 ktid = BPF_CORE_READ(task, pid);
     struct offcpu_start *st = bpf_map_lookup_elem(&offcpu_start, &ktid);
@@ -567,6 +593,7 @@ int on_sys_exit(u64 *ctx)
         return 0;
     stack_wait(st, (struct pt_regs *)ctx[0], st->wait, 0);
     bpf_map_delete_elem(&offcpu_start, &ktid);
+    woken_add(-1);
     return 0;
 }
 
