@@ -28,6 +28,10 @@ Sections (all by default; pick with --only a,b,...):
              exporting to the real OpenTelemetry Collector (scripts/deps.sh builds it): perfpy's CPU
              per interval and RSS every 10 s must stay flat; every interval exported; the time
              naming each interval, and how many locations were named vs taken from the cache.
+  offcpu     a context-switch-heavy echo server (~10 000 requests/s over a Unix socket, one
+             context switch per request; bench/ctxswitch.py) attached with `record -p`, with and
+             without --off-cpu: the server's CPU per request, its latency, perfpy's CPU, the waits
+             stacked and counted, lost records (none allowed at the default --min-block).
   busy       `record -p` of a small target on a busy machine (issue 17: -p samples every CPU and
              the eBPF program drops the other processes' samples): the others' slowdown, the
              kernel time of the dropped samples, perfpy's CPU, the target's coverage.
@@ -915,6 +919,82 @@ def section_busy(rounds, units=1500):
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+CTX = os.path.join(ROOT, "bench", "ctxswitch.py")
+
+
+def proc_cpu(pid):
+    """utime + stime of a process, in seconds."""
+    f = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def offcpu_round(config, py, tmp, rate, seconds):
+    sock = os.path.join(tmp, "s-%d" % time.monotonic_ns())
+    srv = subprocess.Popen([py, CTX, "server", sock], stdout=subprocess.PIPE, text=True)
+    try:
+        srv.stdout.readline()
+        p = None
+        if config != "none":
+            args = [PERFPY, "record", "-p", str(srv.pid), "-r", "100", "-o", os.path.join(tmp, "o.pb.gz")]
+            if config.endswith("--off-cpu"):
+                args.append("--off-cpu")
+            p = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+            first = []
+            for line in p.stderr:
+                first.append(line)
+                if "perfpy: sampling" in line:
+                    break
+        cpu0 = proc_cpu(srv.pid)
+        out = subprocess.run([py, CTX, "client", sock, str(rate), str(seconds)], capture_output=True,
+                             text=True, check=True).stdout
+        cpu1 = proc_cpu(srv.pid)
+        m = re.search(r"sent (\d+) rate (\d+) p50_us ([\d.]+) p99_us ([\d.]+)", out)
+        res = {"n": int(m.group(1)), "rate": float(m.group(2)), "p50": float(m.group(3)),
+               "p99": float(m.group(4)), "cpu_us": (cpu1 - cpu0) / int(m.group(1)) * 1e6}
+        if p is not None:
+            p.send_signal(signal.SIGINT)
+            _, err, ru = communicate_rusage(p, "".join(first))
+            res["perfpy_cpu"] = ru.ru_utime + ru.ru_stime
+            w = re.search(r"off-CPU: (\d+) waits of at least \S+ stacked \(([\d.]+) s\), (\d+) shorter", err)
+            if w:
+                res["stacked"], res["short"] = int(w.group(1)), int(w.group(3))
+            res["lost"] = len(re.findall(r"waits lost", err))
+        return res
+    finally:
+        srv.kill()
+        srv.wait()
+
+
+def section_offcpu(rounds, rate=10000, seconds=5):
+    tmp = tempfile.mkdtemp(prefix="perfpy-bench-")
+    py = pyenv("3.12")
+    configs = ["none", "perfpy -p", "perfpy -p --off-cpu"]
+    results = {}
+    for r in range(rounds):
+        for c in configs:
+            results.setdefault(c, []).append(offcpu_round(c, py, tmp, rate, seconds))
+        print("offcpu: round %d/%d done" % (r + 1, rounds), file=sys.stderr, flush=True)
+    say("### Off-CPU: a context-switch-heavy server, %d requests/s for %d s (%d interleaved rounds)" % (
+        rate, seconds, rounds))
+    say()
+    say("CPython 3.12 echo server on a Unix socket (bench/ctxswitch.py), a paced client; `-r 100`, default `--min-block` (1 ms).")
+    say()
+    say("| configuration | requests/s | server CPU per request (µs) | p50 latency (µs) | p99 latency (µs) | perfpy CPU (s) | waits stacked | waits counted | lost warnings |")
+    say("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for c in configs:
+        rs = results[c]
+        g = lambda k: med(x.get(k) for x in rs)
+        fmt = lambda v, f: (f % v) if v is not None else "—"
+        say("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            c, fmt(g("rate"), "%.0f"), fmt(g("cpu_us"), "%.1f"), fmt(g("p50"), "%.0f"),
+            fmt(g("p99"), "%.0f"), fmt(g("perfpy_cpu"), "%.2f"), fmt(g("stacked"), "%d"),
+            fmt(g("short"), "%d"), fmt(g("lost"), "%d")))
+        if c.endswith("--off-cpu"):
+            check(g("lost") == 0, "offcpu: lost records at the default --min-block")
+    say()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def deepest(path):
     """The most common number of Python frames (rec and <module>) in a collapsed file's samples."""
     counts = {}
@@ -934,7 +1014,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--units", type=int, default=2500, help="work.py units (~2 ms each)")
-    ap.add_argument("--only", default="slowdown,threads,accuracy,symbolize,depth,soak,churn,agent,busy,dump")
+    ap.add_argument("--only", default="slowdown,threads,accuracy,symbolize,depth,soak,churn,agent,busy,dump,offcpu")
     ap.add_argument("--soak-seconds", type=int, default=600)
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -967,6 +1047,8 @@ def main():
             section_busy(args.rounds)
         if "dump" in only:
             section_dump()
+        if "offcpu" in only:
+            section_offcpu(args.rounds)
     finally:
         if old is not None and old != "1":
             bpf_stats(False)

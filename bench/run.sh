@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks (not part of the test suite): builds the release binary, installs py-spy 0.4 from
 # PyPI into bench/.venv, then runs bench/bench.py, which exits non-zero when a target is missed.
-# Run as root. Usage: bench/run.sh [--rounds N] [--only slowdown,threads,accuracy,symbolize,depth,soak,churn,agent,busy,dump]
+# Run as root. Usage: bench/run.sh [--rounds N] [--only slowdown,threads,accuracy,symbolize,depth,soak,churn,agent,busy,dump,offcpu]
 #                                  [--soak-seconds S]
 set -euo pipefail
 cd "$(dirname "$0")/.."

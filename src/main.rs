@@ -21,6 +21,7 @@ mod sys;
 mod targets;
 mod top;
 mod unwind;
+mod wait;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -197,9 +198,42 @@ struct RecordArgs {
     /// No line numbers in Python frames at all.
     #[arg(long)]
     nolineno: bool,
+    /// Also profile the time threads spend off the CPU (blocked, sleeping, waiting for the GIL,
+    /// a lock, I/O, or preempted), each wait with its stack and kind; the pprof gets off-cpu
+    /// and wall sample types. --idle is py-spy's name for it.
+    #[arg(long, visible_alias = "idle")]
+    off_cpu: bool,
+    /// With --off-cpu: waits shorter than this are counted per thread, not stacked (e.g. 1ms,
+    /// 500us, 0 for all).
+    #[arg(long, value_name = "TIME", default_value = "1ms", value_parser = parse_min_block, requires = "off_cpu")]
+    min_block: Duration,
+    /// What collapsed, flamegraph and speedscope show: cpu (samples), off-cpu or wall (time
+    /// in µs; off-cpu and wall need --off-cpu). Default: wall with --off-cpu, else cpu.
+    #[arg(long, value_enum)]
+    sample: Option<report::SampleView>,
     /// Command to launch and profile until it exits (after --).
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
+}
+
+fn parse_min_block(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len()));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid time {s:?}: give e.g. 1ms, 500us, 0"))?;
+    let ns = match unit {
+        "" if n == 0.0 => 0.0,
+        "ns" => n,
+        "us" | "µs" => n * 1e3,
+        "ms" => n * 1e6,
+        "s" => n * 1e9,
+        _ => return Err(format!("invalid time {s:?}: give e.g. 1ms, 500us, 0")),
+    };
+    if !(0.0..=60e9).contains(&ns) {
+        return Err(format!("invalid time {s:?}: give 0 to 60s"));
+    }
+    Ok(Duration::from_nanos(ns as u64))
 }
 
 #[derive(clap::Args)]
@@ -276,6 +310,8 @@ fn top_options(a: TopArgs) -> (record::Options, record::live::TopOptions) {
         otlp: None,
         subprocesses: a.subprocesses,
         lines: lines(a.function, a.nolineno),
+        off_cpu: None,
+        sample: None,
     };
     let top = record::live::TopOptions {
         interval: a.interval,
@@ -498,6 +534,8 @@ fn run(cli: Cli) -> Result<i32> {
                         otlp: None,
                         subprocesses: false,
                         lines: report::Lines::Current,
+                        off_cpu: None,
+                        sample: None,
                     },
                     interval: a.interval,
                     otlp,
@@ -507,6 +545,14 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Record(a) => {
             one_target(&a.pids, &a.command, a.all)?;
+            if !a.off_cpu
+                && matches!(
+                    a.sample,
+                    Some(report::SampleView::OffCpu | report::SampleView::Wall)
+                )
+            {
+                bail!("--sample off-cpu and --sample wall need --off-cpu");
+            }
             let stop = signals::install()?;
             let outcome = record::run(
                 record::Options {
@@ -540,6 +586,8 @@ fn run(cli: Cli) -> Result<i32> {
                         .transpose()?,
                     lines: lines(a.function, a.nolineno),
                     subprocesses: a.subprocesses,
+                    off_cpu: a.off_cpu.then_some(a.min_block.as_nanos() as u64),
+                    sample: a.sample,
                 },
                 stop,
             )?;

@@ -29,6 +29,8 @@ pub enum FrameKey {
         func: u32,
         line: u32,
     },
+    /// The root of an off-CPU stack: why it waited (`--off-cpu`).
+    Wait(crate::wait::WaitKind),
 }
 
 /// The limit that cut a stack short: each says which option raises it.
@@ -96,6 +98,8 @@ pub struct Profile {
     pub stacks: Vec<Box<[u32]>>,
     pub counts: HashMap<SampleKey, u64>,
     pub samples: u64,
+    /// Off-CPU nanoseconds per (process, thread, stack) (`--off-cpu`).
+    pub offcpu: HashMap<SampleKey, u64>,
     py_function_ids: FxHashMap<PyFunction, u32>,
     pub py_functions: Vec<PyFunction>,
 }
@@ -133,6 +137,20 @@ impl Profile {
         id
     }
 
+    /// The id of a location already interned.
+    pub fn find_location(&self, key: &FrameKey) -> Option<u32> {
+        self.location_ids.get(key).copied()
+    }
+
+    /// An off-CPU wait of `ns` nanoseconds on this stack.
+    pub fn add_offcpu(&mut self, proc: u32, tid: u32, frames: &[u32], ns: u64) {
+        let stack = self.stack(frames);
+        *self
+            .offcpu
+            .entry(SampleKey { proc, tid, stack })
+            .or_default() += ns;
+    }
+
     /// Forgets the samples, stacks and locations counted so far, for a profile taken interval
     /// by interval (`perfpy agent`): memory then holds one interval. The Python functions stay:
     /// [`FrameKey::Py`] keys refer to them, and names cached by key stay valid.
@@ -142,6 +160,7 @@ impl Profile {
         self.stack_ids.clear();
         self.stacks.clear();
         self.counts.clear();
+        self.offcpu.clear();
         self.samples = 0;
         // What one busy interval needed is kept; a burst's worth is given back.
         if self.locations.capacity().max(self.stacks.capacity()) > 1 << 16 {
@@ -150,6 +169,7 @@ impl Profile {
             self.stack_ids.shrink_to_fit();
             self.stacks.shrink_to_fit();
             self.counts.shrink_to_fit();
+            self.offcpu.shrink_to_fit();
         }
     }
 

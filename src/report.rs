@@ -8,6 +8,7 @@ use crate::files::Files;
 use crate::process::Process;
 use crate::profile::{FrameKey, Profile};
 use crate::symbols::{Kind, Resolved};
+use crate::wait::{self, WaitKind};
 
 /// Where a sample's Python frames came from (the `frames_from` label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,10 +56,15 @@ impl FramesFrom {
     }
 }
 
+#[derive(Clone)]
 pub struct Sample {
     /// Location indices, leaf first.
     pub locs: Vec<u32>,
     pub count: u64,
+    /// Off-CPU nanoseconds (`--off-cpu`; a sample has CPU samples or off-CPU time, not both).
+    pub offcpu_ns: u64,
+    /// Why it waited (off-CPU samples).
+    pub wait: Option<WaitKind>,
     pub pid: u32,
     pub tid: u32,
     pub comm: String,
@@ -70,6 +76,7 @@ pub struct Sample {
     pub main_file: Option<u32>,
 }
 
+#[derive(Clone)]
 pub struct Report {
     pub locations: Vec<FrameKey>,
     pub resolved: Vec<Resolved>,
@@ -80,6 +87,8 @@ pub struct Report {
     /// Per file id: (path, build id).
     pub files: Vec<(String, Option<Vec<u8>>)>,
     pub command: String,
+    /// `--off-cpu`: off-CPU and wall values besides the CPU ones.
+    pub offcpu: bool,
 }
 
 /// Builds the report. Unless `keep_interpreter` is set, CPython's own native frames (the
@@ -93,9 +102,12 @@ pub fn build(
     files: &Files,
     keep_interpreter: bool,
 ) -> (Vec<Sample>, Vec<Resolved>) {
-    let mut samples = Vec::with_capacity(profile.counts.len());
-    for (key, count) in &profile.counts {
+    let mut samples = Vec::with_capacity(profile.counts.len() + profile.offcpu.len());
+    let cpu = profile.counts.iter().map(|(k, n)| (k, *n, 0));
+    let off = profile.offcpu.iter().map(|(k, ns)| (k, 0, *ns));
+    for (key, count, offcpu_ns) in cpu.chain(off) {
         let stack = &profile.stacks[key.stack as usize];
+        let wait = (offcpu_ns > 0).then(|| wait_kind(profile, &resolved, stack));
         let has_trampoline = stack
             .iter()
             .any(|l| resolved[*l as usize].kind == Kind::Python);
@@ -103,7 +115,7 @@ pub fn build(
             .iter()
             .any(|l| resolved[*l as usize].kind == Kind::PythonEbpf);
         let has_python = has_trampoline || has_ebpf;
-        let locs: Vec<u32> = if has_python && !keep_interpreter {
+        let mut locs: Vec<u32> = if has_python && !keep_interpreter {
             stack
                 .iter()
                 .copied()
@@ -112,6 +124,12 @@ pub fn build(
         } else {
             stack.to_vec()
         };
+        // Off-CPU stacks have their wait kind as root frame.
+        if let Some(root) = wait.and_then(|w| profile.find_location(&FrameKey::Wait(w))) {
+            if !locs.contains(&root) {
+                locs.push(root);
+            }
+        }
         let proc = procs.get(&key.proc);
         let (pid, mut comm, mut thread) = match proc {
             Some(p) => (
@@ -133,7 +151,9 @@ pub fn build(
         }
         samples.push(Sample {
             locs,
-            count: *count,
+            count,
+            offcpu_ns,
+            wait,
             pid,
             tid: key.tid,
             comm,
@@ -146,8 +166,70 @@ pub fn build(
     }
     let _ = files;
     // Deterministic output: heaviest first.
-    samples.sort_by(|a, b| b.count.cmp(&a.count).then(a.locs.cmp(&b.locs)));
+    samples.sort_by(|a, b| {
+        (b.count, b.offcpu_ns)
+            .cmp(&(a.count, a.offcpu_ns))
+            .then(a.locs.cmp(&b.locs))
+    });
     (samples, resolved)
+}
+
+/// Why an off-CPU stack waited: its root says so when known at recording (preempted, short
+/// waits), else its frames' names (see `wait::classify`).
+fn wait_kind(profile: &Profile, resolved: &[Resolved], stack: &[u32]) -> WaitKind {
+    if let Some(w) = stack
+        .iter()
+        .find_map(|l| match profile.locations[*l as usize] {
+            FrameKey::Wait(w) => Some(w),
+            _ => None,
+        })
+    {
+        return w;
+    }
+    let frames = stack.iter().flat_map(|l| {
+        let r = &resolved[*l as usize];
+        r.frames.iter().map(move |f| match r.kind {
+            Kind::Kernel => wait::Named::Kernel(&f.function),
+            Kind::Python | Kind::PythonEbpf => wait::Named::Python,
+            _ => wait::Named::Native(&f.function),
+        })
+    });
+    wait::classify(false, frames)
+}
+
+/// Which values the text formats (collapsed, flamegraph, speedscope) show: `--sample`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SampleView {
+    /// CPU samples (the default without --off-cpu)
+    #[default]
+    Cpu,
+    /// time off the CPU (--off-cpu)
+    OffCpu,
+    /// CPU and off-CPU time together (the default with --off-cpu)
+    Wall,
+}
+
+impl Report {
+    /// Keeps the chosen values for the text writers: CPU samples as they are; off-CPU or wall
+    /// time in microseconds (the period becomes 1 µs, so speedscope's weights stay times).
+    pub fn select(&mut self, view: SampleView) {
+        if view == SampleView::Cpu {
+            self.samples.retain(|s| s.count > 0);
+            return;
+        }
+        let period = self.period_ns;
+        for s in &mut self.samples {
+            let ns = s.offcpu_ns
+                + if view == SampleView::Wall {
+                    s.count * period
+                } else {
+                    0
+                };
+            s.count = ns / 1000;
+        }
+        self.samples.retain(|s| s.count > 0);
+        self.period_ns = 1000;
+    }
 }
 
 /// What Python frames carry as line: py-spy's `--function` and `--nolineno`.
@@ -200,5 +282,53 @@ pub fn display_name(r: &Resolved, inline_index: usize) -> String {
         },
         Kind::Kernel => format!("{}_[k]", f.function),
         _ => f.function.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(count: u64, offcpu_ns: u64) -> Sample {
+        Sample {
+            locs: vec![0],
+            count,
+            offcpu_ns,
+            wait: (offcpu_ns > 0).then_some(WaitKind::Sleep),
+            pid: 1,
+            tid: 1,
+            comm: "p".into(),
+            thread: "p".into(),
+            frames_from: FramesFrom::Native,
+            python_version: None,
+            container_id: None,
+            main_file: None,
+        }
+    }
+
+    #[test]
+    fn the_text_formats_take_the_chosen_value() {
+        let r = Report {
+            locations: vec![],
+            resolved: vec![],
+            samples: vec![sample(3, 0), sample(0, 5_000_000)],
+            period_ns: 1_000_000,
+            start: SystemTime::UNIX_EPOCH,
+            duration: Duration::from_secs(1),
+            files: vec![],
+            command: String::new(),
+            offcpu: true,
+        };
+        let counts = |v: SampleView| {
+            let mut r = r.clone();
+            r.select(v);
+            (
+                r.samples.iter().map(|s| s.count).collect::<Vec<_>>(),
+                r.period_ns,
+            )
+        };
+        assert_eq!(counts(SampleView::Cpu), (vec![3], 1_000_000));
+        assert_eq!(counts(SampleView::OffCpu), (vec![5000], 1000));
+        assert_eq!(counts(SampleView::Wall), (vec![3000, 5000], 1000));
     }
 }

@@ -135,6 +135,16 @@ fn resolve_rest(
                 kind: Kind::PythonEbpf,
             });
         }
+        if let FrameKey::Wait(w) = *k {
+            out[i] = Some(Resolved {
+                frames: vec![Frame {
+                    function: w.frame().into(),
+                    file: None,
+                    line: None,
+                }],
+                kind: Kind::Other,
+            });
+        }
         if let FrameKey::Truncated(cut) = *k {
             out[i] = Some(Resolved {
                 frames: vec![Frame {
@@ -154,9 +164,12 @@ fn resolve_rest(
             .is_some_and(|r| matches!(r.kind, Kind::Python | Kind::PythonEbpf))
     };
     let mut needed = vec![keep_interpreter; profile.locations.len()];
+    // Off-CPU stacks: the interpreter's frames say whether a wait was for the GIL.
+    let offcpu: std::collections::HashSet<u32> = profile.offcpu.keys().map(|k| k.stack).collect();
     if !keep_interpreter {
-        for stack in &profile.stacks {
-            let python = stack.iter().any(|l| is_python(*l as usize));
+        for (id, stack) in profile.stacks.iter().enumerate() {
+            let python =
+                stack.iter().any(|l| is_python(*l as usize)) && !offcpu.contains(&(id as u32));
             for l in stack.iter() {
                 let l = *l as usize;
                 if let FrameKey::File { file, .. } = profile.locations[l] {

@@ -866,7 +866,10 @@ fn deep_stacks_are_marked_truncated_not_wrong() {
                 // A sample whose walker record is missing (its ring full on a busy machine) is
                 // cut at the stack copy, and says so: rare, never wrong.
                 let any = d.count_where(|s| s.names().iter().any(|f| f.starts_with("[truncated")));
-                assert!(any as f64 <= 0.01 * leaf as f64, "{name}: {any} of {leaf} truncated");
+                assert!(
+                    any as f64 <= 0.01 * leaf as f64,
+                    "{name}: {any} of {leaf} truncated"
+                );
                 let rooted = d.count_where(|s| s.has("rec") && s.has("<module>"));
                 assert!(rooted as f64 >= 0.9 * leaf as f64, "{rooted} of {leaf}");
                 assert_eq!(recs(s), depth + 1);

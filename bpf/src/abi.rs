@@ -100,6 +100,7 @@ pub(crate) fn decode(data: &[u8]) -> Option<PyStack> {
         },
         no_thread_state: flag(types::record_flags::REC_NO_TSTATE),
         read_error: flag(types::record_flags::REC_READ_ERROR),
+        offcpu: flag(types::record_flags::REC_OFFCPU),
     })
 }
 

@@ -16,6 +16,7 @@
 mod abi;
 pub mod code;
 pub mod debug_offsets;
+pub mod offcpu;
 pub mod offsets;
 
 use std::mem::MaybeUninit;
@@ -28,6 +29,7 @@ use libbpf_rs::{Link, MapCore, MapFlags, OpenObject, RingBuffer, RingBufferBuild
 use abi::skel;
 pub use abi::{DEFAULT_PY_FRAMES, FRAME_ENTRY, MAX_PY_FRAMES_CAP};
 pub use code::{CodeReader, PyFrameInfo};
+pub use offcpu::{InProgress, OffCpuEvent, OffCpuLost, OffCpuRecord, ShortWaits};
 pub use offsets::Offsets;
 
 /// Why the walker could not be loaded, attached or told about a process: what failed and what
@@ -71,6 +73,8 @@ pub enum BpfError {
     },
     #[error("--max-python-frames {0}: choose from 1 to {MAX_PY_FRAMES_CAP}")]
     FrameLimit(u32),
+    #[error("cannot trace context switches for --off-cpu: {0}; it needs root (or CAP_BPF + CAP_PERFMON) and a kernel with BTF (tracepoints sched_switch and sys_exit)")]
+    OffCpu(String),
 }
 
 /// How every load error starts: what loading the walker needs.
@@ -113,6 +117,8 @@ pub struct PyStack {
     /// The thread holds no Python thread state (a native thread): no Python frames.
     pub no_thread_state: bool,
     pub read_error: bool,
+    /// Taken for an off-CPU wait (see [`OffCpuRecord`]), not for a CPU sample.
+    pub offcpu: bool,
 }
 
 /// A process handed to the walker.
@@ -156,6 +162,8 @@ pub struct Walker {
     loaded: Loaded,
     /// Records decoded by the ring buffer's callback, until [`Walker::poll`] hands them out.
     out: Arc<Mutex<Vec<PyStack>>>,
+    offcpu_out: Arc<Mutex<Vec<OffCpuEvent>>>,
+    offcpu: bool,
 }
 
 /// The ring buffer's size for `ncpus` CPUs sampling at up to a few kHz: per CPU 256 KiB, or 32
@@ -175,6 +183,7 @@ fn open_and_load(
     obj: &mut MaybeUninit<OpenObject>,
     max_py_frames: u32,
     filter: bool,
+    offcpu: Option<u64>,
 ) -> Result<skel::WalkerSkel<'_>, BpfError> {
     let mut open = skel::WalkerSkelBuilder::default()
         .open(obj)
@@ -215,11 +224,38 @@ fn open_and_load(
         ro.in_child_pidns = u8::from(ns.ino() != PROC_PID_INIT_INO);
         ro.max_py_frames = max_py_frames;
         ro.filter_kept = u8::from(filter);
+        ro.min_block_ns = offcpu.unwrap_or(0);
     }
+    open_offcpu(&mut open, offcpu, ncpus, possible)?;
     // The fork and exec hooks only serve the filter: without it they are not even loaded.
     open.progs.on_fork.set_autoload(filter);
     open.progs.on_exec.set_autoload(filter);
     open.load().map_err(BpfError::Load)
+}
+
+/// The context-switch programs of `--off-cpu` and their maps: loaded only with `offcpu` (the
+/// threshold in ns); without, the smallest ring and one scratch entry.
+fn open_offcpu(
+    open: &mut skel::OpenWalkerSkel<'_>,
+    offcpu: Option<u64>,
+    ncpus: usize,
+    possible: usize,
+) -> Result<(), BpfError> {
+    open.progs.on_switch.set_autoload(offcpu.is_some());
+    open.progs.on_sys_exit.set_autoload(offcpu.is_some());
+    // Off-CPU records are at most ~17 KiB; per CPU room for 128 of them, bounded.
+    let (oring, oentries) = match offcpu {
+        Some(_) => (
+            ((ncpus as u32).saturating_mul(2 << 20)).clamp(4 << 20, 64 << 20),
+            possible as u32,
+        ),
+        None => (4096, 1),
+    };
+    open.maps
+        .offcpu_events
+        .set_max_entries(oring.next_power_of_two())
+        .and_then(|()| open.maps.offcpu_scratch.set_max_entries(oentries))
+        .map_err(BpfError::Load)
 }
 
 impl Walker {
@@ -233,6 +269,16 @@ impl Walker {
     /// [`Walker::keep`] (and, with their `children` flag, of the processes they fork), for
     /// events that sample every task of a CPU. [`Walker::follow_forks`] then starts following.
     pub fn load_with(max_py_frames: u32, filter: bool) -> Result<Walker, BpfError> {
+        Self::load_full(max_py_frames, filter, None)
+    }
+
+    /// Loads the program; with `offcpu` (the threshold in ns), the context-switch programs of
+    /// `--off-cpu` too, started by [`Walker::attach_offcpu`].
+    pub fn load_full(
+        max_py_frames: u32,
+        filter: bool,
+        offcpu: Option<u64>,
+    ) -> Result<Walker, BpfError> {
         if !(1..=MAX_PY_FRAMES_CAP).contains(&max_py_frames) {
             return Err(BpfError::FrameLimit(max_py_frames));
         }
@@ -255,10 +301,11 @@ impl Walker {
             tracing::debug!("setrlimit(RLIMIT_MEMLOCK) refused; relying on memcg accounting");
         }
         let out: Arc<Mutex<Vec<PyStack>>> = Arc::default();
-        let sink = out.clone();
+        let offcpu_out: Arc<Mutex<Vec<OffCpuEvent>>> = Arc::default();
+        let (sink, offcpu_sink) = (out.clone(), offcpu_out.clone());
         let loaded = Loaded::try_new(
             MaybeUninit::uninit(),
-            |obj| open_and_load(obj, max_py_frames, filter),
+            |obj| open_and_load(obj, max_py_frames, filter, offcpu),
             |skel| {
                 let mut b = RingBufferBuilder::new();
                 b.add(&skel.maps.events, move |data: &[u8]| {
@@ -268,6 +315,18 @@ impl Walker {
                     0
                 })
                 .map_err(BpfError::Load)?;
+                if offcpu.is_some() {
+                    b.add(&skel.maps.offcpu_events, move |data: &[u8]| {
+                        if let Some(r) = offcpu::parse(data) {
+                            offcpu_sink
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(r);
+                        }
+                        0
+                    })
+                    .map_err(BpfError::Load)?;
+                }
                 b.build().map_err(BpfError::Load)
             },
         )?;
@@ -275,6 +334,8 @@ impl Walker {
             links: Vec::new(),
             loaded,
             out,
+            offcpu_out,
+            offcpu: offcpu.is_some(),
         })
     }
 
@@ -384,6 +445,83 @@ impl Walker {
         }
     }
 
+    /// Starts tracing context switches (a walker loaded with `offcpu`): tracepoints only
+    /// (`sched_switch`, `sys_exit`), which every kernel with BTF has.
+    pub fn attach_offcpu(&mut self) -> Result<(), BpfError> {
+        if !self.offcpu {
+            return Err(BpfError::OffCpu("loaded without --off-cpu".into()));
+        }
+        let mut links = Vec::new();
+        for p in [&self.skel().progs.on_switch, &self.skel().progs.on_sys_exit] {
+            links.push(
+                p.attach_trace().map_err(|e| {
+                    BpfError::OffCpu(format!("{}: {e}", p.name().to_string_lossy()))
+                })?,
+            );
+        }
+        self.links.extend(links);
+        Ok(())
+    }
+
+    /// Drains the off-CPU ring into `f`, without blocking. Call after [`Walker::poll`]: a
+    /// record's Python frames went into the walker's ring first.
+    pub fn poll_offcpu(&mut self, f: &mut dyn FnMut(OffCpuEvent)) {
+        if !self.offcpu {
+            return;
+        }
+        let _ = self.loaded.borrow_ring().consume();
+        let v = std::mem::take(&mut *self.offcpu_out.lock().unwrap_or_else(|e| e.into_inner()));
+        for r in v {
+            f(r);
+        }
+    }
+
+    /// Per thread (pid, tid), the waits shorter than the threshold.
+    pub fn short_waits(&self) -> Vec<((u32, u32), ShortWaits)> {
+        let m = &self.skel().maps.offcpu_shorts;
+        m.keys()
+            .filter_map(|k| {
+                let v = m.lookup(&k, MapFlags::ANY).ok()??;
+                let key = u64::from_ne_bytes(k.get(..8)?.try_into().ok()?);
+                let w = |o: usize| {
+                    v.get(o..o + 8)
+                        .map(|b| u64::from_ne_bytes(b.try_into().unwrap()))
+                };
+                Some((
+                    ((key >> 32) as u32, key as u32),
+                    ShortWaits {
+                        count: w(0)?,
+                        ns: w(8)?,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// The waits going on now (threads off the CPU since they were last seen leaving it).
+    pub fn waits_in_progress(&self) -> Vec<InProgress> {
+        let m = &self.skel().maps.offcpu_start;
+        m.keys()
+            .filter_map(|k| offcpu::parse_start(&m.lookup(&k, MapFlags::ANY).ok()??))
+            .collect()
+    }
+
+    /// What the off-CPU programs could not record.
+    pub fn offcpu_lost(&self) -> OffCpuLost {
+        let m = &self.skel().maps.offcpu_lost;
+        let at = |i: u32| {
+            m.lookup(&i.to_ne_bytes(), MapFlags::ANY)
+                .ok()
+                .flatten()
+                .and_then(|v| Some(u64::from_ne_bytes(v.get(..8)?.try_into().ok()?)))
+                .unwrap_or(0)
+        };
+        OffCpuLost {
+            records: at(0),
+            short_threads: at(1),
+        }
+    }
+
     /// (run count, total run time in ns) of the program, when `kernel.bpf_stats_enabled` is 1.
     pub fn stats(&self) -> Option<(u64, u64)> {
         use std::os::fd::AsFd;
@@ -419,7 +557,10 @@ mod tests {
         );
         let msg = e.to_string();
         assert!(msg.contains("CAP_BPF") && msg.contains("BTF"), "{msg}");
-        assert!(!msg.contains("not permitted"), "the cause is not repeated: {msg}");
+        assert!(
+            !msg.contains("not permitted"),
+            "the cause is not repeated: {msg}"
+        );
         let e = BpfError::Register {
             pid: 7,
             capacity: 4096,
@@ -477,6 +618,59 @@ mod tests {
         );
         let _ = c.kill();
         let _ = c.wait();
+    }
+
+    #[test]
+    fn offcpu_records_a_sleep_with_its_length_and_stacks() {
+        if !nix_is_root() {
+            return;
+        }
+        let mut w = Walker::load_full(DEFAULT_PY_FRAMES, true, Some(1_000_000))
+            .expect("load with --off-cpu");
+        w.follow_forks().expect("fork and exec hooks");
+        w.attach_offcpu()
+            .expect("attach the context-switch programs");
+        let me = std::process::id();
+        w.keep(me, false).expect("keep");
+        // 20 waits of 5 ms and 200 of ~0 ms (a yield or a short sleep).
+        for _ in 0..20 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        for _ in 0..200 {
+            std::thread::sleep(std::time::Duration::from_micros(20));
+        }
+        let mut recs = Vec::new();
+        w.poll(&mut |_| {});
+        w.poll_offcpu(&mut |e| {
+            if let OffCpuEvent::Wait(r) = e {
+                recs.push(r)
+            }
+        });
+        let mine: Vec<_> = recs.iter().filter(|r| r.pid == me).collect();
+        let sleeps = mine
+            .iter()
+            .filter(|r| (5_000_000..50_000_000).contains(&r.wait_ns))
+            .count();
+        assert!(
+            sleeps >= 18,
+            "{sleeps} waits of 5 ms recorded of 20: {mine:?}"
+        );
+        for r in &mine {
+            assert!(!r.kernel.is_empty(), "kernel frames");
+            assert!(
+                r.user_regs[1] != 0 && r.stack.len() >= 512,
+                "user stack copied"
+            );
+            assert!(r.state != 0 || r.wait_ns >= 1_000_000);
+        }
+        let shorts: u64 = w
+            .short_waits()
+            .into_iter()
+            .filter(|((p, _), _)| *p == me)
+            .map(|(_, s)| s.count)
+            .sum();
+        assert!(shorts >= 150, "{shorts} short waits counted of 200");
+        assert_eq!(w.offcpu_lost(), OffCpuLost::default());
     }
 
     fn nix_is_root() -> bool {

@@ -274,6 +274,10 @@ pub fn encode(r: &Report, procs: &[ProcessInfo], host: &str) -> ExportProfilesSe
     };
     let mut per_pid: BTreeMap<u32, Vec<otlp::Sample>> = BTreeMap::new();
     for smp in &p.sample {
+        // The CPU profile only: off-CPU stacks (`--off-cpu`) have no CPU samples.
+        if smp.value.first().is_some_and(|n| *n == 0) {
+            continue;
+        }
         let find = |k: Option<i64>| smp.label.iter().find(|l| Some(l.key) == k);
         let pid = find(k_pid).map_or(0, |l| l.num as u32);
         let mut attribute_indices = Vec::new();
@@ -411,6 +415,8 @@ mod tests {
         Sample {
             locs,
             count,
+            offcpu_ns: 0,
+            wait: None,
             pid,
             tid: pid + 1,
             comm: "python3.12".into(),
@@ -462,6 +468,7 @@ mod tests {
             duration: Duration::from_secs(5),
             files: vec![("/usr/lib/libcrypto.so.3".into(), Some(vec![0xab, 0xcd]))],
             command: "perfpy record".into(),
+            offcpu: false,
         }
     }
 

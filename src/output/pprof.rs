@@ -1,6 +1,8 @@
 //! gzip'd pprof (profile.proto) through the `pprof` crate's prost types.
 //!
-//! Sample types `samples/count` and `cpu/nanoseconds`; one Location per distinct frame address
+//! Sample types `samples/count` and `cpu/nanoseconds` (with `--off-cpu` also
+//! `off-cpu/nanoseconds` and `wall/nanoseconds`, the default then, and a `wait` label on
+//! off-CPU samples); one Location per distinct frame address
 //! (inlined functions as several lines, leaf first); one Mapping per file (with its build id),
 //! plus `[kernel.kallsyms]` and `[python]` (frames named by perf maps). Labels per sample: `pid`
 //! and `tid` (numbers), `comm`, `thread_name`, `frames_from` (strings).
@@ -45,7 +47,7 @@ const PYTHON_MAPPING_BASE: u64 = 0xfe << 40;
 
 pub fn encode(r: &Report) -> protos::Profile {
     let mut st = Strings::new();
-    let sample_type = vec![
+    let mut sample_type = vec![
         protos::ValueType {
             ty: st.id("samples"),
             unit: st.id("count"),
@@ -55,6 +57,15 @@ pub fn encode(r: &Report) -> protos::Profile {
             unit: st.id("nanoseconds"),
         },
     ];
+    // --off-cpu: the time off the CPU, and both together (the default view then).
+    if r.offcpu {
+        for ty in ["off-cpu", "wall"] {
+            sample_type.push(protos::ValueType {
+                ty: st.id(ty),
+                unit: st.id("nanoseconds"),
+            });
+        }
+    }
     let mut p = protos::Profile {
         sample_type,
         ..Default::default()
@@ -70,7 +81,7 @@ pub fn encode(r: &Report) -> protos::Profile {
         .map(|d| d.as_nanos() as i64)
         .unwrap_or(0);
     p.duration_nanos = r.duration.as_nanos() as i64;
-    p.default_sample_type = st.id("cpu");
+    p.default_sample_type = st.id(if r.offcpu { "wall" } else { "cpu" });
     p.comment = vec![st.id(&format!(
         "perfpy {}: {}",
         env!("CARGO_PKG_VERSION"),
@@ -155,7 +166,7 @@ pub fn encode(r: &Report) -> protos::Profile {
                 (file as u64 + 3, (file as u64 + 1) * FILE_SPACE + offset)
             }
             FrameKey::Anon { addr, .. } => (2, PYTHON_MAPPING_BASE + (addr & (FILE_SPACE - 1))),
-            FrameKey::Truncated(_) => (0, 0),
+            FrameKey::Truncated(_) | FrameKey::Wait(_) => (0, 0),
             FrameKey::Py { func, line } => (
                 2,
                 PYTHON_MAPPING_BASE + (1 << 39) + ((func as u64) << 20) + line as u64,
@@ -230,9 +241,18 @@ pub fn encode(r: &Report) -> protos::Profile {
         if let Some(v) = &s.container_id {
             label.push(label_str(&mut st, k_container, v));
         }
+        if let Some(w) = s.wait {
+            let k = st.id("wait");
+            label.push(label_str(&mut st, k, w.label()));
+        }
+        let cpu_ns = s.count * r.period_ns;
+        let mut value = vec![s.count as i64, cpu_ns as i64];
+        if r.offcpu {
+            value.extend([s.offcpu_ns as i64, (cpu_ns + s.offcpu_ns) as i64]);
+        }
         p.sample.push(protos::Sample {
             location_id: s.locs.iter().map(|l| *l as u64 + 1).collect(),
-            value: vec![s.count as i64, (s.count * r.period_ns) as i64],
+            value,
             label,
         });
     }

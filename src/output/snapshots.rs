@@ -34,6 +34,8 @@ fn sample(locs: &[u32], count: u64, pid: u32, tid: u32, thread: &str) -> Sample 
     Sample {
         locs: locs.to_vec(),
         count,
+        offcpu_ns: 0,
+        wait: None,
         pid,
         tid,
         comm: if pid == 20 { "worker.py" } else { "python3.12" }.into(),
@@ -129,6 +131,7 @@ pub(crate) fn report() -> Report {
             ),
         ],
         command: "perfpy record -o prof.pb.gz -- python3.12 split.py".into(),
+        offcpu: false,
     }
 }
 

@@ -51,7 +51,7 @@ pub(super) fn open(opts: &Options, tgids: &mut Vec<u32>) -> Result<Capture> {
     let t_load = std::time::Instant::now();
     // -p and launched commands: with the walker, events on every CPU whose samples of other
     // processes the walker drops (see `load_walker`).
-    let (walker, per_cpu) = load_walker(opts);
+    let (walker, per_cpu) = load_walker(opts)?;
     tracing::debug!(elapsed = ?t_load.elapsed(), per_cpu, "eBPF walker");
     if per_cpu {
         cfg.inherit = false;

@@ -52,6 +52,8 @@ pub(super) struct PyWalk {
     pub(super) procs: HashMap<u32, (perfpy_bpf::Offsets, (u8, u8))>,
     pub(super) pending: HashMap<u32, std::collections::VecDeque<perfpy_bpf::PyStack>>,
     pub(super) tried: HashSet<u32>,
+    /// Python frames of off-CPU waits, by (tid, time), until their wait's record is read.
+    pub(super) offcpu_py: HashMap<(u32, u64), perfpy_bpf::PyStack>,
 }
 
 impl PyWalk {
@@ -60,9 +62,14 @@ impl PyWalk {
             return;
         };
         let pending = &mut self.pending;
+        let offcpu_py = &mut self.offcpu_py;
         walker.poll(&mut |s| {
             if let Some(c) = target.capture() {
                 c.walker(&s);
+            }
+            if s.offcpu {
+                offcpu_py.insert((s.tid, s.time_ns), s);
+                return;
             }
             tracing::trace!(
                 pid = s.pid,
@@ -134,6 +141,8 @@ pub(super) struct Collector {
     /// Processes found not to be ours, so that their next records cost no lookup: forgotten at
     /// their fork and exit records (a pid reused by a new process).
     pub(super) not_ours: HashSet<u32>,
+    /// `--off-cpu`: waits being matched with their Python frames and their length.
+    pub(super) offcpu: Option<super::offcpu::OffCpu>,
     /// Where the targets are read from.
     pub(super) target: Target,
 }
@@ -153,6 +162,7 @@ impl Collector {
                 procs: HashMap::new(),
                 pending: HashMap::new(),
                 tried: HashSet::new(),
+                offcpu_py: HashMap::new(),
             }),
             files: Files::default(),
             procs: Vec::new(),
@@ -174,6 +184,7 @@ impl Collector {
             filter,
             not_ours: HashSet::new(),
             target: Target::Live,
+            offcpu: None,
         }
     }
 
@@ -473,6 +484,19 @@ impl Collector {
             }),
             _ => None,
         };
+        self.add_stack(key, &s, py_stack, None);
+    }
+
+    /// Unwinds the sample's user stack, merges the walker's Python frames (`py_stack`) and
+    /// adds the stack to the profile: one CPU sample, or with `offcpu` an off-CPU wait (its
+    /// nanoseconds, and whether the thread was preempted: a root frame says so).
+    pub(super) fn add_stack(
+        &mut self,
+        key: u32,
+        s: &records::Sample<'_>,
+        py_stack: Option<perfpy_bpf::PyStack>,
+        offcpu: Option<(u64, bool)>,
+    ) {
         self.procs[key as usize].thread_name(s.tid);
         let mut py_frames = std::mem::take(&mut self.scratch_py);
         py_frames.clear();
@@ -481,7 +505,7 @@ impl Collector {
         }
         let have_py = py_frames.iter().any(|f| f.key.is_some());
         let mut native = std::mem::take(&mut self.scratch_native);
-        let ns = self.unwind_native(key, &s, have_py, &mut native);
+        let ns = self.unwind_native(key, s, have_py, &mut native);
         let ns = merge::NativeStack {
             frames: &native,
             ..ns
@@ -501,7 +525,7 @@ impl Collector {
         stack.extend(s.kernel.iter().map(|&k| FrameKey::Kernel(k)));
         let m = merge::merge(&ns, &py, &mut stack);
         if tracing::enabled!(tracing::Level::DEBUG) && !m.have_py {
-            self.debug_no_python(&s, py_stack.as_ref());
+            self.debug_no_python(s, py_stack.as_ref());
         }
         let p = &mut self.procs[key as usize];
         p.trampoline_seen |= m.trampoline_replaced;
@@ -516,7 +540,16 @@ impl Collector {
             p.has_anon |= matches!(k, FrameKey::Anon { .. });
             locs.push(self.profile.location(k));
         }
-        self.profile.add(key, s.tid, &locs);
+        match offcpu {
+            Some((ns, preempted)) => {
+                if preempted {
+                    let w = crate::wait::WaitKind::Preempted;
+                    locs.push(self.profile.location(FrameKey::Wait(w)));
+                }
+                self.profile.add_offcpu(key, s.tid, &locs, ns)
+            }
+            None => self.profile.add(key, s.tid, &locs),
+        }
         self.scratch_locs = locs;
         self.scratch_stack = stack;
         self.scratch_native = native;

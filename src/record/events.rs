@@ -6,8 +6,25 @@ use super::Options;
 /// The eBPF walker, and whether the events sample every CPU with the walker keeping only the
 /// targets' samples: -p and launched commands, so that threads and processes that live less
 /// than a period are sampled in proportion to their CPU time (inherited per-thread events
-/// count the period per thread). Falls back to per-thread events, saying so.
-pub(super) fn load_walker(opts: &Options) -> (Option<perfpy_bpf::Walker>, bool) {
+/// count the period per thread). Falls back to per-thread events, saying so. `--off-cpu` needs
+/// the walker: without it, an error.
+pub(super) fn load_walker(opts: &Options) -> anyhow::Result<(Option<perfpy_bpf::Walker>, bool)> {
+    if opts.off_cpu.is_some() {
+        if !opts.ebpf {
+            anyhow::bail!("--off-cpu needs the eBPF walker: drop --no-ebpf");
+        }
+        let filter = !opts.all;
+        let mut w = perfpy_bpf::Walker::load_full(opts.max_python_frames, filter, opts.off_cpu)?;
+        if filter {
+            w.follow_forks()?;
+        }
+        w.attach_offcpu()?;
+        return Ok((Some(w), filter));
+    }
+    Ok(load_walker_cpu(opts))
+}
+
+fn load_walker_cpu(opts: &Options) -> (Option<perfpy_bpf::Walker>, bool) {
     if !opts.ebpf {
         return (None, false);
     }

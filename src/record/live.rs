@@ -129,6 +129,7 @@ impl Whole {
                 duration: Duration::ZERO,
                 files: Vec::new(),
                 command: std::env::args().collect::<Vec<_>>().join(" "),
+                offcpu: false,
             },
             ids: HashMap::new(),
             stacks: HashMap::new(),
@@ -418,6 +419,8 @@ mod tests {
             r.samples.push(Sample {
                 locs: locs.to_vec(),
                 count: *count,
+                offcpu_ns: 0,
+                wait: None,
                 pid: 1,
                 tid: 1,
                 comm: "p".into(),

@@ -20,6 +20,7 @@ mod inject;
 pub mod interval;
 pub mod live;
 mod merge;
+mod offcpu;
 pub mod replay;
 mod session;
 mod summary;
@@ -52,6 +53,10 @@ pub struct Options {
     pub subprocesses: bool,
     /// `--function` / `--nolineno`: what Python frames carry as line.
     pub lines: crate::report::Lines,
+    /// `--off-cpu`: the `--min-block` threshold in nanoseconds.
+    pub off_cpu: Option<u64>,
+    /// `--sample`: what collapsed, flamegraph and speedscope show (None: wall with --off-cpu).
+    pub sample: Option<crate::report::SampleView>,
 }
 
 pub struct Outcome {
@@ -107,7 +112,24 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         fin.duration,
     );
     let dest_name = dest.display();
-    dest.write_with(|w| write(&report, opts.format, &target_name, w))?;
+    // Collapsed, flamegraph, speedscope: one value, chosen by --sample.
+    let text = (opts.format != Format::Pprof).then(|| {
+        let mut t = report.clone();
+        t.select(opts.sample.unwrap_or(if opts.off_cpu.is_some() {
+            crate::report::SampleView::Wall
+        } else {
+            crate::report::SampleView::Cpu
+        }));
+        t
+    });
+    dest.write_with(|w| {
+        write(
+            text.as_ref().unwrap_or(&report),
+            opts.format,
+            &target_name,
+            w,
+        )
+    })?;
     // Exported after the file is written; a failed export is reported after the summary.
     let exported =
         otlp.map(|exporter| crate::output::otlp::send_recording(exporter, &report, &dest_name));
@@ -128,6 +150,7 @@ pub fn run(opts: Options, stop: Arc<AtomicBool>) -> Result<Outcome> {
         ebpf: opts.ebpf,
         walker_ran: fin.walker_ran,
     });
+    offcpu::print_summary(&s.c, &report, fin.duration);
     match opts.format {
         Format::Pprof if dest_name != "stdout" => {
             say!("perfpy: wrote {dest_name}; open it with: go tool pprof -http=:8080 {dest_name}")
@@ -234,6 +257,7 @@ fn build_report(
         duration,
         files: c.report_files(),
         command: std::env::args().collect::<Vec<_>>().join(" "),
+        offcpu: opts.off_cpu.is_some(),
     }
 }
 

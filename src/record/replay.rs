@@ -462,6 +462,7 @@ fn walker_record(b: &[u8]) -> Result<perfpy_bpf::PyStack> {
         truncated,
         no_thread_state,
         read_error,
+        offcpu: false,
     })
 }
 
@@ -634,6 +635,7 @@ pub fn run(dir: &Path, format: crate::output::Format, out: &mut dyn Write) -> Re
         procs: HashMap::new(),
         pending: HashMap::new(),
         tried: HashSet::new(),
+        offcpu_py: HashMap::new(),
     });
     let _files = feed(dir, &mut c)?;
     let procs: HashMap<u32, &Process> = c.procs.iter().map(|p| (p.key, p)).collect();
@@ -649,6 +651,7 @@ pub fn run(dir: &Path, format: crate::output::Format, out: &mut dyn Write) -> Re
         duration: std::time::Duration::ZERO,
         files: c.report_files(),
         command: format!("perfpy replay {}", dir.display()),
+        offcpu: false,
     };
     use crate::output::Format;
     let name = format!("perfpy replay {}", dir.display());

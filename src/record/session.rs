@@ -72,6 +72,7 @@ impl Session {
         let injection = Injection::start(opts, to_inject, capture.walker.is_some(), stop);
         let mut c = Collector::new(capture.walker.take(), opts.max_frames, capture.per_cpu);
         c.target = super::replay::Target::from_env()?;
+        c.offcpu = opts.off_cpu.map(super::offcpu::OffCpu::new);
         for &pid in &tgids {
             let key = c.proc_key(pid);
             c.register_python(key);
@@ -82,6 +83,7 @@ impl Session {
         if let Some(sp) = capture.spawned.as_mut() {
             sp.release()?;
         }
+        c.offcpu_window(false);
         Ok(Session {
             tgids,
             capture,
@@ -167,6 +169,7 @@ impl Session {
         for r in self.capture.rings.iter_mut() {
             drain(r, &mut self.c, &mut self.scratch);
         }
+        self.c.poll_offcpu();
         self.c.release_exited(Duration::from_secs(2));
         self.meter.poll();
     }
@@ -211,6 +214,7 @@ impl Session {
     /// needs memory of its own). The trampolines stay on until the perf maps are read.
     pub(super) fn finish(&mut self, opts: &Options, end: End) -> Finished {
         let duration = self.start.elapsed();
+        self.c.offcpu_window(true);
         crate::signals::sampling_done();
         self.injection.stop_scanning();
         let mut child_status = end.child_status;
@@ -220,6 +224,7 @@ impl Session {
         for r in self.capture.rings.iter_mut() {
             drain(r, &mut self.c, &mut self.scratch);
         }
+        self.c.finish_offcpu();
         self.capture.rings.clear();
         self.capture.events.clear();
         if let Some(cap) = self.c.target.capture() {

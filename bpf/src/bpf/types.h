@@ -45,7 +45,21 @@ struct task_struct {
     struct pid *thread_pid;
     int pid;
     int tgid;
+    unsigned int flags;
+    unsigned int __state;
 } __attribute__((preserve_access_index));
+
+/* The user registers of a task (x86-64), as bpf_task_pt_regs gives them. */
+struct pt_regs {
+    unsigned long bp;
+    unsigned long ax;
+    unsigned long orig_ax;
+    unsigned long ip;
+    unsigned long sp;
+} __attribute__((preserve_access_index));
+
+#define PF_KTHREAD 0x00200000
+#define BPF_NOEXIST 1
 
 struct bpf_pidns_info {
     __u32 pid;
@@ -56,6 +70,7 @@ enum bpf_map_type {
     BPF_MAP_TYPE_HASH = 1,
     BPF_MAP_TYPE_ARRAY = 2,
     BPF_MAP_TYPE_PERCPU_ARRAY = 6,
+    BPF_MAP_TYPE_LRU_HASH = 9,
     BPF_MAP_TYPE_RINGBUF = 27,
 };
 #endif

@@ -223,49 +223,47 @@ static long walk_frame(u32 i, struct fctx *x)
     return 0;
 }
 
-SEC("perf_event")
-int on_sample(void *ctx)
+/* The pid and tid of the current task as perfpy sees them (its own PID namespace); 1 when the
+ * task lies outside that namespace. */
+static __always_inline int current_ids(u32 *pid, u32 *tid)
 {
-    u32 pid, tid;
     if (in_child_pidns) {
         struct bpf_pidns_info ns = {};
         if (bpf_get_ns_current_pid_tgid(pidns_dev, pidns_ino, &ns, sizeof(ns)))
-            return !filter_kept; /* a task outside our PID namespace */
-        pid = ns.tgid;
-        tid = ns.pid;
+            return 1;
+        *pid = ns.tgid;
+        *tid = ns.pid;
     } else {
         u64 pt = bpf_get_current_pid_tgid();
-        pid = pt >> 32;
-        tid = (u32)pt;
+        *pid = pt >> 32;
+        *tid = (u32)pt;
     }
-    /* 0 drops the sample: not one of the processes profiled (yet). */
-    if (filter_kept) {
-        struct kept *k = bpf_map_lookup_elem(&kept, &pid);
-        if (!k || (k->flags & KEEP_FROM_EXEC))
-            return 0;
-    }
-    struct proc_cfg *c = bpf_map_lookup_elem(&procs, &pid);
-    if (!c)
+    return 0;
+}
+
+/* Whether the samples of process `pid` are kept (always without the filter). */
+static __always_inline int is_kept(u32 pid)
+{
+    if (!filter_kept)
         return 1;
-    u32 cpu = bpf_get_smp_processor_id();
-    struct record *r = bpf_map_lookup_elem(&scratch, &cpu);
-    if (!r)
-        return 1;
-    r->pid = pid;
-    r->tid = tid;
-    r->time = bpf_ktime_get_ns();
+    struct kept *k = bpf_map_lookup_elem(&kept, &pid);
+    return k && !(k->flags & KEEP_FROM_EXEC);
+}
+
+/* Walks the current thread's Python frames into `r` (pid, tid and time already set): the one
+ * walk of both CPU samples and off-CPU waits. */
+static __always_inline void walk_python(struct proc_cfg *c, struct record *r)
+{
     r->nframes = 0;
     r->flags = 0;
-
     u64 interp = 0, ts = 0;
     if (rd(&interp, 8, c->runtime + c->runtime_interp_head) || !interp ||
         rd(&ts, 8, interp + c->interp_tstate_head)) {
         r->flags = REC_READ_ERROR;
-        emit(r);
-        return 1;
+        return;
     }
     u64 fsbase = 0;
-    u32 own_tid = tid;
+    u32 own_tid = r->tid;
     struct task_struct *task = (void *)bpf_get_current_task();
     if (c->tstate_native_tid < 0) {
         fsbase = BPF_CORE_READ(task, thread.fsbase);
@@ -283,8 +281,7 @@ int on_sample(void *ctx)
     bpf_loop(MAX_THREADS, find_thread, &t, 0);
     if (!t.found) {
         r->flags = REC_NO_TSTATE;
-        emit(r);
-        return 1;
+        return;
     }
     u64 frame = 0;
     if (c->tstate_cframe >= 0) {
@@ -297,7 +294,7 @@ int on_sample(void *ctx)
     u32 zero = 0;
     struct frame_win *win = bpf_map_lookup_elem(&window, &zero);
     if (!win)
-        return 1;
+        return;
     struct fctx x = { .c = c, .r = r, .win = win, .frame = frame };
     /* Each Python call under a perf trampoline (3.12+) also has an entry shim frame: twice the
      * frame limit, and a little more, lets the limit be what cuts. */
@@ -307,8 +304,298 @@ int on_sample(void *ctx)
         x.flags |= REC_LOOP_BUDGET;
     r->nframes = x.n;
     r->flags = x.flags;
+}
+
+SEC("perf_event")
+int on_sample(void *ctx)
+{
+    u32 pid, tid;
+    if (current_ids(&pid, &tid))
+        return !filter_kept; /* a task outside our PID namespace */
+    /* 0 drops the sample: not one of the processes profiled (yet). */
+    if (!is_kept(pid))
+        return 0;
+    struct proc_cfg *c = bpf_map_lookup_elem(&procs, &pid);
+    if (!c)
+        return 1;
+    u32 cpu = bpf_get_smp_processor_id();
+    struct record *r = bpf_map_lookup_elem(&scratch, &cpu);
+    if (!r)
+        return 1;
+    r->pid = pid;
+    r->tid = tid;
+    r->time = bpf_ktime_get_ns();
+    walk_python(c, r);
     emit(r);
     return 1;
+}
+
+/* ---- Off-CPU (--off-cpu) ----
+ * sched_switch notes when a profiled thread leaves the CPU (its kernel stack then) and, when it
+ * is switched in again, how long it waited. A thread blocked in a system call is stacked at the
+ * system call's exit (tp_btf/sys_exit, in its own context, where its user registers and stack
+ * are those it waited with): only waits of at least min_block_ns pay for the user stack copy
+ * and the Python walk. A thread that left otherwise (preempted, a page fault) returns to user
+ * space without such a point: it is stacked as it leaves, and its wait follows as an
+ * OFFCPU_RESUME record. Kernel probes are not needed (this kernel may have none). */
+const volatile u64 min_block_ns = 1000000;
+
+struct {
+    __uint(type, BPF_MAP_TYPE_LRU_HASH);
+    __uint(max_entries, 16384);
+    __type(key, u32); /* kernel tid */
+    __type(value, struct offcpu_start);
+} offcpu_start SEC(".maps");
+
+/* A start built here (too big for the BPF stack), then stored. */
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, u32);
+    __type(value, struct offcpu_start);
+} start_tmpl SEC(".maps");
+
+/* Waits under min_block_ns, per thread: counted, not stacked. */
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 65536);
+    __type(key, u64); /* pid << 32 | tid, as perfpy sees them */
+    __type(value, struct offcpu_short);
+} offcpu_shorts SEC(".maps");
+
+/* [0]: records the ring had no room for; [1]: short waits of threads the map had no room for. */
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 2);
+    __type(key, u32);
+    __type(value, u64);
+} offcpu_lost SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_RINGBUF);
+    __uint(max_entries, 1 << 12); /* sized at load */
+} offcpu_events SEC(".maps");
+
+/* One record per CPU (entries set at load: possible CPUs). Both programs run with interrupts
+ * off (in the scheduler, and sys_exit's BPF programs do not nest with the sampling program's:
+ * a perf_event program interrupting one is refused by the kernel's per-CPU recursion guard),
+ * so the entry, the scratch record and the frame window have one user at a time. */
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, u32);
+    __type(value, struct offcpu_record);
+} offcpu_scratch SEC(".maps");
+
+/* How many waits ended long enough but are not stacked yet (START_WOKEN entries): while none,
+ * sys_exit, which runs at every system call of every task, has nothing to look up. (An entry
+ * the LRU map evicts leaves the count high: then only slower.) */
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, u32);
+    __type(value, s64);
+} woken SEC(".maps");
+
+static __always_inline void woken_add(s64 d)
+{
+    u32 zero = 0;
+    s64 *n = bpf_map_lookup_elem(&woken, &zero);
+    if (n)
+        __sync_fetch_and_add(n, d);
+}
+
+static __always_inline void count_lost(u32 i)
+{
+    u64 *n = bpf_map_lookup_elem(&offcpu_lost, &i);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+}
+
+static __always_inline void count_short(u32 pid, u32 tid, u64 wait)
+{
+    u64 key = ((u64)pid << 32) | tid;
+    struct offcpu_short *s = bpf_map_lookup_elem(&offcpu_shorts, &key);
+    if (s) {
+        __sync_fetch_and_add(&s->count, 1);
+        __sync_fetch_and_add(&s->ns, wait);
+    } else {
+        struct offcpu_short n = { .count = 1, .ns = wait };
+        if (bpf_map_update_elem(&offcpu_shorts, &key, &n, BPF_NOEXIST))
+            count_lost(1);
+    }
+}
+
+struct uctx {
+    struct offcpu_record *o;
+    u64 sp;
+};
+
+/* Copies the user stack chunk by chunk until a read fails (the end of the stack's mapping). */
+static long copy_user_chunk(u32 i, struct uctx *u)
+{
+    u32 off = (i & (OFFCPU_USTACK / OFFCPU_CHUNK - 1)) * OFFCPU_CHUNK;
+    if (bpf_probe_read_user(&u->o->ustack[off], OFFCPU_CHUNK, (const void *)(u->sp + off)))
+        return 1;
+    u->o->ustack_bytes = off + OFFCPU_CHUNK;
+    return 0;
+}
+
+/* Takes the current thread's stacks (user registers `regs`, kernel stack of `st`) and emits
+ * them, with its Python frames first. */
+static __always_inline void stack_wait(struct offcpu_start *st, struct pt_regs *regs, u64 wait,
+                                       u32 flags)
+{
+    u32 cpu = bpf_get_smp_processor_id();
+    struct offcpu_record *o = bpf_map_lookup_elem(&offcpu_scratch, &cpu);
+    if (!o)
+        return;
+    u64 now = bpf_ktime_get_ns();
+    o->pid = st->pid;
+    o->tid = st->tid;
+    o->time = now;
+    o->wait_ns = wait;
+    o->state = st->state;
+    o->flags = flags;
+    u32 kb = st->kstack_bytes;
+    if (kb > sizeof(o->kstack))
+        kb = sizeof(o->kstack);
+    o->kstack_bytes = kb;
+    __builtin_memcpy(o->kstack, st->kstack, sizeof(o->kstack));
+    o->ip = BPF_CORE_READ(regs, ip);
+    o->sp = BPF_CORE_READ(regs, sp);
+    o->bp = BPF_CORE_READ(regs, bp);
+    o->ustack_bytes = 0;
+    struct uctx u = { .o = o, .sp = o->sp };
+    bpf_loop(OFFCPU_USTACK / OFFCPU_CHUNK, copy_user_chunk, &u, 0);
+    u32 pid = st->pid;
+    struct proc_cfg *c = bpf_map_lookup_elem(&procs, &pid);
+    if (c) {
+        struct record *r = bpf_map_lookup_elem(&scratch, &cpu);
+        if (r) {
+            r->pid = st->pid;
+            r->tid = st->tid;
+            r->time = now;
+            walk_python(c, r);
+            r->flags |= REC_OFFCPU;
+            emit(r);
+            o->flags |= OFFCPU_HAS_PY;
+        }
+    }
+    u32 n = o->ustack_bytes;
+    if (n > OFFCPU_USTACK)
+        n = OFFCPU_USTACK;
+    if (bpf_ringbuf_output(&offcpu_events, o, OFFCPU_HEADER + n, 0))
+        count_lost(0);
+}
+
+/* A profiled thread leaves the CPU (it is the current task here). */
+static __always_inline void switch_out(u64 *ctx, struct task_struct *prev, u64 now)
+{
+    if (BPF_CORE_READ(prev, flags) & PF_KTHREAD)
+        return;
+    u32 pid, tid;
+    if (current_ids(&pid, &tid) || !pid || !is_kept(pid))
+        return;
+    u32 ktid = BPF_CORE_READ(prev, pid);
+    struct offcpu_start *st = bpf_map_lookup_elem(&offcpu_start, &ktid);
+    if (st && (st->flags & START_WOKEN) && (st->flags & START_IN_SYSCALL) && !ctx[0]) {
+        /* Blocks again in the system call whose long wait is not stacked yet: one wait. */
+        st->ts = now;
+        st->flags &= ~START_WOKEN;
+        woken_add(-1);
+        return;
+    }
+    if (st && (st->flags & START_WOKEN))
+        woken_add(-1); /* replaced below before its stacks were taken */
+    u32 zero = 0;
+    struct offcpu_start *n = bpf_map_lookup_elem(&start_tmpl, &zero);
+    if (!n)
+        return;
+    n->ts = now;
+    n->wait = 0;
+    n->pid = pid;
+    n->tid = tid;
+    n->state = ctx[0] ? 0 : BPF_CORE_READ(prev, __state);
+    n->flags = 0;
+    n->kstack_bytes = 0;
+    /* Blocked in a system call: its entry left -ENOSYS in ax (the return value to come) and
+     * the call's number in orig_ax. Then nothing more now: the stacks are taken only if the
+     * wait turns out long. Otherwise (preempted, a page fault) they are taken now. */
+    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(prev);
+    if (!ctx[0] && (long)BPF_CORE_READ(regs, orig_ax) >= 0 && (long)BPF_CORE_READ(regs, ax) == -38) {
+        n->flags = START_IN_SYSCALL;
+        bpf_map_update_elem(&offcpu_start, &ktid, n, 0);
+        return;
+    }
+    n->flags = START_PENDING;
+    bpf_map_update_elem(&offcpu_start, &ktid, n, 0);
+    st = bpf_map_lookup_elem(&offcpu_start, &ktid);
+    if (!st)
+        return;
+    /* The first two frames are this program and the tracepoint runner. */
+    long kb = bpf_get_stack(ctx, st->kstack, sizeof(st->kstack), 2);
+    st->kstack_bytes = kb > 0 ? kb : 0;
+    stack_wait(st, regs, 0, OFFCPU_PENDING);
+}
+
+/* A profiled thread is switched in again (`next`; the current task is the one leaving). */
+static __always_inline void switch_in(struct task_struct *next, u64 now)
+{
+    u32 ktid = BPF_CORE_READ(next, pid);
+    struct offcpu_start *st = bpf_map_lookup_elem(&offcpu_start, &ktid);
+    if (!st || (st->flags & START_WOKEN))
+        return;
+    u64 wait = st->wait + (now - st->ts);
+    if (st->flags & START_PENDING) {
+        if (wait < min_block_ns)
+            count_short(st->pid, st->tid, wait);
+        struct offcpu_resume r = { .tid = st->tid, .time = now, .wait_ns = wait, .flags = OFFCPU_RESUME };
+        if (bpf_ringbuf_output(&offcpu_events, &r, sizeof(r), 0))
+            count_lost(0);
+        bpf_map_delete_elem(&offcpu_start, &ktid);
+    } else if (wait < min_block_ns && !st->wait) {
+        count_short(st->pid, st->tid, wait);
+        bpf_map_delete_elem(&offcpu_start, &ktid);
+    } else {
+        /* A long wait in a system call: its kernel stack now, from __schedule (the thread has
+         * not run since it blocked), the rest at the call's exit. */
+        if (!st->kstack_bytes) {
+            long kb = bpf_get_task_stack(next, st->kstack, sizeof(st->kstack), 0);
+            st->kstack_bytes = kb > 0 ? kb : 0;
+        }
+        st->wait = wait;
+        st->flags |= START_WOKEN;
+        woken_add(1);
+    }
+}
+
+SEC("tp_btf/sched_switch")
+int on_switch(u64 *ctx)
+{
+    u64 now = bpf_ktime_get_ns();
+    switch_out(ctx, (void *)ctx[1], now);
+    switch_in((void *)ctx[2], now);
+    return 0;
+}
+
+/* A thread whose wait in this system call was long enough returns from it: stacked here. */
+SEC("tp_btf/sys_exit")
+int on_sys_exit(u64 *ctx)
+{
+    u32 zero = 0;
+    s64 *n = bpf_map_lookup_elem(&woken, &zero);
+    if (!n || *n <= 0)
+        return 0;
+    struct task_struct *task = bpf_get_current_task_btf();
+    u32 ktid = BPF_CORE_READ(task, pid);
+    struct offcpu_start *st = bpf_map_lookup_elem(&offcpu_start, &ktid);
+    if (!st || !(st->flags & START_WOKEN))
+        return 0;
+    stack_wait(st, (struct pt_regs *)ctx[0], st->wait, 0);
+    bpf_map_delete_elem(&offcpu_start, &ktid);
+    woken_add(-1);
+    return 0;
 }
 
 /* The pid of `task` in perfpy's PID namespace (a child namespace: one of its upids). */
