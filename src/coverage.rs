@@ -16,13 +16,10 @@ struct Ticks {
 }
 
 fn read_ticks(pid: u32) -> Option<Ticks> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let f: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
-    // After the name: state(0) … utime(11) stime(12) cutime(13) cstime(14).
-    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+    let s = perfpy_process::proc::stat(pid).ok()?;
     Some(Ticks {
-        own: n(11)? + n(12)?,
-        children: n(13)? + n(14)?,
+        own: s.utime? + s.stime?,
+        children: s.cutime? + s.cstime?,
     })
 }
 

@@ -12,8 +12,9 @@
 use std::collections::HashMap;
 
 use anyhow::{Context, Result};
-use perfpy_bpf::code::{CodeReader, LiveMemory, RemoteMemory};
+use perfpy_bpf::code::CodeReader;
 use perfpy_bpf::{Offsets, PyFrameRef};
+use perfpy_process::{proc, LiveMemory, ReadMemory, Version};
 use serde_json::{json, Value};
 
 use crate::files::Files;
@@ -52,13 +53,14 @@ pub struct Thread {
 pub struct Dump {
     pub pid: u32,
     pub comm: String,
-    pub python_version: Option<String>,
+    pub python_version: Option<Version>,
     /// Why Python frames are missing, if they are.
     pub note: Option<String>,
     pub threads: Vec<Thread>,
 }
 
 struct Py {
+    /// `(major, minor)`: the key of the offset tables.
     version: (u8, u8),
     runtime: u64,
     off: Offsets,
@@ -75,14 +77,14 @@ fn debug_field(pid: u32, py: &Py, name: &str) -> Option<u64> {
 /// `_PyRuntime`/`interp_head` from its symbols, offsets from the tables or the target's own
 /// `_Py_DebugOffsets` (3.13+).
 fn find_python(p: &Process) -> Result<Py, String> {
-    let version = p.python_minor().ok_or("not a Python process")?;
+    let version = p.python_version.ok_or("not a Python process")?.minor_pair();
     let runtime = p
         .py_runtime_address()
         .ok_or("no _PyRuntime or interp_head in the interpreter")?;
     let off = match Offsets::for_version(version) {
         Some(o) => o,
         None if perfpy_bpf::debug_offsets::from_target(version) => {
-            perfpy_bpf::debug_offsets::read(&LiveMemory, p.pid, runtime, version)
+            perfpy_bpf::debug_offsets::read(&LiveMemory(p.pid), runtime, version)
                 .map_err(|e| e.to_string())?
                 .offsets
         }
@@ -102,8 +104,8 @@ fn find_python(p: &Process) -> Result<Py, String> {
 
 fn u64_at(pid: u32, addr: u64) -> Option<u64> {
     let mut b = [0u8; 8];
-    LiveMemory
-        .read(pid, addr, &mut b)
+    LiveMemory(pid)
+        .read_all(addr, &mut b)
         .then(|| u64::from_ne_bytes(b))
 }
 
@@ -169,7 +171,7 @@ fn frames_of(pid: u32, py: &Py, ts: u64) -> Vec<(u64, PyFrameRef)> {
             .unwrap_or(0);
         let owner = if o.frame_owner >= 0 {
             let mut b = [0u8; 1];
-            if LiveMemory.read(pid, frame + o.frame_owner as u64, &mut b) {
+            if LiveMemory(pid).read_all(frame + o.frame_owner as u64, &mut b) {
                 b[0]
             } else {
                 0
@@ -194,7 +196,7 @@ fn frames_of(pid: u32, py: &Py, ts: u64) -> Vec<(u64, PyFrameRef)> {
         }
         let instr = if o.lasti_int != 0 {
             let mut b = [0u8; 4];
-            LiveMemory.read(pid, frame + o.frame_instr as u64, &mut b);
+            LiveMemory(pid).read_all(frame + o.frame_instr as u64, &mut b);
             i32::from_ne_bytes(b) as i64 as u64
         } else {
             at(frame, o.frame_instr)
@@ -231,7 +233,7 @@ fn gil_holder(pid: u32, py: &Py) -> Option<u64> {
     let interp = at(py.runtime, py.off.runtime_interp_head).and_then(|a| u64_at(pid, a))?;
     let mut locked = [0u8; 4];
     let l = inside(field("interpreter_state.gil_runtime_state_locked")?)?;
-    if !LiveMemory.read(pid, interp + l, &mut locked) {
+    if !LiveMemory(pid).read_all(interp + l, &mut locked) {
         return None;
     }
     if i32::from_ne_bytes(locked) == 0 {
@@ -273,19 +275,14 @@ fn syscall_name(nr: i64) -> String {
     n.to_string()
 }
 
-/// `/proc/PID/task/TID/syscall`: "NR ARG1 … ARG6 SP PC", "-1 SP PC" (blocked, not in a system
-/// call) or "running".
-fn parse_syscall(text: &str) -> Option<String> {
-    let mut it = text.split_whitespace();
-    let nr: i64 = it.next()?.parse().ok()?;
-    if nr < 0 {
+/// What a thread waits in, from its `/proc/PID/task/TID/syscall`: the system call, with the
+/// descriptor it waits on where there is one; `None` blocked outside a system call.
+fn describe_syscall(s: &proc::Syscall) -> Option<String> {
+    if s.nr < 0 {
         return None;
     }
-    let name = syscall_name(nr);
-    let arg1 = it
-        .next()
-        .and_then(|a| i64::from_str_radix(a.trim_start_matches("0x"), 16).ok());
-    Some(match (nr, arg1) {
+    let name = syscall_name(s.nr);
+    Some(match (s.nr, s.arg1) {
         (0 | 1 | 17 | 19 | 45 | 47 | 43 | 288, Some(fd)) => format!("{name} (fd {fd})"),
         _ => name,
     })
@@ -305,14 +302,9 @@ fn state_name(c: char) -> &'static str {
 
 fn read_thread(pid: u32, tid: u32) -> Thread {
     let base = format!("/proc/{pid}/task/{tid}");
-    let stat = std::fs::read_to_string(format!("{base}/stat")).unwrap_or_default();
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, r)| r.trim().chars().next())
-        .unwrap_or('?');
-    let syscall = std::fs::read_to_string(format!("{base}/syscall"))
-        .ok()
-        .and_then(|s| parse_syscall(&s))
+    let state = proc::task_stat(pid, tid).map_or('?', |s| s.state);
+    let syscall = proc::task_syscall(pid, tid)
+        .and_then(|s| describe_syscall(&s))
         .filter(|_| state != 'R');
     let kernel = std::fs::read_to_string(format!("{base}/stack"))
         .unwrap_or_default()
@@ -322,7 +314,7 @@ fn read_thread(pid: u32, tid: u32) -> Thread {
         .collect();
     Thread {
         tid,
-        name: crate::process::read_comm(pid, tid).unwrap_or_default(),
+        name: proc::comm(pid, tid).unwrap_or_default(),
         state: state_name(state).to_string(),
         syscall,
         kernel,
@@ -333,18 +325,6 @@ fn read_thread(pid: u32, tid: u32) -> Thread {
     }
 }
 
-/// The user stack pointer and instruction pointer of a thread blocked in a system call: the
-/// last two fields of `/proc/PID/task/TID/syscall` (absent while it runs).
-fn blocked_regs(pid: u32, tid: u32) -> Option<(u64, u64)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).ok()?;
-    let f: Vec<&str> = s.split_whitespace().collect();
-    if f.len() < 3 || f[0] == "running" {
-        return None;
-    }
-    let hex = |x: &str| u64::from_str_radix(x.trim_start_matches("0x"), 16).ok();
-    Some((hex(f[f.len() - 2])?, hex(f[f.len() - 1])?))
-}
-
 /// Most user stack copied to unwind a blocked thread (less where the mapping ends sooner).
 const NATIVE_STACK: usize = 256 << 10;
 
@@ -353,13 +333,15 @@ const NATIVE_STACK: usize = 256 << 10;
 /// known, so frames without CFI end the walk). The thread is not stopped: if it wakes while its
 /// stack is copied, the outer frames may be wrong, which a blocked thread rarely does.
 fn native_addresses(p: &mut Process, tid: u32) -> Vec<u64> {
-    let Some((sp, pc)) = blocked_regs(p.pid, tid) else {
+    // Its user stack and instruction pointers, while it is blocked in a system call (absent
+    // while it runs).
+    let Some((sp, pc)) = proc::task_syscall(p.pid, tid).and_then(|s| s.sp_pc) else {
         return Vec::new();
     };
     let mut len = NATIVE_STACK;
     let stack = loop {
         let mut buf = vec![0u8; len];
-        match crate::sys::read_process_memory(p.pid as i32, sp, &mut buf) {
+        match LiveMemory(p.pid).read(sp, &mut buf) {
             Ok(n) if n > 0 => {
                 buf.truncate(n);
                 break buf;
@@ -368,7 +350,7 @@ fn native_addresses(p: &mut Process, tid: u32) -> Vec<u64> {
             _ => return Vec::new(),
         }
     };
-    let mem = crate::unwind::LiveMemory(p.pid);
+    let mem = LiveMemory(p.pid);
     let mut out = Vec::new();
     crate::unwind::unwind_sp(p, &mem, [0, sp, pc], &stack, 256, &mut out, None);
     out
@@ -432,11 +414,8 @@ pub fn dump(pid: i32, with_locals: bool) -> Result<Dump> {
     let mut files = Files::default();
     let mut p = Process::new(pid, 0);
     p.refresh_maps(&mut files);
-    let mut tids: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .with_context(|| format!("pid {pid} exited while it was being read"))?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    tids.sort_unstable();
+    let tids =
+        proc::tasks(pid).with_context(|| format!("pid {pid} exited while it was being read"))?;
     let mut threads: Vec<Thread> = tids.iter().map(|t| read_thread(pid, *t)).collect();
     native_of_all(&mut p, &mut threads);
     let mut note = None;
@@ -483,7 +462,7 @@ pub fn dump(pid: i32, with_locals: bool) -> Result<Dump> {
                             .as_ref()
                             .map(|l| crate::dump_locals::locals(pid, &py.off, l, *addr, f.code))
                             .unwrap_or_default();
-                        match reader.resolve(&LiveMemory, pid, &py.off, py.version, f) {
+                        match reader.resolve(&LiveMemory(pid), pid, &py.off, py.version, f) {
                             Some(info) => Frame {
                                 function: info.qualname,
                                 file: info.filename,
@@ -505,7 +484,7 @@ pub fn dump(pid: i32, with_locals: bool) -> Result<Dump> {
     Ok(Dump {
         pid,
         comm: p.comm.clone(),
-        python_version: p.python_version.clone(),
+        python_version: p.python_version,
         note,
         threads,
     })
@@ -516,13 +495,7 @@ pub fn dump(pid: i32, with_locals: bool) -> Result<Dump> {
 fn ns_tids(pid: u32, tids: &[u32]) -> HashMap<u32, u32> {
     let mut m = HashMap::new();
     for &t in tids {
-        let status =
-            std::fs::read_to_string(format!("/proc/{pid}/task/{t}/status")).unwrap_or_default();
-        if let Some(ns) = status
-            .lines()
-            .find_map(|l| l.strip_prefix("NSpid:"))
-            .and_then(|v| v.split_whitespace().last()?.parse::<u32>().ok())
-        {
+        if let Some(ns) = proc::task_status(pid, t).ok().and_then(|s| s.nspid) {
             m.insert(ns, t);
         }
     }
@@ -598,7 +571,7 @@ pub fn json(d: &Dump) -> Value {
     json!({
         "pid": d.pid,
         "comm": d.comm,
-        "python_version": d.python_version,
+        "python_version": d.python_version.map(|v| v.to_string()),
         "note": d.note,
         "threads": d.threads.iter().map(|t| json!({
             "tid": t.tid,
@@ -625,29 +598,24 @@ pub fn json(d: &Dump) -> Value {
 /// Processes that map a CPython interpreter (a `python*` executable or a `libpython*`), by
 /// their `/proc/PID/maps`: the cheap test `-a` makes before reading a process.
 fn python_processes() -> Vec<i32> {
-    let me = std::process::id() as i32;
-    let mut out: Vec<i32> = std::fs::read_dir("/proc")
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-                .filter(|p| *p != me)
-                .filter(|p| {
-                    std::fs::read(format!("/proc/{p}/maps")).is_ok_and(|m| {
-                        String::from_utf8_lossy(&m).lines().any(|l| {
-                            let base = l.rsplit('/').next().unwrap_or("");
-                            l.contains('/')
-                                && (base.starts_with("libpython")
-                                    || (base.starts_with("python")
-                                        && base[6..]
-                                            .chars()
-                                            .all(|c| c.is_ascii_digit() || c == '.')))
-                        })
-                    })
+    let me = std::process::id();
+    proc::pids()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| *p != me)
+        .filter(|p| {
+            proc::maps(*p).is_ok_and(|maps| {
+                maps.iter().any(|m| {
+                    let base = m.path.rsplit('/').next().unwrap_or("");
+                    m.path.contains('/')
+                        && (base.starts_with("libpython")
+                            || (base.starts_with("python")
+                                && base[6..].chars().all(|c| c.is_ascii_digit() || c == '.')))
                 })
-                .collect()
+            })
         })
-        .unwrap_or_default();
-    out.sort_unstable();
-    out
+        .map(|p| p as i32)
+        .collect()
 }
 
 /// `perfpy dump -p PID [-p PID …] | -a [--json] [--locals]`. With `-p` the first process that
@@ -683,17 +651,21 @@ pub fn run(pids: &[i32], all: bool, as_json: bool, with_locals: bool) -> Result<
 mod tests {
     use super::*;
 
+    fn syscall_of(text: &str) -> Option<String> {
+        describe_syscall(&proc::Syscall::parse(text)?)
+    }
+
     #[test]
-    fn syscall_lines() {
+    fn syscalls_described() {
         assert_eq!(
-            parse_syscall("0 0x3 0x7ffd 0x10 0x0 0x0 0x0 0x7ffd0 0x7f12").as_deref(),
+            syscall_of("0 0x3 0x7ffd 0x10 0x0 0x0 0x0 0x7ffd0 0x7f12").as_deref(),
             Some("read (fd 3)")
         );
         assert_eq!(
-            parse_syscall("230 0x1 0x0 0x7ffd 0x0 0x0 0x0 0x7ffd0 0x7f12").as_deref(),
+            syscall_of("230 0x1 0x0 0x7ffd 0x0 0x0 0x0 0x7ffd0 0x7f12").as_deref(),
             Some("clock_nanosleep")
         );
-        assert_eq!(parse_syscall("-1 0x7ffd0 0x7f12"), None);
-        assert_eq!(parse_syscall("running"), None);
+        assert_eq!(syscall_of("-1 0x7ffd0 0x7f12"), None);
+        assert_eq!(syscall_of("running"), None);
     }
 }

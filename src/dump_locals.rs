@@ -7,8 +7,9 @@
 //! 3.11 and 3.12 the three offsets below, checked against each version's headers by
 //! `tests/dump.rs` (`testdata/locals_offsets.c`); 3.13+ the target's `_Py_DebugOffsets`.
 
-use perfpy_bpf::code::{read_unicode, type_name, LiveMemory, RemoteMemory};
+use perfpy_bpf::code::{read_unicode, type_name};
 use perfpy_bpf::Offsets;
+use perfpy_process::{LiveMemory, ReadMemory};
 
 /// Most locals shown per frame, and characters of a value's representation.
 const MAX_LOCALS: u64 = 256;
@@ -88,8 +89,8 @@ pub struct Local {
 
 fn u64_at(pid: u32, addr: u64) -> Option<u64> {
     let mut b = [0u8; 8];
-    LiveMemory
-        .read(pid, addr, &mut b)
+    LiveMemory(pid)
+        .read_all(addr, &mut b)
         .then(|| u64::from_ne_bytes(b))
 }
 
@@ -113,8 +114,8 @@ pub fn locals(pid: u32, o: &Offsets, l: &Layout, frame: u64, code: u64) -> Vec<L
         .and_then(|b| {
             let mut v = vec![0u8; n as usize];
             // A bytes object: its data at `bytes_data`.
-            LiveMemory
-                .read(pid, b + o.bytes_data as u64, &mut v)
+            LiveMemory(pid)
+                .read_all(b + o.bytes_data as u64, &mut v)
                 .then_some(v)
         });
     for i in 0..n {
@@ -123,7 +124,7 @@ pub fn locals(pid: u32, o: &Offsets, l: &Layout, frame: u64, code: u64) -> Vec<L
             continue;
         }
         let Some(name) = u64_at(pid, names + l.tuple_items + 8 * i)
-            .and_then(|s| read_unicode(&LiveMemory, pid, o, s))
+            .and_then(|s| read_unicode(&LiveMemory(pid), o, s))
         else {
             continue;
         };
@@ -166,7 +167,7 @@ pub fn locals(pid: u32, o: &Offsets, l: &Layout, frame: u64, code: u64) -> Vec<L
 
 fn type_of(pid: u32, obj: u64) -> Option<String> {
     let ty = u64_at(pid, obj + 8)?;
-    type_name(&LiveMemory, pid, ty)
+    type_name(&LiveMemory(pid), ty)
 }
 
 fn bounded(mut s: String) -> String {
@@ -183,7 +184,7 @@ fn repr(pid: u32, o: &Offsets, version: (u8, u8), ty: &str, v: u64) -> Option<St
         "NoneType" => "None".into(),
         "float" => {
             let mut b = [0u8; 8];
-            LiveMemory.read(pid, v + 16, &mut b).then_some(())?;
+            LiveMemory(pid).read_all(v + 16, &mut b).then_some(())?;
             format!("{:?}", f64::from_ne_bytes(b))
         }
         "int" | "long" | "bool" => {
@@ -195,7 +196,7 @@ fn repr(pid: u32, o: &Offsets, version: (u8, u8), ty: &str, v: u64) -> Option<St
             }
         }
         "str" => {
-            let s: String = read_unicode(&LiveMemory, pid, o, v)?
+            let s: String = read_unicode(&LiveMemory(pid), o, v)?
                 .chars()
                 .take(MAX_REPR + 1)
                 .collect();
@@ -206,8 +207,8 @@ fn repr(pid: u32, o: &Offsets, version: (u8, u8), ty: &str, v: u64) -> Option<St
             let n = len_at(o.bytes_size as u64)?;
             let take = n.clamp(0, MAX_REPR as i64) as usize;
             let mut b = vec![0u8; take];
-            LiveMemory
-                .read(pid, v + o.bytes_data as u64, &mut b)
+            LiveMemory(pid)
+                .read_all(v + o.bytes_data as u64, &mut b)
                 .then_some(())?;
             let mut s: String = b
                 .iter()
@@ -245,7 +246,9 @@ fn int_value(pid: u32, version: (u8, u8), ty: &str, v: u64) -> Option<i64> {
     let mut val: i64 = 0;
     for i in (0..ndigits).rev() {
         let mut b = [0u8; 4];
-        LiveMemory.read(pid, v + 24 + 4 * i, &mut b).then_some(())?;
+        LiveMemory(pid)
+            .read_all(v + 24 + 4 * i, &mut b)
+            .then_some(())?;
         val = (val << 30) | (u32::from_ne_bytes(b) & 0x3fff_ffff) as i64;
     }
     Some(if negative { -val } else { val })

@@ -90,13 +90,13 @@ pub fn python_process(files: &mut Files, pid: u32, ask: bool) -> Option<Value> {
         .maps
         .iter()
         .filter_map(|m| m.file.as_ref())
-        .find(|f| f.elf.as_ref().is_some_and(|e| e.is_python_interpreter))
+        .find(|f| f.elf.as_ref().is_some_and(|e| e.is_interpreter))
         .map(|f| f.path.clone());
-    let version = p.python_version.clone();
-    let minor: Option<(u32, u32)> = version.as_deref().and_then(|v| {
-        let mut it = v.split('.');
-        Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
-    });
+    let version = p.python_version;
+    let minor = version.map(|v| v.minor_pair());
+    // What injection finds in it (symbols, libc, start time): looked at once, when needed.
+    let discovered = std::cell::OnceCell::new();
+    let discover = || discovered.get_or_init(|| perfpy_inject::discover(pid as i32));
     let args = cmdline(pid);
     let x_perf = args
         .windows(2)
@@ -112,9 +112,9 @@ pub fn python_process(files: &mut Files, pid: u32, ask: bool) -> Option<Value> {
     let trampoline_capable = minor.is_some_and(|m| m >= (3, 12));
     // Asked about this process by pid: query the real state inside it (a short, safe stop).
     let asked = if ask && trampoline_capable {
-        perfpy_inject::discover(pid as i32)
-            .and_then(|d| perfpy_inject::trampoline_active(&d, std::time::Duration::from_secs(10)))
-            .ok()
+        discover().as_ref().ok().and_then(|d| {
+            perfpy_inject::trampoline_active(d, std::time::Duration::from_secs(10)).ok()
+        })
     } else {
         None
     };
@@ -135,14 +135,13 @@ pub fn python_process(files: &mut Files, pid: u32, ask: bool) -> Option<Value> {
     };
     // The eBPF walker: offsets for this version, and the symbol it starts from.
     let mut offsets = String::new();
-    let ebpf = match minor.map(|(a, b)| (a as u8, b as u8)) {
+    let ebpf = match minor {
         Some(v) if perfpy_bpf::debug_offsets::from_target(v) => {
             // 3.13+: the offsets are the target's own, read and checked now.
-            match perfpy_inject::discover(pid as i32) {
+            match discover() {
                 Ok(d) => match d.symbol("_PyRuntime") {
                     Some(rt) => match perfpy_bpf::debug_offsets::read(
-                        &perfpy_bpf::code::LiveMemory,
-                        pid,
+                        &perfpy_process::LiveMemory(pid),
                         rt,
                         v,
                     ) {
@@ -166,7 +165,7 @@ pub fn python_process(files: &mut Files, pid: u32, ask: bool) -> Option<Value> {
             } else {
                 "interp_head"
             };
-            match perfpy_inject::discover(pid as i32) {
+            match discover() {
                 Ok(d) if d.symbol(sym).is_some() => {
                     offsets = format!("perfpy's table for CPython {}.{}", v.0, v.1);
                     "yes".to_string()
@@ -178,18 +177,21 @@ pub fn python_process(files: &mut Files, pid: u32, ask: bool) -> Option<Value> {
         Some((a, b)) => format!("no: CPython {a}.{b} has no offset table"),
         None => "no: unknown version".to_string(),
     };
-    let injection = match perfpy_inject::discover(pid as i32)
-        .and_then(|d| perfpy_inject::check_injectable(&d))
+    let reason = |e: &perfpy_inject::InjectError| {
+        e.reason()
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| e.to_string())
+    };
+    let injection = match discover()
+        .as_ref()
+        .map_err(reason)
+        .and_then(|d| perfpy_inject::check_injectable(d).map_err(|e| reason(&e)))
     {
         Ok(()) => "possible (--inject-python)".to_string(),
-        Err(e) => format!(
-            "no: {}",
-            e.reason()
-                .map(|r| r.to_string())
-                .unwrap_or_else(|| e.to_string())
-        ),
+        Err(e) => format!("no: {e}"),
     };
-    let trampoline_users = perfpy_inject::discover(pid as i32)
+    let trampoline_users = discover()
+        .as_ref()
         .map(|d| {
             let (users, marked) = perfpy_inject::sessions::users(pid as i32, d.start_time);
             let who: Vec<String> = users.iter().map(|u| format!("perfpy pid {u}")).collect();
@@ -220,7 +222,7 @@ pub fn python_process(files: &mut Files, pid: u32, ask: bool) -> Option<Value> {
     Some(json!({
         "pid": pid,
         "comm": p.comm,
-        "version": version,
+        "version": version.map(|v| v.to_string()),
         "interpreter": interp,
         "static": interp.as_deref().is_some_and(|i| !i.contains("libpython")),
         "container_id": p.container_id,
@@ -237,11 +239,7 @@ pub fn python_process(files: &mut Files, pid: u32, ask: bool) -> Option<Value> {
 pub fn run(pids: &[i32], as_json: bool) -> Result<i32> {
     let mut files = Files::default();
     let targets: Vec<u32> = if pids.is_empty() {
-        let mut v: Vec<u32> = std::fs::read_dir("/proc")?
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-            .collect();
-        v.sort_unstable();
-        v
+        perfpy_process::proc::pids()?
     } else {
         let mut v = Vec::new();
         for &p in pids {

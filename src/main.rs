@@ -62,6 +62,14 @@ enum Cmd {
         #[arg(long)]
         status: bool,
     },
+    /// Replay a capture (`PERFPY_CAPTURE=DIR perfpy record …`) into a profile, without
+    /// privileges: for tests (see testdata/replay/README.md).
+    #[command(hide = true)]
+    Replay {
+        dir: std::path::PathBuf,
+        #[arg(short = 'f', long = "format", value_enum, default_value = "collapsed")]
+        format: Format,
+    },
     /// Every thread's stack right now (Python frames, state, the system call it waits in,
     /// kernel frames), read without stopping the process.
     Dump {
@@ -287,6 +295,10 @@ fn main() {
 fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Info { pids, json } => info::run(&pids, json),
+        Cmd::Replay { dir, format } => {
+            record::replay::run(&dir, format, &mut std::io::stdout().lock())?;
+            Ok(0)
+        }
         Cmd::Dump {
             pids,
             all,
@@ -308,7 +320,7 @@ fn run(cli: Cli) -> Result<i32> {
                 out!(
                     "pid {pid}: perf trampoline {} (CPython {}){}",
                     if on { "on" } else { "off" },
-                    p.version_string(),
+                    p.version,
                     if on {
                         format!("; turn it off with: perfpy inject -p {pid} --deactivate")
                     } else {
@@ -329,18 +341,15 @@ fn run(cli: Cli) -> Result<i32> {
                 }
                 perfpy_inject::deactivate(&p, t)?;
                 perfpy_inject::sessions::clear_mark(pid, p.start_time);
-                out!(
-                    "pid {pid}: perf trampoline off (CPython {})",
-                    p.version_string()
-                );
+                out!("pid {pid}: perf trampoline off (CPython {})", p.version);
             } else {
                 match perfpy_inject::activate(&p, t)? {
                     perfpy_inject::ActivateOutcome::Activated => out!(
                         "pid {pid}: perf trampoline on (CPython {}); turn it off with: perfpy inject -p {pid} --deactivate",
-                        p.version_string()
+                        p.version
                     ),
                     perfpy_inject::ActivateOutcome::AlreadyActive => {
-                        out!("pid {pid}: perf trampoline was already on (CPython {})", p.version_string())
+                        out!("pid {pid}: perf trampoline was already on (CPython {})", p.version)
                     }
                 }
             }

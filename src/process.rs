@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use framehop::x86_64::{CacheX86_64, UnwinderX86_64};
 use framehop::{ExplicitModuleSectionInfo, Module, Unwinder};
 
+use perfpy_process::{proc, Version};
 use perfpy_symbolize::perfmap::PerfMap;
 
 use crate::files::{Files, MappedFile, SectionData};
@@ -83,7 +84,7 @@ pub struct Process {
     last_refresh: Option<Instant>,
     /// Uses CPython (some mapping holds the evaluation loop).
     pub is_python: bool,
-    pub python_version: Option<String>,
+    pub python_version: Option<Version>,
     /// Container id from the cgroup path (docker, containerd, cri-o, podman), if any.
     pub container_id: Option<String>,
     /// The file of its lowest file-backed executable mapping (start, file id): the program's
@@ -102,30 +103,27 @@ impl Process {
             Err(_) => Root::Unknown,
         };
         // Read once: its user ids and its pid as it sees itself come from it.
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok();
+        let status = proc::status(pid).unwrap_or_default();
         Self {
             pid,
             key,
-            comm: read_comm(pid, pid).unwrap_or_default(),
+            comm: proc::comm(pid, pid).unwrap_or_default(),
             threads: HashMap::new(),
             maps: Vec::new(),
             unwinder: UnwinderX86_64::new(),
             cache: None,
             trampolines: TrampolineCache::default(),
             root,
-            uids: status
-                .as_deref()
-                .and_then(perfpy_inject::target_files::uids_in_status)
-                .unwrap_or_default(),
+            uids: status.uids,
             has_anon: false,
             trampoline_seen: false,
             perf_map: None,
-            nspid: status.as_deref().and_then(nspid_in_status).unwrap_or(pid),
+            nspid: status.nspid.unwrap_or(pid),
             alive: true,
             last_refresh: None,
             is_python: false,
             python_version: None,
-            container_id: read_container_id(pid),
+            container_id: proc::container_id(pid),
             main_file: None,
             parent: None,
         }
@@ -140,7 +138,7 @@ impl Process {
         p.maps = parent.maps.clone();
         p.unwinder = parent.unwinder.clone();
         p.is_python = parent.is_python;
-        p.python_version = parent.python_version.clone();
+        p.python_version = parent.python_version;
         p.main_file = parent.main_file;
         p.parent = Some(parent.pid);
         p
@@ -197,12 +195,11 @@ impl Process {
                 self.main_file = Some((start, f.id));
             }
             if let Some(elf) = &f.elf {
-                self.is_python |= elf.is_python_interpreter;
-                if elf.is_python_interpreter && self.python_version.is_none() {
+                self.is_python |= elf.is_interpreter;
+                if elf.is_interpreter && self.python_version.is_none() {
                     self.python_version = elf
                         .python_version
-                        .clone()
-                        .or_else(|| crate::files::python_version_from_name(&f.path));
+                        .or_else(|| Version::from_file_name(&f.path));
                 }
                 if let Some(bias) = f.bias(start, pgoff) {
                     let s = elf.sections.clone();
@@ -251,12 +248,10 @@ impl Process {
             }
         }
         self.last_refresh = Some(Instant::now());
-        // Bytes, not a String: file names need not be UTF-8, and one such mapping must not
-        // hide all the others (files are opened through map_files, not by the name).
-        let Ok(bytes) = std::fs::read(format!("/proc/{}/maps", self.pid)) else {
+        let Ok(maps) = proc::maps(self.pid) else {
             return false;
         };
-        for m in parse_maps(&String::from_utf8_lossy(&bytes)) {
+        for m in maps {
             if !m.exec {
                 continue;
             }
@@ -318,21 +313,12 @@ impl Process {
         format!("/tmp/perf-{}.map", self.nspid).into()
     }
 
-    /// The CPython minor version `(major, minor)` of this process, if it runs CPython.
-    pub fn python_minor(&self) -> Option<(u8, u8)> {
-        self.python_version.as_deref().map(minor_of)
-    }
-
     /// Where `_PyRuntime` (3.7+) or `interp_head` (2.7, 3.6) is in this process: from the
     /// interpreter file's symbols, read once per file (a new process costs no ELF parsing).
     pub fn py_runtime_address(&self) -> Option<u64> {
         self.maps.iter().find_map(|m| {
             let f = m.file.as_ref()?;
-            let vaddr = f
-                .elf
-                .as_ref()
-                .filter(|e| e.is_python_interpreter)?
-                .py_runtime?;
+            let vaddr = f.elf.as_ref().filter(|e| e.is_interpreter)?.py_runtime?;
             Some(vaddr.wrapping_add(f.bias(m.start, m.pgoff)?))
         })
     }
@@ -341,7 +327,7 @@ impl Process {
         if let Some(n) = self.threads.get(&tid) {
             return n.clone();
         }
-        let n = read_comm(self.pid, tid).unwrap_or_else(|| self.comm.clone());
+        let n = proc::comm(self.pid, tid).unwrap_or_else(|| self.comm.clone());
         self.threads.insert(tid, n.clone());
         n
     }
@@ -364,108 +350,9 @@ fn same_root(pid: u32, root: &File) -> bool {
         )
 }
 
-pub use perfpy_inject::parse_maps;
-
-/// The container id in `/proc/PID/cgroup`: the last 64-hex-digit component of the path
-/// (`/docker/<id>`, `.../cri-containerd-<id>.scope`, `.../crio-<id>.scope`, `libpod-<id>`).
-pub fn read_container_id(pid: u32) -> Option<String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    container_id_from_cgroup(&text)
-}
-
-pub fn container_id_from_cgroup(text: &str) -> Option<String> {
-    for line in text.lines() {
-        // A line without the two colons says nothing; the next one may still name the id.
-        let Some(path) = line.splitn(3, ':').nth(2) else {
-            continue;
-        };
-        for comp in path.rsplit('/') {
-            let comp = comp.trim_end_matches(".scope");
-            let id = comp.rsplit(['-', ':']).next().unwrap_or(comp);
-            if id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Some(id.to_string());
-            }
-        }
-    }
-    None
-}
-
-pub fn read_comm(pid: u32, tid: u32) -> Option<String> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok()?;
-    Some(s.trim_end_matches('\n').to_string())
-}
-
-/// The innermost pid of the process (`NSpid:` in status): its name for itself.
-/// `(major, minor)` of a version string `X.Y[.Z]` (missing parts 0).
-pub fn minor_of(v: &str) -> (u8, u8) {
-    let mut it = v.split('.').filter_map(|x| x.parse::<u8>().ok());
-    (it.next().unwrap_or(0), it.next().unwrap_or(0))
-}
-
-/// The innermost pid of `NSpid:` in the text of a `/proc/PID/status`.
-fn nspid_in_status(status: &str) -> Option<u32> {
-    let line = status.lines().find(|l| l.starts_with("NSpid:"))?;
-    line.split_whitespace().last()?.parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
-
-    #[test]
-    fn container_ids_from_cgroup_paths() {
-        let id = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-        for text in [
-            format!("0::/docker/{id}\n"),
-            format!("0::/kubepods.slice/kubepods-pod1.slice/cri-containerd-{id}.scope\n"),
-            format!("0::/system.slice/crio-{id}.scope\n"),
-            format!("0::/machine.slice/libpod-{id}.scope/container\n"),
-            format!("12:cpu,cpuacct:/docker/{id}\n0::/\n"),
-        ] {
-            assert_eq!(
-                container_id_from_cgroup(&text).as_deref(),
-                Some(id),
-                "{text}"
-            );
-        }
-        assert_eq!(
-            container_id_from_cgroup("0::/user.slice/user-0.slice/session-1.scope\n"),
-            None
-        );
-        assert_eq!(container_id_from_cgroup("0::/\n"), None);
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(128))]
-
-        /// Any cgroup file: an id only if it is 64 hex digits that occur in the text.
-        #[test]
-        fn container_id_of_anything(text in "\\PC{0,400}|([0-9]{1,2}:[a-z,]{0,10}:[/a-z0-9.:-]{0,80}\\n){0,5}") {
-            if let Some(id) = container_id_from_cgroup(&text) {
-                prop_assert!(id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()));
-                prop_assert!(text.contains(&id));
-            }
-        }
-
-        /// A container's id under each runtime's naming, after any number of other lines
-        /// (cgroup v1 controllers, an empty or broken line): found.
-        #[test]
-        fn container_id_after_other_lines(
-            id in "[0-9a-f]{64}",
-            before in proptest::collection::vec("[0-9]{1,2}:[a-z,]{0,10}:/[a-z0-9./-]{0,40}|[^\\n:]{0,40}", 0..5),
-            form in 0usize..4,
-        ) {
-            let path = [
-                format!("/docker/{id}"),
-                format!("/kubepods.slice/kubepods-pod1.slice/cri-containerd-{id}.scope"),
-                format!("/system.slice/crio-{id}.scope"),
-                format!("/machine.slice/libpod-{id}.scope/container"),
-            ][form].clone();
-            let text = format!("{}{}0::{path}\n", before.join("\n"), if before.is_empty() { "" } else { "\n" });
-            prop_assert_eq!(container_id_from_cgroup(&text), Some(id));
-        }
-    }
 
     #[test]
     fn maps_with_a_file_name_that_is_not_utf8() {

@@ -9,6 +9,52 @@ use crate::process::Process;
 use crate::profile::{FrameKey, Profile};
 use crate::symbols::{Kind, Resolved};
 
+/// Where a sample's Python frames came from (the `frames_from` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FramesFrom {
+    /// The eBPF walker.
+    Ebpf,
+    /// Perf trampolines (perf maps).
+    Trampoline,
+    /// Both: the walker, with trampoline frames of the same stack dropped for its own.
+    EbpfAndTrampoline,
+    /// No Python frame: native (and kernel) frames only.
+    Native,
+}
+
+impl FramesFrom {
+    pub fn of(ebpf: bool, trampoline: bool) -> FramesFrom {
+        match (ebpf, trampoline) {
+            (true, true) => FramesFrom::EbpfAndTrampoline,
+            (true, false) => FramesFrom::Ebpf,
+            (false, true) => FramesFrom::Trampoline,
+            (false, false) => FramesFrom::Native,
+        }
+    }
+
+    /// The label's value, as documented in docs/usage.md.
+    pub fn label(self) -> &'static str {
+        match self {
+            FramesFrom::Ebpf => "ebpf",
+            FramesFrom::Trampoline => "trampoline",
+            FramesFrom::EbpfAndTrampoline => "ebpf+trampoline",
+            FramesFrom::Native => "native",
+        }
+    }
+
+    pub fn python(self) -> bool {
+        self != FramesFrom::Native
+    }
+
+    pub fn ebpf(self) -> bool {
+        matches!(self, FramesFrom::Ebpf | FramesFrom::EbpfAndTrampoline)
+    }
+
+    pub fn trampoline(self) -> bool {
+        matches!(self, FramesFrom::Trampoline | FramesFrom::EbpfAndTrampoline)
+    }
+}
+
 pub struct Sample {
     /// Location indices, leaf first.
     pub locs: Vec<u32>,
@@ -17,7 +63,7 @@ pub struct Sample {
     pub tid: u32,
     pub comm: String,
     pub thread: String,
-    pub frames_from: &'static str,
+    pub frames_from: FramesFrom,
     pub python_version: Option<String>,
     pub container_id: Option<String>,
     /// File id of its process's executable (see `Process::main_file`).
@@ -92,13 +138,8 @@ pub fn build(
             tid: key.tid,
             comm,
             thread,
-            frames_from: match (has_ebpf, has_trampoline) {
-                (true, true) => "ebpf+trampoline",
-                (true, false) => "ebpf",
-                (false, true) => "trampoline",
-                (false, false) => "native",
-            },
-            python_version: proc.and_then(|p| p.python_version.clone()),
+            frames_from: FramesFrom::of(has_ebpf, has_trampoline),
+            python_version: proc.and_then(|p| p.python_version.map(|v| v.to_string())),
             container_id: proc.and_then(|p| p.container_id.clone()),
             main_file: proc.and_then(|p| p.main_file).map(|(_, f)| f),
         });

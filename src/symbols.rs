@@ -439,7 +439,7 @@ fn is_interpreter_file(file: &crate::files::MappedFile) -> bool {
         .rsplit('/')
         .next()
         .is_some_and(|n| n.starts_with("ld-linux") || n.starts_with("ld-musl"));
-    loader || file.elf.as_ref().is_some_and(|e| e.is_python_interpreter)
+    loader || file.elf.as_ref().is_some_and(|e| e.is_interpreter)
 }
 
 fn or_unknown(f: Vec<Frame>, name: impl FnOnce() -> String) -> Vec<Frame> {

@@ -5,6 +5,7 @@ use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use anyhow::{bail, Context, Result};
+use perfpy_process::proc;
 
 const PF_KTHREAD: u64 = 0x0020_0000;
 
@@ -14,30 +15,21 @@ pub fn check_pid(pid: i32) -> Result<u32> {
     if pid <= 0 {
         bail!("invalid pid {pid}: give the id of a running process");
     }
-    let stat = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+    let stat = match proc::stat(pid as u32) {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             bail!("no process with pid {pid}: check the pid (it may have exited)")
         }
         Err(e) => return Err(e).with_context(|| format!("cannot read /proc/{pid}/stat")),
     };
-    // Fields after the command name, which is in parentheses and may contain spaces.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let state = fields.first().copied().unwrap_or("?");
-    let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
-    if flags & PF_KTHREAD != 0 {
+    if stat.flags.unwrap_or(0) & PF_KTHREAD != 0 {
         bail!("pid {pid} is a kernel thread: perfpy profiles user processes (use `perf record -a` for the kernel)");
     }
-    if state == "Z" || state == "X" {
+    if stat.is_exited() {
         bail!("pid {pid} has exited (it is a zombie waiting for its parent)");
     }
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let tgid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Tgid:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(pid as u32);
+    let status = proc::status(pid as u32).unwrap_or_default();
+    let tgid = status.tgid.unwrap_or(pid as u32);
     // Reading another user's memory maps needs ptrace-read access: check it now, before any
     // event is opened, so the message names the real cause.
     if let Err(e) = std::fs::read_to_string(format!("/proc/{tgid}/maps")) {
@@ -54,20 +46,15 @@ pub fn check_pid(pid: i32) -> Result<u32> {
     }
     // Someone else (a debugger, strace, another profiler) traces it: nothing we do then is
     // safe to mix with theirs, and injecting would fail.
-    if let Some(tracer) = status
-        .lines()
-        .find_map(|l| l.strip_prefix("TracerPid:"))
-        .and_then(|v| v.trim().parse::<u32>().ok())
-        .filter(|t| *t != 0)
-    {
-        let who = std::fs::read_to_string(format!("/proc/{tracer}/comm")).unwrap_or_default();
+    if let Some(tracer) = status.tracer_pid.filter(|t| *t != 0) {
+        let who = proc::comm(tracer, tracer).unwrap_or_default();
         tracing::warn!(pid, tracer, "traced by {}", who.trim());
         say!(
             "perfpy: warning: pid {pid} is being traced by pid {tracer} ({}): sampling works, but --inject-python will fail until it detaches",
             who.trim()
         );
     }
-    if state == "T" {
+    if stat.state == 'T' {
         say!("perfpy: warning: pid {pid} is stopped (SIGSTOP or job control): it gives no samples until it continues (kill -CONT {pid})");
     }
     Ok(tgid)
@@ -75,25 +62,12 @@ pub fn check_pid(pid: i32) -> Result<u32> {
 
 /// The threads of a process now.
 pub fn threads(pid: u32) -> Vec<u32> {
-    let mut v: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort_unstable();
-    v
+    proc::tasks(pid).unwrap_or_default()
 }
 
 /// Whether a process is gone (or a zombie).
 pub fn is_gone(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => {
-            let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-            matches!(rest.split_whitespace().next(), Some("Z") | Some("X"))
-        }
-        Err(_) => true,
-    }
+    proc::is_gone(pid)
 }
 
 /// A child forked and waiting for [`Spawned::release`] before it execs the command.
@@ -243,20 +217,9 @@ pub fn terminate(pid: i32, grace: std::time::Duration) -> Option<i32> {
 /// parent in `/proc/PID/stat`.
 pub fn descendants(roots: &[u32]) -> Vec<u32> {
     let mut children: std::collections::HashMap<u32, Vec<u32>> = Default::default();
-    if let Ok(d) = std::fs::read_dir("/proc") {
-        for e in d.flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-                continue;
-            };
-            let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    s.rsplit_once(')')
-                        .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok())
-                });
-            if let Some(pp) = ppid {
-                children.entry(pp).or_default().push(pid);
-            }
+    for pid in proc::pids().unwrap_or_default() {
+        if let Some(pp) = proc::stat(pid).ok().and_then(|s| s.ppid) {
+            children.entry(pp).or_default().push(pid);
         }
     }
     let mut out = roots.to_vec();

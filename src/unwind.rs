@@ -20,6 +20,7 @@ use std::collections::HashMap;
 
 use framehop::x86_64::UnwindRegsX86_64;
 use framehop::{FrameAddress, Unwinder};
+use perfpy_process::ReadMemory;
 
 use crate::process::Process;
 
@@ -85,19 +86,6 @@ pub fn classify_trampoline(window: &[u8; WINDOW]) -> Option<TrampolineAt> {
     None
 }
 
-/// Reads code of the target (a live process, or a fixture in tests).
-pub trait CodeMemory {
-    fn read(&self, addr: u64, buf: &mut [u8]) -> bool;
-}
-
-pub struct LiveMemory(pub u32);
-
-impl CodeMemory for LiveMemory {
-    fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
-        matches!(crate::sys::read_process_memory(self.0 as i32, addr, buf), Ok(n) if n == buf.len())
-    }
-}
-
 /// Per-process cache of trampoline classification by address (anonymous code only).
 #[derive(Default)]
 pub struct TrampolineCache {
@@ -110,7 +98,7 @@ impl TrampolineCache {
         matches!(self.known.get(&addr), Some(Some(_)))
     }
 
-    pub fn classify(&mut self, addr: u64, mem: &dyn CodeMemory) -> Option<TrampolineAt> {
+    pub fn classify(&mut self, addr: u64, mem: &dyn ReadMemory) -> Option<TrampolineAt> {
         if let Some(k) = self.known.get(&addr) {
             return *k;
         }
@@ -125,13 +113,13 @@ impl TrampolineCache {
         // boundary (the first trampoline of an arena starts right at a page).
         let page_start = addr & !0xfff;
         let page_end = page_start.saturating_add(0x1000);
-        let before = mem.read(addr.wrapping_sub(10), &mut w[..10]) || {
+        let before = mem.read_all(addr.wrapping_sub(10), &mut w[..10]) || {
             let n = (addr - page_start).min(10) as usize;
-            n > 0 && mem.read(addr - n as u64, &mut w[10 - n..10])
+            n > 0 && mem.read_all(addr - n as u64, &mut w[10 - n..10])
         };
-        let after = mem.read(addr, &mut w[10..]) || {
+        let after = mem.read_all(addr, &mut w[10..]) || {
             let n = (page_end - addr).min((WINDOW - 10) as u64) as usize;
-            mem.read(addr, &mut w[10..10 + n])
+            mem.read_all(addr, &mut w[10..10 + n])
         };
         let k = if before || after {
             classify_trampoline(&w)
@@ -165,7 +153,7 @@ pub struct UnwindOutcome {
 #[cfg(test)]
 pub fn unwind(
     proc: &mut Process,
-    mem: &dyn CodeMemory,
+    mem: &dyn ReadMemory,
     regs: [u64; 3],
     stack: &[u8],
     max_frames: usize,
@@ -178,7 +166,7 @@ pub fn unwind(
 /// frame `i`'s locals lie in `sps[i]..sps[i + 1]`.
 pub fn unwind_sp(
     proc: &mut Process,
-    mem: &dyn CodeMemory,
+    mem: &dyn ReadMemory,
     regs: [u64; 3],
     stack: &[u8],
     max_frames: usize,
@@ -315,12 +303,12 @@ mod tests {
         }
     }
 
-    impl CodeMemory for Fixture {
-        fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+    impl ReadMemory for Fixture {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> std::io::Result<usize> {
             for (i, b) in buf.iter_mut().enumerate() {
                 *b = self.code.get(&(addr + i as u64)).copied().unwrap_or(0xcc);
             }
-            true
+            Ok(buf.len())
         }
     }
 
@@ -331,9 +319,13 @@ mod tests {
         end: u64,
     }
 
-    impl CodeMemory for Bounded {
-        fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
-            addr >= self.start && addr + buf.len() as u64 <= self.end && self.inner.read(addr, buf)
+    impl ReadMemory for Bounded {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+            if addr >= self.start && addr + buf.len() as u64 <= self.end {
+                self.inner.read(addr, buf)
+            } else {
+                Ok(0)
+            }
         }
     }
 
@@ -387,7 +379,7 @@ mod tests {
 
     fn window(mem: &Fixture, addr: u64) -> [u8; WINDOW] {
         let mut w = [0u8; WINDOW];
-        mem.read(addr - 10, &mut w);
+        mem.read_exact(addr - 10, &mut w).unwrap();
         w
     }
 

@@ -74,7 +74,8 @@ wait || true
     for w in ["w312", "w39", "w27", "wdeb", "wc"] {
         let pid = pids[w];
         let n = d.count_where(|s| s.num_labels["pid"] == pid);
-        assert!(n > 20, "{w} (pid {pid}): {n} samples");
+        // 300 samples each on an idle machine (3 s at 100 Hz, 5 busy processes, 2 CPUs).
+        assert!(n > 10, "{w} (pid {pid}): {n} samples");
     }
     let label = |w: &str, k: &str| {
         d.samples
@@ -231,7 +232,7 @@ cat perfpy.err >&2
         let named =
             d.count_where(|s| s.num_labels["pid"] == pid && s.has_chain(&["<module>", hot]));
         assert!(
-            n > 20 && named as f64 > 0.6 * n as f64,
+            n > 10 && named as f64 > 0.6 * n as f64,
             "{w} (pid {pid}): {named} of {n} samples with <module> -> {hot}"
         );
     }

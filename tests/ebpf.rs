@@ -50,7 +50,8 @@ fn ebpf_walker_names_every_supported_version() {
             ("inner", "loop")
         };
         let rounds = d.count_where(|s| s.has("round_"));
-        assert!(rounds > 500, "{name}: {rounds} samples in round_");
+        // ~1,400 on an idle machine (3 s at 497 Hz); a sixth of a CPU is enough.
+        assert!(rounds > 250, "{name}: {rounds} samples in round_");
         // Compared with the split the workload measured itself.
         let m = measured_split(&rep);
         for (f, key) in [
@@ -190,7 +191,8 @@ fn ebpf_walker_names_python_2_7() {
         .filter(|f| f.function == "hot_any")
         .map(|f| f.line)
         .collect();
-    assert!(lines.iter().all(|l| (10..=11).contains(l)), "{lines:?}");
+    // The loop's two lines, or rarely the function's first or last (entry, return).
+    assert!(lines.iter().all(|l| (9..=12).contains(l)), "{lines:?}");
     assert!(d
         .samples
         .iter()

@@ -49,12 +49,8 @@ fn assert_unharmed(pid: i32, what: &str) {
     // Every thread: none stopped (T) or in a trace stop (t), none dead.
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let tid: i32 = t.unwrap().file_name().to_string_lossy().parse().unwrap();
-        let stat =
-            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap_or_default();
-        let state = stat
-            .rsplit_once(')')
-            .and_then(|(_, r)| r.trim().chars().next())
-            .unwrap_or('?');
+        let state =
+            perfpy_process::proc::task_stat(pid as u32, tid as u32).map_or('?', |s| s.state);
         assert!(
             !matches!(state, 'T' | 't' | 'Z' | 'X'),
             "{what}: thread {tid} of {pid} in state {state}"

@@ -193,7 +193,7 @@ fn perf_trampoline_split_spawned_and_attached() {
             .all(|s| s.num_labels["pid"] == w.pid() as i64));
         // 3000 when the workload has a CPU to itself; other tests may share the machine.
         assert!(
-            d.total() > 600,
+            d.total() > 400,
             "1 kHz for 3 s gave only {} samples",
             d.total()
         );
@@ -547,8 +547,8 @@ fn sigint_and_sigterm_write_the_profile_and_exit_0() {
             .expect("perfpy did not exit after the signal");
         assert_eq!(st.code(), Some(0), "signal {sig}");
         let d = decode(&out);
-        // 1.5 s at 100 Hz: 150 samples of a whole CPU; a quarter of one on a busy machine.
-        assert!(d.total() > 25, "signal {sig}: {} samples", d.total());
+        // 1.5 s at 100 Hz: 150 samples of a whole CPU; a tenth of one on a busy machine.
+        assert!(d.total() > 15, "signal {sig}: {} samples", d.total());
         assert!(d.count_where(|s| s.has("round_")) > 0);
         assert!(matches!(w.state(), 'R' | 'S'));
     }
@@ -634,7 +634,7 @@ fn spawned_python_gets_perf_support_from_the_environment_only_when_asked() {
     let spin = d.count_where(|s| s.has("spin"));
     let full = d.count_where(|s| s.has("spin") && s.has_chain(&CHAIN));
     assert!(
-        spin > 20 && full as f64 >= 0.9 * spin as f64,
+        spin > 10 && full as f64 >= 0.9 * spin as f64,
         "{full} of {spin}"
     );
     // By default the environment is left alone where the eBPF walker runs: no trampoline (no
@@ -702,7 +702,7 @@ fn spawned_python_gets_perf_support_from_the_environment_only_when_asked() {
     let d = decode(&out);
     let spin = d.count_where(|s| s.has("spin"));
     assert!(
-        spin > 20
+        spin > 10
             && d.count_where(|s| s.has("spin") && s.str_labels["frames_from"] == "trampoline")
                 == spin,
         "{spin}"

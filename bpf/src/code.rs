@@ -5,28 +5,7 @@ use std::collections::HashMap;
 
 use crate::{Offsets, PyFrameRef};
 
-/// What the reader needs of another process's memory (a live process, or a fixture in tests).
-pub trait RemoteMemory {
-    fn read(&self, pid: u32, addr: u64, buf: &mut [u8]) -> bool;
-}
-
-pub struct LiveMemory;
-
-impl RemoteMemory for LiveMemory {
-    fn read(&self, pid: u32, addr: u64, buf: &mut [u8]) -> bool {
-        let local = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        };
-        let remote = libc::iovec {
-            iov_base: addr as *mut libc::c_void,
-            iov_len: buf.len(),
-        };
-        // SAFETY: the local iovec covers `buf`; the kernel checks the remote side.
-        let n = unsafe { libc::process_vm_readv(pid as i32, &local, 1, &remote, 1, 0) };
-        n == buf.len() as isize
-    }
-}
+pub use perfpy_process::ReadMemory;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PyFrameInfo {
@@ -62,12 +41,12 @@ pub struct CodeReader {
 }
 
 /// `tp_name` of a type object: a C string; for builtin types `module.Name`, keep `Name`.
-pub fn type_name(m: &dyn RemoteMemory, pid: u32, ty: u64) -> Option<String> {
-    let p = u64_at(m, pid, field(ty, 24)?)?;
+pub fn type_name(m: &dyn ReadMemory, ty: u64) -> Option<String> {
+    let p = u64_at(m, field(ty, 24)?)?;
     let mut buf = [0u8; 128];
     // Read what is readable: the name may sit near the end of a mapping.
     let mut n = buf.len();
-    while n >= 8 && !m.read(pid, p, &mut buf[..n]) {
+    while n >= 8 && !m.read_all(p, &mut buf[..n]) {
         n /= 2;
     }
     let s = &buf[..n];
@@ -83,31 +62,31 @@ fn field(base: u64, off: i32) -> Option<u64> {
     base.checked_add_signed(off.into())
 }
 
-fn u64_at(m: &dyn RemoteMemory, pid: u32, addr: u64) -> Option<u64> {
+fn u64_at(m: &dyn ReadMemory, addr: u64) -> Option<u64> {
     let mut b = [0u8; 8];
-    m.read(pid, addr, &mut b).then(|| u64::from_ne_bytes(b))
+    m.read_all(addr, &mut b).then(|| u64::from_ne_bytes(b))
 }
 
-fn i32_at(m: &dyn RemoteMemory, pid: u32, addr: u64) -> Option<i32> {
+fn i32_at(m: &dyn ReadMemory, addr: u64) -> Option<i32> {
     let mut b = [0u8; 4];
-    m.read(pid, addr, &mut b).then(|| i32::from_ne_bytes(b))
+    m.read_all(addr, &mut b).then(|| i32::from_ne_bytes(b))
 }
 
 /// Reads a `str` object (compact ASCII or compact UCS-1/2/4; a byte string on 2.7), at most
 /// 4096 characters. Also used by `perfpy dump --locals`.
-pub fn read_unicode(m: &dyn RemoteMemory, pid: u32, o: &Offsets, obj: u64) -> Option<String> {
-    let len = u64_at(m, pid, field(obj, o.unicode_length)?)?;
+pub fn read_unicode(m: &dyn ReadMemory, o: &Offsets, obj: u64) -> Option<String> {
+    let len = u64_at(m, field(obj, o.unicode_length)?)?;
     if o.unicode_state < 0 {
         // 2.7: PyStringObject, bytes at ob_sval.
         if len > MAX_STRING {
             return None;
         }
         let mut buf = vec![0u8; len as usize];
-        m.read(pid, field(obj, o.unicode_ascii_data)?, &mut buf)
+        m.read_all(field(obj, o.unicode_ascii_data)?, &mut buf)
             .then_some(())?;
         return Some(String::from_utf8_lossy(&buf).into_owned());
     }
-    let state = i32_at(m, pid, field(obj, o.unicode_state)?)? as u32;
+    let state = i32_at(m, field(obj, o.unicode_state)?)? as u32;
     let kind = (state >> 2) & 7;
     let compact = (state >> 5) & 1 == 1;
     let ascii = (state >> 6) & 1 == 1;
@@ -123,7 +102,7 @@ pub fn read_unicode(m: &dyn RemoteMemory, pid: u32, o: &Offsets, obj: u64) -> Op
         },
     )?;
     let mut buf = vec![0u8; (len * kind as u64) as usize];
-    if !m.read(pid, data, &mut buf) {
+    if !m.read_all(data, &mut buf) {
         return None;
     }
     Some(match kind {
@@ -139,22 +118,21 @@ pub fn read_unicode(m: &dyn RemoteMemory, pid: u32, o: &Offsets, obj: u64) -> Op
     })
 }
 
-fn read_bytes(m: &dyn RemoteMemory, pid: u32, o: &Offsets, obj: u64) -> Option<Vec<u8>> {
-    let len = u64_at(m, pid, field(obj, o.bytes_size)?)?;
+fn read_bytes(m: &dyn ReadMemory, o: &Offsets, obj: u64) -> Option<Vec<u8>> {
+    let len = u64_at(m, field(obj, o.bytes_size)?)?;
     if len > MAX_TABLE {
         return None;
     }
     let mut buf = vec![0u8; len as usize];
-    m.read(pid, field(obj, o.bytes_data)?, &mut buf)
+    m.read_all(field(obj, o.bytes_data)?, &mut buf)
         .then_some(buf)
 }
 
-fn read_code(m: &dyn RemoteMemory, pid: u32, o: &Offsets, code: u64) -> Option<Code> {
-    let p = |off: i32| u64_at(m, pid, field(code, off)?);
+fn read_code(m: &dyn ReadMemory, o: &Offsets, code: u64) -> Option<Code> {
+    let p = |off: i32| u64_at(m, field(code, off)?);
     // Before 3.11 there is no co_qualname: the name.
     let qualname = read_unicode(
         m,
-        pid,
         o,
         p(if o.code_qualname >= 0 {
             o.code_qualname
@@ -162,14 +140,14 @@ fn read_code(m: &dyn RemoteMemory, pid: u32, o: &Offsets, code: u64) -> Option<C
             o.code_name
         })?,
     )?;
-    let filename = read_unicode(m, pid, o, p(o.code_filename)?)?;
-    let first_line = i32_at(m, pid, field(code, o.code_firstlineno)?)?;
-    let linetable = read_bytes(m, pid, o, p(o.code_linetable)?).unwrap_or_default();
+    let filename = read_unicode(m, o, p(o.code_filename)?)?;
+    let first_line = i32_at(m, field(code, o.code_firstlineno)?)?;
+    let linetable = read_bytes(m, o, p(o.code_linetable)?).unwrap_or_default();
     let self_kind = if o.code_varnames >= 0 {
         let first = p(o.code_varnames)
-            .and_then(|t| (u64_at(m, pid, field(t, 16)?)? > 0).then_some(t))
-            .and_then(|t| u64_at(m, pid, field(t, 24)?))
-            .and_then(|n| read_unicode(m, pid, o, n));
+            .and_then(|t| (u64_at(m, field(t, 16)?)? > 0).then_some(t))
+            .and_then(|t| u64_at(m, field(t, 24)?))
+            .and_then(|n| read_unicode(m, o, n));
         match first.as_deref() {
             Some("self") => 1,
             Some("cls") => 2,
@@ -197,15 +175,15 @@ fn read_code(m: &dyn RemoteMemory, pid: u32, o: &Offsets, code: u64) -> Option<C
 /// Free-threaded 3.14+: the start of the copy of the bytecode `instr` runs in. `co_tlbc` is a
 /// `_PyCodeArray` (`Py_ssize_t size; char *entries[]`, entry 0 being `co_code_adaptive`, the
 /// others each thread's own copy): the nearest entry at or below `instr`.
-fn tlbc_base(m: &dyn RemoteMemory, pid: u32, o: &Offsets, code: u64, instr: u64) -> Option<u64> {
+fn tlbc_base(m: &dyn ReadMemory, o: &Offsets, code: u64, instr: u64) -> Option<u64> {
     const MAX_COPIES: u64 = 1024;
-    let arr = u64_at(m, pid, field(code, o.code_tlbc)?)?;
-    let n = u64_at(m, pid, arr)?;
+    let arr = u64_at(m, field(code, o.code_tlbc)?)?;
+    let n = u64_at(m, arr)?;
     if n == 0 || n > MAX_COPIES {
         return None;
     }
     let mut buf = vec![0u8; n as usize * 8];
-    if !m.read(pid, arr.checked_add(8)?, &mut buf) {
+    if !m.read_all(arr.checked_add(8)?, &mut buf) {
         return None;
     }
     buf.chunks_exact(8)
@@ -317,7 +295,7 @@ impl CodeReader {
     /// Names a frame of process `pid`. `None` when the code object cannot be read.
     pub fn resolve(
         &mut self,
-        mem: &dyn RemoteMemory,
+        mem: &dyn ReadMemory,
         pid: u32,
         o: &Offsets,
         version: (u8, u8),
@@ -337,10 +315,10 @@ impl CodeReader {
             {
                 let now = (
                     field(f.code, o.code_name)
-                        .and_then(|a| u64_at(mem, pid, a))
+                        .and_then(|a| u64_at(mem, a))
                         .unwrap_or(0),
                     field(f.code, o.code_filename)
-                        .and_then(|a| u64_at(mem, pid, a))
+                        .and_then(|a| u64_at(mem, a))
                         .unwrap_or(0),
                 );
                 if now == c.identity {
@@ -354,7 +332,7 @@ impl CodeReader {
             Some(Some(c)) => c.clone(),
             _ => {
                 // A failure is not cached: the object may be readable at the next sample.
-                let c = std::rc::Rc::new(read_code(mem, pid, o, f.code)?);
+                let c = std::rc::Rc::new(read_code(mem, o, f.code)?);
                 self.cache.insert((pid, f.code), Some(c.clone()));
                 c
             }
@@ -364,7 +342,7 @@ impl CodeReader {
         let line = match version {
             (3, v) if v >= 11 => {
                 let start = if o.code_tlbc >= 0 {
-                    tlbc_base(mem, pid, o, f.code, f.instr).unwrap_or(code.start)
+                    tlbc_base(mem, o, f.code, f.instr).unwrap_or(code.start)
                 } else {
                     code.start
                 };
@@ -395,9 +373,7 @@ impl CodeReader {
         let mut qualname = code.qualname.clone();
         if code.self_kind != 0 && f.first_local != 0 {
             let ty = if code.self_kind == 1 {
-                f.first_local
-                    .checked_add(8)
-                    .and_then(|a| u64_at(mem, pid, a))
+                f.first_local.checked_add(8).and_then(|a| u64_at(mem, a))
             } else {
                 Some(f.first_local)
             };
@@ -405,7 +381,7 @@ impl CodeReader {
                 let name = self
                     .types
                     .entry((pid, ty))
-                    .or_insert_with(|| type_name(mem, pid, ty))
+                    .or_insert_with(|| type_name(mem, ty))
                     .clone();
                 if let Some(name) = name {
                     qualname = format!("{name}.{qualname}");
@@ -450,15 +426,15 @@ mod tests {
     /// Memory made of one repeated random block: pointers lead anywhere (cycles, huge lengths).
     struct Garbage(Vec<u8>);
 
-    impl RemoteMemory for Garbage {
-        fn read(&self, _pid: u32, addr: u64, buf: &mut [u8]) -> bool {
+    impl ReadMemory for Garbage {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> std::io::Result<usize> {
             if addr < 0x1000 || buf.len() > 1 << 16 {
-                return false;
+                return Ok(0);
             }
             for (i, b) in buf.iter_mut().enumerate() {
                 *b = self.0[(addr as usize).wrapping_add(i) % self.0.len()];
             }
-            true
+            Ok(buf.len())
         }
     }
 
@@ -488,20 +464,20 @@ mod tests {
         largest_read: std::cell::Cell<usize>,
     }
 
-    impl RemoteMemory for Objects {
-        fn read(&self, _pid: u32, addr: u64, buf: &mut [u8]) -> bool {
+    impl ReadMemory for Objects {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> std::io::Result<usize> {
             self.largest_read
                 .set(self.largest_read.get().max(buf.len()));
             let Some((&start, bytes)) = self.regions.range(..=addr).next_back() else {
-                return false;
+                return Ok(0);
             };
             let from = (addr - start) as usize;
             match bytes.get(from..from.saturating_add(buf.len())) {
                 Some(src) => {
                     buf.copy_from_slice(src);
-                    true
+                    Ok(buf.len())
                 }
-                None => false,
+                None => Ok(0),
             }
         }
     }

@@ -9,8 +9,8 @@
 //! size and offset used are checked before anything is handed to the eBPF walker; a table that
 //! fails is refused with the reason, never half used.
 
-use crate::code::RemoteMemory;
 use crate::Offsets;
+use perfpy_process::ReadMemory;
 
 /// The `uint64_t` fields of `_Py_DebugOffsets` after the 8-byte cookie, in order, up to the last
 /// one perfpy reads (`unicode_object.asciiobject_size`, or `compactunicodeobject_size` in 3.15).
@@ -331,16 +331,11 @@ pub fn table_len(v: (u8, u8)) -> Option<usize> {
     layout(v).map(|l| 8 + 8 * l.len())
 }
 
-/// Reads and checks the table at `runtime` (the address of `_PyRuntime`) in process `pid`.
-pub fn read(
-    mem: &dyn RemoteMemory,
-    pid: u32,
-    runtime: u64,
-    v: (u8, u8),
-) -> Result<DebugTable, TableError> {
+/// Reads and checks the table at `runtime` (the address of `_PyRuntime`) in a process's memory.
+pub fn read(mem: &dyn ReadMemory, runtime: u64, v: (u8, u8)) -> Result<DebugTable, TableError> {
     let len = table_len(v).ok_or(TableError::NoLayout(v.0, v.1))?;
     let mut buf = vec![0u8; len];
-    if !mem.read(pid, runtime, &mut buf) {
+    if !mem.read_all(runtime, &mut buf) {
         return Err(TableError::Unreadable(len));
     }
     parse(&buf, v)

@@ -131,9 +131,9 @@ fn table_read_from_a_pyenv_313_process_is_the_one_in_the_tree() {
         .read_line(&mut line)
         .unwrap();
     let addr: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let t = debug_offsets::read(&perfpy_bpf::code::LiveMemory, child.id(), addr, (3, 13));
+    let t = debug_offsets::read(&perfpy_process::LiveMemory(child.id()), addr, (3, 13));
     // A wrong address (8 bytes off): refused for its cookie, not misread.
-    let off = debug_offsets::read(&perfpy_bpf::code::LiveMemory, child.id(), addr + 8, (3, 13));
+    let off = debug_offsets::read(&perfpy_process::LiveMemory(child.id()), addr + 8, (3, 13));
     assert_eq!(off, Err(debug_offsets::TableError::Cookie));
     let _ = child.kill();
     let _ = child.wait();

@@ -8,7 +8,6 @@
 //! * [`Registry`]: every activation *we* made, so that every way out of a recording turns
 //!   off exactly those and nothing else.
 
-mod elf;
 mod ptrace;
 pub mod run;
 pub mod sessions;
@@ -19,6 +18,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
+
+use perfpy_process::{elf, proc, Version};
 
 /// Why a process cannot be injected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,14 +93,15 @@ impl InjectError {
 #[derive(Clone, Debug)]
 pub struct PythonProcess {
     pub pid: i32,
-    pub version: (u8, u8, u8),
+    /// `0.0` when neither `Py_Version` nor a file name says it.
+    pub version: Version,
     /// Path under which perfpy read the interpreter's ELF file (through `/proc/PID/...`).
     pub interpreter: PathBuf,
     /// The path as the process names it.
     pub interpreter_name: String,
     /// libpython is linked into the executable (Debian's python3.11).
     pub in_executable: bool,
-    /// Start of the file's offset-0 mapping − p_vaddr of its first PT_LOAD.
+    /// The interpreter file's load bias (see [`perfpy_process::elf::load_bias`]).
     pub load_bias: u64,
     symbols: HashMap<String, (u64, u64)>,
     /// libc's `mmap`/`munmap`, absolute.
@@ -119,34 +121,10 @@ impl PythonProcess {
             .get(name)
             .map(|(a, s)| a + self.load_bias..a + self.load_bias + (*s).max(1))
     }
-
-    pub fn version_string(&self) -> String {
-        let (a, b, c) = self.version;
-        if c == 0 && !self.symbols.contains_key("Py_Version") {
-            format!("{a}.{b}")
-        } else {
-            format!("{a}.{b}.{c}")
-        }
-    }
 }
 
-/// A line of `/proc/PID/maps`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MapLine {
-    pub start: u64,
-    pub end: u64,
-    /// Mapped with execute permission.
-    pub exec: bool,
-    /// Offset in the file.
-    pub offset: u64,
-    /// The file, `[name]` of a special mapping, or empty.
-    pub path: String,
-}
-
-pub(crate) fn read_maps(pid: i32) -> Result<Vec<MapLine>, InjectError> {
-    // Bytes, not a String: file names need not be UTF-8, and one such mapping must not make
-    // the whole process unreadable.
-    let bytes = std::fs::read(format!("/proc/{pid}/maps")).map_err(|e| match e.kind() {
+fn read_maps(pid: i32) -> Result<Vec<proc::MapLine>, InjectError> {
+    proc::maps(pid as u32).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => InjectError::ProcessGone { pid },
         std::io::ErrorKind::PermissionDenied => InjectError::PermissionDenied {
             pid,
@@ -156,43 +134,11 @@ pub(crate) fn read_maps(pid: i32) -> Result<Vec<MapLine>, InjectError> {
             pid,
             detail: format!("reading /proc/{pid}/maps: {e}"),
         },
-    })?;
-    Ok(parse_maps(&String::from_utf8_lossy(&bytes)))
-}
-
-/// The lines of a `/proc/PID/maps` text; a line that does not parse is skipped. (perfpy's
-/// sampler reads maps with this parser too.)
-pub fn parse_maps(text: &str) -> Vec<MapLine> {
-    text.lines()
-        .filter_map(|l| {
-            let mut it = l.splitn(6, char::is_whitespace);
-            let (a, b) = it.next()?.split_once('-')?;
-            let perms = it.next()?;
-            let offset = u64::from_str_radix(it.next()?, 16).ok()?;
-            let _dev = it.next()?;
-            let _ino = it.next()?;
-            let path = it.next().unwrap_or("").trim().to_string();
-            Some(MapLine {
-                start: u64::from_str_radix(a, 16).ok()?,
-                end: u64::from_str_radix(b, 16).ok()?,
-                exec: perms.as_bytes().get(2) == Some(&b'x'),
-                offset,
-                path,
-            })
-        })
-        .collect()
+    })
 }
 
 pub(crate) fn start_time(pid: i32) -> Result<u64, InjectError> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map_err(|_| InjectError::ProcessGone { pid })?;
-    let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    // Field 22 overall is starttime; after the comm it is the 20th.
-    Ok(rest
-        .split_whitespace()
-        .nth(19)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0))
+    proc::start_time(pid as u32).map_err(|_| InjectError::ProcessGone { pid })
 }
 
 /// Finds CPython in process `pid`.
@@ -204,7 +150,7 @@ pub fn discover(pid: i32) -> Result<PythonProcess, InjectError> {
     let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let uids = target_files::process_uids(pid as u32).unwrap_or_default();
+    let uids = proc::status(pid as u32).map(|s| s.uids).unwrap_or_default();
     // Candidates: files whose name says python, and the executable (static builds, embedders).
     let mut seen = Vec::new();
     let mut libc = HashMap::new();
@@ -231,14 +177,16 @@ pub fn discover(pid: i32) -> Result<PythonProcess, InjectError> {
         let Ok(facts) = elf::read_cached(&file) else {
             continue;
         };
-        let bias = m.start.wrapping_sub(facts.first_load_vaddr & !0xfff);
+        let Some(bias) = facts.bias(m.start, m.offset) else {
+            continue;
+        };
         if is_libc {
             for s in ["mmap", "munmap"] {
                 if let Some((a, _)) = facts.symbols.get(s) {
                     libc.insert(s.to_string(), a + bias);
                 }
             }
-            if let Some(a) = facts.sigreturn {
+            if let Some(a) = facts.sigreturn() {
                 libc.insert("__restore_rt".to_string(), a + bias);
             }
             continue;
@@ -250,13 +198,11 @@ pub fn discover(pid: i32) -> Result<PythonProcess, InjectError> {
     let Some((name, host, facts, load_bias)) = found else {
         return Err(InjectError::NotPython { pid });
     };
-    let version = match facts.py_version_hex {
-        Some(h) => ((h >> 24) as u8, (h >> 16) as u8, (h >> 8) as u8),
-        None => match elf::version_from_name(&name).or_else(|| elf::version_from_name(&exe)) {
-            Some((a, b)) => (a, b, 0),
-            None => (0, 0, 0),
-        },
-    };
+    let version = facts
+        .python_version
+        .or_else(|| Version::from_file_name(&name))
+        .or_else(|| Version::from_file_name(&exe))
+        .unwrap_or(Version::new(0, 0));
     Ok(PythonProcess {
         pid,
         version,
@@ -277,10 +223,10 @@ pub fn discover(pid: i32) -> Result<PythonProcess, InjectError> {
 
 /// Checks that `p` can get a perf trampoline from us.
 pub fn check_injectable(p: &PythonProcess) -> Result<(), InjectError> {
-    if p.version < (3, 12, 0) {
+    if !p.version.at_least(3, 12) {
         return Err(InjectError::PythonTooOld {
             pid: p.pid,
-            version: p.version_string(),
+            version: p.version.to_string(),
         });
     }
     let missing: Vec<&str> = [
@@ -302,7 +248,7 @@ pub fn check_injectable(p: &PythonProcess) -> Result<(), InjectError> {
     if p.symbol("_Py_trampoline_func_start").is_none() {
         return Err(InjectError::NoPerfTrampoline {
             pid: p.pid,
-            version: p.version_string(),
+            version: p.version.to_string(),
             interpreter: p.interpreter_name.clone(),
         });
     }
@@ -489,164 +435,5 @@ impl Registry {
             out.push((pid, r));
         }
         out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    //! `/proc/PID/maps` of any process `discover` is pointed at: odd file names, numbers that
-    //! do not fit, broken lines. The lines that are well-formed must come out exactly (a lost
-    //! libpython line means a Python process refused as not Python).
-
-    use super::*;
-    use proptest::prelude::*;
-
-    fn fields(m: &MapLine) -> (u64, u64, u64, &str) {
-        (m.start, m.end, m.offset, m.path.as_str())
-    }
-
-    #[test]
-    fn odd_lines() {
-        let text = "\
-7f0000000000-7f0000001000 r-xp 00000000 08:01 42                         /tmp/my python (1)/libpython3.12.so.1.0\n\
-7f0000001000-7f0000002000 r--p 00001000 08:01 42                         /usr/lib/libpython3.12.so.1.0 (deleted)\n\
-\n\
-7f0000002000-7f0000003000 rw-p 00000000 00:00 0 \n\
-1ffffffffffffffff-7f0000003000 r-xp 00000000 08:01 42 /overflowing/start\n\
-7f0000003000-7f0000004000 r-xp 10000000000000000 08:01 42 /overflowing/offset\n\
-7f0000004000-7f0000005000 r-xp 00000000 08:01\n\
-7f0000005000 r-xp 00000000 08:01 42 /no/end\n\
-\u{0}\u{1}\u{fffd}-\u{7f}\n\
-7f0000006000-7f0000007000 r-xp 00002000 08:01 42 /last/line/without/newline";
-        let m = parse_maps(text);
-        let got: Vec<_> = m.iter().map(fields).collect();
-        assert_eq!(
-            got,
-            [
-                (
-                    0x7f0000000000,
-                    0x7f0000001000,
-                    0,
-                    "/tmp/my python (1)/libpython3.12.so.1.0"
-                ),
-                (
-                    0x7f0000001000,
-                    0x7f0000002000,
-                    0x1000,
-                    "/usr/lib/libpython3.12.so.1.0 (deleted)"
-                ),
-                (0x7f0000002000, 0x7f0000003000, 0, ""),
-                (
-                    0x7f0000006000,
-                    0x7f0000007000,
-                    0x2000,
-                    "/last/line/without/newline"
-                ),
-            ]
-        );
-    }
-
-    #[test]
-    fn exec_permission_and_fields() {
-        let m = parse_maps(
-            "55d5c0a00000-55d5c0a01000 r--p 00000000 08:01 131 /usr/bin/python3.11\n\
-             55d5c0a01000-55d5c0c00000 r-xp 00001000 08:01 131 /usr/bin/python3.11\n\
-             7ffd1c3f0000-7ffd1c411000 rw-p 00000000 00:00 0                          [stack]\n",
-        );
-        assert_eq!(m.len(), 3);
-        assert!(!m[0].exec && m[1].exec && !m[2].exec);
-        assert_eq!(
-            (m[1].offset, m[1].path.as_str()),
-            (0x1000, "/usr/bin/python3.11")
-        );
-        assert_eq!(m[2].path, "[stack]");
-    }
-
-    /// Paths as the kernel prints them: absolute or a `[name]`, no newline (it escapes that
-    /// one), not ending in white space (the line's end is trimmed, so such a name would lose
-    /// it; files are opened through `map_files`, which does not need the name).
-    fn kernel_path() -> impl Strategy<Value = String> {
-        prop_oneof![
-            Just(String::new()),
-            Just("[heap]".to_string()),
-            "/([^\\n\\r]{0,200}\\S)?",
-            "/[a-z ]{1,20}/libpython3\\.[0-9]{1,2}\\.so(\\.1\\.0)?( \\(deleted\\))?",
-        ]
-    }
-
-    /// A line of anything but a newline: short text, or thousands of arbitrary bytes.
-    fn garbage_line() -> impl Strategy<Value = String> {
-        prop_oneof![
-            "[^\\n]{0,100}",
-            proptest::collection::vec(any::<u8>(), 2000..5000)
-                .prop_map(|b| String::from_utf8_lossy(&b).replace('\n', " ")),
-        ]
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(128))]
-
-        /// Well-formed lines, as the kernel pads them, mixed with garbage lines (very long
-        /// ones included): each well-formed line comes out exactly and in order. Garbage may
-        /// parse as a line of its own; that is not checked.
-        #[test]
-        fn maps_with_garbage_lines(
-            lines in proptest::collection::vec((
-                any::<u64>(), any::<u64>(), any::<u64>(), kernel_path(),
-                proptest::option::of(garbage_line()),
-            ), 0..20),
-        ) {
-            let mut text = String::new();
-            for (start, end, offset, path, garbage) in &lines {
-                if let Some(g) = garbage {
-                    text.push_str(g);
-                    text.push('\n');
-                }
-                let head = format!("{start:08x}-{end:08x} r-xp {offset:08x} fd:01 1234567 ");
-                if path.is_empty() {
-                    text.push_str(&head);
-                } else {
-                    text.push_str(&format!("{head:<73}{path}"));
-                }
-                text.push('\n');
-            }
-            let parsed = parse_maps(&text);
-            let mut rest = parsed.iter();
-            for (start, end, offset, path, _) in &lines {
-                let want = (*start, *end, *offset, path.as_str());
-                prop_assert!(rest.any(|m| fields(m) == want), "{:x?} missing", want);
-            }
-        }
-
-        /// Arbitrary bytes, made text lossily: no panic, no path with a line break.
-        #[test]
-        fn maps_of_binary_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
-            for m in parse_maps(&String::from_utf8_lossy(&bytes)) {
-                prop_assert!(!m.path.contains('\n'));
-            }
-        }
-
-        /// Any file name: a version only from a python-named file.
-        #[test]
-        fn version_from_any_name(path in "\\PC{0,80}|/[a-z/]{0,20}(lib)?python[0-9.]{0,30}[a-z0-9.]{0,10}") {
-            if elf::version_from_name(&path).is_some() {
-                let name = path.rsplit('/').next().unwrap();
-                prop_assert!(name.starts_with("python") || name.starts_with("libpython"), "{}", path);
-            }
-        }
-
-        /// Well-formed names (any directory, `m`/`t`/`d` builds, `.so` suffixes) give exactly
-        /// their version: the fallback when a file has no `Py_Version`.
-        #[test]
-        fn version_from_well_formed_names(
-            dir in "(/[a-zA-Z0-9_ .-]{1,12}){0,4}",
-            lib in any::<bool>(),
-            major in 2u8..=3,
-            minor in any::<u8>(),
-            suffix in "(m|t|d)?(\\.so(\\.1\\.0)?)?",
-        ) {
-            let path = format!("{dir}/{}python{major}.{minor}{suffix}", if lib { "lib" } else { "" });
-            prop_assert_eq!(elf::version_from_name(&path), Some((major, minor)));
-        }
     }
 }

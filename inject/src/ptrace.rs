@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::ptrace;
 use nix::unistd::Pid;
+use perfpy_process::ReadMemory;
 
 use crate::InjectError;
 
@@ -129,9 +130,9 @@ fn syscall_cont(tid: Pid, sig: i32) -> nix::Result<()> {
 
 /// The blocked-signal mask of a thread (`SigBlk` in its status).
 fn blocked_signals(pid: i32, tid: i32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
-    let v = s.lines().find_map(|l| l.strip_prefix("SigBlk:"))?;
-    u64::from_str_radix(v.trim(), 16).ok()
+    perfpy_process::proc::task_status(pid as u32, tid as u32)
+        .ok()?
+        .sig_blk
 }
 
 fn cont(tid: Pid, sig: i32) -> nix::Result<()> {
@@ -146,14 +147,7 @@ fn cont(tid: Pid, sig: i32) -> nix::Result<()> {
 /// Whether the process has exited or is exiting (zombie, dead): ptrace then fails with EPERM or
 /// ESRCH, which must not read as a permission problem.
 fn exiting(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => matches!(
-            s.rsplit_once(')')
-                .and_then(|(_, r)| r.split_whitespace().next()),
-            Some("Z") | Some("X")
-        ),
-        Err(_) => true,
-    }
+    perfpy_process::proc::is_gone(pid as u32)
 }
 
 fn gone_or(e: nix::errno::Errno, pid: i32, what: &str) -> InjectError {
@@ -438,12 +432,12 @@ impl Tracee {
                             Return::Libc(_) => Ok(None),
                             Return::Page { slot, .. } => {
                                 let mut b = [0u8; 8];
-                                crate::sys::read_mem(self.pid, slot, &mut b).map_err(|e| {
-                                    InjectError::Ptrace {
+                                perfpy_process::LiveMemory(self.pid as u32)
+                                    .read_exact(slot, &mut b)
+                                    .map_err(|e| InjectError::Ptrace {
                                         pid: self.pid,
                                         detail: format!("reading the call's result: {e}"),
-                                    }
-                                })?;
+                                    })?;
                                 Ok(Some(u64::from_ne_bytes(b)))
                             }
                         };

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use crate::ptrace::{Return, Tracee, GADGET, GADGET_SLOT};
 use crate::{InjectError, PythonProcess, TrampolineState};
+use perfpy_process::ReadMemory;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -78,13 +79,11 @@ fn code(action: Action, result_path: &str) -> String {
 }
 
 fn threads(pid: i32) -> Vec<i32> {
-    let mut v: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort_unstable();
+    let mut v: Vec<i32> = perfpy_process::proc::tasks(pid as u32)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| t as i32)
+        .collect();
     // The main thread first: it is the one most likely to be waiting in a server.
     v.sort_by_key(|t| *t != pid);
     v
@@ -92,13 +91,11 @@ fn threads(pid: i32) -> Vec<i32> {
 
 /// The system call a thread is blocked in, if any.
 fn blocked_in(pid: i32, tid: i32) -> Option<i64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).ok()?;
-    let nr: i64 = s.split_whitespace().next()?.parse().ok()?;
+    let nr = perfpy_process::proc::task_syscall(pid as u32, tid as u32)?.nr;
     // A thread reported in a syscall may still be running (the file is a snapshot): the state
     // must say it sleeps.
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
-    let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
-    (state == "S").then_some(nr)
+    let stat = perfpy_process::proc::task_stat(pid as u32, tid as u32).ok()?;
+    (stat.state == 'S').then_some(nr)
 }
 
 pub fn inject(
@@ -168,7 +165,8 @@ pub fn inject(
                 left,
             )?;
             let mut blk = [0u8; 48];
-            crate::sys::read_mem(p.pid, b, &mut blk)
+            perfpy_process::LiveMemory(p.pid as u32)
+                .read_exact(b, &mut blk)
                 .map_err(|_| InjectError::ProcessGone { pid: p.pid })?;
             unmap_page(&mut t, p, page);
             t.release()?;
@@ -221,7 +219,9 @@ fn read_result(pid: i32, path: &str) -> Result<TrampolineState, InjectError> {
     };
     let root =
         std::fs::File::open(format!("/proc/{pid}/root")).map_err(|e| failed(e.to_string()))?;
-    let uids = crate::target_files::process_uids(pid as u32).unwrap_or_default();
+    let uids = perfpy_process::proc::status(pid as u32)
+        .map(|s| s.uids)
+        .unwrap_or_default();
     let rules = crate::target_files::Rules {
         max_bytes: 64,
         ..crate::target_files::Rules::perf_map(&uids)
@@ -450,7 +450,8 @@ fn pending(p: &PythonProcess, text: &str, deadline: Instant) -> Result<(), Injec
     // Wait for the interpreter to run it.
     let mut flag = [0u8; 8];
     loop {
-        crate::sys::read_mem(p.pid, page + BLOCK + 16, &mut flag)
+        perfpy_process::LiveMemory(p.pid as u32)
+            .read_exact(page + BLOCK + 16, &mut flag)
             .map_err(|_| InjectError::ProcessGone { pid: p.pid })?;
         if flag[4] == 1 {
             break;
@@ -459,7 +460,8 @@ fn pending(p: &PythonProcess, text: &str, deadline: Instant) -> Result<(), Injec
             // Cancel: if the interpreter runs the stub later, it does nothing. The page stays
             // mapped (4 KiB) since the stub may still be called.
             let _ = crate::sys::write_mem(p.pid, page + BLOCK + 24, &1u32.to_ne_bytes());
-            crate::sys::read_mem(p.pid, page + BLOCK + 16, &mut flag)
+            perfpy_process::LiveMemory(p.pid as u32)
+                .read_exact(page + BLOCK + 16, &mut flag)
                 .map_err(|_| InjectError::ProcessGone { pid: p.pid })?;
             if flag[4] == 1 {
                 break;

@@ -238,23 +238,6 @@ pub fn open_mapped(
     })
 }
 
-/// The user ids of process `pid` (real, effective, saved, file system), from its status.
-pub fn process_uids(pid: u32) -> Option<Vec<u32>> {
-    uids_in_status(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
-}
-
-/// The user ids in the text of a `/proc/PID/status` (for callers that read it anyway).
-pub fn uids_in_status(status: &str) -> Option<Vec<u32>> {
-    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
-    let mut uids: Vec<u32> = line[4..]
-        .split_whitespace()
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    uids.sort_unstable();
-    uids.dedup();
-    (!uids.is_empty()).then_some(uids)
-}
-
 fn open_now(dir: RawFd, path: &Path, rules: &Rules) -> Result<File, Refused> {
     let mut flags = OFlag::O_PATH | OFlag::O_CLOEXEC;
     if rules.no_symlink {
@@ -422,7 +405,9 @@ mod tests {
     static NO_STOP: AtomicBool = AtomicBool::new(false);
 
     fn me() -> Vec<u32> {
-        process_uids(std::process::id()).unwrap()
+        perfpy_process::proc::status(std::process::id())
+            .unwrap()
+            .uids
     }
 
     fn root_of(dir: &Path) -> File {

@@ -103,7 +103,7 @@ fn every_target_state_survives_repeated_cycles() {
     for mode in ["pipe", "sleep", "busy", "threads"] {
         let mut t = Target::start(&py, &[], mode);
         let p = discover(t.pid()).unwrap();
-        assert_eq!((p.version.0, p.version.1), (3, 12));
+        assert_eq!(p.version.minor_pair(), (3, 12));
         for cycle in 0..3 {
             let started = Instant::now();
             assert_eq!(
@@ -230,7 +230,7 @@ fn refusals_name_their_reason() {
     if let Some(py) = python("3.11") {
         let t = Target::start(&py, &[], "busy");
         let p = discover(t.pid()).unwrap();
-        assert_eq!((p.version.0, p.version.1), (3, 11));
+        assert_eq!(p.version.minor_pair(), (3, 11));
         let e = activate(&p, T).unwrap_err();
         assert_eq!(e.reason(), Some(Reason::PythonTooOld));
         assert!(e.to_string().starts_with("python_too_old"));
@@ -241,7 +241,7 @@ fn refusals_name_their_reason() {
         let t = Target::start(Path::new("/usr/bin/python3.11"), &[], "busy");
         let p = discover(t.pid()).unwrap();
         assert!(p.in_executable);
-        assert_eq!((p.version.0, p.version.1), (3, 11));
+        assert_eq!(p.version.minor_pair(), (3, 11));
         assert!(p.symbol("PyGILState_Ensure").is_some());
         assert_eq!(
             activate(&p, T).unwrap_err().reason(),
@@ -277,7 +277,7 @@ fn symbols_and_load_bias_of_every_installed_version() {
             .unwrap();
         let p = discover(c.id() as i32).unwrap();
         let want: Vec<u8> = minor.split('.').map(|v| v.parse().unwrap()).collect();
-        assert_eq!((p.version.0, p.version.1), (want[0], want[1]), "{minor}");
+        assert_eq!(p.version.minor_pair(), (want[0], want[1]), "{minor}");
         // The load bias agrees with the mapping of the symbol's page in /proc/PID/maps.
         let ensure = p.symbol("PyGILState_Ensure").unwrap();
         let maps = std::fs::read_to_string(format!("/proc/{}/maps", c.id())).unwrap();

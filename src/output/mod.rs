@@ -6,6 +6,8 @@ pub mod flamegraph;
 pub mod otlp;
 pub mod otlp_export;
 pub mod pprof;
+#[cfg(test)]
+mod snapshots;
 pub mod speedscope;
 
 use clap::ValueEnum;

@@ -415,7 +415,7 @@ mod tests {
             tid: pid + 1,
             comm: "python3.12".into(),
             thread: thread.into(),
-            frames_from: "ebpf",
+            frames_from: crate::report::FramesFrom::Ebpf,
             python_version: Some("3.12.7".into()),
             container_id: (pid == 20).then(|| "abc123".into()),
             main_file: None,

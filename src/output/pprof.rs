@@ -222,7 +222,7 @@ pub fn encode(r: &Report) -> protos::Profile {
             },
             label_str(&mut st, k_comm, &s.comm),
             label_str(&mut st, k_thread, &s.thread),
-            label_str(&mut st, k_from, s.frames_from),
+            label_str(&mut st, k_from, s.frames_from.label()),
         ];
         if let Some(v) = &s.python_version {
             label.push(label_str(&mut st, k_pyver, v));

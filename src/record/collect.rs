@@ -10,7 +10,11 @@ use crate::process::Process;
 use crate::profile::{Cut, FrameKey, Profile};
 use crate::records::{self, Record};
 use crate::sys::Ring;
-use crate::unwind::{self, LiveMemory};
+use crate::unwind;
+use perfpy_process::ReadMemory;
+
+use super::merge;
+use super::replay::Target;
 
 /// How long a walker record waits for its sample (read from any CPU's ring) before it is
 /// dropped: rings are drained at least every 20 ms.
@@ -38,7 +42,8 @@ pub struct Stats {
 /// The eBPF frame walker and what goes with it: registered processes, records waiting for
 /// their sample, the code-object reader.
 pub(super) struct PyWalk {
-    pub(super) walker: perfpy_bpf::Walker,
+    /// `None` in a replay: the walker's records come from the fixture.
+    pub(super) walker: Option<perfpy_bpf::Walker>,
     pub(super) reader: perfpy_bpf::CodeReader,
     pub(super) procs: HashMap<u32, (perfpy_bpf::Offsets, (u8, u8))>,
     pub(super) pending: HashMap<u32, std::collections::VecDeque<perfpy_bpf::PyStack>>,
@@ -46,9 +51,15 @@ pub(super) struct PyWalk {
 }
 
 impl PyWalk {
-    pub(super) fn poll(&mut self) {
+    pub(super) fn poll(&mut self, target: &Target) {
+        let Some(walker) = self.walker.as_mut() else {
+            return;
+        };
         let pending = &mut self.pending;
-        self.walker.poll(&mut |s| {
+        walker.poll(&mut |s| {
+            if let Some(c) = target.capture() {
+                c.walker(&s);
+            }
             tracing::trace!(
                 pid = s.pid,
                 tid = s.tid,
@@ -96,6 +107,9 @@ pub(super) struct Collector {
     /// The stack pointer of each unwound frame (`scratch_addrs[i]` runs with `scratch_sps[i]`).
     pub(super) scratch_sps: Vec<u64>,
     pub(super) scratch_locs: Vec<u32>,
+    pub(super) scratch_stack: Vec<FrameKey>,
+    pub(super) scratch_native: Vec<merge::NativeFrame>,
+    pub(super) scratch_py: Vec<merge::PyFrame>,
     /// Targets (pids) whose exit ends the run.
     pub(super) exited: HashSet<u32>,
     /// Processes that exited, by key, with when: released once their last samples are in.
@@ -116,10 +130,13 @@ pub(super) struct Collector {
     /// Processes found not to be ours, so that their next records cost no lookup: forgotten at
     /// their fork and exit records (a pid reused by a new process).
     pub(super) not_ours: HashSet<u32>,
+    /// Where the targets are read from.
+    pub(super) target: Target,
 }
 
 impl Collector {
     /// An empty collector; `walker`: the eBPF walker, if loaded; `filter`: see [`Collector::filter`].
+    /// It reads its targets live (see [`Collector::target`]).
     pub(super) fn new(
         walker: Option<perfpy_bpf::Walker>,
         max_frames: usize,
@@ -127,7 +144,7 @@ impl Collector {
     ) -> Collector {
         Collector {
             py: walker.map(|walker| PyWalk {
-                walker,
+                walker: Some(walker),
                 reader: perfpy_bpf::CodeReader::default(),
                 procs: HashMap::new(),
                 pending: HashMap::new(),
@@ -142,6 +159,9 @@ impl Collector {
             scratch_addrs: Vec::with_capacity(256),
             scratch_sps: Vec::with_capacity(256),
             scratch_locs: Vec::with_capacity(256),
+            scratch_stack: Vec::with_capacity(256),
+            scratch_native: Vec::with_capacity(256),
+            scratch_py: Vec::with_capacity(256),
             exited: HashSet::new(),
             to_release: Default::default(),
             dying: HashMap::new(),
@@ -149,7 +169,22 @@ impl Collector {
             walk_refused: HashMap::new(),
             filter,
             not_ours: HashSet::new(),
+            target: Target::Live,
         }
+    }
+
+    /// The files of the recording as the report names them: (path, build id) by file id.
+    pub(super) fn report_files(&self) -> Vec<(String, Option<Vec<u8>>)> {
+        self.files
+            .list
+            .iter()
+            .map(|f| {
+                (
+                    f.path.clone(),
+                    f.elf.as_ref().and_then(|e| e.build_id.clone()),
+                )
+            })
+            .collect()
     }
 
     /// Frees what processes that exited at least `after` ago held only while alive: their
@@ -177,13 +212,17 @@ impl Collector {
                 py.reader.forget(pid);
                 // A new process may have taken the pid meanwhile: it keeps its registration.
                 if !self.live.contains_key(&pid) && py.procs.remove(&pid).is_some() {
-                    py.walker.remove_process(pid);
+                    if let Some(w) = py.walker.as_mut() {
+                        w.remove_process(pid);
+                    }
                 }
                 if self.filter && !self.live.contains_key(&pid) {
                     // The kernel followed it through fork: it may hold a registration we
                     // never made.
-                    py.walker.unkeep(pid);
-                    py.walker.remove_process(pid);
+                    if let Some(w) = py.walker.as_mut() {
+                        w.unkeep(pid);
+                        w.remove_process(pid);
+                    }
                 }
             }
         }
@@ -195,11 +234,14 @@ impl Collector {
         }
         let key = self.procs.len() as u32;
         let mut p = Process::new(pid, key);
-        p.refresh_maps(&mut self.files);
+        self.target.refresh_maps(&mut p, &mut self.files);
         // A child that exited before its fork record was read (records of several CPUs are
         // read one ring after the other): its parent's address space, as the kernel knows.
         if p.maps.is_empty() && self.filter {
-            let parent = self.py.as_ref().and_then(|py| py.walker.kept(pid));
+            let parent = self
+                .py
+                .as_ref()
+                .and_then(|py| py.walker.as_ref()?.kept(pid));
             if let Some(pk) = parent.and_then(|pp| self.live.get(&pp)) {
                 p = Process::forked(&self.procs[*pk as usize], pid, key);
             }
@@ -221,7 +263,8 @@ impl Collector {
         let kept = self
             .py
             .as_ref()
-            .is_some_and(|py| py.walker.kept(pid).is_some());
+            .and_then(|py| py.walker.as_ref())
+            .is_some_and(|w| w.kept(pid).is_some());
         if !kept {
             self.not_ours.insert(pid);
         }
@@ -271,7 +314,7 @@ impl Collector {
                 // now, which its current key already carries, says it is stale.
                 let stale = exec
                     && pid == tid
-                    && crate::process::read_comm(pid, pid).is_some_and(|now| {
+                    && perfpy_process::proc::comm(pid, pid).is_some_and(|now| {
                         now != comm
                             && self
                                 .live
@@ -288,7 +331,9 @@ impl Collector {
                     // Another program: the walker's registration of the old one is void.
                     if let Some(py) = self.py.as_mut() {
                         if py.procs.remove(&pid).is_some() {
-                            py.walker.remove_process(pid);
+                            if let Some(w) = py.walker.as_mut() {
+                                w.remove_process(pid);
+                            }
                         }
                     }
                     // A new program in this pid: a new process for us (its old frames keep
@@ -300,7 +345,7 @@ impl Collector {
                     let key = self.proc_key(pid);
                     let p = &mut self.procs[key as usize];
                     p.exec(comm.clone());
-                    p.refresh_maps(&mut self.files);
+                    self.target.refresh_maps(p, &mut self.files);
                     p.threads.insert(tid, comm);
                 } else {
                     let key = self.proc_key(pid);
@@ -350,10 +395,10 @@ impl Collector {
         if !p.is_python || !py.tried.insert(key) {
             return;
         }
-        let Some(v) = p.python_version.as_deref() else {
+        let Some(v) = p.python_version else {
             return;
         };
-        let version = crate::process::minor_of(v);
+        let version = v.minor_pair();
         if !super::summary::walker_names(version) {
             tracing::debug!(
                 pid = p.pid,
@@ -373,8 +418,7 @@ impl Collector {
         let off = match perfpy_bpf::Offsets::for_version(version) {
             Some(o) => o,
             None => match perfpy_bpf::debug_offsets::read(
-                &perfpy_bpf::code::LiveMemory,
-                p.pid,
+                &PidMemory(&self.target, p.pid),
                 runtime,
                 version,
             ) {
@@ -386,7 +430,10 @@ impl Collector {
                 }
             },
         };
-        match py.walker.add_process(&perfpy_bpf::PyProcess {
+        let Some(walker) = py.walker.as_mut() else {
+            return;
+        };
+        match walker.add_process(&perfpy_bpf::PyProcess {
             pid: p.pid,
             version,
             runtime,
@@ -395,6 +442,9 @@ impl Collector {
             Ok(()) => {
                 tracing::debug!(pid = p.pid, "CPython {v}: frames walked by the eBPF walker");
                 py.procs.insert(p.pid, (off, version));
+                if let Some(c) = self.target.capture() {
+                    c.registered(p.pid, version, runtime);
+                }
                 self.walked.insert(p.pid);
             }
             Err(e) => tracing::warn!("{e}"),
@@ -414,31 +464,118 @@ impl Collector {
         // The walker's Python frames for this sample, if the process is registered.
         let py_stack = match self.py.as_mut() {
             Some(py) if py.procs.contains_key(&s.pid) => py.take(s.tid, s.time).or_else(|| {
-                py.poll();
+                py.poll(&self.target);
                 py.take(s.tid, s.time)
             }),
             _ => None,
         };
-        let mut addrs = std::mem::take(&mut self.scratch_addrs);
-        let mut sps = std::mem::take(&mut self.scratch_sps);
-        sps.clear();
-        let mut locs = std::mem::take(&mut self.scratch_locs);
-        addrs.clear();
-        locs.clear();
-        for &k in &s.kernel {
-            locs.push(self.profile.location(FrameKey::Kernel(k)));
+        self.procs[key as usize].thread_name(s.tid);
+        let mut py_frames = std::mem::take(&mut self.scratch_py);
+        py_frames.clear();
+        if let Some(st) = &py_stack {
+            self.name_python_frames(key, st, &mut py_frames);
+        }
+        let have_py = py_frames.iter().any(|f| f.key.is_some());
+        let mut native = std::mem::take(&mut self.scratch_native);
+        let ns = self.unwind_native(key, &s, have_py, &mut native);
+        let ns = merge::NativeStack {
+            frames: &native,
+            ..ns
+        };
+        let py = merge::PyStack {
+            frames: &py_frames,
+            cut: py_stack
+                .as_ref()
+                .and_then(|st| st.truncated)
+                .map(|c| match c {
+                    perfpy_bpf::WalkerCut::FrameLimit => Cut::PyFrames,
+                    perfpy_bpf::WalkerCut::LoopBudget => Cut::PyLoopBudget,
+                }),
+        };
+        let mut stack = std::mem::take(&mut self.scratch_stack);
+        stack.clear();
+        stack.extend(s.kernel.iter().map(|&k| FrameKey::Kernel(k)));
+        let m = merge::merge(&ns, &py, &mut stack);
+        if tracing::enabled!(tracing::Level::DEBUG) && !m.have_py {
+            self.debug_no_python(&s, py_stack.as_ref());
         }
         let p = &mut self.procs[key as usize];
-        p.thread_name(s.tid);
-        let mut truncated = None;
-        let mut beyond_copy = false;
-        let mut native_incomplete = false;
+        p.trampoline_seen |= m.trampoline_replaced;
+        self.stats.py_beyond_copy += m.py_beyond_copy as u64;
+        self.stats.unwind_incomplete += m.unwind_incomplete as u64;
+        if let Some(cut) = m.cut {
+            self.stats.truncated[cut as usize] += 1;
+        }
+        let mut locs = std::mem::take(&mut self.scratch_locs);
+        locs.clear();
+        for &k in &stack {
+            p.has_anon |= matches!(k, FrameKey::Anon { .. });
+            locs.push(self.profile.location(k));
+        }
+        self.profile.add(key, s.tid, &locs);
+        self.scratch_locs = locs;
+        self.scratch_stack = stack;
+        self.scratch_native = native;
+        self.scratch_py = py_frames;
+    }
+
+    /// Names the walker's frames of a sample (newest first), keeping their entry marks.
+    fn name_python_frames(
+        &mut self,
+        key: u32,
+        st: &perfpy_bpf::PyStack,
+        out: &mut Vec<merge::PyFrame>,
+    ) {
+        let Some(py) = self.py.as_mut() else { return };
+        let p = &self.procs[key as usize];
+        let Some((off, version)) = py.procs.get(&p.pid).copied() else {
+            return;
+        };
+        let mem = ForkedMemory(&self.target, p.pid, p.parent);
+        for f in &st.frames {
+            let info = py.reader.resolve(&mem, p.pid, &off, version, f);
+            let key = info.map(|info| {
+                let func = self.profile.py_function(crate::profile::PyFunction {
+                    qualname: info.qualname,
+                    filename: info.filename,
+                    first_line: info.first_line,
+                });
+                FrameKey::Py {
+                    func,
+                    line: info.line,
+                }
+            });
+            // 3.12+: the address of the shim frame under the entry frame, a local of the C
+            // eval call running its group.
+            let entry = f
+                .entry
+                .then_some(if version >= (3, 12) { f.first_local } else { 0 });
+            out.push(merge::PyFrame { key, entry });
+        }
+    }
+
+    /// Unwinds a sample's native stack into `out` (innermost first), each frame classified
+    /// for the merge (trampoline, evaluation loop) when there are Python frames to place.
+    fn unwind_native(
+        &mut self,
+        key: u32,
+        s: &records::Sample<'_>,
+        have_py: bool,
+        out: &mut Vec<merge::NativeFrame>,
+    ) -> merge::NativeStack<'static> {
+        let mut addrs = std::mem::take(&mut self.scratch_addrs);
+        let mut sps = std::mem::take(&mut self.scratch_sps);
+        addrs.clear();
+        sps.clear();
+        out.clear();
+        let p = &mut self.procs[key as usize];
+        let mut ns = merge::NativeStack::default();
         match s.user_regs {
             Some(regs) if regs[2] != 0 => {
                 if p.mapping(regs[2]).is_none() {
-                    p.refresh_maps(&mut self.files);
+                    self.target.refresh_maps(p, &mut self.files);
                 }
-                let mem = LiveMemory(s.pid);
+                let mem = PidMemory(&self.target, s.pid);
                 let o = unwind::unwind_sp(
                     p,
                     &mem,
@@ -448,9 +585,9 @@ impl Collector {
                     &mut addrs,
                     Some(&mut sps),
                 );
-                native_incomplete = !o.complete;
-                beyond_copy = !o.complete && o.truncated && !o.at_frame_limit;
-                truncated = o.truncated.then_some(if o.at_frame_limit {
+                ns.incomplete = !o.complete;
+                ns.beyond_copy = !o.complete && o.truncated && !o.at_frame_limit;
+                ns.cut = o.truncated.then_some(if o.at_frame_limit {
                     Cut::MaxFrames
                 } else {
                     Cut::StackCopy
@@ -463,166 +600,85 @@ impl Collector {
                 self.stats.no_user_regs += 1;
             }
         }
-        // Python frames from the walker, newest first, cut into groups: one per C-level
-        // evaluation call (a group ends at its entry frame).
-        let mut groups: Vec<Vec<FrameKey>> = Vec::new();
-        // 3.12+: per group, the address of the shim frame under its entry frame, a local of
-        // the C eval call running the group (0 where unknown).
-        let mut shims: Vec<u64> = Vec::new();
-        if let (Some(st), Some(py)) = (&py_stack, self.py.as_mut()) {
-            if let Some((off, version)) = py.procs.get(&s.pid).copied() {
-                let mut g = Vec::new();
-                let mem = ForkedMemory(p.parent);
-                for f in &st.frames {
-                    if let Some(info) = py.reader.resolve(&mem, s.pid, &off, version, f) {
-                        let func = self.profile.py_function(crate::profile::PyFunction {
-                            qualname: info.qualname,
-                            filename: info.filename,
-                            first_line: info.first_line,
-                        });
-                        g.push(FrameKey::Py {
-                            func,
-                            line: info.line,
-                        });
-                    }
-                    if f.entry {
-                        groups.push(std::mem::take(&mut g));
-                        shims.push(if version >= (3, 12) { f.first_local } else { 0 });
-                    }
-                }
-                if !g.is_empty() {
-                    groups.push(g);
-                    shims.push(0);
-                }
-            }
+        ns.sps = sps.len() == addrs.len();
+        for (i, &a) in addrs.iter().enumerate() {
+            // Return addresses point after the call: look up the call itself.
+            let lookup = if i == 0 { a } else { a.saturating_sub(1) };
+            let m = p.mapping(lookup);
+            out.push(merge::NativeFrame {
+                key: match m.and_then(|m| m.file.as_ref().map(|f| (m, f))) {
+                    Some((m, f)) => FrameKey::File {
+                        file: f.id,
+                        offset: lookup - m.start + m.pgoff,
+                    },
+                    None => FrameKey::Anon {
+                        proc: key,
+                        addr: lookup,
+                    },
+                },
+                trampoline: have_py && p.trampolines.is_known_trampoline(a),
+                in_eval: have_py && m.is_some_and(|m| in_eval(m, lookup)),
+                sp: sps.get(i).copied().unwrap_or(0),
+            });
         }
-        let have_py = !groups.is_empty();
-        if tracing::enabled!(tracing::Level::DEBUG)
-            && !have_py
-            && self
-                .py
-                .as_ref()
-                .is_some_and(|py| py.procs.contains_key(&s.pid))
+        self.scratch_addrs = addrs;
+        self.scratch_sps = sps;
+        ns
+    }
+
+    fn debug_no_python(&self, s: &records::Sample<'_>, st: Option<&perfpy_bpf::PyStack>) {
+        if self
+            .py
+            .as_ref()
+            .is_some_and(|py| py.procs.contains_key(&s.pid))
         {
             tracing::debug!(
                 pid = s.pid,
                 tid = s.tid,
                 time = s.time,
-                record = py_stack.is_some(),
-                frames = py_stack.as_ref().map(|st| st.frames.len()),
-                no_tstate = py_stack.as_ref().map(|st| st.no_thread_state),
-                read_error = py_stack.as_ref().map(|st| st.read_error),
+                record = st.is_some(),
+                frames = st.map(|st| st.frames.len()),
+                no_tstate = st.map(|st| st.no_thread_state),
+                read_error = st.map(|st| st.read_error),
                 "sample of a walked process without Python frames"
             );
         }
-        if have_py {
-            // The walker's frames reach the outermost Python frame whatever the stack copy
-            // held (those the unwinding did not reach are added below): only the interpreter's
-            // own start-up frames are then missing. Unless the walker itself stopped short.
-            truncated = py_stack
-                .as_ref()
-                .and_then(|st| st.truncated)
-                .map(|c| match c {
-                    perfpy_bpf::WalkerCut::FrameLimit => Cut::PyFrames,
-                    perfpy_bpf::WalkerCut::LoopBudget => Cut::PyLoopBudget,
-                });
-        }
-        // Where every group's shim frame is known, the native frame whose stack frame holds it
-        // runs the group: exact, even in a stripped interpreter whose evaluation loop has no
-        // symbol (Debian's); otherwise the evaluation function's symbol decides.
-        let by_shim =
-            !shims.is_empty() && shims.iter().all(|&x| x != 0) && sps.len() == addrs.len();
-        let mut next_group = 0;
-        for (i, &a) in addrs.iter().enumerate() {
-            // Return addresses point after the call: look up the call itself.
-            let lookup = if i == 0 { a } else { a.saturating_sub(1) };
-            if have_py {
-                // The walker's frames replace the trampolines and the evaluation loop's frames.
-                if p.trampolines.is_known_trampoline(a) {
-                    p.trampoline_seen = true;
-                    continue;
-                }
-                let is_eval = if by_shim {
-                    let lo = sps[i];
-                    let hi = sps.get(i + 1).copied().unwrap_or(0);
-                    shims.get(next_group).is_some_and(|&x| lo <= x && x < hi)
-                } else {
-                    p.mapping(lookup).is_some_and(|m| {
-                        m.file.as_ref().is_some_and(|f| {
-                            let r = f.elf.as_ref().and_then(|e| e.eval_range.clone());
-                            r.is_some_and(|r| {
-                                f.file_offset_to_vaddr(lookup - m.start + m.pgoff)
-                                    .is_some_and(|v| r.contains(&v))
-                            })
-                        })
-                    })
-                };
-                if is_eval && next_group < groups.len() {
-                    for k in &groups[next_group] {
-                        locs.push(self.profile.location(*k));
-                    }
-                    next_group += 1;
-                    continue;
-                }
-            }
-            let fk = match p.mapping(lookup) {
-                Some(m) => match &m.file {
-                    Some(f) => FrameKey::File {
-                        file: f.id,
-                        offset: lookup - m.start + m.pgoff,
-                    },
-                    None => {
-                        p.has_anon = true;
-                        FrameKey::Anon {
-                            proc: key,
-                            addr: lookup,
-                        }
-                    }
-                },
-                None => {
-                    p.has_anon = true;
-                    FrameKey::Anon {
-                        proc: key,
-                        addr: lookup,
-                    }
-                }
-            };
-            locs.push(self.profile.location(fk));
-        }
-        // A stack deeper than the copy whose Python frames come from the walker is complete
-        // but for native frames between its outer Python frames (C calling back into Python).
-        if have_py && beyond_copy {
-            if next_group < groups.len() && truncated.is_none() {
-                self.stats.py_beyond_copy += 1;
-            }
-        } else if native_incomplete {
-            self.stats.unwind_incomplete += 1;
-        }
-        // Python frames whose evaluation frames the native unwinding did not reach.
-        for g in groups.iter().skip(next_group) {
-            for k in g {
-                locs.push(self.profile.location(*k));
-            }
-        }
-        if let Some(cut) = truncated {
-            self.stats.truncated[cut as usize] += 1;
-            locs.push(self.profile.location(FrameKey::Truncated(cut)));
-        }
-        self.profile.add(key, s.tid, &locs);
-        self.scratch_addrs = addrs;
-        self.scratch_sps = sps;
-        self.scratch_locs = locs;
     }
+}
+
+/// Whether `addr` (in mapping `m`) is inside the interpreter's evaluation function.
+fn in_eval(m: &crate::process::Mapping, addr: u64) -> bool {
+    m.file.as_ref().is_some_and(|f| {
+        let r = f.elf.as_ref().and_then(|e| e.eval_range.clone());
+        r.is_some_and(|r| {
+            f.file_offset_to_vaddr(addr - m.start + m.pgoff)
+                .is_some_and(|v| r.contains(&v))
+        })
+    })
 }
 
 /// A process's memory, or once it is gone, that of the process it was forked from (without
 /// exec since): a short-lived child's code objects are its parent's.
-pub(super) struct ForkedMemory(Option<u32>);
+pub(super) struct ForkedMemory<'a>(&'a Target, u32, Option<u32>);
 
-impl perfpy_bpf::code::RemoteMemory for ForkedMemory {
-    fn read(&self, pid: u32, addr: u64, buf: &mut [u8]) -> bool {
-        use perfpy_bpf::code::LiveMemory;
-        LiveMemory.read(pid, addr, buf) || self.0.is_some_and(|pp| LiveMemory.read(pp, addr, buf))
+impl ReadMemory for ForkedMemory<'_> {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        let own = self.0.read(self.1, addr, buf);
+        match (&own, self.2) {
+            (Ok(n), _) if *n == buf.len() => own,
+            (_, Some(pp)) => self.0.read(pp, addr, buf),
+            _ => own,
+        }
+    }
+}
+
+/// The memory of one process as the collector reads it: live, captured or replayed (see
+/// [`Target`]).
+pub(super) struct PidMemory<'a>(pub(super) &'a Target, pub(super) u32);
+
+impl ReadMemory for PidMemory<'_> {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(self.1, addr, buf)
     }
 }
 
@@ -646,8 +702,11 @@ pub(super) fn drain(r: &mut RingEntry, c: &mut Collector, scratch: &mut Vec<u8>)
             scratch.extend_from_slice(&data[..hsize - (data.len() - off)]);
             scratch
         };
-        if let Some(rec) = records::parse(rec) {
-            c.handle(rec);
+        if let Some(parsed) = records::parse(rec) {
+            c.handle(parsed);
+            if let Some(cap) = c.target.capture() {
+                cap.ring(rec);
+            }
         }
         tail += hsize as u64;
     }

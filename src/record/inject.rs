@@ -69,13 +69,7 @@ pub(super) fn inject_lenient(
     seen: &mut HashSet<(u32, u64)>,
     notes: &mut HashMap<u32, String>,
 ) {
-    let start = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .and_then(|(_, r)| r.split_whitespace().nth(19)?.parse().ok())
-        })
-        .unwrap_or(0u64);
+    let start = perfpy_process::proc::start_time(pid).unwrap_or(0);
     if !seen.insert((pid, start)) || pid == std::process::id() {
         return;
     }
@@ -121,14 +115,14 @@ pub(super) fn inject_lenient(
         Ok(perfpy_inject::ActivateOutcome::Activated) => {
             say(format!(
                 "perfpy: pid {pid}: perf trampoline turned on (CPython {})",
-                p.version_string()
+                p.version
             ));
             notes.insert(pid, "trampoline turned on by perfpy".into());
         }
         Ok(perfpy_inject::ActivateOutcome::AlreadyActive) => {
             say(format!(
                 "perfpy: pid {pid}: perf trampoline already on (CPython {}); left as it is",
-                p.version_string()
+                p.version
             ));
             notes.insert(pid, "trampoline already on".into());
         }
@@ -172,7 +166,7 @@ impl Injection {
         if walker_loaded && opts.inject_python {
             let named: Vec<String> = to_inject
                 .iter()
-                .filter(|p| super::summary::walker_names((p.version.0, p.version.1)))
+                .filter(|p| super::summary::walker_names(p.version.minor_pair()))
                 .map(|p| p.pid.to_string())
                 .collect();
             if opts.all {
@@ -214,12 +208,12 @@ impl Injection {
                 Ok(perfpy_inject::ActivateOutcome::Activated) => say!(
                     "perfpy: pid {}: perf trampoline turned on (CPython {}); Python functions entered from now on are named",
                     p.pid,
-                    p.version_string()
+                    p.version
                 ),
                 Ok(perfpy_inject::ActivateOutcome::AlreadyActive) => say!(
                     "perfpy: pid {}: perf trampoline already on (CPython {}); left as it is",
                     p.pid,
-                    p.version_string()
+                    p.version
                 ),
                 Err(e) => {
                     return Err(anyhow::Error::new(e)

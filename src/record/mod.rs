@@ -18,6 +18,8 @@ mod collect;
 mod events;
 mod inject;
 pub mod interval;
+mod merge;
+pub mod replay;
 mod session;
 mod summary;
 
@@ -229,17 +231,7 @@ fn build_report(
         period_ns,
         start,
         duration,
-        files: c
-            .files
-            .list
-            .iter()
-            .map(|f| {
-                (
-                    f.path.clone(),
-                    f.elf.as_ref().and_then(|e| e.build_id.clone()),
-                )
-            })
-            .collect(),
+        files: c.report_files(),
         command: std::env::args().collect::<Vec<_>>().join(" "),
     }
 }

@@ -62,6 +62,7 @@ impl Session {
         let mut capture = capture::open(opts, &mut tgids)?;
         let injection = Injection::start(opts, to_inject, capture.walker.is_some(), stop);
         let mut c = Collector::new(capture.walker.take(), opts.max_frames, capture.per_cpu);
+        c.target = super::replay::Target::from_env()?;
         for &pid in &tgids {
             let key = c.proc_key(pid);
             c.register_python(key);
@@ -146,7 +147,7 @@ impl Session {
             .epoll
             .wait(&mut self.ep_events, EpollTimeout::from(timeout));
         if let Some(py) = self.c.py.as_mut() {
-            py.poll();
+            py.poll(&self.c.target);
         }
         for r in self.capture.rings.iter_mut() {
             drain(r, &mut self.c, &mut self.scratch);
@@ -206,6 +207,11 @@ impl Session {
         }
         self.capture.rings.clear();
         self.capture.events.clear();
+        if let Some(cap) = self.c.target.capture() {
+            if let Err(e) = cap.finish(&self.c) {
+                say!("perfpy: warning: PERFPY_CAPTURE: {e:#}");
+            }
+        }
         let c = &self.c;
         let coverage = (!opts.all).then(|| {
             self.meter
@@ -225,7 +231,7 @@ impl Session {
             "recording size"
         );
         // The walker's own cost, when the kernel counts it (sysctl kernel.bpf_stats_enabled=1).
-        let walker_stats = c.py.as_ref().and_then(|p| p.walker.stats());
+        let walker_stats = c.py.as_ref().and_then(|p| p.walker.as_ref()?.stats());
         let walker_ran = c.py.is_some();
         self.c.py = None;
         if self.status_line {

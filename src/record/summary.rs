@@ -2,6 +2,8 @@
 
 use std::collections::{HashMap, HashSet};
 
+use perfpy_process::Version;
+
 use super::collect::{Collector, Stats};
 use crate::profile::{Cut, Profile};
 
@@ -22,11 +24,6 @@ fn truncation_summary(st: &Stats) -> String {
         );
     }
     s
-}
-
-/// Whether CPython `X.Y[.Z]` has the perf trampoline (3.12+).
-fn trampoline_version(v: &str) -> bool {
-    crate::process::minor_of(v) >= (3, 12)
 }
 
 /// Whether the eBPF walker names the Python frames of this CPython minor version.
@@ -116,11 +113,11 @@ fn process_rows(e: &Ending) {
     for s in &e.report.samples {
         let x = per.entry(s.pid).or_default();
         x.0 += s.count;
-        if s.frames_from != "native" {
+        if s.frames_from.python() {
             x.1 += s.count;
         }
-        x.2 |= s.frames_from.starts_with("ebpf");
-        if s.frames_from.ends_with("trampoline") {
+        x.2 |= s.frames_from.ebpf();
+        if s.frames_from.trampoline() {
             tramp_pids.insert(s.pid);
         }
     }
@@ -133,7 +130,7 @@ fn process_rows(e: &Ending) {
     for &(pid, n, py_samples, by_ebpf) in rows.iter().take(SHOWN) {
         let p = e.collector.procs.iter().rev().find(|p| p.pid == pid);
         let comm = p.map(|p| p.comm.as_str()).unwrap_or("?");
-        let how = match p.and_then(|p| p.python_version.as_deref()) {
+        let how = match p.and_then(|p| p.python_version) {
             Some(v) => python_row(
                 e,
                 pid,
@@ -156,7 +153,7 @@ fn process_rows(e: &Ending) {
 fn python_row(
     e: &Ending,
     pid: u32,
-    v: &str,
+    v: Version,
     n: u64,
     py_samples: u64,
     by_ebpf: bool,
@@ -176,7 +173,7 @@ fn python_row(
         String::new()
     };
     let note = e.inject_notes.get(&pid).cloned().or_else(|| {
-        (e.launched == Some(pid) && e.perf_env_set && trampoline_version(v))
+        (e.launched == Some(pid) && e.perf_env_set && v.at_least(3, 12))
             .then(|| "trampoline (PYTHONPERFSUPPORT=1)".to_string())
     });
     match (py_named, note) {
@@ -202,9 +199,9 @@ fn python_row(
 }
 
 /// Why the walker named no frame of a CPython process.
-fn why_unnamed(e: &Ending, pid: u32, v: &str) -> String {
+fn why_unnamed(e: &Ending, pid: u32, v: Version) -> String {
     // 3.13+ beyond the layouts perfpy holds: the walker's refusal (next) names the version.
-    let supported = walker_names(crate::process::minor_of(v));
+    let supported = walker_names(v.minor_pair());
     let c = e.collector;
     if !e.ebpf {
         "eBPF walker off (--no-ebpf)".into()

@@ -96,10 +96,7 @@ impl Workload {
 }
 
 pub fn proc_state(pid: i32) -> char {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    s.rsplit_once(')')
-        .and_then(|(_, r)| r.trim().chars().next())
-        .unwrap_or('?')
+    perfpy_process::proc::stat(pid as u32).map_or('?', |s| s.state)
 }
 
 impl Drop for Workload {
