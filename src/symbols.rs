@@ -336,7 +336,7 @@ pub struct NameCache {
     /// blazesym, with the files it parsed (kallsyms, symbol tables, DWARF): parsing them is
     /// most of the cost of naming a few new addresses (measured: kallsyms and libc's debug
     /// file took seconds per interval when parsed anew). Made anew every
-    /// [`NameCache::KEEP_UNUSED`] intervals, so that files no longer used are let go.
+    /// [`NameCache::SYMBOLIZER_INTERVALS`] intervals.
     symbolizer: Option<(Symbolizer, u64)>,
 }
 
@@ -356,6 +356,12 @@ impl NameCache {
     /// whose processes come and go (`-a`), and a long-lived location costs one naming per
     /// this many intervals at most.
     pub const KEEP_UNUSED: u64 = 60;
+
+    /// How many intervals one blazesym instance serves. What it parses (DWARF units, as
+    /// addresses in them are looked up) stays until it is dropped: kept for ever, it grew by
+    /// ~0.8 MiB a minute of `agent -a` (bench/, 10 minutes); made anew every interval, it cost
+    /// twice the CPU. Every 6 intervals: the growth is cut each minute at 10 s intervals.
+    pub const SYMBOLIZER_INTERVALS: u64 = 6;
 
     /// Whether a fresh name may stand for later intervals: not a placeholder that another
     /// stack may need named ("[interpreter]"), not an address a perf map did not name (yet).
@@ -397,7 +403,7 @@ pub fn resolve_incremental(
     if cache
         .symbolizer
         .as_ref()
-        .is_some_and(|(_, made)| generation - made >= NameCache::KEEP_UNUSED)
+        .is_some_and(|(_, made)| generation - made >= NameCache::SYMBOLIZER_INTERVALS)
     {
         cache.symbolizer = None;
     }
