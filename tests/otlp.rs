@@ -800,3 +800,92 @@ fn agent_rides_out_a_collector_restart() {
         "intervals of the outage missing: {during:?}"
     );
 }
+
+/// `perfpy agent` with neither `-p` nor `-a`: the whole machine (here a private PID namespace),
+/// every interval exported with each process as a resource, its Python functions named.
+#[test]
+fn agent_profiles_the_whole_machine_by_default() {
+    let Some(col) = Collector::start(None, true) else {
+        return;
+    };
+    let Some(py) = python("3.12") else {
+        return;
+    };
+    let dir = tmp("agent-all");
+    std::fs::create_dir_all(&dir).unwrap();
+    let _ = std::fs::remove_file(dir.join("stop"));
+    // The agent gets SIGTERM once the test has seen 3 exports and made the file `stop` (60 s
+    // at most).
+    let script = format!(
+        r#"cd {dir}
+OTEL_SERVICE_NAME=ns-split {py} {split} 60 > w &
+for i in $(seq 1 300); do grep -q ready w 2>/dev/null && break; sleep 0.1; done
+{perfpy} agent --interval 1s --otlp-endpoint {url} &
+agent=$!
+for i in $(seq 1 600); do [ -e stop ] && break; sleep 0.1; done
+kill -TERM $agent
+wait $agent
+echo "rc $?"
+echo "pid $(awk '{{print $2}}' w | head -1)"
+kill $(jobs -p) 2>/dev/null || true
+wait || true
+"#,
+        dir = dir.display(),
+        py = py.display(),
+        split = testdata("split.py").display(),
+        perfpy = perfpy().display(),
+        url = col.url(),
+    );
+    let ns = std::thread::spawn(move || {
+        output_within(
+            Command::new("unshare").args([
+                "--pid",
+                "--fork",
+                "--mount-proc",
+                "bash",
+                "-c",
+                &script,
+            ]),
+            Duration::from_secs(120),
+        )
+    });
+    let exported = (0..600).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        col.output().matches("ResourceProfiles #0").count() >= 3
+    });
+    std::fs::write(dir.join("stop"), "").unwrap();
+    let o = ns.join().unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    eprintln!("{stdout}\n{stderr}");
+    assert!(exported, "fewer than 3 exports in 60 s");
+    assert!(stdout.contains("rc 0"), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("perfpy: agent sampling every process at 100 Hz"),
+        "{stderr}"
+    );
+    let pid: i64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("pid ")?.trim().parse().ok())
+        .expect("the workload's pid");
+    assert!(col.wait_for("ResourceProfiles #0", Duration::from_secs(10)));
+    let exports = printed_exports(&col.output());
+    assert!(exports.len() >= 3, "{} exports", exports.len());
+    // The workload is a resource of its own, its frames named. Not in every interval: naming
+    // the first interval of a whole machine (kallsyms, every library; seconds in a debug build
+    // on a busy machine) lets the rings overflow, and that interval's successor loses samples.
+    let with_it = exports
+        .iter()
+        .filter(|p| {
+            p.resources.iter().any(|r| {
+                r.contains(&("process.pid".into(), format!("Int({pid})")))
+                    && r.contains(&("service.name".into(), "Str(ns-split)".into()))
+            }) && p.function("hot_function").is_some()
+        })
+        .count();
+    assert!(
+        with_it >= 2,
+        "the workload in {with_it} of {} exports",
+        exports.len()
+    );
+}
