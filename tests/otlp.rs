@@ -85,15 +85,7 @@ fn spawn_perfpy(args: &[&str], env: &[(&str, &str)]) -> (Child, mpsc::Receiver<S
 }
 
 fn wait_line(rx: &mpsc::Receiver<String>, needle: &str, limit: Duration) -> bool {
-    let t = Instant::now();
-    while let Some(left) = limit.checked_sub(t.elapsed()) {
-        match rx.recv_timeout(left) {
-            Ok(l) if l.contains(needle) => return true,
-            Ok(_) => {}
-            Err(_) => return false,
-        }
-    }
-    false
+    wait_said(rx, &mut Vec::new(), needle, limit)
 }
 
 fn rest(rx: &mpsc::Receiver<String>) -> String {
