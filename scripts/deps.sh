@@ -3,7 +3,7 @@
 # when everything is there.
 set -euo pipefail
 need=()
-for p in clang llvm libelf-dev zlib1g-dev pkg-config golang-go gcc binutils linux-perf; do
+for p in clang llvm libelf-dev zlib1g-dev pkg-config golang-go gcc binutils linux-perf tmux; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
 done
 if ((${#need[@]})); then

@@ -19,6 +19,7 @@ mod signals;
 mod symbols;
 mod sys;
 mod targets;
+mod top;
 mod unwind;
 
 use std::path::PathBuf;
@@ -94,6 +95,11 @@ enum Cmd {
         #[arg(long)]
         locals: bool,
     },
+    /// A live view: functions by own and total share, over the last interval and since the
+    /// start, refreshed every interval (keys: o own, t total, n name, s last/all, Tab thread,
+    /// k native and kernel frames, space pause, q quit). Without a terminal on stdout, a plain
+    /// table per interval.
+    Top(TopArgs),
     /// Continuous profiling: sample until SIGTERM/Ctrl-C (the whole machine, or -p) and export
     /// each interval's profile to an OpenTelemetry Collector (OTLP profiles).
     #[command(
@@ -194,6 +200,111 @@ struct RecordArgs {
     /// Command to launch and profile until it exits (after --).
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct TopArgs {
+    /// Process to watch, with all its threads (present and future). Repeatable.
+    #[arg(short = 'p', long = "pid", value_name = "PID")]
+    pids: Vec<i32>,
+    /// Every process on every CPU (whole machine).
+    #[arg(short = 'a', long = "all-cpus", visible_alias = "all")]
+    all: bool,
+    /// Stop after this long: 30, 30s, 500ms, 2m, 1h. Default: until q, Ctrl-C or the targets exit.
+    #[arg(short = 'd', long, value_parser = parse_duration, value_name = "DURATION")]
+    duration: Option<Duration>,
+    /// Samples per second per thread (cpu-clock).
+    #[arg(short = 'r', long = "rate", visible_alias = "freq", short_alias = 'F', default_value_t = 100, value_parser = parse_rate, value_name = "HZ")]
+    rate: u64,
+    /// How often the view is refreshed: the length of "last interval".
+    #[arg(short = 'i', long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
+    interval: Duration,
+    /// At the end, write the profile of the whole run to FILE (as perfpy record writes it).
+    #[arg(short = 'o', long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Format of -o [default: from the output's extension, else pprof].
+    #[arg(short = 'f', long, value_enum)]
+    format: Option<Format>,
+    /// Show only this thread at first (Tab cycles threads).
+    #[arg(long, value_name = "TID", conflicts_with = "thread")]
+    tid: Option<u32>,
+    /// Show only the thread of this name at first (once it is seen).
+    #[arg(long, value_name = "NAME")]
+    thread: Option<String>,
+    /// Rows per table without a terminal.
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    rows: usize,
+    /// Aggregate Python frames by function (their first line), as py-spy's --function.
+    #[arg(long, conflicts_with = "nolineno")]
+    function: bool,
+    /// No line numbers in Python frames.
+    #[arg(long)]
+    nolineno: bool,
+    /// With -p: also the targets' child processes.
+    #[arg(long)]
+    subprocesses: bool,
+    /// Do not load the eBPF frame walker (Python frames then come from perf trampolines only).
+    #[arg(long)]
+    no_ebpf: bool,
+    /// Turn on CPython 3.12+'s perf trampoline in the targets (needed only without the walker).
+    #[arg(long)]
+    inject_python: bool,
+    /// Command to launch and watch until it exits (after --).
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+/// `record`'s options for `top` (the same sampling; top's own options apart).
+fn top_options(a: TopArgs) -> (record::Options, record::live::TopOptions) {
+    let opts = record::Options {
+        pids: a.pids,
+        all: a.all,
+        command: a.command,
+        duration: a.duration,
+        rate: a.rate,
+        format: a
+            .format
+            .unwrap_or_else(|| format_from_extension(a.output.as_deref())),
+        output: a.output,
+        stack_size: None,
+        max_frames: 512,
+        max_python_frames: perfpy_bpf::DEFAULT_PY_FRAMES,
+        keep_interpreter: false,
+        python_perf_env: None,
+        inject_python: a.inject_python,
+        ebpf: !a.no_ebpf,
+        otlp: None,
+        subprocesses: a.subprocesses,
+        lines: lines(a.function, a.nolineno),
+    };
+    let top = record::live::TopOptions {
+        interval: a.interval,
+        tid: a.tid,
+        thread: a.thread,
+        rows: a.rows,
+    };
+    (opts, top)
+}
+
+/// `--function` / `--nolineno`.
+fn lines(function: bool, nolineno: bool) -> report::Lines {
+    if function {
+        report::Lines::Function
+    } else if nolineno {
+        report::Lines::None
+    } else {
+        report::Lines::Current
+    }
+}
+
+/// One of -p, -a or a command.
+fn one_target(pids: &[i32], command: &[String], all: bool) -> Result<()> {
+    let modes = [!pids.is_empty(), !command.is_empty(), all];
+    match modes.iter().filter(|m| **m).count() {
+        0 => bail!("nothing to profile: give -p PID, -a (whole machine) or a command after --"),
+        1 => Ok(()),
+        _ => bail!("give one of -p PID, -a or a command after --, not several"),
+    }
 }
 
 #[derive(clap::Args)]
@@ -355,6 +466,13 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
+        Cmd::Top(a) => {
+            one_target(&a.pids, &a.command, a.all)?;
+            let stop = signals::install()?;
+            let (opts, top) = top_options(a);
+            record::live::run(opts, top, stop)?;
+            Ok(0)
+        }
         Cmd::Agent(a) => {
             let stop = signals::install()?;
             let otlp = output::otlp_export::Config::resolve(a.otlp_endpoint.as_deref(), &|k| {
@@ -388,14 +506,7 @@ fn run(cli: Cli) -> Result<i32> {
             )
         }
         Cmd::Record(a) => {
-            let modes = [!a.pids.is_empty(), !a.command.is_empty(), a.all];
-            match modes.iter().filter(|m| **m).count() {
-                0 => bail!(
-                    "nothing to profile: give -p PID, -a (whole machine) or a command after --"
-                ),
-                1 => {}
-                _ => bail!("give one of -p PID, -a or a command after --, not several"),
-            }
+            one_target(&a.pids, &a.command, a.all)?;
             let stop = signals::install()?;
             let outcome = record::run(
                 record::Options {
@@ -427,13 +538,7 @@ fn run(cli: Cli) -> Result<i32> {
                             })
                         })
                         .transpose()?,
-                    lines: if a.function {
-                        report::Lines::Function
-                    } else if a.nolineno {
-                        report::Lines::None
-                    } else {
-                        report::Lines::Current
-                    },
+                    lines: lines(a.function, a.nolineno),
                     subprocesses: a.subprocesses,
                 },
                 stop,

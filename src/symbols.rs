@@ -328,9 +328,12 @@ fn resolve_rest(
 /// location named once is not named again, and a process's perf map is read again only when an
 /// anonymous address it has not named appears. Keys stay valid across intervals: file ids,
 /// process keys and Python function ids are never reused within a session.
-#[derive(Default)]
 pub struct NameCache {
     names: HashMap<FrameKey, (Resolved, u64)>,
+    /// Intervals a name is kept unused (and, a tenth of them, the symbolizer's parsed files):
+    /// [`NameCache::KEEP_UNUSED`], more
+    /// for a consumer that takes many short intervals (`perfpy top` on a terminal).
+    pub keep_unused: u64,
     /// Interval number, for [`NameCache::KEEP_UNUSED`].
     generation: u64,
     /// blazesym, with the files it parsed (kallsyms, symbol tables, DWARF): parsing them is
@@ -338,6 +341,17 @@ pub struct NameCache {
     /// file took seconds per interval when parsed anew). Made anew every
     /// [`NameCache::SYMBOLIZER_INTERVALS`] intervals.
     symbolizer: Option<(Symbolizer, u64)>,
+}
+
+impl Default for NameCache {
+    fn default() -> NameCache {
+        NameCache {
+            names: HashMap::new(),
+            keep_unused: NameCache::KEEP_UNUSED,
+            generation: 0,
+            symbolizer: None,
+        }
+    }
 }
 
 /// What one interval's naming did.
@@ -361,7 +375,12 @@ impl NameCache {
     /// addresses in them are looked up) stays until it is dropped: kept for ever, it grew by
     /// ~0.8 MiB a minute of `agent -a` (bench/, 10 minutes); made anew every interval, it cost
     /// twice the CPU. Every 6 intervals: the growth is cut each minute at 10 s intervals.
+    /// Scaled with [`NameCache::keep_unused`] (a tenth of it) for consumers of short intervals.
     pub const SYMBOLIZER_INTERVALS: u64 = 6;
+
+    fn symbolizer_intervals(&self) -> u64 {
+        (self.keep_unused * Self::SYMBOLIZER_INTERVALS / Self::KEEP_UNUSED).max(1)
+    }
 
     /// Whether a fresh name may stand for later intervals: not a placeholder that another
     /// stack may need named ("[interpreter]"), not an address a perf map did not name (yet).
@@ -403,7 +422,7 @@ pub fn resolve_incremental(
     if cache
         .symbolizer
         .as_ref()
-        .is_some_and(|(_, made)| generation - made >= NameCache::SYMBOLIZER_INTERVALS)
+        .is_some_and(|(_, made)| generation - made >= cache.symbolizer_intervals())
     {
         cache.symbolizer = None;
     }
@@ -425,9 +444,8 @@ pub fn resolve_incremental(
             }
         }
     }
-    cache
-        .names
-        .retain(|_, (_, used)| generation - *used < NameCache::KEEP_UNUSED);
+    let keep = cache.keep_unused;
+    cache.names.retain(|_, (_, used)| generation - *used < keep);
     let stats = Incremental {
         cached: fresh.iter().filter(|f| !**f).count(),
         named,

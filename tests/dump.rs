@@ -25,6 +25,7 @@ const ANSWER_WITHIN: Duration = Duration::from_secs(30);
 
 impl Target {
     fn start(mut cmd: Command) -> Target {
+        die_with_the_test(&mut cmd);
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -47,7 +47,9 @@ fn record_with_injection_names_python_and_restores_the_trampoline() {
         // Functions called after activation are named; round_ is entered anew every round.
         let rounds = d.count_where(|s| s.has("round_"));
         assert!(
-            rounds as f64 > 0.8 * d.total() as f64,
+            // The samples before the activation completes (longer on a busy machine) have
+            // no Python frame.
+            rounds as f64 > 0.7 * d.total() as f64,
             "{minor}: {rounds} of {} samples in round_",
             d.total()
         );
@@ -106,7 +108,9 @@ fn injection_alone_names_functions_from_the_perf_map() {
         let d = decode(&out);
         let rounds = d.count_where(|s| s.has("round_"));
         assert!(
-            rounds as f64 > 0.8 * d.total() as f64,
+            // The samples before the activation completes (longer on a busy machine) have
+            // no Python frame.
+            rounds as f64 > 0.7 * d.total() as f64,
             "{minor}: {rounds} of {}",
             d.total()
         );

@@ -6,10 +6,14 @@
 //! space ([`CodeReader`]) turns code objects into names, files and lines.
 //!
 //! Supported: CPython 2.7 and 3.6 – 3.10 (`PyFrameObject` chain, thread matched on its
-//! `thread_id`, the pthread_t that equals the thread's fsbase) and 3.11 – 3.13
+//! `thread_id`, the pthread_t that equals the thread's fsbase) and 3.11 on
 //! (`_PyInterpreterFrame` chain, thread matched on `native_thread_id`). Offsets per version are
-//! typed tables in [`offsets`], handed to the program per process through the `procs` map.
+//! typed tables in [`offsets`] up to 3.12 and the target's own `_Py_DebugOffsets` from 3.13
+//! ([`debug_offsets`]), handed to the program per process through the `procs` map. The types
+//! the program and user space share are generated from its C header (the private `abi`
+//! module).
 
+mod abi;
 pub mod code;
 pub mod debug_offsets;
 pub mod offsets;
@@ -19,45 +23,58 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::{Arc, Mutex};
 
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
-use libbpf_rs::{Link, MapCore, MapFlags, RingBuffer, RingBufferBuilder};
+use libbpf_rs::{Link, MapCore, MapFlags, OpenObject, RingBuffer, RingBufferBuilder};
 
-#[allow(
-    clippy::all,
-    clippy::undocumented_unsafe_blocks,
-    unsafe_op_in_unsafe_fn,
-    dead_code,
-    non_camel_case_types
-)]
-mod skel {
-    include!(concat!(env!("OUT_DIR"), "/walker.skel.rs"));
-}
-
+use abi::skel;
+pub use abi::{DEFAULT_PY_FRAMES, FRAME_ENTRY, MAX_PY_FRAMES_CAP};
 pub use code::{CodeReader, PyFrameInfo};
 pub use offsets::Offsets;
 
-/// Default of `--max-python-frames`: above CPython's default recursion limit (1,000).
-pub const DEFAULT_PY_FRAMES: u32 = 1024;
-/// The most Python frames a record can be asked to hold (a 640 KiB record).
-pub const MAX_PY_FRAMES_CAP: u32 = 16384;
-const REC_NO_TSTATE: u32 = 1;
-const REC_TRUNCATED: u32 = 2;
-const REC_READ_ERROR: u32 = 4;
-const REC_LOOP_BUDGET: u32 = 8;
-pub const FRAME_ENTRY: u32 = 0x100;
-const KEEP_CHILDREN: u32 = 1;
-const KEEP_FROM_EXEC: u32 = 2;
-
+/// Why the walker could not be loaded, attached or told about a process: what failed and what
+/// to do. The kernel's or libbpf's error is the `source`, not repeated in the message: print
+/// the chain (`{:#}` of an `anyhow::Error`) to show it, as `message: cause`.
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
-    #[error("cannot load the eBPF frame walker: {0}; it needs root or CAP_BPF + CAP_PERFMON, a kernel with BTF (/sys/kernel/btf/vmlinux) and bpf_loop (5.17+)")]
-    Load(String),
-    #[error("cannot attach the eBPF frame walker to a perf event: {0}")]
-    Attach(String),
-    #[error("cannot register pid {pid} with the eBPF walker: {detail}")]
-    Register { pid: u32, detail: String },
+    #[error("{LOAD}: this kernel has no BTF (/sys/kernel/btf/vmlinux: CONFIG_DEBUG_INFO_BTF)")]
+    NoBtf,
+    #[error(
+        "{LOAD}: /proc/self/ns/pid, perfpy's PID namespace, cannot be read (is /proc mounted?)"
+    )]
+    PidNamespace(#[source] std::io::Error),
+    #[error("{LOAD}: the program has no .rodata section (a broken build of perfpy: rebuild it)")]
+    NoRodata,
+    #[error("{LOAD}")]
+    Load(#[source] libbpf_rs::Error),
+    #[error("cannot attach the eBPF frame walker to a perf event: its descriptor cannot be duplicated (out of file descriptors? raise `ulimit -n`)")]
+    Dup(#[source] std::io::Error),
+    #[error("cannot attach the eBPF frame walker to a perf event")]
+    Attach(#[source] libbpf_rs::Error),
+    #[error("cannot attach the eBPF walker's {hook} program, which follows the targets' forks and execs (it needs BTF-enabled tracepoints, tp_btf)")]
+    Hook {
+        hook: String,
+        #[source]
+        source: libbpf_rs::Error,
+    },
+    #[error("cannot register pid {pid} with the eBPF walker, whose table holds {capacity} processes (its samples get native frames only)")]
+    Register {
+        pid: u32,
+        capacity: u32,
+        #[source]
+        source: libbpf_rs::Error,
+    },
+    #[error("cannot have the eBPF walker keep the samples of pid {pid}, in a table of {capacity} processes (--no-ebpf does without it)")]
+    Keep {
+        pid: u32,
+        capacity: u32,
+        #[source]
+        source: libbpf_rs::Error,
+    },
     #[error("--max-python-frames {0}: choose from 1 to {MAX_PY_FRAMES_CAP}")]
     FrameLimit(u32),
 }
+
+/// How every load error starts: what loading the walker needs.
+const LOAD: &str = "cannot load the eBPF frame walker, which needs root or CAP_BPF + CAP_PERFMON, a kernel with BTF (/sys/kernel/btf/vmlinux) and bpf_loop (5.17+)";
 
 /// One frame as the program saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,33 +126,36 @@ pub struct PyProcess {
     pub offsets: Offsets,
 }
 
+/// The opened-then-loaded program and the reader of its ring buffer, which borrow each other:
+/// the skeleton borrows the `OpenObject` libbpf opened it into (`&'obj mut`, for as long as the
+/// program lives), and the ring buffer is built from the skeleton's `events` map, which must
+/// outlive it.
+///
+/// libbpf-rs's examples keep the `OpenObject` on the caller's stack; here the walker lives in the
+/// collector for the whole recording, and a lifetime parameter would spread through it. So the
+/// walker owns all three, and ouroboros builds that self-referential struct without unsafe
+/// code of ours (a pinned box and a raw pointer would need it, in the borrow and in `Drop`): it
+/// keeps each borrowed field in a box of its own that does not claim uniqueness (its address
+/// stays put when the walker moves, and moving it invalidates no borrow), and drops the
+/// borrowers first: the ring buffer, then the skeleton (program and maps), then the object.
+#[ouroboros::self_referencing]
+struct Loaded {
+    obj: MaybeUninit<OpenObject>,
+    #[borrows(mut obj)]
+    #[covariant]
+    skel: skel::WalkerSkel<'this>,
+    #[borrows(skel)]
+    #[covariant]
+    ring: RingBuffer<'this>,
+}
+
 /// The loaded program, its attachments and its ring buffer.
 pub struct Walker {
-    /// Borrows `*open_obj` (hence `'static`): dropped before it, in `Drop`.
-    skel: Option<Box<skel::WalkerSkel<'static>>>,
-    /// Owned; freed in `Drop` after everything that borrows it.
-    open_obj: *mut MaybeUninit<libbpf_rs::OpenObject>,
+    /// Declared first, so dropped first: the program's users before the program.
     links: Vec<Link>,
-    ring: Option<RingBuffer<'static>>,
+    loaded: Loaded,
+    /// Records decoded by the ring buffer's callback, until [`Walker::poll`] hands them out.
     out: Arc<Mutex<Vec<PyStack>>>,
-}
-
-impl Drop for Walker {
-    fn drop(&mut self) {
-        // Users of the program first, then the program and its maps, then the object they
-        // borrow.
-        self.ring = None;
-        self.links.clear();
-        self.skel = None;
-        // SAFETY: `open_obj` came from `Box::into_raw` in `load` and is freed only here, once;
-        // the skeleton borrowing it was dropped just above.
-        drop(unsafe { Box::from_raw(self.open_obj) });
-    }
-}
-
-/// Bytes of a record holding `frames` Python frames.
-fn record_bytes(frames: u32) -> u32 {
-    HEADER_SIZE as u32 + frames * FRAME_SIZE as u32
 }
 
 /// The ring buffer's size for `ncpus` CPUs sampling at up to a few kHz: per CPU 256 KiB, or 32
@@ -143,66 +163,63 @@ fn record_bytes(frames: u32) -> u32 {
 /// about 60 ms at 497 Hz, three times the reader's 20 ms period), from 1 MiB to 64 MiB, a power
 /// of two as the kernel requires.
 fn ring_bytes(ncpus: usize, max_frames: u32) -> u32 {
-    let per_cpu = (256u32 << 10).max(32 * record_bytes(max_frames));
+    let per_cpu = (256u32 << 10).max(32 * abi::record_bytes(max_frames));
     ((ncpus.max(1) as u32).saturating_mul(per_cpu))
         .clamp(1 << 20, 64 << 20)
         .next_power_of_two()
 }
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct ProcCfg {
-    runtime: u64,
-    off: [i32; 18],
-}
-
-/// `struct pyframe` and the header of `struct record` in walker.h.
-const FRAME_SIZE: usize = 40;
-const HEADER_SIZE: usize = 24;
-
-fn parse(data: &[u8]) -> Option<PyStack> {
-    let u32_at = |o: usize| {
-        data.get(o..o + 4)
-            .map(|b| u32::from_ne_bytes(b.try_into().unwrap()))
-    };
-    let u64_at = |o: usize| {
-        data.get(o..o + 8)
-            .map(|b| u64::from_ne_bytes(b.try_into().unwrap()))
-    };
-    let pid = u32_at(0)?;
-    let tid = u32_at(4)?;
-    let time_ns = u64_at(8)?;
-    // Records hold only their frames: never read past the record.
-    let n = (u32_at(16)? as usize).min(data.len().saturating_sub(HEADER_SIZE) / FRAME_SIZE);
-    let flags = u32_at(20)?;
-    let mut frames = Vec::with_capacity(n);
-    for i in 0..n {
-        let o = HEADER_SIZE + i * FRAME_SIZE;
-        let f = u32_at(o + 32)?;
-        frames.push(PyFrameRef {
-            code: u64_at(o)?,
-            instr: u64_at(o + 8)?,
-            first_local: u64_at(o + 16)?,
-            ident: u64_at(o + 24)?,
-            entry: f & FRAME_ENTRY != 0,
-            owner: (f & 0xff) as u8,
-        });
+/// Opens the program into `obj`, sizes its maps, sets its read-only configuration and loads it
+/// (the verifier checks it here).
+fn open_and_load(
+    obj: &mut MaybeUninit<OpenObject>,
+    max_py_frames: u32,
+    filter: bool,
+) -> Result<skel::WalkerSkel<'_>, BpfError> {
+    let mut open = skel::WalkerSkelBuilder::default()
+        .open(obj)
+        .map_err(BpfError::Load)?;
+    let ncpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .max(libbpf_rs::num_possible_cpus().unwrap_or(1));
+    open.maps
+        .events
+        .set_max_entries(ring_bytes(ncpus, max_py_frames))
+        .map_err(BpfError::Load)?;
+    // One scratch record per CPU (indexed by CPU number: possible CPUs, which may be more
+    // than those online), each holding the frame limit's frames.
+    let possible = libbpf_rs::num_possible_cpus().unwrap_or(ncpus).max(ncpus);
+    open.maps
+        .scratch
+        .set_max_entries(possible as u32)
+        .and_then(|()| {
+            open.maps
+                .scratch
+                .set_value_size(abi::record_bytes(max_py_frames))
+        })
+        .map_err(BpfError::Load)?;
+    // Our PID namespace: the program reports pids as we see them.
+    let ns = std::fs::metadata("/proc/self/ns/pid").map_err(BpfError::PidNamespace)?;
+    {
+        use std::os::unix::fs::MetadataExt;
+        let ro = open
+            .maps
+            .rodata_data
+            .as_deref_mut()
+            .ok_or(BpfError::NoRodata)?;
+        ro.pidns_dev = ns.dev();
+        ro.pidns_ino = ns.ino();
+        // The initial PID namespace has a fixed inode number (PROC_PID_INIT_INO).
+        const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
+        ro.in_child_pidns = u8::from(ns.ino() != PROC_PID_INIT_INO);
+        ro.max_py_frames = max_py_frames;
+        ro.filter_kept = u8::from(filter);
     }
-    Some(PyStack {
-        pid,
-        tid,
-        time_ns,
-        frames,
-        truncated: if flags & REC_TRUNCATED != 0 {
-            Some(WalkerCut::FrameLimit)
-        } else if flags & REC_LOOP_BUDGET != 0 {
-            Some(WalkerCut::LoopBudget)
-        } else {
-            None
-        },
-        no_thread_state: flags & REC_NO_TSTATE != 0,
-        read_error: flags & REC_READ_ERROR != 0,
-    })
+    // The fork and exec hooks only serve the filter: without it they are not even loaded.
+    open.progs.on_fork.set_autoload(filter);
+    open.progs.on_exec.set_autoload(filter);
+    open.load().map_err(BpfError::Load)
 }
 
 impl Walker {
@@ -220,9 +237,7 @@ impl Walker {
             return Err(BpfError::FrameLimit(max_py_frames));
         }
         if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
-            return Err(BpfError::Load(
-                "this kernel has no BTF (/sys/kernel/btf/vmlinux: CONFIG_DEBUG_INFO_BTF)".into(),
-            ));
+            return Err(BpfError::NoBtf);
         }
         // libbpf's own messages go to our log (RUST_LOG=debug), not raw onto stderr: the
         // error we return says what failed and what to do.
@@ -239,99 +254,45 @@ impl Walker {
         if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rl) } != 0 {
             tracing::debug!("setrlimit(RLIMIT_MEMLOCK) refused; relying on memcg accounting");
         }
-        // The open object must outlive the skeleton: the walker owns both and drops them in
-        // order. Until the walker exists, an early return leaks it (a few hundred bytes).
-        let open_obj = Box::into_raw(Box::new(MaybeUninit::<libbpf_rs::OpenObject>::uninit()));
-        // SAFETY: `open_obj` is a valid, exclusively owned allocation that lives until the
-        // walker's Drop, after the skeleton borrowing it.
-        let obj_ref: &'static mut MaybeUninit<libbpf_rs::OpenObject> = unsafe { &mut *open_obj };
-        let mut open = skel::WalkerSkelBuilder::default()
-            .open(obj_ref)
-            .map_err(|e| BpfError::Load(e.to_string()))?;
-        let ncpus = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            .max(libbpf_rs::num_possible_cpus().unwrap_or(1));
-        open.maps
-            .events
-            .set_max_entries(ring_bytes(ncpus, max_py_frames))
-            .map_err(|e| BpfError::Load(e.to_string()))?;
-        // One scratch record per CPU (indexed by CPU number: possible CPUs, which may be more
-        // than those online), each holding the frame limit's frames.
-        let possible = libbpf_rs::num_possible_cpus().unwrap_or(ncpus).max(ncpus);
-        open.maps
-            .scratch
-            .set_max_entries(possible as u32)
-            .and_then(|()| {
-                open.maps
-                    .scratch
-                    .set_value_size(record_bytes(max_py_frames))
-            })
-            .map_err(|e| BpfError::Load(e.to_string()))?;
-        // Our PID namespace: the program reports pids as we see them.
-        let ns = std::fs::metadata("/proc/self/ns/pid")
-            .map_err(|e| BpfError::Load(format!("/proc/self/ns/pid: {e}")))?;
-        {
-            use std::os::unix::fs::MetadataExt;
-            let ro = open
-                .maps
-                .rodata_data
-                .as_deref_mut()
-                .ok_or_else(|| BpfError::Load("no .rodata in the program".into()))?;
-            ro.pidns_dev = ns.dev();
-            ro.pidns_ino = ns.ino();
-            // The initial PID namespace has a fixed inode number (PROC_PID_INIT_INO).
-            const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
-            ro.in_child_pidns = u8::from(ns.ino() != PROC_PID_INIT_INO);
-            ro.max_py_frames = max_py_frames;
-            ro.filter_kept = u8::from(filter);
-        }
-        // The fork and exec hooks only serve the filter: without it they are not even loaded.
-        open.progs.on_fork.set_autoload(filter);
-        open.progs.on_exec.set_autoload(filter);
-        let skel = open.load().map_err(|e| BpfError::Load(e.to_string()))?;
         let out: Arc<Mutex<Vec<PyStack>>> = Arc::default();
-        let mut w = Walker {
-            skel: Some(Box::new(skel)),
-            open_obj,
+        let sink = out.clone();
+        let loaded = Loaded::try_new(
+            MaybeUninit::uninit(),
+            |obj| open_and_load(obj, max_py_frames, filter),
+            |skel| {
+                let mut b = RingBufferBuilder::new();
+                b.add(&skel.maps.events, move |data: &[u8]| {
+                    if let Some(s) = abi::decode(data) {
+                        sink.lock().unwrap_or_else(|e| e.into_inner()).push(s);
+                    }
+                    0
+                })
+                .map_err(BpfError::Load)?;
+                b.build().map_err(BpfError::Load)
+            },
+        )?;
+        Ok(Walker {
             links: Vec::new(),
-            ring: None,
+            loaded,
             out,
-        };
-        let sink = w.out.clone();
-        let mut b = RingBufferBuilder::new();
-        let skel_ptr: *const skel::WalkerSkel<'static> = &**w.skel.as_ref().expect("just set");
-        // SAFETY: the skeleton is boxed (its address is stable) and owned by the walker, whose
-        // Drop drops the ring buffer before the skeleton.
-        let skel_ref: &'static skel::WalkerSkel<'static> = unsafe { &*skel_ptr };
-        b.add(&skel_ref.maps.events, move |data: &[u8]| {
-            if let Some(s) = parse(data) {
-                sink.lock().unwrap_or_else(|e| e.into_inner()).push(s);
-            }
-            0
         })
-        .map_err(|e| BpfError::Load(e.to_string()))?;
-        w.ring = Some(b.build().map_err(|e| BpfError::Load(e.to_string()))?);
-        Ok(w)
     }
 
-    fn skel(&self) -> &skel::WalkerSkel<'static> {
-        self.skel.as_deref().expect("the skeleton lives until Drop")
+    fn skel(&self) -> &skel::WalkerSkel<'_> {
+        self.loaded.borrow_skel()
     }
 
     /// Runs the program at every sample of this perf event.
     pub fn attach(&mut self, perf_event_fd: BorrowedFd<'_>) -> Result<(), BpfError> {
         // libbpf closes (and disables) the event's descriptor when the link goes: give it a
         // descriptor of its own, so that ours stays valid and is closed once, by us.
-        let own = perf_event_fd
-            .try_clone_to_owned()
-            .map_err(|e| BpfError::Attach(format!("dup: {e}")))?;
+        let own = perf_event_fd.try_clone_to_owned().map_err(BpfError::Dup)?;
         let link = self
             .skel()
             .progs
             .on_sample
             .attach_perf_event(own.as_raw_fd())
-            .map_err(|e| BpfError::Attach(e.to_string()))?;
+            .map_err(BpfError::Attach)?;
         // The link owns it now.
         std::mem::forget(own);
         self.links.push(link);
@@ -342,11 +303,10 @@ impl Walker {
     pub fn follow_forks(&mut self) -> Result<(), BpfError> {
         let mut links = Vec::new();
         for p in [&self.skel().progs.on_fork, &self.skel().progs.on_exec] {
-            links.push(
-                p.attach_trace().map_err(|e| {
-                    BpfError::Attach(format!("{}: {e}", p.name().to_string_lossy()))
-                })?,
-            );
+            links.push(p.attach_trace().map_err(|source| BpfError::Hook {
+                hook: p.name().to_string_lossy().into_owned(),
+                source,
+            })?);
         }
         self.links.extend(links);
         Ok(())
@@ -355,26 +315,27 @@ impl Walker {
     /// Keeps the samples of process `pid` (as perfpy sees it); with `children`, also of the
     /// processes it forks from now on, and theirs.
     pub fn keep(&mut self, pid: u32, children: bool) -> Result<(), BpfError> {
-        self.keep_flags(pid, u32::from(children))
+        self.keep_flags(pid, if children { abi::KEEP_CHILDREN } else { 0 })
     }
 
     /// Keeps the samples of a launched command, with its children's, from its next exec on
     /// (before it, the process is still a copy of perfpy).
     pub fn keep_from_exec(&mut self, pid: u32) -> Result<(), BpfError> {
-        self.keep_flags(pid, KEEP_CHILDREN | KEEP_FROM_EXEC)
+        self.keep_flags(pid, abi::KEEP_CHILDREN | abi::KEEP_FROM_EXEC)
     }
 
     fn keep_flags(&mut self, pid: u32, flags: u32) -> Result<(), BpfError> {
-        let mut v = [0u8; 8];
-        v[4..].copy_from_slice(&flags.to_ne_bytes());
-        self.skel()
-            .maps
-            .kept
-            .update(&pid.to_ne_bytes(), &v, MapFlags::ANY)
-            .map_err(|e| BpfError::Register {
-                pid,
-                detail: e.to_string(),
-            })
+        let kept = &self.skel().maps.kept;
+        kept.update(
+            &pid.to_ne_bytes(),
+            bytemuck::bytes_of(&abi::kept_target(flags)),
+            MapFlags::ANY,
+        )
+        .map_err(|source| BpfError::Keep {
+            pid,
+            capacity: kept.max_entries(),
+            source,
+        })
     }
 
     /// Whether `pid` is kept: `Some(parent)` (the kept process that forked it, 0 for a target).
@@ -386,7 +347,7 @@ impl Walker {
             .kept
             .lookup(&pid.to_ne_bytes(), MapFlags::ANY)
             .ok()??;
-        Some(u32::from_ne_bytes(v.get(..4)?.try_into().ok()?))
+        abi::kept_parent(&v)
     }
 
     /// Forgets a kept process that exited (its pid may be reused).
@@ -396,45 +357,17 @@ impl Walker {
 
     /// Starts walking the frames of a process.
     pub fn add_process(&mut self, p: &PyProcess) -> Result<(), BpfError> {
-        let o = p.offsets;
-        let cfg = ProcCfg {
-            runtime: p.runtime,
-            off: [
-                o.runtime_interp_head,
-                o.interp_tstate_head,
-                o.tstate_next,
-                o.tstate_native_tid,
-                o.tstate_cframe,
-                o.tstate_current_frame,
-                o.frame_code,
-                o.frame_instr,
-                o.frame_previous,
-                o.frame_owner,
-                o.frame_is_entry,
-                o.owned_by_cstack,
-                o.tstate_thread_id,
-                o.lasti_int,
-                o.frame_localsplus,
-                o.code_name,
-                o.code_filename,
-                // 3.14+: f_executable is a _PyStackRef (tag bits to mask).
-                i32::from(p.version >= (3, 14)),
-            ],
-        };
-        // SAFETY: ProcCfg is repr(C) plain data without padding (u64 then 18 i32), read as bytes.
-        let bytes = unsafe {
-            std::slice::from_raw_parts(
-                &cfg as *const ProcCfg as *const u8,
-                std::mem::size_of::<ProcCfg>(),
+        let procs = &self.skel().maps.procs;
+        procs
+            .update(
+                &p.pid.to_ne_bytes(),
+                bytemuck::bytes_of(&abi::proc_cfg(p)),
+                MapFlags::ANY,
             )
-        };
-        self.skel()
-            .maps
-            .procs
-            .update(&p.pid.to_ne_bytes(), bytes, MapFlags::ANY)
-            .map_err(|e| BpfError::Register {
+            .map_err(|source| BpfError::Register {
                 pid: p.pid,
-                detail: e.to_string(),
+                capacity: procs.max_entries(),
+                source,
             })
     }
 
@@ -444,9 +377,7 @@ impl Walker {
 
     /// Drains the ring buffer into `f`, without blocking.
     pub fn poll(&mut self, f: &mut dyn FnMut(PyStack)) {
-        if let Some(r) = &self.ring {
-            let _ = r.consume();
-        }
+        let _ = self.loaded.borrow_ring().consume();
         let v = std::mem::take(&mut *self.out.lock().unwrap_or_else(|e| e.into_inner()));
         for s in v {
             f(s);
@@ -457,9 +388,10 @@ impl Walker {
     pub fn stats(&self) -> Option<(u64, u64)> {
         use std::os::fd::AsFd;
         let fd = self.skel().progs.on_sample.as_fd().as_raw_fd();
-        let mut info: libbpf_sys::bpf_prog_info = unsafe_zeroed();
+        let mut info = libbpf_sys::bpf_prog_info::default();
         let mut len = std::mem::size_of::<libbpf_sys::bpf_prog_info>() as u32;
-        // SAFETY: bpf_obj_get_info_by_fd writes at most `len` bytes into `info`.
+        // SAFETY: bpf_obj_get_info_by_fd writes at most `len` bytes into `info`, a
+        // `bpf_prog_info` of `len` bytes.
         let r = unsafe {
             libbpf_sys::bpf_obj_get_info_by_fd(
                 fd,
@@ -471,33 +403,29 @@ impl Walker {
     }
 }
 
-fn unsafe_zeroed<T>() -> T {
-    // SAFETY: only used for plain C structs (integers), for which all-zero is valid.
-    unsafe { std::mem::zeroed() }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn record_layout_matches_the_c_header() {
-        // pid, tid, time, nframes, flags, then 40-byte frames.
-        let mut b = vec![0u8; 24 + 2 * FRAME_SIZE];
-        b[0..4].copy_from_slice(&7u32.to_ne_bytes());
-        b[4..8].copy_from_slice(&8u32.to_ne_bytes());
-        b[8..16].copy_from_slice(&99u64.to_ne_bytes());
-        b[16..20].copy_from_slice(&2u32.to_ne_bytes());
-        b[20..24].copy_from_slice(&REC_TRUNCATED.to_ne_bytes());
-        b[24..32].copy_from_slice(&0x1000u64.to_ne_bytes());
-        b[48..56].copy_from_slice(&0xabcu64.to_ne_bytes());
-        b[56..60].copy_from_slice(&(FRAME_ENTRY | 3).to_ne_bytes());
-        let s = parse(&b).unwrap();
-        assert_eq!((s.pid, s.tid, s.time_ns, s.frames.len()), (7, 8, 99, 2));
-        assert_eq!(s.truncated, Some(WalkerCut::FrameLimit));
-        assert!(s.frames[0].entry && s.frames[0].owner == 3 && !s.frames[1].entry);
-        assert_eq!((s.frames[0].code, s.frames[0].ident), (0x1000, 0xabc));
-        assert_eq!(std::mem::size_of::<ProcCfg>(), 8 + 18 * 4);
+    fn errors_keep_their_source_and_say_what_to_do() {
+        use std::error::Error as _;
+        let eperm = || libbpf_rs::Error::from(std::io::Error::from_raw_os_error(libc::EPERM));
+        let e = BpfError::Load(eperm());
+        let cause = e.source().expect("the libbpf error is the source");
+        assert_eq!(
+            cause.downcast_ref::<libbpf_rs::Error>().map(|e| e.kind()),
+            Some(libbpf_rs::ErrorKind::PermissionDenied)
+        );
+        let msg = e.to_string();
+        assert!(msg.contains("CAP_BPF") && msg.contains("BTF"), "{msg}");
+        assert!(!msg.contains("not permitted"), "the cause is not repeated: {msg}");
+        let e = BpfError::Register {
+            pid: 7,
+            capacity: 4096,
+            source: eperm(),
+        };
+        assert!(e.to_string().contains("4096") && e.source().is_some());
     }
 
     #[test]

@@ -236,11 +236,12 @@ impl Opener {
             };
             if let Some(w) = self.walker.as_mut() {
                 if let Err(e) = w.attach(fd.as_fd()) {
+                    let e = anyhow::Error::from(e);
                     if self.per_cpu {
                         // Without the program these events would keep every process's samples.
-                        bail!("{e}; rerun with --no-ebpf");
+                        bail!("{e:#}; rerun with --no-ebpf");
                     }
-                    say!("perfpy: warning: {e}; Python frames only from perf trampolines");
+                    say!("perfpy: warning: {e:#}; Python frames only from perf trampolines");
                     self.walker = None;
                 }
             }

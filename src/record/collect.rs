@@ -17,8 +17,12 @@ use super::merge;
 use super::replay::Target;
 
 /// How long a walker record waits for its sample (read from any CPU's ring) before it is
-/// dropped: rings are drained at least every 20 ms.
-pub(super) const KEEP_RECORDS_NS: u64 = 200_000_000;
+/// dropped, counted from the time of a later sample of its thread. Rings are drained every
+/// 20 ms, but one after the other: after a pause (naming an interval in `top` or `agent`, a
+/// busy machine) one CPU's ring brings samples up to now before another brings the thread's
+/// older ones, whose records must still be there. The queue's length bounds memory (256 per
+/// thread: 2.5 s at 100 Hz).
+pub(super) const KEEP_RECORDS_NS: u64 = 2_000_000_000;
 
 pub(super) struct RingEntry {
     pub(super) ring: Ring,
@@ -388,7 +392,7 @@ impl Collector {
         }
     }
 
-    /// Registers a CPython 3.11+ process with the eBPF walker, once.
+    /// Registers a CPython process (2.7, 3.6 and later) with the eBPF walker, once.
     pub(super) fn register_python(&mut self, key: u32) {
         let Some(py) = self.py.as_mut() else { return };
         let p = &self.procs[key as usize];
@@ -447,7 +451,7 @@ impl Collector {
                 }
                 self.walked.insert(p.pid);
             }
-            Err(e) => tracing::warn!("{e}"),
+            Err(e) => tracing::warn!("{:#}", anyhow::Error::from(e)),
         }
     }
 

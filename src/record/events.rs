@@ -19,7 +19,7 @@ pub(super) fn load_walker(opts: &Options) -> (Option<perfpy_bpf::Walker>, bool) 
             });
         match filtered {
             Ok(w) => return (Some(w), true),
-            Err(e) => tracing::debug!("eBPF sample filter: {e}"),
+            Err(e) => tracing::debug!("eBPF sample filter: {:#}", anyhow::Error::from(e)),
         }
     }
     match perfpy_bpf::Walker::load(opts.max_python_frames) {
@@ -30,7 +30,8 @@ pub(super) fn load_walker(opts: &Options) -> (Option<perfpy_bpf::Walker>, bool) 
             (Some(w), false)
         }
         Err(e) => {
-            say!("perfpy: warning: {e}; Python frames only from perf trampolines");
+            let e = anyhow::Error::from(e);
+            say!("perfpy: warning: {e:#}; Python frames only from perf trampolines");
             (None, false)
         }
     }

@@ -72,10 +72,6 @@ impl Periodic {
     /// `-a`), opens the events and starts sampling; `--inject-python` as for `record`. From
     /// the return on, samples count in the first interval. No status line is drawn.
     pub fn start(opts: Options, stop: Arc<AtomicBool>) -> Result<Periodic> {
-        anyhow::ensure!(
-            opts.command.is_empty(),
-            "a profile by intervals is of -p or -a, not of a launched command"
-        );
         let tgids = super::check_targets(&opts)?;
         let to_inject = super::injectable(&opts, &tgids)?;
         let mut s = Session::start(&opts, tgids, &to_inject, &stop)?;
@@ -91,6 +87,20 @@ impl Periodic {
             index: 0,
             ended: false,
         })
+    }
+
+    /// Keeps names (and the symbolizer's parsed files) unused for this many intervals instead
+    /// of [`NameCache::KEEP_UNUSED`]: for a caller that takes many short intervals.
+    pub fn keep_names_for(&mut self, intervals: u64) {
+        self.names.keep_unused = intervals.max(1);
+    }
+
+    /// The share of the `-p` targets' CPU time the samples so far cover, where it can be told.
+    pub fn coverage(&mut self) -> Option<f64> {
+        if self.ended {
+            return None;
+        }
+        self.s.coverage_now()
     }
 
     /// What is sampled, for a "sampling …" line: "every process", "pid 12, 34".

@@ -18,6 +18,7 @@ mod collect;
 mod events;
 mod inject;
 pub mod interval;
+pub mod live;
 mod merge;
 pub mod replay;
 mod session;

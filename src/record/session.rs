@@ -60,13 +60,8 @@ impl Session {
         stop: &Arc<AtomicBool>,
     ) -> Result<Session> {
         let mut capture = capture::open(opts, &mut tgids)?;
-        let injection = Injection::start(opts, to_inject, capture.walker.is_some(), stop);
-        let mut c = Collector::new(capture.walker.take(), opts.max_frames, capture.per_cpu);
-        c.target = super::replay::Target::from_env()?;
-        for &pid in &tgids {
-            let key = c.proc_key(pid);
-            c.register_python(key);
-        }
+        // Measured from now: the events sample from now on, and naming the targets' files
+        // below takes a while (its samples count; the CPU time under them must too).
         let launched = capture.spawned.is_some();
         let meter = CpuMeter::start(
             if launched { &[] } else { &tgids },
@@ -74,6 +69,13 @@ impl Session {
             opts.subprocesses,
             capture.per_cpu,
         );
+        let injection = Injection::start(opts, to_inject, capture.walker.is_some(), stop);
+        let mut c = Collector::new(capture.walker.take(), opts.max_frames, capture.per_cpu);
+        c.target = super::replay::Target::from_env()?;
+        for &pid in &tgids {
+            let key = c.proc_key(pid);
+            c.register_python(key);
+        }
         // Turned on only now that the walker knows the targets: samples taken while the
         // activation runs (a few hundred ms) would otherwise have no Python frames at all.
         injection.activate(to_inject)?;
@@ -93,6 +95,19 @@ impl Session {
             scratch: Vec::new(),
             ep_events: vec![EpollEvent::empty(); 64],
         })
+    }
+
+    /// The share of the `-p` targets' CPU time that the samples so far cover (`perfpy top`'s
+    /// header); None for a launched command (its time is known once it is reaped), `-a`, or
+    /// under 50 ms of CPU. Reads one small /proc file per target.
+    pub(super) fn coverage_now(&mut self) -> Option<f64> {
+        if self.launched().is_some() {
+            return None;
+        }
+        let (samples, lost) = (self.c.stats.samples, self.c.stats.lost);
+        let c = self.meter.coverage(samples, lost, self.capture.period_ns);
+        let sampled = samples.saturating_mul(self.capture.period_ns) as f64 / 1e9;
+        (c.cpu >= Duration::from_millis(50)).then(|| sampled / c.cpu.as_secs_f64())
     }
 
     /// The launched command's pid, if any.

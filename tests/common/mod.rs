@@ -50,6 +50,21 @@ pub fn python(minor: &str) -> Option<PathBuf> {
     }
 }
 
+/// `cmd`'s process is killed when the test thread that starts it ends, however it ends: a test
+/// binary killed by its time limit must not leave busy workloads behind (Drop does not run).
+pub fn die_with_the_test(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// A process started by a test, killed (by pid) when dropped.
 pub struct Workload {
     pub child: Child,
@@ -58,6 +73,7 @@ pub struct Workload {
 impl Workload {
     /// Starts `cmd` and waits (up to 30 s) for it to print a line starting with "ready".
     pub fn start(cmd: &mut Command) -> Workload {
+        die_with_the_test(cmd);
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
-/* perfpy's eBPF frame walker for CPython 3.11+: at each sample of a registered process, find
- * the sampled thread's PyThreadState (the interpreter's thread list, matched on
- * native_thread_id) and walk its _PyInterpreterFrame chain, emitting (code object, instruction
+/* perfpy's eBPF frame walker for CPython 2.7 and 3.6+: at each sample of a registered process,
+ * find the sampled thread's PyThreadState (the interpreter's thread list, matched on
+ * native_thread_id, or on thread_id = the thread's fsbase before 3.11) and walk its frame chain
+ * (_PyInterpreterFrame from 3.11, PyFrameObject before), emitting (code object, instruction
  * pointer, flags) per frame, newest first. Always returns 1: 0 would drop the perf sample.
  * One bpf_loop iteration per frame (walk_frame, which reads each frame's fields through
  * frame_field), up to max_py_frames frames (--max-python-frames, set by user space). */

@@ -1,23 +1,33 @@
-/* Shared between the eBPF program and user space (mirrored in src/lib.rs). */
+/* Shared between the eBPF program and user space. Not mirrored by hand: libbpf-cargo generates
+ * the Rust types (the skeleton's `types` module, used by src/abi.rs) from the program's BTF, so
+ * every struct and enum here must be named and reach the BTF (see the instances at the end). */
 #ifndef PERFPY_WALKER_H
 #define PERFPY_WALKER_H
 
 #define MAX_THREADS 256
 /* Default and ceiling of the Python frames one record holds (user space sets the limit,
  * --max-python-frames, before loading; the scratch map's value is sized to match). */
-#define DEFAULT_PY_FRAMES 1024
-#define MAX_PY_FRAMES_CAP 16384
+enum py_frame_limits {
+    DEFAULT_PY_FRAMES = 1024,
+    MAX_PY_FRAMES_CAP = 16384,
+};
 
 /* Record flags. */
-#define REC_NO_TSTATE 1   /* the thread has no PyThreadState: no Python frames */
-#define REC_TRUNCATED 2   /* more Python frames than the limit (max_py_frames) */
-#define REC_READ_ERROR 4  /* a pointer could not be read */
-#define REC_LOOP_BUDGET 8 /* the walk's loop budget ran out before the outermost frame */
+enum record_flags {
+    REC_NO_TSTATE = 1,   /* the thread has no PyThreadState: no Python frames */
+    REC_TRUNCATED = 2,   /* more Python frames than the limit (max_py_frames) */
+    REC_READ_ERROR = 4,  /* a pointer could not be read */
+    REC_LOOP_BUDGET = 8, /* the walk's loop budget ran out before the outermost frame */
+};
 
 /* Frame flags: low byte = owner; ENTRY = first frame run by its C-level eval call. */
-#define FRAME_ENTRY 0x100
+enum frame_flags {
+    FRAME_OWNER_MASK = 0xff,
+    FRAME_ENTRY = 0x100,
+};
 
-/* Per process: where _PyRuntime is, and the offsets of this CPython version (3.11+). */
+/* Per process: where _PyRuntime (or interp_head: 2.7, 3.6) is, and the offsets of its CPython
+ * version (-1 where a field does not exist in it). */
 struct proc_cfg {
     __u64 runtime;
     __s32 runtime_interp_head;
@@ -41,8 +51,10 @@ struct proc_cfg {
 };
 
 /* A process whose samples are kept (-p and launched commands on per-CPU events). */
-#define KEEP_CHILDREN 1 /* processes it forks are kept too */
-#define KEEP_FROM_EXEC 2 /* a launched command: its samples count from its exec on */
+enum keep_flags {
+    KEEP_CHILDREN = 1,  /* processes it forks are kept too */
+    KEEP_FROM_EXEC = 2, /* a launched command: its samples count from its exec on */
+};
 struct kept {
     __u32 parent; /* the kept process that forked it, 0 for a target */
     __u32 flags;
@@ -65,5 +77,15 @@ struct record {
     __u32 flags;
     struct pyframe frames[]; /* nframes of them, up to max_py_frames */
 };
+
+/* Never read nor written by the program: one instance of each type above that no map names, so
+ * that clang puts it in the program's BTF (a struct reached only through a pointer member is
+ * emitted as a bare forward declaration, and an enum not at all) and libbpf-cargo generates its
+ * Rust type. They cost a 40-byte .bss map. */
+struct record abi_record;
+enum py_frame_limits abi_py_frame_limits;
+enum record_flags abi_record_flags;
+enum frame_flags abi_frame_flags;
+enum keep_flags abi_keep_flags;
 
 #endif
