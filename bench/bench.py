@@ -758,7 +758,21 @@ def section_agent(seconds):
         early, late = med(cpu[1:4]), med(cpu[-3:])
         say("CPU per interval: %.0f ms early (second to fourth), %.0f ms at the end: %s" % (
             1000 * early, 1000 * late, check(late <= 1.5 * early + 0.05, "agent: CPU per interval grew %.0f -> %.0f ms" % (1000 * early, 1000 * late))))
-    say("Memory: %s" % flat([(t, r, f) for t, _, r, f in series], "agent"))
+    # The agent's memory is a sawtooth (blazesym made anew every 6 intervals): its peaks, in the
+    # first and the second half after the first minute, must not grow.
+    later = [(r, f) for t, _, r, f in series if t >= 60]
+    if len(later) >= 4:
+        h = len(later) // 2
+        peak1, peak2 = max(r for r, _ in later[:h]), max(r for r, _ in later[h:])
+        fd1, fd2 = max(f for _, f in later[:h]), max(f for _, f in later[h:])
+        say("Memory: RSS peaks %.1f MiB (minute 1 to half-time), %.1f MiB (second half), lowest %.1f; fds peaks %d, %d: %s" % (
+            peak1 / 1024, peak2 / 1024, min(r for r, _ in later) / 1024, fd1, fd2,
+            check(peak2 - peak1 <= TARGET_FLAT_MIB * 1024 and fd2 - fd1 <= 8,
+                  "agent: RSS peak grew %.1f MiB, fd peak %d" % ((peak2 - peak1) / 1024, fd2 - fd1))))
+    else:
+        check(False, "agent: too few RSS samples")
+    lost = sum(i.get("lost", 0) for i in intervals)
+    say("Samples lost (rings full while an interval was named): %d of %d" % (lost, lost + sum(i.get("samples", 0) for i in intervals)))
     check(rc == 0, "agent: exit %d" % rc)
     check(len(exports) >= len(intervals) - 1 and len(intervals) >= seconds // 10 - 1,
           "agent: %d intervals, %d exports" % (len(intervals), len(exports)))

@@ -343,7 +343,8 @@ fn resolve_rest(
 /// process keys and Python function ids are never reused within a session.
 pub struct NameCache {
     names: HashMap<FrameKey, (Resolved, u64)>,
-    /// Intervals a name (and the symbolizer) is kept unused: [`NameCache::KEEP_UNUSED`], more
+    /// Intervals a name is kept unused (and, a tenth of them, the symbolizer's parsed files):
+    /// [`NameCache::KEEP_UNUSED`], more
     /// for a consumer that takes many short intervals (`perfpy top` on a terminal).
     pub keep_unused: u64,
     /// Interval number, for [`NameCache::KEEP_UNUSED`].
@@ -351,7 +352,7 @@ pub struct NameCache {
     /// blazesym, with the files it parsed (kallsyms, symbol tables, DWARF): parsing them is
     /// most of the cost of naming a few new addresses (measured: kallsyms and libc's debug
     /// file took seconds per interval when parsed anew). Made anew every
-    /// [`NameCache::KEEP_UNUSED`] intervals, so that files no longer used are let go.
+    /// [`NameCache::SYMBOLIZER_INTERVALS`] intervals.
     symbolizer: Option<(Symbolizer, u64)>,
 }
 
@@ -382,6 +383,17 @@ impl NameCache {
     /// whose processes come and go (`-a`), and a long-lived location costs one naming per
     /// this many intervals at most.
     pub const KEEP_UNUSED: u64 = 60;
+
+    /// How many intervals one blazesym instance serves. What it parses (DWARF units, as
+    /// addresses in them are looked up) stays until it is dropped: kept for ever, it grew by
+    /// ~0.8 MiB a minute of `agent -a` (bench/, 10 minutes); made anew every interval, it cost
+    /// twice the CPU. Every 6 intervals: the growth is cut each minute at 10 s intervals.
+    /// Scaled with [`NameCache::keep_unused`] (a tenth of it) for consumers of short intervals.
+    pub const SYMBOLIZER_INTERVALS: u64 = 6;
+
+    fn symbolizer_intervals(&self) -> u64 {
+        (self.keep_unused * Self::SYMBOLIZER_INTERVALS / Self::KEEP_UNUSED).max(1)
+    }
 
     /// Whether a fresh name may stand for later intervals: not a placeholder that another
     /// stack may need named ("[interpreter]"), not an address a perf map did not name (yet).
@@ -423,7 +435,7 @@ pub fn resolve_incremental(
     if cache
         .symbolizer
         .as_ref()
-        .is_some_and(|(_, made)| generation - made >= cache.keep_unused)
+        .is_some_and(|(_, made)| generation - made >= cache.symbolizer_intervals())
     {
         cache.symbolizer = None;
     }

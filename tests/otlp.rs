@@ -85,15 +85,7 @@ fn spawn_perfpy(args: &[&str], env: &[(&str, &str)]) -> (Child, mpsc::Receiver<S
 }
 
 fn wait_line(rx: &mpsc::Receiver<String>, needle: &str, limit: Duration) -> bool {
-    let t = Instant::now();
-    while let Some(left) = limit.checked_sub(t.elapsed()) {
-        match rx.recv_timeout(left) {
-            Ok(l) if l.contains(needle) => return true,
-            Ok(_) => {}
-            Err(_) => return false,
-        }
-    }
-    false
+    wait_said(rx, &mut Vec::new(), needle, limit)
 }
 
 fn rest(rx: &mpsc::Receiver<String>) -> String {
@@ -503,9 +495,43 @@ fn spans(req: &ExportProfilesServiceRequest) -> Vec<(u64, u64, i64)> {
         .collect()
 }
 
-fn sigterm(child: &Child) {
+/// `perfpy agent -p PID --interval I --otlp-endpoint URL [more]`, its stderr read line by line.
+fn spawn_agent(
+    pid: &str,
+    interval: &str,
+    url: &str,
+    more: &[&str],
+    env: &[(&str, &str)],
+) -> (Child, mpsc::Receiver<String>) {
+    let mut args = vec![
+        "agent",
+        "-p",
+        pid,
+        "--interval",
+        interval,
+        "--otlp-endpoint",
+        url,
+    ];
+    args.extend_from_slice(more);
+    spawn_perfpy(&args, env)
+}
+
+/// SIGTERM to the agent, its exit (within 40 s, else killed: `None`) and its final line; returns
+/// the exit code and every line it said.
+fn stop_agent(
+    mut child: Child,
+    rx: &mpsc::Receiver<String>,
+    mut said: Vec<String>,
+) -> (Option<i32>, String) {
     // SAFETY: kill(2) on our own child, not reaped yet.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = wait_exit(&mut child, Duration::from_secs(40));
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    wait_said(rx, &mut said, "agent stopped", Duration::from_secs(5));
+    (status.and_then(|s| s.code()), said.join("\n"))
 }
 
 /// The issue's check: `perfpy agent -p PID --interval 2s` on the known split for ~10 s. At least
@@ -524,20 +550,7 @@ fn agent_exports_each_interval_to_a_real_collector() {
     let pid = w.pid().to_string();
     let url = col.url();
     let cpu_before = cpu_ns(w.pid());
-    let (mut child, rx) = spawn_perfpy(
-        &[
-            "agent",
-            "-p",
-            &pid,
-            "--interval",
-            "2s",
-            "-r",
-            "250",
-            "--otlp-endpoint",
-            &url,
-        ],
-        &[],
-    );
+    let (child, rx) = spawn_agent(&pid, "2s", &url, &["-r", "250"], &[]);
     let mut said = Vec::new();
     assert!(
         wait_said(
@@ -550,17 +563,17 @@ fn agent_exports_each_interval_to_a_real_collector() {
     );
     // Five intervals of 2 s (CPU time permitting: the workload is CPU-bound), then stop.
     let arrived = sink.wait(5, Duration::from_secs(90));
+    // And until the workload has had 2 s of CPU (~500 samples): a busy machine gives it less
+    // than a CPU, and the split needs samples, not seconds.
+    let t = Instant::now();
+    while cpu_ns(w.pid()) - cpu_before < 2_000_000_000 && t.elapsed() < Duration::from_secs(90) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let at_stop = sink.received.lock().unwrap().len();
     let cpu_at_stop = cpu_ns(w.pid());
-    sigterm(&child);
-    let status = wait_exit(&mut child, Duration::from_secs(40));
-    if status.is_none() {
-        let _ = child.kill();
-    }
-    wait_said(&rx, &mut said, "agent stopped", Duration::from_secs(5));
-    let said = said.join("\n");
+    let (code, said) = stop_agent(child, &rx, said);
     assert!(arrived, "fewer than 5 exports in 90 s: {said}");
-    assert_eq!(status.and_then(|s| s.code()), Some(0), "{said}");
+    assert_eq!(code, Some(0), "{said}");
     // The last interval (cut short by SIGTERM) is exported too.
     let stopped = said
         .lines()
@@ -677,30 +690,19 @@ fn agent_without_a_collector_warns_and_retries() {
     };
     let pid = w.pid().to_string();
     let url = format!("http://127.0.0.1:{}", free_port());
-    let (mut child, rx) = spawn_perfpy(
-        &[
-            "agent",
-            "-p",
-            &pid,
-            "--interval",
-            "1s",
-            "--otlp-endpoint",
-            &url,
-        ],
+    let (child, rx) = spawn_agent(
+        &pid,
+        "1s",
+        &url,
+        &[],
         &[("OTEL_EXPORTER_OTLP_TIMEOUT", "1000")],
     );
     let mut said = Vec::new();
     let failing = wait_said(&rx, &mut said, "export failing", Duration::from_secs(30));
-    sigterm(&child);
     let t = Instant::now();
-    let status = wait_exit(&mut child, Duration::from_secs(40));
-    if status.is_none() {
-        let _ = child.kill();
-    }
-    wait_said(&rx, &mut said, "agent stopped", Duration::from_secs(5));
-    let said = said.join("\n");
+    let (code, said) = stop_agent(child, &rx, said);
     assert!(failing, "{said}");
-    assert_eq!(status.and_then(|s| s.code()), Some(0), "{said}");
+    assert_eq!(code, Some(0), "{said}");
     // Stopping waits for the queue a bounded while only.
     assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
     let line = said.lines().find(|l| l.contains("export failing")).unwrap();
@@ -734,16 +736,11 @@ fn agent_rides_out_a_collector_restart() {
     };
     let pid = w.pid().to_string();
     let url = col.url();
-    let (mut child, rx) = spawn_perfpy(
-        &[
-            "agent",
-            "-p",
-            &pid,
-            "--interval",
-            "1s",
-            "--otlp-endpoint",
-            &url,
-        ],
+    let (child, rx) = spawn_agent(
+        &pid,
+        "1s",
+        &url,
+        &[],
         &[("OTEL_EXPORTER_OTLP_TIMEOUT", "2000")],
     );
     let mut said = Vec::new();
@@ -769,17 +766,11 @@ fn agent_rides_out_a_collector_restart() {
     let recovered = wait_said(&rx, &mut said, "export recovered", Duration::from_secs(60));
     let after = sink.received.lock().unwrap().len();
     let more = sink.wait(after + 2, Duration::from_secs(30));
-    sigterm(&child);
-    let status = wait_exit(&mut child, Duration::from_secs(40));
-    if status.is_none() {
-        let _ = child.kill();
-    }
-    wait_said(&rx, &mut said, "agent stopped", Duration::from_secs(5));
-    let said = said.join("\n");
+    let (code, said) = stop_agent(child, &rx, said);
     assert!(noticed, "the failing exports were not said: {said}");
     assert!(recovered, "no recovery said: {said}");
     assert!(more, "exports after the restart did not go on arriving");
-    assert_eq!(status.and_then(|s| s.code()), Some(0), "{said}");
+    assert_eq!(code, Some(0), "{said}");
     let failing = said.lines().find(|l| l.contains("export failing")).unwrap();
     assert!(
         failing.contains("queued") && failing.contains("cannot connect"),
@@ -799,5 +790,94 @@ fn agent_rides_out_a_collector_restart() {
     assert!(
         during.len() >= 3 && during.iter().all(|s| s.2 > 0),
         "intervals of the outage missing: {during:?}"
+    );
+}
+
+/// `perfpy agent` with neither `-p` nor `-a`: the whole machine (here a private PID namespace),
+/// every interval exported with each process as a resource, its Python functions named.
+#[test]
+fn agent_profiles_the_whole_machine_by_default() {
+    let Some(col) = Collector::start(None, true) else {
+        return;
+    };
+    let Some(py) = python("3.12") else {
+        return;
+    };
+    let dir = tmp("agent-all");
+    std::fs::create_dir_all(&dir).unwrap();
+    let _ = std::fs::remove_file(dir.join("stop"));
+    // The agent gets SIGTERM once the test has seen 3 exports and made the file `stop` (60 s
+    // at most).
+    let script = format!(
+        r#"cd {dir}
+OTEL_SERVICE_NAME=ns-split {py} {split} 60 > w &
+for i in $(seq 1 300); do grep -q ready w 2>/dev/null && break; sleep 0.1; done
+{perfpy} agent --interval 1s --otlp-endpoint {url} &
+agent=$!
+for i in $(seq 1 600); do [ -e stop ] && break; sleep 0.1; done
+kill -TERM $agent
+wait $agent
+echo "rc $?"
+echo "pid $(awk '{{print $2}}' w | head -1)"
+kill $(jobs -p) 2>/dev/null || true
+wait || true
+"#,
+        dir = dir.display(),
+        py = py.display(),
+        split = testdata("split.py").display(),
+        perfpy = perfpy().display(),
+        url = col.url(),
+    );
+    let ns = std::thread::spawn(move || {
+        output_within(
+            Command::new("unshare").args([
+                "--pid",
+                "--fork",
+                "--mount-proc",
+                "bash",
+                "-c",
+                &script,
+            ]),
+            Duration::from_secs(120),
+        )
+    });
+    let exported = (0..600).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        col.output().matches("ResourceProfiles #0").count() >= 3
+    });
+    std::fs::write(dir.join("stop"), "").unwrap();
+    let o = ns.join().unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    eprintln!("{stdout}\n{stderr}");
+    assert!(exported, "fewer than 3 exports in 60 s");
+    assert!(stdout.contains("rc 0"), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("perfpy: agent sampling every process at 100 Hz"),
+        "{stderr}"
+    );
+    let pid: i64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("pid ")?.trim().parse().ok())
+        .expect("the workload's pid");
+    assert!(col.wait_for("ResourceProfiles #0", Duration::from_secs(10)));
+    let exports = printed_exports(&col.output());
+    assert!(exports.len() >= 3, "{} exports", exports.len());
+    // The workload is a resource of its own, its frames named. Not in every interval: naming
+    // the first interval of a whole machine (kallsyms, every library; seconds in a debug build
+    // on a busy machine) lets the rings overflow, and that interval's successor loses samples.
+    let with_it = exports
+        .iter()
+        .filter(|p| {
+            p.resources.iter().any(|r| {
+                r.contains(&("process.pid".into(), format!("Int({pid})")))
+                    && r.contains(&("service.name".into(), "Str(ns-split)".into()))
+            }) && p.function("hot_function").is_some()
+        })
+        .count();
+    assert!(
+        with_it >= 2,
+        "the workload in {with_it} of {} exports",
+        exports.len()
     );
 }
