@@ -61,7 +61,9 @@ pub fn resolve(
     )
 }
 
-/// Resolves the locations of `profile` that `out` (one entry per location) does not name yet.
+/// Resolves the locations of `profile` that `out` (one entry per location) does not name yet:
+/// anonymous code by perf maps, the walker's Python frames and markers as they are, then the
+/// kernel in one batch and files in one batch each (only the frames the report will show).
 fn resolve_rest(
     profile: &Profile,
     files: &Files,
@@ -70,7 +72,42 @@ fn resolve_rest(
     mut out: Vec<Option<Resolved>>,
     sym: &Symbolizer,
 ) -> Symbolized {
-    // Anonymous code: perf maps, read once per process (safely: they are the targets' files).
+    let refused = name_anonymous(profile, procs, &mut out);
+    name_as_recorded(profile, &mut out);
+    let needed = shown_files(profile, files, &out, keep_interpreter);
+    let mut cut_short = name_kernel(profile, &mut out, sym);
+    cut_short |= name_files(profile, files, &needed, &mut out, sym);
+    cut_short |= crate::signals::aborted();
+    let resolved = out
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| one("[unknown]".into(), None, None, Kind::Other)))
+        .collect();
+    Symbolized {
+        resolved,
+        refused_perf_maps: refused,
+        cut_short,
+    }
+}
+
+/// A location named by one frame.
+fn one(function: String, file: Option<String>, line: Option<u32>, kind: Kind) -> Resolved {
+    Resolved {
+        frames: vec![Frame {
+            function,
+            file,
+            line,
+        }],
+        kind,
+    }
+}
+
+/// Anonymous code (JIT, perf trampolines) by the perf map of its process, read once per
+/// process (safely: they are the targets' files). Returns the perf maps refused (pid, why).
+fn name_anonymous(
+    profile: &Profile,
+    procs: &HashMap<u32, &Process>,
+    out: &mut [Option<Resolved>],
+) -> Vec<(u32, String)> {
     let mut maps: HashMap<u32, PerfMap> = HashMap::new();
     let mut refused = Vec::new();
     for (i, k) in profile.locations.iter().enumerate() {
@@ -93,93 +130,77 @@ fn resolve_rest(
                 PerfMap::default()
             })
         });
-        let r = match map.lookup(*addr) {
+        out[i] = Some(match map.lookup(*addr) {
             Some(e) => match python_name(&e.name) {
-                Some(py) => Resolved {
-                    frames: vec![Frame {
-                        function: py.qualname.to_string(),
-                        file: Some(py.file.to_string()),
-                        line: None,
-                    }],
-                    kind: Kind::Python,
-                },
-                None => Resolved {
-                    frames: vec![Frame {
-                        function: e.name.clone(),
-                        file: None,
-                        line: None,
-                    }],
-                    kind: Kind::Other,
-                },
+                Some(py) => one(
+                    py.qualname.to_string(),
+                    Some(py.file.to_string()),
+                    None,
+                    Kind::Python,
+                ),
+                None => one(e.name.clone(), None, None, Kind::Other),
             },
-            None => Resolved {
-                frames: vec![Frame {
-                    function: format!("[unknown] {addr:#x}"),
-                    file: None,
-                    line: None,
-                }],
-                kind: Kind::Other,
-            },
-        };
-        out[i] = Some(r);
+            None => one(format!("[unknown] {addr:#x}"), None, None, Kind::Other),
+        });
     }
+    refused
+}
+
+/// What needs no symbolizer: the walker's Python frames, wait kinds and truncation markers.
+fn name_as_recorded(profile: &Profile, out: &mut [Option<Resolved>]) {
     for (i, k) in profile.locations.iter().enumerate() {
-        if let FrameKey::Py { func, line } = k {
-            let f = &profile.py_functions[*func as usize];
-            out[i] = Some(Resolved {
-                frames: vec![Frame {
-                    function: f.qualname.clone(),
-                    file: Some(f.filename.clone()),
-                    line: Some(*line),
-                }],
-                kind: Kind::PythonEbpf,
-            });
-        }
-        if let FrameKey::Wait(w) = *k {
-            out[i] = Some(Resolved {
-                frames: vec![Frame {
-                    function: w.frame().into(),
-                    file: None,
-                    line: None,
-                }],
-                kind: Kind::Other,
-            });
-        }
-        if let FrameKey::Truncated(cut) = *k {
-            out[i] = Some(Resolved {
-                frames: vec![Frame {
-                    function: cut.marker().into(),
-                    file: None,
-                    line: None,
-                }],
-                kind: Kind::Other,
-            });
+        match *k {
+            FrameKey::Py { func, line } => {
+                let f = &profile.py_functions[func as usize];
+                out[i] = Some(one(
+                    f.qualname.clone(),
+                    Some(f.filename.clone()),
+                    Some(line),
+                    Kind::PythonEbpf,
+                ));
+            }
+            FrameKey::Wait(w) => out[i] = Some(one(w.frame().into(), None, None, Kind::Other)),
+            FrameKey::Truncated(cut) => {
+                out[i] = Some(one(cut.marker().into(), None, None, Kind::Other))
+            }
+            _ => {}
         }
     }
-    // Which file locations will be shown: all of them in stacks without Python frames, all but
-    // the interpreter's in the others.
+}
+
+/// Which file locations the report will show: all of them in stacks without Python frames,
+/// all but the interpreter's in the others (and in off-CPU stacks, whose interpreter frames say
+/// whether a wait was for the GIL).
+fn shown_files(
+    profile: &Profile,
+    files: &Files,
+    out: &[Option<Resolved>],
+    keep_interpreter: bool,
+) -> Vec<bool> {
+    let mut needed = vec![keep_interpreter; profile.locations.len()];
+    if keep_interpreter {
+        return needed;
+    }
     let is_python = |i: usize| {
         out[i]
             .as_ref()
             .is_some_and(|r| matches!(r.kind, Kind::Python | Kind::PythonEbpf))
     };
-    let mut needed = vec![keep_interpreter; profile.locations.len()];
-    // Off-CPU stacks: the interpreter's frames say whether a wait was for the GIL.
     let offcpu: std::collections::HashSet<u32> = profile.offcpu.keys().map(|k| k.stack).collect();
-    if !keep_interpreter {
-        for (id, stack) in profile.stacks.iter().enumerate() {
-            let python =
-                stack.iter().any(|l| is_python(*l as usize)) && !offcpu.contains(&(id as u32));
-            for l in stack.iter() {
-                let l = *l as usize;
-                if let FrameKey::File { file, .. } = profile.locations[l] {
-                    needed[l] |= !python || !is_interpreter_file(&files.list[file as usize]);
-                }
+    for (id, stack) in profile.stacks.iter().enumerate() {
+        let python = stack.iter().any(|l| is_python(*l as usize)) && !offcpu.contains(&(id as u32));
+        for l in stack.iter() {
+            let l = *l as usize;
+            if let FrameKey::File { file, .. } = profile.locations[l] {
+                needed[l] |= !python || !is_interpreter_file(&files.list[file as usize]);
             }
         }
     }
+    needed
+}
 
-    // Kernel: one batch.
+/// Kernel addresses, in one batch. Returns whether a signal cut it short.
+fn name_kernel(profile: &Profile, out: &mut [Option<Resolved>], sym: &Symbolizer) -> bool {
     let kernel: Vec<(usize, u64)> = profile
         .locations
         .iter()
@@ -189,29 +210,40 @@ fn resolve_rest(
             _ => None,
         })
         .collect();
-    let mut cut_short = false;
-    if !kernel.is_empty() {
-        let addrs: Vec<u64> = kernel.iter().map(|(_, a)| *a).collect();
-        let t = std::time::Instant::now();
-        let frames = if crate::signals::aborted() {
-            cut_short = true;
-            vec![Vec::new(); addrs.len()]
-        } else {
-            sym.symbolize_kernel(&addrs).unwrap_or_else(|e| {
-                tracing::warn!("{e}");
-                vec![Vec::new(); addrs.len()]
-            })
-        };
-        tracing::debug!(addresses = addrs.len(), elapsed = ?t.elapsed(), "symbolized kernel");
-        for ((i, a), f) in kernel.into_iter().zip(frames) {
-            out[i] = Some(Resolved {
-                frames: or_unknown(f, || format!("[kernel] {a:#x}")),
-                kind: Kind::Kernel,
-            });
-        }
+    if kernel.is_empty() {
+        return false;
     }
+    let addrs: Vec<u64> = kernel.iter().map(|(_, a)| *a).collect();
+    let t = std::time::Instant::now();
+    let aborted = crate::signals::aborted();
+    let frames = if aborted {
+        vec![Vec::new(); addrs.len()]
+    } else {
+        sym.symbolize_kernel(&addrs).unwrap_or_else(|e| {
+            tracing::warn!("{e}");
+            vec![Vec::new(); addrs.len()]
+        })
+    };
+    tracing::debug!(addresses = addrs.len(), elapsed = ?t.elapsed(), "symbolized kernel");
+    for ((i, a), f) in kernel.into_iter().zip(frames) {
+        out[i] = Some(Resolved {
+            frames: or_unknown(f, || format!("[kernel] {a:#x}")),
+            kind: Kind::Kernel,
+        });
+    }
+    aborted
+}
 
-    // Files: one batch per file.
+/// Code of mapped files, one batch per file; the interpreter's frames the report hides are
+/// not symbolized. Returns whether a signal cut it short.
+fn name_files(
+    profile: &Profile,
+    files: &Files,
+    needed: &[bool],
+    out: &mut [Option<Resolved>],
+    sym: &Symbolizer,
+) -> bool {
+    let mut cut_short = false;
     let mut by_file: HashMap<u32, Vec<(usize, u64)>> = HashMap::new();
     for (i, k) in profile.locations.iter().enumerate() {
         match k {
@@ -226,14 +258,12 @@ fn resolve_rest(
         let interpreter = is_interpreter_file(file);
         let (locs, skipped): (Vec<_>, Vec<_>) = locs.into_iter().partition(|(i, _)| needed[*i]);
         for (i, _) in skipped {
-            out[i] = Some(Resolved {
-                frames: vec![Frame {
-                    function: "[interpreter]".into(),
-                    file: None,
-                    line: None,
-                }],
-                kind: Kind::Native { interpreter: true },
-            });
+            out[i] = Some(one(
+                "[interpreter]".into(),
+                None,
+                None,
+                Kind::Native { interpreter: true },
+            ));
         }
         if locs.is_empty() {
             continue;
@@ -241,49 +271,10 @@ fn resolve_rest(
         let offsets: Vec<u64> = locs.iter().map(|(_, o)| *o).collect();
         let aborted = crate::signals::aborted();
         cut_short |= aborted;
-        let frames = if aborted {
+        let mut frames = if aborted {
             vec![Vec::new(); offsets.len()]
-        } else if let Some(dbg) = file.debug_fd_path() {
-            // A stripped file with its separate debug file: by virtual address (the debug
-            // file's code sections are empty), then, for what it does not name, the file's
-            // own dynamic symbols.
-            let vaddrs: Vec<u64> = offsets
-                .iter()
-                .map(|o| file.file_offset_to_vaddr(*o).unwrap_or(u64::MAX))
-                .collect();
-            let t = std::time::Instant::now();
-            let mut f = sym
-                .symbolize_debug_file(&dbg, &vaddrs, !interpreter)
-                .unwrap_or_else(|e| {
-                    tracing::debug!("{e}");
-                    vec![Vec::new(); offsets.len()]
-                });
-            tracing::debug!(file = file.path, addresses = offsets.len(), elapsed = ?t.elapsed(), "symbolized with its debug file");
-            if f.iter().any(Vec::is_empty) {
-                let own = sym
-                    .symbolize_elf(&file.fd_path(), &offsets, false)
-                    .unwrap_or_default();
-                for (a, b) in f.iter_mut().zip(own) {
-                    if a.is_empty() {
-                        *a = b;
-                    }
-                }
-            }
-            f
-        } else if file.elf.is_some() {
-            let t = std::time::Instant::now();
-            // CPython's own frames are named from its symbol table: their source lines are of
-            // no use to a Python programmer, and libpython's DWARF costs ~15 ms and ~20 MiB.
-            let f = sym
-                .symbolize_elf(&file.fd_path(), &offsets, !interpreter)
-                .unwrap_or_else(|e| {
-                    tracing::debug!("{e}");
-                    vec![Vec::new(); offsets.len()]
-                });
-            tracing::debug!(file = file.path, addresses = offsets.len(), elapsed = ?t.elapsed(), "symbolized");
-            f
         } else {
-            vec![Vec::new(); offsets.len()]
+            symbolize_file(file, &offsets, interpreter, sym)
         };
         let short = file
             .path
@@ -292,7 +283,6 @@ fn resolve_rest(
             .unwrap_or(&file.path)
             .trim_matches(|c| c == '[' || c == ']')
             .to_string();
-        let mut frames = frames;
         if file.path == "[vdso]" {
             // Its functions are named as libc's that call them (`clock_gettime`): the file
             // tells them apart.
@@ -315,25 +305,56 @@ fn resolve_rest(
             });
         }
     }
+    cut_short
+}
 
-    cut_short |= crate::signals::aborted();
-    let resolved = out
-        .into_iter()
-        .map(|r| {
-            r.unwrap_or(Resolved {
-                frames: vec![Frame {
-                    function: "[unknown]".into(),
-                    file: None,
-                    line: None,
-                }],
-                kind: Kind::Other,
-            })
-        })
-        .collect();
-    Symbolized {
-        resolved,
-        refused_perf_maps: refused,
-        cut_short,
+/// The frames of `offsets` in `file` (empty where nothing names one).
+fn symbolize_file(
+    file: &crate::files::MappedFile,
+    offsets: &[u64],
+    interpreter: bool,
+    sym: &Symbolizer,
+) -> Vec<Vec<Frame>> {
+    let t = std::time::Instant::now();
+    if let Some(dbg) = file.debug_fd_path() {
+        // A stripped file with its separate debug file: by virtual address (the debug file's
+        // code sections are empty), then, for what it does not name, the file's own dynamic
+        // symbols.
+        let vaddrs: Vec<u64> = offsets
+            .iter()
+            .map(|o| file.file_offset_to_vaddr(*o).unwrap_or(u64::MAX))
+            .collect();
+        let mut f = sym
+            .symbolize_debug_file(&dbg, &vaddrs, !interpreter)
+            .unwrap_or_else(|e| {
+                tracing::debug!("{e}");
+                vec![Vec::new(); offsets.len()]
+            });
+        tracing::debug!(file = file.path, addresses = offsets.len(), elapsed = ?t.elapsed(), "symbolized with its debug file");
+        if f.iter().any(Vec::is_empty) {
+            let own = sym
+                .symbolize_elf(&file.fd_path(), offsets, false)
+                .unwrap_or_default();
+            for (a, b) in f.iter_mut().zip(own) {
+                if a.is_empty() {
+                    *a = b;
+                }
+            }
+        }
+        f
+    } else if file.elf.is_some() {
+        // CPython's own frames are named from its symbol table: their source lines are of no
+        // use to a Python programmer, and libpython's DWARF costs ~15 ms and ~20 MiB.
+        let f = sym
+            .symbolize_elf(&file.fd_path(), offsets, !interpreter)
+            .unwrap_or_else(|e| {
+                tracing::debug!("{e}");
+                vec![Vec::new(); offsets.len()]
+            });
+        tracing::debug!(file = file.path, addresses = offsets.len(), elapsed = ?t.elapsed(), "symbolized");
+        f
+    } else {
+        vec![Vec::new(); offsets.len()]
     }
 }
 

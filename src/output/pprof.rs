@@ -47,6 +47,16 @@ const PYTHON_MAPPING_BASE: u64 = 0xfe << 40;
 
 pub fn encode(r: &Report) -> protos::Profile {
     let mut st = Strings::new();
+    let mut p = header(r, &mut st);
+    p.mapping = mappings(r, &mut st);
+    (p.location, p.function) = locations(r, &mut st);
+    p.sample = samples(r, &mut st);
+    p.string_table = st.table;
+    p
+}
+
+/// Sample types, period, time, duration, comment.
+fn header(r: &Report, st: &mut Strings) -> protos::Profile {
     let mut sample_type = vec![
         protos::ValueType {
             ty: st.id("samples"),
@@ -88,6 +98,12 @@ pub fn encode(r: &Report) -> protos::Profile {
         r.command
     ))];
 
+    p
+}
+
+/// One mapping per file the stacks use, the program's executable first; then the kernel's and
+/// the Python frames' synthetic ones.
+fn mappings(r: &Report, st: &mut Strings) -> Vec<protos::Mapping> {
     // Mappings: one per file (id = file id + 3), first, so that `go tool pprof` shows the
     // program's file as the profile's main file; then 1 = kernel, 2 = python.
     let mut mappings: Vec<protos::Mapping> = Vec::new();
@@ -145,6 +161,11 @@ pub fn encode(r: &Report) -> protos::Profile {
         has_filenames: true,
         ..Default::default()
     });
+    mappings
+}
+
+/// The locations the samples use, with their functions (inlined ones included).
+fn locations(r: &Report, st: &mut Strings) -> (Vec<protos::Location>, Vec<protos::Function>) {
     // Functions and locations.
     let mut functions: HashMap<(String, String), u64> = HashMap::new();
     let mut fn_list: Vec<protos::Function> = Vec::new();
@@ -206,6 +227,12 @@ pub fn encode(r: &Report) -> protos::Profile {
         });
     }
 
+    (locations, fn_list)
+}
+
+/// The samples with their values and labels.
+fn samples(r: &Report, st: &mut Strings) -> Vec<protos::Sample> {
+    let mut out = Vec::with_capacity(r.samples.len());
     let (k_pyver, k_container) = (st.id("python_version"), st.id("container_id"));
     let (k_pid, k_tid, k_comm, k_thread, k_from) = (
         st.id("pid"),
@@ -231,36 +258,32 @@ pub fn encode(r: &Report) -> protos::Profile {
                 num: s.tid as i64,
                 ..Default::default()
             },
-            label_str(&mut st, k_comm, &s.comm),
-            label_str(&mut st, k_thread, &s.thread),
-            label_str(&mut st, k_from, s.frames_from.label()),
+            label_str(st, k_comm, &s.comm),
+            label_str(st, k_thread, &s.thread),
+            label_str(st, k_from, s.frames_from.label()),
         ];
         if let Some(v) = &s.python_version {
-            label.push(label_str(&mut st, k_pyver, v));
+            label.push(label_str(st, k_pyver, v));
         }
         if let Some(v) = &s.container_id {
-            label.push(label_str(&mut st, k_container, v));
+            label.push(label_str(st, k_container, v));
         }
         if let Some(w) = s.wait {
             let k = st.id("wait");
-            label.push(label_str(&mut st, k, w.label()));
+            label.push(label_str(st, k, w.label()));
         }
         let cpu_ns = s.count * r.period_ns;
         let mut value = vec![s.count as i64, cpu_ns as i64];
         if r.offcpu {
             value.extend([s.offcpu_ns as i64, (cpu_ns + s.offcpu_ns) as i64]);
         }
-        p.sample.push(protos::Sample {
+        out.push(protos::Sample {
             location_id: s.locs.iter().map(|l| *l as u64 + 1).collect(),
             value,
             label,
         });
     }
-    p.mapping = mappings;
-    p.location = locations;
-    p.function = fn_list;
-    p.string_table = st.table;
-    p
+    out
 }
 
 pub fn write(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
