@@ -457,51 +457,7 @@ fn run(cli: Cli) -> Result<i32> {
             deactivate,
             force,
             status,
-        } => {
-            let t = Duration::from_secs(10);
-            targets::check_pid(pid)?;
-            let p = perfpy_inject::discover(pid)?;
-            perfpy_inject::check_injectable(&p)?;
-            if status {
-                let on = perfpy_inject::trampoline_active(&p, t)?;
-                out!(
-                    "pid {pid}: perf trampoline {} (CPython {}){}",
-                    if on { "on" } else { "off" },
-                    p.version,
-                    if on {
-                        format!("; turn it off with: perfpy inject -p {pid} --deactivate")
-                    } else {
-                        String::new()
-                    }
-                );
-            } else if deactivate {
-                let (users, _) = perfpy_inject::sessions::users(pid, p.start_time);
-                if !users.is_empty() && !force {
-                    let list: Vec<String> = users.iter().map(|u| u.to_string()).collect();
-                    bail!(
-                        "pid {pid}: {} perfpy session{} (pid {}) still use{} its perf trampoline; the last one turns it off when it ends. Turn it off now anyway with --force (those sessions then lose Python names)",
-                        users.len(),
-                        if users.len() > 1 { "s" } else { "" },
-                        list.join(", "),
-                        if users.len() > 1 { "" } else { "s" }
-                    );
-                }
-                perfpy_inject::deactivate(&p, t)?;
-                perfpy_inject::sessions::clear_mark(pid, p.start_time);
-                out!("pid {pid}: perf trampoline off (CPython {})", p.version);
-            } else {
-                match perfpy_inject::activate(&p, t)? {
-                    perfpy_inject::ActivateOutcome::Activated => out!(
-                        "pid {pid}: perf trampoline on (CPython {}); turn it off with: perfpy inject -p {pid} --deactivate",
-                        p.version
-                    ),
-                    perfpy_inject::ActivateOutcome::AlreadyActive => {
-                        out!("pid {pid}: perf trampoline was already on (CPython {})", p.version)
-                    }
-                }
-            }
-            Ok(0)
-        }
+        } => inject(pid, deactivate, force, status),
         Cmd::Top(a) => {
             one_target(&a.pids, &a.command, a.all)?;
             let stop = signals::install()?;
@@ -509,92 +465,141 @@ fn run(cli: Cli) -> Result<i32> {
             record::live::run(opts, top, stop)?;
             Ok(0)
         }
-        Cmd::Agent(a) => {
-            let stop = signals::install()?;
-            let otlp = output::otlp_export::Config::resolve(a.otlp_endpoint.as_deref(), &|k| {
-                std::env::var(k).ok()
-            })?;
-            agent::run(
-                agent::Options {
-                    record: record::Options {
-                        all: a.pids.is_empty(),
-                        pids: a.pids,
-                        command: Vec::new(),
-                        duration: None,
-                        rate: a.rate,
-                        output: None,
-                        format: Format::Pprof,
-                        stack_size: None,
-                        max_frames: 512,
-                        max_python_frames: perfpy_bpf::DEFAULT_PY_FRAMES,
-                        keep_interpreter: false,
-                        python_perf_env: None,
-                        inject_python: a.inject_python,
-                        ebpf: !a.no_ebpf,
-                        otlp: None,
-                        subprocesses: false,
-                        lines: report::Lines::Current,
-                        off_cpu: None,
-                        sample: None,
-                    },
-                    interval: a.interval,
-                    otlp,
-                },
-                stop,
-            )
-        }
-        Cmd::Record(a) => {
-            one_target(&a.pids, &a.command, a.all)?;
-            if !a.off_cpu
-                && matches!(
-                    a.sample,
-                    Some(report::SampleView::OffCpu | report::SampleView::Wall)
-                )
-            {
-                bail!("--sample off-cpu and --sample wall need --off-cpu");
+        Cmd::Agent(a) => agent(a),
+        Cmd::Record(a) => record(a),
+    }
+}
+
+/// `perfpy inject`: turn a process's perf trampoline on or off, or say whether it is on.
+fn inject(pid: i32, deactivate: bool, force: bool, status: bool) -> Result<i32> {
+    let t = Duration::from_secs(10);
+    targets::check_pid(pid)?;
+    let p = perfpy_inject::discover(pid)?;
+    perfpy_inject::check_injectable(&p)?;
+    if status {
+        let on = perfpy_inject::trampoline_active(&p, t)?;
+        out!(
+            "pid {pid}: perf trampoline {} (CPython {}){}",
+            if on { "on" } else { "off" },
+            p.version,
+            if on {
+                format!("; turn it off with: perfpy inject -p {pid} --deactivate")
+            } else {
+                String::new()
             }
-            let stop = signals::install()?;
-            let outcome = record::run(
-                record::Options {
-                    pids: a.pids,
-                    all: a.all,
-                    command: a.command,
-                    duration: a.duration,
-                    rate: a.rate,
-                    format: a
-                        .format
-                        .unwrap_or_else(|| format_from_extension(a.output.as_deref())),
-                    output: a.output,
-                    stack_size: a.stack_size,
-                    max_frames: a.max_frames,
-                    max_python_frames: a.max_python_frames,
-                    keep_interpreter: a.keep_interpreter_frames,
-                    python_perf_env: match (a.python_perf_env, a.no_python_perf_env) {
-                        (true, _) => Some(true),
-                        (_, true) => Some(false),
-                        _ => None,
-                    },
-                    inject_python: a.inject_python,
-                    ebpf: !a.no_ebpf,
-                    otlp: a
-                        .otlp_endpoint
-                        .map(|e| {
-                            output::otlp_export::Config::resolve(Some(&e), &|k| {
-                                std::env::var(k).ok()
-                            })
-                        })
-                        .transpose()?,
-                    lines: lines(a.function, a.nolineno),
-                    subprocesses: a.subprocesses,
-                    off_cpu: a.off_cpu.then_some(a.min_block.as_nanos() as u64),
-                    sample: a.sample,
-                },
-                stop,
-            )?;
-            tracing::debug!(child_status = ?outcome.child_status, "recording done");
-            Ok(0)
+        );
+    } else if deactivate {
+        let (users, _) = perfpy_inject::sessions::users(pid, p.start_time);
+        if !users.is_empty() && !force {
+            let list: Vec<String> = users.iter().map(|u| u.to_string()).collect();
+            bail!(
+                "pid {pid}: {} perfpy session{} (pid {}) still use{} its perf trampoline; the last one turns it off when it ends. Turn it off now anyway with --force (those sessions then lose Python names)",
+                users.len(),
+                if users.len() > 1 { "s" } else { "" },
+                list.join(", "),
+                if users.len() > 1 { "" } else { "s" }
+            );
+        }
+        perfpy_inject::deactivate(&p, t)?;
+        perfpy_inject::sessions::clear_mark(pid, p.start_time);
+        out!("pid {pid}: perf trampoline off (CPython {})", p.version);
+    } else {
+        match perfpy_inject::activate(&p, t)? {
+            perfpy_inject::ActivateOutcome::Activated => out!(
+                "pid {pid}: perf trampoline on (CPython {}); turn it off with: perfpy inject -p {pid} --deactivate",
+                p.version
+            ),
+            perfpy_inject::ActivateOutcome::AlreadyActive => {
+                out!("pid {pid}: perf trampoline was already on (CPython {})", p.version)
+            }
         }
     }
+    Ok(0)
+}
+
+/// `perfpy agent`: sample until stopped, exporting every interval.
+fn agent(a: AgentArgs) -> Result<i32> {
+    let stop = signals::install()?;
+    let otlp = output::otlp_export::Config::resolve(a.otlp_endpoint.as_deref(), &|k| {
+        std::env::var(k).ok()
+    })?;
+    agent::run(
+        agent::Options {
+            record: record::Options {
+                all: a.pids.is_empty(),
+                pids: a.pids,
+                command: Vec::new(),
+                duration: None,
+                rate: a.rate,
+                output: None,
+                format: Format::Pprof,
+                stack_size: None,
+                max_frames: 512,
+                max_python_frames: perfpy_bpf::DEFAULT_PY_FRAMES,
+                keep_interpreter: false,
+                python_perf_env: None,
+                inject_python: a.inject_python,
+                ebpf: !a.no_ebpf,
+                otlp: None,
+                subprocesses: false,
+                lines: report::Lines::Current,
+                off_cpu: None,
+                sample: None,
+            },
+            interval: a.interval,
+            otlp,
+        },
+        stop,
+    )
+}
+
+/// `perfpy record`.
+fn record(a: RecordArgs) -> Result<i32> {
+    one_target(&a.pids, &a.command, a.all)?;
+    if !a.off_cpu
+        && matches!(
+            a.sample,
+            Some(report::SampleView::OffCpu | report::SampleView::Wall)
+        )
+    {
+        bail!("--sample off-cpu and --sample wall need --off-cpu");
+    }
+    let stop = signals::install()?;
+    let outcome = record::run(
+        record::Options {
+            pids: a.pids,
+            all: a.all,
+            command: a.command,
+            duration: a.duration,
+            rate: a.rate,
+            format: a
+                .format
+                .unwrap_or_else(|| format_from_extension(a.output.as_deref())),
+            output: a.output,
+            stack_size: a.stack_size,
+            max_frames: a.max_frames,
+            max_python_frames: a.max_python_frames,
+            keep_interpreter: a.keep_interpreter_frames,
+            python_perf_env: match (a.python_perf_env, a.no_python_perf_env) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            },
+            inject_python: a.inject_python,
+            ebpf: !a.no_ebpf,
+            otlp: a
+                .otlp_endpoint
+                .map(|e| output::otlp_export::Config::resolve(Some(&e), &|k| std::env::var(k).ok()))
+                .transpose()?,
+            lines: lines(a.function, a.nolineno),
+            subprocesses: a.subprocesses,
+            off_cpu: a.off_cpu.then_some(a.min_block.as_nanos() as u64),
+            sample: a.sample,
+        },
+        stop,
+    )?;
+    tracing::debug!(child_status = ?outcome.child_status, "recording done");
+    Ok(0)
 }
 
 /// The format an output file's name asks for: users write `-o flame.svg` and expect an SVG.
