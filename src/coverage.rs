@@ -215,7 +215,7 @@ impl Coverage {
         }
         if self.cpu < Duration::from_millis(50) {
             v.push(format!(
-                "{} used {:.2} s of CPU during the recording: too little to measure coverage",
+                "{} used {:.2} s of CPU during the recording: too little to measure coverage (an idle or blocked program: `perfpy dump -p PID` shows where each thread waits, `perfpy record --off-cpu` profiles the waits)",
                 self.what,
                 self.cpu.as_secs_f64()
             ));
