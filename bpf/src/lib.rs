@@ -646,7 +646,11 @@ mod tests {
                 recs.push(r)
             }
         });
-        let mine: Vec<_> = recs.iter().filter(|r| r.pid == me).collect();
+        // This thread's waits only: other tests run in other threads of this process, and a
+        // thread preempted just now has its wait still to come (a pending record).
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() } as u32;
+        let mine: Vec<_> = recs.iter().filter(|r| r.pid == me && r.tid == tid).collect();
         let sleeps = mine
             .iter()
             .filter(|r| (5_000_000..50_000_000).contains(&r.wait_ns))
@@ -666,7 +670,7 @@ mod tests {
         let shorts: u64 = w
             .short_waits()
             .into_iter()
-            .filter(|((p, _), _)| *p == me)
+            .filter(|((p, t), _)| *p == me && *t == tid)
             .map(|(_, s)| s.count)
             .sum();
         assert!(shorts >= 150, "{shorts} short waits counted of 200");
