@@ -650,7 +650,10 @@ mod tests {
         // thread preempted just now has its wait still to come (a pending record).
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() } as u32;
-        let mine: Vec<_> = recs.iter().filter(|r| r.pid == me && r.tid == tid).collect();
+        let mine: Vec<_> = recs
+            .iter()
+            .filter(|r| r.pid == me && r.tid == tid)
+            .collect();
         let sleeps = mine
             .iter()
             .filter(|r| (5_000_000..50_000_000).contains(&r.wait_ns))
