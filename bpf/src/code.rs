@@ -56,6 +56,35 @@ pub fn type_name(m: &dyn ReadMemory, ty: u64) -> Option<String> {
     (!short.is_empty()).then(|| short.to_string())
 }
 
+/// 2.7: the name of the class of a method's `self` (`ty`: its type) or of a class method's
+/// `cls` (`ty`: the class). Old-style classes (`class C:`) are no types: their instances'
+/// type is `instance` and the class hangs off the instance (`in_class`), and a class is a
+/// `classobj` with its name in `cl_name`, a `str`.
+fn class_name_27(m: &dyn ReadMemory, ty: u64, is_self: bool, local: u64) -> Option<String> {
+    // PyInstanceObject: head (16), in_class; PyClassObject: head (16), cl_bases, cl_dict,
+    // cl_name; PyStringObject: head (16), ob_size, ob_shash, ob_sstate (4), ob_sval.
+    let class = if is_self {
+        if type_name(m, ty)? != "instance" {
+            return type_name(m, ty);
+        }
+        u64_at(m, field(local, 16)?)?
+    } else {
+        let meta = u64_at(m, field(ty, 8)?)?;
+        if type_name(m, meta)? != "classobj" {
+            return type_name(m, ty);
+        }
+        ty
+    };
+    let s = u64_at(m, field(class, 32)?)?;
+    let len = u64_at(m, field(s, 16)?)?;
+    if !(1..=256).contains(&len) {
+        return None;
+    }
+    let mut buf = vec![0u8; len as usize];
+    m.read_all(field(s, 36)?, &mut buf).then_some(())?;
+    String::from_utf8(buf).ok()
+}
+
 /// The address of a field at `off` from `base`: none past the end of the address space (a
 /// garbage pointer near 2^64 would otherwise overflow).
 fn field(base: u64, off: i32) -> Option<u64> {
@@ -378,11 +407,15 @@ impl CodeReader {
                 Some(f.first_local)
             };
             if let Some(ty) = ty {
-                let name = self
-                    .types
-                    .entry((pid, ty))
-                    .or_insert_with(|| type_name(mem, ty))
-                    .clone();
+                let name = if version.0 == 2 {
+                    // Not cached by type: every old-style instance has the type `instance`.
+                    class_name_27(mem, ty, code.self_kind == 1, f.first_local)
+                } else {
+                    self.types
+                        .entry((pid, ty))
+                        .or_insert_with(|| type_name(mem, ty))
+                        .clone()
+                };
                 if let Some(name) = name {
                     qualname = format!("{name}.{qualname}");
                 }
