@@ -286,15 +286,14 @@ pub fn display_name(r: &Resolved, inline_index: usize) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn sample(count: u64, offcpu_ns: u64) -> Sample {
+impl Sample {
+    /// A native-only sample of pid and tid 1, thread "p", for unit tests.
+    pub fn for_tests(locs: Vec<u32>, count: u64) -> Sample {
         Sample {
-            locs: vec![0],
+            locs,
             count,
-            offcpu_ns,
-            wait: (offcpu_ns > 0).then_some(WaitKind::Sleep),
+            offcpu_ns: 0,
+            wait: None,
             pid: 1,
             tid: 1,
             comm: "p".into(),
@@ -303,6 +302,19 @@ mod tests {
             python_version: None,
             container_id: None,
             main_file: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(count: u64, offcpu_ns: u64) -> Sample {
+        Sample {
+            offcpu_ns,
+            wait: (offcpu_ns > 0).then_some(WaitKind::Sleep),
+            ..Sample::for_tests(vec![0], count)
         }
     }
 

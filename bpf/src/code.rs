@@ -56,25 +56,11 @@ pub fn type_name(m: &dyn ReadMemory, ty: u64) -> Option<String> {
     (!short.is_empty()).then(|| short.to_string())
 }
 
-/// 2.7: the name of the class of a method's `self` (`ty`: its type) or of a class method's
-/// `cls` (`ty`: the class). Old-style classes (`class C:`) are no types: their instances'
-/// type is `instance` and the class hangs off the instance (`in_class`), and a class is a
-/// `classobj` with its name in `cl_name`, a `str`.
-fn class_name_27(m: &dyn ReadMemory, ty: u64, is_self: bool, local: u64) -> Option<String> {
-    // PyInstanceObject: head (16), in_class; PyClassObject: head (16), cl_bases, cl_dict,
-    // cl_name; PyStringObject: head (16), ob_size, ob_shash, ob_sstate (4), ob_sval.
-    let class = if is_self {
-        if type_name(m, ty)? != "instance" {
-            return type_name(m, ty);
-        }
-        u64_at(m, field(local, 16)?)?
-    } else {
-        let meta = u64_at(m, field(ty, 8)?)?;
-        if type_name(m, meta)? != "classobj" {
-            return type_name(m, ty);
-        }
-        ty
-    };
+/// 2.7: `cl_name` of an old-style class (`class C:`), a `classobj`: its instances' type is
+/// `instance` (the class hangs off each instance, `in_class`), and a class is no type.
+/// PyClassObject: head (16), cl_bases, cl_dict, cl_name; PyStringObject: head (16), ob_size,
+/// ob_shash, ob_sstate (4), ob_sval.
+fn old_class_name(m: &dyn ReadMemory, class: u64) -> Option<String> {
     let s = u64_at(m, field(class, 32)?)?;
     let len = u64_at(m, field(s, 16)?)?;
     if !(1..=256).contains(&len) {
@@ -407,15 +393,8 @@ impl CodeReader {
                 Some(f.first_local)
             };
             if let Some(ty) = ty {
-                let name = if version.0 == 2 {
-                    // Not cached by type: every old-style instance has the type `instance`.
-                    class_name_27(mem, ty, code.self_kind == 1, f.first_local)
-                } else {
-                    self.types
-                        .entry((pid, ty))
-                        .or_insert_with(|| type_name(mem, ty))
-                        .clone()
-                };
+                let py2 = version.0 == 2;
+                let name = self.class_name(mem, pid, ty, py2, code.self_kind == 1, f.first_local);
                 if let Some(name) = name {
                     qualname = format!("{name}.{qualname}");
                 }
@@ -427,6 +406,46 @@ impl CodeReader {
             line: line.max(0) as u32,
             first_line: code.first_line.max(0) as u32,
         })
+    }
+
+    /// The name of the class of a method's `self` (`ty`: its type) or of a class method's
+    /// `cls` (`ty`: the class), each class object's name read once per process. 2.7's
+    /// old-style classes (`py2`) are found from the instance (`in_class`, one read per frame)
+    /// or by the class's own type, `classobj` (one read).
+    fn class_name(
+        &mut self,
+        mem: &dyn ReadMemory,
+        pid: u32,
+        ty: u64,
+        py2: bool,
+        is_self: bool,
+        local: u64,
+    ) -> Option<String> {
+        let mut named = |class: u64, old: bool| {
+            self.types
+                .entry((pid, class))
+                .or_insert_with(|| {
+                    if old {
+                        old_class_name(mem, class)
+                    } else {
+                        type_name(mem, class)
+                    }
+                })
+                .clone()
+        };
+        if !py2 {
+            return named(ty, false);
+        }
+        if is_self {
+            let name = named(ty, false)?;
+            if name != "instance" {
+                return Some(name);
+            }
+            return named(u64_at(mem, field(local, 16)?)?, true);
+        }
+        let meta = u64_at(mem, field(ty, 8)?)?;
+        let old = named(meta, false).is_some_and(|n| n == "classobj");
+        named(ty, old)
     }
 
     /// Forgets a process (it exited; its addresses may be reused).

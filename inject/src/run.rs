@@ -52,19 +52,6 @@ const WAITING_SYSCALLS: &[i64] = &[
          // ptrace::TEMPORARY_MASK_SYSCALLS).
 ];
 
-/// Functions inside which a thread may hold the pending-calls lock.
-const PENDING_FUNCTIONS: &[&str] = &[
-    "Py_AddPendingCall",
-    "_PyEval_AddPendingCall",
-    "_PyEval_MakePendingCalls",
-    "make_pending_calls",
-    "_pop_pending_call",
-    "_push_pending_call",
-    "PyThread_acquire_lock_timed",
-    "PyThread_acquire_lock",
-    "PyThread_release_lock",
-];
-
 fn code(action: Action, result_path: &str) -> String {
     let act = match action {
         Action::Query => "None",
@@ -380,7 +367,7 @@ fn pending(p: &PythonProcess, text: &str, deadline: Instant) -> Result<(), Injec
             detail: "code too long".into(),
         });
     }
-    let forbidden: Vec<std::ops::Range<u64>> = PENDING_FUNCTIONS
+    let forbidden: Vec<std::ops::Range<u64>> = perfpy_process::elf::PENDING_FUNCTIONS
         .iter()
         .filter_map(|f| p.symbol_range(f))
         .collect();

@@ -209,8 +209,18 @@ pub fn run(opts: Options, top: TopOptions, stop: Arc<AtomicBool>) -> Result<()> 
         until: duration.map(|d| started + d),
         started,
     };
-    let reason = if tty {
-        let mut term = Terminal::enter()?;
+    // A terminal that refuses raw mode must not end a session already started (a launched
+    // command released, trampolines on): plain tables then.
+    let term = tty
+        .then(|| {
+            Terminal::enter()
+                .map_err(|e| {
+                    say!("perfpy: warning: cannot use the terminal ({e}): plain tables instead")
+                })
+                .ok()
+        })
+        .flatten();
+    let reason = if let Some(mut term) = term {
         let mut last = None;
         let reason = live(
             &mut p, &top, &ending, &mut feed, &mut view, &mut term, &mut last,
@@ -398,7 +408,7 @@ fn tables(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::{FramesFrom, Sample};
+    use crate::report::Sample;
     use crate::symbols::Resolved;
 
     fn report(keys: &[u64], stacks: &[(&[u32], u64)]) -> Report {
@@ -416,20 +426,7 @@ mod tests {
             });
         }
         for (locs, count) in stacks {
-            r.samples.push(Sample {
-                locs: locs.to_vec(),
-                count: *count,
-                offcpu_ns: 0,
-                wait: None,
-                pid: 1,
-                tid: 1,
-                comm: "p".into(),
-                thread: "p".into(),
-                frames_from: FramesFrom::Native,
-                python_version: None,
-                container_id: None,
-                main_file: None,
-            });
+            r.samples.push(Sample::for_tests(locs.to_vec(), *count));
         }
         r
     }

@@ -71,16 +71,9 @@ pub struct ElfFacts {
     pub py_runtime: Option<u64>,
 }
 
-/// Symbols perfpy looks up; reading all of a big `.symtab` into a map would cost tens of MB.
-pub const WANTED: &[&str] = &[
-    "_PyEval_EvalFrameDefault",
-    "PyEval_EvalFrameEx",
-    "Py_Version",
-    "PyGILState_Ensure",
-    "PyGILState_Release",
-    "PyGILState_Check",
-    "PyInterpreterState_Main",
-    "PyRun_SimpleString",
+/// Functions inside which a thread may hold CPython's pending-calls lock: injection never
+/// interrupts a thread there (`perfpy_inject`'s pending-call path). Looked up with [`WANTED`].
+pub const PENDING_FUNCTIONS: &[&str] = &[
     "Py_AddPendingCall",
     "_PyEval_AddPendingCall",
     "_PyEval_MakePendingCalls",
@@ -90,6 +83,18 @@ pub const WANTED: &[&str] = &[
     "PyThread_acquire_lock_timed",
     "PyThread_acquire_lock",
     "PyThread_release_lock",
+];
+
+/// Symbols perfpy looks up (besides [`PENDING_FUNCTIONS`]); reading all of a big `.symtab` into a map would cost tens of MB.
+pub const WANTED: &[&str] = &[
+    "_PyEval_EvalFrameDefault",
+    "PyEval_EvalFrameEx",
+    "Py_Version",
+    "PyGILState_Ensure",
+    "PyGILState_Release",
+    "PyGILState_Check",
+    "PyInterpreterState_Main",
+    "PyRun_SimpleString",
     "_Py_trampoline_func_start",
     "_Py_trampoline_func_end",
     "_PyPerfTrampoline_SetCallbacks",
@@ -289,7 +294,10 @@ fn wanted_symbols(elf: &ElfFile64<'_, object::Endianness>) -> HashMap<String, (u
     let mut symbols = HashMap::new();
     for s in elf.dynamic_symbols().chain(elf.symbols()) {
         let Ok(name) = s.name() else { continue };
-        if s.address() == 0 || !WANTED.contains(&name) || symbols.contains_key(name) {
+        if s.address() == 0
+            || !(WANTED.contains(&name) || PENDING_FUNCTIONS.contains(&name))
+            || symbols.contains_key(name)
+        {
             continue;
         }
         symbols.insert(name.to_string(), (s.address(), s.size()));
@@ -498,7 +506,10 @@ mod tests {
         for r in [&s.got, &f.eval_range].into_iter().flatten() {
             assert!(r.start <= r.end);
         }
-        assert!(f.symbols.keys().all(|k| WANTED.contains(&k.as_str())));
+        assert!(f
+            .symbols
+            .keys()
+            .all(|k| WANTED.contains(&k.as_str()) || PENDING_FUNCTIONS.contains(&k.as_str())));
         if let Some(v) = f.python_version {
             assert!(v.major == 2 || v.major == 3, "{v}");
         }
