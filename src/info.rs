@@ -79,6 +79,21 @@ fn perf_env(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// One process looked at: what injection's discovery finds in it (symbols, libc, start
+/// time), read once and only when a question needs it.
+struct Look {
+    pid: u32,
+    discovered:
+        std::cell::OnceCell<Result<perfpy_inject::PythonProcess, perfpy_inject::InjectError>>,
+}
+
+impl Look {
+    fn discover(&self) -> &Result<perfpy_inject::PythonProcess, perfpy_inject::InjectError> {
+        self.discovered
+            .get_or_init(|| perfpy_inject::discover(self.pid as i32))
+    }
+}
+
 /// Describes one process if it runs CPython.
 pub fn python_process(files: &mut Files, pid: u32, ask: bool) -> Option<Value> {
     let mut p = Process::new(pid, 0);
@@ -94,14 +109,10 @@ pub fn python_process(files: &mut Files, pid: u32, ask: bool) -> Option<Value> {
         .map(|f| f.path.clone());
     let version = p.python_version;
     let minor = version.map(|v| v.minor_pair());
-    // What injection finds in it (symbols, libc, start time): looked at once, when needed.
-    let discovered = std::cell::OnceCell::new();
-    let discover = || discovered.get_or_init(|| perfpy_inject::discover(pid as i32));
-    let args = cmdline(pid);
-    let x_perf = args
-        .windows(2)
-        .any(|w| w[0] == "-X" && (w[1] == "perf" || w[1] == "perf_jit"))
-        || args.iter().any(|a| a == "-Xperf");
+    let look = Look {
+        pid,
+        discovered: std::cell::OnceCell::new(),
+    };
     // Read as a recording would read it: a file the process controls, checked first.
     let perf_map_state = match p.perf_map() {
         Ok(m) => format!("{} ({} entries)", p.perf_map_path().display(), m.len()),
@@ -110,109 +121,16 @@ pub fn python_process(files: &mut Files, pid: u32, ask: bool) -> Option<Value> {
     };
     let perf_map = !perf_map_state.starts_with("none");
     let trampoline_capable = minor.is_some_and(|m| m >= (3, 12));
-    // Asked about this process by pid: query the real state inside it (a short, safe stop).
-    let asked = if ask && trampoline_capable {
-        discover().as_ref().ok().and_then(|d| {
-            perfpy_inject::trampoline_active(d, std::time::Duration::from_secs(10)).ok()
-        })
-    } else {
-        None
-    };
-    let trampoline = if !trampoline_capable {
-        "unsupported (CPython < 3.12)".to_string()
-    } else if let Some(on) = asked {
-        if on {
-            format!("on (turn it off with: perfpy inject -p {pid} --deactivate)")
-        } else {
-            "off".to_string()
-        }
-    } else if x_perf || perf_env(pid) {
-        "on (started with -X perf / PYTHONPERFSUPPORT)".to_string()
-    } else if perf_map {
-        "was turned on at run time (perf map present)".to_string()
-    } else {
-        "off".to_string()
-    };
-    // The eBPF walker: offsets for this version, and the symbol it starts from.
-    let mut offsets = String::new();
-    let ebpf = match minor {
-        Some(v) if perfpy_bpf::debug_offsets::from_target(v) => {
-            // 3.13+: the offsets are the target's own, read and checked now.
-            match discover() {
-                Ok(d) => match d.symbol("_PyRuntime") {
-                    Some(rt) => match perfpy_bpf::debug_offsets::read(
-                        &perfpy_process::LiveMemory(pid),
-                        rt,
-                        v,
-                    ) {
-                        Ok(t) => {
-                            offsets = format!(
-                                "the target's debug offsets (_Py_DebugOffsets, version {:#x})",
-                                t.version
-                            );
-                            "yes".to_string()
-                        }
-                        Err(e) => format!("no: {e}"),
-                    },
-                    None => "no: _PyRuntime not found in the interpreter's symbols".to_string(),
-                },
-                Err(e) => format!("no: {e}"),
-            }
-        }
-        Some(v) if perfpy_bpf::Offsets::for_version(v).is_some() => {
-            let sym = if v >= (3, 7) {
-                "_PyRuntime"
-            } else {
-                "interp_head"
-            };
-            match discover() {
-                Ok(d) if d.symbol(sym).is_some() => {
-                    offsets = format!("perfpy's table for CPython {}.{}", v.0, v.1);
-                    "yes".to_string()
-                }
-                Ok(_) => format!("no: {sym} not found in the interpreter's symbols"),
-                Err(e) => format!("no: {e}"),
-            }
-        }
-        Some((a, b)) => format!("no: CPython {a}.{b} has no offset table"),
-        None => "no: unknown version".to_string(),
-    };
-    let reason = |e: &perfpy_inject::InjectError| {
-        e.reason()
-            .map(|r| r.to_string())
-            .unwrap_or_else(|| e.to_string())
-    };
-    let injection = match discover()
-        .as_ref()
-        .map_err(reason)
-        .and_then(|d| perfpy_inject::check_injectable(d).map_err(|e| reason(&e)))
-    {
-        Ok(()) => "possible (--inject-python)".to_string(),
-        Err(e) => format!("no: {e}"),
-    };
-    let trampoline_users = discover()
-        .as_ref()
-        .map(|d| {
-            let (users, marked) = perfpy_inject::sessions::users(pid as i32, d.start_time);
-            let who: Vec<String> = users.iter().map(|u| format!("perfpy pid {u}")).collect();
-            match (who.is_empty(), marked) {
-                (true, false) => "none".to_string(),
-                (true, true) => "none (turned on by a perfpy session that is gone)".to_string(),
-                (false, m) => format!(
-                    "{}{}",
-                    who.join(", "),
-                    if m { " (turned on by perfpy)" } else { "" }
-                ),
-            }
-        })
-        .unwrap_or_else(|_| "none".to_string());
+    let started_with_perf = started_with_perf(pid);
+    let trampoline = trampoline(&look, trampoline_capable, ask, started_with_perf, perf_map);
+    let (ebpf, offsets) = ebpf(&look, minor);
     let tramp_on = trampoline.starts_with("on") || trampoline.starts_with("was turned on");
     let python_frames = if ebpf == "yes" && tramp_on {
         // The walker does not need it, and it costs the process (generator resumption ~2x).
         "named (eBPF walker; its perf trampoline is on too: not needed, and it slows Python calls down)"
     } else if ebpf == "yes" {
         "named (eBPF walker, no trampoline needed)"
-    } else if trampoline_capable && (x_perf || perf_env(pid) || perf_map) {
+    } else if trampoline_capable && (started_with_perf || perf_map) {
         "named (perf trampolines)"
     } else if trampoline_capable {
         "named with --inject-python (perf trampolines, which slow Python calls down)"
@@ -228,12 +146,135 @@ pub fn python_process(files: &mut Files, pid: u32, ask: bool) -> Option<Value> {
         "container_id": p.container_id,
         "trampoline": trampoline,
         "perf_map": perf_map_state,
-        "trampoline_users": trampoline_users,
+        "trampoline_users": trampoline_users(&look),
         "python_frames": python_frames,
         "ebpf": ebpf,
         "ebpf_offsets": offsets,
-        "injection": injection,
+        "injection": injection(&look),
     }))
+}
+
+/// Started with `-X perf` / `-X perf_jit` or `PYTHONPERFSUPPORT`: its trampoline is on.
+fn started_with_perf(pid: u32) -> bool {
+    let args = cmdline(pid);
+    args.windows(2)
+        .any(|w| w[0] == "-X" && (w[1] == "perf" || w[1] == "perf_jit"))
+        || args.iter().any(|a| a == "-Xperf")
+        || perf_env(pid)
+}
+
+/// The perf trampoline's state: asked inside the process when it was named by pid (a short,
+/// safe stop), else inferred from how it started and whether it wrote a perf map.
+fn trampoline(
+    look: &Look,
+    capable: bool,
+    ask: bool,
+    started_with_perf: bool,
+    perf_map: bool,
+) -> String {
+    if !capable {
+        return "unsupported (CPython < 3.12)".to_string();
+    }
+    let asked = ask
+        .then(|| {
+            look.discover().as_ref().ok().and_then(|d| {
+                perfpy_inject::trampoline_active(d, std::time::Duration::from_secs(10)).ok()
+            })
+        })
+        .flatten();
+    let pid = look.pid;
+    match asked {
+        Some(true) => format!("on (turn it off with: perfpy inject -p {pid} --deactivate)"),
+        Some(false) => "off".to_string(),
+        None if started_with_perf => "on (started with -X perf / PYTHONPERFSUPPORT)".to_string(),
+        None if perf_map => "was turned on at run time (perf map present)".to_string(),
+        None => "off".to_string(),
+    }
+}
+
+/// Whether the eBPF walker can name its frames ("yes" or "no: why"), and where its offsets
+/// come from.
+fn ebpf(look: &Look, minor: Option<(u8, u8)>) -> (String, String) {
+    let symbol = |sym: &str| match look.discover() {
+        Ok(d) => d
+            .symbol(sym)
+            .ok_or_else(|| format!("no: {sym} not found in the interpreter's symbols")),
+        Err(e) => Err(format!("no: {e}")),
+    };
+    match minor {
+        Some(v) if perfpy_bpf::debug_offsets::from_target(v) => {
+            // 3.13+: the offsets are the target's own, read and checked now.
+            let table = symbol("_PyRuntime").and_then(|rt| {
+                perfpy_bpf::debug_offsets::read(&perfpy_process::LiveMemory(look.pid), rt, v)
+                    .map_err(|e| format!("no: {e}"))
+            });
+            match table {
+                Ok(t) => (
+                    "yes".to_string(),
+                    format!(
+                        "the target's debug offsets (_Py_DebugOffsets, version {:#x})",
+                        t.version
+                    ),
+                ),
+                Err(e) => (e, String::new()),
+            }
+        }
+        Some(v) if perfpy_bpf::Offsets::for_version(v).is_some() => {
+            let sym = if v >= (3, 7) {
+                "_PyRuntime"
+            } else {
+                "interp_head"
+            };
+            match symbol(sym) {
+                Ok(_) => (
+                    "yes".to_string(),
+                    format!("perfpy's table for CPython {}.{}", v.0, v.1),
+                ),
+                Err(e) => (e, String::new()),
+            }
+        }
+        Some((a, b)) => (
+            format!("no: CPython {a}.{b} has no offset table"),
+            String::new(),
+        ),
+        None => ("no: unknown version".to_string(), String::new()),
+    }
+}
+
+/// Whether `--inject-python` can turn its trampoline on, or why not.
+fn injection(look: &Look) -> String {
+    let reason = |e: &perfpy_inject::InjectError| {
+        e.reason()
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| e.to_string())
+    };
+    match look
+        .discover()
+        .as_ref()
+        .map_err(reason)
+        .and_then(|d| perfpy_inject::check_injectable(d).map_err(|e| reason(&e)))
+    {
+        Ok(()) => "possible (--inject-python)".to_string(),
+        Err(e) => format!("no: {e}"),
+    }
+}
+
+/// The perfpy sessions that rely on its trampoline now.
+fn trampoline_users(look: &Look) -> String {
+    let Ok(d) = look.discover() else {
+        return "none".to_string();
+    };
+    let (users, marked) = perfpy_inject::sessions::users(look.pid as i32, d.start_time);
+    let who: Vec<String> = users.iter().map(|u| format!("perfpy pid {u}")).collect();
+    match (who.is_empty(), marked) {
+        (true, false) => "none".to_string(),
+        (true, true) => "none (turned on by a perfpy session that is gone)".to_string(),
+        (false, m) => format!(
+            "{}{}",
+            who.join(", "),
+            if m { " (turned on by perfpy)" } else { "" }
+        ),
+    }
 }
 
 pub fn run(pids: &[i32], as_json: bool) -> Result<i32> {
@@ -270,8 +311,19 @@ pub fn run(pids: &[i32], as_json: bool) -> Result<i32> {
         );
         return Ok(0);
     }
+    print_table(&machine, &procs, !pids.is_empty());
+    for pid in not_python {
+        out!(
+            "{pid:>8}  not a CPython process (no mapping holds the interpreter's evaluation loop)"
+        );
+    }
+    Ok(0)
+}
+
+/// The text form: the machine's facts, then a line (or a few) per Python process.
+fn print_table(machine: &Value, procs: &[Value], by_pid: bool) {
     out!("machine:");
-    if let Value::Object(m) = &machine {
+    if let Value::Object(m) = machine {
         let m: BTreeMap<_, _> = m.iter().collect();
         for (k, v) in m {
             let v = match v {
@@ -286,11 +338,7 @@ pub fn run(pids: &[i32], as_json: bool) -> Result<i32> {
     if procs.is_empty() {
         out!(
             "no CPython processes found{}",
-            if pids.is_empty() {
-                ""
-            } else {
-                " among the given pids"
-            }
+            if !by_pid { "" } else { " among the given pids" }
         );
     } else {
         out!(
@@ -300,7 +348,7 @@ pub fn run(pids: &[i32], as_json: bool) -> Result<i32> {
             "VERSION",
             "INTERPRETER"
         );
-        for p in &procs {
+        for p in procs {
             let s = |k: &str| {
                 p[k].as_str()
                     .map(|s| s.to_string())
@@ -330,10 +378,4 @@ pub fn run(pids: &[i32], as_json: bool) -> Result<i32> {
             }
         }
     }
-    for pid in not_python {
-        out!(
-            "{pid:>8}  not a CPython process (no mapping holds the interpreter's evaluation loop)"
-        );
-    }
-    Ok(0)
 }

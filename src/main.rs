@@ -119,28 +119,114 @@ enum Cmd {
     },
 }
 
+/// What to sample and how often: the options `record`, `top` and `agent` share.
 #[derive(clap::Args)]
-struct RecordArgs {
+struct Sampling {
     /// Process to profile, with all its threads (present and future). Repeatable.
     #[arg(short = 'p', long = "pid", value_name = "PID")]
     pids: Vec<i32>,
     /// Every process on every CPU (whole machine), leniently: nothing a process does stops the run.
     #[arg(short = 'a', long = "all-cpus", visible_alias = "all")]
     all: bool,
-    /// How long to record: 30, 30s, 500ms, 2m, 1h. Default: until Ctrl-C or the targets exit.
-    #[arg(short = 'd', long, value_parser = parse_duration, value_name = "DURATION")]
-    duration: Option<Duration>,
     /// Samples per second per thread (cpu-clock). -F/--freq is perf's spelling.
     #[arg(short = 'r', long = "rate", visible_alias = "freq", short_alias = 'F', default_value_t = 100, value_parser = parse_rate, value_name = "HZ")]
     rate: u64,
-    /// Output file. Default: perfpy-<target>-<time>.<ext> in the current directory.
+    /// Turn on CPython 3.12+'s perf trampoline inside the targets for the run (ptrace), and off
+    /// again at the end. Strict with -p (a target that cannot be injected stops the run before
+    /// sampling), lenient with -a. Needed only where the eBPF walker cannot run (no BPF,
+    /// --no-ebpf): the walker names every frame without it, and the trampoline slows the
+    /// targets down.
+    #[arg(long)]
+    inject_python: bool,
+    /// Do not load the eBPF frame walker: Python frames then come from perf trampolines only
+    /// (and each thread is sampled per period of its own CPU time: short-lived threads and
+    /// processes are undercounted).
+    #[arg(long)]
+    no_ebpf: bool,
+}
+
+impl Sampling {
+    /// `record::Options` for these targets, every other option at its default.
+    fn options(self) -> record::Options {
+        record::Options {
+            pids: self.pids,
+            all: self.all,
+            command: Vec::new(),
+            duration: None,
+            rate: self.rate,
+            output: None,
+            format: Format::Pprof,
+            stack_size: None,
+            max_frames: 512,
+            max_python_frames: perfpy_bpf::DEFAULT_PY_FRAMES,
+            keep_interpreter: false,
+            python_perf_env: None,
+            inject_python: self.inject_python,
+            ebpf: !self.no_ebpf,
+            otlp: None,
+            subprocesses: false,
+            lines: report::Lines::Current,
+            off_cpu: None,
+            sample: None,
+        }
+    }
+}
+
+/// A run with an end and a profile: the options `record` and `top` share.
+#[derive(clap::Args)]
+struct Run {
+    /// How long to run: 30, 30s, 500ms, 2m, 1h. Default: until Ctrl-C (q in top) or the
+    /// targets exit.
+    #[arg(short = 'd', long, value_parser = parse_duration, value_name = "DURATION")]
+    duration: Option<Duration>,
+    /// Output file (top: written at the end, if given). Default for record:
+    /// perfpy-<target>-<time>.<ext> in the current directory.
     #[arg(short = 'o', long, value_name = "FILE")]
     output: Option<PathBuf>,
-    /// Output format.
     /// Output format [default: from the output's extension (.svg: flamegraph; .txt, .folded,
     /// .collapsed: collapsed; .json: speedscope), else pprof].
     #[arg(short = 'f', long, value_enum)]
     format: Option<Format>,
+    /// With -p: also profile the targets' child processes, those running now and those they
+    /// start during the run (and theirs). A launched command's children always are.
+    #[arg(long)]
+    subprocesses: bool,
+    /// Aggregate Python frames by function: each carries its function's first line instead of
+    /// the line running (one box per function in a flamegraph), as py-spy's --function.
+    #[arg(long, conflicts_with = "nolineno")]
+    function: bool,
+    /// No line numbers in Python frames at all.
+    #[arg(long)]
+    nolineno: bool,
+    /// Command to launch and profile until it exits (after --).
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+impl Run {
+    /// `sampling`'s options for this run.
+    fn options(self, sampling: Sampling) -> Result<record::Options> {
+        one_target(&sampling.pids, &self.command, sampling.all)?;
+        Ok(record::Options {
+            command: self.command,
+            duration: self.duration,
+            format: self
+                .format
+                .unwrap_or_else(|| format_from_extension(self.output.as_deref())),
+            output: self.output,
+            subprocesses: self.subprocesses,
+            lines: lines(self.function, self.nolineno),
+            ..sampling.options()
+        })
+    }
+}
+
+#[derive(clap::Args)]
+struct RecordArgs {
+    #[command(flatten)]
+    sampling: Sampling,
+    #[command(flatten)]
+    run: Run,
     /// Bytes of user stack copied per sample (max 65000). Default: 16384 when the eBPF walker
     /// runs (it reads Python frames itself; the copy is only for native frames), else 49152
     /// (~500 bytes per Python call under the perf trampoline: ~90 levels). Deeper stacks keep
@@ -160,22 +246,6 @@ struct RecordArgs {
     /// Keep CPython's own native frames (eval loop, call machinery) between Python frames.
     #[arg(long)]
     keep_interpreter_frames: bool,
-    /// Turn on CPython 3.12+'s perf trampoline inside the targets for the recording (ptrace),
-    /// and off again at the end. Strict with -p (a target that cannot be injected stops the run
-    /// before sampling), lenient with -a. Needed only where the eBPF walker cannot run (no BPF,
-    /// --no-ebpf): the walker names every frame without it, and the trampoline slows the
-    /// targets down.
-    #[arg(long)]
-    inject_python: bool,
-    /// Do not load the eBPF frame walker: Python frames then come from perf trampolines only
-    /// (and each thread is sampled per period of its own CPU time: short-lived threads and
-    /// processes are undercounted).
-    #[arg(long)]
-    no_ebpf: bool,
-    /// With -p: also profile the targets' child processes, those running now and those they
-    /// start during the recording (and theirs). A launched command's children always are.
-    #[arg(long)]
-    subprocesses: bool,
     /// Set PYTHONPERFSUPPORT=1 for a launched command even when the eBPF walker names its
     /// Python frames: CPython 3.12+ then runs under its perf trampoline, which costs the program
     /// time (generator resumption ~2x). Default: set only when the walker cannot run (no BPF,
@@ -191,13 +261,6 @@ struct RecordArgs {
     /// compression, certificate: the OTEL_EXPORTER_OTLP_* variables). Checked before sampling.
     #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "")]
     otlp_endpoint: Option<String>,
-    /// Aggregate Python frames by function: each carries its function's first line instead of
-    /// the line running (one box per function in a flamegraph), as py-spy's --function.
-    #[arg(long, conflicts_with = "nolineno")]
-    function: bool,
-    /// No line numbers in Python frames at all.
-    #[arg(long)]
-    nolineno: bool,
     /// Also profile the time threads spend off the CPU (blocked, sleeping, waiting for the GIL,
     /// a lock, I/O, or preempted), each wait with its stack and kind; the pprof gets off-cpu
     /// and wall sample types. --idle is py-spy's name for it.
@@ -211,9 +274,6 @@ struct RecordArgs {
     /// in µs; off-cpu and wall need --off-cpu). Default: wall with --off-cpu, else cpu.
     #[arg(long, value_enum)]
     sample: Option<report::SampleView>,
-    /// Command to launch and profile until it exits (after --).
-    #[arg(last = true, value_name = "COMMAND")]
-    command: Vec<String>,
 }
 
 fn parse_min_block(s: &str) -> Result<Duration, String> {
@@ -238,27 +298,13 @@ fn parse_min_block(s: &str) -> Result<Duration, String> {
 
 #[derive(clap::Args)]
 struct TopArgs {
-    /// Process to watch, with all its threads (present and future). Repeatable.
-    #[arg(short = 'p', long = "pid", value_name = "PID")]
-    pids: Vec<i32>,
-    /// Every process on every CPU (whole machine).
-    #[arg(short = 'a', long = "all-cpus", visible_alias = "all")]
-    all: bool,
-    /// Stop after this long: 30, 30s, 500ms, 2m, 1h. Default: until q, Ctrl-C or the targets exit.
-    #[arg(short = 'd', long, value_parser = parse_duration, value_name = "DURATION")]
-    duration: Option<Duration>,
-    /// Samples per second per thread (cpu-clock).
-    #[arg(short = 'r', long = "rate", visible_alias = "freq", short_alias = 'F', default_value_t = 100, value_parser = parse_rate, value_name = "HZ")]
-    rate: u64,
+    #[command(flatten)]
+    sampling: Sampling,
+    #[command(flatten)]
+    run: Run,
     /// How often the view is refreshed: the length of "last interval".
     #[arg(short = 'i', long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
     interval: Duration,
-    /// At the end, write the profile of the whole run to FILE (as perfpy record writes it).
-    #[arg(short = 'o', long, value_name = "FILE")]
-    output: Option<PathBuf>,
-    /// Format of -o [default: from the output's extension, else pprof].
-    #[arg(short = 'f', long, value_enum)]
-    format: Option<Format>,
     /// Show only this thread at first (Tab cycles threads).
     #[arg(long, value_name = "TID", conflicts_with = "thread")]
     tid: Option<u32>,
@@ -268,58 +314,18 @@ struct TopArgs {
     /// Rows per table without a terminal.
     #[arg(long, default_value_t = 20, value_name = "N")]
     rows: usize,
-    /// Aggregate Python frames by function (their first line), as py-spy's --function.
-    #[arg(long, conflicts_with = "nolineno")]
-    function: bool,
-    /// No line numbers in Python frames.
-    #[arg(long)]
-    nolineno: bool,
-    /// With -p: also the targets' child processes.
-    #[arg(long)]
-    subprocesses: bool,
-    /// Do not load the eBPF frame walker (Python frames then come from perf trampolines only).
-    #[arg(long)]
-    no_ebpf: bool,
-    /// Turn on CPython 3.12+'s perf trampoline in the targets (needed only without the walker).
-    #[arg(long)]
-    inject_python: bool,
-    /// Command to launch and watch until it exits (after --).
-    #[arg(last = true, value_name = "COMMAND")]
-    command: Vec<String>,
 }
 
 /// `record`'s options for `top` (the same sampling; top's own options apart).
-fn top_options(a: TopArgs) -> (record::Options, record::live::TopOptions) {
-    let opts = record::Options {
-        pids: a.pids,
-        all: a.all,
-        command: a.command,
-        duration: a.duration,
-        rate: a.rate,
-        format: a
-            .format
-            .unwrap_or_else(|| format_from_extension(a.output.as_deref())),
-        output: a.output,
-        stack_size: None,
-        max_frames: 512,
-        max_python_frames: perfpy_bpf::DEFAULT_PY_FRAMES,
-        keep_interpreter: false,
-        python_perf_env: None,
-        inject_python: a.inject_python,
-        ebpf: !a.no_ebpf,
-        otlp: None,
-        subprocesses: a.subprocesses,
-        lines: lines(a.function, a.nolineno),
-        off_cpu: None,
-        sample: None,
-    };
+fn top_options(a: TopArgs) -> Result<(record::Options, record::live::TopOptions)> {
+    let opts = a.run.options(a.sampling)?;
     let top = record::live::TopOptions {
         interval: a.interval,
         tid: a.tid,
         thread: a.thread,
         rows: a.rows,
     };
-    (opts, top)
+    Ok((opts, top))
 }
 
 /// `--function` / `--nolineno`.
@@ -344,37 +350,19 @@ fn one_target(pids: &[i32], command: &[String], all: bool) -> Result<()> {
 }
 
 #[derive(clap::Args)]
+#[command(after_help = "Without -p, the agent profiles every process (-a).")]
 struct AgentArgs {
-    /// Process to profile, with all its threads. Repeatable. Default: every process (-a).
-    #[arg(short = 'p', long = "pid", value_name = "PID")]
-    pids: Vec<i32>,
-    /// Every process on every CPU, leniently (the default).
-    #[arg(
-        short = 'a',
-        long = "all-cpus",
-        visible_alias = "all",
-        conflicts_with = "pids"
-    )]
-    all: bool,
+    #[command(flatten)]
+    sampling: Sampling,
     /// How often a profile is exported: each holds the samples of its interval.
     #[arg(long, default_value = "10s", value_parser = parse_interval, value_name = "DURATION")]
     interval: Duration,
-    /// Samples per second per CPU (-a) or thread (-p).
-    #[arg(short = 'r', long = "rate", visible_alias = "freq", short_alias = 'F', default_value_t = 100, value_parser = parse_rate, value_name = "HZ")]
-    rate: u64,
     /// The Collector's OTLP/HTTP address, e.g. http://collector:4318. Default: from
     /// OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT, else
     /// http://localhost:4318 (headers, timeout, compression, certificate: the
     /// OTEL_EXPORTER_OTLP_* variables). Not checked at start: an absent Collector is retried.
     #[arg(long, value_name = "URL")]
     otlp_endpoint: Option<String>,
-    /// Turn on CPython 3.12+'s perf trampoline in the targets while the agent runs (as record
-    /// --inject-python): only where the eBPF walker cannot run.
-    #[arg(long)]
-    inject_python: bool,
-    /// Do not load the eBPF frame walker (Python frames from perf trampolines only).
-    #[arg(long)]
-    no_ebpf: bool,
 }
 
 /// `--interval`: a duration of at least one second.
@@ -459,9 +447,8 @@ fn run(cli: Cli) -> Result<i32> {
             status,
         } => inject(pid, deactivate, force, status),
         Cmd::Top(a) => {
-            one_target(&a.pids, &a.command, a.all)?;
+            let (opts, top) = top_options(a)?;
             let stop = signals::install()?;
-            let (opts, top) = top_options(a);
             record::live::run(opts, top, stop)?;
             Ok(0)
         }
@@ -519,33 +506,18 @@ fn inject(pid: i32, deactivate: bool, force: bool, status: bool) -> Result<i32> 
 
 /// `perfpy agent`: sample until stopped, exporting every interval.
 fn agent(a: AgentArgs) -> Result<i32> {
+    if a.sampling.all && !a.sampling.pids.is_empty() {
+        bail!("give -p PID or -a, not both (without -p the agent profiles every process)");
+    }
     let stop = signals::install()?;
     let otlp = output::otlp_export::Config::resolve(a.otlp_endpoint.as_deref(), &|k| {
         std::env::var(k).ok()
     })?;
+    let mut record = a.sampling.options();
+    record.all = record.pids.is_empty();
     agent::run(
         agent::Options {
-            record: record::Options {
-                all: a.pids.is_empty(),
-                pids: a.pids,
-                command: Vec::new(),
-                duration: None,
-                rate: a.rate,
-                output: None,
-                format: Format::Pprof,
-                stack_size: None,
-                max_frames: 512,
-                max_python_frames: perfpy_bpf::DEFAULT_PY_FRAMES,
-                keep_interpreter: false,
-                python_perf_env: None,
-                inject_python: a.inject_python,
-                ebpf: !a.no_ebpf,
-                otlp: None,
-                subprocesses: false,
-                lines: report::Lines::Current,
-                off_cpu: None,
-                sample: None,
-            },
+            record,
             interval: a.interval,
             otlp,
         },
@@ -555,7 +527,7 @@ fn agent(a: AgentArgs) -> Result<i32> {
 
 /// `perfpy record`.
 fn record(a: RecordArgs) -> Result<i32> {
-    one_target(&a.pids, &a.command, a.all)?;
+    let opts = a.run.options(a.sampling)?;
     if !a.off_cpu
         && matches!(
             a.sample,
@@ -564,18 +536,13 @@ fn record(a: RecordArgs) -> Result<i32> {
     {
         bail!("--sample off-cpu and --sample wall need --off-cpu");
     }
+    let otlp = a
+        .otlp_endpoint
+        .map(|e| output::otlp_export::Config::resolve(Some(&e), &|k| std::env::var(k).ok()))
+        .transpose()?;
     let stop = signals::install()?;
     let outcome = record::run(
         record::Options {
-            pids: a.pids,
-            all: a.all,
-            command: a.command,
-            duration: a.duration,
-            rate: a.rate,
-            format: a
-                .format
-                .unwrap_or_else(|| format_from_extension(a.output.as_deref())),
-            output: a.output,
             stack_size: a.stack_size,
             max_frames: a.max_frames,
             max_python_frames: a.max_python_frames,
@@ -585,16 +552,10 @@ fn record(a: RecordArgs) -> Result<i32> {
                 (_, true) => Some(false),
                 _ => None,
             },
-            inject_python: a.inject_python,
-            ebpf: !a.no_ebpf,
-            otlp: a
-                .otlp_endpoint
-                .map(|e| output::otlp_export::Config::resolve(Some(&e), &|k| std::env::var(k).ok()))
-                .transpose()?,
-            lines: lines(a.function, a.nolineno),
-            subprocesses: a.subprocesses,
+            otlp,
             off_cpu: a.off_cpu.then_some(a.min_block.as_nanos() as u64),
             sample: a.sample,
+            ..opts
         },
         stop,
     )?;
@@ -641,14 +602,14 @@ mod tests {
         let c =
             Cli::try_parse_from(["perfpy", "record", "-F", "1000", "-p", "1", "-p", "2"]).unwrap();
         let Cmd::Record(a) = c.cmd else { panic!() };
-        assert_eq!(a.rate, 1000);
-        assert_eq!(a.pids, vec![1, 2]);
+        assert_eq!(a.sampling.rate, 1000);
+        assert_eq!(a.sampling.pids, vec![1, 2]);
         let c = Cli::try_parse_from([
             "perfpy", "record", "--freq", "99", "--", "python3", "-c", "pass",
         ])
         .unwrap();
         let Cmd::Record(a) = c.cmd else { panic!() };
-        assert_eq!(a.rate, 99);
-        assert_eq!(a.command, vec!["python3", "-c", "pass"]);
+        assert_eq!(a.sampling.rate, 99);
+        assert_eq!(a.run.command, vec!["python3", "-c", "pass"]);
     }
 }

@@ -360,6 +360,8 @@ fn libc_fn(p: &PythonProcess, name: &str) -> Result<u64, InjectError> {
         })
 }
 
+/// Runs `text` in the target through the interpreter's pending-call queue: a stub in a page
+/// of our own is queued, the interpreter runs it at its next check, the page is unmapped.
 fn pending(p: &PythonProcess, text: &str, deadline: Instant) -> Result<(), InjectError> {
     if text.len() as u64 + TEXT + 1 > PAGE {
         return Err(InjectError::Failed {
@@ -367,6 +369,21 @@ fn pending(p: &PythonProcess, text: &str, deadline: Instant) -> Result<(), Injec
             detail: "code too long".into(),
         });
     }
+    let page = queue_pending(p, text, deadline)?;
+    let result = wait_for_stub(p, page, deadline)?;
+    unmap_when_safe(p, page)?;
+    if result != 0 {
+        return Err(InjectError::Failed {
+            pid: p.pid,
+            detail: "PyRun_SimpleString raised (see the target's stderr)".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Queues the stub that runs `text`, from a thread stopped where none of the queue's locks
+/// can be held; returns the stub's page.
+fn queue_pending(p: &PythonProcess, text: &str, deadline: Instant) -> Result<u64, InjectError> {
     let forbidden: Vec<std::ops::Range<u64>> = perfpy_process::elf::PENDING_FUNCTIONS
         .iter()
         .filter_map(|f| p.symbol_range(f))
@@ -374,7 +391,6 @@ fn pending(p: &PythonProcess, text: &str, deadline: Instant) -> Result<(), Injec
     let add_internal = p
         .symbol("_PyEval_AddPendingCall")
         .zip(p.symbol("PyInterpreterState_Main"));
-    let page;
     let mut tries = 0;
     loop {
         tries += 1;
@@ -431,10 +447,12 @@ fn pending(p: &PythonProcess, text: &str, deadline: Instant) -> Result<(), Injec
                 detail: "the interpreter's pending-call queue is full; try again".into(),
             });
         }
-        page = addr;
-        break;
+        return Ok(addr);
     }
-    // Wait for the interpreter to run it.
+}
+
+/// Waits until the interpreter has run the stub (its result), or cancels it at the deadline.
+fn wait_for_stub(p: &PythonProcess, page: u64, deadline: Instant) -> Result<i32, InjectError> {
     let mut flag = [0u8; 8];
     loop {
         perfpy_process::LiveMemory(p.pid as u32)
@@ -457,8 +475,11 @@ fn pending(p: &PythonProcess, text: &str, deadline: Instant) -> Result<(), Injec
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    let result = i32::from_ne_bytes(flag[0..4].try_into().unwrap_or([0; 4]));
-    // Unmap the page, from a thread that is not running the end of the stub.
+    Ok(i32::from_ne_bytes(flag[0..4].try_into().unwrap_or([0; 4])))
+}
+
+/// Unmaps the stub's page, from a thread that is not running the end of the stub.
+fn unmap_when_safe(p: &PythonProcess, page: u64) -> Result<(), InjectError> {
     for _ in 0..100 {
         let Some(tid) = threads(p.pid).first().copied() else {
             break;
@@ -473,12 +494,6 @@ fn pending(p: &PythonProcess, text: &str, deadline: Instant) -> Result<(), Injec
         unmap_page(&mut t, p, page);
         t.release()?;
         break;
-    }
-    if result != 0 {
-        return Err(InjectError::Failed {
-            pid: p.pid,
-            detail: "PyRun_SimpleString raised (see the target's stderr)".into(),
-        });
     }
     Ok(())
 }

@@ -286,120 +286,131 @@ impl Collector {
         kept
     }
 
+    /// One ring record, whatever its CPU: the collection stage's entry point (the live loop
+    /// and replay both feed it).
     pub(super) fn handle(&mut self, rec: Record<'_>) {
-        match &rec {
-            Record::Mmap(m) if m.pid == 0 => return,
+        match rec {
+            Record::Mmap(m) if m.pid == 0 => {}
             Record::Comm { pid: 0, .. }
             | Record::Fork { pid: 0, .. }
-            | Record::Exit { pid: 0, .. } => return,
-            _ => {}
-        }
-        match rec {
+            | Record::Exit { pid: 0, .. } => {}
             Record::Sample(s) => self.sample(s),
-            Record::Mmap(m) => {
-                if !m.prot_exec || !self.ours(m.pid) {
-                    return;
-                }
-                let key = self.proc_key(m.pid);
-                let path = String::from_utf8_lossy(m.filename).into_owned();
-                let p = &mut self.procs[key as usize];
-                if p.mapping(m.addr)
-                    .is_some_and(|x| x.start == m.addr && x.end == m.addr + m.len)
-                {
-                    return;
-                }
-                p.add_mapping(&mut self.files, m.addr, m.addr + m.len, m.pgoff, &path);
-                // As soon as the interpreter is mapped: samples taken before the walker knows
-                // the process have no Python frames from it.
-                self.register_python(key);
-            }
+            Record::Mmap(m) => self.mmap(&m),
             Record::Comm {
                 pid,
                 tid,
                 exec,
                 comm,
-            } => {
-                if !self.ours(pid) {
-                    return;
-                }
-                let comm = String::from_utf8_lossy(comm).into_owned();
-                // Rings are read one CPU after the other: the record of an earlier exec (of
-                // `chroot`, say) can come after that of a later one (`python3.14`). A stale
-                // one would start a new process under the old name: the name the process has
-                // now, which its current key already carries, says it is stale.
-                let stale = exec
-                    && pid == tid
-                    && perfpy_process::proc::comm(pid, pid).is_some_and(|now| {
-                        now != comm
-                            && self
-                                .live
-                                .get(&pid)
-                                .is_some_and(|k| self.procs[*k as usize].comm == now)
-                    });
-                if stale {
-                    tracing::debug!(
-                        pid,
-                        comm,
-                        "exec record older than the process's name: ignored"
-                    );
-                } else if exec && pid == tid {
-                    // Another program: the walker's registration of the old one is void.
-                    if let Some(py) = self.py.as_mut() {
-                        if py.procs.remove(&pid).is_some() {
-                            if let Some(w) = py.walker.as_mut() {
-                                w.remove_process(pid);
-                            }
-                        }
-                    }
-                    // A new program in this pid: a new process for us (its old frames keep
-                    // their meaning under the old key).
-                    if let Some(old) = self.live.remove(&pid) {
-                        self.procs[old as usize].alive = false;
-                        self.to_release.push_back((Instant::now(), old));
-                    }
-                    let key = self.proc_key(pid);
-                    let p = &mut self.procs[key as usize];
-                    p.exec(comm.clone());
-                    self.target.refresh_maps(p, &mut self.files);
-                    p.threads.insert(tid, comm);
-                } else {
-                    let key = self.proc_key(pid);
-                    let p = &mut self.procs[key as usize];
-                    if pid == tid {
-                        p.comm = comm.clone();
-                    }
-                    p.threads.insert(tid, comm);
-                }
-            }
-            Record::Fork { pid, ppid, tid } => {
-                if pid == tid {
-                    self.not_ours.remove(&pid);
-                }
-                if pid == tid && pid != ppid && !self.live.contains_key(&pid) && self.ours(pid) {
-                    let key = self.procs.len() as u32;
-                    let child = match self.live.get(&ppid) {
-                        Some(pk) => Process::forked(&self.procs[*pk as usize], pid, key),
-                        None => Process::new(pid, key),
-                    };
-                    self.procs.push(child);
-                    self.live.insert(pid, key);
-                }
-            }
-            Record::Exit { pid, tid } => {
-                if pid == tid && self.not_ours.remove(&pid) {
-                    return;
-                }
-                if pid == tid && self.ours(pid) {
-                    if let Some(k) = self.live.remove(&pid) {
-                        self.procs[k as usize].alive = false;
-                        self.to_release.push_back((Instant::now(), k));
-                        self.dying.insert(pid, k);
-                    }
-                    self.exited.insert(pid);
-                }
-            }
+            } => self.comm(pid, tid, exec, comm),
+            Record::Fork { pid, ppid, tid } => self.fork(pid, ppid, tid),
+            Record::Exit { pid, tid } => self.exit(pid, tid),
             Record::Lost(n) => self.stats.lost += n,
             Record::Other => {}
+        }
+    }
+
+    /// An executable mapping: its file opened (in the process's root) and its unwind table.
+    fn mmap(&mut self, m: &crate::records::Mmap<'_>) {
+        if !m.prot_exec || !self.ours(m.pid) {
+            return;
+        }
+        let key = self.proc_key(m.pid);
+        let path = String::from_utf8_lossy(m.filename).into_owned();
+        let p = &mut self.procs[key as usize];
+        if p.mapping(m.addr)
+            .is_some_and(|x| x.start == m.addr && x.end == m.addr + m.len)
+        {
+            return;
+        }
+        p.add_mapping(&mut self.files, m.addr, m.addr + m.len, m.pgoff, &path);
+        // As soon as the interpreter is mapped: samples taken before the walker knows
+        // the process have no Python frames from it.
+        self.register_python(key);
+    }
+
+    /// A thread's name, or an exec (`exec`, a new program in the pid).
+    fn comm(&mut self, pid: u32, tid: u32, exec: bool, comm: &[u8]) {
+        if !self.ours(pid) {
+            return;
+        }
+        let comm = String::from_utf8_lossy(comm).into_owned();
+        // Rings are read one CPU after the other: the record of an earlier exec (of
+        // `chroot`, say) can come after that of a later one (`python3.14`). A stale
+        // one would start a new process under the old name: the name the process has
+        // now, which its current key already carries, says it is stale.
+        let stale = exec
+            && pid == tid
+            && perfpy_process::proc::comm(pid, pid).is_some_and(|now| {
+                now != comm
+                    && self
+                        .live
+                        .get(&pid)
+                        .is_some_and(|k| self.procs[*k as usize].comm == now)
+            });
+        if stale {
+            tracing::debug!(
+                pid,
+                comm,
+                "exec record older than the process's name: ignored"
+            );
+        } else if exec && pid == tid {
+            // Another program: the walker's registration of the old one is void.
+            if let Some(py) = self.py.as_mut() {
+                if py.procs.remove(&pid).is_some() {
+                    if let Some(w) = py.walker.as_mut() {
+                        w.remove_process(pid);
+                    }
+                }
+            }
+            // A new program in this pid: a new process for us (its old frames keep
+            // their meaning under the old key).
+            if let Some(old) = self.live.remove(&pid) {
+                self.procs[old as usize].alive = false;
+                self.to_release.push_back((Instant::now(), old));
+            }
+            let key = self.proc_key(pid);
+            let p = &mut self.procs[key as usize];
+            p.exec(comm.clone());
+            self.target.refresh_maps(p, &mut self.files);
+            p.threads.insert(tid, comm);
+        } else {
+            let key = self.proc_key(pid);
+            let p = &mut self.procs[key as usize];
+            if pid == tid {
+                p.comm = comm.clone();
+            }
+            p.threads.insert(tid, comm);
+        }
+    }
+
+    /// A new process (pid == tid) or thread.
+    fn fork(&mut self, pid: u32, ppid: u32, tid: u32) {
+        if pid == tid {
+            self.not_ours.remove(&pid);
+        }
+        if pid == tid && pid != ppid && !self.live.contains_key(&pid) && self.ours(pid) {
+            let key = self.procs.len() as u32;
+            let child = match self.live.get(&ppid) {
+                Some(pk) => Process::forked(&self.procs[*pk as usize], pid, key),
+                None => Process::new(pid, key),
+            };
+            self.procs.push(child);
+            self.live.insert(pid, key);
+        }
+    }
+
+    /// A thread or (pid == tid) process ended; the process is released a little later.
+    fn exit(&mut self, pid: u32, tid: u32) {
+        if pid == tid && self.not_ours.remove(&pid) {
+            return;
+        }
+        if pid == tid && self.ours(pid) {
+            if let Some(k) = self.live.remove(&pid) {
+                self.procs[k as usize].alive = false;
+                self.to_release.push_back((Instant::now(), k));
+                self.dying.insert(pid, k);
+            }
+            self.exited.insert(pid);
         }
     }
 
