@@ -11,5 +11,5 @@ status=0
 # signals its whole process group, test binaries and their targets included).
 timeout --kill-after=30 2700 cargo test --workspace --locked --no-fail-fast -- --test-threads=2 \
     --skip signals_at_random_moments --skip sigkill_mid_ --skip target_killed_at_random_moments || status=$?
-timeout --kill-after=30 1200 cargo test --locked --test fault -- --nocapture --test-threads=1 || status=$?
+timeout --kill-after=30 1200 cargo test --locked --test it -- --nocapture --test-threads=1 fault:: || status=$?
 exit $status

@@ -5,7 +5,7 @@
 //!
 //! Where the layouts come from: ≤ 3.10 the walker's tables (`f_localsplus`, `co_varnames`);
 //! 3.11 and 3.12 the three offsets below, checked against each version's headers by
-//! `tests/dump.rs` (`testdata/locals_offsets.c`); 3.13+ the target's `_Py_DebugOffsets`.
+//! `tests/it/dump.rs` (`testdata/locals_offsets.c`); 3.13+ the target's `_Py_DebugOffsets`.
 
 use perfpy_bpf::code::{read_unicode, type_name};
 use perfpy_bpf::Offsets;

@@ -1,5 +1,5 @@
 /* The offsets `perfpy dump --locals` uses for CPython 3.11 and 3.12 (src/dump_locals.rs,
- * LOCALS_3_11), from the version's own headers; compiled and run by tests/dump.rs. */
+ * LOCALS_3_11), from the version's own headers; compiled and run by tests/it/dump.rs. */
 #define Py_BUILD_CORE 1
 #include <Python.h>
 #include <stddef.h>

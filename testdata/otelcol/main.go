@@ -4,7 +4,7 @@
 // (forwards what arrives, as to a store: the tests receive it to read the stacks). Built offline by scripts/deps.sh from Debian's
 // golang-opentelemetry-collector-dev (GO111MODULE=off, GOPATH=...:/usr/share/gocode); run as
 //   otelcol --config FILE --feature-gates=+service.profilesSupport
-// with a `profiles` pipeline (see tests/common: Collector::start).
+// with a `profiles` pipeline (see testdata/support: Collector::start).
 package main
 
 import (

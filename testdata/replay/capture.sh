@@ -3,7 +3,7 @@
 # PERFPY_CAPTURE=DIR, which saves what the recording read (ring records, eBPF walker records,
 # process memory it read, maps, perf maps, the mapped ELF files reduced to the parts read).
 # Needs root (perf events, eBPF) and the pyenv interpreters of scripts/deps.sh; the replay
-# itself (tests/replay.rs, `perfpy replay DIR`) needs neither. See testdata/replay/README.md.
+# itself (tests/it/replay.rs, `perfpy replay DIR`) needs neither. See testdata/replay/README.md.
 set -eu
 cd "$(dirname "$0")/../.."
 cargo build --quiet

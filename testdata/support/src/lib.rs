@@ -1,6 +1,7 @@
-//! Helpers shared by the integration tests: interpreters, workloads started with a handshake,
-//! the built binary, and a decoder of the pprof it writes.
-#![allow(dead_code)]
+//! What perfpy's integration tests share (the binary's, inject's and bpf's): interpreters
+//! (pyenv's and the Debian sid chroot's), workloads started with a handshake, the built binary
+//! and a builder for its `record` runs ([`Record`]), a decoder of the pprof it writes, bounded
+//! waits, and the test OpenTelemetry Collector ([`otelcol`]).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
@@ -10,19 +11,41 @@ use std::time::{Duration, Instant};
 
 use pprof::protos::Message;
 
+mod record;
+pub use record::Record;
+
+/// The `perfpy` binary built with the tests: beside the test binary's `deps/` directory
+/// (`CARGO_BIN_EXE_perfpy` exists only in the binary's own crate). Missing: a failure that says
+/// how to build it, never a skip.
 pub fn perfpy() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_perfpy"))
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let p = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join("perfpy"))
+        .expect("the test binary is in target/<profile>/deps");
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (`cargo build --workspace`)",
+        p.display()
+    );
+    p
 }
 
+/// The repository's top directory.
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("the repository")
 }
 
 pub fn testdata(name: &str) -> PathBuf {
     root().join("testdata").join(name)
 }
 
-fn ci() -> bool {
+/// Under CI (`CI=true`), where a missing interpreter or tool fails the test.
+pub fn ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 

@@ -6,7 +6,7 @@
 //! also on SIGTERM and when the target exits; without a terminal, plain tables whose top row is
 //! `spin`, `--tid` shows one thread's samples, and `perfpy top … | head` ends when head does.
 
-mod common;
+use perfpy_test_support as common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

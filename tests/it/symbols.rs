@@ -1,7 +1,7 @@
 //! Native frames of another root: the vDSO, a stripped library named from `.dynsym`, and
 //! separate debug files found by build id and by debug link inside the target's root.
 
-mod common;
+use perfpy_test_support as common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,7 +1,7 @@
 //! `perfpy record -a` inside a private PID namespace (`unshare --pid --fork --mount-proc`), so
 //! that the whole-machine recording sees only the processes this test starts.
 
-mod common;
+use perfpy_test_support as common;
 
 use std::collections::HashMap;
 use std::process::Command;
@@ -304,15 +304,10 @@ fn perf_map_in_a_private_tmp_of_another_pid_namespace() {
     assert_ne!(nspid, pid.to_string(), "not in its own PID namespace");
     assert!(!std::path::Path::new(&format!("/tmp/perf-{nspid}.map")).exists() || nspid == "1");
     let out = tmp("ns-tmp.pb.gz");
-    let o = run_perfpy(&[
-        "record",
-        "-p",
-        &pid.to_string(),
-        "-d",
-        "2",
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    let o = Record::to(&out)
+        .args(["-p", &pid.to_string()])
+        .duration("2")
+        .run();
     assert!(o.status.success());
     let d = decode(&out);
     let named = d.count_where(|s| s.has_chain(&["<module>", "main", "round_"]));
@@ -351,15 +346,10 @@ fn ebpf_names_a_process_in_another_pid_namespace() {
     ]));
     let pid = find_by_cmdline(&marker).expect("namespaced python not found");
     let out = tmp("ns-ebpf.pb.gz");
-    let o = run_perfpy(&[
-        "record",
-        "-p",
-        &pid.to_string(),
-        "-d",
-        "2",
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    let o = Record::to(&out)
+        .args(["-p", &pid.to_string()])
+        .duration("2")
+        .run();
     assert!(o.status.success());
     let d = decode(&out);
     let named =

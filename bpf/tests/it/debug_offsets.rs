@@ -8,16 +8,6 @@ use std::process::{Command, Stdio};
 
 use perfpy_bpf::debug_offsets;
 
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-fn sid() -> PathBuf {
-    std::env::var_os("PERFPY_SID")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/perfpy/sid"))
-}
-
 fn pyenv_313() -> Option<PathBuf> {
     let dir = std::fs::read_dir("/root/.pyenv/versions")
         .ok()?
@@ -30,7 +20,10 @@ fn pyenv_313() -> Option<PathBuf> {
                 .starts_with("3.13.")
         });
     if dir.is_none() {
-        assert!(!ci(), "pyenv's CPython 3.13 is required under CI");
+        assert!(
+            !perfpy_test_support::ci(),
+            "pyenv's CPython 3.13 is required under CI"
+        );
         eprintln!("NOTE: pyenv's CPython 3.13 not installed: not checked");
     }
     dir
@@ -84,14 +77,14 @@ fn layouts_match_each_versions_header() {
             ],
         );
     }
-    let inc = sid().join("usr/include");
+    let inc = perfpy_test_support::sid_root().join("usr/include");
     for minor in [13u8, 14, 15] {
         let dir = inc.join(format!("python3.{minor}"));
         if !dir.join("internal").exists() {
             assert!(
-                !ci(),
+                !perfpy_test_support::ci(),
                 "Debian's libpython3.{minor}-dev missing in {}: run scripts/deps.sh",
-                sid().display()
+                perfpy_test_support::sid_root().display()
             );
             eprintln!("NOTE: Debian's 3.{minor} headers not in the sid chroot: not checked");
             continue;

@@ -1,7 +1,7 @@
 //! `perfpy record --off-cpu`: each wait of a thread stacked with its kind, CPU and off-CPU time
 //! adding up to each thread's wall time, on every installed CPython and on a native program.
 
-mod common;
+use perfpy_test_support as common;
 
 use std::collections::HashMap;
 use std::process::Command;

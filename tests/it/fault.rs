@@ -4,7 +4,7 @@
 //! trampoline in the state it was found; an exit status 0 must come with a valid profile.
 //! Every test prints its counts (runs, outcomes, failures).
 
-mod common;
+use perfpy_test_support as common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

@@ -2,7 +2,7 @@
 //! names that follow exec, flamegraph boxes and tooltips, `--function` / `--nolineno`, and
 //! speedscope's JSON checked with speedscope's own schema (its npm package).
 
-mod common;
+use perfpy_test_support as common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};

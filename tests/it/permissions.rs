@@ -2,7 +2,7 @@
 //! no capabilities) through `setpriv`: each must end with the message that names the fix, and
 //! what can still work must work (sampling one's own command, user space only, no eBPF).
 
-mod common;
+use perfpy_test_support as common;
 
 use std::process::{Command, Output, Stdio};
 

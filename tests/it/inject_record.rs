@@ -1,6 +1,6 @@
 //! `perfpy record --inject-python` and `perfpy inject` against targets this test starts.
 
-mod common;
+use perfpy_test_support as common;
 
 use std::process::Command;
 use std::time::Duration;
@@ -25,18 +25,12 @@ fn record_with_injection_names_python_and_restores_the_trampoline() {
         );
         assert!(!active(w.pid()));
         let out = tmp(&format!("inject-{minor}.pb.gz"));
-        let o = run_perfpy(&[
-            "record",
-            "-p",
-            &w.pid().to_string(),
-            "-d",
-            "4",
-            "-r",
-            "497",
-            "--inject-python",
-            "-o",
-            out.to_str().unwrap(),
-        ]);
+        let o = Record::to(&out)
+            .pid(w.pid())
+            .duration("4")
+            .rate(497)
+            .arg("--inject-python")
+            .run();
         assert!(o.status.success());
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(
@@ -91,19 +85,12 @@ fn injection_alone_names_functions_from_the_perf_map() {
                 .env("SPLIT_REPORT", &rep),
         );
         let out = tmp(&format!("inject-map-{minor}.pb.gz"));
-        let o = run_perfpy(&[
-            "record",
-            "-p",
-            &w.pid().to_string(),
-            "-d",
-            "3",
-            "-r",
-            "497",
-            "--no-ebpf",
-            "--inject-python",
-            "-o",
-            out.to_str().unwrap(),
-        ]);
+        let o = Record::to(&out)
+            .pid(w.pid())
+            .duration("3")
+            .rate(497)
+            .args(["--no-ebpf", "--inject-python"])
+            .run();
         assert!(o.status.success());
         let d = decode(&out);
         let rounds = d.count_where(|s| s.has("round_"));
@@ -149,16 +136,11 @@ fn a_target_started_with_x_perf_keeps_its_trampoline_on() {
             .arg("30"),
     );
     let out = tmp("xperf-inject.pb.gz");
-    let o = run_perfpy(&[
-        "record",
-        "-p",
-        &w.pid().to_string(),
-        "-d",
-        "2",
-        "--inject-python",
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    let o = Record::to(&out)
+        .pid(w.pid())
+        .duration("2")
+        .arg("--inject-python")
+        .run();
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("already on"));
     assert!(active(w.pid()));
@@ -201,16 +183,11 @@ fn injection_refusals_stop_the_run_before_sampling() {
     if let Some(py) = python("3.11") {
         let w = Workload::start(Command::new(&py).arg(testdata("split.py")).arg("30"));
         let out = tmp("old.pb.gz");
-        let o = run_perfpy(&[
-            "record",
-            "-p",
-            &w.pid().to_string(),
-            "-d",
-            "1",
-            "--inject-python",
-            "-o",
-            out.to_str().unwrap(),
-        ]);
+        let o = Record::to(&out)
+            .pid(w.pid())
+            .duration("1")
+            .arg("--inject-python")
+            .run();
         assert_eq!(o.status.code(), Some(1));
         assert!(String::from_utf8_lossy(&o.stderr).contains("python_too_old"));
         assert!(matches!(w.state(), 'R' | 'S'));
@@ -271,18 +248,12 @@ fn a_c_extension_call_keeps_its_share_when_attached_with_injection() {
                 .env("SPLIT_REPORT", &rep),
         );
         let out = tmp(&format!("hashing-{minor}.pb.gz"));
-        let o = run_perfpy(&[
-            "record",
-            "-p",
-            &w.pid().to_string(),
-            "-d",
-            "4",
-            "-r",
-            "997",
-            "--inject-python",
-            "-o",
-            out.to_str().unwrap(),
-        ]);
+        let o = Record::to(&out)
+            .pid(w.pid())
+            .duration("4")
+            .rate(997)
+            .arg("--inject-python")
+            .run();
         assert!(o.status.success());
         let d = decode(&out);
         let total = d.total();

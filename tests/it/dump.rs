@@ -4,7 +4,7 @@
 //! call, and the target is never stopped (its 1 ms clock thread sees no long gap during 100
 //! dumps).
 
-mod common;
+use perfpy_test_support as common;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};

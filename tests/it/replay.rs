@@ -3,7 +3,7 @@
 //! unprivileged user: no root, no eBPF, no perf events, no live interpreter. The stacks a user
 //! reads come out of the ring records, the walker's records, the memory and the files saved.
 
-mod common;
+use perfpy_test_support as common;
 
 use std::collections::BTreeMap;
 use std::process::Command;

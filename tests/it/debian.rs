@@ -1,7 +1,7 @@
 //! Debian's own CPython 3.13 – 3.15 (stripped, non-PIE, libpython in the executable), run in the
 //! sid chroot `scripts/deps.sh` prepares.
-mod common;
 use common::*;
+use perfpy_test_support as common;
 
 /// The chroot's interpreters are there and run the testdata workloads (the helper other tests use).
 #[test]
@@ -106,17 +106,11 @@ fn walker_from_the_targets_debug_offsets_debian_and_pyenv() {
         );
 
         let out = tmp(&format!("{}.pb.gz", what.replace(' ', "-")));
-        let o = run_perfpy(&[
-            "record",
-            "-p",
-            &pid,
-            "-d",
-            "5",
-            "-r",
-            "1000",
-            "-o",
-            out.to_str().unwrap(),
-        ]);
+        let o = Record::to(&out)
+            .args(["-p", &pid])
+            .duration("5")
+            .rate(1000)
+            .run();
         assert!(o.status.success(), "{what}: record failed");
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert!(
@@ -264,17 +258,11 @@ fn a_corrupt_debug_offsets_table_is_refused_with_its_reason() {
             "{what}: {ebpf}"
         );
         let out = tmp(&format!("corrupt-{}.pb.gz", what.replace(' ', "-")));
-        let o = run_perfpy(&[
-            "record",
-            "-p",
-            &pid,
-            "-d",
-            "2",
-            "-r",
-            "499",
-            "-o",
-            out.to_str().unwrap(),
-        ]);
+        let o = Record::to(&out)
+            .args(["-p", &pid])
+            .duration("2")
+            .rate(499)
+            .run();
         assert!(o.status.success(), "{what}");
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert!(
@@ -311,18 +299,11 @@ fn debian_interpreters_attached_with_injection() {
         };
         assert!(status("before").contains("perf trampoline off"), "{minor}");
         let out = tmp(&format!("debian-inject-{minor}.pb.gz"));
-        let o = run_perfpy(&[
-            "record",
-            "-p",
-            &pid,
-            "--inject-python",
-            "-d",
-            "3",
-            "-r",
-            "499",
-            "-o",
-            out.to_str().unwrap(),
-        ]);
+        let o = Record::to(&out)
+            .args(["-p", &pid, "--inject-python"])
+            .duration("3")
+            .rate(499)
+            .run();
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success(), "{minor}: {err}");
         assert!(

@@ -4,7 +4,7 @@
 //! test: the debug exporter does not print which stack a sample has); a Collector that is down,
 //! killed or stalled.
 
-mod common;
+use perfpy_test_support as common;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};

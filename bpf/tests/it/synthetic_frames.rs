@@ -135,10 +135,10 @@ fn tagged_code_pointers_and_owners_on_synthetic_314_and_315_memory() {
     }
     walk(
         (3, 14),
-        include_bytes!("../../testdata/debug_offsets/debian-3.14.bin"),
+        include_bytes!("../../../testdata/debug_offsets/debian-3.14.bin"),
     );
     walk(
         (3, 15),
-        include_bytes!("../../testdata/debug_offsets/debian-3.15.bin"),
+        include_bytes!("../../../testdata/debug_offsets/debian-3.15.bin"),
     );
 }

@@ -10,32 +10,12 @@ use std::time::{Duration, Instant};
 use perfpy_inject::{
     activate, deactivate, discover, registry, trampoline_active, ActivateOutcome, Reason,
 };
+use perfpy_test_support::python;
 
 const T: Duration = Duration::from_secs(10);
 
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-fn python(minor: &str) -> Option<PathBuf> {
-    let base = Path::new("/root/.pyenv/versions");
-    let found = std::fs::read_dir(base).ok().and_then(|d| {
-        d.filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .find(|n| n.starts_with(&format!("{minor}.")))
-    });
-    match found {
-        Some(d) => Some(base.join(d).join("bin").join(format!("python{minor}"))),
-        None if ci() => panic!("CPython {minor} missing under {}", base.display()),
-        None => {
-            eprintln!("NOTE: CPython {minor} not installed; skipped");
-            None
-        }
-    }
-}
-
 fn target_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/inject_target.py")
+    perfpy_test_support::testdata("inject_target.py")
 }
 
 struct Target {

@@ -5,7 +5,7 @@
 //! the trampoline on misses the frames entered before; a session whose trampoline was turned
 //! off under it kept 58% in the report that led to this test).
 
-mod common;
+use perfpy_test_support as common;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;

@@ -3,7 +3,7 @@
 //! targets' samples): a thread-per-request server, a program forking short-lived children.
 //! What the samples represent is checked against the CPU time the kernel accounted.
 
-mod common;
+use perfpy_test_support as common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -246,18 +246,15 @@ fn short_lived_children_launched() {
     let Some(py) = python("3.12") else { return };
     let report = tmp("fork-launched.report");
     let out = tmp("fork-launched.pb.gz");
-    let o = run_perfpy(&[
-        "record",
-        "-r",
-        FORK_RATE,
-        "-o",
-        out.to_str().unwrap(),
-        "--",
-        py.to_str().unwrap(),
-        testdata("forking.py").to_str().unwrap(),
-        "5",
-        report.to_str().unwrap(),
-    ]);
+    let o = Record::to(&out)
+        .args(["-r", FORK_RATE])
+        .command([
+            py.to_str().unwrap(),
+            testdata("forking.py").to_str().unwrap(),
+            "5",
+            report.to_str().unwrap(),
+        ])
+        .run();
     assert!(o.status.success());
     let (child_work, total, n) = measured(&report);
     assert!(n >= 50, "only {n} children");
@@ -275,17 +272,11 @@ fn short_lived_children_attached_with_subprocesses() {
     let w = Workload::start(Command::new(&py).arg(testdata("forking.py")).arg("30"));
     let pid = w.pid().to_string();
     let out = tmp("fork-attached-parent.pb.gz");
-    let o = run_perfpy(&[
-        "record",
-        "-p",
-        &pid,
-        "-d",
-        "2",
-        "-r",
-        FORK_RATE,
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    let o = Record::to(&out)
+        .args(["-p", &pid])
+        .duration("2")
+        .args(["-r", FORK_RATE])
+        .run();
     assert!(o.status.success());
     let d = decode(&out);
     assert_eq!(

@@ -1,7 +1,7 @@
 //! End-to-end tests of `perfpy record`: real processes, real perf events, the real binary, the
 //! profile decoded and checked as a user would check it.
 
-mod common;
+use perfpy_test_support as common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -172,17 +172,7 @@ fn perf_trampoline_split_spawned_and_attached() {
                 .env("SPLIT_REPORT", &rep),
         );
         let out = tmp(&format!("attached-{minor}.pb.gz"));
-        let o = run_perfpy(&[
-            "record",
-            "-p",
-            &w.pid().to_string(),
-            "-d",
-            "3",
-            "-r",
-            "1000",
-            "-o",
-            out.to_str().unwrap(),
-        ]);
+        let o = Record::to(&out).pid(w.pid()).duration("3").rate(1000).run();
         assert!(o.status.success());
         let d = decode(&out);
         check_split(&d, &format!("{minor} attached"), &measured_split(&rep));
@@ -209,20 +199,17 @@ fn perf_trampoline_split_spawned_and_attached() {
 fn threads_created_during_the_run_are_followed() {
     let Some(py) = python("3.12") else { return };
     let out = tmp("threads.pb.gz");
-    let o = run_perfpy(&[
-        "record",
-        "-d",
-        "3",
-        "-o",
-        out.to_str().unwrap(),
-        "--",
-        py.to_str().unwrap(),
-        "-X",
-        "perf",
-        testdata("split.py").to_str().unwrap(),
-        "4",
-        "threads",
-    ]);
+    let o = Record::to(&out)
+        .duration("3")
+        .command([
+            py.to_str().unwrap(),
+            "-X",
+            "perf",
+            testdata("split.py").to_str().unwrap(),
+            "4",
+            "threads",
+        ])
+        .run();
     assert!(o.status.success());
     let d = decode(&out);
     let tids: std::collections::HashSet<i64> = d
@@ -248,21 +235,17 @@ fn threads_created_during_the_run_are_followed() {
 fn syscall_heavy_workload_shows_kernel_frames() {
     let Some(py) = python("3.12") else { return };
     let out = tmp("sys.pb.gz");
-    let o = run_perfpy(&[
-        "record",
-        "-d",
-        "20",
-        "-r",
-        "499",
-        "-o",
-        out.to_str().unwrap(),
-        "--",
-        py.to_str().unwrap(),
-        "-X",
-        "perf",
-        testdata("syscalls.py").to_str().unwrap(),
-        "2",
-    ]);
+    let o = Record::to(&out)
+        .duration("20")
+        .rate(499)
+        .command([
+            py.to_str().unwrap(),
+            "-X",
+            "perf",
+            testdata("syscalls.py").to_str().unwrap(),
+            "2",
+        ])
+        .run();
     assert!(o.status.success());
     let d = decode(&out);
     let total = d.total();
@@ -344,18 +327,11 @@ fn c_program_with_and_without_frame_pointers() {
             );
         }
         let out = tmp(&format!("native-{name}.pb.gz"));
-        let o = run_perfpy(&[
-            "record",
-            "-d",
-            "2",
-            "-r",
-            "497",
-            "-o",
-            out.to_str().unwrap(),
-            "--",
-            exe.to_str().unwrap(),
-            "3",
-        ]);
+        let o = Record::to(&out)
+            .duration("2")
+            .rate(497)
+            .command([exe.to_str().unwrap(), "3"])
+            .run();
         assert!(o.status.success());
         let d = decode(&out);
         let leaf = d.count_where(|s| s.frames.first().is_some_and(|f| f.function == "leaf_busy"));
@@ -384,21 +360,17 @@ fn c_program_with_and_without_frame_pointers() {
 fn collapsed_and_flamegraph_formats() {
     let Some(py) = python("3.12") else { return };
     let coll = tmp("c.txt");
-    let o = run_perfpy(&[
-        "record",
-        "-d",
-        "2",
-        "-f",
-        "collapsed",
-        "-o",
-        coll.to_str().unwrap(),
-        "--",
-        py.to_str().unwrap(),
-        "-X",
-        "perf",
-        testdata("split.py").to_str().unwrap(),
-        "3",
-    ]);
+    let o = Record::to(&coll)
+        .duration("2")
+        .args(["-f", "collapsed"])
+        .command([
+            py.to_str().unwrap(),
+            "-X",
+            "perf",
+            testdata("split.py").to_str().unwrap(),
+            "3",
+        ])
+        .run();
     assert!(o.status.success());
     let text = std::fs::read_to_string(&coll).unwrap();
     let mut total = 0u64;
@@ -412,21 +384,17 @@ fn collapsed_and_flamegraph_formats() {
     assert!(text.contains("<module> ("));
     assert!(text.contains(";hot_function ("));
     let svg = tmp("f.svg");
-    let o = run_perfpy(&[
-        "record",
-        "-d",
-        "2",
-        "-f",
-        "flamegraph",
-        "-o",
-        svg.to_str().unwrap(),
-        "--",
-        py.to_str().unwrap(),
-        "-X",
-        "perf",
-        testdata("split.py").to_str().unwrap(),
-        "3",
-    ]);
+    let o = Record::to(&svg)
+        .duration("2")
+        .args(["-f", "flamegraph"])
+        .command([
+            py.to_str().unwrap(),
+            "-X",
+            "perf",
+            testdata("split.py").to_str().unwrap(),
+            "3",
+        ])
+        .run();
     assert!(o.status.success());
     let text = std::fs::read_to_string(&svg).unwrap();
     assert!(text.contains("<svg") && text.contains("hot_function"));
@@ -499,15 +467,7 @@ fn a_target_that_exits_ends_the_run_with_its_profile() {
     let w = Workload::start(Command::new(&py).arg(testdata("sleeper.py")).arg("1.5"));
     let out = tmp("exit.pb.gz");
     let t = Instant::now();
-    let o = run_perfpy(&[
-        "record",
-        "-p",
-        &w.pid().to_string(),
-        "-d",
-        "60",
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    let o = Record::to(&out).pid(w.pid()).duration("60").run();
     assert!(o.status.success());
     assert!(
         t.elapsed() < Duration::from_secs(10),
@@ -587,15 +547,7 @@ fn children_forked_by_the_command_are_followed() {
         py.display(),
         testdata("split.py").display()
     );
-    let o = run_perfpy(&[
-        "record",
-        "-o",
-        out.to_str().unwrap(),
-        "--",
-        "sh",
-        "-c",
-        &cmd,
-    ]);
+    let o = Record::to(&out).command(["sh", "-c", &cmd]).run();
     assert!(o.status.success());
     let d = decode(&out);
     assert!(
@@ -611,18 +563,15 @@ fn spawned_python_gets_perf_support_from_the_environment_only_when_asked() {
     // trampoline (which names its frames too, from <module> on).
     let Some(py) = python("3.13") else { return };
     let out = tmp("env.pb.gz");
-    let o = run_perfpy(&[
-        "record",
-        "-d",
-        "3",
-        "--python-perf-env",
-        "-o",
-        out.to_str().unwrap(),
-        "--",
-        py.to_str().unwrap(),
-        testdata("split.py").to_str().unwrap(),
-        "4",
-    ]);
+    let o = Record::to(&out)
+        .duration("3")
+        .arg("--python-perf-env")
+        .command([
+            py.to_str().unwrap(),
+            testdata("split.py").to_str().unwrap(),
+            "4",
+        ])
+        .run();
     assert!(o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -639,19 +588,15 @@ fn spawned_python_gets_perf_support_from_the_environment_only_when_asked() {
     // By default the environment is left alone where the eBPF walker runs: no trampoline (no
     // perf map written), the names come from the walker alone, with lines.
     let out = tmp("noenv.pb.gz");
-    let o = run_perfpy(&[
-        "record",
-        "-d",
-        "2",
-        "-r",
-        "397",
-        "-o",
-        out.to_str().unwrap(),
-        "--",
-        py.to_str().unwrap(),
-        testdata("split.py").to_str().unwrap(),
-        "3",
-    ]);
+    let o = Record::to(&out)
+        .duration("2")
+        .rate(397)
+        .command([
+            py.to_str().unwrap(),
+            testdata("split.py").to_str().unwrap(),
+            "3",
+        ])
+        .run();
     assert!(o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -685,18 +630,15 @@ fn spawned_python_gets_perf_support_from_the_environment_only_when_asked() {
     );
     // Without the walker the trampoline is the fallback: the environment is set again.
     let out = tmp("env-noebpf.pb.gz");
-    let o = run_perfpy(&[
-        "record",
-        "-d",
-        "2",
-        "--no-ebpf",
-        "-o",
-        out.to_str().unwrap(),
-        "--",
-        py.to_str().unwrap(),
-        testdata("split.py").to_str().unwrap(),
-        "3",
-    ]);
+    let o = Record::to(&out)
+        .duration("2")
+        .arg("--no-ebpf")
+        .command([
+            py.to_str().unwrap(),
+            testdata("split.py").to_str().unwrap(),
+            "3",
+        ])
+        .run();
     assert!(o.status.success());
     let d = decode(&out);
     let spin = d.count_where(|s| s.has("spin"));

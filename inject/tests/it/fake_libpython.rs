@@ -28,18 +28,6 @@ fn non_python_library() -> PathBuf {
     .expect("no libz or libm to disguise as libpython")
 }
 
-/// The `perfpy` binary of this workspace. `CARGO_BIN_EXE_perfpy` exists only for the
-/// binary's own crate, so it is found by path; a missing one is a failure, not a skip.
-fn perfpy_binary() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/perfpy");
-    assert!(
-        p.exists(),
-        "{} is missing: build the workspace first (`cargo build --workspace`)",
-        p.display()
-    );
-    p
-}
-
 /// A temporary directory and a `sleep` started from it; killed (it is our child) and the
 /// directory removed on every way out of a test, failures included.
 struct Target {
@@ -146,7 +134,7 @@ impl Target {
         );
         self.assert_untouched(&before, "discover");
 
-        let mut perfpy = Command::new(perfpy_binary())
+        let mut perfpy = Command::new(perfpy_test_support::perfpy())
             .args(["inject", "-p", &pid.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

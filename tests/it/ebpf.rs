@@ -1,7 +1,7 @@
 //! The eBPF frame walker: Python frames with lines for CPython 3.11 – 3.13 without any
 //! trampoline, attached to running processes (pyenv builds and Debian's static python3.11).
 
-mod common;
+use perfpy_test_support as common;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -28,17 +28,7 @@ fn ebpf_walker_names_every_supported_version() {
                 .env("SPLIT_REPORT", &rep),
         );
         let out = tmp(&format!("ebpf-{name}.pb.gz"));
-        let o = run_perfpy(&[
-            "record",
-            "-p",
-            &w.pid().to_string(),
-            "-d",
-            "3",
-            "-r",
-            "497",
-            "-o",
-            out.to_str().unwrap(),
-        ]);
+        let o = Record::to(&out).pid(w.pid()).duration("3").rate(497).run();
         assert!(o.status.success());
         let d = decode(&out);
         // Qualified names from 3.11 on (co_qualname); before, methods get the class of `self`
@@ -141,16 +131,11 @@ fn frames_entered_before_injection_are_named_by_the_walker() {
     let Some(py) = python("3.12") else { return };
     let w = Workload::start(Command::new(&py).arg(testdata("split.py")).arg("30"));
     let out = tmp("ebpf-inject.pb.gz");
-    let o = run_perfpy(&[
-        "record",
-        "-p",
-        &w.pid().to_string(),
-        "-d",
-        "3",
-        "--inject-python",
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    let o = Record::to(&out)
+        .pid(w.pid())
+        .duration("3")
+        .arg("--inject-python")
+        .run();
     assert!(o.status.success());
     let d = decode(&out);
     let named =
@@ -167,17 +152,7 @@ fn ebpf_walker_names_python_2_7() {
     let Some(py) = python("2.7") else { return };
     let w = Workload::start(Command::new(&py).arg(testdata("busy_any.py")).arg("30"));
     let out = tmp("ebpf-2.7.pb.gz");
-    let o = run_perfpy(&[
-        "record",
-        "-p",
-        &w.pid().to_string(),
-        "-d",
-        "2",
-        "-r",
-        "497",
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    let o = Record::to(&out).pid(w.pid()).duration("2").rate(497).run();
     assert!(o.status.success());
     let d = decode(&out);
     // Most CPU is in hot_any; nearly every one of its samples has the chain from <module>.
@@ -215,17 +190,7 @@ fn ebpf_walker_follows_each_thread() {
                 .args(["30", "threads"]),
         );
         let out = tmp(&format!("ebpf-threads-{minor}.pb.gz"));
-        let o = run_perfpy(&[
-            "record",
-            "-p",
-            &w.pid().to_string(),
-            "-d",
-            "2",
-            "-r",
-            "497",
-            "-o",
-            out.to_str().unwrap(),
-        ]);
+        let o = Record::to(&out).pid(w.pid()).duration("2").rate(497).run();
         assert!(o.status.success());
         let d = decode(&out);
         let tids: std::collections::HashSet<i64> = d
@@ -353,18 +318,12 @@ fn c_callbacks_stay_in_place_in_deep_stacks() {
         }
         let w = Workload::start(cmd.arg(testdata("deep_callback.py")).arg("300").arg("30"));
         let out = tmp(&format!("deep-callback-{minor}-{perf}.pb.gz"));
-        let o = run_perfpy(&[
-            "record",
-            "-p",
-            &w.pid().to_string(),
-            "-d",
-            "2",
-            "-r",
-            "497",
-            "--keep-interpreter-frames",
-            "-o",
-            out.to_str().unwrap(),
-        ]);
+        let o = Record::to(&out)
+            .pid(w.pid())
+            .duration("2")
+            .rate(497)
+            .arg("--keep-interpreter-frames")
+            .run();
         assert!(o.status.success(), "{minor}: {o:?}");
         let d = decode(&out);
         let keyed = d.count_where(|s| s.has("key_of"));

@@ -4,7 +4,7 @@
 //! does) so that perfpy reads its perf map; the test replaces that perf map with links,
 //! FIFOs, devices, huge and foreign files.
 
-mod common;
+use perfpy_test_support as common;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{symlink, MetadataExt};
@@ -149,17 +149,11 @@ impl NonBlock for std::fs::OpenOptions {
 
 fn record(pid: i32, out: &Path) -> (std::process::Output, Duration) {
     let t = Instant::now();
-    let o = run_perfpy(&[
-        "record",
-        "-p",
-        &pid.to_string(),
-        "-d",
-        "1.5",
-        "-r",
-        "499",
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    let o = Record::to(&out)
+        .args(["-p", &pid.to_string()])
+        .duration("1.5")
+        .rate(499)
+        .run();
     (o, t.elapsed())
 }
 
@@ -388,17 +382,7 @@ fn a_full_disk_names_the_file_and_leaves_nothing_partial() {
     let w = busy_target();
     for name in ["old.pb.gz", "new.pb.gz", "new.txt", "new.svg"] {
         let path = disk.0.join(name);
-        let o = run_perfpy(&[
-            "record",
-            "-p",
-            &w.pid().to_string(),
-            "-d",
-            "1",
-            "-r",
-            "499",
-            "-o",
-            path.to_str().unwrap(),
-        ]);
+        let o = Record::to(&path).pid(w.pid()).duration("1").rate(499).run();
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(1), "{name}: {err}");
         assert!(
