@@ -149,7 +149,7 @@ impl NonBlock for std::fs::OpenOptions {
 
 fn record(pid: i32, out: &Path) -> (std::process::Output, Duration) {
     let t = Instant::now();
-    let o = Record::to(&out)
+    let o = Record::to(out)
         .args(["-p", &pid.to_string()])
         .duration("1.5")
         .rate(499)
