@@ -190,11 +190,22 @@ fn python_row(
         (true, None) => {
             format!("CPython {v}: Python frames from its perf trampoline (-X perf){share}")
         }
-        (false, Some(n)) => format!("CPython {v}: native frames only ({n})"),
-        (false, None) => format!(
-            "CPython {v}: native frames only ({}; on 3.12+ start it with -X perf or use --inject-python)",
-            why_unnamed(e, pid, v)
+        // Nothing to name: the process did not run on a CPU while it was sampled.
+        (false, _) if n == 0 => format!(
+            "CPython {v}: not on a CPU during the recording (idle or blocked: `perfpy dump -p {pid}` shows where it waits)"
         ),
+        (false, Some(n)) => format!("CPython {v}: native frames only ({n})"),
+        (false, None) => {
+            let why = why_unnamed(e, pid, v);
+            // The trampoline is advice only where it would name what the walker could not.
+            let ran_python = !e.collector.walked.contains(&pid)
+                || e.collector.walk_refused.get(&pid).is_some_and(|r| !r.is_empty());
+            if v.at_least(3, 12) && ran_python {
+                format!("CPython {v}: native frames only ({why}; start it with -X perf or use --inject-python)")
+            } else {
+                format!("CPython {v}: native frames only ({why})")
+            }
+        }
     }
 }
 
