@@ -208,6 +208,25 @@ fn check(d: &Decoded, what: &str, measured: &std::collections::HashMap<String, f
         })
     });
     assert_eq!(above, 0, "{what}: C-extension frames above <module>");
+    // Python frames sit where their evaluation calls run, under the program's entry in libc
+    // (__libc_start_main or __libc_start_main_impl), never at the stack's root (where 3.15's
+    // thread base frame once put them).
+    let rooted = d.count_where(|s| {
+        s.has("<module>") && s.frames.last().is_some_and(|f| f.file.ends_with(".py"))
+    });
+    let start = d.count_where(|s| {
+        let i = s.frames.iter().position(|f| f.function == "<module>");
+        i.is_some_and(|i| {
+            s.frames[i..]
+                .iter()
+                .any(|f| f.function.starts_with("__libc_start"))
+        })
+    });
+    let modules = d.count_where(|s| s.has("<module>"));
+    assert!(
+        rooted == 0 && start as f64 >= 0.95 * modules as f64,
+        "{what}: {rooted} of {modules} samples have a Python frame at the root; {start} have __libc_start_main under <module>"
+    );
 }
 
 /// A process whose `_Py_DebugOffsets` is corrupt (it overwrites its own, which CPython itself

@@ -161,8 +161,11 @@ static long walk_frame(u32 i, struct fctx *x)
         /* A C-level eval call starts here (3.12, 3.13: owned by CSTACK; 3.14+: by INTERPRETER,
          * both 3; higher owners are not Python frames either): the frame above it is its entry
          * frame. That frame's first_local (unused from 3.11 on) gets this shim frame's address:
-         * a local of the eval function, it tells user space which native frame runs the group. */
-        if (n > 0 && n <= max_py_frames) {
+         * a local of the eval function, it tells user space which native frame runs the group.
+         * Only the first one under a frame counts: from 3.15 the thread's own base frame (in its
+         * thread state, owned by INTERPRETER too) ends every chain, under the outermost call's
+         * shim, and is not on the C stack. */
+        if (n > 0 && n <= max_py_frames && !(r->frames[n - 1].flags & FRAME_ENTRY)) {
             r->frames[n - 1].flags |= FRAME_ENTRY;
             r->frames[n - 1].first_local = x->frame;
         }
