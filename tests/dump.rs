@@ -171,6 +171,14 @@ fn dump_shows_each_threads_own_frame_on_every_cpython() {
             );
             if func == "read_line" {
                 assert_eq!(th["syscall"], "read (fd 0)", "{name}: {th}");
+                // Its native stack is whole, from `_start`, also where the interpreter is built
+                // with frame pointers (sid's 3.15: the frame pointer is not in `/proc/…/syscall`).
+                let outermost = th["native"][0].as_str().unwrap_or_default();
+                assert!(
+                    outermost.starts_with("_start ("),
+                    "{name}: native frames of the blocked main thread: {}",
+                    th["native"]
+                );
             }
         }
         // The GIL: a busy thread's competitor waits for it (pyenv builds name take_gil; 2.7 has
