@@ -372,7 +372,8 @@ fn native_addresses(p: &mut Process, tid: u32) -> Vec<u64> {
     // The frame pointer is callee-saved: the inner frames left it as the stopping frame set it
     // (or saved it, which their CFI then restores). A candidate is kept only if the walk with it
     // reaches the outermost frame.
-    let candidates: Vec<u64> = frame_pointer_candidates(p, &stack, sp, stop_sp)
+    let is_code = |a: u64| p.mapping(a).is_some_and(|m| m.file.is_some());
+    let candidates: Vec<u64> = frame_pointer_candidates(&stack, sp, stop_sp, is_code)
         .take(8)
         .collect();
     for bp in candidates {
@@ -387,28 +388,27 @@ fn native_addresses(p: &mut Process, tid: u32) -> Vec<u64> {
 /// Where a frame-pointer function's `rbp` may point, from `from` (the stopping frame's `sp`)
 /// up the copied stack (which starts at `base`): a word pair whose first word is the caller's
 /// saved `rbp` (higher on the stack, or 0 for the outermost) and whose second is a return
-/// address into a mapped file's code. Nearest first, within 64 KiB.
+/// address (`is_code`: into a mapped file's code). Nearest first, within 64 KiB.
 fn frame_pointer_candidates<'a>(
-    p: &'a Process,
     stack: &'a [u8],
     base: u64,
     from: u64,
+    is_code: impl Fn(u64) -> bool + 'a,
 ) -> impl Iterator<Item = u64> + 'a {
     let word = move |addr: u64| -> Option<u64> {
         let off = usize::try_from(addr.checked_sub(base)?).ok()?;
         Some(u64::from_ne_bytes(
-            stack.get(off..off + 8)?.try_into().ok()?,
+            stack.get(off..off.checked_add(8)?)?.try_into().ok()?,
         ))
     };
     let end = base + stack.len() as u64;
-    (from.next_multiple_of(8)..end.min(from + (64 << 10)))
+    (from.next_multiple_of(8)..end.min(from.saturating_add(64 << 10)))
         .step_by(8)
         .filter(move |&a| {
             let (Some(saved), Some(ra)) = (word(a), word(a + 8)) else {
                 return false;
             };
-            (saved == 0 || (saved > a && saved < end))
-                && p.mapping(ra).is_some_and(|m| m.file.is_some())
+            (saved == 0 || (saved > a && saved < end)) && is_code(ra)
         })
 }
 
@@ -709,6 +709,34 @@ mod tests {
 
     fn syscall_of(text: &str) -> Option<String> {
         describe_syscall(&proc::Syscall::parse(text)?)
+    }
+
+    #[test]
+    fn frame_pointer_candidates_are_saved_pointer_and_return_address_pairs() {
+        let base = 0x7ffd_0000u64;
+        let code = 0x40_0000..0x50_0000u64;
+        // Words from `base`: a local that looks like code, then at +16 a frame (saved rbp
+        // +48, return address), a pair whose "saved rbp" points down (not a frame), at +48
+        // the outermost frame (saved rbp 0).
+        let words: [u64; 9] = [
+            0x40_1000,
+            7,
+            base + 48,
+            0x40_2000,
+            base,
+            0x40_3000,
+            0,
+            0x40_4000,
+            0,
+        ];
+        let stack: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let is_code = |a: u64| code.contains(&a);
+        let got: Vec<u64> = frame_pointer_candidates(&stack, base, base, is_code).collect();
+        assert_eq!(got, vec![base + 16, base + 48]);
+        // Searched from the stopping frame's sp up only.
+        let got: Vec<u64> =
+            frame_pointer_candidates(&stack, base, base + 24, |a| code.contains(&a)).collect();
+        assert_eq!(got, vec![base + 48]);
     }
 
     #[test]
