@@ -105,18 +105,32 @@ if [ "${CI:-}" = true ] && ! otelcol_ready; then
     exit 1
 fi
 
-# speedscope's npm package (its published file-format schema) and ajv, to check `-f speedscope`
-# output in tests/outputs.rs. Pinned; installed once outside the checkout. PERFPY_NPM overrides.
+# speedscope's npm package (its built app and its published file-format schema), ajv, and
+# puppeteer-core (a browser driver that downloads no browser) with Debian's headless Chromium
+# (chromium-headless-shell), to check `-f speedscope` output in tests/outputs.rs: against the
+# schema, and loaded in speedscope itself in a headless browser. The npm packages are pinned
+# (puppeteer-core 24.x: the last line for Debian 12's Node 18/20) and installed once outside the
+# checkout. PERFPY_NPM overrides their place, PERFPY_CHROMIUM the browser.
 NPMDIR=${PERFPY_NPM:-/var/cache/perfpy/npm}
-npm_ready() { [ -f "$NPMDIR/node_modules/speedscope/dist/release/file-format-schema.json" ] && [ -d "$NPMDIR/node_modules/ajv" ]; }
+NPM_PKGS="speedscope@1.25.0 ajv@8.17.1 puppeteer-core@24.43.1"
+npm_ready() {
+    [ -f "$NPMDIR/node_modules/speedscope/dist/release/index.html" ] && [ -d "$NPMDIR/node_modules/ajv" ] &&
+        [ -d "$NPMDIR/node_modules/puppeteer-core" ]
+}
+need=()
+command -v npm >/dev/null || need+=(nodejs npm)
+[ -n "${PERFPY_CHROMIUM:-}" ] || command -v chromium-headless-shell >/dev/null || need+=(chromium-headless-shell)
+if ((${#need[@]})); then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    echo "installing: ${need[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null ||
+        { echo "apt-get install ${need[*]} failed; the speedscope tests cannot run" >&2; [ "${CI:-}" = true ] && exit 1; }
+fi
 if ! npm_ready; then
-    command -v npm >/dev/null || {
-        SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
-        $SUDO apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm >/dev/null
-    }
     mkdir -p "$NPMDIR"
-    echo "installing speedscope and ajv (npm) in $NPMDIR"
-    (cd "$NPMDIR" && npm install --silent --no-audit --no-fund --ignore-scripts speedscope@1.25.0 ajv@8.17.1 >/dev/null) ||
-        { echo "npm install failed; the speedscope test cannot run" >&2; [ "${CI:-}" = true ] && exit 1; }
+    echo "installing $NPM_PKGS (npm) in $NPMDIR"
+    # --ignore-scripts: puppeteer-core has no browser download to skip, speedscope none to run.
+    (cd "$NPMDIR" && npm install --silent --no-audit --no-fund --ignore-scripts $NPM_PKGS >/dev/null) ||
+        { echo "npm install failed; the speedscope tests cannot run" >&2; [ "${CI:-}" = true ] && exit 1; }
 fi

@@ -329,9 +329,12 @@ fn read_thread(pid: u32, tid: u32) -> Thread {
 const NATIVE_STACK: usize = 256 << 10;
 
 /// Native return addresses of a blocked thread, innermost first: its stack from `sp` copied
-/// with `process_vm_readv` and unwound with the profile's unwinder (CFI; no frame pointer is
-/// known, so frames without CFI end the walk). The thread is not stopped: if it wakes while its
-/// stack is copied, the outer frames may be wrong, which a blocked thread rarely does.
+/// with `process_vm_readv` and unwound with the profile's unwinder (CFI). The thread is not
+/// stopped: if it wakes while its stack is copied, the outer frames may be wrong, which a
+/// blocked thread rarely does. Its frame pointer is not known (`/proc/PID/task/TID/syscall`
+/// gives `sp` and `pc` only): where the walk stops at a function whose CFI needs it (built with
+/// frame pointers: Debian's CPython 3.15, distributions built so throughout), it is recovered
+/// from the stack (see [`frame_pointer_candidates`]).
 fn native_addresses(p: &mut Process, tid: u32) -> Vec<u64> {
     // Its user stack and instruction pointers, while it is blocked in a system call (absent
     // while it runs).
@@ -351,9 +354,62 @@ fn native_addresses(p: &mut Process, tid: u32) -> Vec<u64> {
         }
     };
     let mem = LiveMemory(p.pid);
-    let mut out = Vec::new();
-    crate::unwind::unwind_sp(p, &mem, [0, sp, pc], &stack, 256, &mut out, None);
+    let unwind = |p: &mut Process, bp: u64| {
+        let (mut out, mut sps) = (Vec::new(), Vec::new());
+        let o =
+            crate::unwind::unwind_sp(p, &mem, [bp, sp, pc], &stack, 256, &mut out, Some(&mut sps));
+        (out, sps, o.complete || o.truncated)
+    };
+    let (out, sps, _) = unwind(p, 0);
+    // A frame pointer of 0 reads as "outermost frame" to a rule that needs it: the same walk
+    // with an impossible one (1) tells whether the end was real.
+    if unwind(p, 1).2 {
+        return out;
+    }
+    let Some(&stop_sp) = sps.last() else {
+        return out;
+    };
+    // The frame pointer is callee-saved: the inner frames left it as the stopping frame set it
+    // (or saved it, which their CFI then restores). A candidate is kept only if the walk with it
+    // reaches the outermost frame.
+    let is_code = |a: u64| p.mapping(a).is_some_and(|m| m.file.is_some());
+    let candidates: Vec<u64> = frame_pointer_candidates(&stack, sp, stop_sp, is_code)
+        .take(8)
+        .collect();
+    for bp in candidates {
+        let (again, _, whole) = unwind(p, bp);
+        if whole && again.len() > out.len() {
+            return again;
+        }
+    }
     out
+}
+
+/// Where a frame-pointer function's `rbp` may point, from `from` (the stopping frame's `sp`)
+/// up the copied stack (which starts at `base`): a word pair whose first word is the caller's
+/// saved `rbp` (higher on the stack, or 0 for the outermost) and whose second is a return
+/// address (`is_code`: into a mapped file's code). Nearest first, within 64 KiB.
+fn frame_pointer_candidates<'a>(
+    stack: &'a [u8],
+    base: u64,
+    from: u64,
+    is_code: impl Fn(u64) -> bool + 'a,
+) -> impl Iterator<Item = u64> + 'a {
+    let word = move |addr: u64| -> Option<u64> {
+        let off = usize::try_from(addr.checked_sub(base)?).ok()?;
+        Some(u64::from_ne_bytes(
+            stack.get(off..off.checked_add(8)?)?.try_into().ok()?,
+        ))
+    };
+    let end = base + stack.len() as u64;
+    (from.next_multiple_of(8)..end.min(from.saturating_add(64 << 10)))
+        .step_by(8)
+        .filter(move |&a| {
+            let (Some(saved), Some(ra)) = (word(a), word(a + 8)) else {
+                return false;
+            };
+            (saved == 0 || (saved > a && saved < end)) && is_code(ra)
+        })
 }
 
 /// Names native addresses of `p` (innermost first) from the files' symbol tables, as
@@ -653,6 +709,34 @@ mod tests {
 
     fn syscall_of(text: &str) -> Option<String> {
         describe_syscall(&proc::Syscall::parse(text)?)
+    }
+
+    #[test]
+    fn frame_pointer_candidates_are_saved_pointer_and_return_address_pairs() {
+        let base = 0x7ffd_0000u64;
+        let code = 0x40_0000..0x50_0000u64;
+        // Words from `base`: a local that looks like code, then at +16 a frame (saved rbp
+        // +48, return address), a pair whose "saved rbp" points down (not a frame), at +48
+        // the outermost frame (saved rbp 0).
+        let words: [u64; 9] = [
+            0x40_1000,
+            7,
+            base + 48,
+            0x40_2000,
+            base,
+            0x40_3000,
+            0,
+            0x40_4000,
+            0,
+        ];
+        let stack: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let is_code = |a: u64| code.contains(&a);
+        let got: Vec<u64> = frame_pointer_candidates(&stack, base, base, is_code).collect();
+        assert_eq!(got, vec![base + 16, base + 48]);
+        // Searched from the stopping frame's sp up only.
+        let got: Vec<u64> =
+            frame_pointer_candidates(&stack, base, base + 24, |a| code.contains(&a)).collect();
+        assert_eq!(got, vec![base + 48]);
     }
 
     #[test]

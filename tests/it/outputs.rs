@@ -1,6 +1,7 @@
 //! What a user sees first in each output: the profile's main file in `go tool pprof`, process
 //! names that follow exec, flamegraph boxes and tooltips, `--function` / `--nolineno`, and
-//! speedscope's JSON checked with speedscope's own schema (its npm package).
+//! speedscope's JSON checked with speedscope's own schema (its npm package) and loaded in
+//! speedscope's own app in a headless Chromium.
 
 use perfpy_test_support as common;
 
@@ -172,6 +173,13 @@ fn function_and_nolineno_aggregate_python_frames() {
     assert_eq!(got["none"], BTreeSet::from([path]));
 }
 
+fn missing(what: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("{what} missing: run scripts/deps.sh");
+    }
+    eprintln!("NOTE: {what} missing (scripts/deps.sh installs it); part of this test not run");
+}
+
 fn npm_modules() -> Option<PathBuf> {
     let d = std::env::var_os("PERFPY_NPM")
         .map(PathBuf::from)
@@ -180,18 +188,80 @@ fn npm_modules() -> Option<PathBuf> {
     if d.join("speedscope").exists() && d.join("ajv").exists() {
         return Some(d);
     }
-    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-        panic!(
-            "speedscope's npm package missing in {}: run scripts/deps.sh",
-            d.display()
-        );
-    }
-    eprintln!("NOTE: speedscope's npm package missing (scripts/deps.sh installs it); test not run");
+    missing(&format!("speedscope's npm package in {}", d.display()));
     None
 }
 
+/// Debian's headless Chromium (or $PERFPY_CHROMIUM) and puppeteer-core next to speedscope.
+fn browser(nm: &Path) -> Option<PathBuf> {
+    let exe = std::env::var_os("PERFPY_CHROMIUM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium-headless-shell"));
+    if !exe.exists() {
+        missing(&format!("headless Chromium ({})", exe.display()));
+        return None;
+    }
+    if !nm.join("puppeteer-core").exists() {
+        missing(&format!("puppeteer-core in {}", nm.display()));
+        return None;
+    }
+    Some(exe)
+}
+
+/// The percentage in a speedscope table cell like `358.70ms (33%)`.
+fn percent(cell: &serde_json::Value) -> f64 {
+    let s = cell.as_str().unwrap_or_default();
+    let inner = s.rsplit_once('(').map(|x| x.1).unwrap_or_default();
+    inner.trim_end_matches("%)").parse().unwrap_or(f64::NAN)
+}
+
+/// Loads `file` in speedscope (headless) and checks the Sandwich view: no page error, one
+/// profile per thread, rows sorted by self time with `spin` of split.py on top.
+fn check_in_speedscope(nm: &Path, chromium: &Path, file: &Path, split: &Path, profiles: u64) {
+    let o = output_within(
+        Command::new("node")
+            .arg(testdata("speedscope_browser.mjs"))
+            .arg(nm)
+            .arg(file)
+            .arg(chromium),
+        std::time::Duration::from_secs(40),
+    );
+    assert!(
+        o.status.success(),
+        "speedscope did not show the profile: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["errors"], serde_json::json!([]), "page errors: {v}");
+    let shown = v["profiles"].as_array().unwrap();
+    assert_eq!(
+        shown.len() as u64,
+        profiles,
+        "speedscope's profile list: {v}"
+    );
+    assert!(
+        shown.iter().all(|p| p.as_str().unwrap().contains(" / ")),
+        "{v}"
+    );
+    let rows = v["rows"].as_array().unwrap();
+    let top = &rows[0];
+    assert_eq!(top["name"], "spin", "Sandwich view's top row: {v}");
+    assert_eq!(top["file"], split.display().to_string(), "{v}");
+    let selves: Vec<f64> = rows.iter().map(|r| percent(&r["self"])).collect();
+    assert!(
+        selves.windows(2).all(|w| w[0] >= w[1]),
+        "rows sorted by self time: {selves:?}"
+    );
+    // The heaviest thread (a worker) spends ~40% in spin, over its two lines (two rows).
+    assert!(
+        (20.0..60.0).contains(&selves[0]),
+        "self share of spin's busiest line {}% (workload: ~30%)",
+        selves[0]
+    );
+}
+
 #[test]
-fn speedscope_output_matches_speedscopes_schema_with_the_hot_function_on_top() {
+fn speedscope_output_passes_its_schema_and_shows_the_hot_function_in_speedscope() {
     let Some(py) = python("3.12") else { return };
     let Some(nm) = npm_modules() else { return };
     let split = testdata("split.py");
@@ -206,12 +276,13 @@ fn speedscope_output_matches_speedscopes_schema_with_the_hot_function_on_top() {
             "threads",
         ],
     );
-    let o = Command::new("node")
-        .arg(testdata("speedscope_check.mjs"))
-        .arg(&nm)
-        .arg(&out)
-        .output()
-        .expect("node");
+    let o = output_within(
+        Command::new("node")
+            .arg(testdata("speedscope_check.mjs"))
+            .arg(&nm)
+            .arg(&out),
+        std::time::Duration::from_secs(30),
+    );
     assert!(
         o.status.success(),
         "speedscope's schema refused the file: {}",
@@ -229,4 +300,8 @@ fn speedscope_output_matches_speedscopes_schema_with_the_hot_function_on_top() {
     );
     // One profile per thread: the main thread and two workers.
     assert!(v["profiles"].as_u64().unwrap() >= 2, "{v}");
+    let profiles = v["profiles"].as_u64().unwrap();
+    if let Some(chromium) = browser(&nm) {
+        check_in_speedscope(&nm, &chromium, &out, &split, profiles);
+    }
 }

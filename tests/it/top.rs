@@ -4,7 +4,8 @@
 //! change the order, q and Ctrl-C quit with exit 0 (-o then writes the profile), the target is
 //! left running and untraced, the terminal is restored (no raw mode, main screen, cursor shown)
 //! also on SIGTERM and when the target exits; without a terminal, plain tables whose top row is
-//! `spin`, `--tid` shows one thread's samples, and `perfpy top … | head` ends when head does.
+//! `spin`, `--tid` shows one thread's samples, `perfpy top … | head` ends when head does, and
+//! `-a` (in a private PID namespace) names every Python process's functions.
 
 use perfpy_test_support as common;
 
@@ -442,4 +443,75 @@ fn a_closed_pipe_ends_top() {
         "{stderr}"
     );
     untouched(w.pid());
+}
+
+/// `top -a` inside a private PID namespace (so "every process" is the test's own): a CPython
+/// 3.12 split.py and a CPython 2.7 busy loop, both named; the 2.7 loop (one CPU's worth in one
+/// function) above split.py's spin (~40% of the other CPU's worth), both with their files.
+#[test]
+fn all_processes_in_a_pid_namespace() {
+    let (Some(py312), Some(py27)) = (python("3.12"), python("2.7")) else {
+        return;
+    };
+    let dir = tmp("top-all");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Each target writes "ready PID" into its own file; the script waits for both (bounded),
+    // then runs top for 4 s as plain tables, then ends its jobs (by pid).
+    let script = format!(
+        r#"set -e
+cd {dir}
+{py312} {split} 60 > w312 &
+{py27} {busy} 60 > w27 &
+for f in w312 w27; do
+  for i in $(seq 1 300); do grep -q ready $f 2>/dev/null && break; sleep 0.1; done
+done
+{perfpy} top -a -d 4 -i 2 --function --rows 40 > top.txt
+kill $(jobs -p) 2>/dev/null || true
+wait || true
+"#,
+        dir = dir.display(),
+        py312 = py312.display(),
+        py27 = py27.display(),
+        split = testdata("split.py").display(),
+        busy = testdata("busy_any.py").display(),
+        perfpy = perfpy().display(),
+    );
+    let o = output_within(
+        Command::new("unshare").args(["--pid", "--fork", "--mount-proc", "bash", "-c", &script]),
+        Duration::from_secs(90),
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("perfpy: top ended (duration elapsed)"),
+        "{stderr}"
+    );
+    let stdout = std::fs::read_to_string(dir.join("top.txt")).unwrap();
+    let last = stdout
+        .split("\n\n")
+        .filter(|t| !t.trim().is_empty())
+        .last()
+        .unwrap_or_else(|| panic!("no table: {stderr}"));
+    let header = last.lines().next().unwrap();
+    assert!(header.starts_with("perfpy top: every process"), "{last}");
+    assert!(
+        header.contains("CPython 2.7") && header.contains("CPython 3.12"),
+        "{last}"
+    );
+    // Own share since the start (third column) of a function's row.
+    let since = |name: &str| -> f64 {
+        last.lines()
+            .skip(3)
+            .find(|l| l.get(32..).is_some_and(|f| f.starts_with(name)))
+            .and_then(|l| l.split_whitespace().nth(2)?.parse().ok())
+            .unwrap_or_else(|| panic!("no row {name}:\n{last}"))
+    };
+    let (hot, spin) = (
+        since(&format!("hot_any ({}:", testdata("busy_any.py").display())),
+        since(&format!("spin ({}:", testdata("split.py").display())),
+    );
+    assert!(
+        hot > spin && hot >= 20.0 && spin >= 5.0,
+        "hot_any {hot}%, spin {spin}% (expected ~45% and ~20%):\n{last}"
+    );
 }
