@@ -133,21 +133,7 @@ fn check(d: &Decoded, what: &str, measured: &std::collections::HashMap<String, f
         0,
         "{what}"
     );
-    for f in PARTS {
-        let want = measured[f];
-        let got = d.count_where(|s| s.has(f)) as f64 / rounds as f64;
-        eprintln!(
-            "{what}: {f}: {:.1}% (measured {:.1}%)",
-            got * 100.0,
-            want * 100.0
-        );
-        assert!(
-            (got - want).abs() <= 0.02,
-            "{what}: {f} has {:.1}% of the samples, the workload measured {:.1}% (± 2 points)",
-            got * 100.0,
-            want * 100.0
-        );
-    }
+    assert_split(d, what, "round_", &PARTS, measured, 0.02);
     // ≥ 90% of spin's samples carry the whole chain from <module>, each frame on its line.
     let spin = d.count_where(|s| s.has("spin"));
     let full = d.count_where(|s| s.has("spin") && s.has_chain(&CHAIN));

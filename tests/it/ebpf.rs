@@ -72,13 +72,7 @@ fn ebpf_walker_names_every_supported_version() {
         });
         assert!(full as f64 >= 0.9 * spin as f64, "{name}: {full} of {spin}");
         // Lines of the hot loop, files of the functions.
-        let spin_lines: Vec<i64> = d
-            .samples
-            .iter()
-            .flat_map(|s| &s.frames)
-            .filter(|f| f.function == "spin")
-            .map(|f| f.line)
-            .collect();
+        let spin_lines = d.lines_of("spin");
         // The loop of spin: its `for` line and the line after it.
         let hot = line_of("split.py", "def spin") + 2;
         // A sample can land in its first instructions (`s = 0`, def + 1) as it is entered, or

@@ -34,19 +34,9 @@ fn check_split(d: &Decoded, what: &str, measured: &std::collections::HashMap<Str
             (want - nominal).abs() < 0.15,
             "{what}: the workload's own split is off: {f} {want}"
         );
-        let got = d.count_where(|s| s.has(f)) as f64 / rounds as f64;
-        eprintln!(
-            "{what}: {f}: {:.1}% (want {:.0}%)",
-            got * 100.0,
-            want * 100.0
-        );
-        assert!(
-            (got - want).abs() <= 0.05,
-            "{what}: {f} has {:.1}% of the samples, want {:.0}% ± 5",
-            got * 100.0,
-            want * 100.0
-        );
     }
+    let parts: Vec<&str> = PARTS.iter().map(|(f, _)| *f).collect();
+    assert_split(d, what, "round_", &parts, measured, 0.05);
     // ≥ 90% of the hot function's samples carry the whole chain from <module>.
     let spin = d.count_where(|s| s.has("spin"));
     let full = d.count_where(|s| s.has("spin") && s.has_chain(&CHAIN));
@@ -611,13 +601,7 @@ fn spawned_python_gets_perf_support_from_the_environment_only_when_asked() {
         0
     );
     // The walker gives lines: the hot loop of spin.
-    let lines: Vec<i64> = d
-        .samples
-        .iter()
-        .flat_map(|s| &s.frames)
-        .filter(|f| f.function == "spin")
-        .map(|f| f.line)
-        .collect();
+    let lines = d.lines_of("spin");
     let hot = line_of("split.py", "def spin") + 2;
     let in_loop = lines
         .iter()

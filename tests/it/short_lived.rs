@@ -226,7 +226,7 @@ fn check_children_share(d: &Decoded, expected: f64) {
     // ±8 points, or three standard errors of a share of this many samples where the machine
     // was so busy that the workload got few samples' worth of CPU.
     let n = d.total() as f64;
-    let tolerance = (3.0 * (expected * (1.0 - expected) / n).sqrt()).max(0.08);
+    let tolerance = share_tolerance(expected, n, 0.08);
     assert!(
         (child - expected).abs() <= tolerance,
         "child_work in {:.1}% of {n} samples, the workload measured {:.1}% (±{:.1} points)",

@@ -358,6 +358,54 @@ pub fn measured_split(path: &Path) -> HashMap<String, f64> {
         .collect()
 }
 
+/// The tolerance for a share `share` measured over `n` samples: `stated`, or three standard
+/// errors where the samples are few (on a busy machine each sample falls on the target at
+/// random), whichever is larger.
+pub fn share_tolerance(share: f64, n: f64, stated: f64) -> f64 {
+    (3.0 * (share * (1.0 - share) / n.max(1.0)).sqrt()).max(stated)
+}
+
+/// Each of `parts` has, among the samples of `within`, the share the workload measured itself
+/// (`measured`), within `tolerance` (a fraction: 0.05 is ±5 points).
+pub fn assert_split(
+    d: &Decoded,
+    what: &str,
+    within: &str,
+    parts: &[&str],
+    measured: &HashMap<String, f64>,
+    tolerance: f64,
+) {
+    let all = d.count_where(|s| s.has(within)) as f64;
+    for f in parts {
+        let want = measured[*f];
+        let got = d.count_where(|s| s.has(f)) as f64 / all.max(1.0);
+        eprintln!(
+            "{what}: {f}: {:.1}% (measured {:.1}%)",
+            got * 100.0,
+            want * 100.0
+        );
+        assert!(
+            (got - want).abs() <= tolerance,
+            "{what}: {f} has {:.1}% of the samples, the workload measured {:.1}% (± {:.0} points)",
+            got * 100.0,
+            want * 100.0,
+            tolerance * 100.0
+        );
+    }
+}
+
+/// The lines at which `function`'s frames were sampled, one per frame.
+impl Decoded {
+    pub fn lines_of(&self, function: &str) -> Vec<i64> {
+        self.samples
+            .iter()
+            .flat_map(|s| &s.frames)
+            .filter(|f| f.function == function)
+            .map(|f| f.line)
+            .collect()
+    }
+}
+
 /// A fresh path for a `split.py` report.
 pub fn split_report(name: &str) -> PathBuf {
     let p = tmp(&format!("{name}.split"));
