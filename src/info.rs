@@ -93,7 +93,6 @@ pub fn python_process(files: &mut Files, pid: u32, ask: bool) -> Option<Value> {
         .find(|f| f.elf.as_ref().is_some_and(|e| e.is_interpreter))
         .map(|f| f.path.clone());
     let version = p.python_version;
-    let minor = version.map(|v| v.minor_pair());
     // What injection finds in it (symbols, libc, start time): looked at once, when needed.
     let discovered = std::cell::OnceCell::new();
     let discover = || discovered.get_or_init(|| perfpy_inject::discover(pid as i32));
@@ -109,7 +108,7 @@ pub fn python_process(files: &mut Files, pid: u32, ask: bool) -> Option<Value> {
         Err(e) => format!("refused: {e}"),
     };
     let perf_map = !perf_map_state.starts_with("none");
-    let trampoline_capable = minor.is_some_and(|m| m >= (3, 12));
+    let trampoline_capable = version.is_some_and(|v| v.at_least(3, 12));
     // Asked about this process by pid: query the real state inside it (a short, safe stop).
     let asked = if ask && trampoline_capable {
         discover().as_ref().ok().and_then(|d| {
@@ -135,7 +134,7 @@ pub fn python_process(files: &mut Files, pid: u32, ask: bool) -> Option<Value> {
     };
     // The eBPF walker: offsets for this version, and the symbol it starts from.
     let mut offsets = String::new();
-    let ebpf = match minor {
+    let ebpf = match version {
         Some(v) if perfpy_bpf::debug_offsets::from_target(v) => {
             // 3.13+: the offsets are the target's own, read and checked now.
             match discover() {
@@ -160,21 +159,21 @@ pub fn python_process(files: &mut Files, pid: u32, ask: bool) -> Option<Value> {
             }
         }
         Some(v) if perfpy_bpf::Offsets::for_version(v).is_some() => {
-            let sym = if v >= (3, 7) {
+            let sym = if v.at_least(3, 7) {
                 "_PyRuntime"
             } else {
                 "interp_head"
             };
             match discover() {
                 Ok(d) if d.symbol(sym).is_some() => {
-                    offsets = format!("perfpy's table for CPython {}.{}", v.0, v.1);
+                    offsets = format!("perfpy's table for CPython {}.{}", v.major, v.minor);
                     "yes".to_string()
                 }
                 Ok(_) => format!("no: {sym} not found in the interpreter's symbols"),
                 Err(e) => format!("no: {e}"),
             }
         }
-        Some((a, b)) => format!("no: CPython {a}.{b} has no offset table"),
+        Some(v) => format!("no: CPython {}.{} has no offset table", v.major, v.minor),
         None => "no: unknown version".to_string(),
     };
     let reason = |e: &perfpy_inject::InjectError| {
