@@ -534,4 +534,43 @@ mod tests {
         }
         assert_eq!(cache.names.len(), 0);
     }
+
+    #[test]
+    fn file_frames_are_labelled_by_their_file() {
+        // Our own vDSO as a mapped file: a function it names carries the file `[vdso]` (libc
+        // has functions of the same name); code nothing names is named after the file.
+        use object::{Object, ObjectSymbol};
+        let maps = perfpy_process::proc::maps(std::process::id()).unwrap();
+        let m = maps.iter().find(|m| m.path == "[vdso]").unwrap();
+        let mut files = Files::default();
+        let f = files.vdso(std::process::id(), m.start, m.end).unwrap();
+        let data = std::fs::read(f.fd_path()).unwrap();
+        let obj = object::File::parse(&*data).unwrap();
+        let sym = obj
+            .dynamic_symbols()
+            .find(|s| s.name() == Ok("__vdso_clock_gettime"))
+            .unwrap();
+        let (off, vaddr, _) = f.elf.as_ref().unwrap().loads[0];
+        let mut profile = Profile::default();
+        let keys = [FrameKey::File {
+            file: f.id,
+            offset: sym.address() - vaddr + off + 1,
+        }];
+        let locs: Vec<u32> = keys.iter().map(|k| profile.location(*k)).collect();
+        profile.add(0, 1, &locs);
+        let s = resolve(&profile, &files, &HashMap::new(), false);
+        let named = &s.resolved[0];
+        assert!(
+            named.frames[0].function.contains("clock_gettime"),
+            "{named:?}"
+        );
+        assert_eq!(named.frames[0].file.as_deref(), Some("[vdso]"));
+        assert_eq!(named.kind, Kind::Native { interpreter: false });
+        assert!(!s.cut_short);
+        // Nothing named it: the file's name; a signal stopped naming first: its offset too.
+        let unnamed = file_frames(&f, Symbol::Unnamed, 0x10);
+        assert_eq!(unnamed.frames[0].function, "[vdso]");
+        let skipped = file_frames(&f, Symbol::Skipped, 0x10);
+        assert_eq!(skipped.frames[0].function, "[vdso] +0x10");
+    }
 }
