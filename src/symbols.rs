@@ -540,10 +540,8 @@ mod tests {
         // Our own vDSO as a mapped file: a function it names carries the file `[vdso]` (libc
         // has functions of the same name); code nothing names is named after the file.
         use object::{Object, ObjectSymbol};
-        let maps = perfpy_process::proc::maps(std::process::id()).unwrap();
-        let m = maps.iter().find(|m| m.path == "[vdso]").unwrap();
         let mut files = Files::default();
-        let f = files.vdso(std::process::id(), m.start, m.end).unwrap();
+        let (f, _, _) = crate::files::tests::own_vdso(&mut files);
         let data = std::fs::read(f.fd_path()).unwrap();
         let obj = object::File::parse(&*data).unwrap();
         let sym = obj
