@@ -60,8 +60,8 @@ pub struct Dump {
 }
 
 struct Py {
-    /// `(major, minor)`: the key of the offset tables.
-    version: (u8, u8),
+    /// The key of the offset tables.
+    version: Version,
     runtime: u64,
     off: Offsets,
 }
@@ -77,7 +77,7 @@ fn debug_field(pid: u32, py: &Py, name: &str) -> Option<u64> {
 /// `_PyRuntime`/`interp_head` from its symbols, offsets from the tables or the target's own
 /// `_Py_DebugOffsets` (3.13+).
 fn find_python(p: &Process) -> Result<Py, String> {
-    let version = p.python_version.ok_or("not a Python process")?.minor_pair();
+    let version = p.python_version.ok_or("not a Python process")?;
     let runtime = p
         .py_runtime_address()
         .ok_or("no _PyRuntime or interp_head in the interpreter")?;
@@ -91,7 +91,7 @@ fn find_python(p: &Process) -> Result<Py, String> {
         None => {
             return Err(format!(
                 "CPython {}.{}: no frame walker for this version",
-                version.0, version.1
+                version.major, version.minor
             ))
         }
     };
@@ -186,7 +186,7 @@ fn frames_of(pid: u32, py: &Py, ts: u64) -> Vec<(u64, PyFrameRef)> {
         let mut code = at(frame, o.frame_code)
             .and_then(|a| u64_at(pid, a))
             .unwrap_or(0);
-        if py.version >= (3, 14) {
+        if py.version.at_least(3, 14) {
             // A _PyStackRef: the low two bits are tags; both set is a tagged int.
             if code & 3 == 3 {
                 frame = prev;
@@ -488,7 +488,7 @@ pub fn dump(pid: i32, with_locals: bool) -> Result<Dump> {
             let holder = gil_holder(pid, &py);
             let locals_layout = with_locals
                 .then(|| {
-                    crate::dump_locals::Layout::new(py.version, &py.off, &|n| {
+                    crate::dump_locals::Layout::new(py.version.minor_pair(), &py.off, &|n| {
                         debug_field(pid, &py, n)
                     })
                 })
@@ -496,7 +496,7 @@ pub fn dump(pid: i32, with_locals: bool) -> Result<Dump> {
             if with_locals && locals_layout.is_none() {
                 note = Some(format!(
                     "--locals: the locals of CPython {}.{} cannot be read",
-                    py.version.0, py.version.1
+                    py.version.major, py.version.minor
                 ));
             }
             for (tid, ts) in thread_states(pid, &py) {

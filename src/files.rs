@@ -8,7 +8,7 @@ use std::io;
 use std::ops::{Deref, Range};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use perfpy_process::elf::{ElfFacts, ElfFile, Section};
@@ -243,173 +243,46 @@ fn memfd_with(bytes: &[u8]) -> io::Result<File> {
 /// Largest separate debug file perfpy reads (they are mapped, not read whole).
 const MAX_DEBUG_FILE: u64 = 2 << 30;
 
-/// Where a separate debug file of `path` may be, as gdb looks: by build id, then by debug
-/// link next to the file, in its `.debug/`, and under `/usr/lib/debug`.
-fn debug_candidates(path: &str, elf: &ElfFacts) -> Vec<(PathBuf, bool)> {
-    let mut out = Vec::new();
-    if let Some(id) = elf.build_id.as_ref().filter(|b| b.len() >= 2) {
-        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
-        out.push((
-            PathBuf::from(format!(
-                "/usr/lib/debug/.build-id/{}/{}.debug",
-                &hex[..2],
-                &hex[2..]
-            )),
-            true,
-        ));
-    }
-    if let Some((name, _)) = &elf.debuglink {
-        let name: &std::ffi::OsStr = std::os::unix::ffi::OsStrExt::from_bytes(name);
-        if let Some(dir) = Path::new(path).parent() {
-            // A name with a slash would step elsewhere than the three directories.
-            if !name.as_encoded_bytes().contains(&b'/') && !name.is_empty() {
-                let rel = dir.strip_prefix("/").unwrap_or(dir);
-                out.push((dir.join(name), false));
-                out.push((dir.join(".debug").join(name), false));
-                out.push((Path::new("/usr/lib/debug").join(rel).join(name), false));
-            }
-        }
-    }
-    out
-}
-
-/// Finds and checks the separate debug file of the file mapped at `path` (see
-/// [`debug_candidates`]), inside `root`: accepted only if its build id is the file's, or, for
-/// a debug link without build ids, if its CRC-32 is the one the link gives.
+/// The separate debug file of the file mapped at `path` (see
+/// `perfpy_symbolize::debug_file`), each candidate opened inside `root` as every file a target
+/// controls (see `target_files`).
 fn find_debug_file(root: BorrowedFd<'_>, uids: &[u32], path: &str, elf: &ElfFacts) -> Option<File> {
     use perfpy_inject::target_files::{open_in_root, Rules};
-    // A file the target controls: opened as every such file (see `target_files`).
     let rules = Rules {
         max_bytes: MAX_DEBUG_FILE,
         ..Rules::mapped_file(uids)
     };
-    // A chroot in our mount namespace: its files' paths in /proc/PID/maps are ours
-    // (`/srv/root/usr/lib/…`); inside the root they are the part after the root's own path.
-    let root_path = std::fs::read_link(format!("/proc/self/fd/{}", root.as_raw_fd())).ok();
-    let inner = root_path
-        .as_deref()
-        .filter(|r| *r != Path::new("/"))
-        .and_then(|r| Path::new(path).strip_prefix(r).ok())
-        .map(|p| format!("/{}", p.display()));
-    let mut candidates = debug_candidates(inner.as_deref().unwrap_or(path), elf);
-    if inner.is_some() {
-        candidates.extend(
-            debug_candidates(path, elf)
-                .into_iter()
-                .filter(|(_, by_id)| !by_id),
-        );
-    }
-    for (cand, by_id) in candidates {
-        if cand == Path::new(path) {
-            continue;
-        }
-        let Ok(file) = open_in_root(root, &cand, &rules, &crate::signals::ABORT_READS) else {
-            continue;
-        };
-        let Ok(dbg) = perfpy_process::elf::read_file(&file) else {
-            continue;
-        };
-        let useful = dbg.has_dwarf || dbg.has_symtab;
-        let their_id = dbg.build_id.as_deref();
-        let matches = match (&elf.build_id, their_id) {
-            (Some(a), Some(b)) => a[..] == b[..],
-            _ if by_id => false,
-            _ => elf.debuglink.as_ref().is_some_and(|(_, crc)| {
-                let mut c = flate2::Crc::new();
-                c.update(dbg.bytes());
-                c.sum() == *crc
-            }),
-        };
-        if useful && matches {
-            tracing::debug!(path, debug = %cand.display(), "separate debug file");
-            return Some(file);
-        }
-    }
-    None
+    perfpy_symbolize::debug_file::find(root, path, elf, |candidate| {
+        open_in_root(root, candidate, &rules, &crate::signals::ABORT_READS).ok()
+    })
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use object::{Object, ObjectSymbol};
 
-    #[test]
-    fn vdso_image_is_an_elf_file_with_unwind_tables() {
-        // Ours stands for every 64-bit process's: same size, an ELF file with the clock
-        // functions and .eh_frame (so the unwinder leaves the vDSO by its tables).
-        let me = std::process::id();
-        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-        let (start, end) = maps
-            .lines()
-            .find(|l| l.ends_with("[vdso]"))
-            .and_then(|l| {
-                let (a, b) = l.split_whitespace().next()?.split_once('-')?;
-                Some((
-                    u64::from_str_radix(a, 16).ok()?,
-                    u64::from_str_radix(b, 16).ok()?,
-                ))
-            })
-            .unwrap();
-        let mut files = Files::default();
-        let f = files.vdso(me, start, end).unwrap();
-        assert_eq!(f.path, "[vdso]");
-        let elf = f.elf.as_ref().unwrap();
-        assert!(elf.sections.eh_frame.is_some() && elf.sections.text.is_some());
-        assert!(Arc::ptr_eq(
-            &f,
-            &files.vdso(me + 1, start + 0x1000, end + 0x1000).unwrap()
-        ));
-        let s = perfpy_symbolize::Symbolizer::new();
-        let data = std::fs::read(f.fd_path()).unwrap();
-        let obj = object::File::parse(&*data).unwrap();
-        let sym = obj
-            .dynamic_symbols()
-            .find(|s| s.name() == Ok("__vdso_clock_gettime"))
-            .unwrap();
-        let off = f.elf.as_ref().unwrap().loads[0];
-        let frames = s
-            .symbolize_elf(&f.fd_path(), &[sym.address() - off.1 + off.0 + 1], false)
-            .unwrap();
-        assert!(
-            frames[0][0].function.contains("clock_gettime"),
-            "{frames:?}"
-        );
+    /// Our own vDSO as a mapped file of `files` (see [`Files::vdso`]), and where it is mapped.
+    pub(crate) fn own_vdso(files: &mut Files) -> (Arc<MappedFile>, u64, u64) {
+        let maps = perfpy_process::proc::maps(std::process::id()).unwrap();
+        let m = maps.iter().find(|m| m.path == "[vdso]").unwrap();
+        let f = files.vdso(std::process::id(), m.start, m.end).unwrap();
+        (f, m.start, m.end)
     }
 
     #[test]
-    fn debug_file_candidates() {
-        let elf = ElfFacts {
-            loads: vec![],
-            build_id: Some(vec![0xab, 0xcd, 0xef]),
-            sections: Default::default(),
-            symbols: HashMap::new(),
-            is_interpreter: false,
-            python_version: None,
-            eval_range: None,
-            py_runtime: None,
-            has_dwarf: false,
-            has_symtab: false,
-            debuglink: Some((b"libx.so.debug".to_vec(), 0)),
-        };
-        let c: Vec<String> = debug_candidates("/usr/lib/libx.so", &elf)
-            .into_iter()
-            .map(|(p, _)| p.display().to_string())
-            .collect();
-        assert_eq!(
-            c,
-            [
-                "/usr/lib/debug/.build-id/ab/cdef.debug",
-                "/usr/lib/libx.so.debug",
-                "/usr/lib/.debug/libx.so.debug",
-                "/usr/lib/debug/usr/lib/libx.so.debug"
-            ]
-        );
-        // A link naming another directory is not followed.
-        let evil = ElfFacts {
-            debuglink: Some((b"../../etc/shadow".to_vec(), 0)),
-            build_id: None,
-            ..elf
-        };
-        assert!(debug_candidates("/usr/lib/libx.so", &evil).is_empty());
+    fn vdso_image_is_an_elf_file_with_unwind_tables() {
+        // Ours stands for every 64-bit process's: same size, an ELF file with .eh_frame (so
+        // the unwinder leaves the vDSO by its tables), one for all processes. Its functions
+        // are named by the symbolization test of `symbols`.
+        let mut files = Files::default();
+        let (f, start, end) = own_vdso(&mut files);
+        assert_eq!(f.path, "[vdso]");
+        let elf = f.elf.as_ref().unwrap();
+        assert!(elf.sections.eh_frame.is_some() && elf.sections.text.is_some());
+        let other = std::process::id() + 1;
+        assert!(Arc::ptr_eq(
+            &f,
+            &files.vdso(other, start + 0x1000, end + 0x1000).unwrap()
+        ));
     }
 }

@@ -108,7 +108,6 @@ pub fn python_process(files: &mut Files, pid: u32, ask: bool) -> Option<Value> {
         .find(|f| f.elf.as_ref().is_some_and(|e| e.is_interpreter))
         .map(|f| f.path.clone());
     let version = p.python_version;
-    let minor = version.map(|v| v.minor_pair());
     let look = Look {
         pid,
         discovered: std::cell::OnceCell::new(),
@@ -120,10 +119,10 @@ pub fn python_process(files: &mut Files, pid: u32, ask: bool) -> Option<Value> {
         Err(e) => format!("refused: {e}"),
     };
     let perf_map = !perf_map_state.starts_with("none");
-    let trampoline_capable = minor.is_some_and(|m| m >= (3, 12));
+    let trampoline_capable = version.is_some_and(|v| v.at_least(3, 12));
     let started_with_perf = started_with_perf(pid);
     let trampoline = trampoline(&look, trampoline_capable, ask, started_with_perf, perf_map);
-    let (ebpf, offsets) = ebpf(&look, minor);
+    let (ebpf, offsets) = ebpf(&look, version);
     let tramp_on = trampoline.starts_with("on") || trampoline.starts_with("was turned on");
     let python_frames = if ebpf == "yes" && tramp_on {
         // The walker does not need it, and it costs the process (generator resumption ~2x).
@@ -194,14 +193,14 @@ fn trampoline(
 
 /// Whether the eBPF walker can name its frames ("yes" or "no: why"), and where its offsets
 /// come from.
-fn ebpf(look: &Look, minor: Option<(u8, u8)>) -> (String, String) {
+fn ebpf(look: &Look, version: Option<perfpy_process::Version>) -> (String, String) {
     let symbol = |sym: &str| match look.discover() {
         Ok(d) => d
             .symbol(sym)
             .ok_or_else(|| format!("no: {sym} not found in the interpreter's symbols")),
         Err(e) => Err(format!("no: {e}")),
     };
-    match minor {
+    match version {
         Some(v) if perfpy_bpf::debug_offsets::from_target(v) => {
             // 3.13+: the offsets are the target's own, read and checked now.
             let table = symbol("_PyRuntime").and_then(|rt| {
@@ -220,7 +219,7 @@ fn ebpf(look: &Look, minor: Option<(u8, u8)>) -> (String, String) {
             }
         }
         Some(v) if perfpy_bpf::Offsets::for_version(v).is_some() => {
-            let sym = if v >= (3, 7) {
+            let sym = if v.at_least(3, 7) {
                 "_PyRuntime"
             } else {
                 "interp_head"
@@ -228,13 +227,13 @@ fn ebpf(look: &Look, minor: Option<(u8, u8)>) -> (String, String) {
             match symbol(sym) {
                 Ok(_) => (
                     "yes".to_string(),
-                    format!("perfpy's table for CPython {}.{}", v.0, v.1),
+                    format!("perfpy's table for CPython {}.{}", v.major, v.minor),
                 ),
                 Err(e) => (e, String::new()),
             }
         }
-        Some((a, b)) => (
-            format!("no: CPython {a}.{b} has no offset table"),
+        Some(v) => (
+            format!("no: CPython {}.{} has no offset table", v.major, v.minor),
             String::new(),
         ),
         None => ("no: unknown version".to_string(), String::new()),

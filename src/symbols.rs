@@ -1,9 +1,12 @@
-//! Symbolization after sampling: every distinct location once, in batches per file.
+//! Symbolization after sampling, every distinct location once: the policy. Which locations are
+//! named (not the interpreter's frames the report hides under Python code), the kind of each
+//! frame, the labels of what nothing names, names kept across intervals. Naming itself —
+//! kernel, files and their debug files, perf maps — is `perfpy_symbolize`'s.
 
 use std::collections::HashMap;
 
-use perfpy_symbolize::perfmap::{python_name, PerfMap};
-use perfpy_symbolize::{Frame, Symbolizer};
+use perfpy_symbolize::perfmap::PerfMap;
+use perfpy_symbolize::{ElfSource, Frame, Location, Sources, Symbol, SymbolizeError, Symbolizer};
 
 use crate::files::Files;
 use crate::process::Process;
@@ -72,11 +75,11 @@ fn resolve_rest(
     mut out: Vec<Option<Resolved>>,
     sym: &Symbolizer,
 ) -> Symbolized {
-    let refused = name_anonymous(profile, procs, &mut out);
+    let targets = Targets { files, procs };
+    let refused = name_anonymous(profile, &targets, &mut out, sym);
     name_as_recorded(profile, &mut out);
     let needed = shown_files(profile, files, &out, keep_interpreter);
-    let mut cut_short = name_kernel(profile, &mut out, sym);
-    cut_short |= name_files(profile, files, &needed, &mut out, sym);
+    let mut cut_short = name_native(profile, &targets, &needed, &mut out, sym);
     cut_short |= crate::signals::aborted();
     let resolved = out
         .into_iter()
@@ -86,6 +89,51 @@ fn resolve_rest(
         resolved,
         refused_perf_maps: refused,
         cut_short,
+    }
+}
+
+/// The files and processes of the recording, as the symbolizer reads them: files through our
+/// own descriptors, perf maps through `Process::perf_map` (the safe opener: they are the
+/// targets' files).
+struct Targets<'a> {
+    files: &'a Files,
+    procs: &'a HashMap<u32, &'a Process>,
+}
+
+impl Sources for Targets<'_> {
+    fn elf(&self, file: u32) -> Option<ElfSource<'_>> {
+        let f = &self.files.list[file as usize];
+        Some(ElfSource {
+            name: &f.path,
+            path: f.fd_path(),
+            debug: f.debug_fd_path(),
+            facts: f.elf.as_deref()?,
+            // CPython's own frames are named from its symbol table: their source lines are of
+            // no use to a Python programmer, and libpython's DWARF costs ~15 ms and ~20 MiB.
+            dwarf: !is_interpreter_file(f),
+        })
+    }
+
+    fn perf_map(&self, process: u32) -> Result<PerfMap, SymbolizeError> {
+        let Some(p) = self.procs.get(&process) else {
+            return Ok(PerfMap::default());
+        };
+        p.perf_map().or_else(|e| {
+            tracing::debug!(pid = p.pid, "perf map: {e}");
+            // A perf map that is simply not there is the common case (no trampoline).
+            if e.contains("no such file") {
+                Ok(PerfMap::default())
+            } else {
+                Err(SymbolizeError::PerfMap {
+                    pid: p.pid,
+                    reason: e,
+                })
+            }
+        })
+    }
+
+    fn aborted(&self) -> bool {
+        crate::signals::aborted()
     }
 }
 
@@ -102,48 +150,49 @@ fn one(function: String, file: Option<String>, line: Option<u32>, kind: Kind) ->
 }
 
 /// Anonymous code (JIT, perf trampolines) by the perf map of its process, read once per
-/// process (safely: they are the targets' files). Returns the perf maps refused (pid, why).
+/// process. Returns the perf maps refused (pid, why).
 fn name_anonymous(
     profile: &Profile,
-    procs: &HashMap<u32, &Process>,
+    targets: &Targets<'_>,
     out: &mut [Option<Resolved>],
+    sym: &Symbolizer,
 ) -> Vec<(u32, String)> {
-    let mut maps: HashMap<u32, PerfMap> = HashMap::new();
-    let mut refused = Vec::new();
-    for (i, k) in profile.locations.iter().enumerate() {
-        let FrameKey::Anon { proc, addr } = k else {
-            continue;
-        };
-        if out[i].is_some() {
-            continue;
-        }
-        let map = maps.entry(*proc).or_insert_with(|| {
-            let Some(p) = procs.get(proc) else {
-                return PerfMap::default();
-            };
-            p.perf_map().unwrap_or_else(|e| {
-                tracing::debug!(pid = p.pid, "perf map: {e}");
-                // A perf map that is simply not there is the common case (no trampoline).
-                if !e.contains("no such file") {
-                    refused.push((p.pid, e));
-                }
-                PerfMap::default()
-            })
-        });
-        out[i] = Some(match map.lookup(*addr) {
-            Some(e) => match python_name(&e.name) {
-                Some(py) => one(
-                    py.qualname.to_string(),
-                    Some(py.file.to_string()),
-                    None,
-                    Kind::Python,
-                ),
-                None => one(e.name.clone(), None, None, Kind::Other),
-            },
-            None => one(format!("[unknown] {addr:#x}"), None, None, Kind::Other),
+    let (asked, locs): (Vec<usize>, Vec<Location>) = profile
+        .locations
+        .iter()
+        .enumerate()
+        .filter_map(|(i, k)| match *k {
+            FrameKey::Anon { proc, addr } if out[i].is_none() => Some((
+                i,
+                Location::Anon {
+                    process: proc,
+                    addr,
+                },
+            )),
+            _ => None,
+        })
+        .unzip();
+    let named = sym.symbolize(&locs, targets);
+    for ((i, loc), symbol) in asked.into_iter().zip(locs).zip(named.symbols) {
+        out[i] = Some(match symbol {
+            Symbol::Python { qualname, file } => one(qualname, Some(file), None, Kind::Python),
+            Symbol::Generated(name) => one(name, None, None, Kind::Other),
+            _ => {
+                let Location::Anon { addr, .. } = loc else {
+                    unreachable!("only anonymous locations were asked for")
+                };
+                one(format!("[unknown] {addr:#x}"), None, None, Kind::Other)
+            }
         });
     }
-    refused
+    named
+        .refused_perf_maps
+        .into_iter()
+        .map(|(key, e)| match e {
+            SymbolizeError::PerfMap { pid, reason } => (pid, reason),
+            e => (key, e.to_string()),
+        })
+        .collect()
 }
 
 /// What needs no symbolizer: the walker's Python frames, wait kinds and truncation markers.
@@ -199,162 +248,88 @@ fn shown_files(
     needed
 }
 
-/// Kernel addresses, in one batch. Returns whether a signal cut it short.
-fn name_kernel(profile: &Profile, out: &mut [Option<Resolved>], sym: &Symbolizer) -> bool {
-    let kernel: Vec<(usize, u64)> = profile
-        .locations
-        .iter()
-        .enumerate()
-        .filter_map(|(i, k)| match k {
-            FrameKey::Kernel(a) if out[i].is_none() => Some((i, *a)),
-            _ => None,
-        })
-        .collect();
-    if kernel.is_empty() {
-        return false;
-    }
-    let addrs: Vec<u64> = kernel.iter().map(|(_, a)| *a).collect();
-    let t = std::time::Instant::now();
-    let aborted = crate::signals::aborted();
-    let frames = if aborted {
-        vec![Vec::new(); addrs.len()]
-    } else {
-        sym.symbolize_kernel(&addrs).unwrap_or_else(|e| {
-            tracing::warn!("{e}");
-            vec![Vec::new(); addrs.len()]
-        })
-    };
-    tracing::debug!(addresses = addrs.len(), elapsed = ?t.elapsed(), "symbolized kernel");
-    for ((i, a), f) in kernel.into_iter().zip(frames) {
-        out[i] = Some(Resolved {
-            frames: or_unknown(f, || format!("[kernel] {a:#x}")),
-            kind: Kind::Kernel,
-        });
-    }
-    aborted
-}
-
-/// Code of mapped files, one batch per file; the interpreter's frames the report hides are
-/// not symbolized. Returns whether a signal cut it short.
-fn name_files(
+/// Kernel addresses in one batch, code of mapped files in one batch per file; the
+/// interpreter's frames the report hides are not symbolized (`[interpreter]`). Returns whether
+/// a signal cut it short.
+fn name_native(
     profile: &Profile,
-    files: &Files,
+    targets: &Targets<'_>,
     needed: &[bool],
     out: &mut [Option<Resolved>],
     sym: &Symbolizer,
 ) -> bool {
-    let mut cut_short = false;
-    let mut by_file: HashMap<u32, Vec<(usize, u64)>> = HashMap::new();
+    let mut asked = Vec::new();
+    let mut locs = Vec::new();
     for (i, k) in profile.locations.iter().enumerate() {
-        match k {
-            FrameKey::File { file, offset } if out[i].is_none() => {
-                by_file.entry(*file).or_default().push((i, *offset))
-            }
-            _ => {}
-        }
-    }
-    for (file_id, locs) in by_file {
-        let file = &files.list[file_id as usize];
-        let interpreter = is_interpreter_file(file);
-        let (locs, skipped): (Vec<_>, Vec<_>) = locs.into_iter().partition(|(i, _)| needed[*i]);
-        for (i, _) in skipped {
-            out[i] = Some(one(
-                "[interpreter]".into(),
-                None,
-                None,
-                Kind::Native { interpreter: true },
-            ));
-        }
-        if locs.is_empty() {
+        if out[i].is_some() {
             continue;
         }
-        let offsets: Vec<u64> = locs.iter().map(|(_, o)| *o).collect();
-        let aborted = crate::signals::aborted();
-        cut_short |= aborted;
-        let mut frames = if aborted {
-            vec![Vec::new(); offsets.len()]
-        } else {
-            symbolize_file(file, &offsets, interpreter, sym)
-        };
-        let short = file
-            .path
+        match *k {
+            FrameKey::Kernel(a) => locs.push(Location::Kernel(a)),
+            FrameKey::File { file, offset } if needed[i] => {
+                locs.push(Location::File { file, offset })
+            }
+            FrameKey::File { .. } => {
+                out[i] = Some(one(
+                    "[interpreter]".into(),
+                    None,
+                    None,
+                    Kind::Native { interpreter: true },
+                ));
+                continue;
+            }
+            _ => continue,
+        }
+        asked.push(i);
+    }
+    let named = sym.symbolize(&locs, targets);
+    for ((i, loc), symbol) in asked.into_iter().zip(locs).zip(named.symbols) {
+        out[i] = Some(match loc {
+            Location::Kernel(a) => Resolved {
+                frames: or_unknown(symbol, || format!("[kernel] {a:#x}")),
+                kind: Kind::Kernel,
+            },
+            Location::File { file, offset } => {
+                file_frames(&targets.files.list[file as usize], symbol, offset)
+            }
+            Location::Anon { .. } => unreachable!("no anonymous location was asked for"),
+        });
+    }
+    named.cut_short
+}
+
+/// The frames of a location in `file` as the report shows them.
+fn file_frames(file: &crate::files::MappedFile, symbol: Symbol, offset: u64) -> Resolved {
+    let short = || {
+        file.path
             .rsplit('/')
             .next()
             .unwrap_or(&file.path)
             .trim_matches(|c| c == '[' || c == ']')
-            .to_string();
-        if file.path == "[vdso]" {
-            // Its functions are named as libc's that call them (`clock_gettime`): the file
-            // tells them apart.
-            for f in frames.iter_mut().flatten() {
-                f.file.get_or_insert_with(|| "[vdso]".to_string());
-            }
+            .to_string()
+    };
+    let skipped = symbol == Symbol::Skipped;
+    // Code without a symbol (stripped local functions, hand-written assembly) is named after
+    // its file, so that its samples add up in one place.
+    let mut frames = or_unknown(symbol, || {
+        if skipped {
+            format!("[{}] +{offset:#x}", short())
+        } else {
+            format!("[{}]", short())
         }
-        for ((i, off), f) in locs.into_iter().zip(frames) {
-            out[i] = Some(Resolved {
-                // Code without a symbol (stripped local functions, hand-written assembly) is
-                // named after its file, so that its samples add up in one place.
-                frames: or_unknown(f, || {
-                    if aborted {
-                        format!("[{short}] +{off:#x}")
-                    } else {
-                        format!("[{short}]")
-                    }
-                }),
-                kind: Kind::Native { interpreter },
-            });
+    });
+    if file.path == "[vdso]" {
+        // Its functions are named as libc's that call them (`clock_gettime`): the file
+        // tells them apart.
+        for f in &mut frames {
+            f.file.get_or_insert_with(|| "[vdso]".to_string());
         }
     }
-    cut_short
-}
-
-/// The frames of `offsets` in `file` (empty where nothing names one).
-fn symbolize_file(
-    file: &crate::files::MappedFile,
-    offsets: &[u64],
-    interpreter: bool,
-    sym: &Symbolizer,
-) -> Vec<Vec<Frame>> {
-    let t = std::time::Instant::now();
-    if let Some(dbg) = file.debug_fd_path() {
-        // A stripped file with its separate debug file: by virtual address (the debug file's
-        // code sections are empty), then, for what it does not name, the file's own dynamic
-        // symbols.
-        let vaddrs: Vec<u64> = offsets
-            .iter()
-            .map(|o| file.file_offset_to_vaddr(*o).unwrap_or(u64::MAX))
-            .collect();
-        let mut f = sym
-            .symbolize_debug_file(&dbg, &vaddrs, !interpreter)
-            .unwrap_or_else(|e| {
-                tracing::debug!("{e}");
-                vec![Vec::new(); offsets.len()]
-            });
-        tracing::debug!(file = file.path, addresses = offsets.len(), elapsed = ?t.elapsed(), "symbolized with its debug file");
-        if f.iter().any(Vec::is_empty) {
-            let own = sym
-                .symbolize_elf(&file.fd_path(), offsets, false)
-                .unwrap_or_default();
-            for (a, b) in f.iter_mut().zip(own) {
-                if a.is_empty() {
-                    *a = b;
-                }
-            }
-        }
-        f
-    } else if file.elf.is_some() {
-        // CPython's own frames are named from its symbol table: their source lines are of no
-        // use to a Python programmer, and libpython's DWARF costs ~15 ms and ~20 MiB.
-        let f = sym
-            .symbolize_elf(&file.fd_path(), offsets, !interpreter)
-            .unwrap_or_else(|e| {
-                tracing::debug!("{e}");
-                vec![Vec::new(); offsets.len()]
-            });
-        tracing::debug!(file = file.path, addresses = offsets.len(), elapsed = ?t.elapsed(), "symbolized");
-        f
-    } else {
-        vec![Vec::new(); offsets.len()]
+    Resolved {
+        frames,
+        kind: Kind::Native {
+            interpreter: is_interpreter_file(file),
+        },
     }
 }
 
@@ -500,15 +475,15 @@ fn is_interpreter_file(file: &crate::files::MappedFile) -> bool {
     loader || file.elf.as_ref().is_some_and(|e| e.is_interpreter)
 }
 
-fn or_unknown(f: Vec<Frame>, name: impl FnOnce() -> String) -> Vec<Frame> {
-    if f.is_empty() {
-        vec![Frame {
+/// The frames of `symbol`, or one frame named `name()` when nothing named it.
+fn or_unknown(symbol: Symbol, name: impl FnOnce() -> String) -> Vec<Frame> {
+    match symbol {
+        Symbol::Frames(f) if !f.is_empty() => f,
+        _ => vec![Frame {
             function: name(),
             file: None,
             line: None,
-        }]
-    } else {
-        f
+        }],
     }
 }
 
@@ -558,5 +533,42 @@ mod tests {
             resolve_incremental(&profile, &files, &procs, false, &mut cache);
         }
         assert_eq!(cache.names.len(), 0);
+    }
+
+    #[test]
+    fn file_frames_are_labelled_by_their_file() {
+        // Our own vDSO as a mapped file: a function it names carries the file `[vdso]` (libc
+        // has functions of the same name); code nothing names is named after the file.
+        use object::{Object, ObjectSymbol};
+        let mut files = Files::default();
+        let (f, _, _) = crate::files::tests::own_vdso(&mut files);
+        let data = std::fs::read(f.fd_path()).unwrap();
+        let obj = object::File::parse(&*data).unwrap();
+        let sym = obj
+            .dynamic_symbols()
+            .find(|s| s.name() == Ok("__vdso_clock_gettime"))
+            .unwrap();
+        let (off, vaddr, _) = f.elf.as_ref().unwrap().loads[0];
+        let mut profile = Profile::default();
+        let keys = [FrameKey::File {
+            file: f.id,
+            offset: sym.address() - vaddr + off + 1,
+        }];
+        let locs: Vec<u32> = keys.iter().map(|k| profile.location(*k)).collect();
+        profile.add(0, 1, &locs);
+        let s = resolve(&profile, &files, &HashMap::new(), false);
+        let named = &s.resolved[0];
+        assert!(
+            named.frames[0].function.contains("clock_gettime"),
+            "{named:?}"
+        );
+        assert_eq!(named.frames[0].file.as_deref(), Some("[vdso]"));
+        assert_eq!(named.kind, Kind::Native { interpreter: false });
+        assert!(!s.cut_short);
+        // Nothing named it: the file's name; a signal stopped naming first: its offset too.
+        let unnamed = file_frames(&f, Symbol::Unnamed, 0x10);
+        assert_eq!(unnamed.frames[0].function, "[vdso]");
+        let skipped = file_frames(&f, Symbol::Skipped, 0x10);
+        assert_eq!(skipped.frames[0].function, "[vdso] +0x10");
     }
 }

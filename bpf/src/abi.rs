@@ -139,7 +139,7 @@ pub(crate) fn proc_cfg(p: &PyProcess) -> types::proc_cfg {
         code_name: o.code_name,
         code_filename: o.code_filename,
         // 3.14+: f_executable is a _PyStackRef (tag bits to mask).
-        code_tagged: i32::from(p.version >= (3, 14)),
+        code_tagged: i32::from(p.version.at_least(3, 14)),
     }
 }
 
@@ -237,7 +237,7 @@ mod tests {
     fn the_configuration_is_filled_by_name() {
         let p = PyProcess {
             pid: 1,
-            version: (3, 12),
+            version: perfpy_process::Version::new(3, 12),
             runtime: 0x5000,
             offsets: crate::offsets::V3_12,
         };
@@ -250,7 +250,7 @@ mod tests {
         assert_eq!(c.owned_by_cstack, 3);
         assert_eq!(c.code_tagged, 0);
         let c = proc_cfg(&PyProcess {
-            version: (3, 14),
+            version: perfpy_process::Version::new(3, 14),
             ..p
         });
         assert_eq!(c.code_tagged, 1);

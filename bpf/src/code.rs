@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 
+use perfpy_process::Version;
+
 use crate::{Offsets, PyFrameRef};
 
 pub use perfpy_process::ReadMemory;
@@ -306,6 +308,37 @@ pub fn line_of(table: &[u8], first_line: i32, unit: u64) -> i32 {
     line
 }
 
+/// The line frame `f` is at. 3.11/3.12 point at the last instruction started (prev_instr),
+/// 3.13 at the current one; before 3.11 the frame holds f_lasti, in bytes (≤ 3.9) or code units
+/// (3.10).
+fn line(mem: &dyn ReadMemory, o: &Offsets, version: Version, code: &Code, f: &PyFrameRef) -> i32 {
+    if version.at_least(3, 11) {
+        let start = if o.code_tlbc >= 0 {
+            tlbc_base(mem, o, f.code, f.instr).unwrap_or(code.start)
+        } else {
+            code.start
+        };
+        return if f.instr >= start {
+            line_of(&code.linetable, code.first_line, (f.instr - start) / 2)
+        } else {
+            code.first_line
+        };
+    }
+    let lasti = f.instr as i64;
+    if lasti < 0 {
+        code.first_line
+    } else if version.at_least(3, 10) {
+        line_of_310(&code.linetable, code.first_line, lasti as u64 * 2)
+    } else {
+        line_of_lnotab(
+            &code.linetable,
+            code.first_line,
+            lasti as u64,
+            version.major >= 3,
+        )
+    }
+}
+
 impl CodeReader {
     /// Names a frame of process `pid`. `None` when the code object cannot be read.
     pub fn resolve(
@@ -313,99 +346,94 @@ impl CodeReader {
         mem: &dyn ReadMemory,
         pid: u32,
         o: &Offsets,
-        version: (u8, u8),
+        version: Version,
         f: &PyFrameRef,
     ) -> Option<PyFrameInfo> {
         if f.code == 0 {
             return None;
         }
-        // The address may now hold another code object (the old one freed): the same two
-        // pointers (name, file) mean the same object. The walker read them at the sample;
-        // without them, a cached entry is checked at most once a second.
-        if let Some(Some(c)) = self.cache.get(&(pid, f.code)) {
-            let (n, fl) = c.identity;
-            if f.ident != 0 && f.ident != n ^ fl.rotate_left(1) {
-                self.cache.remove(&(pid, f.code));
-            } else if f.ident == 0 && c.checked.get().elapsed() >= std::time::Duration::from_secs(1)
-            {
-                let now = (
-                    field(f.code, o.code_name)
-                        .and_then(|a| u64_at(mem, a))
-                        .unwrap_or(0),
-                    field(f.code, o.code_filename)
-                        .and_then(|a| u64_at(mem, a))
-                        .unwrap_or(0),
-                );
-                if now == c.identity {
-                    c.checked.set(std::time::Instant::now());
-                } else {
-                    self.cache.remove(&(pid, f.code));
-                }
-            }
-        }
-        let code = match self.cache.get(&(pid, f.code)) {
-            Some(Some(c)) => c.clone(),
-            _ => {
-                // A failure is not cached: the object may be readable at the next sample.
-                let c = std::rc::Rc::new(read_code(mem, o, f.code)?);
-                self.cache.insert((pid, f.code), Some(c.clone()));
-                c
-            }
-        };
-        // 3.11/3.12 point at the last instruction started (prev_instr), 3.13 at the current
-        // one; before 3.11 the frame holds f_lasti, in bytes (≤ 3.9) or code units (3.10).
-        let line = match version {
-            (3, v) if v >= 11 => {
-                let start = if o.code_tlbc >= 0 {
-                    tlbc_base(mem, o, f.code, f.instr).unwrap_or(code.start)
-                } else {
-                    code.start
-                };
-                if f.instr >= start {
-                    line_of(&code.linetable, code.first_line, (f.instr - start) / 2)
-                } else {
-                    code.first_line
-                }
-            }
-            (3, 10) => {
-                let lasti = f.instr as i64;
-                if lasti < 0 {
-                    code.first_line
-                } else {
-                    line_of_310(&code.linetable, code.first_line, lasti as u64 * 2)
-                }
-            }
-            (major, _) => {
-                let lasti = f.instr as i64;
-                if lasti < 0 {
-                    code.first_line
-                } else {
-                    line_of_lnotab(&code.linetable, code.first_line, lasti as u64, major >= 3)
-                }
-            }
-        };
-        // ≤ 3.10: `Class.method` from the class of `self` / `cls`.
-        let mut qualname = code.qualname.clone();
-        if code.self_kind != 0 && f.first_local != 0 {
-            let ty = if code.self_kind == 1 {
-                f.first_local.checked_add(8).and_then(|a| u64_at(mem, a))
-            } else {
-                Some(f.first_local)
-            };
-            if let Some(ty) = ty {
-                let py2 = version.0 == 2;
-                let name = self.class_name(mem, pid, ty, py2, code.self_kind == 1, f.first_local);
-                if let Some(name) = name {
-                    qualname = format!("{name}.{qualname}");
-                }
-            }
-        }
+        self.forget_if_replaced(mem, pid, o, f);
+        let code = self.code(mem, pid, o, f)?;
+        let line = line(mem, o, version, &code, f);
+        let qualname = self.qualname(mem, pid, version, &code, f);
         Some(PyFrameInfo {
             qualname,
             filename: code.filename.clone(),
             line: line.max(0) as u32,
             first_line: code.first_line.max(0) as u32,
         })
+    }
+
+    /// Drops the cached code object at `f.code` if the address now holds another one (the old
+    /// one freed): the same two pointers (name, file) mean the same object. The walker read
+    /// them at the sample; without them, a cached entry is checked at most once a second.
+    fn forget_if_replaced(&mut self, mem: &dyn ReadMemory, pid: u32, o: &Offsets, f: &PyFrameRef) {
+        let Some(Some(c)) = self.cache.get(&(pid, f.code)) else {
+            return;
+        };
+        let (n, fl) = c.identity;
+        if f.ident != 0 && f.ident != n ^ fl.rotate_left(1) {
+            self.cache.remove(&(pid, f.code));
+        } else if f.ident == 0 && c.checked.get().elapsed() >= std::time::Duration::from_secs(1) {
+            let now = (
+                field(f.code, o.code_name)
+                    .and_then(|a| u64_at(mem, a))
+                    .unwrap_or(0),
+                field(f.code, o.code_filename)
+                    .and_then(|a| u64_at(mem, a))
+                    .unwrap_or(0),
+            );
+            if now == c.identity {
+                c.checked.set(std::time::Instant::now());
+            } else {
+                self.cache.remove(&(pid, f.code));
+            }
+        }
+    }
+
+    /// The code object of frame `f`, read once per process and address.
+    fn code(
+        &mut self,
+        mem: &dyn ReadMemory,
+        pid: u32,
+        o: &Offsets,
+        f: &PyFrameRef,
+    ) -> Option<std::rc::Rc<Code>> {
+        if let Some(Some(c)) = self.cache.get(&(pid, f.code)) {
+            return Some(c.clone());
+        }
+        // A failure is not cached: the object may be readable at the next sample.
+        let c = std::rc::Rc::new(read_code(mem, o, f.code)?);
+        self.cache.insert((pid, f.code), Some(c.clone()));
+        Some(c)
+    }
+
+    /// The function's qualified name; ≤ 3.10, `Class.method` from the class of `self` / `cls`.
+    fn qualname(
+        &mut self,
+        mem: &dyn ReadMemory,
+        pid: u32,
+        version: Version,
+        code: &Code,
+        f: &PyFrameRef,
+    ) -> String {
+        let qualname = code.qualname.clone();
+        if code.self_kind == 0 || f.first_local == 0 {
+            return qualname;
+        }
+        let ty = if code.self_kind == 1 {
+            f.first_local.checked_add(8).and_then(|a| u64_at(mem, a))
+        } else {
+            Some(f.first_local)
+        };
+        let Some(ty) = ty else {
+            return qualname;
+        };
+        let py2 = version.major == 2;
+        match self.class_name(mem, pid, ty, py2, code.self_kind == 1, f.first_local) {
+            Some(name) => format!("{name}.{qualname}"),
+            None => qualname,
+        }
     }
 
     /// The name of the class of a method's `self` (`ty`: its type) or of a class method's
@@ -468,10 +496,11 @@ mod tests {
     use super::*;
 
     /// The offsets of version `v` (3.13: the tree's reference table, what its debug table gives).
-    fn table(v: (u8, u8)) -> Offsets {
-        match v {
-            (3, 13) => crate::offsets::V3_13,
-            _ => Offsets::for_version(v).unwrap(),
+    fn table(v: Version) -> Offsets {
+        if v == Version::new(3, 13) {
+            crate::offsets::V3_13
+        } else {
+            Offsets::for_version(v).unwrap()
         }
     }
 
@@ -495,7 +524,7 @@ mod tests {
         fn garbage_memory_never_panics(block in proptest::collection::vec(proptest::prelude::any::<u8>(), 1..512), code in proptest::prelude::any::<u64>(), instr in proptest::prelude::any::<u64>(), local in proptest::prelude::any::<u64>()) {
             let mem = Garbage(block);
             let mut r = CodeReader::default();
-            for v in [(2u8, 7u8), (3, 6), (3, 9), (3, 10), (3, 11), (3, 12), (3, 13)] {
+            for v in VERSIONS {
                 let o = table(v);
                 let f = PyFrameRef { code, instr, entry: false, owner: 0, first_local: local, ident: 0 };
                 if let Some(i) = r.resolve(&mem, 1, &o, v, &f) {
@@ -505,7 +534,15 @@ mod tests {
         }
     }
 
-    const VERSIONS: [(u8, u8); 7] = [(2, 7), (3, 6), (3, 9), (3, 10), (3, 11), (3, 12), (3, 13)];
+    const VERSIONS: [Version; 7] = [
+        Version::new(2, 7),
+        Version::new(3, 6),
+        Version::new(3, 9),
+        Version::new(3, 10),
+        Version::new(3, 11),
+        Version::new(3, 12),
+        Version::new(3, 13),
+    ];
 
     /// A process's memory as a few objects at fixed addresses; reads outside them fail (an
     /// unmapped pointer). Records the largest read asked for: the reader allocates its buffer
@@ -572,11 +609,11 @@ mod tests {
 
         /// The code object of `Klass.method` in `/app/x.py`, first line 10, whose first
         /// instruction is on line 12 (a `self` method before 3.11), and the frame running it.
-        fn method(v: (u8, u8)) -> (Objects, Offsets, PyFrameRef) {
+        fn method(v: Version) -> (Objects, Offsets, PyFrameRef) {
             Objects::method_with(v, table(v))
         }
 
-        fn method_with(v: (u8, u8), o: Offsets) -> (Objects, Offsets, PyFrameRef) {
+        fn method_with(v: Version, o: Offsets) -> (Objects, Offsets, PyFrameRef) {
             let mut m = Objects::default();
             m.regions.insert(CODE, vec![0; 512]);
             m.string(
@@ -596,10 +633,12 @@ mod tests {
             m.ptr(CODE, o.code_filename, FILE);
             m.put(CODE, o.code_firstlineno, &10i32.to_ne_bytes());
             // Line +2 for the first instruction, in each version's table format.
-            let table: &[u8] = match v {
-                (3, 11..) => &[0x80 | (13 << 3), 2 << 1],
-                (3, 10) => &[2, 2],
-                _ => &[0, 2],
+            let table: &[u8] = if v.at_least(3, 11) {
+                &[0x80 | (13 << 3), 2 << 1]
+            } else if v == Version::new(3, 10) {
+                &[2, 2]
+            } else {
+                &[0, 2]
             };
             m.regions
                 .insert(TABLE, vec![0; o.bytes_data as usize + table.len()]);
@@ -648,7 +687,7 @@ mod tests {
     /// the bytecode (`co_tlbc`) gets the line of its offset in that copy.
     #[test]
     fn free_threaded_code_objects_and_thread_local_bytecode() {
-        let v = (3, 14);
+        let v = Version::new(3, 14);
         let o = crate::debug_offsets::parse(&crate::debug_offsets::tests::free_threaded_314(), v)
             .unwrap()
             .offsets;
@@ -682,7 +721,7 @@ mod tests {
         assert_eq!(resolve(&m, &o, v, &f).unwrap().line, 10);
     }
 
-    fn resolve(m: &Objects, o: &Offsets, v: (u8, u8), f: &PyFrameRef) -> Option<PyFrameInfo> {
+    fn resolve(m: &Objects, o: &Offsets, v: Version, f: &PyFrameRef) -> Option<PyFrameInfo> {
         CodeReader::default().resolve(m, 1, o, v, f)
     }
 

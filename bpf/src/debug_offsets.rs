@@ -10,7 +10,7 @@
 //! fails is refused with the reason, never half used.
 
 use crate::Offsets;
-use perfpy_process::ReadMemory;
+use perfpy_process::{ReadMemory, Version};
 
 /// The `uint64_t` fields of `_Py_DebugOffsets` after the 8-byte cookie, in order, up to the last
 /// one perfpy reads (`unicode_object.asciiobject_size`, or `compactunicodeobject_size` in 3.15).
@@ -270,19 +270,23 @@ const LAYOUT_3_15: &[&str] = &[
     "unicode_object.compactunicodeobject_size",
 ];
 
-/// The layout of `_Py_DebugOffsets` of CPython `3.minor` (3.13+), as far as perfpy reads it.
-pub fn layout(v: (u8, u8)) -> Option<&'static [&'static str]> {
-    match v {
-        (3, 13) => Some(LAYOUT_3_13),
-        (3, 14) => Some(LAYOUT_3_14),
-        (3, 15) => Some(LAYOUT_3_15),
-        _ => None,
-    }
+/// The known layouts, by minor version.
+const LAYOUTS: [(Version, &[&str]); 3] = [
+    (Version::new(3, 13), LAYOUT_3_13),
+    (Version::new(3, 14), LAYOUT_3_14),
+    (Version::new(3, 15), LAYOUT_3_15),
+];
+
+/// The layout of `_Py_DebugOffsets` of CPython `v` (3.13+; any micro version), as far as perfpy
+/// reads it.
+pub fn layout(v: Version) -> Option<&'static [&'static str]> {
+    let minor = Version::new(v.major, v.minor);
+    LAYOUTS.iter().find(|(l, _)| *l == minor).map(|(_, l)| *l)
 }
 
 /// Whether the walker takes this version's offsets from the target (3.13+).
-pub fn from_target(v: (u8, u8)) -> bool {
-    v >= (3, 13)
+pub fn from_target(v: Version) -> bool {
+    v.at_least(3, 13)
 }
 
 /// The cookie `_Py_DebugOffsets` starts with.
@@ -295,8 +299,8 @@ const MAX_STRUCT: u64 = 1 << 16;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TableError {
-    #[error("perfpy does not know the layout of CPython {0}.{1}'s _Py_DebugOffsets (3.13 – 3.15 are known; docs/python.md says how to add a version)")]
-    NoLayout(u8, u8),
+    #[error("perfpy does not know the layout of CPython {}.{}'s _Py_DebugOffsets (3.13 – 3.15 are known; docs/python.md says how to add a version)", .0.major, .0.minor)]
+    NoLayout(Version),
     #[error("_Py_DebugOffsets at the start of _PyRuntime could not be read ({0} bytes)")]
     Unreadable(usize),
     #[error("_Py_DebugOffsets is {0} bytes long, {1} are needed")]
@@ -327,13 +331,13 @@ pub struct DebugTable {
 }
 
 /// Bytes to read at `_PyRuntime` for version `v`.
-pub fn table_len(v: (u8, u8)) -> Option<usize> {
+pub fn table_len(v: Version) -> Option<usize> {
     layout(v).map(|l| 8 + 8 * l.len())
 }
 
 /// Reads and checks the table at `runtime` (the address of `_PyRuntime`) in a process's memory.
-pub fn read(mem: &dyn ReadMemory, runtime: u64, v: (u8, u8)) -> Result<DebugTable, TableError> {
-    let len = table_len(v).ok_or(TableError::NoLayout(v.0, v.1))?;
+pub fn read(mem: &dyn ReadMemory, runtime: u64, v: Version) -> Result<DebugTable, TableError> {
+    let len = table_len(v).ok_or(TableError::NoLayout(v))?;
     let mut buf = vec![0u8; len];
     if !mem.read_all(runtime, &mut buf) {
         return Err(TableError::Unreadable(len));
@@ -391,8 +395,22 @@ fn size(f: &Fields, field: &'static str, max: u64) -> Result<u64, TableError> {
 }
 
 /// Checks a table read from a CPython `v` process (at least `table_len(v)` bytes).
-pub fn parse(bytes: &[u8], v: (u8, u8)) -> Result<DebugTable, TableError> {
-    let layout = layout(v).ok_or(TableError::NoLayout(v.0, v.1))?;
+pub fn parse(bytes: &[u8], v: Version) -> Result<DebugTable, TableError> {
+    let f = fields(bytes, v)?;
+    let (version, free_threaded) = header(&f, v)?;
+    let sizes = Sizes::read(&f)?;
+    let objects = object_lengths(&f, &sizes)?;
+    let code_tlbc = code_tlbc(&f, &sizes, v, free_threaded)?;
+    Ok(DebugTable {
+        version,
+        free_threaded,
+        offsets: offsets(&f, &sizes, objects, code_tlbc)?,
+    })
+}
+
+/// The table's fields by the layout of version `v`, once its length and cookie are right.
+fn fields(bytes: &[u8], v: Version) -> Result<Fields<'_>, TableError> {
+    let layout = layout(v).ok_or(TableError::NoLayout(v))?;
     let need = 8 + 8 * layout.len();
     if bytes.len() < need {
         return Err(TableError::Short(bytes.len(), need));
@@ -400,36 +418,74 @@ pub fn parse(bytes: &[u8], v: (u8, u8)) -> Result<DebugTable, TableError> {
     if &bytes[..8] != COOKIE {
         return Err(TableError::Cookie);
     }
-    let f = Fields { bytes, layout };
+    Ok(Fields { bytes, layout })
+}
+
+/// `version` (the target's `PY_VERSION_HEX`, which must be of the minor version `v` the
+/// interpreter file gives) and `free_threaded`.
+fn header(f: &Fields, v: Version) -> Result<(u64, bool), TableError> {
     let version = f.must("version");
-    if (version >> 24, (version >> 16) & 0xff) != (v.0 as u64, v.1 as u64) {
+    if (version >> 24, (version >> 16) & 0xff) != (v.major as u64, v.minor as u64) {
         return Err(TableError::Version {
             found: version,
-            expected: format!("{}.{}", v.0, v.1),
+            expected: format!("{}.{}", v.major, v.minor),
         });
     }
     let ft = f.must("free_threaded");
     if ft > 1 {
         return Err(TableError::FreeThreadedValue(ft));
     }
-    let runtime = size(&f, "runtime_state.size", MAX_STATE)?;
-    let interp = size(&f, "interpreter_state.size", MAX_STATE)?;
-    let tstate = size(&f, "thread_state.size", MAX_STRUCT)?;
-    let frame = size(&f, "interpreter_frame.size", MAX_STRUCT)?;
-    let code = size(&f, "code_object.size", MAX_STRUCT)?;
-    let bytes_obj = size(&f, "bytes_object.size", MAX_STRUCT)?;
-    let unicode = size(&f, "unicode_object.size", MAX_STRUCT)?;
-    let ascii = size(&f, "unicode_object.asciiobject_size", unicode)?;
-    let compact = match f.get("unicode_object.compactunicodeobject_size") {
-        Some(_) => size(&f, "unicode_object.compactunicodeobject_size", unicode)?,
-        // PyCompactUnicodeObject is PyASCIIObject then utf8_length and utf8 (3.13, 3.14).
-        None => ascii + 16,
-    };
+    Ok((version, ft == 1))
+}
+
+/// The sizes of the structures the offsets are checked against.
+struct Sizes {
+    runtime: u64,
+    interp: u64,
+    tstate: u64,
+    frame: u64,
+    code: u64,
+    bytes_obj: u64,
+    /// `PyASCIIObject` and `PyCompactUnicodeObject`: where a str's characters start.
+    ascii: u64,
+    compact: u64,
+}
+
+impl Sizes {
+    fn read(f: &Fields) -> Result<Sizes, TableError> {
+        let unicode = size(f, "unicode_object.size", MAX_STRUCT)?;
+        let ascii = size(f, "unicode_object.asciiobject_size", unicode)?;
+        let compact = match f.get("unicode_object.compactunicodeobject_size") {
+            Some(_) => size(f, "unicode_object.compactunicodeobject_size", unicode)?,
+            // PyCompactUnicodeObject is PyASCIIObject then utf8_length and utf8 (3.13, 3.14).
+            None => ascii + 16,
+        };
+        Ok(Sizes {
+            runtime: size(f, "runtime_state.size", MAX_STATE)?,
+            interp: size(f, "interpreter_state.size", MAX_STATE)?,
+            tstate: size(f, "thread_state.size", MAX_STRUCT)?,
+            frame: size(f, "interpreter_frame.size", MAX_STRUCT)?,
+            code: size(f, "code_object.size", MAX_STRUCT)?,
+            bytes_obj: size(f, "bytes_object.size", MAX_STRUCT)?,
+            ascii,
+            compact,
+        })
+    }
+}
+
+/// Where a str's length, a bytes' size and a bytes' data are.
+struct ObjectLengths {
+    unicode_length: i32,
+    bytes_size: i32,
+    ob_sval: i32,
+}
+
+fn object_lengths(f: &Fields, sizes: &Sizes) -> Result<ObjectLengths, TableError> {
     // A str's length and a bytes' size sit after the object header: 16 bytes in with the GIL,
     // further in a free-threaded build.
-    let unicode_length = inside(&f, "unicode_object.length", 8, ascii)?;
-    let ob_sval = inside(&f, "bytes_object.ob_sval", 1, bytes_obj)?;
-    let bytes_size = inside(&f, "bytes_object.ob_size", 8, ob_sval as u64)?;
+    let unicode_length = inside(f, "unicode_object.length", 8, sizes.ascii)?;
+    let ob_sval = inside(f, "bytes_object.ob_sval", 1, sizes.bytes_obj)?;
+    let bytes_size = inside(f, "bytes_object.ob_size", 8, ob_sval as u64)?;
     for (field, off) in [
         ("unicode_object.length", unicode_length),
         ("bytes_object.ob_size", bytes_size),
@@ -442,54 +498,82 @@ pub fn parse(bytes: &[u8], v: (u8, u8)) -> Result<DebugTable, TableError> {
             });
         }
     }
-    // Free-threaded 3.14+: a frame's instr_ptr may point into the thread's own copy of the
-    // bytecode (co_tlbc); without its offset the lines cannot be read. 3.13t has no such copies.
-    let code_tlbc = if ft == 1 && v >= (3, 14) {
-        if f.must("code_object.co_tlbc") == 0 || f.must("interpreter_frame.tlbc_index") == 0 {
-            return Err(TableError::FreeThreaded);
-        }
-        inside(&f, "interpreter_frame.tlbc_index", 4, frame)?;
-        inside(&f, "code_object.co_tlbc", 8, code)?
-    } else {
-        -1
-    };
-    Ok(DebugTable {
-        version,
-        free_threaded: ft == 1,
-        offsets: Offsets {
-            runtime_interp_head: inside(&f, "runtime_state.interpreters_head", 8, runtime)?,
-            interp_tstate_head: inside(&f, "interpreter_state.threads_head", 8, interp)?,
-            tstate_next: inside(&f, "thread_state.next", 8, tstate)?,
-            tstate_native_tid: inside(&f, "thread_state.native_thread_id", 8, tstate)?,
-            tstate_cframe: -1,
-            tstate_current_frame: inside(&f, "thread_state.current_frame", 8, tstate)?,
-            frame_code: inside(&f, "interpreter_frame.executable", 8, frame)?,
-            frame_instr: inside(&f, "interpreter_frame.instr_ptr", 8, frame)?,
-            frame_previous: inside(&f, "interpreter_frame.previous", 8, frame)?,
-            frame_owner: inside(&f, "interpreter_frame.owner", 1, frame)?,
-            frame_is_entry: -1,
-            // Not in the table. 3.13: FRAME_OWNED_BY_CSTACK = 3 marks the entry frame of a
-            // C-level evaluation call; 3.14 and 3.15 mark it FRAME_OWNED_BY_INTERPRETER = 3 (3.14
-            // renumbers CSTACK to 4, 3.15 removes it). Owners from 3 up are not Python frames.
-            owned_by_cstack: 3,
-            tstate_thread_id: inside(&f, "thread_state.thread_id", 8, tstate)?,
-            lasti_int: 0,
-            frame_localsplus: -1,
-            code_varnames: -1,
-            code_name: inside(&f, "code_object.name", 8, code)?,
-            code_qualname: inside(&f, "code_object.qualname", 8, code)?,
-            code_filename: inside(&f, "code_object.filename", 8, code)?,
-            code_firstlineno: inside(&f, "code_object.firstlineno", 4, code)?,
-            code_linetable: inside(&f, "code_object.linetable", 8, code)?,
-            code_adaptive: inside(&f, "code_object.co_code_adaptive", 2, code)?,
-            unicode_ascii_data: i32::try_from(ascii).unwrap_or(i32::MAX),
-            unicode_compact_data: i32::try_from(compact).unwrap_or(i32::MAX),
-            unicode_state: inside(&f, "unicode_object.state", 4, ascii)?,
-            bytes_data: ob_sval,
-            unicode_length,
-            bytes_size,
-            code_tlbc,
-        },
+    Ok(ObjectLengths {
+        unicode_length,
+        bytes_size,
+        ob_sval,
+    })
+}
+
+/// `co_tlbc`, or -1. Free-threaded 3.14+: a frame's instr_ptr may point into the thread's own
+/// copy of the bytecode (co_tlbc); without its offset the lines cannot be read. 3.13t has no
+/// such copies.
+fn code_tlbc(
+    f: &Fields,
+    sizes: &Sizes,
+    v: Version,
+    free_threaded: bool,
+) -> Result<i32, TableError> {
+    if !(free_threaded && v.at_least(3, 14)) {
+        return Ok(-1);
+    }
+    if f.must("code_object.co_tlbc") == 0 || f.must("interpreter_frame.tlbc_index") == 0 {
+        return Err(TableError::FreeThreaded);
+    }
+    inside(f, "interpreter_frame.tlbc_index", 4, sizes.frame)?;
+    inside(f, "code_object.co_tlbc", 8, sizes.code)
+}
+
+/// The walker's offsets, each checked to lie inside its structure.
+fn offsets(
+    f: &Fields,
+    sizes: &Sizes,
+    objects: ObjectLengths,
+    code_tlbc: i32,
+) -> Result<Offsets, TableError> {
+    let Sizes {
+        runtime,
+        interp,
+        tstate,
+        frame,
+        code,
+        ascii,
+        compact,
+        ..
+    } = *sizes;
+    Ok(Offsets {
+        runtime_interp_head: inside(f, "runtime_state.interpreters_head", 8, runtime)?,
+        interp_tstate_head: inside(f, "interpreter_state.threads_head", 8, interp)?,
+        tstate_next: inside(f, "thread_state.next", 8, tstate)?,
+        tstate_native_tid: inside(f, "thread_state.native_thread_id", 8, tstate)?,
+        tstate_cframe: -1,
+        tstate_current_frame: inside(f, "thread_state.current_frame", 8, tstate)?,
+        frame_code: inside(f, "interpreter_frame.executable", 8, frame)?,
+        frame_instr: inside(f, "interpreter_frame.instr_ptr", 8, frame)?,
+        frame_previous: inside(f, "interpreter_frame.previous", 8, frame)?,
+        frame_owner: inside(f, "interpreter_frame.owner", 1, frame)?,
+        frame_is_entry: -1,
+        // Not in the table. 3.13: FRAME_OWNED_BY_CSTACK = 3 marks the entry frame of a
+        // C-level evaluation call; 3.14 and 3.15 mark it FRAME_OWNED_BY_INTERPRETER = 3 (3.14
+        // renumbers CSTACK to 4, 3.15 removes it). Owners from 3 up are not Python frames.
+        owned_by_cstack: 3,
+        tstate_thread_id: inside(f, "thread_state.thread_id", 8, tstate)?,
+        lasti_int: 0,
+        frame_localsplus: -1,
+        code_varnames: -1,
+        code_name: inside(f, "code_object.name", 8, code)?,
+        code_qualname: inside(f, "code_object.qualname", 8, code)?,
+        code_filename: inside(f, "code_object.filename", 8, code)?,
+        code_firstlineno: inside(f, "code_object.firstlineno", 4, code)?,
+        code_linetable: inside(f, "code_object.linetable", 8, code)?,
+        code_adaptive: inside(f, "code_object.co_code_adaptive", 2, code)?,
+        unicode_ascii_data: i32::try_from(ascii).unwrap_or(i32::MAX),
+        unicode_compact_data: i32::try_from(compact).unwrap_or(i32::MAX),
+        unicode_state: inside(f, "unicode_object.state", 4, ascii)?,
+        bytes_data: objects.ob_sval,
+        unicode_length: objects.unicode_length,
+        bytes_size: objects.bytes_size,
+        code_tlbc,
     })
 }
 
@@ -498,34 +582,34 @@ pub(crate) mod tests {
     use super::*;
 
     /// The first 1024 bytes of `_PyRuntime` of real interpreters (testdata/debug_offsets/make.sh).
-    const FIXTURES: [(&str, (u8, u8), &[u8]); 4] = [
+    const FIXTURES: [(&str, Version, &[u8]); 4] = [
         (
             "pyenv-3.13",
-            (3, 13),
+            Version::new(3, 13),
             include_bytes!("../../testdata/debug_offsets/pyenv-3.13.bin"),
         ),
         (
             "debian-3.13",
-            (3, 13),
+            Version::new(3, 13),
             include_bytes!("../../testdata/debug_offsets/debian-3.13.bin"),
         ),
         (
             "debian-3.14",
-            (3, 14),
+            Version::new(3, 14),
             include_bytes!("../../testdata/debug_offsets/debian-3.14.bin"),
         ),
         (
             "debian-3.15",
-            (3, 15),
+            Version::new(3, 15),
             include_bytes!("../../testdata/debug_offsets/debian-3.15.bin"),
         ),
     ];
 
-    fn index(v: (u8, u8), name: &str) -> usize {
+    fn index(v: Version, name: &str) -> usize {
         8 + 8 * layout(v).unwrap().iter().position(|n| *n == name).unwrap()
     }
 
-    fn set(b: &mut [u8], v: (u8, u8), name: &str, value: u64) {
+    fn set(b: &mut [u8], v: Version, name: &str, value: u64) {
         let i = index(v, name);
         b[i..i + 8].copy_from_slice(&value.to_ne_bytes());
     }
@@ -534,12 +618,15 @@ pub(crate) mod tests {
     fn real_tables_of_every_installed_version() {
         for (what, v, bytes) in FIXTURES {
             let t = parse(bytes, v).unwrap_or_else(|e| panic!("{what}: {e}"));
-            assert_eq!((t.version >> 16) as u16, (v.0 as u16) << 8 | v.1 as u16);
+            assert_eq!(
+                (t.version >> 16) as u16,
+                (v.major as u16) << 8 | v.minor as u16
+            );
             assert!(!t.free_threaded);
             let o = t.offsets;
             // What every 3.13+ build with the GIL has, whatever moved around it.
             // 3.14 adds `stackpointer` before `owner`.
-            let owner = if v >= (3, 14) { 74 } else { 70 };
+            let owner = if v.at_least(3, 14) { 74 } else { 70 };
             assert_eq!(
                 (o.frame_code, o.frame_previous, o.frame_instr, o.frame_owner),
                 (0, 8, 56, owner),
@@ -559,7 +646,7 @@ pub(crate) mod tests {
     /// headers by tests/offsets.rs).
     #[test]
     fn pyenv_313_agrees_with_the_table_in_the_tree() {
-        let t = parse(FIXTURES[0].2, (3, 13)).unwrap();
+        let t = parse(FIXTURES[0].2, Version::new(3, 13)).unwrap();
         assert_eq!(t.offsets, crate::offsets::V3_13);
     }
 
@@ -577,7 +664,7 @@ pub(crate) mod tests {
                 Err(TableError::Version { .. })
             ));
             assert!(matches!(
-                parse(real, (3, if v.1 == 13 { 14 } else { 13 })),
+                parse(real, Version::new(3, if v.minor == 13 { 14 } else { 13 })),
                 Err(TableError::Version { .. }) | Err(TableError::Cookie)
             ));
             assert_eq!(
@@ -591,7 +678,10 @@ pub(crate) mod tests {
                     table_len(v).unwrap()
                 ))
             );
-            assert_eq!(parse(real, (3, 12)), Err(TableError::NoLayout(3, 12)));
+            assert_eq!(
+                parse(real, Version::new(3, 12)),
+                Err(TableError::NoLayout(Version::new(3, 12)))
+            );
             // Every size: zero and huge.
             for size in [
                 "runtime_state.size",
@@ -653,7 +743,7 @@ pub(crate) mod tests {
     /// header of a 't' build (32 bytes) moves every object field 16 bytes on; `co_tlbc` and
     /// `tlbc_index` given. Accepted, with those offsets; without `co_tlbc`, refused.
     pub(crate) fn free_threaded_314() -> Vec<u8> {
-        let v = (3, 14);
+        let v = Version::new(3, 14);
         let mut b = FIXTURES[2].2.to_vec();
         let get = |b: &[u8], name: &str| {
             let i = index(v, name);
@@ -690,7 +780,7 @@ pub(crate) mod tests {
 
     #[test]
     fn free_threaded_table() {
-        let v = (3, 14);
+        let v = Version::new(3, 14);
         let b = free_threaded_314();
         let t = parse(&b, v).unwrap();
         assert!(t.free_threaded);
@@ -731,7 +821,7 @@ pub(crate) mod tests {
 
         #[test]
         fn any_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1024), minor in 10u8..20) {
-            let _ = parse(&bytes, (3, minor));
+            let _ = parse(&bytes, Version::new(3, minor));
         }
     }
 }

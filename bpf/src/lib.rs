@@ -125,7 +125,7 @@ pub struct PyStack {
 #[derive(Clone, Debug)]
 pub struct PyProcess {
     pub pid: u32,
-    pub version: (u8, u8),
+    pub version: perfpy_process::Version,
     /// Absolute address of `_PyRuntime` (3.7+) or of `interp_head` (2.7, 3.6) in the process.
     pub runtime: u64,
     /// Its offsets: [`Offsets::for_version`] up to 3.12, its own `_Py_DebugOffsets` from 3.13.

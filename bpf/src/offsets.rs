@@ -22,6 +22,20 @@ pub use v3_7::V3_7;
 pub use v3_8::V3_8;
 pub use v3_9::V3_9;
 
+use perfpy_process::Version;
+
+/// The hand-written tables, by minor version.
+const TABLES: [(Version, Offsets); 8] = [
+    (Version::new(2, 7), V2_7),
+    (Version::new(3, 6), V3_6),
+    (Version::new(3, 7), V3_7),
+    (Version::new(3, 8), V3_8),
+    (Version::new(3, 9), V3_9),
+    (Version::new(3, 10), V3_10),
+    (Version::new(3, 11), V3_11),
+    (Version::new(3, 12), V3_12),
+];
+
 /// Offsets the walker and the code reader need (bytes; -1 where a field does not exist).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Offsets {
@@ -68,18 +82,10 @@ impl Offsets {
     /// The hand-written table of 2.7 and 3.6 – 3.12. From 3.13 on the walker reads the target's
     /// own `_Py_DebugOffsets` ([`crate::debug_offsets`]); `V3_13` stays in the tree as the
     /// reference the table read from a 3.13 process is checked against.
-    pub fn for_version(v: (u8, u8)) -> Option<Offsets> {
-        match v {
-            (2, 7) => Some(V2_7),
-            (3, 6) => Some(V3_6),
-            (3, 7) => Some(V3_7),
-            (3, 8) => Some(V3_8),
-            (3, 9) => Some(V3_9),
-            (3, 10) => Some(V3_10),
-            (3, 11) => Some(V3_11),
-            (3, 12) => Some(V3_12),
-            _ => None,
-        }
+    /// Any micro version of a minor version has its table.
+    pub fn for_version(v: Version) -> Option<Offsets> {
+        let minor = Version::new(v.major, v.minor);
+        TABLES.iter().find(|(t, _)| *t == minor).map(|(_, o)| *o)
     }
 
     /// `(name, value)` of every field, in the order `tests/offsets.c` prints them.

@@ -49,7 +49,7 @@ pub(super) struct PyWalk {
     /// `None` in a replay: the walker's records come from the fixture.
     pub(super) walker: Option<perfpy_bpf::Walker>,
     pub(super) reader: perfpy_bpf::CodeReader,
-    pub(super) procs: HashMap<u32, (perfpy_bpf::Offsets, (u8, u8))>,
+    pub(super) procs: HashMap<u32, (perfpy_bpf::Offsets, perfpy_process::Version)>,
     pub(super) pending: HashMap<u32, std::collections::VecDeque<perfpy_bpf::PyStack>>,
     pub(super) tried: HashSet<u32>,
     /// Python frames of off-CPU waits, by (tid, time), until their wait's record is read.
@@ -424,7 +424,7 @@ impl Collector {
         let Some(v) = p.python_version else {
             return;
         };
-        let version = v.minor_pair();
+        let version = v;
         if !super::summary::walker_names(version) {
             tracing::debug!(
                 pid = p.pid,
@@ -595,9 +595,11 @@ impl Collector {
             });
             // 3.12+: the address of the shim frame under the entry frame, a local of the C
             // eval call running its group.
-            let entry = f
-                .entry
-                .then_some(if version >= (3, 12) { f.first_local } else { 0 });
+            let entry = f.entry.then_some(if version.at_least(3, 12) {
+                f.first_local
+            } else {
+                0
+            });
             out.push(merge::PyFrame { key, entry });
         }
     }

@@ -166,7 +166,7 @@ impl Injection {
         if walker_loaded && opts.inject_python {
             let named: Vec<String> = to_inject
                 .iter()
-                .filter(|p| super::summary::walker_names(p.version.minor_pair()))
+                .filter(|p| super::summary::walker_names(p.version))
                 .map(|p| p.pid.to_string())
                 .collect();
             if opts.all {

@@ -218,9 +218,9 @@ impl Capture {
         self.entry(MAPS, &b);
     }
 
-    pub(super) fn registered(&self, pid: u32, version: (u8, u8), runtime: u64) {
+    pub(super) fn registered(&self, pid: u32, version: perfpy_process::Version, runtime: u64) {
         let mut b = pid.to_le_bytes().to_vec();
-        b.extend([version.0, version.1]);
+        b.extend([version.major, version.minor]);
         b.extend(runtime.to_le_bytes());
         self.entry(REGISTERED, &b);
     }
@@ -590,7 +590,7 @@ pub(super) fn feed(dir: &Path, c: &mut Collector) -> Result<impl Drop> {
             REGISTERED => {
                 let mut r = Bytes(b);
                 let pid = fake(r.u32()?);
-                let version = (r.u8()?, r.u8()?);
+                let version = perfpy_process::Version::new(r.u8()?, r.u8()?);
                 let runtime = r.u64()?;
                 let off = match perfpy_bpf::Offsets::for_version(version) {
                     Some(o) => o,

@@ -27,9 +27,9 @@ fn truncation_summary(st: &Stats) -> String {
 }
 
 /// Whether the eBPF walker names the Python frames of this CPython minor version.
-pub(super) fn walker_names(version: (u8, u8)) -> bool {
+pub(super) fn walker_names(version: perfpy_process::Version) -> bool {
     // 3.13+: from the target's own debug offsets (a table that fails is refused per process).
-    version >= (3, 13) || perfpy_bpf::Offsets::for_version(version).is_some()
+    version.at_least(3, 13) || perfpy_bpf::Offsets::for_version(version).is_some()
 }
 
 fn procs_with_samples(p: &Profile, key: u32) -> bool {
@@ -212,7 +212,7 @@ fn python_row(
 /// Why the walker named no frame of a CPython process.
 fn why_unnamed(e: &Ending, pid: u32, v: Version) -> String {
     // 3.13+ beyond the layouts perfpy holds: the walker's refusal (next) names the version.
-    let supported = walker_names(v.minor_pair());
+    let supported = walker_names(v);
     let c = e.collector;
     if !e.ebpf {
         "eBPF walker off (--no-ebpf)".into()

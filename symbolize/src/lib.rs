@@ -6,9 +6,17 @@
 //!   such as `/proc/self/fd/N`);
 //! * kernel code: `/proc/kallsyms` through blazesym;
 //! * code generated at run time and described by a perf map (`/tmp/perf-PID.map`), in particular
-//!   CPython's perf trampolines, whose entries read `py::QUALNAME:FILENAME`: see [`perfmap`].
+//!   CPython's perf trampolines, whose entries read `py::QUALNAME:FILENAME`: see [`perfmap`];
+//! * stripped files through their separate debug files: see [`debug_file`].
+//!
+//! [`Symbolizer::symbolize`] is the stage as the profiler uses it: normalised [`Location`]s
+//! in, a [`Symbol`] for each out (see [`locations`]).
 
+pub mod debug_file;
+pub mod locations;
 pub mod perfmap;
+
+pub use locations::{ElfSource, Location, Sources, Symbol, Symbols};
 
 use std::path::Path;
 
@@ -34,6 +42,10 @@ pub enum SymbolizeError {
     },
     #[error("cannot read kernel symbols: {0}; run as root or set kernel.kptr_restrict=0")]
     Kernel(#[source] blazesym::Error),
+    /// A process's perf map could not be read (the caller reads it, the safe way: it is the
+    /// target's file); `reason` says why, as the summary shows it.
+    #[error("{reason}")]
+    PerfMap { pid: u32, reason: String },
 }
 
 /// Symbolizer for native and kernel addresses. Create one per recording: blazesym caches the

@@ -31,7 +31,7 @@ fn pyenv_313() -> Option<PathBuf> {
 
 /// Compiles a program printing `offsetof(_Py_DebugOffsets, F)` for every field F of perfpy's
 /// layout against these include flags, and compares with the layout's own positions.
-fn check_layout(what: &str, v: (u8, u8), flags: &[String]) {
+fn check_layout(what: &str, v: perfpy_process::Version, flags: &[String]) {
     let layout = debug_offsets::layout(v).unwrap();
     let mut src = String::from(
         "#define Py_BUILD_CORE 1\n#include <Python.h>\n#include <stddef.h>\n#include <stdio.h>\n\
@@ -70,7 +70,7 @@ fn layouts_match_each_versions_header() {
         let inc = p.join("include/python3.13");
         check_layout(
             "pyenv 3.13",
-            (3, 13),
+            perfpy_process::Version::new(3, 13),
             &[
                 format!("-I{}", inc.display()),
                 format!("-I{}", inc.join("internal").display()),
@@ -92,7 +92,7 @@ fn layouts_match_each_versions_header() {
         // -idirafter: the chroot's multiarch pyconfig.h, after (not instead of) our libc headers.
         check_layout(
             &format!("Debian 3.{minor}"),
-            (3, minor),
+            perfpy_process::Version::new(3, minor),
             &[
                 format!("-I{}", dir.display()),
                 format!("-I{}", dir.join("internal").display()),
@@ -124,9 +124,17 @@ fn table_read_from_a_pyenv_313_process_is_the_one_in_the_tree() {
         .read_line(&mut line)
         .unwrap();
     let addr: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let t = debug_offsets::read(&perfpy_process::LiveMemory(child.id()), addr, (3, 13));
+    let t = debug_offsets::read(
+        &perfpy_process::LiveMemory(child.id()),
+        addr,
+        perfpy_process::Version::new(3, 13),
+    );
     // A wrong address (8 bytes off): refused for its cookie, not misread.
-    let off = debug_offsets::read(&perfpy_process::LiveMemory(child.id()), addr + 8, (3, 13));
+    let off = debug_offsets::read(
+        &perfpy_process::LiveMemory(child.id()),
+        addr + 8,
+        perfpy_process::Version::new(3, 13),
+    );
     assert_eq!(off, Err(debug_offsets::TableError::Cookie));
     let _ = child.kill();
     let _ = child.wait();

@@ -76,7 +76,7 @@ fn offsets_match_every_installed_version() {
         let table = if (major, minor) == (3, 13) {
             perfpy_bpf::offsets::V3_13
         } else {
-            Offsets::for_version((major, minor)).unwrap()
+            Offsets::for_version(perfpy_process::Version::new(major, minor)).unwrap()
         };
         let fields: HashMap<&str, i32> = table.fields().into_iter().collect();
         assert!(

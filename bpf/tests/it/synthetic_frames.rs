@@ -63,7 +63,7 @@ fn cpu_clock_on_this_thread() -> OwnedFd {
 
 /// Frames, newest first: `a` (code pointer tagged deferred), a tagged int, an entry shim owned
 /// by INTERPRETER (3), `b` (untagged), then for 3.14 a CSTACK (4) frame, and the outer shim.
-fn walk(v: (u8, u8), table: &[u8]) {
+fn walk(v: perfpy_process::Version, table: &[u8]) {
     let o: Offsets = debug_offsets::parse(table, v).unwrap().offsets;
     let mut runtime = Obj::new(o.runtime_interp_head as usize + 8);
     let mut interp = Obj::new(o.interp_tstate_head as usize + 8);
@@ -80,11 +80,18 @@ fn walk(v: (u8, u8), table: &[u8]) {
     tstate.put(o.tstate_current_frame, frames[0].addr());
     let addrs: Vec<u64> = frames.iter().map(|f| f.addr()).collect();
     let chain: Vec<(u64, u8)> = vec![
-        (code_a.addr() | 1, 0),                // deferred reference to `a`
-        ((42 << 2) | 3, 0),                    // a tagged int: not a frame to report
-        (0, 3),             // FRAME_OWNED_BY_INTERPRETER: entry shim of `a`'s eval call
-        (code_b.addr(), 0), // `b`, a plain reference
-        (0, if v == (3, 14) { 4 } else { 3 }), // 3.14: CSTACK; 3.15: another entry shim
+        (code_a.addr() | 1, 0), // deferred reference to `a`
+        ((42 << 2) | 3, 0),     // a tagged int: not a frame to report
+        (0, 3),                 // FRAME_OWNED_BY_INTERPRETER: entry shim of `a`'s eval call
+        (code_b.addr(), 0),     // `b`, a plain reference
+        (
+            0,
+            if v == perfpy_process::Version::new(3, 14) {
+                4
+            } else {
+                3
+            },
+        ), // 3.14: CSTACK; 3.15: another entry shim
     ];
     for (i, (code, owner)) in chain.iter().enumerate() {
         let next = addrs.get(i + 1).copied().unwrap_or(0);
@@ -134,11 +141,11 @@ fn tagged_code_pointers_and_owners_on_synthetic_314_and_315_memory() {
         return;
     }
     walk(
-        (3, 14),
+        perfpy_process::Version::new(3, 14),
         include_bytes!("../../../testdata/debug_offsets/debian-3.14.bin"),
     );
     walk(
-        (3, 15),
+        perfpy_process::Version::new(3, 15),
         include_bytes!("../../../testdata/debug_offsets/debian-3.15.bin"),
     );
 }
