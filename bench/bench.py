@@ -27,7 +27,9 @@ Sections (all by default; pick with --only a,b,...):
              processes of several versions, 2 threads in one, a short-lived one every second)
              exporting to the real OpenTelemetry Collector (scripts/deps.sh builds it): perfpy's CPU
              per interval and RSS every 10 s must stay flat; every interval exported; the time
-             naming each interval, and how many locations were named vs taken from the cache.
+             naming each interval, and how many locations were named vs taken from the cache;
+             samples lost (rings full) and intervals dropped (naming behind). --agent-hogs N: N
+             CPU-bound shell loops beside it (a loaded node).
   offcpu     a context-switch-heavy echo server (~10 000 requests/s over a Unix socket, one
              context switch per request; bench/ctxswitch.py) attached with `record -p`, with and
              without --off-cpu: the server's CPU per request, its latency, perfpy's CPU, the waits
@@ -37,7 +39,7 @@ Sections (all by default; pick with --only a,b,...):
              kernel time of the dropped samples, perfpy's CPU, the target's coverage.
 
 Exits 1 when a target is missed (listed at the end), so it can be run by hand before a release.
-Usage: bench/run.sh [--rounds N] [--only LIST] [--soak-seconds S]   (run.sh builds and sets up)
+Usage: bench/run.sh [--rounds N] [--only LIST] [--soak-seconds S] [--agent-hogs N]   (run.sh builds and sets up)
 (agent alone, 3 minutes: bench/run.sh --only agent --soak-seconds 180)
 (busy: ~2 min at 3 rounds.)
 """
