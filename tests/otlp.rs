@@ -992,8 +992,8 @@ fn nap_thread(reqs: &[ExportProfilesServiceRequest], pid: i64) -> (String, i64, 
 /// The nap thread's time in `reqs` against their wall time: CPU + off-CPU all of it (within
 /// 10%, and not more: each wait counted once), the sleep at its line a fifth at least (each
 /// wake-up then waits for the GIL the busy threads hold: a third of the time here, more on a
-/// busy machine; as in tests/offcpu.rs). Returns the wall time (ns).
-fn check_nap_thread(reqs: &[ExportProfilesServiceRequest], pid: i64, what: &str) -> f64 {
+/// busy machine; as in tests/offcpu.rs). Returns the wall time (ns) and the thread's id.
+fn check_nap_thread(reqs: &[ExportProfilesServiceRequest], pid: i64, what: &str) -> (f64, String) {
     let wall = wall_of(reqs, pid) as f64;
     let (tid, off, sleep, cpu) = nap_thread(reqs, pid);
     let total = (off + cpu) as f64 / wall;
@@ -1015,7 +1015,24 @@ fn check_nap_thread(reqs: &[ExportProfilesServiceRequest], pid: i64, what: &str)
         "{what}: sleep under nap at its line: {:.0}% of the wall time",
         sleep as f64 * 100.0 / wall
     );
-    wall
+    (wall, tid)
+}
+
+/// A thread's off-CPU time in a request, all of it and the part under `--min-block`; its CPU.
+fn thread_times(req: &ExportProfilesServiceRequest, pid: i64, tid: &str) -> (i64, i64, i64) {
+    let of = |ty| {
+        of_type(req, ty)
+            .remove(&pid)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|s| s.attrs.get("thread.id").map(String::as_str) == Some(tid))
+    };
+    let short = of("off_cpu")
+        .filter(|s| s.attrs.get("thread.wait").map(String::as_str) == Some("under --min-block"))
+        .map(|s| s.value)
+        .sum();
+    let off = of("off_cpu").map(|s| s.value).sum();
+    (off, short, of("cpu").map(|s| s.value).sum())
 }
 
 /// `--off-cpu` in OTLP: each process gets an `off_cpu` profile beside its `cpu` one. The thread
@@ -1054,7 +1071,7 @@ fn off_cpu_time_is_exported_under_the_sleeping_function() {
         .map(|r| ExportProfilesServiceRequest::decode(&r.body[..]).expect("OTLP protobuf"))
         .collect();
     let me = w.pid() as i64;
-    let wall = check_nap_thread(&reqs, me, "agent --off-cpu");
+    let (wall, tid) = check_nap_thread(&reqs, me, "agent --off-cpu");
     // The busy threads are in the CPU profiles.
     let spin: i64 = reqs
         .iter()
@@ -1108,4 +1125,53 @@ fn off_cpu_time_is_exported_under_the_sleeping_function() {
         ExportProfilesServiceRequest::decode(&sink.received.lock().unwrap()[before].body[..])
             .expect("OTLP protobuf");
     check_nap_thread(std::slice::from_ref(&last), me, "record --off-cpu");
+    short_waits_in_every_interval(&sink, &url, &pid, &tid);
+}
+
+/// `agent --off-cpu --min-block 50ms` on testdata/offcpu_target.py (`pid`), whose nap thread
+/// (`tid`) sleeps 20 ms at a time: its waits are not stacked but counted per thread by the
+/// kernel; each interval gets those of its own time, not the last interval all of the run's,
+/// and none twice.
+fn short_waits_in_every_interval(sink: &Sink, url: &str, pid: &str, tid: &str) {
+    let me: i64 = pid.parse().unwrap();
+    let before = sink.received.lock().unwrap().len();
+    let (child, rx) = spawn_agent(&pid, "2s", &url, &["--off-cpu", "--min-block", "50ms"], &[]);
+    let said = agent_started(&rx);
+    let arrived = sink.wait(before + 3, Duration::from_secs(60));
+    let (code, said) = stop_agent(child, &rx, said);
+    assert!(arrived, "fewer than 3 exports in 60 s: {said}");
+    assert_eq!(code, Some(0), "{said}");
+    let sent = sent_none_dropped(&said);
+    assert!(sink.wait(before + sent, Duration::from_secs(10)));
+    let reqs: Vec<ExportProfilesServiceRequest> = sink.received.lock().unwrap()[before..]
+        .iter()
+        .map(|r| ExportProfilesServiceRequest::decode(&r.body[..]).expect("OTLP protobuf"))
+        .collect();
+    let (mut all, mut wall) = (0, 0.0);
+    for (i, r) in reqs.iter().enumerate() {
+        let w = wall_of(std::slice::from_ref(r), me) as f64;
+        let (off, short, cpu) = thread_times(r, me, tid);
+        eprintln!(
+            "--min-block 50ms, export {i}: {:.2} s; nap thread off-CPU {:.2} s ({:.2} s under --min-block), CPU {:.2} s",
+            w / 1e9,
+            off as f64 / 1e9,
+            short as f64 / 1e9,
+            cpu as f64 / 1e9
+        );
+        if i + 1 < reqs.len() {
+            assert!(
+                short as f64 >= 0.5 * w,
+                "export {i}: short waits {:.0}% of its time",
+                short as f64 * 100.0 / w
+            );
+        }
+        all += off + cpu;
+        wall += w;
+    }
+    let total = all as f64 / wall;
+    assert!(
+        (0.9..=1.05).contains(&total),
+        "--min-block 50ms: the nap thread's time is {:.0}% of the wall time",
+        total * 100.0
+    );
 }

@@ -374,7 +374,8 @@ impl Periodic {
         let Some(walker) = c.py.as_ref().and_then(|py| py.walker.as_ref()) else {
             return;
         };
-        for ((pid, tid), w) in walker.short_waits() {
+        let counted = walker.short_waits();
+        for &((pid, tid), w) in &counted {
             let sent = self.shorts_sent.entry((pid, tid)).or_default();
             let ns = w.ns.saturating_sub(*sent);
             *sent = w.ns;
@@ -383,6 +384,9 @@ impl Periodic {
                 c.profile.add_offcpu(key, tid, &[root], ns);
             }
         }
+        // Threads the kernel's table no longer holds: as many as it holds at most are kept.
+        let now: HashSet<(u32, u32)> = counted.iter().map(|(k, _)| *k).collect();
+        self.shorts_sent.retain(|k, _| now.contains(k));
     }
 }
 
