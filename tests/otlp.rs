@@ -1135,7 +1135,7 @@ fn off_cpu_time_is_exported_under_the_sleeping_function() {
 fn short_waits_in_every_interval(sink: &Sink, url: &str, pid: &str, tid: &str) {
     let me: i64 = pid.parse().unwrap();
     let before = sink.received.lock().unwrap().len();
-    let (child, rx) = spawn_agent(&pid, "2s", &url, &["--off-cpu", "--min-block", "50ms"], &[]);
+    let (child, rx) = spawn_agent(pid, "2s", url, &["--off-cpu", "--min-block", "50ms"], &[]);
     let said = agent_started(&rx);
     let arrived = sink.wait(before + 3, Duration::from_secs(60));
     let (code, said) = stop_agent(child, &rx, said);
