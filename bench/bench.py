@@ -27,7 +27,9 @@ Sections (all by default; pick with --only a,b,...):
              processes of several versions, 2 threads in one, a short-lived one every second)
              exporting to the real OpenTelemetry Collector (scripts/deps.sh builds it): perfpy's CPU
              per interval and RSS every 10 s must stay flat; every interval exported; the time
-             naming each interval, and how many locations were named vs taken from the cache.
+             naming each interval, and how many locations were named vs taken from the cache;
+             samples lost (rings full) and intervals dropped (naming behind). --agent-hogs N: N
+             CPU-bound shell loops beside it (a loaded node).
   offcpu     a context-switch-heavy echo server (~10 000 requests/s over a Unix socket, one
              context switch per request; bench/ctxswitch.py) attached with `record -p`, with and
              without --off-cpu: the server's CPU per request, its latency, perfpy's CPU, the waits
@@ -37,7 +39,7 @@ Sections (all by default; pick with --only a,b,...):
              kernel time of the dropped samples, perfpy's CPU, the target's coverage.
 
 Exits 1 when a target is missed (listed at the end), so it can be run by hand before a release.
-Usage: bench/run.sh [--rounds N] [--only LIST] [--soak-seconds S]   (run.sh builds and sets up)
+Usage: bench/run.sh [--rounds N] [--only LIST] [--soak-seconds S] [--agent-hogs N]   (run.sh builds and sets up)
 (agent alone, 3 minutes: bench/run.sh --only agent --soak-seconds 180)
 (busy: ~2 min at 3 rounds.)
 """
@@ -656,8 +658,10 @@ def section_churn(seconds):
 AGENT_DRIVER = r'''
 import os, re, signal, subprocess, sys, time
 perfpy, url, seconds, log = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
-busy, split, pys = sys.argv[5], sys.argv[6], sys.argv[7:]
+hogs, busy, split, pys = int(sys.argv[5]), sys.argv[6], sys.argv[7], sys.argv[8:]
 procs = [subprocess.Popen([py, busy, str(seconds + 60)], stdout=subprocess.DEVNULL) for py in pys]
+# --agent-hogs: shell loops that keep the CPUs busy (a loaded node), killed by pid at the end.
+procs += [subprocess.Popen(["sh", "-c", "while :; do :; done"]) for _ in range(hogs)]
 procs.append(subprocess.Popen([pys[-1], split, str(seconds + 60), "threads"], stdout=subprocess.DEVNULL))
 time.sleep(1)
 # perfpy's messages go to a file: a pipe read only at the end could fill and block it.
@@ -694,8 +698,9 @@ sys.stdout.write("rc %d\nstarted %d\n" % (rc, i))
 '''
 
 
-def section_agent(seconds):
-    """`perfpy agent -a` exporting every 10 s to the real Collector for `seconds`."""
+def section_agent(seconds, hogs=0):
+    """`perfpy agent -a` exporting every 10 s to the real Collector for `seconds` (beside `hogs`
+    CPU-bound shell loops)."""
     if not os.path.exists(OTELCOL):
         check(False, "agent: no Collector at %s (scripts/deps.sh builds it)" % OTELCOL)
         return
@@ -719,7 +724,7 @@ def section_agent(seconds):
     log = os.path.join(tmp, "agent.log")
     pys = [pyenv(v) for v in ("3.9", "3.11", "3.12", "3.13")]
     p = subprocess.run(in_pidns([sys.executable, "-c", AGENT_DRIVER, PERFPY, "http://127.0.0.1:%d" % port,
-                                 str(seconds), log, BUSY, SPLIT] + pys), capture_output=True, text=True)
+                                 str(seconds), log, str(hogs), BUSY, SPLIT] + pys), capture_output=True, text=True)
     col.terminate()
     col.wait()
     exports = [int(m) for m in re.findall(r'"sample records": (\d+)', open(col_log.name).read())]
@@ -733,9 +738,10 @@ def section_agent(seconds):
             intervals.append({k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", line)})
     say("### `perfpy agent -a --interval 10s` for %d s, exporting to the OpenTelemetry Collector" % seconds)
     say()
-    say("In a private PID namespace: 3.9, 3.11, 3.12, 3.13 busy, a 2-thread 3.13 process, and %d short-lived "
-        "Python processes (0.3 s each, two at a time). Exit %d; %d intervals, %d exports received by the Collector "
-        "(%d samples)." % (started, rc, len(intervals), len(exports), sum(exports)))
+    say("In a private PID namespace: 3.9, 3.11, 3.12, 3.13 busy, a 2-thread 3.13 process, %d short-lived "
+        "Python processes (0.3 s each, two at a time)%s. Exit %d; %d intervals, %d exports received by the Collector "
+        "(%d samples)." % (started, ", %d CPU-bound shell loops" % hogs if hogs else "", rc, len(intervals),
+                           len(exports), sum(exports)))
     say()
     say("| seconds | " + " | ".join(str(t) for t, _, _, _ in series[1:]) + " |")
     say("| --- | " + " | ".join("---" for _ in series[1:]) + " |")
@@ -772,7 +778,13 @@ def section_agent(seconds):
     else:
         check(False, "agent: too few RSS samples")
     lost = sum(i.get("lost", 0) for i in intervals)
-    say("Samples lost (rings full while an interval was named): %d of %d" % (lost, lost + sum(i.get("samples", 0) for i in intervals)))
+    taken = lost + sum(i.get("samples", 0) for i in intervals)
+    say("Samples lost (the kernel's rings full): %d of %d (%.1f%%)" % (lost, taken, 100.0 * lost / max(taken, 1)))
+    dropped = re.findall(r"agent: (\d+) intervals? not exported", open(log).read())
+    if dropped:
+        say("Intervals dropped whole (naming fell behind by more than one interval): %s" % dropped[-1])
+    if cpu:
+        say("perfpy's CPU per 10 s interval: median %.0f ms" % (1000 * med(cpu[1:] or cpu)))
     check(rc == 0, "agent: exit %d" % rc)
     check(len(exports) >= len(intervals) - 1 and len(intervals) >= seconds // 10 - 1,
           "agent: %d intervals, %d exports" % (len(intervals), len(exports)))
@@ -1030,6 +1042,7 @@ def main():
     ap.add_argument("--units", type=int, default=2500, help="work.py units (~2 ms each)")
     ap.add_argument("--only", default="slowdown,threads,accuracy,symbolize,depth,soak,churn,agent,busy,dump,offcpu")
     ap.add_argument("--soak-seconds", type=int, default=600)
+    ap.add_argument("--agent-hogs", type=int, default=0, help="agent: CPU-bound shell loops beside it")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run the benchmarks as root (perf events, eBPF, ptrace, PID namespaces)")
@@ -1056,7 +1069,7 @@ def main():
         if "churn" in only:
             section_churn(args.soak_seconds)
         if "agent" in only:
-            section_agent(args.soak_seconds)
+            section_agent(args.soak_seconds, args.agent_hogs)
         if "busy" in only:
             section_busy(args.rounds)
         if "dump" in only:

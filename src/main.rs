@@ -363,6 +363,15 @@ struct AgentArgs {
     /// OTEL_EXPORTER_OTLP_* variables). Not checked at start: an absent Collector is retried.
     #[arg(long, value_name = "URL")]
     otlp_endpoint: Option<String>,
+    /// Also profile the time threads spend off the CPU (as record --off-cpu): each process
+    /// gets an off_cpu profile beside its cpu one, each wait (ended in the interval) with its
+    /// stack and kind. --idle is py-spy's name for it.
+    #[arg(long, visible_alias = "idle")]
+    off_cpu: bool,
+    /// With --off-cpu: waits shorter than this are counted per thread, not stacked (e.g. 1ms,
+    /// 500us, 0 for all).
+    #[arg(long, value_name = "TIME", default_value = "1ms", value_parser = parse_min_block, requires = "off_cpu")]
+    min_block: Duration,
 }
 
 /// `--interval`: a duration of at least one second.
@@ -515,6 +524,7 @@ fn agent(a: AgentArgs) -> Result<i32> {
     })?;
     let mut record = a.sampling.options();
     record.all = record.pids.is_empty();
+    record.off_cpu = a.off_cpu.then_some(a.min_block.as_nanos() as u64);
     agent::run(
         agent::Options {
             record,

@@ -323,6 +323,41 @@ impl Process {
         })
     }
 
+    /// What naming an interval's frames and labelling its samples needs of this process, for
+    /// a thread of its own while sampling goes on (`record::interval`): its identity, names
+    /// and perf map (or its root directory, duplicated, to read it in); no mappings or unwind
+    /// tables.
+    pub fn naming_copy(&self) -> Process {
+        let root = match &self.root {
+            Root::Ours => Root::Ours,
+            Root::Foreign(fd) => fd.try_clone().map_or(Root::Unknown, Root::Foreign),
+            Root::Unknown => Root::Unknown,
+        };
+        Process {
+            pid: self.pid,
+            key: self.key,
+            comm: self.comm.clone(),
+            threads: self.threads.clone(),
+            maps: Vec::new(),
+            unwinder: UnwinderX86_64::new(),
+            cache: None,
+            trampolines: TrampolineCache::default(),
+            root,
+            uids: self.uids.clone(),
+            has_anon: self.has_anon,
+            trampoline_seen: self.trampoline_seen,
+            perf_map: self.perf_map.clone(),
+            nspid: self.nspid,
+            alive: self.alive,
+            last_refresh: None,
+            is_python: self.is_python,
+            python_version: self.python_version,
+            container_id: self.container_id.clone(),
+            main_file: self.main_file,
+            parent: self.parent,
+        }
+    }
+
     pub fn thread_name(&mut self, tid: u32) -> String {
         if let Some(n) = self.threads.get(&tid) {
             return n.clone();

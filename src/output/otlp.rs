@@ -3,10 +3,14 @@
 //! one `ProfilesDictionary`.
 //!
 //! The mappings, locations and functions are the pprof writer's ([`super::pprof::encode`]), moved
-//! into the dictionary: one place decides how frames are named and addressed. Sample type
-//! `cpu`/`nanoseconds`; per location the `profile.frame.type` attribute (`kernel`, `native`,
-//! `cpython`); per mapping its GNU build id (`process.executable.build_id.gnu`); per sample
-//! `thread.name` and `thread.id`. Resource attributes per the semantic conventions:
+//! into the dictionary: one place decides how frames are named and addressed. In this version
+//! of the protocol a profile has one sample type: per process a profile `cpu`/`nanoseconds`
+//! (period the sampling period) and, with `--off-cpu`, a second one `off_cpu`/`nanoseconds`
+//! (the protocol's own example name; no period: every wait above `--min-block` is recorded, with
+//! its length; the stack's root frame names its kind, as in the pprof). Per location the
+//! `profile.frame.type` attribute (`kernel`, `native`, `cpython`); per mapping its GNU build id
+//! (`process.executable.build_id.gnu`); per sample `thread.name`, `thread.id` and, off-CPU,
+//! `thread.wait` (what it waited for: `sleep`, `GIL`, `I/O read`…, the pprof's `wait` label). Resource attributes per the semantic conventions:
 //! `host.name`, `process.pid`, `process.executable.name`, `process.runtime.name`/`version`,
 //! `container.id`, `service.name` (the target's `OTEL_SERVICE_NAME`, else its executable name).
 
@@ -254,57 +258,31 @@ fn resource(info: &ProcessInfo, host: &str) -> Resource {
     }
 }
 
-/// One request: per process of `procs` that has samples, a `ResourceProfiles` with one profile.
+/// A process's samples: CPU, off-CPU.
+#[derive(Default)]
+struct Samples {
+    cpu: Vec<otlp::Sample>,
+    off_cpu: Vec<otlp::Sample>,
+}
+
+/// One request: per process of `procs` that has samples, a `ResourceProfiles` with its CPU
+/// profile and, with off-CPU samples, its off-CPU profile.
 pub fn encode(r: &Report, procs: &[ProcessInfo], host: &str) -> ExportProfilesServiceRequest {
     let p = super::pprof::encode(r);
     let mut dict = Dict::new();
     let location_index = fill_tables(r, &p, &mut dict);
-    let label = |name: &str| {
-        p.string_table
-            .iter()
-            .position(|x| x == name)
-            .map(|i| i as i64)
-    };
-    let (k_pid, k_tid, k_thread) = (label("pid"), label("tid"), label("thread_name"));
-    let text = |i: i64| {
-        p.string_table
-            .get(i as usize)
-            .map(String::as_str)
-            .unwrap_or("")
-    };
-    let mut per_pid: BTreeMap<u32, Vec<otlp::Sample>> = BTreeMap::new();
-    for smp in &p.sample {
-        // The CPU profile only: off-CPU stacks (`--off-cpu`) have no CPU samples.
-        if smp.value.first().is_some_and(|n| *n == 0) {
-            continue;
-        }
-        let find = |k: Option<i64>| smp.label.iter().find(|l| Some(l.key) == k);
-        let pid = find(k_pid).map_or(0, |l| l.num as u32);
-        let mut attribute_indices = Vec::new();
-        if let Some(l) = find(k_thread) {
-            attribute_indices.push(dict.attr("thread.name", s(text(l.str))));
-        }
-        if let Some(l) = find(k_tid) {
-            attribute_indices.push(dict.attr("thread.id", any_value::Value::IntValue(l.num)));
-        }
-        let locs = smp
-            .location_id
-            .iter()
-            .map(|id| location_index.get(id).copied().unwrap_or(0))
-            .collect();
-        per_pid.entry(pid).or_default().push(otlp::Sample {
-            stack_index: dict.stack(locs),
-            attribute_indices,
-            link_index: 0,
-            // pprof values: samples/count, cpu/nanoseconds.
-            values: vec![smp.value.get(1).copied().unwrap_or(0)],
-            timestamps_unix_nano: Vec::new(),
-        });
-    }
+    let per_pid = samples(&p, &location_index, &mut dict);
     let cpu = otlp::ValueType {
         type_strindex: dict.string("cpu"),
         unit_strindex: dict.string("nanoseconds"),
     };
+    let off_cpu = per_pid
+        .values()
+        .any(|s| !s.off_cpu.is_empty())
+        .then(|| otlp::ValueType {
+            type_strindex: dict.string("off_cpu"),
+            unit_strindex: cpu.unit_strindex,
+        });
     let scope = InstrumentationScope {
         name: "perfpy".into(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -322,21 +300,28 @@ pub fn encode(r: &Report, procs: &[ProcessInfo], host: &str) -> ExportProfilesSe
                 service_name: format!("pid-{pid}"),
                 ..Default::default()
             });
-        let profile = otlp::Profile {
-            sample_type: Some(cpu),
+        let profile = |sample_type, samples, period_type, period, kind| otlp::Profile {
+            sample_type: Some(sample_type),
             samples,
             time_unix_nano: p.time_nanos as u64,
             duration_nano: p.duration_nanos as u64,
-            period_type: Some(cpu),
-            period: p.period,
-            profile_id: profile_id(pid, p.time_nanos),
+            period_type,
+            period,
+            profile_id: profile_id(pid, p.time_nanos, kind),
             ..Default::default()
         };
+        let mut profiles = Vec::new();
+        if !samples.cpu.is_empty() {
+            profiles.push(profile(cpu, samples.cpu, Some(cpu), p.period, 0));
+        }
+        if let (Some(off), false) = (off_cpu, samples.off_cpu.is_empty()) {
+            profiles.push(profile(off, samples.off_cpu, None, 0, 1));
+        }
         resource_profiles.push(otlp::ResourceProfiles {
             resource: Some(resource(&info, host)),
             scope_profiles: vec![otlp::ScopeProfiles {
                 scope: Some(scope.clone()),
-                profiles: vec![profile],
+                profiles,
                 schema_url: String::new(),
             }],
             schema_url: String::new(),
@@ -348,12 +333,85 @@ pub fn encode(r: &Report, procs: &[ProcessInfo], host: &str) -> ExportProfilesSe
     }
 }
 
-/// 16 bytes, unique per process and recording (not all zero, as the protocol asks).
-fn profile_id(pid: u32, time_nanos: i64) -> Vec<u8> {
+/// The pprof's samples per process, split by type, their stacks and attributes in the
+/// dictionary (`location_index`: per pprof location id, its index there).
+fn samples(
+    p: &pp::Profile,
+    location_index: &HashMap<u64, i32>,
+    dict: &mut Dict,
+) -> BTreeMap<u32, Samples> {
+    let label = |name: &str| {
+        p.string_table
+            .iter()
+            .position(|x| x == name)
+            .map(|i| i as i64)
+    };
+    let (k_pid, k_tid, k_thread) = (label("pid"), label("tid"), label("thread_name"));
+    let k_wait = label("wait");
+    let text = |i: i64| {
+        p.string_table
+            .get(i as usize)
+            .map(String::as_str)
+            .unwrap_or("")
+    };
+    let mut per_pid: BTreeMap<u32, Samples> = BTreeMap::new();
+    for smp in &p.sample {
+        // pprof values: samples/count, cpu/nanoseconds[, off-cpu/nanoseconds, wall/nanoseconds].
+        let (cpu_ns, off_ns) = (value(smp, 1), value(smp, 2));
+        if cpu_ns == 0 && off_ns == 0 {
+            continue;
+        }
+        let find = |k: Option<i64>| smp.label.iter().find(|l| Some(l.key) == k);
+        let pid = find(k_pid).map_or(0, |l| l.num as u32);
+        let mut attribute_indices = Vec::new();
+        if let Some(l) = find(k_thread) {
+            attribute_indices.push(dict.attr("thread.name", s(text(l.str))));
+        }
+        if let Some(l) = find(k_tid) {
+            attribute_indices.push(dict.attr("thread.id", any_value::Value::IntValue(l.num)));
+        }
+        if let Some(l) = find(k_wait).filter(|_| off_ns > 0) {
+            attribute_indices.push(dict.attr("thread.wait", s(text(l.str))));
+        }
+        let locs = smp
+            .location_id
+            .iter()
+            .map(|id| location_index.get(id).copied().unwrap_or(0))
+            .collect();
+        let sample = otlp::Sample {
+            stack_index: dict.stack(locs),
+            attribute_indices,
+            link_index: 0,
+            values: vec![cpu_ns],
+            timestamps_unix_nano: Vec::new(),
+        };
+        let of = per_pid.entry(pid).or_default();
+        if off_ns > 0 {
+            of.off_cpu.push(otlp::Sample {
+                values: vec![off_ns],
+                ..sample.clone()
+            });
+        }
+        if cpu_ns > 0 {
+            of.cpu.push(sample);
+        }
+    }
+    per_pid
+}
+
+/// A pprof sample's value at `i` (0 where the profile has no such type).
+fn value(smp: &pp::Sample, i: usize) -> i64 {
+    smp.value.get(i).copied().unwrap_or(0)
+}
+
+/// 16 bytes, unique per process, recording and sample type (`kind`: 0 CPU, 1 off-CPU; not all
+/// zero, as the protocol asks).
+fn profile_id(pid: u32, time_nanos: i64, kind: u32) -> Vec<u8> {
     let mut id = Vec::with_capacity(16);
     id.extend_from_slice(&(time_nanos as u64).to_be_bytes());
     id.extend_from_slice(&pid.to_be_bytes());
-    id.extend_from_slice(&std::process::id().to_be_bytes());
+    // Pids fit in 22 bits: the top bit tells the sample types apart.
+    id.extend_from_slice(&(std::process::id() | kind << 31).to_be_bytes());
     id
 }
 
@@ -362,7 +420,13 @@ fn profile_id(pid: u32, time_nanos: i64) -> Vec<u8> {
 /// interval.
 pub fn request(r: &Report) -> (Vec<u8>, usize) {
     let req = encode(r, &processes(r), &host_name());
-    (req.encode_to_vec(), req.resource_profiles.len())
+    let profiles = req
+        .resource_profiles
+        .iter()
+        .flat_map(|rp| &rp.scope_profiles)
+        .map(|sp| sp.profiles.len())
+        .sum();
+    (req.encode_to_vec(), profiles)
 }
 
 /// `perfpy record --otlp-endpoint`: the recording's profile, sent (with retries) before
@@ -626,6 +690,76 @@ mod tests {
         // Our own process: its executable is the test binary.
         let me = ProcessInfo::read(std::process::id(), "comm", None, None);
         assert!(me.executable.starts_with("perfpy"), "{me:?}");
+    }
+
+    #[test]
+    fn off_cpu_time_is_a_second_profile_per_process() {
+        let mut r = report();
+        r.offcpu = true;
+        let mut sleep = sample(vec![1], 0, 10, "sleeper");
+        sleep.offcpu_ns = 2_500_000_000;
+        sleep.wait = Some(crate::wait::WaitKind::Sleep);
+        r.samples.push(sleep);
+        let req = encode(&r, &procs(), "node-1");
+        let d = req.dictionary.as_ref().unwrap();
+        let str_of = |i: i32| d.string_table[i as usize].as_str();
+        let types = |rp: &otlp::ResourceProfiles| -> Vec<(String, i64, usize)> {
+            rp.scope_profiles[0]
+                .profiles
+                .iter()
+                .map(|p| {
+                    let st = p.sample_type.unwrap();
+                    let v = p.samples.iter().map(|s| s.values[0]).sum();
+                    (
+                        format!("{}/{}", str_of(st.type_strindex), str_of(st.unit_strindex)),
+                        v,
+                        p.samples.len(),
+                    )
+                })
+                .collect()
+        };
+        // pid 10: CPU (30 + 10 samples of 10 ms) and the 2.5 s sleep; pid 20 no off-CPU time.
+        assert_eq!(
+            types(&req.resource_profiles[0]),
+            [
+                ("cpu/nanoseconds".to_string(), 400_000_000, 2),
+                ("off_cpu/nanoseconds".to_string(), 2_500_000_000, 1)
+            ]
+        );
+        assert_eq!(types(&req.resource_profiles[1]).len(), 1);
+        let profiles = &req.resource_profiles[0].scope_profiles[0].profiles;
+        assert_ne!(profiles[0].profile_id, profiles[1].profile_id);
+        assert_eq!((profiles[1].period, profiles[1].period_type), (0, None));
+        // The wait's kind as an attribute, its stack under `main`.
+        let s = &profiles[1].samples[0];
+        let attrs: Vec<(&str, Option<any_value::Value>)> = s
+            .attribute_indices
+            .iter()
+            .map(|i| &d.attribute_table[*i as usize])
+            .map(|a| {
+                (
+                    str_of(a.key_strindex),
+                    a.value.clone().and_then(|v| v.value),
+                )
+            })
+            .collect();
+        assert!(
+            attrs.contains(&("thread.wait", Some(super::s("sleep")))),
+            "{attrs:?}"
+        );
+        assert!(
+            attrs.contains(&("thread.name", Some(super::s("sleeper")))),
+            "{attrs:?}"
+        );
+        let leaf = d.stack_table[s.stack_index as usize].location_indices[0];
+        let line = &d.location_table[leaf as usize].lines[0];
+        assert_eq!(
+            str_of(d.function_table[line.function_index as usize].name_strindex),
+            "main"
+        );
+        assert_eq!(line.line, 12);
+        // The CPU profile's values are the CPU samples' only.
+        assert!(profiles[0].samples.iter().all(|s| s.values[0] > 0));
     }
 
     #[test]

@@ -190,16 +190,7 @@ impl Collector {
 
     /// The files of the recording as the report names them: (path, build id) by file id.
     pub(super) fn report_files(&self) -> Vec<(String, Option<Vec<u8>>)> {
-        self.files
-            .list
-            .iter()
-            .map(|f| {
-                (
-                    f.path.clone(),
-                    f.elf.as_ref().and_then(|e| e.build_id.clone()),
-                )
-            })
-            .collect()
+        super::report_files(&self.files)
     }
 
     /// Frees what processes that exited at least `after` ago held only while alive: their

@@ -222,10 +222,10 @@ fn name_frames(
     // The perf maps are read: now the trampolines we turned on go off again.
     deactivator.finish();
     let report = build_report(
-        c,
+        (&c.profile, &c.files),
         &procs,
         symbolized.resolved,
-        opts,
+        ReportOptions::of(opts),
         (period_ns, start, duration),
     );
     Named {
@@ -235,30 +235,63 @@ fn name_frames(
     }
 }
 
-/// The report of what `c.profile` holds, its locations named by `resolved`; `span`: the
-/// sampling period, when the profile started, how long it covers.
+/// What a report keeps of the options: what Python frames carry as line, the interpreter's
+/// frames, off-CPU sample types.
+#[derive(Clone, Copy)]
+pub(super) struct ReportOptions {
+    lines: crate::report::Lines,
+    keep_interpreter: bool,
+    offcpu: bool,
+}
+
+impl ReportOptions {
+    pub(super) fn of(opts: &Options) -> Self {
+        Self {
+            lines: opts.lines,
+            keep_interpreter: opts.keep_interpreter,
+            offcpu: opts.off_cpu.is_some(),
+        }
+    }
+}
+
+/// The report of what `profile` holds (its files in `files`), its locations named by
+/// `resolved`; `span`: the sampling period, when the profile started, how long it covers.
 fn build_report(
-    c: &Collector,
+    (profile, files): (&crate::profile::Profile, &crate::files::Files),
     procs: &HashMap<u32, &Process>,
     mut resolved: Vec<crate::symbols::Resolved>,
-    opts: &Options,
+    how: ReportOptions,
     span: (u64, SystemTime, Duration),
 ) -> crate::report::Report {
     let (period_ns, start, duration) = span;
-    crate::report::set_lines(&mut resolved, &c.profile, opts.lines);
+    crate::report::set_lines(&mut resolved, profile, how.lines);
     let (samples, resolved) =
-        crate::report::build(&c.profile, resolved, procs, &c.files, opts.keep_interpreter);
+        crate::report::build(profile, resolved, procs, files, how.keep_interpreter);
     crate::report::Report {
-        locations: c.profile.locations.clone(),
+        locations: profile.locations.clone(),
         resolved,
         samples,
         period_ns,
         start,
         duration,
-        files: c.report_files(),
+        files: report_files(files),
         command: std::env::args().collect::<Vec<_>>().join(" "),
-        offcpu: opts.off_cpu.is_some(),
+        offcpu: how.offcpu,
     }
+}
+
+/// The files of a recording as a report names them: path and build id, by file id.
+fn report_files(files: &crate::files::Files) -> Vec<(String, Option<Vec<u8>>)> {
+    files
+        .list
+        .iter()
+        .map(|f| {
+            (
+                f.path.clone(),
+                f.elf.as_ref().and_then(|e| e.build_id.clone()),
+            )
+        })
+        .collect()
 }
 
 /// What a recording works on, checked before anything is done: the targets (pids as

@@ -25,11 +25,33 @@ const PARTS: [(&str, f64); 4] = [
     ("hash_work", 0.20),
 ];
 
-/// Per resource (its `process.pid`): the samples as (function names leaf first, value).
+/// Per resource (its `process.pid`): the CPU samples as (function names leaf first, value).
 fn stacks(req: &ExportProfilesServiceRequest) -> HashMap<i64, Vec<(Vec<String>, i64)>> {
+    of_type(req, "cpu")
+        .into_iter()
+        .map(|(pid, s)| {
+            let s = s.into_iter().map(|x| (x.names, x.value)).collect();
+            (pid, s)
+        })
+        .collect()
+}
+
+/// A sample as a test reads it: function names and lines (leaf first), its value, its
+/// attributes as text.
+#[derive(Debug)]
+struct Read {
+    names: Vec<String>,
+    lines: Vec<(String, i64)>,
+    value: i64,
+    attrs: HashMap<String, String>,
+}
+
+/// Per resource (its `process.pid`): the samples of its profiles of sample type `ty`
+/// (`cpu`, `off_cpu`; unit nanoseconds); every profile is of one of these types.
+fn of_type(req: &ExportProfilesServiceRequest, ty: &str) -> HashMap<i64, Vec<Read>> {
     let d = req.dictionary.as_ref().expect("dictionary");
     let s = |i: i32| d.string_table[i as usize].clone();
-    let mut out: HashMap<i64, Vec<(Vec<String>, i64)>> = HashMap::new();
+    let mut out: HashMap<i64, Vec<Read>> = HashMap::new();
     for rp in &req.resource_profiles {
         let pid = rp
             .resource
@@ -42,18 +64,43 @@ fn stacks(req: &ExportProfilesServiceRequest) -> HashMap<i64, Vec<(Vec<String>, 
             .expect("process.pid");
         for p in rp.scope_profiles.iter().flat_map(|sp| &sp.profiles) {
             let st = p.sample_type.unwrap();
-            assert_eq!(
-                (s(st.type_strindex), s(st.unit_strindex)),
-                ("cpu".into(), "nanoseconds".into())
+            let (t, unit) = (s(st.type_strindex), s(st.unit_strindex));
+            assert!(
+                (t == "cpu" || t == "off_cpu") && unit == "nanoseconds",
+                "sample type {t}/{unit}"
             );
+            if t != ty {
+                continue;
+            }
             for smp in &p.samples {
-                let names = d.stack_table[smp.stack_index as usize]
+                let lines: Vec<(String, i64)> = d.stack_table[smp.stack_index as usize]
                     .location_indices
                     .iter()
                     .flat_map(|l| &d.location_table[*l as usize].lines)
-                    .map(|ln| s(d.function_table[ln.function_index as usize].name_strindex))
+                    .map(|ln| {
+                        let f = &d.function_table[ln.function_index as usize];
+                        (s(f.name_strindex), ln.line)
+                    })
                     .collect();
-                out.entry(pid).or_default().push((names, smp.values[0]));
+                let attrs = smp
+                    .attribute_indices
+                    .iter()
+                    .map(|i| &d.attribute_table[*i as usize])
+                    .map(|a| {
+                        let v = match a.value.clone().and_then(|v| v.value) {
+                            Some(any_value::Value::StringValue(v)) => v,
+                            Some(any_value::Value::IntValue(v)) => v.to_string(),
+                            other => format!("{other:?}"),
+                        };
+                        (s(a.key_strindex), v)
+                    })
+                    .collect();
+                out.entry(pid).or_default().push(Read {
+                    names: lines.iter().map(|(n, _)| n.clone()).collect(),
+                    lines,
+                    value: smp.values[0],
+                    attrs,
+                });
             }
         }
     }
@@ -534,6 +581,31 @@ fn stop_agent(
     (status.and_then(|s| s.code()), said.join("\n"))
 }
 
+/// The lines an agent said until it started sampling (30 s at most).
+fn agent_started(rx: &mpsc::Receiver<String>) -> Vec<String> {
+    let mut said = Vec::new();
+    assert!(
+        wait_said(rx, &mut said, "agent sampling pid", Duration::from_secs(30)),
+        "perfpy did not start: {said:?}"
+    );
+    said
+}
+
+/// From an agent's final line (stopped by SIGTERM): the exports it sent; none may be dropped.
+fn sent_none_dropped(said: &str) -> usize {
+    let stopped = said
+        .lines()
+        .find(|l| l.contains("agent stopped (interrupted) after "))
+        .unwrap_or_else(|| panic!("no final line: {said}"));
+    assert!(stopped.ends_with(", 0 dropped"), "{stopped}");
+    stopped
+        .split(": ")
+        .nth(2)
+        .and_then(|x| x.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{stopped}"))
+}
+
 /// The issue's check: `perfpy agent -p PID --interval 2s` on the known split for ~10 s. At least
 /// 4 exports arrive; each holds only its interval's samples; what the Collector printed has the
 /// resource attributes and Python functions with files and lines; the split read from what it
@@ -551,16 +623,7 @@ fn agent_exports_each_interval_to_a_real_collector() {
     let url = col.url();
     let cpu_before = cpu_ns(w.pid());
     let (child, rx) = spawn_agent(&pid, "2s", &url, &["-r", "250"], &[]);
-    let mut said = Vec::new();
-    assert!(
-        wait_said(
-            &rx,
-            &mut said,
-            "agent sampling pid",
-            Duration::from_secs(30)
-        ),
-        "perfpy did not start: {said:?}"
-    );
+    let said = agent_started(&rx);
     // Five intervals of 2 s (CPU time permitting: the workload is CPU-bound), then stop.
     let arrived = sink.wait(5, Duration::from_secs(90));
     // And until the workload has had 2 s of CPU (~500 samples): a busy machine gives it less
@@ -575,17 +638,7 @@ fn agent_exports_each_interval_to_a_real_collector() {
     assert!(arrived, "fewer than 5 exports in 90 s: {said}");
     assert_eq!(code, Some(0), "{said}");
     // The last interval (cut short by SIGTERM) is exported too.
-    let stopped = said
-        .lines()
-        .find(|l| l.contains("agent stopped (interrupted) after "))
-        .unwrap_or_else(|| panic!("no final line: {said}"));
-    let sent: usize = stopped
-        .split(": ")
-        .nth(2)
-        .and_then(|x| x.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{stopped}"));
-    assert!(stopped.ends_with(", 0 dropped"), "{stopped}");
+    let sent = sent_none_dropped(&said);
     assert!(sent > at_stop, "{sent} sent, {at_stop} before SIGTERM");
     assert!(
         sink.wait(sent, Duration::from_secs(10)),
@@ -863,9 +916,11 @@ wait || true
     assert!(col.wait_for("ResourceProfiles #0", Duration::from_secs(10)));
     let exports = printed_exports(&col.output());
     assert!(exports.len() >= 3, "{} exports", exports.len());
-    // The workload is a resource of its own, its frames named. Not in every interval: naming
-    // the first interval of a whole machine (kallsyms, every library; seconds in a debug build
-    // on a busy machine) lets the rings overflow, and that interval's successor loses samples.
+    // The workload is a resource of its own, its frames named, in every export but the first
+    // (the walker learns of a process already running at its first samples) and the last (cut
+    // short by SIGTERM). Naming runs on a thread of its own: the seconds the first interval of
+    // a whole machine takes to name (kallsyms, every library; a debug build, a busy machine)
+    // lose no samples; intervals it delays by more than one are dropped, not exported.
     let with_it = exports
         .iter()
         .filter(|p| {
@@ -876,8 +931,249 @@ wait || true
         })
         .count();
     assert!(
-        with_it >= 2,
+        with_it >= 2 && with_it + 2 >= exports.len(),
         "the workload in {with_it} of {} exports",
         exports.len()
+    );
+}
+
+/// The run's wall time as the exports tell it: per request, the duration of `pid`'s profiles.
+fn wall_of(reqs: &[ExportProfilesServiceRequest], pid: i64) -> u64 {
+    reqs.iter()
+        .filter_map(|r| {
+            let rp = r.resource_profiles.iter().find(|rp| {
+                rp.resource.as_ref().is_some_and(|res| {
+                    res.attributes.iter().any(|a| {
+                        a.key == "process.pid"
+                            && a.value.clone().and_then(|v| v.value)
+                                == Some(any_value::Value::IntValue(pid))
+                    })
+                })
+            })?;
+            Some(rp.scope_profiles[0].profiles[0].duration_nano)
+        })
+        .sum()
+}
+
+/// The sleeping thread of testdata/offcpu_target.py in exported requests: its thread id (the
+/// one whose off-CPU stacks hold `nap` at the sleep's line), its off-CPU time, the part of it
+/// in `sleep` under that line, and its CPU time.
+fn nap_thread(reqs: &[ExportProfilesServiceRequest], pid: i64) -> (String, i64, i64, i64) {
+    let at = (
+        "nap".to_string(),
+        line_of("offcpu_target.py", "line: nap-sleep"),
+    );
+    let off: Vec<Read> = reqs
+        .iter()
+        .flat_map(|r| of_type(r, "off_cpu").remove(&pid).unwrap_or_default())
+        .collect();
+    let tid = off
+        .iter()
+        .find(|s| s.lines.contains(&at))
+        .map(|s| s.attrs["thread.id"].clone())
+        .unwrap_or_else(|| panic!("no off-CPU stack through nap at line {}", at.1));
+    let of_nap = |s: &&Read| s.attrs.get("thread.id") == Some(&tid);
+    let total = off.iter().filter(of_nap).map(|s| s.value).sum();
+    let sleep = off
+        .iter()
+        .filter(of_nap)
+        .filter(|s| {
+            s.lines.contains(&at) && s.attrs.get("thread.wait").map(String::as_str) == Some("sleep")
+        })
+        .map(|s| s.value)
+        .sum();
+    let cpu = reqs
+        .iter()
+        .flat_map(|r| of_type(r, "cpu").remove(&pid).unwrap_or_default())
+        .filter(|s| s.attrs.get("thread.id") == Some(&tid))
+        .map(|s| s.value)
+        .sum();
+    (tid, total, sleep, cpu)
+}
+
+/// The nap thread's time in `reqs` against their wall time: CPU + off-CPU all of it (within
+/// 10%, and not more: each wait counted once), the sleep at its line a fifth at least (each
+/// wake-up then waits for the GIL the busy threads hold: a third of the time here, more on a
+/// busy machine; as in tests/offcpu.rs). Returns the wall time (ns) and the thread's id.
+fn check_nap_thread(reqs: &[ExportProfilesServiceRequest], pid: i64, what: &str) -> (f64, String) {
+    let wall = wall_of(reqs, pid) as f64;
+    let (tid, off, sleep, cpu) = nap_thread(reqs, pid);
+    let total = (off + cpu) as f64 / wall;
+    eprintln!(
+        "{what}: {} exports over {:.2} s; nap thread {tid}: off-CPU {:.2} s (sleep at its line {:.2} s), CPU {:.2} s",
+        reqs.len(),
+        wall / 1e9,
+        off as f64 / 1e9,
+        sleep as f64 / 1e9,
+        cpu as f64 / 1e9
+    );
+    assert!(
+        (0.9..=1.05).contains(&total),
+        "{what}: the nap thread's CPU + off-CPU time is {:.0}% of the wall time",
+        total * 100.0
+    );
+    assert!(
+        sleep as f64 >= 0.2 * wall,
+        "{what}: sleep under nap at its line: {:.0}% of the wall time",
+        sleep as f64 * 100.0 / wall
+    );
+    (wall, tid)
+}
+
+/// A thread's off-CPU time in a request, all of it and the part under `--min-block`; its CPU.
+fn thread_times(req: &ExportProfilesServiceRequest, pid: i64, tid: &str) -> (i64, i64, i64) {
+    let of = |ty| {
+        of_type(req, ty)
+            .remove(&pid)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|s| s.attrs.get("thread.id").map(String::as_str) == Some(tid))
+    };
+    let short = of("off_cpu")
+        .filter(|s| s.attrs.get("thread.wait").map(String::as_str) == Some("under --min-block"))
+        .map(|s| s.value)
+        .sum();
+    let off = of("off_cpu").map(|s| s.value).sum();
+    (off, short, of("cpu").map(|s| s.value).sum())
+}
+
+/// `--off-cpu` in OTLP: each process gets an `off_cpu` profile beside its `cpu` one. The thread
+/// of testdata/offcpu_target.py that sleeps in `nap` (0.02 s at a time) shows its wall time off
+/// the CPU, the sleep under `nap` at the sleep's line and file: in what `perfpy agent --off-cpu`
+/// exports interval by interval (each wait in one interval only: together the intervals add up
+/// to the run's wall time, not more) and in what `record --off-cpu --otlp-endpoint` sends.
+#[test]
+fn off_cpu_time_is_exported_under_the_sleeping_function() {
+    let sink = Sink::start();
+    let Some(col) = Collector::start(Some(&sink.url), true) else {
+        return;
+    };
+    let Some(py) = python("3.12") else {
+        return;
+    };
+    let w = Workload::start(Command::new(py).arg(testdata("offcpu_target.py")));
+    let pid = w.pid().to_string();
+    let url = col.url();
+    let nap_line = line_of("offcpu_target.py", "line: nap-sleep");
+    let (child, rx) = spawn_agent(&pid, "2s", &url, &["--off-cpu"], &[]);
+    let said = agent_started(&rx);
+    let arrived = sink.wait(4, Duration::from_secs(90));
+    let (code, said) = stop_agent(child, &rx, said);
+    assert!(arrived, "fewer than 4 exports in 90 s: {said}");
+    assert_eq!(code, Some(0), "{said}");
+    let sent = sent_none_dropped(&said);
+    assert!(sink.wait(sent, Duration::from_secs(10)), "{sent} exports");
+    // Two profiles per export: "interval 1: N samples (0 lost), 2 profiles".
+    assert!(said.contains(", 2 profiles;"), "{said}");
+    let reqs: Vec<ExportProfilesServiceRequest> = sink
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| ExportProfilesServiceRequest::decode(&r.body[..]).expect("OTLP protobuf"))
+        .collect();
+    let me = w.pid() as i64;
+    let (wall, tid) = check_nap_thread(&reqs, me, "agent --off-cpu");
+    // The busy threads are in the CPU profiles.
+    let spin: i64 = reqs
+        .iter()
+        .flat_map(|r| of_type(r, "cpu").remove(&me).unwrap_or_default())
+        .filter(|s| s.names.iter().any(|n| n == "spin"))
+        .map(|s| s.value)
+        .sum();
+    assert!(spin as f64 > 0.1 * wall, "spin: {spin} ns of CPU");
+    // What the Collector printed: the sample type, `nap` with its file and the sleep's line.
+    let printed = printed_exports(&col.output());
+    assert!(
+        printed
+            .iter()
+            .any(|p| p.strings.iter().any(|s| s == "off_cpu")),
+        "no off_cpu sample type printed"
+    );
+    assert!(
+        printed
+            .iter()
+            .any(|p| p.function("nap").is_some_and(|(file, lines)| {
+                file.ends_with("testdata/offcpu_target.py") && lines.contains(&nap_line)
+            })),
+        "nap not printed with its file and line"
+    );
+
+    // `record --off-cpu --otlp-endpoint`: the recording's two profiles.
+    let out = tmp("otlp-offcpu.pb.gz");
+    let before = sink.received.lock().unwrap().len();
+    let o = run_perfpy(&[
+        "record",
+        "-p",
+        &pid,
+        "-d",
+        "2",
+        "--off-cpu",
+        "-o",
+        out.to_str().unwrap(),
+        "--otlp-endpoint",
+        &url,
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "sent 2 profiles (OTLP) to {url}/v1development/profiles"
+        )),
+        "{stderr}"
+    );
+    assert!(sink.wait(before + 1, Duration::from_secs(10)));
+    let last =
+        ExportProfilesServiceRequest::decode(&sink.received.lock().unwrap()[before].body[..])
+            .expect("OTLP protobuf");
+    check_nap_thread(std::slice::from_ref(&last), me, "record --off-cpu");
+    short_waits_in_every_interval(&sink, &url, &pid, &tid);
+}
+
+/// `agent --off-cpu --min-block 50ms` on testdata/offcpu_target.py (`pid`), whose nap thread
+/// (`tid`) sleeps 20 ms at a time: its waits are not stacked but counted per thread by the
+/// kernel; each interval gets those of its own time, not the last interval all of the run's,
+/// and none twice.
+fn short_waits_in_every_interval(sink: &Sink, url: &str, pid: &str, tid: &str) {
+    let me: i64 = pid.parse().unwrap();
+    let before = sink.received.lock().unwrap().len();
+    let (child, rx) = spawn_agent(pid, "2s", url, &["--off-cpu", "--min-block", "50ms"], &[]);
+    let said = agent_started(&rx);
+    let arrived = sink.wait(before + 3, Duration::from_secs(60));
+    let (code, said) = stop_agent(child, &rx, said);
+    assert!(arrived, "fewer than 3 exports in 60 s: {said}");
+    assert_eq!(code, Some(0), "{said}");
+    let sent = sent_none_dropped(&said);
+    assert!(sink.wait(before + sent, Duration::from_secs(10)));
+    let reqs: Vec<ExportProfilesServiceRequest> = sink.received.lock().unwrap()[before..]
+        .iter()
+        .map(|r| ExportProfilesServiceRequest::decode(&r.body[..]).expect("OTLP protobuf"))
+        .collect();
+    let (mut all, mut wall) = (0, 0.0);
+    for (i, r) in reqs.iter().enumerate() {
+        let w = wall_of(std::slice::from_ref(r), me) as f64;
+        let (off, short, cpu) = thread_times(r, me, tid);
+        eprintln!(
+            "--min-block 50ms, export {i}: {:.2} s; nap thread off-CPU {:.2} s ({:.2} s under --min-block), CPU {:.2} s",
+            w / 1e9,
+            off as f64 / 1e9,
+            short as f64 / 1e9,
+            cpu as f64 / 1e9
+        );
+        if i + 1 < reqs.len() {
+            assert!(
+                short as f64 >= 0.5 * w,
+                "export {i}: short waits {:.0}% of its time",
+                short as f64 * 100.0 / w
+            );
+        }
+        all += off + cpu;
+        wall += w;
+    }
+    let total = all as f64 / wall;
+    assert!(
+        (0.9..=1.05).contains(&total),
+        "--min-block 50ms: the nap thread's time is {:.0}% of the wall time",
+        total * 100.0
     );
 }
