@@ -201,10 +201,12 @@ fn name_as_recorded(profile: &Profile, out: &mut [Option<Resolved>]) {
         match *k {
             FrameKey::Py { func, line } => {
                 let f = &profile.py_functions[func as usize];
+                // A frame whose code could not be read has no file or line to show.
+                let known = !f.filename.is_empty();
                 out[i] = Some(one(
                     f.qualname.clone(),
-                    Some(f.filename.clone()),
-                    Some(line),
+                    known.then(|| f.filename.clone()),
+                    known.then_some(line),
                     Kind::PythonEbpf,
                 ));
             }

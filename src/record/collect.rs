@@ -24,6 +24,9 @@ use super::replay::Target;
 /// thread: 2.5 s at 100 Hz).
 pub(super) const KEEP_RECORDS_NS: u64 = 2_000_000_000;
 
+/// The name of a Python frame the walker saw but whose code object could not be read.
+pub(crate) const UNREADABLE_PY_FRAME: &str = "[unreadable Python frame]";
+
 pub(super) struct RingEntry {
     pub(super) ring: Ring,
     #[allow(dead_code)]
@@ -573,16 +576,25 @@ impl Collector {
         let mem = ForkedMemory(&self.target, p.pid, p.parent);
         for f in &st.frames {
             let info = py.reader.resolve(&mem, p.pid, &off, version, f);
-            let key = info.map(|info| {
-                let func = self.profile.py_function(crate::profile::PyFunction {
+            // A frame whose code object could not be read (its process exited before its
+            // records were drained, or the object was freed since the sample) keeps its place
+            // under a name that says so: dropping it would take its evaluation frame with it.
+            let line = info.as_ref().map_or(0, |i| i.line);
+            let func = match info {
+                Some(info) => crate::profile::PyFunction {
                     qualname: info.qualname,
                     filename: info.filename,
                     first_line: info.first_line,
-                });
-                FrameKey::Py {
-                    func,
-                    line: info.line,
-                }
+                },
+                None => crate::profile::PyFunction {
+                    qualname: UNREADABLE_PY_FRAME.to_string(),
+                    filename: String::new(),
+                    first_line: 0,
+                },
+            };
+            let key = Some(FrameKey::Py {
+                func: self.profile.py_function(func),
+                line,
             });
             // 3.12+: the address of the shim frame under the entry frame, a local of the C
             // eval call running its group.
