@@ -437,36 +437,37 @@ static long copy_user_chunk(u32 i, struct uctx *u)
     u32 off = (i & (OFFCPU_USTACK / OFFCPU_CHUNK - 1)) * OFFCPU_CHUNK;
     if (bpf_probe_read_user(&u->o->ustack[off], OFFCPU_CHUNK, (const void *)(u->sp + off)))
         return 1;
-    u->o->ustack_bytes = off + OFFCPU_CHUNK;
+    u->o->h.ustack_bytes = off + OFFCPU_CHUNK;
     return 0;
 }
 
 /* Takes the current thread's stacks (user registers `regs`, kernel stack of `st`) and emits
  * them, with its Python frames first. */
 static __always_inline void stack_wait(struct offcpu_start *st, struct pt_regs *regs, u64 wait,
-                                       u32 flags)
+                                       u64 runq, u32 flags)
 {
     u32 cpu = bpf_get_smp_processor_id();
     struct offcpu_record *o = bpf_map_lookup_elem(&offcpu_scratch, &cpu);
     if (!o)
         return;
     u64 now = bpf_ktime_get_ns();
-    o->pid = st->pid;
-    o->tid = st->tid;
-    o->time = now;
-    o->wait_ns = wait;
-    o->state = st->state;
-    o->flags = flags;
+    o->h.pid = st->pid;
+    o->h.tid = st->tid;
+    o->h.time = now;
+    o->h.wait_ns = wait;
+    o->h.runq_ns = runq;
+    o->h.state = st->state;
+    o->h.flags = flags;
     u32 kb = st->kstack_bytes;
     if (kb > sizeof(o->kstack))
         kb = sizeof(o->kstack);
-    o->kstack_bytes = kb;
+    o->h.kstack_bytes = kb;
     __builtin_memcpy(o->kstack, st->kstack, sizeof(o->kstack));
-    o->ip = BPF_CORE_READ(regs, ip);
-    o->sp = BPF_CORE_READ(regs, sp);
-    o->bp = BPF_CORE_READ(regs, bp);
-    o->ustack_bytes = 0;
-    struct uctx u = { .o = o, .sp = o->sp };
+    o->h.ip = BPF_CORE_READ(regs, ip);
+    o->h.sp = BPF_CORE_READ(regs, sp);
+    o->h.bp = BPF_CORE_READ(regs, bp);
+    o->h.ustack_bytes = 0;
+    struct uctx u = { .o = o, .sp = o->h.sp };
     bpf_loop(OFFCPU_USTACK / OFFCPU_CHUNK, copy_user_chunk, &u, 0);
     u32 pid = st->pid;
     struct proc_cfg *c = bpf_map_lookup_elem(&procs, &pid);
@@ -479,13 +480,13 @@ static __always_inline void stack_wait(struct offcpu_start *st, struct pt_regs *
             walk_python(c, r);
             r->flags |= REC_OFFCPU;
             emit(r);
-            o->flags |= OFFCPU_HAS_PY;
+            o->h.flags |= OFFCPU_HAS_PY;
         }
     }
-    u32 n = o->ustack_bytes;
+    u32 n = o->h.ustack_bytes;
     if (n > OFFCPU_USTACK)
         n = OFFCPU_USTACK;
-    if (bpf_ringbuf_output(&offcpu_events, o, OFFCPU_HEADER + n, 0))
+    if (bpf_ringbuf_output(&offcpu_events, o, __builtin_offsetof(struct offcpu_record, ustack) + n, 0))
         count_lost(0);
 }
 
@@ -502,6 +503,7 @@ static __always_inline void switch_out(u64 *ctx, struct task_struct *prev, u64 n
     if (st && (st->flags & START_WOKEN) && (st->flags & START_IN_SYSCALL) && !ctx[0]) {
         /* Blocks again in the system call whose long wait is not stacked yet: one wait. */
         st->ts = now;
+        st->woke = 0;
         st->flags &= ~START_WOKEN;
         woken_add(-1);
         return;
@@ -514,6 +516,8 @@ static __always_inline void switch_out(u64 *ctx, struct task_struct *prev, u64 n
         return;
     n->ts = now;
     n->wait = 0;
+    n->runq = 0;
+    n->woke = 0;
     n->pid = pid;
     n->tid = tid;
     n->state = ctx[0] ? 0 : BPF_CORE_READ(prev, __state);
@@ -536,7 +540,7 @@ static __always_inline void switch_out(u64 *ctx, struct task_struct *prev, u64 n
     /* The first two frames are this program and the tracepoint runner. */
     long kb = bpf_get_stack(ctx, st->kstack, sizeof(st->kstack), 2);
     st->kstack_bytes = kb > 0 ? kb : 0;
-    stack_wait(st, regs, 0, OFFCPU_PENDING);
+    stack_wait(st, regs, 0, 0, OFFCPU_PENDING);
 }
 
 /* A profiled thread is switched in again (`next`; the current task is the one leaving). */
@@ -547,10 +551,16 @@ static __always_inline void switch_in(struct task_struct *next, u64 now)
     if (!st || (st->flags & START_WOKEN))
         return;
     u64 wait = st->wait + (now - st->ts);
+    /* Runnable since it was woken (or all along, preempted): waiting for a CPU, not for what
+     * it blocked on. */
+    u64 from = !st->state ? st->ts : st->woke;
+    u64 runq = st->runq + (from >= st->ts && from <= now ? now - from : 0);
     if (st->flags & START_PENDING) {
         if (wait < min_block_ns)
             count_short(st->pid, st->tid, wait);
-        struct offcpu_resume r = { .tid = st->tid, .time = now, .wait_ns = wait, .flags = OFFCPU_RESUME };
+        struct offcpu_head r = {
+            .pid = st->pid, .tid = st->tid, .time = now, .wait_ns = wait, .runq_ns = runq, .flags = OFFCPU_RESUME
+        };
         if (bpf_ringbuf_output(&offcpu_events, &r, sizeof(r), 0))
             count_lost(0);
         bpf_map_delete_elem(&offcpu_start, &ktid);
@@ -565,6 +575,7 @@ static __always_inline void switch_in(struct task_struct *next, u64 now)
             st->kstack_bytes = kb > 0 ? kb : 0;
         }
         st->wait = wait;
+        st->runq = runq;
         st->flags |= START_WOKEN;
         woken_add(1);
     }
@@ -576,6 +587,19 @@ int on_switch(u64 *ctx)
     u64 now = bpf_ktime_get_ns();
     switch_out(ctx, (void *)ctx[1], now);
     switch_in((void *)ctx[2], now);
+    return 0;
+}
+
+/* A profiled thread off the CPU is woken: from now on it waits for a CPU, not for what it
+ * blocked on (the first wake-up counts). */
+SEC("tp_btf/sched_wakeup")
+int on_wakeup(u64 *ctx)
+{
+    struct task_struct *p = (void *)ctx[0];
+    u32 ktid = BPF_CORE_READ(p, pid);
+    struct offcpu_start *st = bpf_map_lookup_elem(&offcpu_start, &ktid);
+    if (st && !(st->flags & START_WOKEN) && !st->woke)
+        st->woke = bpf_ktime_get_ns();
     return 0;
 }
 
@@ -592,7 +616,7 @@ int on_sys_exit(u64 *ctx)
     struct offcpu_start *st = bpf_map_lookup_elem(&offcpu_start, &ktid);
     if (!st || !(st->flags & START_WOKEN))
         return 0;
-    stack_wait(st, (struct pt_regs *)ctx[0], st->wait, 0);
+    stack_wait(st, (struct pt_regs *)ctx[0], st->wait, st->runq, 0);
     bpf_map_delete_elem(&offcpu_start, &ktid);
     woken_add(-1);
     return 0;
