@@ -73,7 +73,7 @@ pub enum BpfError {
     },
     #[error("--max-python-frames {0}: choose from 1 to {MAX_PY_FRAMES_CAP}")]
     FrameLimit(u32),
-    #[error("cannot trace context switches for --off-cpu: {0}; it needs root (or CAP_BPF + CAP_PERFMON) and a kernel with BTF (tracepoints sched_switch, sched_wakeup and sys_exit)")]
+    #[error("cannot trace context switches for --off-cpu: {0}; it needs root (or CAP_BPF + CAP_PERFMON) and a kernel with BTF (tracepoints sched_switch, sched_wakeup, sched_wakeup_new and sys_exit)")]
     OffCpu(String),
 }
 
@@ -244,6 +244,7 @@ fn open_offcpu(
     open.progs.on_switch.set_autoload(offcpu.is_some());
     open.progs.on_sys_exit.set_autoload(offcpu.is_some());
     open.progs.on_wakeup.set_autoload(offcpu.is_some());
+    open.progs.on_wakeup_new.set_autoload(offcpu.is_some());
     let (oring, oentries) = match offcpu {
         Some(_) => (offcpu::ring_bytes(ncpus), possible as u32),
         None => (4096, 1),
@@ -443,14 +444,19 @@ impl Walker {
     }
 
     /// Starts tracing context switches (a walker loaded with `offcpu`): tracepoints only
-    /// (`sched_switch`, `sched_wakeup`, `sys_exit`), which every kernel with BTF has.
+    /// (`sched_switch`, `sched_wakeup`, `sched_wakeup_new`, `sys_exit`), which every kernel with BTF has.
     pub fn attach_offcpu(&mut self) -> Result<(), BpfError> {
         if !self.offcpu {
             return Err(BpfError::OffCpu("loaded without --off-cpu".into()));
         }
         let mut links = Vec::new();
         let progs = &self.skel().progs;
-        for p in [&progs.on_switch, &progs.on_sys_exit, &progs.on_wakeup] {
+        for p in [
+            &progs.on_switch,
+            &progs.on_sys_exit,
+            &progs.on_wakeup,
+            &progs.on_wakeup_new,
+        ] {
             links.push(
                 p.attach_trace().map_err(|e| {
                     BpfError::OffCpu(format!("{}: {e}", p.name().to_string_lossy()))

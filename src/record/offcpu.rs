@@ -167,6 +167,7 @@ impl Collector {
             w.poll_offcpu(&mut |e| events.push(e));
         }
         let mut ready: Vec<OffCpuRecord> = std::mem::take(&mut off.waiting);
+        let mut births = Vec::new();
         for e in events {
             match e {
                 OffCpuEvent::Wait(r) if r.pending => {
@@ -179,10 +180,22 @@ impl Collector {
                         ready.push(r);
                     }
                 }
+                OffCpuEvent::Birth {
+                    pid,
+                    tid,
+                    time_ns,
+                    wait_ns,
+                } => {
+                    // Under the threshold: counted by the kernel with the short waits.
+                    if wait_ns >= off.min_block_ns {
+                        births.push((pid, tid, time_ns, wait_ns));
+                    }
+                }
                 OffCpuEvent::Resume {
                     tid,
                     wait_ns,
                     runq_ns,
+                    ..
                 } => {
                     if let Some(mut r) = off.pending.remove(&tid) {
                         // Under the threshold: counted by the kernel with the short waits.
@@ -195,6 +208,9 @@ impl Collector {
                 }
             }
         }
+        for (pid, tid, time_ns, wait_ns) in births {
+            self.add_birth(pid, tid, time_ns, wait_ns);
+        }
         let latest = ready.iter().map(|r| r.time_ns).max().unwrap_or(0);
         for r in ready {
             let stack = self
@@ -205,6 +221,23 @@ impl Collector {
         }
         if let Some(py) = self.py.as_mut() {
             py.offcpu_py.retain(|_, s| s.time_ns + KEEP_PY_NS > latest);
+        }
+    }
+
+    /// A new thread's wait for its first CPU: `preempted`, with no other frame (it has run no
+    /// code yet).
+    fn add_birth(&mut self, pid: u32, tid: u32, time_ns: u64, wait_ns: u64) {
+        let window = self.offcpu.as_ref().map(|o| o.window).unwrap_or((0, 0));
+        let (_, ns) = split_wait(time_ns, wait_ns, wait_ns, window);
+        if pid == 0 || ns == 0 {
+            return;
+        }
+        let key = self.proc_key(pid);
+        let root = self.profile.location(FrameKey::Wait(WaitKind::Preempted));
+        self.profile.add_offcpu(key, tid, &[root], ns);
+        if let Some(off) = self.offcpu.as_mut() {
+            off.stats.waits += 1;
+            off.stats.wait_ns += ns;
         }
     }
 

@@ -559,7 +559,8 @@ static __always_inline void switch_in(struct task_struct *next, u64 now)
         if (wait < min_block_ns)
             count_short(st->pid, st->tid, wait);
         struct offcpu_head r = {
-            .pid = st->pid, .tid = st->tid, .time = now, .wait_ns = wait, .runq_ns = runq, .flags = OFFCPU_RESUME
+            .pid = st->pid, .tid = st->tid, .time = now, .wait_ns = wait, .runq_ns = runq,
+            .flags = OFFCPU_RESUME | (st->flags & START_BIRTH ? OFFCPU_BIRTH : 0)
         };
         if (bpf_ringbuf_output(&offcpu_events, &r, sizeof(r), 0))
             count_lost(0);
@@ -701,6 +702,47 @@ int on_exec(u64 *ctx)
         bpf_map_delete_elem(&procs, &pid);
         k->flags &= ~KEEP_FROM_EXEC;
     }
+    return 0;
+}
+
+/* A new thread of a kept process waits for its first CPU before it ever leaves one: noted here,
+ * in its creator's context, as a preempted wait without a stack (OFFCPU_BIRTH when it runs). */
+SEC("tp_btf/sched_wakeup_new")
+int on_wakeup_new(u64 *ctx)
+{
+    struct task_struct *p = (void *)ctx[0];
+    u32 ktid = BPF_CORE_READ(p, pid);
+    if (ktid == (u32)BPF_CORE_READ(p, tgid))
+        return 0; /* a new process: its first run is its exec's */
+    u32 pid, tid;
+    if (current_ids(&pid, &tid) || !pid || !is_kept(pid))
+        return 0;
+    if (in_child_pidns) {
+        struct pid *tp = BPF_CORE_READ(p, thread_pid);
+        if (!tp)
+            return 0;
+        struct nsctx x = { .p = tp, .nr = 0 };
+        bpf_loop((BPF_CORE_READ(tp, level) & 31) + 1, ns_level, &x, 0);
+        tid = x.nr;
+        if (!tid)
+            return 0;
+    } else {
+        tid = ktid;
+    }
+    u32 zero = 0;
+    struct offcpu_start *n = bpf_map_lookup_elem(&start_tmpl, &zero);
+    if (!n)
+        return 0;
+    n->ts = bpf_ktime_get_ns();
+    n->wait = 0;
+    n->runq = 0;
+    n->woke = 0;
+    n->pid = pid;
+    n->tid = tid;
+    n->state = 0;
+    n->flags = START_PENDING | START_BIRTH;
+    n->kstack_bytes = 0;
+    bpf_map_update_elem(&offcpu_start, &ktid, n, 0);
     return 0;
 }
 

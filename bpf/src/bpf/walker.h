@@ -106,6 +106,7 @@ enum offcpu_flags {
     OFFCPU_HAS_PY = 1,  /* its Python frames went into `events` first (REC_OFFCPU, same tid and time) */
     OFFCPU_PENDING = 2, /* taken as the thread left the CPU; its wait follows in an OFFCPU_RESUME record */
     OFFCPU_RESUME = 4,  /* a bare head: the wait (wait_ns, runq_ns) of the last pending record of thread tid */
+    OFFCPU_BIRTH = 8,   /* with OFFCPU_RESUME: a new thread's wait for its first CPU (no record before it) */
 };
 
 /* Off-CPU: a profiled thread that left the CPU, by kernel tid, until its wait is stacked. */
@@ -113,6 +114,7 @@ enum start_flags {
     START_IN_SYSCALL = 1, /* blocked in a system call: stacked at its exit, in the thread's context */
     START_WOKEN = 2,      /* ran again after a wait of at least the threshold */
     START_PENDING = 4,    /* stacked as it left (preempted, page fault): its wait is sent when it runs */
+    START_BIRTH = 8,      /* a new thread, runnable since its creation, not run yet */
 };
 struct offcpu_start {
     __u64 ts;    /* when it last left the CPU */
