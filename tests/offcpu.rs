@@ -225,6 +225,9 @@ fn check_python(py: &std::path::Path, what: &str, errors: &mut Vec<String>) {
     let _ = std::fs::remove_file(&report);
     let o = output_within(
         Command::new(perfpy())
+            // Every wait stacked carries up to 16 KiB of stack: room for a second of them, so
+            // that a reader kept off the CPU by the machine's load loses none.
+            .env("PERFPY_TEST_OFFCPU_RING", (32 << 20).to_string())
             .args([
                 "record",
                 "--off-cpu",
@@ -248,6 +251,11 @@ fn check_python(py: &std::path::Path, what: &str, errors: &mut Vec<String>) {
         return;
     }
     eprintln!("{what}: {}", stderr.trim_end().replace('\n', "\n  "));
+    if stderr.contains("waits lost") {
+        errors.push(format!(
+            "{what}: off-CPU records lost, the figures are incomplete: {stderr}"
+        ));
+    }
     let known = read_report(&report);
     let d = decode(&out);
     let threads = per_thread(&d);

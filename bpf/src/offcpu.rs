@@ -40,20 +40,15 @@ pub enum OffCpuEvent {
     /// A wait, stacked.
     Wait(OffCpuRecord),
     /// The wait of the last pending [`OffCpuRecord`] of thread `tid`, of which `runq_ns`
-    /// runnable, ending at `time_ns`.
+    /// runnable, ending at `time_ns`; with `birth`, a new thread's wait for its first CPU (no
+    /// record before it: it had not run).
     Resume {
         pid: u32,
         tid: u32,
         time_ns: u64,
         wait_ns: u64,
         runq_ns: u64,
-    },
-    /// A new thread's wait for its first CPU (no record before it: it had not run).
-    Birth {
-        pid: u32,
-        tid: u32,
-        time_ns: u64,
-        wait_ns: u64,
+        birth: bool,
     },
 }
 
@@ -148,14 +143,6 @@ pub(crate) fn parse_short(key: &[u8], v: &[u8]) -> Option<((u32, u32), ShortWait
 pub(crate) fn parse(data: &[u8]) -> Option<OffCpuEvent> {
     let h: types::offcpu_head = bytemuck::try_pod_read_unaligned(data.get(..HEAD)?).ok()?;
     let flag = |f: types::offcpu_flags| h.flags & f.0 != 0;
-    if flag(types::offcpu_flags::OFFCPU_BIRTH) {
-        return Some(OffCpuEvent::Birth {
-            pid: h.pid,
-            tid: h.tid,
-            time_ns: h.time,
-            wait_ns: h.wait_ns,
-        });
-    }
     if flag(types::offcpu_flags::OFFCPU_RESUME) {
         return Some(OffCpuEvent::Resume {
             pid: h.pid,
@@ -163,6 +150,7 @@ pub(crate) fn parse(data: &[u8]) -> Option<OffCpuEvent> {
             time_ns: h.time,
             wait_ns: h.wait_ns,
             runq_ns: h.runq_ns,
+            birth: flag(types::offcpu_flags::OFFCPU_BIRTH),
         });
     }
     let kbytes = (h.kstack_bytes as usize).min(KSTACK * 8);
@@ -246,19 +234,15 @@ mod tests {
                 tid: 8,
                 time_ns: 99,
                 wait_ns: 5_000_000,
-                runq_ns: 1_000_000
+                runq_ns: 1_000_000,
+                birth: false
             })
         ));
         let flags = types::offcpu_flags::OFFCPU_RESUME.0 | types::offcpu_flags::OFFCPU_BIRTH.0;
         let r = head(types::offcpu_flags(flags), 0, 0);
         assert!(matches!(
             parse(&r),
-            Some(OffCpuEvent::Birth {
-                pid: 7,
-                tid: 8,
-                time_ns: 99,
-                wait_ns: 5_000_000
-            })
+            Some(OffCpuEvent::Resume { birth: true, .. })
         ));
     }
 

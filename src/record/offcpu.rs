@@ -74,7 +74,19 @@ impl Collector {
             .filter(|&(pid, tid, ran)| run_time(pid, tid) == Some(ran))
             .map(|(pid, tid, _)| (pid, tid))
             .collect();
-        for mut r in pending {
+        // Still off the CPU: the kernel still holds its start. Otherwise it ran again and its
+        // resume record was lost (a full ring): its wait is not known, and not counted.
+        let still: std::collections::HashSet<u32> =
+            match self.py.as_ref().and_then(|py| py.walker.as_ref()) {
+                Some(w) => w
+                    .waits_in_progress()
+                    .iter()
+                    .filter(|w| w.stacked)
+                    .map(|w| w.tid)
+                    .collect(),
+                None => Default::default(),
+            };
+        for mut r in pending.into_iter().filter(|r| still.contains(&r.tid)) {
             let stack = self
                 .py
                 .as_mut()
@@ -180,13 +192,15 @@ impl Collector {
                         ready.push(r);
                     }
                 }
-                OffCpuEvent::Birth {
+                // A new thread's first wait for a CPU (under the threshold: counted as short).
+                OffCpuEvent::Resume {
                     pid,
                     tid,
                     time_ns,
                     wait_ns,
+                    birth: true,
+                    ..
                 } => {
-                    // Under the threshold: counted by the kernel with the short waits.
                     if wait_ns >= off.min_block_ns {
                         births.push((pid, tid, time_ns, wait_ns));
                     }

@@ -508,8 +508,13 @@ static __always_inline void switch_out(u64 *ctx, struct task_struct *prev, u64 n
         woken_add(-1);
         return;
     }
-    if (st && (st->flags & START_WOKEN))
-        woken_add(-1); /* replaced below before its stacks were taken */
+    if (st && (st->flags & START_WOKEN)) {
+        /* Preempted before the system call whose long wait ended returned (a thread woken by a
+         * lock's release often is): that wait is stacked now, in the thread's own context as
+         * at sys_exit, before its entry is replaced. */
+        stack_wait(st, (struct pt_regs *)bpf_task_pt_regs(prev), st->wait, st->runq, 0);
+        woken_add(-1);
+    }
     u32 zero = 0;
     struct offcpu_start *n = bpf_map_lookup_elem(&start_tmpl, &zero);
     if (!n)
@@ -642,6 +647,17 @@ static long ns_level(u32 i, struct nsctx *x)
     return 0;
 }
 
+/* The pid (or tid) of `task` in perfpy's PID namespace, 0 if it has none there. */
+static __always_inline u32 nr_in_our_ns(struct task_struct *task)
+{
+    struct pid *p = BPF_CORE_READ(task, thread_pid);
+    if (!p)
+        return 0;
+    struct nsctx x = { .p = p, .nr = 0 };
+    bpf_loop((BPF_CORE_READ(p, level) & 31) + 1, ns_level, &x, 0);
+    return x.nr;
+}
+
 /* A new process whose parent is kept with KEEP_CHILDREN is kept too, and walked as its parent
  * (same address space until it execs). Runs in the parent, before the child first runs. Only
  * loaded with filter_kept. */
@@ -657,12 +673,7 @@ int on_fork(u64 *ctx)
         if (bpf_get_ns_current_pid_tgid(pidns_dev, pidns_ino, &ns, sizeof(ns)))
             return 0;
         ppid = ns.tgid;
-        struct pid *cp = BPF_CORE_READ(child, thread_pid);
-        if (!cp)
-            return 0;
-        struct nsctx x = { .p = cp, .nr = 0 };
-        bpf_loop((BPF_CORE_READ(cp, level) & 31) + 1, ns_level, &x, 0);
-        cpid = x.nr;
+        cpid = nr_in_our_ns(child);
         if (!cpid)
             return 0;
     } else {
@@ -717,18 +728,9 @@ int on_wakeup_new(u64 *ctx)
     u32 pid, tid;
     if (current_ids(&pid, &tid) || !pid || !is_kept(pid))
         return 0;
-    if (in_child_pidns) {
-        struct pid *tp = BPF_CORE_READ(p, thread_pid);
-        if (!tp)
-            return 0;
-        struct nsctx x = { .p = tp, .nr = 0 };
-        bpf_loop((BPF_CORE_READ(tp, level) & 31) + 1, ns_level, &x, 0);
-        tid = x.nr;
-        if (!tid)
-            return 0;
-    } else {
-        tid = ktid;
-    }
+    tid = in_child_pidns ? nr_in_our_ns(p) : ktid;
+    if (!tid)
+        return 0;
     u32 zero = 0;
     struct offcpu_start *n = bpf_map_lookup_elem(&start_tmpl, &zero);
     if (!n)
