@@ -62,6 +62,23 @@ unsafe impl Pod for types::proc_cfg {}
 unsafe impl Zeroable for types::kept {}
 // SAFETY: as above.
 unsafe impl Pod for types::kept {}
+// Off-CPU (`--off-cpu`): the ring's records and the maps' values.
+// SAFETY: as above (`offcpu_record` ends in arrays of integers).
+unsafe impl Zeroable for types::offcpu_head {}
+// SAFETY: as above.
+unsafe impl Pod for types::offcpu_head {}
+// SAFETY: as above.
+unsafe impl Zeroable for types::offcpu_record {}
+// SAFETY: as above.
+unsafe impl Pod for types::offcpu_record {}
+// SAFETY: as above.
+unsafe impl Zeroable for types::offcpu_start {}
+// SAFETY: as above.
+unsafe impl Pod for types::offcpu_start {}
+// SAFETY: as above.
+unsafe impl Zeroable for types::offcpu_short {}
+// SAFETY: as above.
+unsafe impl Pod for types::offcpu_short {}
 
 // No padding: each size is the sum of its fields' (pid, tid, time, nframes, flags; code,
 // instr, first_local, ident, flags, pad; runtime and 18 offsets; parent, flags).
@@ -69,6 +86,21 @@ const _: () = assert!(HEADER_SIZE == 4 + 4 + 8 + 4 + 4);
 const _: () = assert!(FRAME_SIZE == 4 * 8 + 2 * 4);
 const _: () = assert!(size_of::<types::proc_cfg>() == 8 + 18 * 4);
 const _: () = assert!(size_of::<types::kept>() == 2 * 4);
+// pid, tid, time, wait_ns, runq_ns, ip, sp, bp, state, flags, kstack_bytes, ustack_bytes; the
+// head, kernel frames and user stack; ts, wait, runq, woke, pid, tid, state, flags,
+// kstack_bytes, pad and kernel frames; count, ns.
+const _: () = assert!(size_of::<types::offcpu_head>() == 2 * 4 + 6 * 8 + 4 * 4);
+const _: () = assert!(
+    size_of::<types::offcpu_record>()
+        == size_of::<types::offcpu_head>()
+            + 8 * types::offcpu_sizes::OFFCPU_KSTACK.0 as usize
+            + types::offcpu_sizes::OFFCPU_USTACK.0 as usize
+);
+const _: () = assert!(
+    size_of::<types::offcpu_start>()
+        == 4 * 8 + 6 * 4 + 8 * types::offcpu_sizes::OFFCPU_KSTACK.0 as usize
+);
+const _: () = assert!(size_of::<types::offcpu_short>() == 2 * 8);
 
 /// Bytes of a record holding `frames` Python frames.
 pub(crate) fn record_bytes(frames: u32) -> u32 {

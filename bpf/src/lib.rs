@@ -73,7 +73,7 @@ pub enum BpfError {
     },
     #[error("--max-python-frames {0}: choose from 1 to {MAX_PY_FRAMES_CAP}")]
     FrameLimit(u32),
-    #[error("cannot trace context switches for --off-cpu: {0}; it needs root (or CAP_BPF + CAP_PERFMON) and a kernel with BTF (tracepoints sched_switch and sys_exit)")]
+    #[error("cannot trace context switches for --off-cpu: {0}; it needs root (or CAP_BPF + CAP_PERFMON) and a kernel with BTF (tracepoints sched_switch, sched_wakeup, sched_wakeup_new and sys_exit)")]
     OffCpu(String),
 }
 
@@ -243,17 +243,15 @@ fn open_offcpu(
 ) -> Result<(), BpfError> {
     open.progs.on_switch.set_autoload(offcpu.is_some());
     open.progs.on_sys_exit.set_autoload(offcpu.is_some());
-    // Off-CPU records are at most ~17 KiB; per CPU room for 128 of them, bounded.
+    open.progs.on_wakeup.set_autoload(offcpu.is_some());
+    open.progs.on_wakeup_new.set_autoload(offcpu.is_some());
     let (oring, oentries) = match offcpu {
-        Some(_) => (
-            ((ncpus as u32).saturating_mul(2 << 20)).clamp(4 << 20, 64 << 20),
-            possible as u32,
-        ),
+        Some(_) => (offcpu::ring_bytes(ncpus), possible as u32),
         None => (4096, 1),
     };
     open.maps
         .offcpu_events
-        .set_max_entries(oring.next_power_of_two())
+        .set_max_entries(oring)
         .and_then(|()| open.maps.offcpu_scratch.set_max_entries(oentries))
         .map_err(BpfError::Load)
 }
@@ -446,13 +444,19 @@ impl Walker {
     }
 
     /// Starts tracing context switches (a walker loaded with `offcpu`): tracepoints only
-    /// (`sched_switch`, `sys_exit`), which every kernel with BTF has.
+    /// (`sched_switch`, `sched_wakeup`, `sched_wakeup_new`, `sys_exit`), which every kernel with BTF has.
     pub fn attach_offcpu(&mut self) -> Result<(), BpfError> {
         if !self.offcpu {
             return Err(BpfError::OffCpu("loaded without --off-cpu".into()));
         }
         let mut links = Vec::new();
-        for p in [&self.skel().progs.on_switch, &self.skel().progs.on_sys_exit] {
+        let progs = &self.skel().progs;
+        for p in [
+            &progs.on_switch,
+            &progs.on_sys_exit,
+            &progs.on_wakeup,
+            &progs.on_wakeup_new,
+        ] {
             links.push(
                 p.attach_trace().map_err(|e| {
                     BpfError::OffCpu(format!("{}: {e}", p.name().to_string_lossy()))
@@ -480,21 +484,7 @@ impl Walker {
     pub fn short_waits(&self) -> Vec<((u32, u32), ShortWaits)> {
         let m = &self.skel().maps.offcpu_shorts;
         m.keys()
-            .filter_map(|k| {
-                let v = m.lookup(&k, MapFlags::ANY).ok()??;
-                let key = u64::from_ne_bytes(k.get(..8)?.try_into().ok()?);
-                let w = |o: usize| {
-                    v.get(o..o + 8)
-                        .map(|b| u64::from_ne_bytes(b.try_into().unwrap()))
-                };
-                Some((
-                    ((key >> 32) as u32, key as u32),
-                    ShortWaits {
-                        count: w(0)?,
-                        ns: w(8)?,
-                    },
-                ))
-            })
+            .filter_map(|k| offcpu::parse_short(&k, &m.lookup(&k, MapFlags::ANY).ok()??))
             .collect()
     }
 

@@ -1,23 +1,55 @@
 //! Off-CPU records (`--off-cpu`): a profiled thread's wait, taken when it runs again — how long
-//! it waited, its kernel stack, user registers and a copy of its user stack (unwound in user
-//! space as for CPU samples). Its Python frames come through the walker's ring as a
-//! [`crate::PyStack`] with `offcpu` set, of the same thread and time.
+//! it waited (and how much of it runnable, waiting for a CPU), its kernel stack, user registers
+//! and a copy of its user stack (unwound in user space as for CPU samples). Its Python frames
+//! come through the walker's ring as a [`crate::PyStack`] with `offcpu` set, of the same thread
+//! and time.
+//!
+//! The records, the map values and their flags are those of `src/bpf/walker.h`, read through
+//! the types libbpf-cargo generates from the program's BTF (see [`crate::abi`]): no offset is
+//! kept here by hand.
 
-/// `OFFCPU_KSTACK`, `OFFCPU_USTACK` and the header size in walker.h.
-const KSTACK: usize = 64;
-pub(crate) const USTACK: usize = 16384;
-const HEADER: usize = 64 + 8 * KSTACK;
-const OFFCPU_HAS_PY: u32 = 1;
-const OFFCPU_PENDING: u32 = 2;
-const OFFCPU_RESUME: u32 = 4;
+use std::mem::{offset_of, size_of};
+
+use crate::abi::skel::types;
+
+const KSTACK: usize = types::offcpu_sizes::OFFCPU_KSTACK.0 as usize;
+pub(crate) const USTACK: usize = types::offcpu_sizes::OFFCPU_USTACK.0 as usize;
+/// Where the kernel frames and the user stack copy start in a record.
+const KSTACK_AT: usize = offset_of!(types::offcpu_record, kstack);
+const USTACK_AT: usize = offset_of!(types::offcpu_record, ustack);
+const HEAD: usize = size_of::<types::offcpu_head>();
+const _: () = assert!(KSTACK_AT == HEAD && USTACK_AT == HEAD + 8 * KSTACK);
+
+/// The off-CPU ring's size for `ncpus` CPUs: per CPU 2 MiB (room for 128 of the largest
+/// records), from 4 to 64 MiB. `PERFPY_TEST_OFFCPU_RING` (bytes; a test hook, see
+/// docs/architecture.md) replaces it, so that a test can make the kernel drop records.
+pub(crate) fn ring_bytes(ncpus: usize) -> u32 {
+    let bytes = match std::env::var("PERFPY_TEST_OFFCPU_RING")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+    {
+        Some(b) => b.max(4096),
+        None => ((ncpus as u32).saturating_mul(2 << 20)).clamp(4 << 20, 64 << 20),
+    };
+    bytes.next_power_of_two()
+}
 
 /// What the off-CPU ring carries.
 #[derive(Clone, Debug)]
 pub enum OffCpuEvent {
     /// A wait, stacked.
     Wait(OffCpuRecord),
-    /// The wait of the last pending [`OffCpuRecord`] of thread `tid`.
-    Resume { tid: u32, wait_ns: u64 },
+    /// The wait of the last pending [`OffCpuRecord`] of thread `tid`, of which `runq_ns`
+    /// runnable, ending at `time_ns`; with `birth`, a new thread's wait for its first CPU (no
+    /// record before it: it had not run).
+    Resume {
+        pid: u32,
+        tid: u32,
+        time_ns: u64,
+        wait_ns: u64,
+        runq_ns: u64,
+        birth: bool,
+    },
 }
 
 /// One wait of at least the threshold.
@@ -28,6 +60,9 @@ pub struct OffCpuRecord {
     /// When the thread ran again (CLOCK_MONOTONIC ns).
     pub time_ns: u64,
     pub wait_ns: u64,
+    /// The end of the wait spent runnable, waiting for a CPU: from its wake-up (or, preempted,
+    /// all of it) until it ran.
+    pub runq_ns: u64,
     /// The task state it left the CPU in: 0 when preempted (still runnable).
     pub state: u32,
     /// Its Python frames were emitted too (a walked process).
@@ -73,65 +108,73 @@ pub struct InProgress {
     pub stacked: bool,
 }
 
-const START_WOKEN: u32 = 2;
-const START_PENDING: u32 = 4;
-
-/// `struct offcpu_start` (its head) as a wait in progress.
+/// An `offcpu_start` map value as a wait in progress.
 pub(crate) fn parse_start(v: &[u8]) -> Option<InProgress> {
-    let u32_at = |o: usize| {
-        v.get(o..o + 4)
-            .map(|b| u32::from_ne_bytes(b.try_into().unwrap()))
-    };
-    let u64_at = |o: usize| {
-        v.get(o..o + 8)
-            .map(|b| u64::from_ne_bytes(b.try_into().unwrap()))
-    };
-    let flags = u32_at(28)?;
+    let s: types::offcpu_start =
+        bytemuck::try_pod_read_unaligned(v.get(..size_of::<types::offcpu_start>())?).ok()?;
+    let flag = |f: types::start_flags| s.flags & f.0 != 0;
     Some(InProgress {
-        since_ns: u64_at(0)?,
-        before_ns: u64_at(8)?,
-        pid: u32_at(16)?,
-        tid: u32_at(20)?,
-        ended: flags & START_WOKEN != 0,
-        stacked: flags & START_PENDING != 0,
+        since_ns: s.ts,
+        before_ns: s.wait,
+        pid: s.pid,
+        tid: s.tid,
+        ended: flag(types::start_flags::START_WOKEN),
+        stacked: flag(types::start_flags::START_PENDING),
     })
 }
 
+/// An `offcpu_shorts` entry: (pid, tid) from its key, and its counts.
+pub(crate) fn parse_short(key: &[u8], v: &[u8]) -> Option<((u32, u32), ShortWaits)> {
+    let key: u64 = bytemuck::try_pod_read_unaligned(key.get(..8)?).ok()?;
+    let s: types::offcpu_short =
+        bytemuck::try_pod_read_unaligned(v.get(..size_of::<types::offcpu_short>())?).ok()?;
+    Some((
+        ((key >> 32) as u32, key as u32),
+        ShortWaits {
+            count: s.count,
+            ns: s.ns,
+        },
+    ))
+}
+
+/// A record of the off-CPU ring. The program writes whole heads, kernel stacks and the copied
+/// part of the user stack; a record cut short still decodes without panicking (`None` without a
+/// whole head; only the bytes that are there).
 pub(crate) fn parse(data: &[u8]) -> Option<OffCpuEvent> {
-    let u32_at = |o: usize| {
-        data.get(o..o + 4)
-            .map(|b| u32::from_ne_bytes(b.try_into().unwrap()))
-    };
-    let u64_at = |o: usize| {
-        data.get(o..o + 8)
-            .map(|b| u64::from_ne_bytes(b.try_into().unwrap()))
-    };
-    let flags = u32_at(52)?;
-    if flags & OFFCPU_RESUME != 0 {
+    let h: types::offcpu_head = bytemuck::try_pod_read_unaligned(data.get(..HEAD)?).ok()?;
+    let flag = |f: types::offcpu_flags| h.flags & f.0 != 0;
+    if flag(types::offcpu_flags::OFFCPU_RESUME) {
         return Some(OffCpuEvent::Resume {
-            tid: u32_at(4)?,
-            wait_ns: u64_at(16)?,
+            pid: h.pid,
+            tid: h.tid,
+            time_ns: h.time,
+            wait_ns: h.wait_ns,
+            runq_ns: h.runq_ns,
+            birth: flag(types::offcpu_flags::OFFCPU_BIRTH),
         });
     }
-    let kbytes = (u32_at(56)? as usize).min(KSTACK * 8);
-    let ubytes = (u32_at(60)? as usize)
-        .min(USTACK)
-        .min(data.len().saturating_sub(HEADER));
-    let kernel = (0..kbytes / 8)
-        .filter_map(|i| u64_at(64 + 8 * i))
+    let kbytes = (h.kstack_bytes as usize).min(KSTACK * 8);
+    let kernel = data
+        .get(KSTACK_AT..KSTACK_AT + kbytes / 8 * 8)?
+        .chunks_exact(8)
+        .map(bytemuck::pod_read_unaligned::<u64>)
         .filter(|&a| a != 0)
         .collect();
+    let ubytes = (h.ustack_bytes as usize)
+        .min(USTACK)
+        .min(data.len().saturating_sub(USTACK_AT));
     Some(OffCpuEvent::Wait(OffCpuRecord {
-        pending: flags & OFFCPU_PENDING != 0,
-        pid: u32_at(0)?,
-        tid: u32_at(4)?,
-        time_ns: u64_at(8)?,
-        wait_ns: u64_at(16)?,
-        user_regs: [u64_at(40)?, u64_at(32)?, u64_at(24)?],
-        state: u32_at(48)?,
-        has_py: u32_at(52)? & OFFCPU_HAS_PY != 0,
+        pid: h.pid,
+        tid: h.tid,
+        time_ns: h.time,
+        wait_ns: h.wait_ns,
+        runq_ns: h.runq_ns.min(h.wait_ns),
+        user_regs: [h.bp, h.sp, h.ip],
+        state: h.state,
+        has_py: flag(types::offcpu_flags::OFFCPU_HAS_PY),
+        pending: flag(types::offcpu_flags::OFFCPU_PENDING),
         kernel,
-        stack: data.get(HEADER..HEADER + ubytes)?.to_vec(),
+        stack: data.get(USTACK_AT..USTACK_AT + ubytes)?.to_vec(),
     }))
 }
 
@@ -139,47 +182,99 @@ pub(crate) fn parse(data: &[u8]) -> Option<OffCpuEvent> {
 mod tests {
     use super::*;
 
+    fn head(flags: types::offcpu_flags, kstack_bytes: u32, ustack_bytes: u32) -> Vec<u8> {
+        let h = types::offcpu_head {
+            pid: 7,
+            tid: 8,
+            time: 99,
+            wait_ns: 5_000_000,
+            runq_ns: 1_000_000,
+            ip: 0x401000,
+            sp: 0x7ff0,
+            bp: 0x7ff8,
+            state: 1,
+            flags: flags.0,
+            kstack_bytes,
+            ustack_bytes,
+        };
+        bytemuck::bytes_of(&h).to_vec()
+    }
+
     #[test]
-    fn record_layout_matches_the_c_header() {
-        let mut b = vec![0u8; HEADER + 32];
-        b[0..4].copy_from_slice(&7u32.to_ne_bytes());
-        b[4..8].copy_from_slice(&8u32.to_ne_bytes());
-        b[8..16].copy_from_slice(&99u64.to_ne_bytes());
-        b[16..24].copy_from_slice(&5_000_000u64.to_ne_bytes());
-        b[24..32].copy_from_slice(&0x401000u64.to_ne_bytes()); // ip
-        b[32..40].copy_from_slice(&0x7ff0u64.to_ne_bytes()); // sp
-        b[40..48].copy_from_slice(&0x7ff8u64.to_ne_bytes()); // bp
-        b[48..52].copy_from_slice(&1u32.to_ne_bytes());
-        b[52..56].copy_from_slice(&OFFCPU_HAS_PY.to_ne_bytes());
-        b[56..60].copy_from_slice(&16u32.to_ne_bytes());
-        b[60..64].copy_from_slice(&32u32.to_ne_bytes());
-        b[64..72].copy_from_slice(&0xffff_ffff_8100_0000u64.to_ne_bytes());
-        b[72..80].copy_from_slice(&0xffff_ffff_8100_0010u64.to_ne_bytes());
-        b[HEADER] = 0xaa;
+    fn records_decode_through_the_generated_types() {
+        let mut b = head(types::offcpu_flags::OFFCPU_HAS_PY, 16, 32);
+        assert_eq!(b.len(), 72, "the layout of walker.h");
+        let mut k = [0u64; KSTACK];
+        k[0] = 0xffff_ffff_8100_0000;
+        k[1] = 0xffff_ffff_8100_0010;
+        b.extend_from_slice(bytemuck::bytes_of(&k));
+        b.extend_from_slice(&[0xaa; 32]);
         let Some(OffCpuEvent::Wait(r)) = parse(&b) else {
             panic!("a wait")
         };
         assert_eq!(
-            (r.pid, r.tid, r.time_ns, r.wait_ns, r.state),
-            (7, 8, 99, 5_000_000, 1)
+            (r.pid, r.tid, r.time_ns, r.wait_ns, r.runq_ns, r.state),
+            (7, 8, 99, 5_000_000, 1_000_000, 1)
         );
         assert_eq!(r.user_regs, [0x7ff8, 0x7ff0, 0x401000]);
-        assert!(r.has_py);
-        assert_eq!(r.kernel.len(), 2);
+        assert!(r.has_py && !r.pending);
+        assert_eq!(r.kernel, [0xffff_ffff_8100_0000, 0xffff_ffff_8100_0010]);
         assert_eq!((r.stack.len(), r.stack[0]), (32, 0xaa));
         // A stack longer than the record: only what is there.
-        b[60..64].copy_from_slice(&4096u32.to_ne_bytes());
+        b[68..72].copy_from_slice(&4096u32.to_ne_bytes());
         let Some(OffCpuEvent::Wait(r)) = parse(&b) else {
             panic!("a wait")
         };
         assert_eq!(r.stack.len(), 32);
-        b[52..56].copy_from_slice(&OFFCPU_RESUME.to_ne_bytes());
+        let r = head(types::offcpu_flags::OFFCPU_RESUME, 0, 0);
         assert!(matches!(
-            parse(&b[..64]),
+            parse(&r),
             Some(OffCpuEvent::Resume {
+                pid: 7,
                 tid: 8,
-                wait_ns: 5_000_000
+                time_ns: 99,
+                wait_ns: 5_000_000,
+                runq_ns: 1_000_000,
+                birth: false
             })
         ));
+        let flags = types::offcpu_flags::OFFCPU_RESUME.0 | types::offcpu_flags::OFFCPU_BIRTH.0;
+        let r = head(types::offcpu_flags(flags), 0, 0);
+        assert!(matches!(
+            parse(&r),
+            Some(OffCpuEvent::Resume { birth: true, .. })
+        ));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_decode_without_panicking(b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1200)) {
+            if let Some(OffCpuEvent::Wait(r)) = parse(&b) {
+                proptest::prop_assert!(USTACK_AT + r.stack.len() <= b.len());
+                proptest::prop_assert!(r.runq_ns <= r.wait_ns);
+            }
+        }
+    }
+
+    #[test]
+    fn map_values_decode_through_the_generated_types() {
+        let s = types::offcpu_start {
+            ts: 10,
+            wait: 20,
+            pid: 7,
+            tid: 8,
+            flags: types::start_flags::START_WOKEN.0,
+            ..Default::default()
+        };
+        let p = parse_start(bytemuck::bytes_of(&s)).unwrap();
+        assert_eq!((p.since_ns, p.before_ns, p.pid, p.tid), (10, 20, 7, 8));
+        assert!(p.ended && !p.stacked);
+        assert_eq!(parse_start(&bytemuck::bytes_of(&s)[..40]), None);
+        let key = (7u64 << 32) | 8;
+        let v = types::offcpu_short { count: 3, ns: 900 };
+        assert_eq!(
+            parse_short(&key.to_ne_bytes(), bytemuck::bytes_of(&v)),
+            Some(((7, 8), ShortWaits { count: 3, ns: 900 }))
+        );
     }
 }

@@ -494,13 +494,13 @@ impl Collector {
 
     /// Unwinds the sample's user stack, merges the walker's Python frames (`py_stack`) and
     /// adds the stack to the profile: one CPU sample, or with `offcpu` an off-CPU wait (its
-    /// nanoseconds, and whether the thread was preempted: a root frame says so).
+    /// nanoseconds blocked, and runnable: those get a `preempted` root frame).
     pub(super) fn add_stack(
         &mut self,
         key: u32,
         s: &records::Sample<'_>,
         py_stack: Option<perfpy_bpf::PyStack>,
-        offcpu: Option<(u64, bool)>,
+        offcpu: Option<(u64, u64)>,
     ) {
         self.procs[key as usize].thread_name(s.tid);
         let mut py_frames = std::mem::take(&mut self.scratch_py);
@@ -546,12 +546,16 @@ impl Collector {
             locs.push(self.profile.location(k));
         }
         match offcpu {
-            Some((ns, preempted)) => {
-                if preempted {
+            // Blocked, then runnable (woken, or preempted): waiting for a CPU.
+            Some((blocked, runnable)) => {
+                if blocked > 0 {
+                    self.profile.add_offcpu(key, s.tid, &locs, blocked)
+                }
+                if runnable > 0 {
                     let w = crate::wait::WaitKind::Preempted;
                     locs.push(self.profile.location(FrameKey::Wait(w)));
+                    self.profile.add_offcpu(key, s.tid, &locs, runnable)
                 }
-                self.profile.add_offcpu(key, s.tid, &locs, ns)
             }
             None => self.profile.add(key, s.tid, &locs),
         }

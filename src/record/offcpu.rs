@@ -74,12 +74,26 @@ impl Collector {
             .filter(|&(pid, tid, ran)| run_time(pid, tid) == Some(ran))
             .map(|(pid, tid, _)| (pid, tid))
             .collect();
-        for mut r in pending {
+        // Still off the CPU: the kernel still holds its start. Otherwise it ran again and its
+        // resume record was lost (a full ring): its wait is not known, and not counted.
+        let still: std::collections::HashSet<u32> =
+            match self.py.as_ref().and_then(|py| py.walker.as_ref()) {
+                Some(w) => w
+                    .waits_in_progress()
+                    .iter()
+                    .filter(|w| w.stacked)
+                    .map(|w| w.tid)
+                    .collect(),
+                None => Default::default(),
+            };
+        for mut r in pending.into_iter().filter(|r| still.contains(&r.tid)) {
             let stack = self
                 .py
                 .as_mut()
                 .and_then(|py| py.offcpu_py.remove(&(r.tid, r.time_ns)));
             r.wait_ns = end.saturating_sub(r.time_ns);
+            // Preempted: runnable all along. Otherwise not known to be woken yet.
+            r.runq_ns = if r.state == 0 { r.wait_ns } else { 0 };
             r.time_ns = end;
             self.add_wait(&r, stack);
         }
@@ -165,6 +179,7 @@ impl Collector {
             w.poll_offcpu(&mut |e| events.push(e));
         }
         let mut ready: Vec<OffCpuRecord> = std::mem::take(&mut off.waiting);
+        let mut births = Vec::new();
         for e in events {
             match e {
                 OffCpuEvent::Wait(r) if r.pending => {
@@ -177,16 +192,38 @@ impl Collector {
                         ready.push(r);
                     }
                 }
-                OffCpuEvent::Resume { tid, wait_ns } => {
+                // A new thread's first wait for a CPU (under the threshold: counted as short).
+                OffCpuEvent::Resume {
+                    pid,
+                    tid,
+                    time_ns,
+                    wait_ns,
+                    birth: true,
+                    ..
+                } => {
+                    if wait_ns >= off.min_block_ns {
+                        births.push((pid, tid, time_ns, wait_ns));
+                    }
+                }
+                OffCpuEvent::Resume {
+                    tid,
+                    wait_ns,
+                    runq_ns,
+                    ..
+                } => {
                     if let Some(mut r) = off.pending.remove(&tid) {
                         // Under the threshold: counted by the kernel with the short waits.
                         if wait_ns >= off.min_block_ns {
                             r.wait_ns = wait_ns;
+                            r.runq_ns = runq_ns.min(wait_ns);
                             ready.push(r);
                         }
                     }
                 }
             }
+        }
+        for (pid, tid, time_ns, wait_ns) in births {
+            self.add_birth(pid, tid, time_ns, wait_ns);
         }
         let latest = ready.iter().map(|r| r.time_ns).max().unwrap_or(0);
         for r in ready {
@@ -201,16 +238,30 @@ impl Collector {
         }
     }
 
-    /// One wait into the profile: unwound and merged as a CPU sample is.
+    /// A new thread's wait for its first CPU: `preempted`, with no other frame (it has run no
+    /// code yet).
+    fn add_birth(&mut self, pid: u32, tid: u32, time_ns: u64, wait_ns: u64) {
+        let window = self.offcpu.as_ref().map(|o| o.window).unwrap_or((0, 0));
+        let (_, ns) = split_wait(time_ns, wait_ns, wait_ns, window);
+        if pid == 0 || ns == 0 {
+            return;
+        }
+        let key = self.proc_key(pid);
+        let root = self.profile.location(FrameKey::Wait(WaitKind::Preempted));
+        self.profile.add_offcpu(key, tid, &[root], ns);
+        if let Some(off) = self.offcpu.as_mut() {
+            off.stats.waits += 1;
+            off.stats.wait_ns += ns;
+        }
+    }
+
+    /// One wait into the profile: unwound and merged as a CPU sample is; the part of it
+    /// runnable (woken, or preempted) goes to the same stack as `preempted`.
     fn add_wait(&mut self, r: &OffCpuRecord, py_stack: Option<perfpy_bpf::PyStack>) {
-        let (start, end) = self.offcpu.as_ref().map(|o| o.window).unwrap_or((0, 0));
-        let until = if end > 0 {
-            r.time_ns.min(end)
-        } else {
-            r.time_ns
-        };
-        let from = r.time_ns.saturating_sub(r.wait_ns).max(start);
-        let wait_ns = until.saturating_sub(from);
+        let window = self.offcpu.as_ref().map(|o| o.window).unwrap_or((0, 0));
+        let runq = if r.state == 0 { r.wait_ns } else { r.runq_ns };
+        let (blocked, runnable) = split_wait(r.time_ns, r.wait_ns, runq, window);
+        let wait_ns = blocked + runnable;
         if r.pid == 0 || wait_ns == 0 {
             return;
         }
@@ -236,7 +287,7 @@ impl Collector {
             st.py_beyond_copy,
             st.truncated,
         );
-        self.add_stack(key, &s, py_stack, Some((wait_ns, r.state == 0)));
+        self.add_stack(key, &s, py_stack, Some((blocked, runnable)));
         let st = &mut self.stats;
         let incomplete = st.unwind_incomplete > before.0 || st.truncated != before.3;
         (
@@ -291,6 +342,15 @@ impl Collector {
             off.stats.lost = lost;
         }
     }
+}
+
+/// A wait ending at `time` after `wait` ns, the last `runq` of them runnable, clipped to the
+/// recording's `window` (end 0 while it runs): its (blocked, runnable) ns inside.
+fn split_wait(time: u64, wait: u64, runq: u64, (start, end): (u64, u64)) -> (u64, u64) {
+    let until = if end > 0 { time.min(end) } else { time };
+    let clip = |from: u64, to: u64| to.min(until).saturating_sub(from.max(start));
+    let woke = time.saturating_sub(runq.min(wait));
+    (clip(time.saturating_sub(wait), woke), clip(woke, time))
 }
 
 /// A thread's time on a CPU so far (ns), from the kernel's schedstat.
@@ -411,5 +471,25 @@ fn human_ns(ns: u64) -> String {
         n if n % 1_000_000 == 0 => format!("{}ms", n / 1_000_000),
         n if n % 1000 == 0 => format!("{}µs", n / 1000),
         n => format!("{n}ns"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_wait;
+
+    #[test]
+    fn a_wait_splits_into_blocked_then_runnable_inside_the_window() {
+        // 10 ns off the CPU until 100, the last 3 runnable.
+        assert_eq!(split_wait(100, 10, 3, (0, 0)), (7, 3));
+        // The window starts at 95: 2 blocked, 3 runnable inside; ends at 98: 5 blocked, 1.
+        assert_eq!(split_wait(100, 10, 3, (95, 0)), (2, 3));
+        assert_eq!(split_wait(100, 10, 3, (0, 98)), (7, 1));
+        assert_eq!(split_wait(100, 10, 3, (91, 96)), (5, 0));
+        // Preempted: all runnable; a runnable part longer than the wait is the wait.
+        assert_eq!(split_wait(100, 10, 10, (0, 0)), (0, 10));
+        assert_eq!(split_wait(100, 10, 50, (0, 0)), (0, 10));
+        // Outside the window.
+        assert_eq!(split_wait(100, 10, 3, (200, 0)), (0, 0));
     }
 }

@@ -440,36 +440,37 @@ static long copy_user_chunk(u32 i, struct uctx *u)
     u32 off = (i & (OFFCPU_USTACK / OFFCPU_CHUNK - 1)) * OFFCPU_CHUNK;
     if (bpf_probe_read_user(&u->o->ustack[off], OFFCPU_CHUNK, (const void *)(u->sp + off)))
         return 1;
-    u->o->ustack_bytes = off + OFFCPU_CHUNK;
+    u->o->h.ustack_bytes = off + OFFCPU_CHUNK;
     return 0;
 }
 
 /* Takes the current thread's stacks (user registers `regs`, kernel stack of `st`) and emits
  * them, with its Python frames first. */
 static __always_inline void stack_wait(struct offcpu_start *st, struct pt_regs *regs, u64 wait,
-                                       u32 flags)
+                                       u64 runq, u32 flags)
 {
     u32 cpu = bpf_get_smp_processor_id();
     struct offcpu_record *o = bpf_map_lookup_elem(&offcpu_scratch, &cpu);
     if (!o)
         return;
     u64 now = bpf_ktime_get_ns();
-    o->pid = st->pid;
-    o->tid = st->tid;
-    o->time = now;
-    o->wait_ns = wait;
-    o->state = st->state;
-    o->flags = flags;
+    o->h.pid = st->pid;
+    o->h.tid = st->tid;
+    o->h.time = now;
+    o->h.wait_ns = wait;
+    o->h.runq_ns = runq;
+    o->h.state = st->state;
+    o->h.flags = flags;
     u32 kb = st->kstack_bytes;
     if (kb > sizeof(o->kstack))
         kb = sizeof(o->kstack);
-    o->kstack_bytes = kb;
+    o->h.kstack_bytes = kb;
     __builtin_memcpy(o->kstack, st->kstack, sizeof(o->kstack));
-    o->ip = BPF_CORE_READ(regs, ip);
-    o->sp = BPF_CORE_READ(regs, sp);
-    o->bp = BPF_CORE_READ(regs, bp);
-    o->ustack_bytes = 0;
-    struct uctx u = { .o = o, .sp = o->sp };
+    o->h.ip = BPF_CORE_READ(regs, ip);
+    o->h.sp = BPF_CORE_READ(regs, sp);
+    o->h.bp = BPF_CORE_READ(regs, bp);
+    o->h.ustack_bytes = 0;
+    struct uctx u = { .o = o, .sp = o->h.sp };
     bpf_loop(OFFCPU_USTACK / OFFCPU_CHUNK, copy_user_chunk, &u, 0);
     u32 pid = st->pid;
     struct proc_cfg *c = bpf_map_lookup_elem(&procs, &pid);
@@ -482,13 +483,13 @@ static __always_inline void stack_wait(struct offcpu_start *st, struct pt_regs *
             walk_python(c, r);
             r->flags |= REC_OFFCPU;
             emit(r);
-            o->flags |= OFFCPU_HAS_PY;
+            o->h.flags |= OFFCPU_HAS_PY;
         }
     }
-    u32 n = o->ustack_bytes;
+    u32 n = o->h.ustack_bytes;
     if (n > OFFCPU_USTACK)
         n = OFFCPU_USTACK;
-    if (bpf_ringbuf_output(&offcpu_events, o, OFFCPU_HEADER + n, 0))
+    if (bpf_ringbuf_output(&offcpu_events, o, __builtin_offsetof(struct offcpu_record, ustack) + n, 0))
         count_lost(0);
 }
 
@@ -505,18 +506,26 @@ static __always_inline void switch_out(u64 *ctx, struct task_struct *prev, u64 n
     if (st && (st->flags & START_WOKEN) && (st->flags & START_IN_SYSCALL) && !ctx[0]) {
         /* Blocks again in the system call whose long wait is not stacked yet: one wait. */
         st->ts = now;
+        st->woke = 0;
         st->flags &= ~START_WOKEN;
         woken_add(-1);
         return;
     }
-    if (st && (st->flags & START_WOKEN))
-        woken_add(-1); /* replaced below before its stacks were taken */
+    if (st && (st->flags & START_WOKEN)) {
+        /* Preempted before the system call whose long wait ended returned (a thread woken by a
+         * lock's release often is): that wait is stacked now, in the thread's own context as
+         * at sys_exit, before its entry is replaced. */
+        stack_wait(st, (struct pt_regs *)bpf_task_pt_regs(prev), st->wait, st->runq, 0);
+        woken_add(-1);
+    }
     u32 zero = 0;
     struct offcpu_start *n = bpf_map_lookup_elem(&start_tmpl, &zero);
     if (!n)
         return;
     n->ts = now;
     n->wait = 0;
+    n->runq = 0;
+    n->woke = 0;
     n->pid = pid;
     n->tid = tid;
     n->state = ctx[0] ? 0 : BPF_CORE_READ(prev, __state);
@@ -539,7 +548,7 @@ static __always_inline void switch_out(u64 *ctx, struct task_struct *prev, u64 n
     /* The first two frames are this program and the tracepoint runner. */
     long kb = bpf_get_stack(ctx, st->kstack, sizeof(st->kstack), 2);
     st->kstack_bytes = kb > 0 ? kb : 0;
-    stack_wait(st, regs, 0, OFFCPU_PENDING);
+    stack_wait(st, regs, 0, 0, OFFCPU_PENDING);
 }
 
 /* A profiled thread is switched in again (`next`; the current task is the one leaving). */
@@ -550,10 +559,17 @@ static __always_inline void switch_in(struct task_struct *next, u64 now)
     if (!st || (st->flags & START_WOKEN))
         return;
     u64 wait = st->wait + (now - st->ts);
+    /* Runnable since it was woken (or all along, preempted): waiting for a CPU, not for what
+     * it blocked on. */
+    u64 from = !st->state ? st->ts : st->woke;
+    u64 runq = st->runq + (from >= st->ts && from <= now ? now - from : 0);
     if (st->flags & START_PENDING) {
         if (wait < min_block_ns)
             count_short(st->pid, st->tid, wait);
-        struct offcpu_resume r = { .tid = st->tid, .time = now, .wait_ns = wait, .flags = OFFCPU_RESUME };
+        struct offcpu_head r = {
+            .pid = st->pid, .tid = st->tid, .time = now, .wait_ns = wait, .runq_ns = runq,
+            .flags = OFFCPU_RESUME | (st->flags & START_BIRTH ? OFFCPU_BIRTH : 0)
+        };
         if (bpf_ringbuf_output(&offcpu_events, &r, sizeof(r), 0))
             count_lost(0);
         bpf_map_delete_elem(&offcpu_start, &ktid);
@@ -568,6 +584,7 @@ static __always_inline void switch_in(struct task_struct *next, u64 now)
             st->kstack_bytes = kb > 0 ? kb : 0;
         }
         st->wait = wait;
+        st->runq = runq;
         st->flags |= START_WOKEN;
         woken_add(1);
     }
@@ -579,6 +596,19 @@ int on_switch(u64 *ctx)
     u64 now = bpf_ktime_get_ns();
     switch_out(ctx, (void *)ctx[1], now);
     switch_in((void *)ctx[2], now);
+    return 0;
+}
+
+/* A profiled thread off the CPU is woken: from now on it waits for a CPU, not for what it
+ * blocked on (the first wake-up counts). */
+SEC("tp_btf/sched_wakeup")
+int on_wakeup(u64 *ctx)
+{
+    struct task_struct *p = (void *)ctx[0];
+    u32 ktid = BPF_CORE_READ(p, pid);
+    struct offcpu_start *st = bpf_map_lookup_elem(&offcpu_start, &ktid);
+    if (st && !(st->flags & START_WOKEN) && !st->woke)
+        st->woke = bpf_ktime_get_ns();
     return 0;
 }
 
@@ -595,7 +625,7 @@ int on_sys_exit(u64 *ctx)
     struct offcpu_start *st = bpf_map_lookup_elem(&offcpu_start, &ktid);
     if (!st || !(st->flags & START_WOKEN))
         return 0;
-    stack_wait(st, (struct pt_regs *)ctx[0], st->wait, 0);
+    stack_wait(st, (struct pt_regs *)ctx[0], st->wait, st->runq, 0);
     bpf_map_delete_elem(&offcpu_start, &ktid);
     woken_add(-1);
     return 0;
@@ -620,6 +650,17 @@ static long ns_level(u32 i, struct nsctx *x)
     return 0;
 }
 
+/* The pid (or tid) of `task` in perfpy's PID namespace, 0 if it has none there. */
+static __always_inline u32 nr_in_our_ns(struct task_struct *task)
+{
+    struct pid *p = BPF_CORE_READ(task, thread_pid);
+    if (!p)
+        return 0;
+    struct nsctx x = { .p = p, .nr = 0 };
+    bpf_loop((BPF_CORE_READ(p, level) & 31) + 1, ns_level, &x, 0);
+    return x.nr;
+}
+
 /* A new process whose parent is kept with KEEP_CHILDREN is kept too, and walked as its parent
  * (same address space until it execs). Runs in the parent, before the child first runs. Only
  * loaded with filter_kept. */
@@ -635,12 +676,7 @@ int on_fork(u64 *ctx)
         if (bpf_get_ns_current_pid_tgid(pidns_dev, pidns_ino, &ns, sizeof(ns)))
             return 0;
         ppid = ns.tgid;
-        struct pid *cp = BPF_CORE_READ(child, thread_pid);
-        if (!cp)
-            return 0;
-        struct nsctx x = { .p = cp, .nr = 0 };
-        bpf_loop((BPF_CORE_READ(cp, level) & 31) + 1, ns_level, &x, 0);
-        cpid = x.nr;
+        cpid = nr_in_our_ns(child);
         if (!cpid)
             return 0;
     } else {
@@ -680,6 +716,38 @@ int on_exec(u64 *ctx)
         bpf_map_delete_elem(&procs, &pid);
         k->flags &= ~KEEP_FROM_EXEC;
     }
+    return 0;
+}
+
+/* A new thread of a kept process waits for its first CPU before it ever leaves one: noted here,
+ * in its creator's context, as a preempted wait without a stack (OFFCPU_BIRTH when it runs). */
+SEC("tp_btf/sched_wakeup_new")
+int on_wakeup_new(u64 *ctx)
+{
+    struct task_struct *p = (void *)ctx[0];
+    u32 ktid = BPF_CORE_READ(p, pid);
+    if (ktid == (u32)BPF_CORE_READ(p, tgid))
+        return 0; /* a new process: its first run is its exec's */
+    u32 pid, tid;
+    if (current_ids(&pid, &tid) || !pid || !is_kept(pid))
+        return 0;
+    tid = in_child_pidns ? nr_in_our_ns(p) : ktid;
+    if (!tid)
+        return 0;
+    u32 zero = 0;
+    struct offcpu_start *n = bpf_map_lookup_elem(&start_tmpl, &zero);
+    if (!n)
+        return 0;
+    n->ts = bpf_ktime_get_ns();
+    n->wait = 0;
+    n->runq = 0;
+    n->woke = 0;
+    n->pid = pid;
+    n->tid = tid;
+    n->state = 0;
+    n->flags = START_PENDING | START_BIRTH;
+    n->kstack_bytes = 0;
+    bpf_map_update_elem(&offcpu_start, &ktid, n, 0);
     return 0;
 }
 

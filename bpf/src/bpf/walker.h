@@ -82,7 +82,7 @@ struct record {
 /* Never read nor written by the program: one instance of each type above that no map names, so
  * that clang puts it in the program's BTF (a struct reached only through a pointer member is
  * emitted as a bare forward declaration, and an enum not at all) and libbpf-cargo generates its
- * Rust type. They cost a 40-byte .bss map. */
+ * Rust type. They cost a small .bss map. */
 struct record abi_record;
 enum py_frame_limits abi_py_frame_limits;
 enum record_flags abi_record_flags;
@@ -95,58 +95,68 @@ struct offcpu_short {
     __u64 ns;
 };
 
-#define OFFCPU_KSTACK 64     /* kernel frames */
-#define OFFCPU_USTACK 16384  /* bytes of user stack copied (as the CPU samples' default) */
-#define OFFCPU_CHUNK 512     /* copied chunk by chunk up to the end of the stack's mapping */
-#define OFFCPU_HAS_PY 1      /* its Python frames went into `events` first (REC_OFFCPU, same tid and time) */
-#define OFFCPU_PENDING 2     /* taken as the thread left the CPU; its wait follows in an OFFCPU_RESUME record */
-#define OFFCPU_RESUME 4      /* only the wait (wait_ns) of the last pending record of thread tid */
+enum offcpu_sizes {
+    OFFCPU_KSTACK = 64,    /* kernel frames */
+    OFFCPU_USTACK = 16384, /* bytes of user stack copied (as the CPU samples' default) */
+    OFFCPU_CHUNK = 512,    /* copied chunk by chunk up to the end of the stack's mapping */
+};
+
+/* Off-CPU record flags. */
+enum offcpu_flags {
+    OFFCPU_HAS_PY = 1,  /* its Python frames went into `events` first (REC_OFFCPU, same tid and time) */
+    OFFCPU_PENDING = 2, /* taken as the thread left the CPU; its wait follows in an OFFCPU_RESUME record */
+    OFFCPU_RESUME = 4,  /* a bare head: the wait (wait_ns, runq_ns) of the last pending record of thread tid */
+    OFFCPU_BIRTH = 8,   /* with OFFCPU_RESUME: a new thread's wait for its first CPU (no record before it) */
+};
 
 /* Off-CPU: a profiled thread that left the CPU, by kernel tid, until its wait is stacked. */
-#define START_IN_SYSCALL 1 /* blocked in a system call: stacked at its exit, in the thread's context */
-#define START_WOKEN 2      /* ran again after a wait of at least the threshold */
-#define START_PENDING 4    /* stacked as it left (preempted, page fault): its wait is sent when it runs */
+enum start_flags {
+    START_IN_SYSCALL = 1, /* blocked in a system call: stacked at its exit, in the thread's context */
+    START_WOKEN = 2,      /* ran again after a wait of at least the threshold */
+    START_PENDING = 4,    /* stacked as it left (preempted, page fault): its wait is sent when it runs */
+    START_BIRTH = 8,      /* a new thread, runnable since its creation, not run yet */
+};
 struct offcpu_start {
-    __u64 ts;   /* when it last left the CPU */
-    __u64 wait; /* off-CPU time so far in this system call */
-    __u32 pid;  /* as perfpy sees them */
+    __u64 ts;    /* when it last left the CPU */
+    __u64 wait;  /* off-CPU time so far in this system call */
+    __u64 runq;  /* of which runnable, waiting for a CPU (woken, or preempted) */
+    __u64 woke;  /* when it was last woken (sched_wakeup), 0 before */
+    __u32 pid;   /* as perfpy sees them */
     __u32 tid;
     __u32 state; /* the task's state as it left: 0 = preempted (still runnable) */
-    __u32 flags;
+    __u32 flags; /* start_flags */
     __u32 kstack_bytes;
     __u32 pad;
-    __u64 kstack[64];
+    __u64 kstack[OFFCPU_KSTACK];
+};
+
+/* The fixed head of an off-CPU record, and alone an OFFCPU_RESUME record. */
+struct offcpu_head {
+    __u32 pid;
+    __u32 tid;
+    __u64 time;    /* when it ran again (CLOCK_MONOTONIC) */
+    __u64 wait_ns; /* how long it was off the CPU */
+    __u64 runq_ns; /* the part of it runnable, waiting for a CPU: woken and not yet running, or preempted */
+    __u64 ip;      /* user registers at the wait */
+    __u64 sp;
+    __u64 bp;
+    __u32 state;
+    __u32 flags; /* offcpu_flags */
+    __u32 kstack_bytes;
+    __u32 ustack_bytes;
 };
 
 /* A wait of at least the threshold, emitted when the thread runs again; only the copied part of
  * the user stack goes into the ring. */
 struct offcpu_record {
-    __u32 pid; /* OFFCPU_RESUME: the kernel tid */
-    __u32 tid;
-    __u64 time;    /* when it ran again (CLOCK_MONOTONIC) */
-    __u64 wait_ns; /* how long it was off the CPU */
-    __u64 ip;      /* user registers at the wait */
-    __u64 sp;
-    __u64 bp;
-    __u32 state;
-    __u32 flags;
-    __u32 kstack_bytes;
-    __u32 ustack_bytes;
+    struct offcpu_head h;
     __u64 kstack[OFFCPU_KSTACK];
     __u8 ustack[OFFCPU_USTACK];
 };
-#define OFFCPU_HEADER (64 + 8 * OFFCPU_KSTACK)
 
-/* An OFFCPU_RESUME record: the first 64 bytes of a record's layout. */
-struct offcpu_resume {
-    __u32 pad;
-    __u32 tid;
-    __u64 time;
-    __u64 wait_ns;
-    __u64 unused[3];
-    __u32 state;
-    __u32 flags;
-    __u64 pad2;
-};
+/* In the BTF for libbpf-cargo, as those above. */
+enum offcpu_sizes abi_offcpu_sizes;
+enum offcpu_flags abi_offcpu_flags;
+enum start_flags abi_start_flags;
 
 #endif
