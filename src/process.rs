@@ -16,6 +16,7 @@ use perfpy_process::{proc, Version};
 use perfpy_symbolize::perfmap::PerfMap;
 
 use crate::files::{Files, MappedFile, SectionData};
+use crate::profile::FrameKey;
 use crate::unwind::TrampolineCache;
 
 /// The root directory of a process, in which the files it names are opened.
@@ -64,6 +65,10 @@ pub struct Process {
     /// framehop's rule cache (~12 KiB), made at the first unwinding, dropped at `release`.
     pub cache: Option<Box<CacheX86_64>>,
     pub trampolines: TrampolineCache,
+    /// Per thread: the native frames under its outermost Python frame (that frame's function),
+    /// from its last sample whose unwinding reached the outermost frame. A Python stack deeper
+    /// than the stack copy ends with the same frames.
+    pub roots: HashMap<u32, (FrameKey, Vec<FrameKey>)>,
     /// Its root directory, in which every file it names is opened (see
     /// `perfpy_inject::target_files`): held open when it is not ours (containers, chroots,
     /// private /tmp) so that the perf map in it can be read after the process exits.
@@ -113,6 +118,7 @@ impl Process {
             unwinder: UnwinderX86_64::new(),
             cache: None,
             trampolines: TrampolineCache::default(),
+            roots: HashMap::new(),
             root,
             uids: status.uids,
             has_anon: false,
@@ -151,6 +157,7 @@ impl Process {
         self.unwinder = UnwinderX86_64::new();
         self.cache = None;
         self.trampolines = TrampolineCache::default();
+        self.roots.clear();
         self.is_python = false;
         self.python_version = None;
         self.last_refresh = None;
@@ -280,6 +287,7 @@ impl Process {
         self.unwinder = UnwinderX86_64::new();
         self.cache = None;
         self.trampolines = TrampolineCache::default();
+        self.roots = HashMap::new();
         self.threads.shrink_to_fit();
     }
 
@@ -342,6 +350,7 @@ impl Process {
             unwinder: UnwinderX86_64::new(),
             cache: None,
             trampolines: TrampolineCache::default(),
+            roots: HashMap::new(),
             root,
             uids: self.uids.clone(),
             has_anon: self.has_anon,

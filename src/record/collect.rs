@@ -24,6 +24,45 @@ use super::replay::Target;
 /// thread: 2.5 s at 100 Hz).
 pub(super) const KEEP_RECORDS_NS: u64 = 2_000_000_000;
 
+/// A Python stack deeper than the stack copy ends at its outermost Python frame: the native
+/// frames under it (the interpreter's start, a thread's entry) are those its thread had under
+/// the same outermost function in its last whole sample, so they are added from there. A whole
+/// sample's are kept for that.
+fn complete_root(
+    p: &mut Process,
+    tid: u32,
+    m: &merge::Merged,
+    incomplete: bool,
+    stack: &mut Vec<FrameKey>,
+) {
+    let outer = |k: &FrameKey| match *k {
+        FrameKey::Py { func, .. } => Some(FrameKey::Py { func, line: 0 }),
+        _ => None,
+    };
+    if m.py_beyond_copy {
+        let Some(last) = stack.last().and_then(outer) else {
+            return;
+        };
+        if let Some((f, root)) = p.roots.get(&tid) {
+            if *f == last {
+                stack.extend_from_slice(root);
+            }
+        }
+    } else if !incomplete && m.cut.is_none() {
+        let Some(i) = stack.iter().rposition(|k| matches!(k, FrameKey::Py { .. })) else {
+            return;
+        };
+        let Some(f) = outer(&stack[i]) else { return };
+        let root = &stack[i + 1..];
+        match p.roots.get_mut(&tid) {
+            Some((g, r)) if *g == f && r.as_slice() == root => {}
+            _ => {
+                p.roots.insert(tid, (f, root.to_vec()));
+            }
+        }
+    }
+}
+
 /// The name of a Python frame the walker saw but whose code object could not be read.
 pub(crate) const UNREADABLE_PY_FRAME: &str = "[unreadable Python frame]";
 
@@ -533,6 +572,9 @@ impl Collector {
             self.debug_no_python(s, py_stack.as_ref());
         }
         let p = &mut self.procs[key as usize];
+        if m.have_py {
+            complete_root(p, s.tid, &m, ns.incomplete, &mut stack);
+        }
         p.trampoline_seen |= m.trampoline_replaced;
         self.stats.py_beyond_copy += m.py_beyond_copy as u64;
         self.stats.unwind_incomplete += m.unwind_incomplete as u64;
