@@ -162,7 +162,7 @@ fn frames_of(pid: u32, py: &Py, ts: u64) -> Vec<(u64, PyFrameRef)> {
             .and_then(|a| u64_at(pid, a))
             .unwrap_or(0)
     };
-    let mut out = Vec::new();
+    let mut out: Vec<(u64, PyFrameRef)> = Vec::new();
     let mut steps = 0;
     while frame != 0 && out.len() < MAX_FRAMES && steps < 2 * MAX_FRAMES {
         steps += 1;
@@ -180,6 +180,12 @@ fn frames_of(pid: u32, py: &Py, ts: u64) -> Vec<(u64, PyFrameRef)> {
             0
         };
         if o.owned_by_cstack >= 0 && owner >= o.owned_by_cstack as u8 {
+            // The shim of a C-level evaluation call (3.12+; 3.15's thread base frame too):
+            // the frame above it is the call's entry frame, marked as the walker marks it.
+            if let Some((_, f)) = out.last_mut().filter(|(_, f)| !f.entry) {
+                f.entry = true;
+                f.first_local = frame;
+            }
             frame = prev;
             continue;
         }
@@ -211,7 +217,8 @@ fn frames_of(pid: u32, py: &Py, ts: u64) -> Vec<(u64, PyFrameRef)> {
             PyFrameRef {
                 code,
                 instr,
-                entry: false,
+                // <= 3.10: every Python call is a C-level evaluation call of its own.
+                entry: o.lasti_int != 0,
                 owner,
                 first_local,
                 ident: 0,
@@ -220,6 +227,31 @@ fn frames_of(pid: u32, py: &Py, ts: u64) -> Vec<(u64, PyFrameRef)> {
         frame = prev;
     }
     out
+}
+
+/// The Python frames thread `tid` (as perfpy sees it) of `p` has now, innermost first, read
+/// from user space as `dump` reads them: the stack of a thread blocked since before a
+/// recording began, which no switch of the recording showed.
+pub(crate) fn python_stack_now(p: &Process, tid: u32) -> Option<perfpy_bpf::PyStack> {
+    let py = find_python(p).ok()?;
+    let tids = proc::tasks(p.pid).ok()?;
+    // Thread states carry the tid in the target's own PID namespace.
+    let ns = ns_tids(p.pid, &tids);
+    let ts = thread_states(p.pid, &py)
+        .into_iter()
+        .find(|(t, _)| t.map(|t| ns.get(&t).copied().unwrap_or(t)) == Some(tid))?
+        .1;
+    let frames: Vec<PyFrameRef> = frames_of(p.pid, &py, ts).into_iter().map(|(_, f)| f).collect();
+    Some(perfpy_bpf::PyStack {
+        pid: p.pid,
+        tid,
+        time_ns: 0,
+        truncated: (frames.len() >= MAX_FRAMES).then_some(perfpy_bpf::WalkerCut::FrameLimit),
+        frames,
+        no_thread_state: false,
+        read_error: false,
+        offcpu: true,
+    })
 }
 
 /// The thread state holding the GIL (3.13+), from the target's `_Py_DebugOffsets`:

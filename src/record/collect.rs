@@ -539,7 +539,7 @@ impl Collector {
         key: u32,
         s: &records::Sample<'_>,
         py_stack: Option<perfpy_bpf::PyStack>,
-        offcpu: Option<(u64, u64)>,
+        offcpu: Option<super::offcpu::Off>,
     ) {
         self.procs[key as usize].thread_name(s.tid);
         let mut py_frames = std::mem::take(&mut self.scratch_py);
@@ -589,7 +589,14 @@ impl Collector {
         }
         match offcpu {
             // Blocked, then runnable (woken, or preempted): waiting for a CPU.
-            Some((blocked, runnable)) => {
+            Some(super::offcpu::Off {
+                blocked,
+                runnable,
+                kind,
+            }) => {
+                if let Some(kind) = kind {
+                    locs.push(self.profile.location(FrameKey::Wait(kind)));
+                }
                 if blocked > 0 {
                     self.profile.add_offcpu(key, s.tid, &locs, blocked)
                 }

@@ -14,6 +14,9 @@ use crate::profile::FrameKey;
 use crate::records;
 use crate::wait::WaitKind;
 
+/// Bytes of a blocked thread's user stack read for its native frames (as a sample's copy).
+const BLOCKED_STACK: usize = 16 << 10;
+
 /// Python frames older than this (and never claimed: a short wait's) are dropped.
 const KEEP_PY_NS: u64 = 2_000_000_000;
 
@@ -56,7 +59,59 @@ impl OffCpu {
     }
 }
 
+/// A wait's time into the profile: blocked, then runnable (woken, or preempted), and its kind
+/// where its stack cannot tell it (no kernel frames).
+pub(super) struct Off {
+    pub blocked: u64,
+    pub runnable: u64,
+    pub kind: Option<WaitKind>,
+}
+
 impl Collector {
+    /// A wait still going on at the end that no switch stacked (the thread was blocked before
+    /// the recording began, or is in a system call whose return has not come): stacked with
+    /// what the thread has now — its Python frames as `perfpy dump` reads them, its native
+    /// frames unwound from the registers the kernel saved at its system call — under its kind.
+    /// The thread is still in that call, so that is the stack it waits with.
+    fn add_blocked_now(&mut self, pid: u32, tid: u32, kind: WaitKind, ns: u64) {
+        let key = self.proc_key(pid);
+        let now = perfpy_process::proc::task_syscall(pid, tid)
+            .and_then(|c| c.sp_pc)
+            .filter(|_| self.target.is_live());
+        let Some((sp, pc)) = now else {
+            let root = self.profile.location(FrameKey::Wait(kind));
+            self.profile.add_offcpu(key, tid, &[root], ns);
+            return;
+        };
+        let mut stack = vec![0u8; BLOCKED_STACK];
+        let n = perfpy_process::ReadMemory::read(&perfpy_process::LiveMemory(pid), sp, &mut stack)
+            .unwrap_or(0);
+        stack.truncate(n);
+        self.register_python(key);
+        let py_stack = crate::dump::python_stack_now(&self.procs[key as usize], tid);
+        let s = records::Sample {
+            ip: pc,
+            pid,
+            tid,
+            time: 0,
+            cpu: 0,
+            period: 0,
+            kernel: Vec::new(),
+            user_regs: Some([0, sp, pc]),
+            stack: &stack,
+        };
+        let off = Off {
+            blocked: ns,
+            runnable: 0,
+            kind: Some(kind),
+        };
+        self.add_stack(key, &s, py_stack, Some(off));
+        if let Some(o) = self.offcpu.as_mut() {
+            o.stats.waits += 1;
+            o.stats.wait_ns += ns;
+        }
+    }
+
     /// Waits still going on when the recording ends, up to its end: those stacked as they left
     /// with their stacks, the others (blocked in a system call, stacked only when it returns)
     /// with their kind from the system call, as a root frame alone.
@@ -100,14 +155,12 @@ impl Collector {
         for (pid, tid) in idle {
             let kind = kind_of_syscall(pid, tid);
             tracing::debug!(pid, tid, ?kind, "off-CPU: did not run during the recording");
-            let key = self.proc_key(pid);
-            let root = self.profile.location(FrameKey::Wait(kind));
-            self.profile
-                .add_offcpu(key, tid, &[root], end.saturating_sub(start));
+            self.add_blocked_now(pid, tid, kind, end.saturating_sub(start));
         }
         let Some(walker) = self.py.as_ref().and_then(|py| py.walker.as_ref()) else {
             return;
         };
+        let mut in_progress = Vec::new();
         for w in walker.waits_in_progress() {
             if w.stacked || w.pid == 0 {
                 continue;
@@ -128,9 +181,16 @@ impl Collector {
                 kind_of_syscall(w.pid, w.tid)
             };
             tracing::debug!(?w, ns, ?kind, "off-CPU: wait in progress at the end");
-            let key = self.proc_key(w.pid);
-            let root = self.profile.location(FrameKey::Wait(kind));
-            self.profile.add_offcpu(key, w.tid, &[root], ns);
+            if kind == WaitKind::Short {
+                let key = self.proc_key(w.pid);
+                let root = self.profile.location(FrameKey::Wait(kind));
+                self.profile.add_offcpu(key, w.tid, &[root], ns);
+            } else {
+                in_progress.push((w.pid, w.tid, kind, ns));
+            }
+        }
+        for (pid, tid, kind, ns) in in_progress {
+            self.add_blocked_now(pid, tid, kind, ns);
         }
     }
 }
@@ -287,7 +347,12 @@ impl Collector {
             st.py_beyond_copy,
             st.truncated,
         );
-        self.add_stack(key, &s, py_stack, Some((blocked, runnable)));
+        let off = Off {
+            blocked,
+            runnable,
+            kind: None,
+        };
+        self.add_stack(key, &s, py_stack, Some(off));
         let st = &mut self.stats;
         let incomplete = st.unwind_incomplete > before.0 || st.truncated != before.3;
         (
@@ -367,11 +432,18 @@ fn run_time(pid: u32, tid: u32) -> Option<u64> {
 /// (x86-64 numbers; `/proc/PID/task/TID/syscall`), since its stacks are taken only when it ends.
 fn kind_of_syscall(pid: u32, tid: u32) -> WaitKind {
     let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).unwrap_or_default();
-    match s
-        .split_whitespace()
-        .next()
-        .and_then(|n| n.parse::<i64>().ok())
-    {
+    let mut words = s.split_whitespace();
+    let nr = words.next().and_then(|n| n.parse::<i64>().ok());
+    // Its arguments, in hex.
+    let args: Vec<u64> = words
+        .take(6)
+        .filter_map(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok())
+        .collect();
+    match nr {
+        // select/pselect6 with no descriptors (2.7's and older 3.x's time.sleep), poll/ppoll
+        // with none: a sleep.
+        Some(23 | 270) if args.first() == Some(&0) => WaitKind::Sleep,
+        Some(7 | 271) if args.get(1) == Some(&0) => WaitKind::Sleep,
         Some(0 | 17 | 19 | 295) => WaitKind::IoRead,
         Some(35 | 230) => WaitKind::Sleep,
         Some(202) => WaitKind::Lock,

@@ -58,6 +58,11 @@ pub(super) enum Target {
 }
 
 impl Target {
+    /// Reading the live process (not a replay, nor a capture, which must record every read).
+    pub(super) fn is_live(&self) -> bool {
+        matches!(self, Target::Live)
+    }
+
     /// `PERFPY_CAPTURE=DIR`: capture into DIR.
     pub(super) fn from_env() -> Result<Self> {
         match std::env::var_os("PERFPY_CAPTURE") {

@@ -513,3 +513,45 @@ fn lost_waits_are_counted_and_reported() {
     assert!(off > 0, "off-CPU time in the profile");
     check_go_pprof(&out);
 }
+
+/// Threads blocked since before the recording (a sleep, a read of a pipe nobody writes):
+/// no switch of theirs happens while perfpy records, yet each wait is stacked under the Python
+/// function and line that waits, with its kind, for the whole recording.
+#[test]
+fn waits_begun_before_the_recording_have_their_stacks() {
+    for minor in ["2.7", "3.9", "3.12", "3.13"] {
+        let Some(py) = python(minor) else { continue };
+        let w = Workload::start(Command::new(&py).arg(testdata("blocked.py")));
+        let what = format!("blocked {minor}");
+        let (d, _) = Record::new(&format!("blocked-{minor}.pb.gz"))
+            .pid(w.pid())
+            .duration("1")
+            .arg("--off-cpu")
+            .profile_read_by_go();
+        let waited = |function: &str, needle: &str, kind: &str| -> i64 {
+            let line = line_of("blocked.py", needle);
+            d.profile
+                .sample
+                .iter()
+                .zip(&d.samples)
+                .filter(|(_, s)| {
+                    s.str_labels.get("wait").map(String::as_str) == Some(kind)
+                        && s.frames
+                            .iter()
+                            .any(|f| f.function == function && f.line == line)
+                })
+                .map(|(raw, _)| raw.value[2])
+                .sum()
+        };
+        let nap = waited("nap", "time.sleep(600)", "sleep");
+        let read = waited("read_forever", "os.read(fd, 1)", "I/O read");
+        eprintln!("{what}: nap {nap} ns, read_forever {read} ns");
+        // The whole recording (1 s), give or take its start and end.
+        for (f, ns) in [("nap", nap), ("read_forever", read)] {
+            assert!(
+                (0.8e9..1.3e9).contains(&(ns as f64)),
+                "{what}: {f} waited {ns} ns at its line, want ~1 s"
+            );
+        }
+    }
+}
