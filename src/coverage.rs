@@ -61,6 +61,11 @@ pub struct CpuMeter {
     at_start: HashMap<u32, Ticks>,
     /// The latest reading of each target: what is left of one reaped before the end.
     latest: HashMap<u32, Ticks>,
+    /// With children: the CPU (ticks) the targets and their live descendants had used since the
+    /// start at the latest poll where every target could be read, all read at one instant (a
+    /// child's time is then in its own figures or, once reaped, in its parent's, never both).
+    /// A target that exits takes its reaped children's time with it: this is what is left.
+    snapshot: Option<u64>,
     rusage_start: Duration,
     last_poll: Instant,
 }
@@ -90,22 +95,47 @@ impl CpuMeter {
             launched,
             latest: at_start.clone(),
             at_start,
+            snapshot: None,
             rusage_start: children_rusage(),
             last_poll: Instant::now(),
         }
     }
 
-    /// Reads the targets again, at most every 250 ms (cheap: one small file each).
-    pub fn poll(&mut self) {
+    /// Reads the targets again, at most every 250 ms (cheap: one small file each), and with
+    /// children the processes `live` (those the recording follows) too.
+    pub fn poll(&mut self, live: impl IntoIterator<Item = u32>) {
         if self.launched || self.last_poll.elapsed() < Duration::from_millis(250) {
             return;
         }
         self.last_poll = Instant::now();
+        let mut all = true;
         for &p in &self.targets {
-            if let Some(t) = read_ticks(p) {
-                self.latest.insert(p, t);
+            match read_ticks(p) {
+                Some(t) => {
+                    self.latest.insert(p, t);
+                }
+                None => all = false,
             }
         }
+        if self.children && all && !self.targets.is_empty() {
+            let mut ticks = 0u64;
+            for &p in &self.targets {
+                ticks += self.since_start(p, self.latest[&p]);
+            }
+            for p in live {
+                if !self.targets.contains(&p) {
+                    ticks += read_ticks(p).map_or(0, |t| self.since_start(p, t));
+                }
+            }
+            self.snapshot = Some(ticks);
+        }
+    }
+
+    /// A process's own and reaped children's ticks since the start (all of them for one
+    /// started since).
+    fn since_start(&self, p: u32, now: Ticks) -> u64 {
+        let a = self.at_start.get(&p).copied().unwrap_or_default();
+        (now.own + now.children).saturating_sub(a.own + a.children)
     }
 
     /// The CPU time used since [`CpuMeter::start`]; for a launched command, once it is reaped.
@@ -114,7 +144,15 @@ impl CpuMeter {
             return children_rusage().saturating_sub(self.rusage_start);
         }
         self.last_poll = Instant::now() - Duration::from_secs(1);
-        self.poll();
+        let snapshot = self.snapshot;
+        self.poll(std::iter::empty());
+        self.snapshot = snapshot;
+        // A target gone: its figures stopped at its last reading, without the children it
+        // reaped after it; the last whole reading of the tree counts them.
+        let gone = self.targets.iter().any(|&p| read_ticks(p).is_none());
+        if let (true, true, Some(t)) = (self.children, gone, self.snapshot) {
+            return Duration::from_secs_f64(t as f64 / ticks_per_second() as f64);
+        }
         let mut ticks = 0u64;
         for &p in &self.targets {
             let (Some(a), Some(b)) = (self.at_start.get(&p), self.latest.get(&p)) else {

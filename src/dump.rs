@@ -241,7 +241,10 @@ pub(crate) fn python_stack_now(p: &Process, tid: u32) -> Option<perfpy_bpf::PySt
         .into_iter()
         .find(|(t, _)| t.map(|t| ns.get(&t).copied().unwrap_or(t)) == Some(tid))?
         .1;
-    let frames: Vec<PyFrameRef> = frames_of(p.pid, &py, ts).into_iter().map(|(_, f)| f).collect();
+    let frames: Vec<PyFrameRef> = frames_of(p.pid, &py, ts)
+        .into_iter()
+        .map(|(_, f)| f)
+        .collect();
     Some(perfpy_bpf::PyStack {
         pid: p.pid,
         tid,

@@ -171,7 +171,8 @@ impl Session {
         }
         self.c.poll_offcpu();
         self.c.release_exited(Duration::from_secs(2));
-        self.meter.poll();
+        self.meter
+            .poll(self.c.live.keys().chain(self.c.dying.keys()).copied());
     }
 
     /// Whether the recording has ended, and why.

@@ -364,3 +364,53 @@ fn short_lived_children_in_a_pid_namespace() {
     );
     check_children_share(&d, child_work / total);
 }
+
+/// A target that waits for its children and exits while perfpy, attached with --subprocesses,
+/// still records: the CPU its children used is in the coverage figure although the target,
+/// which held it once they were reaped, is gone (2.4 s of CPU in all, 1.8 s of it children's).
+#[test]
+fn coverage_of_a_target_that_exits_after_its_children() {
+    let Some(py) = python("3.12") else { return };
+    let mut w = Workload::start(
+        Command::new(&py)
+            .arg(testdata("family.py"))
+            .stdin(Stdio::piped()),
+    );
+    let pid = w.pid().to_string();
+    let mut stdin = w.child.stdin.take().unwrap();
+    let out = tmp("family.pb.gz");
+    let mut cmd = Command::new(perfpy());
+    cmd.args(["record", "-p", &pid, "--subprocesses", "-d", "60", "-o"])
+        .arg(&out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    die_with_the_test(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    // The family starts working once perfpy says it samples (its stderr, read by a thread).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let err = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(err)).map_while(Result::ok) {
+            if line.contains("perfpy: sampling") {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(60))
+        .expect("perfpy did not start sampling");
+    use std::io::Write;
+    writeln!(stdin, "go").unwrap();
+    let status = wait_exit(&mut child, std::time::Duration::from_secs(120)).expect("perfpy ended");
+    assert!(status.success());
+    let stderr = reader.join().unwrap();
+    eprintln!("{stderr}");
+    let d = decode(&out);
+    for f in ["parent_work", "forked_work", "child_work"] {
+        assert!(d.count_where(|s| s.has(f)) > 0, "no sample of {f}");
+    }
+    assert_said(said_coverage(&stderr), d.total());
+}
