@@ -65,6 +65,8 @@ pub struct Sample {
     pub offcpu_ns: u64,
     /// Why it waited (off-CPU samples).
     pub wait: Option<WaitKind>,
+    /// Preempted while waiting for the GIL (`take_gil` in its stack): it did not hold it.
+    pub gil_wait: bool,
     pub pid: u32,
     pub tid: u32,
     pub comm: String,
@@ -149,11 +151,16 @@ pub fn build(
         if thread.is_empty() {
             thread = comm.clone();
         }
+        // A thread preempted inside take_gil waited for the GIL; preempted elsewhere in
+        // Python code, it kept it.
+        let gil_wait = wait == Some(WaitKind::Preempted)
+            && wait_kind_of_frames(&resolved, stack) == WaitKind::Gil;
         samples.push(Sample {
             locs,
             count,
             offcpu_ns,
             wait,
+            gil_wait,
             pid,
             tid: key.tid,
             comm,
@@ -186,6 +193,11 @@ fn wait_kind(profile: &Profile, resolved: &[Resolved], stack: &[u32]) -> WaitKin
     {
         return w;
     }
+    wait_kind_of_frames(resolved, stack)
+}
+
+/// Why a stack waited, from its frames' names alone (see `wait::classify`).
+fn wait_kind_of_frames(resolved: &[Resolved], stack: &[u32]) -> WaitKind {
     let frames = stack.iter().flat_map(|l| {
         let r = &resolved[*l as usize];
         r.frames.iter().map(move |f| match r.kind {
@@ -294,6 +306,7 @@ impl Sample {
             count,
             offcpu_ns: 0,
             wait: None,
+            gil_wait: false,
             pid: 1,
             tid: 1,
             comm: "p".into(),

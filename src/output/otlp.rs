@@ -481,6 +481,7 @@ mod tests {
             count,
             offcpu_ns: 0,
             wait: None,
+            gil_wait: false,
             pid,
             tid: pid + 1,
             comm: "python3.12".into(),

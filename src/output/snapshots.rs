@@ -36,6 +36,7 @@ fn sample(locs: &[u32], count: u64, pid: u32, tid: u32, thread: &str) -> Sample 
         count,
         offcpu_ns: 0,
         wait: None,
+        gil_wait: false,
         pid,
         tid,
         comm: if pid == 20 { "worker.py" } else { "python3.12" }.into(),

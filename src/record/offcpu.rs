@@ -499,7 +499,8 @@ pub(super) fn print_summary(c: &Collector, report: &crate::report::Report, wall:
         let python = s.frames_from.python();
         if s.python_version.is_some() {
             let held = e.3.get_or_insert(0);
-            if python && (s.wait.is_none() || s.wait == Some(WaitKind::Preempted)) {
+            let kept = s.wait == Some(WaitKind::Preempted) && !s.gil_wait;
+            if python && (s.wait.is_none() || kept) {
                 *held += s.count * report.period_ns + s.offcpu_ns;
             }
         }
