@@ -55,7 +55,7 @@ if [ "${CI:-}" = true ] && ! sid_ready; then
     exit 1
 fi
 
-# A real OpenTelemetry Collector for the tests of the OTLP profiles export (tests/otlp.rs): Debian
+# A real OpenTelemetry Collector for the tests of the OTLP profiles export (tests/it/otlp.rs): Debian
 # unstable packages the Collector's Go source (golang-opentelemetry-collector-dev) with golang-go;
 # installed in their own sid chroot (so the Python chroot above stays as Debian ships it), a small
 # main.go (testdata/otelcol/main.go: otlpreceiver + debugexporter) is built there offline in GOPATH
@@ -107,7 +107,7 @@ fi
 
 # speedscope's npm package (its built app and its published file-format schema), ajv, and
 # puppeteer-core (a browser driver that downloads no browser) with Debian's headless Chromium
-# (chromium-headless-shell), to check `-f speedscope` output in tests/outputs.rs: against the
+# (chromium-headless-shell), to check `-f speedscope` output in tests/it/outputs.rs: against the
 # schema, and loaded in speedscope itself in a headless browser. The npm packages are pinned
 # (puppeteer-core 24.x: the last line for Debian 12's Node 18/20) and installed once outside the
 # checkout. PERFPY_NPM overrides their place, PERFPY_CHROMIUM the browser.

@@ -1,5 +1,5 @@
 /* Threads whose uses of wall time are known, for `perfpy record --off-cpu` on a native program
- * (tests/offcpu.rs): the C twin of offcpu_target.py, kernel and native frames only. Each thread
+ * (tests/it/offcpu.rs): the C twin of offcpu_target.py, kernel and native frames only. Each thread
  * runs its function for argv[1] seconds, and that function waits for one thing only:
  *   compute_locked  computes ~10 ms holding a mutex, then ~2 ms without: on the CPU, or
  *                   waiting for the mutex (lock)

@@ -1,4 +1,4 @@
-# Threads whose uses of wall time are known, for `perfpy record --off-cpu` (tests/offcpu.rs).
+# Threads whose uses of wall time are known, for `perfpy record --off-cpu` (tests/it/offcpu.rs).
 # Each thread repeats one phase, a single line, for SECONDS:
 #   compute    sum(range(N)) in C, holding the GIL ~10 ms a call: on the CPU, or waiting for
 #              the GIL (the other threads' turns)

@@ -14,7 +14,7 @@ use perfpy_process::{ReadMemory, Version};
 
 /// The `uint64_t` fields of `_Py_DebugOffsets` after the 8-byte cookie, in order, up to the last
 /// one perfpy reads (`unicode_object.asciiobject_size`, or `compactunicodeobject_size` in 3.15).
-/// `bpf/tests/debug_offsets.rs` checks each list against the version's own header.
+/// `bpf/tests/it/debug_offsets.rs` checks each list against the version's own header.
 const LAYOUT_3_13: &[&str] = &[
     "version",
     "free_threaded",

@@ -994,7 +994,7 @@ fn nap_thread(reqs: &[ExportProfilesServiceRequest], pid: i64) -> (String, i64, 
 /// The nap thread's time in `reqs` against their wall time: CPU + off-CPU all of it (within
 /// 10%, and not more: each wait counted once), the sleep at its line a fifth at least (each
 /// wake-up then waits for the GIL the busy threads hold: a third of the time here, more on a
-/// busy machine; as in tests/offcpu.rs). Returns the wall time (ns) and the thread's id.
+/// busy machine; as in tests/it/offcpu.rs). Returns the wall time (ns) and the thread's id.
 fn check_nap_thread(reqs: &[ExportProfilesServiceRequest], pid: i64, what: &str) -> (f64, String) {
     let wall = wall_of(reqs, pid) as f64;
     let (tid, off, sleep, cpu) = nap_thread(reqs, pid);
