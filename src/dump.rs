@@ -452,7 +452,8 @@ fn frame_pointer_candidates<'a>(
 fn name_native(p: &Process, addrs: &[u64], sym: &perfpy_symbolize::Symbolizer) -> Vec<String> {
     let mut out: Vec<String> = addrs.iter().map(|a| format!("{a:#x}")).collect();
     // file id -> (file, [(index in out, file offset)])
-    type PerFile<'a> = HashMap<u32, (&'a crate::files::MappedFile, Vec<(usize, u64)>)>;
+    type PerFile<'a> =
+        HashMap<crate::ids::FileId, (&'a crate::files::MappedFile, Vec<(usize, u64)>)>;
     let mut per_file: PerFile = HashMap::new();
     for (i, &a) in addrs.iter().enumerate() {
         // A return address points after its call: look up the call itself.
@@ -503,7 +504,7 @@ fn native_of_all(p: &mut Process, threads: &mut [Thread]) {
 pub fn dump(pid: i32, with_locals: bool) -> Result<Dump> {
     let pid = crate::targets::check_pid(pid)?;
     let mut files = Files::default();
-    let mut p = Process::new(pid, 0);
+    let mut p = Process::new(pid, crate::ids::ProcessKey(0));
     p.refresh_maps(&mut files);
     let tids =
         proc::tasks(pid).with_context(|| format!("pid {pid} exited while it was being read"))?;

@@ -2,6 +2,7 @@
 //! whole recording (so a file deleted or a process gone by the end is still symbolized, through
 //! `/proc/self/fd/N`), mapped read-only for the unwinder, described by their load segments.
 
+use crate::ids::FileId;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
@@ -72,7 +73,7 @@ impl ElfInfo {
 }
 
 pub struct MappedFile {
-    pub id: u32,
+    pub id: FileId,
     /// The path as the process names it (for display).
     pub path: String,
     file: File,
@@ -160,7 +161,7 @@ impl Files {
             _ => None,
         };
         let f = Arc::new(MappedFile {
-            id: self.list.len() as u32,
+            id: FileId(self.list.len() as u32),
             path: path.to_string(),
             file,
             elf,
@@ -199,7 +200,7 @@ impl Files {
                 .ok()
                 .map(|e| ElfInfo::new(Arc::new(e)));
             let f = Arc::new(MappedFile {
-                id: self.list.len() as u32,
+                id: FileId(self.list.len() as u32),
                 path: "[vdso]".to_string(),
                 file,
                 elf,

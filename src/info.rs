@@ -96,7 +96,7 @@ impl Look {
 
 /// Describes one process if it runs CPython.
 pub fn python_process(files: &mut Files, pid: u32, ask: bool) -> Option<Value> {
-    let mut p = Process::new(pid, 0);
+    let mut p = Process::new(pid, crate::ids::ProcessKey(0));
     p.refresh_maps(files);
     if !p.is_python {
         return None;

@@ -8,6 +8,7 @@ mod coverage;
 mod dump;
 mod dump_locals;
 mod files;
+mod ids;
 mod info;
 mod output;
 mod process;

@@ -16,6 +16,7 @@ use perfpy_process::{proc, Version};
 use perfpy_symbolize::perfmap::PerfMap;
 
 use crate::files::{Files, MappedFile, SectionData};
+use crate::ids::{FileId, ProcessKey};
 use crate::profile::FrameKey;
 use crate::unwind::TrampolineCache;
 
@@ -56,7 +57,7 @@ pub struct Mapping {
 pub struct Process {
     pub pid: u32,
     /// Distinguishes successive processes that reuse one pid within a recording.
-    pub key: u32,
+    pub key: ProcessKey,
     pub comm: String,
     pub threads: HashMap<u32, String>,
     /// Executable mappings sorted by start.
@@ -94,14 +95,14 @@ pub struct Process {
     pub container_id: Option<String>,
     /// The file of its lowest file-backed executable mapping (start, file id): the program's
     /// executable (PIE or not, it is mapped below the libraries), the profile's main file.
-    pub main_file: Option<(u64, u32)>,
+    pub main_file: Option<(u64, FileId)>,
     /// The process it was forked from, until it execs: the same memory then, where its code
     /// objects can still be read once it exited.
     pub parent: Option<u32>,
 }
 
 impl Process {
-    pub fn new(pid: u32, key: u32) -> Self {
+    pub fn new(pid: u32, key: ProcessKey) -> Self {
         let root = match File::open(format!("/proc/{pid}/root")) {
             Ok(f) if same_root(pid, &f) => Root::Ours,
             Ok(f) => Root::Foreign(OwnedFd::from(f)),
@@ -136,7 +137,7 @@ impl Process {
     }
 
     /// A child created by fork: the parent's address space, its own identity.
-    pub fn forked(parent: &Process, pid: u32, key: u32) -> Self {
+    pub fn forked(parent: &Process, pid: u32, key: ProcessKey) -> Self {
         let mut p = Self::new(pid, key);
         if p.comm.is_empty() {
             p.comm = parent.comm.clone();
@@ -437,7 +438,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         let mut files = Files::default();
-        let mut p = Process::new(pid, 0);
+        let mut p = Process::new(pid, crate::ids::ProcessKey(0));
         assert!(p.refresh_maps(&mut files));
         // The odd library is there, opened (through map_files) and parsed, and so is the rest.
         let odd = p
@@ -457,7 +458,7 @@ mod tests {
     #[test]
     fn own_process_maps_and_unwinder_modules() {
         let mut files = Files::default();
-        let mut p = Process::new(std::process::id(), 0);
+        let mut p = Process::new(std::process::id(), crate::ids::ProcessKey(0));
         assert!(p.refresh_maps(&mut files));
         let here = own_process_maps_and_unwinder_modules as *const () as u64;
         let m = p.mapping(here).expect("our own code is mapped");

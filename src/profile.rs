@@ -2,6 +2,7 @@
 //! samples counted per (process, thread, stack). Memory grows with the number of *distinct*
 //! stacks, not with the length of the recording.
 
+use crate::ids::{FileId, ProcessKey};
 use std::collections::HashMap;
 
 use rustc_hash::FxHashMap;
@@ -13,12 +14,12 @@ pub enum FrameKey {
     Kernel(u64),
     /// Code of a mapped file, by file offset (return addresses already moved into the call).
     File {
-        file: u32,
+        file: FileId,
         offset: u64,
     },
     /// Code in anonymous memory of a process (JIT, perf trampolines): named by its perf map.
     Anon {
-        proc: u32,
+        proc: ProcessKey,
         addr: u64,
     },
     /// Marks a stack whose outer frames are missing, with the limit that cut them.
@@ -85,7 +86,7 @@ pub struct PyFunction {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SampleKey {
-    pub proc: u32,
+    pub proc: ProcessKey,
     pub tid: u32,
     pub stack: u32,
 }
@@ -143,7 +144,7 @@ impl Profile {
     }
 
     /// An off-CPU wait of `ns` nanoseconds on this stack.
-    pub fn add_offcpu(&mut self, proc: u32, tid: u32, frames: &[u32], ns: u64) {
+    pub fn add_offcpu(&mut self, proc: ProcessKey, tid: u32, frames: &[u32], ns: u64) {
         let stack = self.stack(frames);
         *self
             .offcpu
@@ -173,7 +174,7 @@ impl Profile {
         }
     }
 
-    pub fn add(&mut self, proc: u32, tid: u32, frames: &[u32]) {
+    pub fn add(&mut self, proc: ProcessKey, tid: u32, frames: &[u32]) {
         let stack = self.stack(frames);
         *self
             .counts
@@ -192,20 +193,20 @@ mod tests {
         let mut p = Profile::default();
         let a = p.location(FrameKey::Kernel(1));
         let b = p.location(FrameKey::File {
-            file: 0,
+            file: crate::ids::FileId(0),
             offset: 10,
         });
         assert_eq!(p.location(FrameKey::Kernel(1)), a);
         for _ in 0..1000 {
-            p.add(0, 7, &[a, b]);
+            p.add(crate::ids::ProcessKey(0), 7, &[a, b]);
         }
-        p.add(0, 8, &[a, b]);
-        p.add(0, 7, &[b]);
+        p.add(crate::ids::ProcessKey(0), 8, &[a, b]);
+        p.add(crate::ids::ProcessKey(0), 7, &[b]);
         assert_eq!(p.stacks.len(), 2);
         assert_eq!(p.counts.len(), 3);
         assert_eq!(
             p.counts[&SampleKey {
-                proc: 0,
+                proc: crate::ids::ProcessKey(0),
                 tid: 7,
                 stack: 0
             }],

@@ -1,6 +1,7 @@
 //! From the aggregated profile and the resolved locations to what the writers print: stacks as
 //! users read them, with their labels.
 
+use crate::ids::ProcessKey;
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
@@ -75,7 +76,7 @@ pub struct Sample {
     pub python_version: Option<String>,
     pub container_id: Option<String>,
     /// File id of its process's executable (see `Process::main_file`).
-    pub main_file: Option<u32>,
+    pub main_file: Option<crate::ids::FileId>,
 }
 
 #[derive(Clone)]
@@ -100,7 +101,7 @@ pub struct Report {
 pub fn build(
     profile: &Profile,
     resolved: Vec<Resolved>,
-    procs: &HashMap<u32, &Process>,
+    procs: &HashMap<ProcessKey, &Process>,
     files: &Files,
     keep_interpreter: bool,
 ) -> (Vec<Sample>, Vec<Resolved>) {

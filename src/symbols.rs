@@ -3,6 +3,7 @@
 //! frame, the labels of what nothing names, names kept across intervals. Naming itself —
 //! kernel, files and their debug files, perf maps — is `perfpy_symbolize`'s.
 
+use crate::ids::ProcessKey;
 use std::collections::HashMap;
 
 use perfpy_symbolize::perfmap::PerfMap;
@@ -50,7 +51,7 @@ pub struct Resolved {
 pub fn resolve(
     profile: &Profile,
     files: &Files,
-    procs: &HashMap<u32, &Process>,
+    procs: &HashMap<ProcessKey, &Process>,
     keep_interpreter: bool,
 ) -> Symbolized {
     let out = vec![None; profile.locations.len()];
@@ -70,7 +71,7 @@ pub fn resolve(
 fn resolve_rest(
     profile: &Profile,
     files: &Files,
-    procs: &HashMap<u32, &Process>,
+    procs: &HashMap<ProcessKey, &Process>,
     keep_interpreter: bool,
     mut out: Vec<Option<Resolved>>,
     sym: &Symbolizer,
@@ -97,7 +98,7 @@ fn resolve_rest(
 /// targets' files).
 struct Targets<'a> {
     files: &'a Files,
-    procs: &'a HashMap<u32, &'a Process>,
+    procs: &'a HashMap<ProcessKey, &'a Process>,
 }
 
 impl Sources for Targets<'_> {
@@ -115,7 +116,7 @@ impl Sources for Targets<'_> {
     }
 
     fn perf_map(&self, process: u32) -> Result<PerfMap, SymbolizeError> {
-        let Some(p) = self.procs.get(&process) else {
+        let Some(p) = self.procs.get(&ProcessKey(process)) else {
             return Ok(PerfMap::default());
         };
         p.perf_map().or_else(|e| {
@@ -165,7 +166,7 @@ fn name_anonymous(
             FrameKey::Anon { proc, addr } if out[i].is_none() => Some((
                 i,
                 Location::Anon {
-                    process: proc,
+                    process: proc.0,
                     addr,
                 },
             )),
@@ -243,7 +244,7 @@ fn shown_files(
         for l in stack.iter() {
             let l = *l as usize;
             if let FrameKey::File { file, .. } = profile.locations[l] {
-                needed[l] |= !python || !is_interpreter_file(&files.list[file as usize]);
+                needed[l] |= !python || !is_interpreter_file(&files.list[file.index()]);
             }
         }
     }
@@ -268,9 +269,10 @@ fn name_native(
         }
         match *k {
             FrameKey::Kernel(a) => locs.push(Location::Kernel(a)),
-            FrameKey::File { file, offset } if needed[i] => {
-                locs.push(Location::File { file, offset })
-            }
+            FrameKey::File { file, offset } if needed[i] => locs.push(Location::File {
+                file: file.0,
+                offset,
+            }),
             FrameKey::File { .. } => {
                 out[i] = Some(one(
                     "[interpreter]".into(),
@@ -413,7 +415,7 @@ fn is_placeholder(r: &Resolved) -> bool {
 pub fn resolve_incremental(
     profile: &Profile,
     files: &Files,
-    procs: &HashMap<u32, &Process>,
+    procs: &HashMap<ProcessKey, &Process>,
     keep_interpreter: bool,
     cache: &mut NameCache,
 ) -> (Symbolized, Incremental) {
@@ -508,7 +510,7 @@ mod tests {
             // A process we know nothing of: "[unknown] ...", not kept (its perf map may name
             // it later).
             FrameKey::Anon {
-                proc: 9,
+                proc: crate::ids::ProcessKey(9),
                 addr: 0x1000,
             },
         ];
@@ -518,7 +520,7 @@ mod tests {
         let interval = |profile: &mut Profile, cache: &mut NameCache| {
             profile.reset_samples();
             let locs: Vec<u32> = keys.iter().map(|k| profile.location(*k)).collect();
-            profile.add(0, 1, &locs);
+            profile.add(crate::ids::ProcessKey(0), 1, &locs);
             let (s, inc) = resolve_incremental(profile, &files, &procs, false, cache);
             assert_eq!(s.resolved[0].frames[0].function, "Shape.area");
             assert_eq!(s.resolved[0].frames[0].line, Some(7));
@@ -557,7 +559,7 @@ mod tests {
             offset: sym.address() - vaddr + off + 1,
         }];
         let locs: Vec<u32> = keys.iter().map(|k| profile.location(*k)).collect();
-        profile.add(0, 1, &locs);
+        profile.add(crate::ids::ProcessKey(0), 1, &locs);
         let s = resolve(&profile, &files, &HashMap::new(), false);
         let named = &s.resolved[0];
         assert!(

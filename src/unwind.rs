@@ -345,7 +345,7 @@ mod tests {
         fn unwind_garbage_never_panics(regs in proptest::prelude::any::<[u64; 3]>(), words in proptest::collection::vec(proptest::prelude::any::<u64>(), 0..64)) {
             let mem = Fixture::new();
             let stack: Vec<u8> = words.iter().flat_map(|v| v.to_ne_bytes()).collect();
-            let mut p = Process::new(std::process::id(), 0);
+            let mut p = Process::new(std::process::id(), crate::ids::ProcessKey(0));
             let mut out = Vec::new();
             let _ = unwind(&mut p, &mem, regs, &stack, 64, &mut out);
             proptest::prop_assert!(out.len() <= 64);
@@ -451,7 +451,7 @@ mod tests {
         stack[11] = 0;
         let bytes: Vec<u8> = stack.iter().flat_map(|v| v.to_ne_bytes()).collect();
 
-        let mut p = Process::new(std::process::id(), 0);
+        let mut p = Process::new(std::process::id(), crate::ids::ProcessKey(0));
         let mut out = Vec::new();
         let o = unwind(&mut p, &mem, [s + 16, s, leaf], &bytes, 128, &mut out);
         assert_eq!(out, vec![leaf, ra1, mid, ra2]);
@@ -470,7 +470,7 @@ mod tests {
             .iter()
             .flat_map(|v: &u64| v.to_ne_bytes())
             .collect::<Vec<_>>();
-        let mut p = Process::new(std::process::id(), 0);
+        let mut p = Process::new(std::process::id(), crate::ids::ProcessKey(0));
         let mut out = Vec::new();
         // leaf with frame pointer at S: [S] = bp, [S+8] = ra (trampoline), then the trampoline
         // needs [S+16+8], beyond the copy.
@@ -501,7 +501,7 @@ mod tests {
             }
         }
         let bytes: Vec<u8> = stack.iter().flat_map(|v| v.to_ne_bytes()).collect();
-        let mut p = Process::new(std::process::id(), 0);
+        let mut p = Process::new(std::process::id(), crate::ids::ProcessKey(0));
         let mut out = Vec::new();
         let o = unwind(&mut p, &mem, [s, s, 0x7f00_0001_0000], &bytes, 10, &mut out);
         assert_eq!(out.len(), 10);

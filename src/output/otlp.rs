@@ -500,7 +500,7 @@ mod tests {
                 FrameKey::Py { func: 0, line: 7 },
                 FrameKey::Py { func: 1, line: 12 },
                 FrameKey::File {
-                    file: 0,
+                    file: crate::ids::FileId(0),
                     offset: 0x1234,
                 },
                 FrameKey::Kernel(0xffff_ffff_8100_0000),

@@ -7,6 +7,7 @@
 //! plus `[kernel.kallsyms]` and `[python]` (frames named by perf maps). Labels per sample: `pid`
 //! and `tid` (numbers), `comm`, `thread_name`, `frames_from` (strings).
 
+use crate::ids::FileId;
 use std::collections::HashMap;
 use std::io::Write;
 
@@ -110,7 +111,7 @@ fn mappings(r: &Report, st: &mut Strings) -> Vec<protos::Mapping> {
     let mut used_files: Vec<bool> = vec![false; r.files.len()];
     for k in &r.locations {
         if let FrameKey::File { file, .. } = k {
-            used_files[*file as usize] = true;
+            used_files[file.index()] = true;
         }
     }
     // The main file first: `go tool pprof` names the profile after the first mapping
@@ -119,9 +120,9 @@ fn mappings(r: &Report, st: &mut Strings) -> Vec<protos::Mapping> {
     let main = main_file(r);
     let mut order: Vec<usize> = (0..r.files.len()).collect();
     if let Some(m) = main {
-        used_files[m as usize] = true;
-        order.retain(|i| *i != m as usize);
-        order.insert(0, m as usize);
+        used_files[m.index()] = true;
+        order.retain(|i| *i != m.index());
+        order.insert(0, m.index());
     }
     for id in order {
         let (path, build_id) = &r.files[id];
@@ -184,7 +185,7 @@ fn locations(r: &Report, st: &mut Strings) -> (Vec<protos::Location>, Vec<protos
         let (mapping_id, address) = match *key {
             FrameKey::Kernel(a) => (1, a),
             FrameKey::File { file, offset } => {
-                (file as u64 + 3, (file as u64 + 1) * FILE_SPACE + offset)
+                (file.0 as u64 + 3, (file.0 as u64 + 1) * FILE_SPACE + offset)
             }
             FrameKey::Anon { addr, .. } => (2, PYTHON_MAPPING_BASE + (addr & (FILE_SPACE - 1))),
             FrameKey::Truncated(_) | FrameKey::Wait(_) => (0, 0),
@@ -296,8 +297,8 @@ pub fn write(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
 }
 
 /// The executable of the process with the most samples.
-fn main_file(r: &Report) -> Option<u32> {
-    let mut per_file: HashMap<u32, u64> = HashMap::new();
+fn main_file(r: &Report) -> Option<FileId> {
+    let mut per_file: HashMap<FileId, u64> = HashMap::new();
     for s in &r.samples {
         if let Some(f) = s.main_file {
             *per_file.entry(f).or_default() += s.count;
@@ -305,7 +306,7 @@ fn main_file(r: &Report) -> Option<u32> {
     }
     per_file
         .into_iter()
-        .filter(|(f, _)| (*f as usize) < r.files.len())
+        .filter(|(f, _)| f.index() < r.files.len())
         .max_by_key(|(f, n)| (*n, std::cmp::Reverse(*f)))
         .map(|(f, _)| f)
 }

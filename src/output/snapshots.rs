@@ -48,7 +48,7 @@ fn sample(locs: &[u32], count: u64, pid: u32, tid: u32, thread: &str) -> Sample 
         },
         python_version: Some("3.12.1".into()),
         container_id: (pid == 20).then(|| "0123abcd".into()),
-        main_file: Some(0),
+        main_file: Some(crate::ids::FileId(0)),
     }
 }
 
@@ -63,17 +63,17 @@ pub(crate) fn report() -> Report {
             FrameKey::Py { func: 1, line: 30 },
             FrameKey::Py { func: 2, line: 12 },
             FrameKey::File {
-                file: 1,
+                file: crate::ids::FileId(1),
                 offset: 0x4_1234,
             },
             FrameKey::Kernel(0xffff_ffff_8100_0010),
             FrameKey::Anon {
-                proc: 1,
+                proc: crate::ids::ProcessKey(1),
                 addr: 0x7f00_0000_1000,
             },
             FrameKey::Truncated(Cut::StackCopy),
             FrameKey::File {
-                file: 0,
+                file: crate::ids::FileId(0),
                 offset: 0x2_0000,
             },
             FrameKey::Py { func: 3, line: 3 },

@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use crate::files::Files;
+use crate::ids::ProcessKey;
 use crate::process::Process;
 use crate::profile::{Cut, FrameKey, Profile};
 use crate::records::{self, Record};
@@ -93,7 +94,7 @@ pub(super) struct PyWalk {
     pub(super) reader: perfpy_bpf::CodeReader,
     pub(super) procs: HashMap<u32, (perfpy_bpf::Offsets, perfpy_process::Version)>,
     pub(super) pending: HashMap<u32, std::collections::VecDeque<perfpy_bpf::PyStack>>,
-    pub(super) tried: HashSet<u32>,
+    pub(super) tried: HashSet<ProcessKey>,
     /// Python frames of off-CPU waits, by (tid, time), until their wait's record is read.
     pub(super) offcpu_py: HashMap<(u32, u64), perfpy_bpf::PyStack>,
 }
@@ -152,7 +153,7 @@ pub(super) struct Collector {
     pub(super) py: Option<PyWalk>,
     pub(super) files: Files,
     pub(super) procs: Vec<Process>,
-    pub(super) live: HashMap<u32, u32>,
+    pub(super) live: HashMap<u32, ProcessKey>,
     pub(super) profile: Profile,
     pub(super) stats: Stats,
     pub(super) max_frames: usize,
@@ -166,13 +167,13 @@ pub(super) struct Collector {
     /// Targets (pids) whose exit ends the run.
     pub(super) exited: HashSet<u32>,
     /// Processes that exited, by key, with when: released once their last samples are in.
-    pub(super) to_release: std::collections::VecDeque<(Instant, u32)>,
+    pub(super) to_release: std::collections::VecDeque<(Instant, ProcessKey)>,
     /// Pids that exited, not released yet, with their process's key: samples of other CPUs'
     /// rings read after the exit record still belong to it. (Made into a new process, such a
     /// sample stayed "alive" for ever, and kept the real one's place in the eBPF walker, whose
     /// table of 4096 processes was full after a few minutes of -a churn: later processes got no
     /// Python frames.)
-    pub(super) dying: HashMap<u32, u32>,
+    pub(super) dying: HashMap<u32, ProcessKey>,
     /// Pids ever handed to the eBPF walker (for the summary).
     pub(super) walked: HashSet<u32>,
     /// Processes the walker refused, with the reason (a 3.13+ debug-offsets table that failed).
@@ -244,7 +245,7 @@ impl Collector {
                 break;
             }
             self.to_release.pop_front();
-            let p = &mut self.procs[key as usize];
+            let p = &mut self.procs[key.index()];
             if p.alive {
                 continue;
             }
@@ -276,11 +277,11 @@ impl Collector {
         }
     }
 
-    pub(super) fn proc_key(&mut self, pid: u32) -> u32 {
+    pub(super) fn proc_key(&mut self, pid: u32) -> ProcessKey {
         if let Some(k) = self.live.get(&pid).or_else(|| self.dying.get(&pid)) {
             return *k;
         }
-        let key = self.procs.len() as u32;
+        let key = ProcessKey(self.procs.len() as u32);
         let mut p = Process::new(pid, key);
         self.target.refresh_maps(&mut p, &mut self.files);
         // A child that exited before its fork record was read (records of several CPUs are
@@ -291,7 +292,7 @@ impl Collector {
                 .as_ref()
                 .and_then(|py| py.walker.as_ref()?.kept(pid));
             if let Some(pk) = parent.and_then(|pp| self.live.get(&pp)) {
-                p = Process::forked(&self.procs[*pk as usize], pid, key);
+                p = Process::forked(&self.procs[pk.index()], pid, key);
             }
         }
         self.procs.push(p);
@@ -349,7 +350,7 @@ impl Collector {
         }
         let key = self.proc_key(m.pid);
         let path = String::from_utf8_lossy(m.filename).into_owned();
-        let p = &mut self.procs[key as usize];
+        let p = &mut self.procs[key.index()];
         if p.mapping(m.addr)
             .is_some_and(|x| x.start == m.addr && x.end == m.addr + m.len)
         {
@@ -378,7 +379,7 @@ impl Collector {
                     && self
                         .live
                         .get(&pid)
-                        .is_some_and(|k| self.procs[*k as usize].comm == now)
+                        .is_some_and(|k| self.procs[k.index()].comm == now)
             });
         if stale {
             tracing::debug!(
@@ -398,17 +399,17 @@ impl Collector {
             // A new program in this pid: a new process for us (its old frames keep
             // their meaning under the old key).
             if let Some(old) = self.live.remove(&pid) {
-                self.procs[old as usize].alive = false;
+                self.procs[old.index()].alive = false;
                 self.to_release.push_back((Instant::now(), old));
             }
             let key = self.proc_key(pid);
-            let p = &mut self.procs[key as usize];
+            let p = &mut self.procs[key.index()];
             p.exec(comm.clone());
             self.target.refresh_maps(p, &mut self.files);
             p.threads.insert(tid, comm);
         } else {
             let key = self.proc_key(pid);
-            let p = &mut self.procs[key as usize];
+            let p = &mut self.procs[key.index()];
             if pid == tid {
                 p.comm = comm.clone();
             }
@@ -422,9 +423,9 @@ impl Collector {
             self.not_ours.remove(&pid);
         }
         if pid == tid && pid != ppid && !self.live.contains_key(&pid) && self.ours(pid) {
-            let key = self.procs.len() as u32;
+            let key = ProcessKey(self.procs.len() as u32);
             let child = match self.live.get(&ppid) {
-                Some(pk) => Process::forked(&self.procs[*pk as usize], pid, key),
+                Some(pk) => Process::forked(&self.procs[pk.index()], pid, key),
                 None => Process::new(pid, key),
             };
             self.procs.push(child);
@@ -439,7 +440,7 @@ impl Collector {
         }
         if pid == tid && self.ours(pid) {
             if let Some(k) = self.live.remove(&pid) {
-                self.procs[k as usize].alive = false;
+                self.procs[k.index()].alive = false;
                 self.to_release.push_back((Instant::now(), k));
                 self.dying.insert(pid, k);
             }
@@ -448,9 +449,9 @@ impl Collector {
     }
 
     /// Registers a CPython process (2.7, 3.6 and later) with the eBPF walker, once.
-    pub(super) fn register_python(&mut self, key: u32) {
+    pub(super) fn register_python(&mut self, key: ProcessKey) {
         let Some(py) = self.py.as_mut() else { return };
-        let p = &self.procs[key as usize];
+        let p = &self.procs[key.index()];
         if !p.is_python || !py.tried.insert(key) {
             return;
         }
@@ -536,12 +537,12 @@ impl Collector {
     /// nanoseconds blocked, and runnable: those get a `preempted` root frame).
     pub(super) fn add_stack(
         &mut self,
-        key: u32,
+        key: ProcessKey,
         s: &records::Sample<'_>,
         py_stack: Option<perfpy_bpf::PyStack>,
         offcpu: Option<super::offcpu::Off>,
     ) {
-        self.procs[key as usize].thread_name(s.tid);
+        self.procs[key.index()].thread_name(s.tid);
         let mut py_frames = std::mem::take(&mut self.scratch_py);
         py_frames.clear();
         if let Some(st) = &py_stack {
@@ -571,7 +572,7 @@ impl Collector {
         if tracing::enabled!(tracing::Level::DEBUG) && !m.have_py {
             self.debug_no_python(s, py_stack.as_ref());
         }
-        let p = &mut self.procs[key as usize];
+        let p = &mut self.procs[key.index()];
         if m.have_py {
             complete_root(p, s.tid, &m, ns.incomplete, &mut stack);
         }
@@ -617,12 +618,12 @@ impl Collector {
     /// Names the walker's frames of a sample (newest first), keeping their entry marks.
     fn name_python_frames(
         &mut self,
-        key: u32,
+        key: ProcessKey,
         st: &perfpy_bpf::PyStack,
         out: &mut Vec<merge::PyFrame>,
     ) {
         let Some(py) = self.py.as_mut() else { return };
-        let p = &self.procs[key as usize];
+        let p = &self.procs[key.index()];
         let Some((off, version)) = py.procs.get(&p.pid).copied() else {
             return;
         };
@@ -664,7 +665,7 @@ impl Collector {
     /// for the merge (trampoline, evaluation loop) when there are Python frames to place.
     fn unwind_native(
         &mut self,
-        key: u32,
+        key: ProcessKey,
         s: &records::Sample<'_>,
         have_py: bool,
         out: &mut Vec<merge::NativeFrame>,
@@ -674,7 +675,7 @@ impl Collector {
         addrs.clear();
         sps.clear();
         out.clear();
-        let p = &mut self.procs[key as usize];
+        let p = &mut self.procs[key.index()];
         let mut ns = merge::NativeStack::default();
         match s.user_regs {
             Some(regs) if regs[2] != 0 => {

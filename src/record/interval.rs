@@ -24,6 +24,7 @@
 //! }
 //! ```
 
+use crate::ids::ProcessKey;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -142,7 +143,7 @@ impl Namer {
         profile.py_functions = std::mem::take(&mut self.py_functions);
         let mut files = Files::default();
         files.list = raw.files;
-        let procs: HashMap<u32, &Process> = raw.procs.iter().map(|p| (p.key, p)).collect();
+        let procs: HashMap<ProcessKey, &Process> = raw.procs.iter().map(|p| (p.key, p)).collect();
         let (symbolized, names) = crate::symbols::resolve_incremental(
             &profile,
             &files,
@@ -308,7 +309,7 @@ impl Periodic {
         let now = Instant::now();
         let now_wall = SystemTime::now();
         let c = &mut self.s.c;
-        let keys: HashSet<u32> = c
+        let keys: HashSet<ProcessKey> = c
             .profile
             .counts
             .keys()
@@ -408,7 +409,7 @@ pub(crate) mod tests {
         let mut counts = HashMap::new();
         counts.insert(
             SampleKey {
-                proc: 0,
+                proc: crate::ids::ProcessKey(0),
                 tid: 1,
                 stack: 0,
             },

@@ -161,7 +161,7 @@ mod tests {
             .enumerate()
             .map(|(i, c)| NativeFrame {
                 key: FrameKey::File {
-                    file: 1,
+                    file: crate::ids::FileId(1),
                     offset: c as u64,
                 },
                 trampoline: c == 't',

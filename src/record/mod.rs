@@ -1,6 +1,7 @@
 //! The record session: open events, drain rings, unwind and aggregate each sample, stop on the
 //! duration, a signal or the targets' exit, then symbolize and write.
 
+use crate::ids::ProcessKey;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -217,7 +218,7 @@ fn name_frames(
     start: SystemTime,
     duration: Duration,
 ) -> Named {
-    let procs: HashMap<u32, &Process> = c.procs.iter().map(|p| (p.key, p)).collect();
+    let procs: HashMap<ProcessKey, &Process> = c.procs.iter().map(|p| (p.key, p)).collect();
     let symbolized = crate::symbols::resolve(&c.profile, &c.files, &procs, opts.keep_interpreter);
     // The perf maps are read: now the trampolines we turned on go off again.
     deactivator.finish();
@@ -258,7 +259,7 @@ impl ReportOptions {
 /// `resolved`; `span`: the sampling period, when the profile started, how long it covers.
 fn build_report(
     (profile, files): (&crate::profile::Profile, &crate::files::Files),
-    procs: &HashMap<u32, &Process>,
+    procs: &HashMap<ProcessKey, &Process>,
     mut resolved: Vec<crate::symbols::Resolved>,
     how: ReportOptions,
     span: (u64, SystemTime, Duration),

@@ -88,7 +88,7 @@ impl Collector {
             .unwrap_or(0);
         stack.truncate(n);
         self.register_python(key);
-        let py_stack = crate::dump::python_stack_now(&self.procs[key as usize], tid);
+        let py_stack = crate::dump::python_stack_now(&self.procs[key.index()], tid);
         let s = records::Sample {
             ip: pc,
             pid,

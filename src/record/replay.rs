@@ -18,6 +18,7 @@
 //! are answered from the fixture, its files are the reduced copies, and its pids are moved
 //! above any real pid (`PID_BASE`) so that nothing of the machine it runs on leaks in.
 
+use crate::ids::ProcessKey;
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{Read, Write};
@@ -243,7 +244,7 @@ impl Capture {
             }
         }
         self.stream.borrow_mut().try_finish()?;
-        let with_frames: HashSet<u32> = c
+        let with_frames: HashSet<crate::ids::FileId> = c
             .profile
             .locations
             .iter()
@@ -643,7 +644,7 @@ pub fn run(dir: &Path, format: crate::output::Format, out: &mut dyn Write) -> Re
         offcpu_py: HashMap::new(),
     });
     let _files = feed(dir, &mut c)?;
-    let procs: HashMap<u32, &Process> = c.procs.iter().map(|p| (p.key, p)).collect();
+    let procs: HashMap<ProcessKey, &Process> = c.procs.iter().map(|p| (p.key, p)).collect();
     let symbolized = crate::symbols::resolve(&c.profile, &c.files, &procs, false);
     let (samples, resolved) =
         crate::report::build(&c.profile, symbolized.resolved, &procs, &c.files, false);

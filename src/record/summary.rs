@@ -32,7 +32,7 @@ pub(super) fn walker_names(version: perfpy_process::Version) -> bool {
     version.at_least(3, 13) || perfpy_bpf::Offsets::for_version(version).is_some()
 }
 
-fn procs_with_samples(p: &Profile, key: u32) -> bool {
+fn procs_with_samples(p: &Profile, key: crate::ids::ProcessKey) -> bool {
     p.counts.keys().any(|k| k.proc == key)
 }
 
