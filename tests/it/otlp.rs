@@ -955,13 +955,13 @@ fn wall_of(reqs: &[ExportProfilesServiceRequest], pid: i64) -> u64 {
         .sum()
 }
 
-/// The sleeping thread of testdata/offcpu_target.py in exported requests: its thread id (the
+/// The sleeping thread of testdata/offcpu_threads.py in exported requests: its thread id (the
 /// one whose off-CPU stacks hold `nap` at the sleep's line), its off-CPU time, the part of it
 /// in `sleep` under that line, and its CPU time.
 fn nap_thread(reqs: &[ExportProfilesServiceRequest], pid: i64) -> (String, i64, i64, i64) {
     let at = (
         "nap".to_string(),
-        line_of("offcpu_target.py", "line: nap-sleep"),
+        line_of("offcpu_threads.py", "line: nap-sleep"),
     );
     let off: Vec<Read> = reqs
         .iter()
@@ -1038,7 +1038,7 @@ fn thread_times(req: &ExportProfilesServiceRequest, pid: i64, tid: &str) -> (i64
 }
 
 /// `--off-cpu` in OTLP: each process gets an `off_cpu` profile beside its `cpu` one. The thread
-/// of testdata/offcpu_target.py that sleeps in `nap` (0.02 s at a time) shows its wall time off
+/// of testdata/offcpu_threads.py that sleeps in `nap` (0.02 s at a time) shows its wall time off
 /// the CPU, the sleep under `nap` at the sleep's line and file: in what `perfpy agent --off-cpu`
 /// exports interval by interval (each wait in one interval only: together the intervals add up
 /// to the run's wall time, not more) and in what `record --off-cpu --otlp-endpoint` sends.
@@ -1051,10 +1051,10 @@ fn off_cpu_time_is_exported_under_the_sleeping_function() {
     let Some(py) = python("3.12") else {
         return;
     };
-    let w = Workload::start(Command::new(py).arg(testdata("offcpu_target.py")));
+    let w = Workload::start(Command::new(py).arg(testdata("offcpu_threads.py")));
     let pid = w.pid().to_string();
     let url = col.url();
-    let nap_line = line_of("offcpu_target.py", "line: nap-sleep");
+    let nap_line = line_of("offcpu_threads.py", "line: nap-sleep");
     let (child, rx) = spawn_agent(&pid, "2s", &url, &["--off-cpu"], &[]);
     let said = agent_started(&rx);
     let arrived = sink.wait(4, Duration::from_secs(90));
@@ -1094,7 +1094,7 @@ fn off_cpu_time_is_exported_under_the_sleeping_function() {
         printed
             .iter()
             .any(|p| p.function("nap").is_some_and(|(file, lines)| {
-                file.ends_with("testdata/offcpu_target.py") && lines.contains(&nap_line)
+                file.ends_with("testdata/offcpu_threads.py") && lines.contains(&nap_line)
             })),
         "nap not printed with its file and line"
     );
@@ -1130,7 +1130,7 @@ fn off_cpu_time_is_exported_under_the_sleeping_function() {
     short_waits_in_every_interval(&sink, &url, &pid, &tid);
 }
 
-/// `agent --off-cpu --min-block 50ms` on testdata/offcpu_target.py (`pid`), whose nap thread
+/// `agent --off-cpu --min-block 50ms` on testdata/offcpu_threads.py (`pid`), whose nap thread
 /// (`tid`) sleeps 20 ms at a time: its waits are not stacked but counted per thread by the
 /// kernel; each interval gets those of its own time, not the last interval all of the run's,
 /// and none twice.
