@@ -31,14 +31,7 @@ const PARTS: [&str; 4] = [
     "make_closure.<locals>.inner",
     "hash_work",
 ];
-const CHAIN: [&str; 6] = [
-    "<module>",
-    "main",
-    "main.<locals>.loop",
-    "round_",
-    "hot_function",
-    "spin",
-];
+const CHAIN: [&str; 6] = SPLIT_CHAIN;
 
 /// The line of each frame of the chain to `spin` (root first), in testdata/split.py; for
 /// spin, its loop (two lines).

@@ -72,23 +72,7 @@ fn ebpf_walker_names_every_supported_version() {
         });
         assert!(full as f64 >= 0.9 * spin as f64, "{name}: {full} of {spin}");
         // Lines of the hot loop, files of the functions.
-        let spin_lines = d.lines_of("spin");
-        // The loop of spin: its `for` line and the line after it.
-        let hot = line_of("split.py", "def spin") + 2;
-        // A sample can land in its first instructions (`s = 0`, def + 1) as it is entered, or
-        // on its `return s` as it leaves: rare, never outside the function.
-        let in_loop = spin_lines
-            .iter()
-            .filter(|l| (hot..=hot + 1).contains(*l))
-            .count();
-        assert!(
-            in_loop as f64 >= 0.99 * spin_lines.len() as f64,
-            "{name}: spin lines {spin_lines:?}"
-        );
-        assert!(
-            spin_lines.iter().all(|l| (hot - 2..=hot + 2).contains(l)),
-            "{name}: spin lines {spin_lines:?}"
-        );
+        assert_spin_in_its_loop(&d, &name);
         let f = d
             .samples
             .iter()

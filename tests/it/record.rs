@@ -14,14 +14,7 @@ const PARTS: [(&str, f64); 4] = [
     ("make_closure.<locals>.inner", 0.20),
     ("hash_work", 0.20),
 ];
-const CHAIN: [&str; 6] = [
-    "<module>",
-    "main",
-    "main.<locals>.loop",
-    "round_",
-    "hot_function",
-    "spin",
-];
+const CHAIN: [&str; 6] = SPLIT_CHAIN;
 
 /// Checks the split the workload measured itself, the complete chain and the C extension's
 /// native frames.
@@ -601,17 +594,7 @@ fn spawned_python_gets_perf_support_from_the_environment_only_when_asked() {
         0
     );
     // The walker gives lines: the hot loop of spin.
-    let lines = d.lines_of("spin");
-    let hot = line_of("split.py", "def spin") + 2;
-    let in_loop = lines
-        .iter()
-        .filter(|l| (hot..=hot + 1).contains(*l))
-        .count();
-    assert!(in_loop as f64 >= 0.99 * lines.len() as f64, "{lines:?}");
-    assert!(
-        lines.iter().all(|l| (hot - 2..=hot + 1).contains(l)),
-        "{lines:?}"
-    );
+    assert_spin_in_its_loop(&d, "walker");
     // Without the walker the trampoline is the fallback: the environment is set again.
     let out = tmp("env-noebpf.pb.gz");
     let o = Record::to(&out)

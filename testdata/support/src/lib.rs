@@ -406,6 +406,36 @@ impl Decoded {
     }
 }
 
+/// split.py's call chain to its hot loop (3.11+ qualified names), root first.
+pub const SPLIT_CHAIN: [&str; 6] = [
+    "<module>",
+    "main",
+    "main.<locals>.loop",
+    "round_",
+    "hot_function",
+    "spin",
+];
+
+/// split.py's `spin` was sampled in its loop: its `for` line and the next in ≥ 99% of its
+/// frames, and never outside the function (a sample can land on `s = 0` as it is entered, or
+/// `return s` as it leaves).
+pub fn assert_spin_in_its_loop(d: &Decoded, what: &str) {
+    let lines = d.lines_of("spin");
+    let hot = line_of("split.py", "def spin") + 2;
+    let in_loop = lines
+        .iter()
+        .filter(|l| (hot..=hot + 1).contains(*l))
+        .count();
+    assert!(
+        in_loop as f64 >= 0.99 * lines.len() as f64,
+        "{what}: spin lines {lines:?}"
+    );
+    assert!(
+        lines.iter().all(|l| (hot - 2..=hot + 2).contains(l)),
+        "{what}: spin lines {lines:?}"
+    );
+}
+
 /// A fresh path for a `split.py` report.
 pub fn split_report(name: &str) -> PathBuf {
     let p = tmp(&format!("{name}.split"));
