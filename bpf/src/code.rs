@@ -18,10 +18,9 @@ pub struct PyFrameInfo {
 }
 
 struct Code {
-    /// `co_name` and `co_filename` pointers when read: a code object freed and another
-    /// allocated at the same address has other ones (checked at most once a second).
-    identity: (u64, u64),
-    checked: std::cell::Cell<std::time::Instant>,
+    /// `co_name ^ rotl(co_filename, 1)` of the pointers when read ([`identity`]): a code
+    /// object freed and another allocated at the same address has other ones.
+    identity: u64,
     qualname: String,
     /// ≤ 3.10: the first local is `self` (1) or `cls` (2): the class names the method.
     self_kind: u8,
@@ -35,16 +34,33 @@ struct Code {
 const MAX_STRING: u64 = 4096;
 const MAX_TABLE: u64 = 1 << 20;
 
+/// What a frame whose code object was replaced before it could be read is named: never the
+/// name of the object that took its address.
+pub const UNREADABLE: &str = "[unreadable code object]";
+
 #[derive(Default)]
 pub struct CodeReader {
-    cache: HashMap<(u32, u64), Option<std::rc::Rc<Code>>>,
+    /// (pid, address, identity) → the code object: an address reused by another code object
+    /// is another entry, so that late records of the first one still find it.
+    cache: HashMap<(u32, u64, u64), std::rc::Rc<Code>>,
     /// (pid, type object) → its name.
     types: HashMap<(u32, u64), Option<String>>,
 }
 
+/// The identity of a code object as the walker computes it at the sample, from its `co_name`
+/// and `co_filename` pointers (both interned strings, alive as long as the code object).
+pub fn identity(name: u64, file: u64) -> u64 {
+    name ^ file.rotate_left(1)
+}
+
 /// `tp_name` of a type object: a C string; for builtin types `module.Name`, keep `Name`.
 pub fn type_name(m: &dyn ReadMemory, ty: u64) -> Option<String> {
-    let p = u64_at(m, field(ty, 24)?)?;
+    type_name_at(m, ty, 24)
+}
+
+/// `tp_name` at `at` in the type object (after its `PyVarObject` header).
+fn type_name_at(m: &dyn ReadMemory, ty: u64, at: i32) -> Option<String> {
+    let p = u64_at(m, field(ty, at)?)?;
     let mut buf = [0u8; 128];
     // Read what is readable: the name may sit near the end of a mapping.
     let mut n = buf.len();
@@ -145,21 +161,32 @@ fn read_bytes(m: &dyn ReadMemory, o: &Offsets, obj: u64) -> Option<Vec<u8>> {
         .then_some(buf)
 }
 
-fn read_code(m: &dyn ReadMemory, o: &Offsets, code: u64) -> Option<Code> {
+/// Reads the code object at `code`. `is(obj, names)`: whether `obj`'s type is named one of
+/// `names` (memory reused by other objects must not be read as a code object or a string).
+fn read_code(
+    m: &dyn ReadMemory,
+    o: &Offsets,
+    code: u64,
+    is: &mut dyn FnMut(u64, &[&str]) -> bool,
+) -> Option<Code> {
     let p = |off: i32| u64_at(m, field(code, off)?);
+    if !is(code, &["code"]) {
+        return None;
+    }
+    let mut string = |obj: u64| is(obj, &["str"]).then(|| read_unicode(m, o, obj))?;
     // Before 3.11 there is no co_qualname: the name.
-    let qualname = read_unicode(
-        m,
-        o,
-        p(if o.code_qualname >= 0 {
-            o.code_qualname
-        } else {
-            o.code_name
-        })?,
-    )?;
-    let filename = read_unicode(m, o, p(o.code_filename)?)?;
+    let qualname = string(p(if o.code_qualname >= 0 {
+        o.code_qualname
+    } else {
+        o.code_name
+    })?)?;
+    let filename = string(p(o.code_filename)?)?;
     let first_line = i32_at(m, field(code, o.code_firstlineno)?)?;
-    let linetable = read_bytes(m, o, p(o.code_linetable)?).unwrap_or_default();
+    // 2.7's co_lnotab is a byte string, `str`.
+    let linetable = p(o.code_linetable)
+        .filter(|&t| is(t, &["bytes", "str"]))
+        .and_then(|t| read_bytes(m, o, t))
+        .unwrap_or_default();
     let self_kind = if o.code_varnames >= 0 {
         let first = p(o.code_varnames)
             .and_then(|t| (u64_at(m, field(t, 16)?)? > 0).then_some(t))
@@ -174,8 +201,7 @@ fn read_code(m: &dyn ReadMemory, o: &Offsets, code: u64) -> Option<Code> {
         0
     };
     Some(Code {
-        identity: (p(o.code_name)?, p(o.code_filename)?),
-        checked: std::cell::Cell::new(std::time::Instant::now()),
+        identity: identity(p(o.code_name)?, p(o.code_filename)?),
         qualname,
         self_kind,
         filename,
@@ -340,7 +366,8 @@ fn line(mem: &dyn ReadMemory, o: &Offsets, version: Version, code: &Code, f: &Py
 }
 
 impl CodeReader {
-    /// Names a frame of process `pid`. `None` when the code object cannot be read.
+    /// Names a frame of process `pid`. `None` when the code object cannot be read; named
+    /// [`UNREADABLE`] when the address holds another code object than the one the walker saw.
     pub fn resolve(
         &mut self,
         mem: &dyn ReadMemory,
@@ -352,10 +379,18 @@ impl CodeReader {
         if f.code == 0 {
             return None;
         }
-        self.forget_if_replaced(mem, pid, o, f);
         let code = self.code(mem, pid, o, f)?;
+        if f.ident != 0 && code.identity != f.ident {
+            // Freed and replaced since the sample: its name is gone.
+            return Some(PyFrameInfo {
+                qualname: UNREADABLE.into(),
+                filename: "[unknown]".into(),
+                line: 0,
+                first_line: 0,
+            });
+        }
         let line = line(mem, o, version, &code, f);
-        let qualname = self.qualname(mem, pid, version, &code, f);
+        let qualname = self.qualname(mem, pid, o, version, &code, f);
         Some(PyFrameInfo {
             qualname,
             filename: code.filename.clone(),
@@ -364,34 +399,10 @@ impl CodeReader {
         })
     }
 
-    /// Drops the cached code object at `f.code` if the address now holds another one (the old
-    /// one freed): the same two pointers (name, file) mean the same object. The walker read
-    /// them at the sample; without them, a cached entry is checked at most once a second.
-    fn forget_if_replaced(&mut self, mem: &dyn ReadMemory, pid: u32, o: &Offsets, f: &PyFrameRef) {
-        let Some(Some(c)) = self.cache.get(&(pid, f.code)) else {
-            return;
-        };
-        let (n, fl) = c.identity;
-        if f.ident != 0 && f.ident != n ^ fl.rotate_left(1) {
-            self.cache.remove(&(pid, f.code));
-        } else if f.ident == 0 && c.checked.get().elapsed() >= std::time::Duration::from_secs(1) {
-            let now = (
-                field(f.code, o.code_name)
-                    .and_then(|a| u64_at(mem, a))
-                    .unwrap_or(0),
-                field(f.code, o.code_filename)
-                    .and_then(|a| u64_at(mem, a))
-                    .unwrap_or(0),
-            );
-            if now == c.identity {
-                c.checked.set(std::time::Instant::now());
-            } else {
-                self.cache.remove(&(pid, f.code));
-            }
-        }
-    }
-
-    /// The code object of frame `f`, read once per process and address.
+    /// The code object of frame `f`, read once per process, address and identity: the one the
+    /// walker saw (`f.ident`) if it was read while alive, else what the address holds now
+    /// (cached under its own identity; the caller compares). Frames not from the walker
+    /// (`ident` 0: `perfpy dump` reads a live frame) take what the address holds.
     fn code(
         &mut self,
         mem: &dyn ReadMemory,
@@ -399,13 +410,35 @@ impl CodeReader {
         o: &Offsets,
         f: &PyFrameRef,
     ) -> Option<std::rc::Rc<Code>> {
-        if let Some(Some(c)) = self.cache.get(&(pid, f.code)) {
+        let ident = if f.ident != 0 {
+            f.ident
+        } else {
+            let p = |off: i32| u64_at(mem, field(f.code, off)?);
+            identity(p(o.code_name)?, p(o.code_filename)?)
+        };
+        if let Some(c) = self.cache.get(&(pid, f.code, ident)) {
             return Some(c.clone());
         }
         // A failure is not cached: the object may be readable at the next sample.
-        let c = std::rc::Rc::new(read_code(mem, o, f.code)?);
-        self.cache.insert((pid, f.code), Some(c.clone()));
+        let c = std::rc::Rc::new(read_code(mem, o, f.code, &mut |obj, names| {
+            self.is_a(mem, pid, o, obj, names)
+        })?);
+        self.cache.insert((pid, f.code, c.identity), c.clone());
         Some(c)
+    }
+
+    /// Whether the type of `obj` is named one of `names`, each type's name read once per
+    /// process. The type pointer ends the object header, whose size the string's length
+    /// offset gives (larger in a free-threaded build); `tp_name` follows `ob_size`.
+    fn is_a(&mut self, mem: &dyn ReadMemory, pid: u32, o: &Offsets, obj: u64, names: &[&str]) -> bool {
+        let Some(ty) = field(obj, o.unicode_length - 8).and_then(|a| u64_at(mem, a)) else {
+            return false;
+        };
+        let name = self
+            .types
+            .entry((pid, ty))
+            .or_insert_with(|| type_name_at(mem, ty, o.unicode_length + 8));
+        name.as_deref().is_some_and(|n| names.contains(&n))
     }
 
     /// The function's qualified name; ≤ 3.10, `Class.method` from the class of `self` / `cls`.
@@ -413,6 +446,7 @@ impl CodeReader {
         &mut self,
         mem: &dyn ReadMemory,
         pid: u32,
+        o: &Offsets,
         version: Version,
         code: &Code,
         f: &PyFrameRef,
@@ -421,34 +455,41 @@ impl CodeReader {
         if code.self_kind == 0 || f.first_local == 0 {
             return qualname;
         }
-        let ty = if code.self_kind == 1 {
-            f.first_local.checked_add(8).and_then(|a| u64_at(mem, a))
-        } else {
-            Some(f.first_local)
-        };
-        let Some(ty) = ty else {
-            return qualname;
-        };
         let py2 = version.major == 2;
-        match self.class_name(mem, pid, ty, py2, code.self_kind == 1, f.first_local) {
+        let name = if code.self_kind == 1 {
+            // What the walker read at the sample: `self` itself may be gone. Frames not from
+            // the walker (ident 0) are live: read it now, as the walker does.
+            let class = if f.ident != 0 {
+                f.self_class
+            } else {
+                self.class_of(mem, pid, o, py2, f.first_local).unwrap_or(0)
+            };
+            (class != 0)
+                .then(|| self.class_name(mem, pid, class, py2))
+                .flatten()
+        } else {
+            self.class_name(mem, pid, f.first_local, py2)
+        };
+        match name {
             Some(name) => format!("{name}.{qualname}"),
             None => qualname,
         }
     }
 
-    /// The name of the class of a method's `self` (`ty`: its type) or of a class method's
-    /// `cls` (`ty`: the class), each class object's name read once per process. 2.7's
-    /// old-style classes (`py2`) are found from the instance (`in_class`, one read per frame)
-    /// or by the class's own type, `classobj` (one read).
-    fn class_name(
-        &mut self,
-        mem: &dyn ReadMemory,
-        pid: u32,
-        ty: u64,
-        py2: bool,
-        is_self: bool,
-        local: u64,
-    ) -> Option<String> {
+    /// What names the class of a live `obj`: its type; a 2.7 old-style instance's `in_class`
+    /// (PyInstanceObject: the object header, in_class). The walker's `class_of`.
+    fn class_of(&mut self, mem: &dyn ReadMemory, pid: u32, o: &Offsets, py2: bool, obj: u64) -> Option<u64> {
+        let ty = u64_at(mem, field(obj, 8)?)?;
+        if py2 && self.is_a(mem, pid, o, obj, &["instance"]) {
+            return u64_at(mem, field(obj, 16)?);
+        }
+        Some(ty)
+    }
+
+    /// The name of a class object: a type, or 2.7's old-style class (a `classobj`: its
+    /// instances' type is `instance`, the class hangs off each instance), each class's name
+    /// read once per process. Classes live long: read after the sample, they are still there.
+    fn class_name(&mut self, mem: &dyn ReadMemory, pid: u32, class: u64, py2: bool) -> Option<String> {
         let mut named = |class: u64, old: bool| {
             self.types
                 .entry((pid, class))
@@ -462,23 +503,17 @@ impl CodeReader {
                 .clone()
         };
         if !py2 {
-            return named(ty, false);
+            return named(class, false);
         }
-        if is_self {
-            let name = named(ty, false)?;
-            if name != "instance" {
-                return Some(name);
-            }
-            return named(u64_at(mem, field(local, 16)?)?, true);
-        }
-        let meta = u64_at(mem, field(ty, 8)?)?;
+        let meta = u64_at(mem, field(class, 8)?)?;
         let old = named(meta, false).is_some_and(|n| n == "classobj");
-        named(ty, old)
+        // An `instance` type here: the walker could not tell the instance's class.
+        named(class, old).filter(|n| n != "instance")
     }
 
     /// Forgets a process (it exited; its addresses may be reused).
     pub fn forget(&mut self, pid: u32) {
-        self.cache.retain(|(p, _), _| *p != pid);
+        self.cache.retain(|(p, _, _), _| *p != pid);
         self.types.retain(|(p, _), _| *p != pid);
     }
 

@@ -127,6 +127,9 @@ struct fctx {
      * alive in two frames of the same walk is the same object. */
     u64 last_code;
     u64 last_ident;
+    /* 2.7: the last type checked for `instance` (old-style instances) and the answer. */
+    u64 last_type;
+    u32 last_old;
     /* The window holds the current frame's first FRAME_WINDOW bytes (a frame at the very end
      * of a mapping cannot be read as a whole: then field by field). */
     u32 win_ok;
@@ -140,6 +143,73 @@ static __always_inline int frame_field(struct fctx *x, void *dst, s32 size, s32 
         return 0;
     }
     return rd(dst, size, x->frame + off);
+}
+
+/* 3.6 - 3.10: argument 0 of a frame whose slot is empty, from its cell: a closure (lambda,
+ * comprehension) that uses `self` makes it a cell variable; the interpreter then moves the
+ * argument into a new cell, local co_nlocals + i where co_cell2arg[i] == 0, and clears the
+ * slot. Only the first CELL_SCAN cells are looked at. */
+#define CELL_SCAN 8
+static __always_inline u64 arg0_from_cell(struct proc_cfg *c, u64 frame, u64 code)
+{
+    u64 map = 0, cells = 0, n = 0, cell = 0, obj = 0;
+    s32 nlocals = 0;
+    if (c->code_cell2arg < 0 || rd(&map, 8, code + c->code_cell2arg) || !map)
+        return 0;
+    if (rd(&cells, 8, code + c->code_cellvars) || !cells || rd(&n, 8, cells + 16) || !n)
+        return 0;
+    if (rd(&nlocals, 4, code + c->code_nlocals) || nlocals < 0 || nlocals > 65536)
+        return 0;
+    if (n > CELL_SCAN)
+        n = CELL_SCAN;
+    u64 ent[CELL_SCAN] = {};
+    u32 esz = c->cell2arg_entry == 1 ? 1 : 8;
+    u32 bytes = (u32)n * esz;
+    if (bytes > sizeof(ent) || rd(ent, bytes, map))
+        return 0;
+    u8 *b = (u8 *)ent;
+    s32 idx = -1;
+    for (int i = 0; i < CELL_SCAN; i++) {
+        if (i >= n)
+            break;
+        if ((esz == 1 && b[i] == 0) || (esz == 8 && ent[i] == 0)) {
+            idx = i;
+            break;
+        }
+    }
+    if (idx < 0)
+        return 0;
+    /* PyCellObject: the object header, then ob_ref. */
+    if (rd(&cell, 8, frame + c->frame_localsplus + ((u64)nlocals + idx) * 8) || !cell ||
+        rd(&obj, 8, cell + 16))
+        return 0;
+    return obj;
+}
+
+/* What names the class of `obj` (a method's first argument) at the sample: its type, long-lived
+ * where the object may not be; for a 2.7 old-style instance (type `instance`) its in_class. */
+static __always_inline u64 class_of(struct fctx *x, u64 obj)
+{
+    struct proc_cfg *c = x->c;
+    u64 ty = 0;
+    if (rd(&ty, 8, obj + 8) || !ty)
+        return 0;
+    if (c->instance_class < 0)
+        return ty;
+    if (ty != x->last_type) {
+        /* tp_name (after the PyVarObject header) == "instance". */
+        u64 name = 0, word = 0;
+        u8 end = 1;
+        x->last_type = ty;
+        x->last_old = !rd(&name, 8, ty + 24) && name && !rd(&word, 8, name) &&
+                      !rd(&end, 1, name + 8) && word == 0x65636e6174736e69ULL /* "instance" */ &&
+                      end == 0;
+    }
+    if (!x->last_old)
+        return ty;
+    u64 cls = 0;
+    rd(&cls, 8, obj + c->instance_class);
+    return cls;
 }
 
 static long walk_frame(u32 i, struct fctx *x)
@@ -180,8 +250,7 @@ static long walk_frame(u32 i, struct fctx *x)
     f->code = 0;
     f->instr = 0;
     f->first_local = 0;
-    if (c->frame_localsplus >= 0)
-        frame_field(x, &f->first_local, 8, c->frame_localsplus);
+    f->self_class = 0;
     frame_field(x, &f->code, 8, c->frame_code);
     if (c->code_tagged) {
         /* A _PyStackRef: the low two bits are tags; both set is a tagged int, not an object. */
@@ -204,6 +273,16 @@ static long walk_frame(u32 i, struct fctx *x)
         f->ident = name ^ ((file << 1) | (file >> 63));
         x->last_code = f->code;
         x->last_ident = f->ident;
+    }
+    if (c->frame_localsplus >= 0) {
+        u64 local = 0;
+        frame_field(x, &local, 8, c->frame_localsplus);
+        if (!local && f->code)
+            local = arg0_from_cell(c, x->frame, f->code);
+        if (local) {
+            f->first_local = local;
+            f->self_class = class_of(x, local);
+        }
     }
     f->flags = owner;
     f->pad = 0;
