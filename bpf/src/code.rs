@@ -561,7 +561,7 @@ mod tests {
             let mut r = CodeReader::default();
             for v in VERSIONS {
                 let o = table(v);
-                let f = PyFrameRef { code, instr, entry: false, owner: 0, first_local: local, ident: 0 };
+                let f = PyFrameRef { code, instr, entry: false, owner: 0, first_local: local, ident: 0, self_class: 0 };
                 if let Some(i) = r.resolve(&mem, 1, &o, v, &f) {
                     proptest::prop_assert!(i.qualname.len() <= 2 * MAX_STRING as usize + 260);
                 }
@@ -569,7 +569,7 @@ mod tests {
         }
     }
 
-    const VERSIONS: [Version; 7] = [
+    pub(super) const VERSIONS: [Version; 7] = [
         Version::new(2, 7),
         Version::new(3, 6),
         Version::new(3, 9),
@@ -583,8 +583,8 @@ mod tests {
     /// unmapped pointer). Records the largest read asked for: the reader allocates its buffer
     /// before reading, so that is its largest allocation.
     #[derive(Default, Clone)]
-    struct Objects {
-        regions: std::collections::BTreeMap<u64, Vec<u8>>,
+    pub(super) struct Objects {
+        pub(super) regions: std::collections::BTreeMap<u64, Vec<u8>>,
         largest_read: std::cell::Cell<usize>,
     }
 
@@ -606,30 +606,48 @@ mod tests {
         }
     }
 
-    const CODE: u64 = 0x10_0000;
-    const NAME: u64 = 0x20_0000;
-    const FILE: u64 = 0x21_0000;
-    const TABLE: u64 = 0x22_0000;
-    const VARNAMES: u64 = 0x23_0000;
-    const SELF_STR: u64 = 0x24_0000;
-    const INSTANCE: u64 = 0x30_0000;
-    const TYPE: u64 = 0x31_0000;
-    const TYPE_NAME: u64 = 0x32_0000;
-    const UNMAPPED: u64 = 0x7000_0000;
+    pub(super) const CODE: u64 = 0x10_0000;
+    pub(super) const NAME: u64 = 0x20_0000;
+    pub(super) const FILE: u64 = 0x21_0000;
+    pub(super) const TABLE: u64 = 0x22_0000;
+    pub(super) const VARNAMES: u64 = 0x23_0000;
+    pub(super) const SELF_STR: u64 = 0x24_0000;
+    pub(super) const INSTANCE: u64 = 0x30_0000;
+    pub(super) const TYPE: u64 = 0x31_0000;
+    pub(super) const TYPE_NAME: u64 = 0x32_0000;
+    /// The types of code objects, strings and byte strings (2.7: `str`), each followed by its
+    /// name: the reader checks the objects it reads are what they should be.
+    pub(super) const CODE_TYPE: u64 = 0x40_0000;
+    pub(super) const STR_TYPE: u64 = 0x41_0000;
+    pub(super) const BYTES_TYPE: u64 = 0x42_0000;
+    pub(super) const UNMAPPED: u64 = 0x7000_0000;
 
     impl Objects {
-        fn put(&mut self, addr: u64, at: i32, bytes: &[u8]) {
+        pub(super) fn put(&mut self, addr: u64, at: i32, bytes: &[u8]) {
             let r = self.regions.get_mut(&addr).unwrap();
             let at = at as usize;
             r[at..at + bytes.len()].copy_from_slice(bytes);
         }
-        fn ptr(&mut self, addr: u64, at: i32, value: u64) {
+        pub(super) fn ptr(&mut self, addr: u64, at: i32, value: u64) {
             self.put(addr, at, &value.to_ne_bytes());
         }
+        /// Sets the type of object `addr` (its last header field, before the length).
+        pub(super) fn typed(&mut self, addr: u64, o: &Offsets, ty: u64) {
+            self.ptr(addr, o.unicode_length - 8, ty);
+        }
+        /// A type object named `name` at `addr`, its name right after it.
+        pub(super) fn type_object(&mut self, addr: u64, o: &Offsets, name: &str) {
+            let mut b = vec![0u8; 256];
+            let at = o.unicode_length as usize + 8;
+            b[at..at + 8].copy_from_slice(&(addr + 128).to_ne_bytes());
+            b[128..128 + name.len()].copy_from_slice(name.as_bytes());
+            self.regions.insert(addr, b);
+        }
         /// A `str` (compact ASCII; a byte string on 2.7) holding `text`.
-        fn string(&mut self, addr: u64, o: &Offsets, text: &str) {
+        pub(super) fn string(&mut self, addr: u64, o: &Offsets, text: &str) {
             let data = o.unicode_ascii_data as usize;
             self.regions.insert(addr, vec![0; data + text.len() + 1]);
+            self.typed(addr, o, STR_TYPE);
             self.ptr(addr, o.unicode_length, text.len() as u64);
             if o.unicode_state >= 0 {
                 // kind 1 (bits 2-4), compact (bit 5), ascii (bit 6).
@@ -644,13 +662,17 @@ mod tests {
 
         /// The code object of `Klass.method` in `/app/x.py`, first line 10, whose first
         /// instruction is on line 12 (a `self` method before 3.11), and the frame running it.
-        fn method(v: Version) -> (Objects, Offsets, PyFrameRef) {
+        pub(super) fn method(v: Version) -> (Objects, Offsets, PyFrameRef) {
             Objects::method_with(v, table(v))
         }
 
         fn method_with(v: Version, o: Offsets) -> (Objects, Offsets, PyFrameRef) {
             let mut m = Objects::default();
+            m.type_object(CODE_TYPE, &o, "code");
+            m.type_object(STR_TYPE, &o, "str");
+            m.type_object(BYTES_TYPE, &o, if v.major == 2 { "str" } else { "bytes" });
             m.regions.insert(CODE, vec![0; 512]);
+            m.typed(CODE, &o, CODE_TYPE);
             m.string(
                 NAME,
                 &o,
@@ -679,6 +701,7 @@ mod tests {
                 .insert(TABLE, vec![0; o.bytes_data as usize + table.len()]);
             m.ptr(TABLE, o.bytes_size, table.len() as u64);
             m.put(TABLE, o.bytes_data, table);
+            m.typed(TABLE, &o, BYTES_TYPE);
             m.ptr(CODE, o.code_linetable, TABLE);
             let mut first_local = 0;
             if o.code_varnames >= 0 {
@@ -712,6 +735,7 @@ mod tests {
                     owner: 0,
                     first_local,
                     ident: 0,
+                    self_class: 0,
                 },
             )
         }
@@ -733,6 +757,7 @@ mod tests {
             .insert(TABLE, vec![0; o.bytes_data as usize + table.len()]);
         m.ptr(TABLE, o.bytes_size, table.len() as u64);
         m.put(TABLE, o.bytes_data, &table);
+        m.typed(TABLE, &o, BYTES_TYPE);
         // co_tlbc: two copies, the main one and a thread's own, below the code object.
         const TLBC: u64 = 0x50_0000;
         const COPY: u64 = 0x0F_0000;
@@ -1073,5 +1098,98 @@ mod tests {
         // Garbage never panics.
         assert!(line_of(&[0xff; 7], 1, 100) >= 1 - 1000);
         line_of(&[0xf0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff], 0, 3);
+    }
+}
+
+#[cfg(test)]
+mod identity_tests {
+    //! The identity the walker captured at the sample against what the address holds when
+    //! user space reads it, and the class of `self` as the walker read it (synthetic memory).
+    use super::tests::*;
+    use super::*;
+
+    /// What the walker records for the frame of `Klass.method` while it runs.
+    fn sampled(v: Version) -> (Objects, Offsets, PyFrameRef) {
+        let (m, o, mut f) = Objects::method(v);
+        f.ident = identity(NAME, FILE);
+        f.self_class = if o.code_varnames >= 0 { TYPE } else { 0 };
+        (m, o, f)
+    }
+
+    /// The code object at CODE freed and another one, `other` in `/app/y.py`, put there.
+    fn replace(m: &mut Objects, o: &Offsets) {
+        const NAME2: u64 = 0x25_0000;
+        const FILE2: u64 = 0x26_0000;
+        m.string(NAME2, o, "other");
+        m.string(FILE2, o, "/app/y.py");
+        m.ptr(CODE, o.code_name, NAME2);
+        if o.code_qualname >= 0 {
+            m.ptr(CODE, o.code_qualname, NAME2);
+        }
+        m.ptr(CODE, o.code_filename, FILE2);
+    }
+
+    #[test]
+    fn a_code_object_replaced_before_it_was_read_is_never_named_as_the_other() {
+        for v in VERSIONS {
+            let (mut m, o, f) = sampled(v);
+            let mut early = CodeReader::default();
+            assert!(early.resolve(&m, 1, &o, v, &f).unwrap().qualname.ends_with("method"));
+            replace(&mut m, &o);
+            // Read for the first time after the replacement: unreadable, not `other`.
+            let i = CodeReader::default().resolve(&m, 1, &o, v, &f).unwrap();
+            assert_eq!((i.qualname.as_str(), i.line), (UNREADABLE, 0), "{v:?}");
+            // Read while it was alive: a late record of it still gets its name, and the new
+            // object's own frames get theirs.
+            let i = early.resolve(&m, 1, &o, v, &f).unwrap();
+            assert!(i.qualname.ends_with("method") && i.filename == "/app/x.py", "{v:?}");
+            let mut g = f;
+            g.ident = identity(0x25_0000, 0x26_0000);
+            let i = early.resolve(&m, 1, &o, v, &g).unwrap();
+            assert!(i.qualname.ends_with("other") && i.filename == "/app/y.py", "{v:?}");
+        }
+    }
+
+    #[test]
+    fn memory_that_is_no_code_object_or_string_is_not_named() {
+        for v in VERSIONS {
+            let (base, o, f) = sampled(v);
+            // The code object's type, or its name's, is something else.
+            for (obj, ty) in [(CODE, STR_TYPE), (NAME, CODE_TYPE), (FILE, BYTES_TYPE)] {
+                if v.major == 2 && ty == BYTES_TYPE {
+                    continue; // 2.7's byte strings are `str`
+                }
+                let mut m = base.clone();
+                m.typed(obj, &o, ty);
+                assert_eq!(CodeReader::default().resolve(&m, 1, &o, v, &f), None, "{v:?}");
+            }
+            // A line table that is not a byte string: no lines, the name stays.
+            let mut m = base.clone();
+            m.typed(TABLE, &o, CODE_TYPE);
+            let i = CodeReader::default().resolve(&m, 1, &o, v, &f).unwrap();
+            assert_eq!(i.line, 10, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn the_class_of_self_is_the_one_the_walker_read() {
+        for v in VERSIONS.into_iter().filter(|v| !v.at_least(3, 11)) {
+            let (mut m, o, f) = sampled(v);
+            // `self` freed and its memory reused by an object of another class.
+            const OTHER: u64 = 0x33_0000;
+            const OTHER_NAME: u64 = 0x34_0000;
+            m.regions.insert(OTHER, vec![0; 32]);
+            m.ptr(OTHER, 24, OTHER_NAME);
+            let mut name = b"Other\0".to_vec();
+            name.resize(128, 0);
+            m.regions.insert(OTHER_NAME, name);
+            m.ptr(INSTANCE, 8, OTHER);
+            let i = CodeReader::default().resolve(&m, 1, &o, v, &f).unwrap();
+            assert_eq!(i.qualname, "Klass.method", "{v:?}");
+            // Nothing read at the sample: the method's own name, not a guess.
+            let g = PyFrameRef { self_class: 0, ..f };
+            let i = CodeReader::default().resolve(&m, 1, &o, v, &g).unwrap();
+            assert_eq!(i.qualname, "method", "{v:?}");
+        }
     }
 }
