@@ -61,10 +61,13 @@ struct {
 } scratch SEC(".maps");
 
 /* The first bytes of the frame being walked, read at once: one read per frame instead of one
- * per field (the fields of every version's frame are within it but f_localsplus before 3.11). */
+ * per field. FRAME_WINDOW bytes hold the fields of every version's frame; before 3.11 the window
+ * reaches the first local too (f_localsplus[0], at most FRAME_WINDOW_MAX - 8): a PyFrameObject
+ * always holds it, and one longer read costs less than a second one. */
 #define FRAME_WINDOW 128
+#define FRAME_WINDOW_MAX 512
 struct frame_win {
-    u8 b[FRAME_WINDOW];
+    u8 b[FRAME_WINDOW_MAX];
 };
 struct {
     __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -130,15 +133,16 @@ struct fctx {
     /* 2.7: the last type checked for `instance` (old-style instances) and the answer. */
     u64 last_type;
     u32 last_old;
-    /* The window holds the current frame's first FRAME_WINDOW bytes (a frame at the very end
-     * of a mapping cannot be read as a whole: then field by field). */
+    /* The window holds the current frame's first win_len bytes (a frame at the very end of a
+     * mapping cannot be read as a whole: then field by field). */
     u32 win_ok;
+    u32 win_len;
 };
 
 /* A field of the current frame: from the window when it lies inside, else read. */
 static __always_inline int frame_field(struct fctx *x, void *dst, s32 size, s32 off)
 {
-    if (x->win_ok && off >= 0 && off <= FRAME_WINDOW - size) {
+    if (x->win_ok && off >= 0 && off <= FRAME_WINDOW_MAX - size && off + size <= x->win_len) {
         __builtin_memcpy(dst, &x->win->b[off], size);
         return 0;
     }
@@ -220,7 +224,10 @@ static long walk_frame(u32 i, struct fctx *x)
     u64 prev = 0;
     if (!x->frame)
         return 1;
-    x->win_ok = !rd(x->win->b, FRAME_WINDOW, x->frame);
+    u32 len = x->win_len;
+    if (len > FRAME_WINDOW_MAX)
+        len = FRAME_WINDOW_MAX;
+    x->win_ok = !rd(x->win->b, len, x->frame);
     if ((c->frame_owner >= 0 && frame_field(x, &owner, 1, c->frame_owner)) ||
         frame_field(x, &prev, 8, c->frame_previous)) {
         x->flags |= REC_READ_ERROR;
@@ -377,7 +384,9 @@ static __always_inline void walk_python(struct proc_cfg *c, struct record *r)
     struct frame_win *win = bpf_map_lookup_elem(&window, &zero);
     if (!win)
         return;
-    struct fctx x = { .c = c, .r = r, .win = win, .frame = frame };
+    struct fctx x = { .c = c, .r = r, .win = win, .frame = frame, .win_len = FRAME_WINDOW };
+    if (c->frame_localsplus >= 0 && c->frame_localsplus <= FRAME_WINDOW_MAX - 8)
+        x.win_len = c->frame_localsplus + 8;
     /* Each Python call under a perf trampoline (3.12+) also has an entry shim frame: twice the
      * frame limit, and a little more, lets the limit be what cuts. */
     bpf_loop(2 * max_py_frames + 2, walk_frame, &x, 0);
