@@ -427,18 +427,27 @@ impl CodeReader {
         Some(c)
     }
 
-    /// Whether the type of `obj` is named one of `names`, each type's name read once per
-    /// process. The type pointer ends the object header, whose size the string's length
-    /// offset gives (larger in a free-threaded build); `tp_name` follows `ob_size`.
-    fn is_a(&mut self, mem: &dyn ReadMemory, pid: u32, o: &Offsets, obj: u64, names: &[&str]) -> bool {
+    /// Whether the type of `obj` may be one of `names`: false only when its name is read and
+    /// is another (a type that cannot be read proves nothing, and replays captured before this
+    /// check hold no such reads), each type's name read once per process. The type pointer
+    /// ends the object header, whose size the string's length offset gives (larger in a
+    /// free-threaded build); `tp_name` follows `ob_size`.
+    fn is_a(
+        &mut self,
+        mem: &dyn ReadMemory,
+        pid: u32,
+        o: &Offsets,
+        obj: u64,
+        names: &[&str],
+    ) -> bool {
         let Some(ty) = field(obj, o.unicode_length - 8).and_then(|a| u64_at(mem, a)) else {
-            return false;
+            return true;
         };
         let name = self
             .types
             .entry((pid, ty))
             .or_insert_with(|| type_name_at(mem, ty, o.unicode_length + 8));
-        name.as_deref().is_some_and(|n| names.contains(&n))
+        name.as_deref().is_none_or(|n| names.contains(&n))
     }
 
     /// The function's qualified name; ≤ 3.10, `Class.method` from the class of `self` / `cls`.
@@ -478,9 +487,16 @@ impl CodeReader {
 
     /// What names the class of a live `obj`: its type; a 2.7 old-style instance's `in_class`
     /// (PyInstanceObject: the object header, in_class). The walker's `class_of`.
-    fn class_of(&mut self, mem: &dyn ReadMemory, pid: u32, o: &Offsets, py2: bool, obj: u64) -> Option<u64> {
+    fn class_of(
+        &mut self,
+        mem: &dyn ReadMemory,
+        pid: u32,
+        o: &Offsets,
+        py2: bool,
+        obj: u64,
+    ) -> Option<u64> {
         let ty = u64_at(mem, field(obj, 8)?)?;
-        if py2 && self.is_a(mem, pid, o, obj, &["instance"]) {
+        if py2 && type_name(mem, ty).as_deref() == Some("instance") {
             return u64_at(mem, field(obj, 16)?);
         }
         Some(ty)
@@ -489,7 +505,13 @@ impl CodeReader {
     /// The name of a class object: a type, or 2.7's old-style class (a `classobj`: its
     /// instances' type is `instance`, the class hangs off each instance), each class's name
     /// read once per process. Classes live long: read after the sample, they are still there.
-    fn class_name(&mut self, mem: &dyn ReadMemory, pid: u32, class: u64, py2: bool) -> Option<String> {
+    fn class_name(
+        &mut self,
+        mem: &dyn ReadMemory,
+        pid: u32,
+        class: u64,
+        py2: bool,
+    ) -> Option<String> {
         let mut named = |class: u64, old: bool| {
             self.types
                 .entry((pid, class))
@@ -1134,7 +1156,11 @@ mod identity_tests {
         for v in VERSIONS {
             let (mut m, o, f) = sampled(v);
             let mut early = CodeReader::default();
-            assert!(early.resolve(&m, 1, &o, v, &f).unwrap().qualname.ends_with("method"));
+            assert!(early
+                .resolve(&m, 1, &o, v, &f)
+                .unwrap()
+                .qualname
+                .ends_with("method"));
             replace(&mut m, &o);
             // Read for the first time after the replacement: unreadable, not `other`.
             let i = CodeReader::default().resolve(&m, 1, &o, v, &f).unwrap();
@@ -1142,11 +1168,17 @@ mod identity_tests {
             // Read while it was alive: a late record of it still gets its name, and the new
             // object's own frames get theirs.
             let i = early.resolve(&m, 1, &o, v, &f).unwrap();
-            assert!(i.qualname.ends_with("method") && i.filename == "/app/x.py", "{v:?}");
+            assert!(
+                i.qualname.ends_with("method") && i.filename == "/app/x.py",
+                "{v:?}"
+            );
             let mut g = f;
             g.ident = identity(0x25_0000, 0x26_0000);
             let i = early.resolve(&m, 1, &o, v, &g).unwrap();
-            assert!(i.qualname.ends_with("other") && i.filename == "/app/y.py", "{v:?}");
+            assert!(
+                i.qualname.ends_with("other") && i.filename == "/app/y.py",
+                "{v:?}"
+            );
         }
     }
 
@@ -1161,7 +1193,11 @@ mod identity_tests {
                 }
                 let mut m = base.clone();
                 m.typed(obj, &o, ty);
-                assert_eq!(CodeReader::default().resolve(&m, 1, &o, v, &f), None, "{v:?}");
+                assert_eq!(
+                    CodeReader::default().resolve(&m, 1, &o, v, &f),
+                    None,
+                    "{v:?}"
+                );
             }
             // A line table that is not a byte string: no lines, the name stays.
             let mut m = base.clone();

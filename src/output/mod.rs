@@ -53,7 +53,10 @@ mod tests {
     #[test]
     fn control_characters_are_escaped() {
         assert_eq!(printable("Klass.method"), "Klass.method");
-        assert!(matches!(printable("é <module>"), std::borrow::Cow::Borrowed(_)));
+        assert!(matches!(
+            printable("é <module>"),
+            std::borrow::Cow::Borrowed(_)
+        ));
         assert_eq!(printable("a\0b\n\u{7f}\u{85}"), "a\\x00b\\x0a\\x7f\\x85");
         assert_eq!(printable("\u{fffe}x"), "\\u{fffe}x");
     }

@@ -234,9 +234,14 @@ fn control_characters_in_names_are_escaped_by_every_writer() {
     super::collapsed::write(&r, &mut out).unwrap();
     let text = String::from_utf8(out).unwrap();
     assert!(!raw(&text), "{text:?}");
-    assert!(text.contains("a\\x00b\\x01 (/srv/app/x\\x0ay.py:3)"), "{text}");
+    assert!(
+        text.contains("a\\x00b\\x01 (/srv/app/x\\x0ay.py:3)"),
+        "{text}"
+    );
     // One line per distinct stack: the file name's newline did not split one.
-    assert!(text.lines().all(|l| l.rsplit(' ').next().unwrap().parse::<u64>().is_ok()));
+    assert!(text
+        .lines()
+        .all(|l| l.rsplit(' ').next().unwrap().parse::<u64>().is_ok()));
     let mut out = Vec::new();
     super::flamegraph::write(&r, "perfpy: \0split.py", &mut out).unwrap();
     let svg = String::from_utf8(out).unwrap();
@@ -247,7 +252,10 @@ fn control_characters_in_names_are_escaped_by_every_writer() {
     let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
     let names = v["shared"]["frames"].as_array().unwrap();
     assert!(names.iter().any(|f| f["name"] == "a\\x00b\\x01"));
-    assert!(!raw(&v.to_string().replace("\\n", "")) && !raw(&serde_json::to_string(&v["shared"]).unwrap()));
+    assert!(
+        !raw(&v.to_string().replace("\\n", ""))
+            && !raw(&serde_json::to_string(&v["shared"]).unwrap())
+    );
     for p in v["profiles"].as_array().unwrap() {
         assert!(!raw(p["name"].as_str().unwrap()));
     }
@@ -255,6 +263,10 @@ fn control_characters_in_names_are_escaped_by_every_writer() {
         assert!(!raw(f["name"].as_str().unwrap()) && !raw(f["file"].as_str().unwrap_or("")));
     }
     let p = super::pprof::encode(&r);
-    assert!(p.string_table.iter().all(|s| !raw(s)), "{:?}", p.string_table);
+    assert!(
+        p.string_table.iter().all(|s| !raw(s)),
+        "{:?}",
+        p.string_table
+    );
     assert!(p.string_table.iter().any(|s| s == "a\\x00b\\x01"));
 }
