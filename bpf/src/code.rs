@@ -390,7 +390,7 @@ impl CodeReader {
             });
         }
         let line = line(mem, o, version, &code, f);
-        let qualname = self.qualname(mem, pid, o, version, &code, f);
+        let qualname = self.qualname(mem, pid, version, &code, f);
         Some(PyFrameInfo {
             qualname,
             filename: code.filename.clone(),
@@ -447,7 +447,7 @@ impl CodeReader {
             .types
             .entry((pid, ty))
             .or_insert_with(|| type_name_at(mem, ty, o.unicode_length + 8));
-        name.as_deref().is_none_or(|n| names.contains(&n))
+        name.as_deref().map_or(true, |n| names.contains(&n))
     }
 
     /// The function's qualified name; ≤ 3.10, `Class.method` from the class of `self` / `cls`.
@@ -455,7 +455,6 @@ impl CodeReader {
         &mut self,
         mem: &dyn ReadMemory,
         pid: u32,
-        o: &Offsets,
         version: Version,
         code: &Code,
         f: &PyFrameRef,
@@ -471,7 +470,7 @@ impl CodeReader {
             let class = if f.ident != 0 {
                 f.self_class
             } else {
-                self.class_of(mem, pid, o, py2, f.first_local).unwrap_or(0)
+                self.class_of(mem, py2, f.first_local).unwrap_or(0)
             };
             (class != 0)
                 .then(|| self.class_name(mem, pid, class, py2))
@@ -487,14 +486,7 @@ impl CodeReader {
 
     /// What names the class of a live `obj`: its type; a 2.7 old-style instance's `in_class`
     /// (PyInstanceObject: the object header, in_class). The walker's `class_of`.
-    fn class_of(
-        &mut self,
-        mem: &dyn ReadMemory,
-        pid: u32,
-        o: &Offsets,
-        py2: bool,
-        obj: u64,
-    ) -> Option<u64> {
+    fn class_of(&mut self, mem: &dyn ReadMemory, py2: bool, obj: u64) -> Option<u64> {
         let ty = u64_at(mem, field(obj, 8)?)?;
         if py2 && type_name(mem, ty).as_deref() == Some("instance") {
             return u64_at(mem, field(obj, 16)?);

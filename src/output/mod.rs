@@ -46,6 +46,17 @@ pub enum Format {
     Speedscope,
 }
 
+impl Format {
+    pub fn extension(self) -> &'static str {
+        match self {
+            Format::Pprof => "pb.gz",
+            Format::Collapsed => "txt",
+            Format::Flamegraph => "svg",
+            Format::Speedscope => "speedscope.json",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::printable;
@@ -59,16 +70,5 @@ mod tests {
         ));
         assert_eq!(printable("a\0b\n\u{7f}\u{85}"), "a\\x00b\\x0a\\x7f\\x85");
         assert_eq!(printable("\u{fffe}x"), "\\u{fffe}x");
-    }
-}
-
-impl Format {
-    pub fn extension(self) -> &'static str {
-        match self {
-            Format::Pprof => "pb.gz",
-            Format::Collapsed => "txt",
-            Format::Flamegraph => "svg",
-            Format::Speedscope => "speedscope.json",
-        }
     }
 }
