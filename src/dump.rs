@@ -222,6 +222,7 @@ fn frames_of(pid: u32, py: &Py, ts: u64) -> Vec<(u64, PyFrameRef)> {
                 owner,
                 first_local,
                 ident: 0,
+                self_class: 0,
             },
         ));
         frame = prev;

@@ -81,10 +81,10 @@ unsafe impl Zeroable for types::offcpu_short {}
 unsafe impl Pod for types::offcpu_short {}
 
 // No padding: each size is the sum of its fields' (pid, tid, time, nframes, flags; code,
-// instr, first_local, ident, flags, pad; runtime and 18 offsets; parent, flags).
+// instr, first_local, ident, self_class, flags, pad; runtime and 24 offsets; parent, flags).
 const _: () = assert!(HEADER_SIZE == 4 + 4 + 8 + 4 + 4);
-const _: () = assert!(FRAME_SIZE == 4 * 8 + 2 * 4);
-const _: () = assert!(size_of::<types::proc_cfg>() == 8 + 18 * 4);
+const _: () = assert!(FRAME_SIZE == 5 * 8 + 2 * 4);
+const _: () = assert!(size_of::<types::proc_cfg>() == 8 + 24 * 4);
 const _: () = assert!(size_of::<types::kept>() == 2 * 4);
 // pid, tid, time, wait_ns, runq_ns, ip, sp, bp, state, flags, kstack_bytes, ustack_bytes; the
 // head, kernel frames and user stack; ts, wait, runq, woke, pid, tid, state, flags,
@@ -142,6 +142,7 @@ fn frame(f: types::pyframe) -> PyFrameRef {
         instr: f.instr,
         first_local: f.first_local,
         ident: f.ident,
+        self_class: f.self_class,
         entry: f.flags & FRAME_ENTRY != 0,
         owner: (f.flags & types::frame_flags::FRAME_OWNER_MASK.0) as u8,
     }
@@ -172,6 +173,13 @@ pub(crate) fn proc_cfg(p: &PyProcess) -> types::proc_cfg {
         code_filename: o.code_filename,
         // 3.14+: f_executable is a _PyStackRef (tag bits to mask).
         code_tagged: i32::from(p.version.at_least(3, 14)),
+        code_nlocals: o.code_nlocals,
+        code_cellvars: o.code_cellvars,
+        code_cell2arg: o.code_cell2arg,
+        cell2arg_entry: o.cell2arg_entry,
+        // 2.7: PyInstanceObject's in_class, after the object header.
+        instance_class: if p.version.major == 2 { 16 } else { -1 },
+        pad: 0,
     }
 }
 
@@ -223,7 +231,7 @@ mod tests {
             pyframe(0x2000, 1, 0),
         ];
         let b = record(2, types::record_flags::REC_TRUNCATED.0, &frames);
-        assert_eq!(b.len(), 24 + 2 * 40, "the layout of walker.h");
+        assert_eq!(b.len(), 24 + 2 * 48, "the layout of walker.h");
         let s = decode(&b).unwrap();
         assert_eq!((s.pid, s.tid, s.time_ns, s.frames.len()), (7, 8, 99, 2));
         assert_eq!(s.truncated, Some(WalkerCut::FrameLimit));

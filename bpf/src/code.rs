@@ -18,10 +18,9 @@ pub struct PyFrameInfo {
 }
 
 struct Code {
-    /// `co_name` and `co_filename` pointers when read: a code object freed and another
-    /// allocated at the same address has other ones (checked at most once a second).
-    identity: (u64, u64),
-    checked: std::cell::Cell<std::time::Instant>,
+    /// `co_name ^ rotl(co_filename, 1)` of the pointers when read ([`identity`]): a code
+    /// object freed and another allocated at the same address has other ones.
+    identity: u64,
     qualname: String,
     /// ≤ 3.10: the first local is `self` (1) or `cls` (2): the class names the method.
     self_kind: u8,
@@ -35,16 +34,33 @@ struct Code {
 const MAX_STRING: u64 = 4096;
 const MAX_TABLE: u64 = 1 << 20;
 
+/// What a frame whose code object was replaced before it could be read is named: never the
+/// name of the object that took its address.
+pub const UNREADABLE: &str = "[unreadable code object]";
+
 #[derive(Default)]
 pub struct CodeReader {
-    cache: HashMap<(u32, u64), Option<std::rc::Rc<Code>>>,
+    /// (pid, address, identity) → the code object: an address reused by another code object
+    /// is another entry, so that late records of the first one still find it.
+    cache: HashMap<(u32, u64, u64), std::rc::Rc<Code>>,
     /// (pid, type object) → its name.
     types: HashMap<(u32, u64), Option<String>>,
 }
 
+/// The identity of a code object as the walker computes it at the sample, from its `co_name`
+/// and `co_filename` pointers (both interned strings, alive as long as the code object).
+pub fn identity(name: u64, file: u64) -> u64 {
+    name ^ file.rotate_left(1)
+}
+
 /// `tp_name` of a type object: a C string; for builtin types `module.Name`, keep `Name`.
 pub fn type_name(m: &dyn ReadMemory, ty: u64) -> Option<String> {
-    let p = u64_at(m, field(ty, 24)?)?;
+    type_name_at(m, ty, 24)
+}
+
+/// `tp_name` at `at` in the type object (after its `PyVarObject` header).
+fn type_name_at(m: &dyn ReadMemory, ty: u64, at: i32) -> Option<String> {
+    let p = u64_at(m, field(ty, at)?)?;
     let mut buf = [0u8; 128];
     // Read what is readable: the name may sit near the end of a mapping.
     let mut n = buf.len();
@@ -145,21 +161,32 @@ fn read_bytes(m: &dyn ReadMemory, o: &Offsets, obj: u64) -> Option<Vec<u8>> {
         .then_some(buf)
 }
 
-fn read_code(m: &dyn ReadMemory, o: &Offsets, code: u64) -> Option<Code> {
+/// Reads the code object at `code`. `is(obj, names)`: whether `obj`'s type is named one of
+/// `names` (memory reused by other objects must not be read as a code object or a string).
+fn read_code(
+    m: &dyn ReadMemory,
+    o: &Offsets,
+    code: u64,
+    is: &mut dyn FnMut(u64, &[&str]) -> bool,
+) -> Option<Code> {
     let p = |off: i32| u64_at(m, field(code, off)?);
+    if !is(code, &["code"]) {
+        return None;
+    }
+    let mut string = |obj: u64| is(obj, &["str"]).then(|| read_unicode(m, o, obj))?;
     // Before 3.11 there is no co_qualname: the name.
-    let qualname = read_unicode(
-        m,
-        o,
-        p(if o.code_qualname >= 0 {
-            o.code_qualname
-        } else {
-            o.code_name
-        })?,
-    )?;
-    let filename = read_unicode(m, o, p(o.code_filename)?)?;
+    let qualname = string(p(if o.code_qualname >= 0 {
+        o.code_qualname
+    } else {
+        o.code_name
+    })?)?;
+    let filename = string(p(o.code_filename)?)?;
     let first_line = i32_at(m, field(code, o.code_firstlineno)?)?;
-    let linetable = read_bytes(m, o, p(o.code_linetable)?).unwrap_or_default();
+    // 2.7's co_lnotab is a byte string, `str`.
+    let linetable = p(o.code_linetable)
+        .filter(|&t| is(t, &["bytes", "str"]))
+        .and_then(|t| read_bytes(m, o, t))
+        .unwrap_or_default();
     let self_kind = if o.code_varnames >= 0 {
         let first = p(o.code_varnames)
             .and_then(|t| (u64_at(m, field(t, 16)?)? > 0).then_some(t))
@@ -174,8 +201,7 @@ fn read_code(m: &dyn ReadMemory, o: &Offsets, code: u64) -> Option<Code> {
         0
     };
     Some(Code {
-        identity: (p(o.code_name)?, p(o.code_filename)?),
-        checked: std::cell::Cell::new(std::time::Instant::now()),
+        identity: identity(p(o.code_name)?, p(o.code_filename)?),
         qualname,
         self_kind,
         filename,
@@ -340,7 +366,8 @@ fn line(mem: &dyn ReadMemory, o: &Offsets, version: Version, code: &Code, f: &Py
 }
 
 impl CodeReader {
-    /// Names a frame of process `pid`. `None` when the code object cannot be read.
+    /// Names a frame of process `pid`. `None` when the code object cannot be read; named
+    /// [`UNREADABLE`] when the address holds another code object than the one the walker saw.
     pub fn resolve(
         &mut self,
         mem: &dyn ReadMemory,
@@ -352,8 +379,16 @@ impl CodeReader {
         if f.code == 0 {
             return None;
         }
-        self.forget_if_replaced(mem, pid, o, f);
         let code = self.code(mem, pid, o, f)?;
+        if f.ident != 0 && code.identity != f.ident {
+            // Freed and replaced since the sample: its name is gone.
+            return Some(PyFrameInfo {
+                qualname: UNREADABLE.into(),
+                filename: "[unknown]".into(),
+                line: 0,
+                first_line: 0,
+            });
+        }
         let line = line(mem, o, version, &code, f);
         let qualname = self.qualname(mem, pid, version, &code, f);
         Some(PyFrameInfo {
@@ -364,34 +399,10 @@ impl CodeReader {
         })
     }
 
-    /// Drops the cached code object at `f.code` if the address now holds another one (the old
-    /// one freed): the same two pointers (name, file) mean the same object. The walker read
-    /// them at the sample; without them, a cached entry is checked at most once a second.
-    fn forget_if_replaced(&mut self, mem: &dyn ReadMemory, pid: u32, o: &Offsets, f: &PyFrameRef) {
-        let Some(Some(c)) = self.cache.get(&(pid, f.code)) else {
-            return;
-        };
-        let (n, fl) = c.identity;
-        if f.ident != 0 && f.ident != n ^ fl.rotate_left(1) {
-            self.cache.remove(&(pid, f.code));
-        } else if f.ident == 0 && c.checked.get().elapsed() >= std::time::Duration::from_secs(1) {
-            let now = (
-                field(f.code, o.code_name)
-                    .and_then(|a| u64_at(mem, a))
-                    .unwrap_or(0),
-                field(f.code, o.code_filename)
-                    .and_then(|a| u64_at(mem, a))
-                    .unwrap_or(0),
-            );
-            if now == c.identity {
-                c.checked.set(std::time::Instant::now());
-            } else {
-                self.cache.remove(&(pid, f.code));
-            }
-        }
-    }
-
-    /// The code object of frame `f`, read once per process and address.
+    /// The code object of frame `f`, read once per process, address and identity: the one the
+    /// walker saw (`f.ident`) if it was read while alive, else what the address holds now
+    /// (cached under its own identity; the caller compares). Frames not from the walker
+    /// (`ident` 0: `perfpy dump` reads a live frame) take what the address holds.
     fn code(
         &mut self,
         mem: &dyn ReadMemory,
@@ -399,13 +410,44 @@ impl CodeReader {
         o: &Offsets,
         f: &PyFrameRef,
     ) -> Option<std::rc::Rc<Code>> {
-        if let Some(Some(c)) = self.cache.get(&(pid, f.code)) {
+        let ident = if f.ident != 0 {
+            f.ident
+        } else {
+            let p = |off: i32| u64_at(mem, field(f.code, off)?);
+            identity(p(o.code_name)?, p(o.code_filename)?)
+        };
+        if let Some(c) = self.cache.get(&(pid, f.code, ident)) {
             return Some(c.clone());
         }
         // A failure is not cached: the object may be readable at the next sample.
-        let c = std::rc::Rc::new(read_code(mem, o, f.code)?);
-        self.cache.insert((pid, f.code), Some(c.clone()));
+        let c = std::rc::Rc::new(read_code(mem, o, f.code, &mut |obj, names| {
+            self.is_a(mem, pid, o, obj, names)
+        })?);
+        self.cache.insert((pid, f.code, c.identity), c.clone());
         Some(c)
+    }
+
+    /// Whether the type of `obj` may be one of `names`: false only when its name is read and
+    /// is another (a type that cannot be read proves nothing, and replays captured before this
+    /// check hold no such reads), each type's name read once per process. The type pointer
+    /// ends the object header, whose size the string's length offset gives (larger in a
+    /// free-threaded build); `tp_name` follows `ob_size`.
+    fn is_a(
+        &mut self,
+        mem: &dyn ReadMemory,
+        pid: u32,
+        o: &Offsets,
+        obj: u64,
+        names: &[&str],
+    ) -> bool {
+        let Some(ty) = field(obj, o.unicode_length - 8).and_then(|a| u64_at(mem, a)) else {
+            return true;
+        };
+        let name = self
+            .types
+            .entry((pid, ty))
+            .or_insert_with(|| type_name_at(mem, ty, o.unicode_length + 8));
+        name.as_deref().map_or(true, |n| names.contains(&n))
     }
 
     /// The function's qualified name; ≤ 3.10, `Class.method` from the class of `self` / `cls`.
@@ -421,33 +463,46 @@ impl CodeReader {
         if code.self_kind == 0 || f.first_local == 0 {
             return qualname;
         }
-        let ty = if code.self_kind == 1 {
-            f.first_local.checked_add(8).and_then(|a| u64_at(mem, a))
-        } else {
-            Some(f.first_local)
-        };
-        let Some(ty) = ty else {
-            return qualname;
-        };
         let py2 = version.major == 2;
-        match self.class_name(mem, pid, ty, py2, code.self_kind == 1, f.first_local) {
+        let name = if code.self_kind == 1 {
+            // What the walker read at the sample: `self` itself may be gone. Frames not from
+            // the walker (ident 0) are live: read it now, as the walker does.
+            let class = if f.ident != 0 {
+                f.self_class
+            } else {
+                self.class_of(mem, py2, f.first_local).unwrap_or(0)
+            };
+            (class != 0)
+                .then(|| self.class_name(mem, pid, class, py2))
+                .flatten()
+        } else {
+            self.class_name(mem, pid, f.first_local, py2)
+        };
+        match name {
             Some(name) => format!("{name}.{qualname}"),
             None => qualname,
         }
     }
 
-    /// The name of the class of a method's `self` (`ty`: its type) or of a class method's
-    /// `cls` (`ty`: the class), each class object's name read once per process. 2.7's
-    /// old-style classes (`py2`) are found from the instance (`in_class`, one read per frame)
-    /// or by the class's own type, `classobj` (one read).
+    /// What names the class of a live `obj`: its type; a 2.7 old-style instance's `in_class`
+    /// (PyInstanceObject: the object header, in_class). The walker's `class_of`.
+    fn class_of(&mut self, mem: &dyn ReadMemory, py2: bool, obj: u64) -> Option<u64> {
+        let ty = u64_at(mem, field(obj, 8)?)?;
+        if py2 && type_name(mem, ty).as_deref() == Some("instance") {
+            return u64_at(mem, field(obj, 16)?);
+        }
+        Some(ty)
+    }
+
+    /// The name of a class object: a type, or 2.7's old-style class (a `classobj`: its
+    /// instances' type is `instance`, the class hangs off each instance), each class's name
+    /// read once per process. Classes live long: read after the sample, they are still there.
     fn class_name(
         &mut self,
         mem: &dyn ReadMemory,
         pid: u32,
-        ty: u64,
+        class: u64,
         py2: bool,
-        is_self: bool,
-        local: u64,
     ) -> Option<String> {
         let mut named = |class: u64, old: bool| {
             self.types
@@ -462,23 +517,17 @@ impl CodeReader {
                 .clone()
         };
         if !py2 {
-            return named(ty, false);
+            return named(class, false);
         }
-        if is_self {
-            let name = named(ty, false)?;
-            if name != "instance" {
-                return Some(name);
-            }
-            return named(u64_at(mem, field(local, 16)?)?, true);
-        }
-        let meta = u64_at(mem, field(ty, 8)?)?;
+        let meta = u64_at(mem, field(class, 8)?)?;
         let old = named(meta, false).is_some_and(|n| n == "classobj");
-        named(ty, old)
+        // An `instance` type here: the walker could not tell the instance's class.
+        named(class, old).filter(|n| n != "instance")
     }
 
     /// Forgets a process (it exited; its addresses may be reused).
     pub fn forget(&mut self, pid: u32) {
-        self.cache.retain(|(p, _), _| *p != pid);
+        self.cache.retain(|(p, _, _), _| *p != pid);
         self.types.retain(|(p, _), _| *p != pid);
     }
 
@@ -526,7 +575,7 @@ mod tests {
             let mut r = CodeReader::default();
             for v in VERSIONS {
                 let o = table(v);
-                let f = PyFrameRef { code, instr, entry: false, owner: 0, first_local: local, ident: 0 };
+                let f = PyFrameRef { code, instr, entry: false, owner: 0, first_local: local, ident: 0, self_class: 0 };
                 if let Some(i) = r.resolve(&mem, 1, &o, v, &f) {
                     proptest::prop_assert!(i.qualname.len() <= 2 * MAX_STRING as usize + 260);
                 }
@@ -534,7 +583,7 @@ mod tests {
         }
     }
 
-    const VERSIONS: [Version; 7] = [
+    pub(super) const VERSIONS: [Version; 7] = [
         Version::new(2, 7),
         Version::new(3, 6),
         Version::new(3, 9),
@@ -548,8 +597,8 @@ mod tests {
     /// unmapped pointer). Records the largest read asked for: the reader allocates its buffer
     /// before reading, so that is its largest allocation.
     #[derive(Default, Clone)]
-    struct Objects {
-        regions: std::collections::BTreeMap<u64, Vec<u8>>,
+    pub(super) struct Objects {
+        pub(super) regions: std::collections::BTreeMap<u64, Vec<u8>>,
         largest_read: std::cell::Cell<usize>,
     }
 
@@ -571,30 +620,48 @@ mod tests {
         }
     }
 
-    const CODE: u64 = 0x10_0000;
-    const NAME: u64 = 0x20_0000;
-    const FILE: u64 = 0x21_0000;
-    const TABLE: u64 = 0x22_0000;
-    const VARNAMES: u64 = 0x23_0000;
-    const SELF_STR: u64 = 0x24_0000;
-    const INSTANCE: u64 = 0x30_0000;
-    const TYPE: u64 = 0x31_0000;
-    const TYPE_NAME: u64 = 0x32_0000;
-    const UNMAPPED: u64 = 0x7000_0000;
+    pub(super) const CODE: u64 = 0x10_0000;
+    pub(super) const NAME: u64 = 0x20_0000;
+    pub(super) const FILE: u64 = 0x21_0000;
+    pub(super) const TABLE: u64 = 0x22_0000;
+    pub(super) const VARNAMES: u64 = 0x23_0000;
+    pub(super) const SELF_STR: u64 = 0x24_0000;
+    pub(super) const INSTANCE: u64 = 0x30_0000;
+    pub(super) const TYPE: u64 = 0x31_0000;
+    pub(super) const TYPE_NAME: u64 = 0x32_0000;
+    /// The types of code objects, strings and byte strings (2.7: `str`), each followed by its
+    /// name: the reader checks the objects it reads are what they should be.
+    pub(super) const CODE_TYPE: u64 = 0x40_0000;
+    pub(super) const STR_TYPE: u64 = 0x41_0000;
+    pub(super) const BYTES_TYPE: u64 = 0x42_0000;
+    pub(super) const UNMAPPED: u64 = 0x7000_0000;
 
     impl Objects {
-        fn put(&mut self, addr: u64, at: i32, bytes: &[u8]) {
+        pub(super) fn put(&mut self, addr: u64, at: i32, bytes: &[u8]) {
             let r = self.regions.get_mut(&addr).unwrap();
             let at = at as usize;
             r[at..at + bytes.len()].copy_from_slice(bytes);
         }
-        fn ptr(&mut self, addr: u64, at: i32, value: u64) {
+        pub(super) fn ptr(&mut self, addr: u64, at: i32, value: u64) {
             self.put(addr, at, &value.to_ne_bytes());
         }
+        /// Sets the type of object `addr` (its last header field, before the length).
+        pub(super) fn typed(&mut self, addr: u64, o: &Offsets, ty: u64) {
+            self.ptr(addr, o.unicode_length - 8, ty);
+        }
+        /// A type object named `name` at `addr`, its name right after it.
+        pub(super) fn type_object(&mut self, addr: u64, o: &Offsets, name: &str) {
+            let mut b = vec![0u8; 256];
+            let at = o.unicode_length as usize + 8;
+            b[at..at + 8].copy_from_slice(&(addr + 128).to_ne_bytes());
+            b[128..128 + name.len()].copy_from_slice(name.as_bytes());
+            self.regions.insert(addr, b);
+        }
         /// A `str` (compact ASCII; a byte string on 2.7) holding `text`.
-        fn string(&mut self, addr: u64, o: &Offsets, text: &str) {
+        pub(super) fn string(&mut self, addr: u64, o: &Offsets, text: &str) {
             let data = o.unicode_ascii_data as usize;
             self.regions.insert(addr, vec![0; data + text.len() + 1]);
+            self.typed(addr, o, STR_TYPE);
             self.ptr(addr, o.unicode_length, text.len() as u64);
             if o.unicode_state >= 0 {
                 // kind 1 (bits 2-4), compact (bit 5), ascii (bit 6).
@@ -609,13 +676,17 @@ mod tests {
 
         /// The code object of `Klass.method` in `/app/x.py`, first line 10, whose first
         /// instruction is on line 12 (a `self` method before 3.11), and the frame running it.
-        fn method(v: Version) -> (Objects, Offsets, PyFrameRef) {
+        pub(super) fn method(v: Version) -> (Objects, Offsets, PyFrameRef) {
             Objects::method_with(v, table(v))
         }
 
         fn method_with(v: Version, o: Offsets) -> (Objects, Offsets, PyFrameRef) {
             let mut m = Objects::default();
+            m.type_object(CODE_TYPE, &o, "code");
+            m.type_object(STR_TYPE, &o, "str");
+            m.type_object(BYTES_TYPE, &o, if v.major == 2 { "str" } else { "bytes" });
             m.regions.insert(CODE, vec![0; 512]);
+            m.typed(CODE, &o, CODE_TYPE);
             m.string(
                 NAME,
                 &o,
@@ -644,6 +715,7 @@ mod tests {
                 .insert(TABLE, vec![0; o.bytes_data as usize + table.len()]);
             m.ptr(TABLE, o.bytes_size, table.len() as u64);
             m.put(TABLE, o.bytes_data, table);
+            m.typed(TABLE, &o, BYTES_TYPE);
             m.ptr(CODE, o.code_linetable, TABLE);
             let mut first_local = 0;
             if o.code_varnames >= 0 {
@@ -677,6 +749,7 @@ mod tests {
                     owner: 0,
                     first_local,
                     ident: 0,
+                    self_class: 0,
                 },
             )
         }
@@ -698,6 +771,7 @@ mod tests {
             .insert(TABLE, vec![0; o.bytes_data as usize + table.len()]);
         m.ptr(TABLE, o.bytes_size, table.len() as u64);
         m.put(TABLE, o.bytes_data, &table);
+        m.typed(TABLE, &o, BYTES_TYPE);
         // co_tlbc: two copies, the main one and a thread's own, below the code object.
         const TLBC: u64 = 0x50_0000;
         const COPY: u64 = 0x0F_0000;
@@ -1038,5 +1112,112 @@ mod tests {
         // Garbage never panics.
         assert!(line_of(&[0xff; 7], 1, 100) >= 1 - 1000);
         line_of(&[0xf0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff], 0, 3);
+    }
+}
+
+#[cfg(test)]
+mod identity_tests {
+    //! The identity the walker captured at the sample against what the address holds when
+    //! user space reads it, and the class of `self` as the walker read it (synthetic memory).
+    use super::tests::*;
+    use super::*;
+
+    /// What the walker records for the frame of `Klass.method` while it runs.
+    fn sampled(v: Version) -> (Objects, Offsets, PyFrameRef) {
+        let (m, o, mut f) = Objects::method(v);
+        f.ident = identity(NAME, FILE);
+        f.self_class = if o.code_varnames >= 0 { TYPE } else { 0 };
+        (m, o, f)
+    }
+
+    /// The code object at CODE freed and another one, `other` in `/app/y.py`, put there.
+    fn replace(m: &mut Objects, o: &Offsets) {
+        const NAME2: u64 = 0x25_0000;
+        const FILE2: u64 = 0x26_0000;
+        m.string(NAME2, o, "other");
+        m.string(FILE2, o, "/app/y.py");
+        m.ptr(CODE, o.code_name, NAME2);
+        if o.code_qualname >= 0 {
+            m.ptr(CODE, o.code_qualname, NAME2);
+        }
+        m.ptr(CODE, o.code_filename, FILE2);
+    }
+
+    #[test]
+    fn a_code_object_replaced_before_it_was_read_is_never_named_as_the_other() {
+        for v in VERSIONS {
+            let (mut m, o, f) = sampled(v);
+            let mut early = CodeReader::default();
+            assert!(early
+                .resolve(&m, 1, &o, v, &f)
+                .unwrap()
+                .qualname
+                .ends_with("method"));
+            replace(&mut m, &o);
+            // Read for the first time after the replacement: unreadable, not `other`.
+            let i = CodeReader::default().resolve(&m, 1, &o, v, &f).unwrap();
+            assert_eq!((i.qualname.as_str(), i.line), (UNREADABLE, 0), "{v:?}");
+            // Read while it was alive: a late record of it still gets its name, and the new
+            // object's own frames get theirs.
+            let i = early.resolve(&m, 1, &o, v, &f).unwrap();
+            assert!(
+                i.qualname.ends_with("method") && i.filename == "/app/x.py",
+                "{v:?}"
+            );
+            let mut g = f;
+            g.ident = identity(0x25_0000, 0x26_0000);
+            let i = early.resolve(&m, 1, &o, v, &g).unwrap();
+            assert!(
+                i.qualname.ends_with("other") && i.filename == "/app/y.py",
+                "{v:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn memory_that_is_no_code_object_or_string_is_not_named() {
+        for v in VERSIONS {
+            let (base, o, f) = sampled(v);
+            // The code object's type, or its name's, is something else.
+            for (obj, ty) in [(CODE, STR_TYPE), (NAME, CODE_TYPE), (FILE, BYTES_TYPE)] {
+                if v.major == 2 && ty == BYTES_TYPE {
+                    continue; // 2.7's byte strings are `str`
+                }
+                let mut m = base.clone();
+                m.typed(obj, &o, ty);
+                assert_eq!(
+                    CodeReader::default().resolve(&m, 1, &o, v, &f),
+                    None,
+                    "{v:?}"
+                );
+            }
+            // A line table that is not a byte string: no lines, the name stays.
+            let mut m = base.clone();
+            m.typed(TABLE, &o, CODE_TYPE);
+            let i = CodeReader::default().resolve(&m, 1, &o, v, &f).unwrap();
+            assert_eq!(i.line, 10, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn the_class_of_self_is_the_one_the_walker_read() {
+        for v in VERSIONS.into_iter().filter(|v| !v.at_least(3, 11)) {
+            let (mut m, o, f) = sampled(v);
+            // `self` freed and its memory reused by an object of another class.
+            const OTHER: u64 = 0x33_0000;
+            const OTHER_NAME: u64 = 0x34_0000;
+            m.regions.insert(OTHER, vec![0; 32]);
+            m.ptr(OTHER, 24, OTHER_NAME);
+            let mut name = b"Other\0".to_vec();
+            name.resize(128, 0);
+            m.regions.insert(OTHER_NAME, name);
+            m.ptr(INSTANCE, 8, OTHER);
+            let i = CodeReader::default().resolve(&m, 1, &o, v, &f).unwrap();
+            assert_eq!(i.qualname, "Klass.method", "{v:?}");
+            // Nothing read at the sample: the method's own name, not a guess.
+            let g = PyFrameRef { self_class: 0, ..f };
+            let i = CodeReader::default().resolve(&m, 1, &o, v, &g).unwrap();
+            assert_eq!(i.qualname, "method", "{v:?}");
+        }
     }
 }

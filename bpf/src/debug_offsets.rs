@@ -574,6 +574,10 @@ fn offsets(
         unicode_length: objects.unicode_length,
         bytes_size: objects.bytes_size,
         code_tlbc,
+        code_nlocals: -1,
+        code_cellvars: -1,
+        code_cell2arg: -1,
+        cell2arg_entry: -1,
     })
 }
 

@@ -88,10 +88,14 @@ pub struct PyFrameRef {
     /// First Python frame run by its C-level `_PyEval_EvalFrameDefault` call.
     pub entry: bool,
     pub owner: u8,
-    /// ≤ 3.10: the frame's first local (`self` or `cls` in a method), for qualified names.
+    /// ≤ 3.10: the frame's first argument (`self` or `cls` in a method, from its cell where a
+    /// closure captured it), for qualified names.
     pub first_local: u64,
     /// `co_name ^ rotl(co_filename, 1)` read at the sample: 0 where unread.
     pub ident: u64,
+    /// ≤ 3.10: what names `first_local`'s class, read at the sample (its type, or a 2.7
+    /// old-style instance's class): 0 where unread.
+    pub self_class: u64,
 }
 
 /// Why the walker stopped before the outermost Python frame.

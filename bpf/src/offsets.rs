@@ -76,6 +76,15 @@ pub struct Offsets {
     /// `co_tlbc` (free-threaded 3.14+): the code's thread-local bytecode copies, which a frame's
     /// `instr_ptr` may point into; -1 where absent.
     pub code_tlbc: i32,
+    /// 3.6 – 3.10: where a method's `self` is when a closure captures it. The interpreter moves
+    /// an argument that is a cell variable into a new cell at frame setup and clears its local
+    /// slot: cell `i` is local `co_nlocals + i`, and `co_cell2arg[i]` (entries of
+    /// `cell2arg_entry` bytes; `co_cellvars` says how many) is the argument it holds. -1 where
+    /// absent (2.7 keeps the argument in its slot; 3.11+ has `co_qualname`).
+    pub code_nlocals: i32,
+    pub code_cellvars: i32,
+    pub code_cell2arg: i32,
+    pub cell2arg_entry: i32,
 }
 
 impl Offsets {
@@ -121,6 +130,10 @@ impl Offsets {
             ("unicode_compact_data", self.unicode_compact_data),
             ("unicode_state", self.unicode_state),
             ("bytes_data", self.bytes_data),
+            ("code_nlocals", self.code_nlocals),
+            ("code_cellvars", self.code_cellvars),
+            ("code_cell2arg", self.code_cell2arg),
+            ("cell2arg_entry", self.cell2arg_entry),
         ]
     }
 }

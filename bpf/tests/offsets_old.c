@@ -28,6 +28,14 @@ int main(void) {
     printf("frame_lasti %zu\n", offsetof(PyFrameObject, f_lasti));
     printf("frame_localsplus %zu\n", offsetof(PyFrameObject, f_localsplus));
     printf("code_varnames %zu\n", offsetof(PyCodeObject, co_varnames));
+#if PY_MAJOR_VERSION >= 3
+    printf("code_nlocals %zu\n", offsetof(PyCodeObject, co_nlocals));
+    printf("code_cellvars %zu\n", offsetof(PyCodeObject, co_cellvars));
+    printf("code_cell2arg %zu\n", offsetof(PyCodeObject, co_cell2arg));
+    printf("cell2arg_entry %zu\n", sizeof(*((PyCodeObject *)0)->co_cell2arg));
+#else
+    printf("code_cell2arg -1\n");
+#endif
     printf("tuple_items %zu\n", offsetof(PyTupleObject, ob_item));
     printf("type_name %zu\n", offsetof(PyTypeObject, tp_name));
     printf("code_name %zu\n", offsetof(PyCodeObject, co_name));

@@ -22,12 +22,12 @@ pub fn lines_named(r: &Report, name: &dyn Fn(u32, usize) -> String) -> Vec<Strin
     for s in &r.samples {
         let mut parts: Vec<String> = Vec::new();
         if multi {
-            parts.push(format!("{}-{}", s.comm, s.pid));
+            parts.push(format!("{}-{}", super::printable(&s.comm), s.pid).replace(';', ":"));
         }
         for l in s.locs.iter().rev() {
             let res = &r.resolved[*l as usize];
             for i in (0..res.frames.len()).rev() {
-                parts.push(name(*l, i).replace(';', ":"));
+                parts.push(super::printable(&name(*l, i)).replace(';', ":"));
             }
         }
         if parts.is_empty() {

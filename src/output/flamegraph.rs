@@ -19,13 +19,14 @@ pub fn write(r: &Report, title: &str, out: &mut dyn std::io::Write) -> anyhow::R
             .unwrap_or_else(|| display_name(&r.resolved[l as usize], i))
     });
     let mut opts = inferno::flamegraph::Options::default();
-    opts.title = title.to_string();
+    opts.title = super::printable(title).into_owned();
     opts.count_name = "samples".into();
     if lines.is_empty() {
         // inferno refuses empty input; an empty profile is still a valid (empty) SVG.
         write!(
             out,
-            "<?xml version=\"1.0\" standalone=\"no\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"600\" height=\"40\"><text x=\"10\" y=\"24\">{title}: no samples</text></svg>\n"
+            "<?xml version=\"1.0\" standalone=\"no\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"600\" height=\"40\"><text x=\"10\" y=\"24\">{}: no samples</text></svg>\n",
+            escape(&super::printable(title))
         )?;
         return Ok(());
     }
@@ -58,8 +59,8 @@ fn short_names(r: &Report) -> (HashMap<(u32, usize), String>, HashMap<String, St
                 frames: vec![short],
                 kind: res.kind,
             };
-            let s = display_name(&res_short, 0).replace(';', ":");
-            let full = display_name(res, i).replace(';', ":");
+            let s = super::printable(&display_name(&res_short, 0)).replace(';', ":");
+            let full = super::printable(&display_name(res, i)).replace(';', ":");
             by_short.entry(s).or_default().push((l as u32, i, full));
         }
     }

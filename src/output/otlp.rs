@@ -129,7 +129,7 @@ impl Dict {
             return *i;
         }
         let i = self.d.string_table.len() as i32;
-        self.d.string_table.push(s.to_string());
+        self.d.string_table.push(super::printable(s).into_owned());
         self.strings.insert(s.to_string(), i);
         i
     }

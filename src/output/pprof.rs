@@ -36,7 +36,7 @@ impl Strings {
             return *i;
         }
         let i = self.table.len() as i64;
-        self.table.push(v.to_string());
+        self.table.push(super::printable(v).into_owned());
         self.index.insert(v.to_string(), i);
         i
     }

@@ -217,3 +217,57 @@ fn pprof() {
     let p = protos::Profile::decode(&bytes[..]).unwrap();
     check("pprof.txt", &format!("{p:#?}\n"));
 }
+
+/// Names read from reused memory can hold control characters (a NUL made the SVG invalid
+/// XML): every writer shows them escaped, none writes them.
+#[test]
+fn control_characters_in_names_are_escaped_by_every_writer() {
+    let mut r = report();
+    r.resolved[8] = resolved(
+        Kind::PythonEbpf,
+        &[("a\0b\u{1}", Some("/srv/app/x\ny.py"), Some(3))],
+    );
+    r.samples[5].thread = "w\0\u{85}".into();
+    r.samples[5].comm = "p\ty".into();
+    // Raw control characters other than the writers' own line breaks.
+    let raw = |s: &str| s.chars().any(|c| c.is_control() && c != '\n');
+    let mut out = Vec::new();
+    super::collapsed::write(&r, &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(!raw(&text), "{text:?}");
+    assert!(
+        text.contains("a\\x00b\\x01 (/srv/app/x\\x0ay.py:3)"),
+        "{text}"
+    );
+    // One line per distinct stack: the file name's newline did not split one.
+    assert!(text
+        .lines()
+        .all(|l| l.rsplit(' ').next().unwrap().parse::<u64>().is_ok()));
+    let mut out = Vec::new();
+    super::flamegraph::write(&r, "perfpy: \0split.py", &mut out).unwrap();
+    let svg = String::from_utf8(out).unwrap();
+    assert!(!raw(&svg));
+    assert!(svg.contains("a\\x00b\\x01 (/srv/app/x\\x0ay.py:3)"));
+    let mut out = Vec::new();
+    super::speedscope::write(&r, "split.py", &mut out).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let names = v["shared"]["frames"].as_array().unwrap();
+    assert!(names.iter().any(|f| f["name"] == "a\\x00b\\x01"));
+    assert!(
+        !raw(&v.to_string().replace("\\n", ""))
+            && !raw(&serde_json::to_string(&v["shared"]).unwrap())
+    );
+    for p in v["profiles"].as_array().unwrap() {
+        assert!(!raw(p["name"].as_str().unwrap()));
+    }
+    for f in names {
+        assert!(!raw(f["name"].as_str().unwrap()) && !raw(f["file"].as_str().unwrap_or("")));
+    }
+    let p = super::pprof::encode(&r);
+    assert!(
+        p.string_table.iter().all(|s| !raw(s)),
+        "{:?}",
+        p.string_table
+    );
+    assert!(p.string_table.iter().any(|s| s == "a\\x00b\\x01"));
+}

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde_json::{json, Value};
 
+use super::printable;
 use crate::report::Report;
 use crate::symbols::Kind;
 
@@ -31,7 +32,12 @@ fn document(r: &Report, name: &str) -> Value {
                     Kind::Kernel => format!("{} [kernel]", f.function),
                     _ => f.function.clone(),
                 };
-                let key = (name, f.file.clone().filter(|_| python), f.line);
+                let file = f.file.as_deref().filter(|_| python);
+                let key = (
+                    printable(&name).into_owned(),
+                    file.map(|f| printable(f).into_owned()),
+                    f.line,
+                );
                 let id = *frame_ids.entry(key.clone()).or_insert_with(|| {
                     let mut v = json!({ "name": key.0 });
                     if let Some(file) = &key.1 {
@@ -68,7 +74,7 @@ fn document(r: &Report, name: &str) -> Value {
                 total,
                 json!({
                     "type": "sampled",
-                    "name": format!("{comm} {pid} / {thread} {tid}"),
+                    "name": format!("{} {pid} / {} {tid}", printable(&comm), printable(&thread)),
                     "unit": "nanoseconds",
                     "startValue": 0,
                     "endValue": total,
@@ -83,7 +89,7 @@ fn document(r: &Report, name: &str) -> Value {
         "$schema": "https://www.speedscope.app/file-format-schema.json",
         "shared": { "frames": frames },
         "profiles": profiles.into_iter().map(|p| p.1).collect::<Vec<_>>(),
-        "name": name,
+        "name": printable(name),
         "activeProfileIndex": 0,
         "exporter": format!("perfpy {}", env!("CARGO_PKG_VERSION")),
     })

@@ -64,8 +64,6 @@ fn complete_root(
     }
 }
 
-/// The name of a Python frame the walker saw but whose code object could not be read.
-pub(crate) const UNREADABLE_PY_FRAME: &str = "[unreadable Python frame]";
 
 pub(super) struct RingEntry {
     pub(super) ring: Ring,
@@ -631,8 +629,10 @@ impl Collector {
         for f in &st.frames {
             let info = py.reader.resolve(&mem, p.pid, &off, version, f);
             // A frame whose code object could not be read (its process exited before its
-            // records were drained, or the object was freed since the sample) keeps its place
-            // under a name that says so: dropping it would take its evaluation frame with it.
+            // records were drained, or the object was freed and its address reused since the
+            // sample) keeps its place, named as such, without a file: dropping it would take
+            // its evaluation frame with it.
+            let info = info.filter(|i| i.qualname != perfpy_bpf::code::UNREADABLE);
             let line = info.as_ref().map_or(0, |i| i.line);
             let func = match info {
                 Some(info) => crate::profile::PyFunction {
@@ -641,7 +641,7 @@ impl Collector {
                     first_line: info.first_line,
                 },
                 None => crate::profile::PyFunction {
-                    qualname: UNREADABLE_PY_FRAME.to_string(),
+                    qualname: perfpy_bpf::code::UNREADABLE.to_string(),
                     filename: String::new(),
                     first_line: 0,
                 },

@@ -38,6 +38,8 @@ use super::collect::Collector;
 
 const RING: u8 = 1;
 const WALKER: u8 = 2;
+/// A walker record whose frames carry `self_class` too (captures before it are `WALKER`).
+const WALKER_CLASS: u8 = 7;
 const MEMORY: u8 = 3;
 const MAPS: u8 = 4;
 const PERF_MAP: u8 = 5;
@@ -180,7 +182,7 @@ impl Capture {
     }
 
     pub(super) fn walker(&self, s: &perfpy_bpf::PyStack) {
-        let mut b = Vec::with_capacity(32 + s.frames.len() * 34);
+        let mut b = Vec::with_capacity(32 + s.frames.len() * 42);
         b.extend(s.pid.to_le_bytes());
         b.extend(s.tid.to_le_bytes());
         b.extend(s.time_ns.to_le_bytes());
@@ -198,8 +200,9 @@ impl Capture {
             b.push(f.owner);
             b.extend(f.first_local.to_le_bytes());
             b.extend(f.ident.to_le_bytes());
+            b.extend(f.self_class.to_le_bytes());
         }
-        self.entry(WALKER, &b);
+        self.entry(WALKER_CLASS, &b);
     }
 
     fn memory(&self, pid: u32, addr: u64, len: usize, bytes: Option<&[u8]>) {
@@ -437,7 +440,7 @@ impl Bytes<'_> {
     }
 }
 
-fn walker_record(b: &[u8]) -> Result<perfpy_bpf::PyStack> {
+fn walker_record(b: &[u8], with_class: bool) -> Result<perfpy_bpf::PyStack> {
     let mut r = Bytes(b);
     let pid = fake(r.u32()?);
     let tid = fake(r.u32()?);
@@ -458,6 +461,7 @@ fn walker_record(b: &[u8]) -> Result<perfpy_bpf::PyStack> {
             owner: r.u8()?,
             first_local: r.u64()?,
             ident: r.u64()?,
+            self_class: if with_class { r.u64()? } else { 0 },
         });
     }
     Ok(perfpy_bpf::PyStack {
@@ -567,8 +571,8 @@ pub(super) fn feed(dir: &Path, c: &mut Collector) -> Result<impl Drop> {
                     c.handle(moved(rec));
                 }
             }
-            WALKER => {
-                let s = walker_record(b)?;
+            WALKER | WALKER_CLASS => {
+                let s = walker_record(b, *tag == WALKER_CLASS)?;
                 if let Some(py) = c.py.as_mut() {
                     py.pending.entry(s.tid).or_default().push_back(s);
                 }

@@ -329,3 +329,48 @@ fn c_callbacks_stay_in_place_in_deep_stacks() {
         );
     }
 }
+
+/// ≤ 3.10 names a method from the class of its `self`, which the walker must read at the
+/// sample: short-lived objects (`Job`, 2.7's old-style `Old`) are freed and their memory reused
+/// by other objects long before the record is read, and a `self` that a lambda or a
+/// comprehension captures sits in a cell, its local slot cleared.
+#[test]
+fn methods_are_named_with_the_class_self_had_at_the_sample() {
+    let want = ["Job.work", "Grid.total", "Board.solve", "Old.step"];
+    for minor in ["2.7", "3.6", "3.7", "3.8", "3.9", "3.10"] {
+        let Some(py) = python(minor) else { continue };
+        let w = Workload::start(Command::new(&py).arg(testdata("methods.py")).arg("30"));
+        let out = tmp(&format!("methods-{minor}.pb.gz"));
+        let o = Record::to(&out).pid(w.pid()).duration("3").rate(497).run();
+        assert!(o.status.success(), "{minor}");
+        let d = decode(&out);
+        // Every frame of one of the four methods, by its bare name, and what it was called.
+        let mut named = std::collections::BTreeMap::<String, i64>::new();
+        for s in &d.samples {
+            for f in &s.frames {
+                let bare = f.function.rsplit('.').next().unwrap();
+                if ["work", "total", "solve", "step"].contains(&bare)
+                    && f.file.ends_with("testdata/methods.py")
+                {
+                    *named.entry(f.function.clone()).or_default() += s.count;
+                }
+            }
+        }
+        let total: i64 = named.values().sum();
+        let wrong: i64 = named
+            .iter()
+            .filter(|(n, _)| !want.contains(&n.as_str()))
+            .map(|(_, c)| c)
+            .sum();
+        eprintln!("{minor}: {named:?}");
+        // About a quarter of ~1,500 samples each (3 s at 497 Hz); a sixth of a CPU is enough.
+        for m in want {
+            let c = named.get(m).copied().unwrap_or(0);
+            assert!(c >= 60, "{minor}: {c} samples named {m}: {named:?}");
+        }
+        assert!(
+            wrong * 100 <= total,
+            "{minor}: {wrong} of {total} misnamed: {named:?}"
+        );
+    }
+}

@@ -61,10 +61,13 @@ struct {
 } scratch SEC(".maps");
 
 /* The first bytes of the frame being walked, read at once: one read per frame instead of one
- * per field (the fields of every version's frame are within it but f_localsplus before 3.11). */
+ * per field. FRAME_WINDOW bytes hold the fields of every version's frame; before 3.11 the window
+ * reaches the first local too (f_localsplus[0], at most FRAME_WINDOW_MAX - 8): a PyFrameObject
+ * always holds it, and one longer read costs less than a second one. */
 #define FRAME_WINDOW 128
+#define FRAME_WINDOW_MAX 512
 struct frame_win {
-    u8 b[FRAME_WINDOW];
+    u8 b[FRAME_WINDOW_MAX];
 };
 struct {
     __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -127,19 +130,90 @@ struct fctx {
      * alive in two frames of the same walk is the same object. */
     u64 last_code;
     u64 last_ident;
-    /* The window holds the current frame's first FRAME_WINDOW bytes (a frame at the very end
-     * of a mapping cannot be read as a whole: then field by field). */
+    /* 2.7: the last type checked for `instance` (old-style instances) and the answer. */
+    u64 last_type;
+    u32 last_old;
+    /* The window holds the current frame's first win_len bytes (a frame at the very end of a
+     * mapping cannot be read as a whole: then field by field). */
     u32 win_ok;
+    u32 win_len;
 };
 
 /* A field of the current frame: from the window when it lies inside, else read. */
 static __always_inline int frame_field(struct fctx *x, void *dst, s32 size, s32 off)
 {
-    if (x->win_ok && off >= 0 && off <= FRAME_WINDOW - size) {
+    if (x->win_ok && off >= 0 && off <= FRAME_WINDOW_MAX - size && off + size <= x->win_len) {
         __builtin_memcpy(dst, &x->win->b[off], size);
         return 0;
     }
     return rd(dst, size, x->frame + off);
+}
+
+/* 3.6 - 3.10: argument 0 of a frame whose slot is empty, from its cell: a closure (lambda,
+ * comprehension) that uses `self` makes it a cell variable; the interpreter then moves the
+ * argument into a new cell, local co_nlocals + i where co_cell2arg[i] == 0, and clears the
+ * slot. Only the first CELL_SCAN cells are looked at. */
+#define CELL_SCAN 8
+static __always_inline u64 arg0_from_cell(struct proc_cfg *c, u64 frame, u64 code)
+{
+    u64 map = 0, cells = 0, n = 0, cell = 0, obj = 0;
+    s32 nlocals = 0;
+    if (c->code_cell2arg < 0 || rd(&map, 8, code + c->code_cell2arg) || !map)
+        return 0;
+    if (rd(&cells, 8, code + c->code_cellvars) || !cells || rd(&n, 8, cells + 16) || !n)
+        return 0;
+    if (rd(&nlocals, 4, code + c->code_nlocals) || nlocals < 0 || nlocals > 65536)
+        return 0;
+    if (n > CELL_SCAN)
+        n = CELL_SCAN;
+    u64 ent[CELL_SCAN] = {};
+    u32 esz = c->cell2arg_entry == 1 ? 1 : 8;
+    u32 bytes = (u32)n * esz;
+    if (bytes > sizeof(ent) || rd(ent, bytes, map))
+        return 0;
+    u8 *b = (u8 *)ent;
+    s32 idx = -1;
+    for (int i = 0; i < CELL_SCAN; i++) {
+        if (i >= n)
+            break;
+        if ((esz == 1 && b[i] == 0) || (esz == 8 && ent[i] == 0)) {
+            idx = i;
+            break;
+        }
+    }
+    if (idx < 0)
+        return 0;
+    /* PyCellObject: the object header, then ob_ref. */
+    if (rd(&cell, 8, frame + c->frame_localsplus + ((u64)nlocals + idx) * 8) || !cell ||
+        rd(&obj, 8, cell + 16))
+        return 0;
+    return obj;
+}
+
+/* What names the class of `obj` (a method's first argument) at the sample: its type, long-lived
+ * where the object may not be; for a 2.7 old-style instance (type `instance`) its in_class. */
+static __always_inline u64 class_of(struct fctx *x, u64 obj)
+{
+    struct proc_cfg *c = x->c;
+    u64 ty = 0;
+    if (rd(&ty, 8, obj + 8) || !ty)
+        return 0;
+    if (c->instance_class < 0)
+        return ty;
+    if (ty != x->last_type) {
+        /* tp_name (after the PyVarObject header) == "instance". */
+        u64 name = 0, word = 0;
+        u8 end = 1;
+        x->last_type = ty;
+        x->last_old = !rd(&name, 8, ty + 24) && name && !rd(&word, 8, name) &&
+                      !rd(&end, 1, name + 8) && word == 0x65636e6174736e69ULL /* "instance" */ &&
+                      end == 0;
+    }
+    if (!x->last_old)
+        return ty;
+    u64 cls = 0;
+    rd(&cls, 8, obj + c->instance_class);
+    return cls;
 }
 
 static long walk_frame(u32 i, struct fctx *x)
@@ -150,7 +224,10 @@ static long walk_frame(u32 i, struct fctx *x)
     u64 prev = 0;
     if (!x->frame)
         return 1;
-    x->win_ok = !rd(x->win->b, FRAME_WINDOW, x->frame);
+    u32 len = x->win_len;
+    if (len > FRAME_WINDOW_MAX)
+        len = FRAME_WINDOW_MAX;
+    x->win_ok = !rd(x->win->b, len, x->frame);
     if ((c->frame_owner >= 0 && frame_field(x, &owner, 1, c->frame_owner)) ||
         frame_field(x, &prev, 8, c->frame_previous)) {
         x->flags |= REC_READ_ERROR;
@@ -180,8 +257,7 @@ static long walk_frame(u32 i, struct fctx *x)
     f->code = 0;
     f->instr = 0;
     f->first_local = 0;
-    if (c->frame_localsplus >= 0)
-        frame_field(x, &f->first_local, 8, c->frame_localsplus);
+    f->self_class = 0;
     frame_field(x, &f->code, 8, c->frame_code);
     if (c->code_tagged) {
         /* A _PyStackRef: the low two bits are tags; both set is a tagged int, not an object. */
@@ -204,6 +280,16 @@ static long walk_frame(u32 i, struct fctx *x)
         f->ident = name ^ ((file << 1) | (file >> 63));
         x->last_code = f->code;
         x->last_ident = f->ident;
+    }
+    if (c->frame_localsplus >= 0) {
+        u64 local = 0;
+        frame_field(x, &local, 8, c->frame_localsplus);
+        if (!local && f->code)
+            local = arg0_from_cell(c, x->frame, f->code);
+        if (local) {
+            f->first_local = local;
+            f->self_class = class_of(x, local);
+        }
     }
     f->flags = owner;
     f->pad = 0;
@@ -298,7 +384,9 @@ static __always_inline void walk_python(struct proc_cfg *c, struct record *r)
     struct frame_win *win = bpf_map_lookup_elem(&window, &zero);
     if (!win)
         return;
-    struct fctx x = { .c = c, .r = r, .win = win, .frame = frame };
+    struct fctx x = { .c = c, .r = r, .win = win, .frame = frame, .win_len = FRAME_WINDOW };
+    if (c->frame_localsplus >= 0 && c->frame_localsplus <= FRAME_WINDOW_MAX - 8)
+        x.win_len = c->frame_localsplus + 8;
     /* Each Python call under a perf trampoline (3.12+) also has an entry shim frame: twice the
      * frame limit, and a little more, lets the limit be what cuts. */
     bpf_loop(2 * max_py_frames + 2, walk_frame, &x, 0);

@@ -49,6 +49,14 @@ struct proc_cfg {
     __s32 code_name;            /* co_name and co_filename in the code object: together they */
     __s32 code_filename;        /* tell a code object from another one later at its address */
     __s32 code_tagged;          /* 1: f_executable is a _PyStackRef (3.14+): tag bits masked, tagged ints skipped */
+    /* 3.6 - 3.10: a method's `self` captured by a closure is in a cell, its slot cleared:
+     * cell i is local co_nlocals + i and holds argument co_cell2arg[i] (-1 where absent). */
+    __s32 code_nlocals;
+    __s32 code_cellvars;
+    __s32 code_cell2arg;
+    __s32 cell2arg_entry;       /* bytes per co_cell2arg entry: 1 (3.6), 8 (3.7 - 3.10) */
+    __s32 instance_class;       /* 2.7: in_class of an old-style instance (type `instance`), else -1 */
+    __s32 pad;
 };
 
 /* A process whose samples are kept (-p and launched commands on per-CPU events). */
@@ -64,8 +72,12 @@ struct kept {
 struct pyframe {
     __u64 code;
     __u64 instr;
-    __u64 first_local;
+    __u64 first_local; /* <= 3.10: the first argument (from its cell if a closure took it);
+                        * 3.12+ entry frames: the shim frame under them */
     __u64 ident; /* co_name pointer ^ rotl(co_filename pointer, 1): the code object's identity */
+    __u64 self_class; /* <= 3.10: what names first_local's class at the sample: its type, or a
+                       * 2.7 old-style instance's class. `self` may be freed before user space
+                       * reads the record; its type lives on. */
     __u32 flags;
     __u32 pad;
 };

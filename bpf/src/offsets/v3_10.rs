@@ -31,4 +31,8 @@ pub const V3_10: Offsets = Offsets {
     unicode_length: 16,
     bytes_size: 16,
     code_tlbc: -1,
+    code_nlocals: 28,
+    code_cellvars: 88,
+    code_cell2arg: 96,
+    cell2arg_entry: 8,
 };

@@ -31,4 +31,8 @@ pub const V3_12: Offsets = Offsets {
     unicode_length: 16,
     bytes_size: 16,
     code_tlbc: -1,
+    code_nlocals: -1,
+    code_cellvars: -1,
+    code_cell2arg: -1,
+    cell2arg_entry: -1,
 };

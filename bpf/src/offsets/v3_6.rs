@@ -31,4 +31,8 @@ pub const V3_6: Offsets = Offsets {
     unicode_length: 16,
     bytes_size: 16,
     code_tlbc: -1,
+    code_nlocals: 24,
+    code_cellvars: 80,
+    code_cell2arg: 88,
+    cell2arg_entry: 1,
 };
