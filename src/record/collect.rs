@@ -64,7 +64,6 @@ fn complete_root(
     }
 }
 
-
 pub(super) struct RingEntry {
     pub(super) ring: Ring,
     #[allow(dead_code)]

@@ -212,7 +212,14 @@ fn browser(nm: &Path) -> Option<PathBuf> {
 fn percent(cell: &serde_json::Value) -> f64 {
     let s = cell.as_str().unwrap_or_default();
     let inner = s.rsplit_once('(').map(|x| x.1).unwrap_or_default();
-    inner.trim_end_matches("%)").parse().unwrap_or(f64::NAN)
+    // speedscope writes tiny shares as "< 0.01%" (or "<0.01%"): the digits are what is kept.
+    let digits: String = inner
+        .chars()
+        .filter(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    digits
+        .parse()
+        .unwrap_or_else(|_| panic!("a self-time cell without a share: {s:?}"))
 }
 
 /// Loads `file` in speedscope (headless) and checks the Sandwich view: no page error, one

@@ -379,35 +379,21 @@ fn coverage_of_a_target_that_exits_after_its_children() {
     let pid = w.pid().to_string();
     let mut stdin = w.child.stdin.take().unwrap();
     let out = tmp("family.pb.gz");
-    let mut cmd = Command::new(perfpy());
-    cmd.args(["record", "-p", &pid, "--subprocesses", "-d", "60", "-o"])
-        .arg(&out)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    die_with_the_test(&mut cmd);
-    let mut child = cmd.spawn().unwrap();
-    // The family starts working once perfpy says it samples (its stderr, read by a thread).
-    let (tx, rx) = std::sync::mpsc::channel();
-    let err = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in std::io::BufRead::lines(std::io::BufReader::new(err)).map_while(Result::ok) {
-            if line.contains("perfpy: sampling") {
-                let _ = tx.send(());
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    rx.recv_timeout(std::time::Duration::from_secs(60))
-        .expect("perfpy did not start sampling");
+    let _ = std::fs::remove_file(&out);
+    // The family starts working once perfpy says it samples.
+    let rec = Recording::start(&[
+        "record",
+        "-p",
+        &pid,
+        "--subprocesses",
+        "-d",
+        "60",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
     use std::io::Write;
     writeln!(stdin, "go").unwrap();
-    let status = wait_exit(&mut child, std::time::Duration::from_secs(120)).expect("perfpy ended");
-    assert!(status.success());
-    let stderr = reader.join().unwrap();
-    eprintln!("{stderr}");
+    let stderr = rec.finish();
     let d = decode(&out);
     for f in ["parent_work", "forked_work", "child_work"] {
         assert!(d.count_where(|s| s.has(f)) > 0, "no sample of {f}");
