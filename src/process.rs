@@ -16,7 +16,7 @@ use perfpy_process::{proc, Version};
 use perfpy_symbolize::perfmap::PerfMap;
 
 use crate::files::{Files, MappedFile, SectionData};
-use crate::ids::{FileId, ProcessKey};
+use crate::ids::{FileId, ProcessKey, Tid};
 use crate::profile::FrameKey;
 use crate::unwind::TrampolineCache;
 
@@ -59,7 +59,7 @@ pub struct Process {
     /// Distinguishes successive processes that reuse one pid within a recording.
     pub key: ProcessKey,
     pub comm: String,
-    pub threads: HashMap<u32, String>,
+    pub threads: HashMap<Tid, String>,
     /// Executable mappings sorted by start.
     pub maps: Vec<Mapping>,
     pub unwinder: UnwinderX86_64<SectionData>,
@@ -368,11 +368,11 @@ impl Process {
         }
     }
 
-    pub fn thread_name(&mut self, tid: u32) -> String {
+    pub fn thread_name(&mut self, tid: Tid) -> String {
         if let Some(n) = self.threads.get(&tid) {
             return n.clone();
         }
-        let n = proc::comm(self.pid, tid).unwrap_or_else(|| self.comm.clone());
+        let n = proc::comm(self.pid, tid.0).unwrap_or_else(|| self.comm.clone());
         self.threads.insert(tid, n.clone());
         n
     }

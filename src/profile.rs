@@ -2,7 +2,7 @@
 //! samples counted per (process, thread, stack). Memory grows with the number of *distinct*
 //! stacks, not with the length of the recording.
 
-use crate::ids::{FileId, ProcessKey};
+use crate::ids::{FileId, ProcessKey, Tid};
 use std::collections::HashMap;
 
 use rustc_hash::FxHashMap;
@@ -87,7 +87,7 @@ pub struct PyFunction {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SampleKey {
     pub proc: ProcessKey,
-    pub tid: u32,
+    pub tid: Tid,
     pub stack: u32,
 }
 
@@ -144,7 +144,7 @@ impl Profile {
     }
 
     /// An off-CPU wait of `ns` nanoseconds on this stack.
-    pub fn add_offcpu(&mut self, proc: ProcessKey, tid: u32, frames: &[u32], ns: u64) {
+    pub fn add_offcpu(&mut self, proc: ProcessKey, tid: Tid, frames: &[u32], ns: u64) {
         let stack = self.stack(frames);
         *self
             .offcpu
@@ -174,7 +174,7 @@ impl Profile {
         }
     }
 
-    pub fn add(&mut self, proc: ProcessKey, tid: u32, frames: &[u32]) {
+    pub fn add(&mut self, proc: ProcessKey, tid: Tid, frames: &[u32]) {
         let stack = self.stack(frames);
         *self
             .counts
@@ -198,16 +198,16 @@ mod tests {
         });
         assert_eq!(p.location(FrameKey::Kernel(1)), a);
         for _ in 0..1000 {
-            p.add(crate::ids::ProcessKey(0), 7, &[a, b]);
+            p.add(crate::ids::ProcessKey(0), crate::ids::Tid(7), &[a, b]);
         }
-        p.add(crate::ids::ProcessKey(0), 8, &[a, b]);
-        p.add(crate::ids::ProcessKey(0), 7, &[b]);
+        p.add(crate::ids::ProcessKey(0), crate::ids::Tid(8), &[a, b]);
+        p.add(crate::ids::ProcessKey(0), crate::ids::Tid(7), &[b]);
         assert_eq!(p.stacks.len(), 2);
         assert_eq!(p.counts.len(), 3);
         assert_eq!(
             p.counts[&SampleKey {
                 proc: crate::ids::ProcessKey(0),
-                tid: 7,
+                tid: crate::ids::Tid(7),
                 stack: 0
             }],
             1000

@@ -69,7 +69,7 @@ pub struct Sample {
     /// Preempted while waiting for the GIL (`take_gil` in its stack): it did not hold it.
     pub gil_wait: bool,
     pub pid: u32,
-    pub tid: u32,
+    pub tid: crate::ids::Tid,
     pub comm: String,
     pub thread: String,
     pub frames_from: FramesFrom,
@@ -309,7 +309,7 @@ impl Sample {
             wait: None,
             gil_wait: false,
             pid: 1,
-            tid: 1,
+            tid: crate::ids::Tid(1),
             comm: "p".into(),
             thread: "p".into(),
             frames_from: FramesFrom::Native,

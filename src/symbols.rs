@@ -520,7 +520,7 @@ mod tests {
         let interval = |profile: &mut Profile, cache: &mut NameCache| {
             profile.reset_samples();
             let locs: Vec<u32> = keys.iter().map(|k| profile.location(*k)).collect();
-            profile.add(crate::ids::ProcessKey(0), 1, &locs);
+            profile.add(crate::ids::ProcessKey(0), crate::ids::Tid(1), &locs);
             let (s, inc) = resolve_incremental(profile, &files, &procs, false, cache);
             assert_eq!(s.resolved[0].frames[0].function, "Shape.area");
             assert_eq!(s.resolved[0].frames[0].line, Some(7));
@@ -559,7 +559,7 @@ mod tests {
             offset: sym.address() - vaddr + off + 1,
         }];
         let locs: Vec<u32> = keys.iter().map(|k| profile.location(*k)).collect();
-        profile.add(crate::ids::ProcessKey(0), 1, &locs);
+        profile.add(crate::ids::ProcessKey(0), crate::ids::Tid(1), &locs);
         let s = resolve(&profile, &files, &HashMap::new(), false);
         let named = &s.resolved[0];
         assert!(

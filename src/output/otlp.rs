@@ -483,7 +483,7 @@ mod tests {
             wait: None,
             gil_wait: false,
             pid,
-            tid: pid + 1,
+            tid: crate::ids::Tid(pid + 1),
             comm: "python3.12".into(),
             thread: thread.into(),
             frames_from: crate::report::FramesFrom::Ebpf,

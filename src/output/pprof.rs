@@ -256,7 +256,7 @@ fn samples(r: &Report, st: &mut Strings) -> Vec<protos::Sample> {
             },
             protos::Label {
                 key: k_tid,
-                num: s.tid as i64,
+                num: s.tid.0 as i64,
                 ..Default::default()
             },
             label_str(st, k_comm, &s.comm),

@@ -38,7 +38,7 @@ fn sample(locs: &[u32], count: u64, pid: u32, tid: u32, thread: &str) -> Sample 
         wait: None,
         gil_wait: false,
         pid,
-        tid,
+        tid: crate::ids::Tid(tid),
         comm: if pid == 20 { "worker.py" } else { "python3.12" }.into(),
         thread: thread.into(),
         frames_from: if pid == 20 {

@@ -53,13 +53,13 @@ fn document(r: &Report, name: &str) -> Value {
             }
         }
         let t = threads
-            .entry((s.pid, s.tid))
+            .entry((s.pid, s.tid.0))
             .or_insert_with(|| (s.comm.clone(), s.thread.clone(), Vec::new(), Vec::new()));
         let w = s.count * r.period_ns;
-        match stack_ids.get(&(s.pid, s.tid, stack.clone())) {
+        match stack_ids.get(&(s.pid, s.tid.0, stack.clone())) {
             Some(i) => t.3[*i] += w,
             None => {
-                stack_ids.insert((s.pid, s.tid, stack.clone()), t.2.len());
+                stack_ids.insert((s.pid, s.tid.0, stack.clone()), t.2.len());
                 t.2.push(stack);
                 t.3.push(w);
             }

@@ -253,7 +253,7 @@ impl Collector {
             }
             if let Some(py) = self.py.as_mut() {
                 for tid in p.threads.keys() {
-                    py.pending.remove(tid);
+                    py.pending.remove(&tid.0);
                 }
                 py.reader.forget(pid);
                 // A new process may have taken the pid meanwhile: it keeps its registration.
@@ -403,14 +403,14 @@ impl Collector {
             let p = &mut self.procs[key.index()];
             p.exec(comm.clone());
             self.target.refresh_maps(p, &mut self.files);
-            p.threads.insert(tid, comm);
+            p.threads.insert(crate::ids::Tid(tid), comm);
         } else {
             let key = self.proc_key(pid);
             let p = &mut self.procs[key.index()];
             if pid == tid {
                 p.comm = comm.clone();
             }
-            p.threads.insert(tid, comm);
+            p.threads.insert(crate::ids::Tid(tid), comm);
         }
     }
 
@@ -539,7 +539,7 @@ impl Collector {
         py_stack: Option<perfpy_bpf::PyStack>,
         offcpu: Option<super::offcpu::Off>,
     ) {
-        self.procs[key.index()].thread_name(s.tid);
+        self.procs[key.index()].thread_name(crate::ids::Tid(s.tid));
         let mut py_frames = std::mem::take(&mut self.scratch_py);
         py_frames.clear();
         if let Some(st) = &py_stack {
@@ -596,15 +596,17 @@ impl Collector {
                     locs.push(self.profile.location(FrameKey::Wait(kind)));
                 }
                 if blocked > 0 {
-                    self.profile.add_offcpu(key, s.tid, &locs, blocked)
+                    self.profile
+                        .add_offcpu(key, crate::ids::Tid(s.tid), &locs, blocked)
                 }
                 if runnable > 0 {
                     let w = crate::wait::WaitKind::Preempted;
                     locs.push(self.profile.location(FrameKey::Wait(w)));
-                    self.profile.add_offcpu(key, s.tid, &locs, runnable)
+                    self.profile
+                        .add_offcpu(key, crate::ids::Tid(s.tid), &locs, runnable)
                 }
             }
-            None => self.profile.add(key, s.tid, &locs),
+            None => self.profile.add(key, crate::ids::Tid(s.tid), &locs),
         }
         self.scratch_locs = locs;
         self.scratch_stack = stack;

@@ -364,7 +364,11 @@ impl Periodic {
                 let Some(&proc) = c.live.get(&pid).or_else(|| c.dying.get(&pid)) else {
                     continue;
                 };
-                let key = SampleKey { proc, tid, stack };
+                let key = SampleKey {
+                    proc,
+                    tid: crate::ids::Tid(tid),
+                    stack,
+                };
                 if let Some(ns) = c.profile.offcpu.get_mut(&key) {
                     *ns = ns.saturating_sub(sent);
                 }
@@ -382,7 +386,7 @@ impl Periodic {
             *sent = w.ns;
             if ns > 0 {
                 let key = c.proc_key(pid);
-                c.profile.add_offcpu(key, tid, &[root], ns);
+                c.profile.add_offcpu(key, crate::ids::Tid(tid), &[root], ns);
             }
         }
         // Threads the kernel's table no longer holds: as many as it holds at most are kept.
@@ -410,7 +414,7 @@ pub(crate) mod tests {
         counts.insert(
             SampleKey {
                 proc: crate::ids::ProcessKey(0),
-                tid: 1,
+                tid: crate::ids::Tid(1),
                 stack: 0,
             },
             n,

@@ -78,8 +78,15 @@ impl Feed {
                 })
                 .map(|(res, i)| m.frame(crate::report::display_name(res, i), class(res.kind)))
                 .collect();
-            m.thread_name(s.tid, &s.thread);
-            m.add(Stack { tid: s.tid, frames }, s.count, current);
+            m.thread_name(s.tid.0, &s.thread);
+            m.add(
+                Stack {
+                    tid: s.tid.0,
+                    frames,
+                },
+                s.count,
+                current,
+            );
             if let Some(v) = &s.python_version {
                 let v = format!("CPython {v}");
                 if !self.header.python.split(", ").any(|p| p == v) {
@@ -158,7 +165,7 @@ impl Whole {
             for l in &mut s.locs {
                 *l = ids[*l as usize];
             }
-            match self.stacks.entry((s.locs.clone(), s.pid, s.tid)) {
+            match self.stacks.entry((s.locs.clone(), s.pid, s.tid.0)) {
                 std::collections::hash_map::Entry::Occupied(e) => {
                     w.samples[*e.get()].count += s.count
                 }

@@ -80,7 +80,8 @@ impl Collector {
             .filter(|_| self.target.is_live());
         let Some((sp, pc)) = now else {
             let root = self.profile.location(FrameKey::Wait(kind));
-            self.profile.add_offcpu(key, tid, &[root], ns);
+            self.profile
+                .add_offcpu(key, crate::ids::Tid(tid), &[root], ns);
             return;
         };
         let mut stack = vec![0u8; BLOCKED_STACK];
@@ -184,7 +185,8 @@ impl Collector {
             if kind == WaitKind::Short {
                 let key = self.proc_key(w.pid);
                 let root = self.profile.location(FrameKey::Wait(kind));
-                self.profile.add_offcpu(key, w.tid, &[root], ns);
+                self.profile
+                    .add_offcpu(key, crate::ids::Tid(w.tid), &[root], ns);
             } else {
                 in_progress.push((w.pid, w.tid, kind, ns));
             }
@@ -308,7 +310,8 @@ impl Collector {
         }
         let key = self.proc_key(pid);
         let root = self.profile.location(FrameKey::Wait(WaitKind::Preempted));
-        self.profile.add_offcpu(key, tid, &[root], ns);
+        self.profile
+            .add_offcpu(key, crate::ids::Tid(tid), &[root], ns);
         if let Some(off) = self.offcpu.as_mut() {
             off.stats.waits += 1;
             off.stats.wait_ns += ns;
@@ -396,7 +399,8 @@ impl Collector {
             stats.short += w.count;
             stats.short_ns += w.ns;
             let key = self.proc_key(pid);
-            self.profile.add_offcpu(key, tid, &[root], w.ns);
+            self.profile
+                .add_offcpu(key, crate::ids::Tid(tid), &[root], w.ns);
         }
         for k in WaitKind::ALL {
             self.profile.location(FrameKey::Wait(k));
@@ -489,7 +493,7 @@ pub(super) fn print_summary(c: &Collector, report: &crate::report::Report, wall:
     let mut per: HashMap<(u32, u32), ThreadRow> = HashMap::new();
     for s in &report.samples {
         let e = per
-            .entry((s.pid, s.tid))
+            .entry((s.pid, s.tid.0))
             .or_insert_with(|| (s.thread.clone(), 0, HashMap::new(), None));
         e.1 += s.count * report.period_ns;
         if let Some(w) = s.wait {
