@@ -230,32 +230,51 @@ fn frames_of(pid: u32, py: &Py, ts: u64) -> Vec<(u64, PyFrameRef)> {
     out
 }
 
-/// The Python frames thread `tid` (as perfpy sees it) of `p` has now, innermost first, read
-/// from user space as `dump` reads them: the stack of a thread blocked since before a
-/// recording began, which no switch of the recording showed.
-pub(crate) fn python_stack_now(p: &Process, tid: u32) -> Option<perfpy_bpf::PyStack> {
-    let py = find_python(p).ok()?;
-    let tids = proc::tasks(p.pid).ok()?;
-    // Thread states carry the tid in the target's own PID namespace.
-    let ns = ns_tids(p.pid, &tids);
-    let ts = thread_states(p.pid, &py)
-        .into_iter()
-        .find(|(t, _)| t.map(|t| ns.get(&t).copied().unwrap_or(t)) == Some(tid))?
-        .1;
-    let frames: Vec<PyFrameRef> = frames_of(p.pid, &py, ts)
-        .into_iter()
-        .map(|(_, f)| f)
-        .collect();
-    Some(perfpy_bpf::PyStack {
-        pid: p.pid,
-        tid,
-        time_ns: 0,
-        truncated: (frames.len() >= MAX_FRAMES).then_some(perfpy_bpf::WalkerCut::FrameLimit),
-        frames,
-        no_thread_state: false,
-        read_error: false,
-        offcpu: true,
-    })
+/// A process's Python threads as they are now, read from user space as `dump` reads them
+/// (once per process): the stacks of threads blocked since before a recording began, which no
+/// switch of the recording showed.
+pub(crate) struct PythonNow {
+    pid: u32,
+    py: Py,
+    /// Thread state by tid as perfpy sees it.
+    states: HashMap<u32, u64>,
+}
+
+impl PythonNow {
+    pub(crate) fn read(p: &Process) -> Option<PythonNow> {
+        let py = find_python(p).ok()?;
+        let tids = proc::tasks(p.pid).ok()?;
+        // Thread states carry the tid in the target's own PID namespace.
+        let ns = ns_tids(p.pid, &tids);
+        let states = thread_states(p.pid, &py)
+            .into_iter()
+            .filter_map(|(t, ts)| Some((t.map(|t| ns.get(&t).copied().unwrap_or(t))?, ts)))
+            .collect();
+        Some(PythonNow {
+            pid: p.pid,
+            py,
+            states,
+        })
+    }
+
+    /// Thread `tid`'s Python frames, innermost first, with the walker's entry marks.
+    pub(crate) fn stack(&self, tid: u32) -> Option<perfpy_bpf::PyStack> {
+        let ts = *self.states.get(&tid)?;
+        let frames: Vec<PyFrameRef> = frames_of(self.pid, &self.py, ts)
+            .into_iter()
+            .map(|(_, f)| f)
+            .collect();
+        Some(perfpy_bpf::PyStack {
+            pid: self.pid,
+            tid,
+            time_ns: 0,
+            truncated: (frames.len() >= MAX_FRAMES).then_some(perfpy_bpf::WalkerCut::FrameLimit),
+            frames,
+            no_thread_state: false,
+            read_error: false,
+            offcpu: true,
+        })
+    }
 }
 
 /// The thread state holding the GIL (3.13+), from the target's `_Py_DebugOffsets`:

@@ -14,6 +14,17 @@ use crate::profile::FrameKey;
 use crate::records;
 use crate::wait::WaitKind;
 
+/// A wait in progress at the end that no switch stacked: its thread and time.
+#[derive(Clone, Copy, Debug)]
+struct Blocked {
+    pid: u32,
+    tid: u32,
+    ns: u64,
+}
+
+/// Each process's Python threads as read at the end, by pid (`None`: not readable).
+type PythonsNow = HashMap<u32, Option<crate::dump::PythonNow>>;
+
 /// Bytes of a blocked thread's user stack read for its native frames (as a sample's copy).
 const BLOCKED_STACK: usize = 16 << 10;
 
@@ -73,12 +84,11 @@ impl Collector {
     /// what the thread has now — its Python frames as `perfpy dump` reads them, its native
     /// frames unwound from the registers the kernel saved at its system call — under its kind.
     /// The thread is still in that call, so that is the stack it waits with.
-    fn add_blocked_now(&mut self, pid: u32, tid: u32, kind: WaitKind, ns: u64) {
+    fn add_blocked_now(&mut self, w: Blocked, pythons: &mut PythonsNow) {
+        let Blocked { pid, tid, ns } = w;
         let key = self.proc_key(pid);
-        let now = perfpy_process::proc::task_syscall(pid, tid)
-            .and_then(|c| c.sp_pc)
-            .filter(|_| self.target.is_live());
-        let Some((sp, pc)) = now else {
+        let (kind, sp_pc) = syscall_now(pid, tid);
+        let Some((sp, pc)) = sp_pc.filter(|_| self.target.is_live()) else {
             let root = self.profile.location(FrameKey::Wait(kind));
             self.profile
                 .add_offcpu(key, crate::ids::Tid(tid), &[root], ns);
@@ -89,7 +99,11 @@ impl Collector {
             .unwrap_or(0);
         stack.truncate(n);
         self.register_python(key);
-        let py_stack = crate::dump::python_stack_now(&self.procs[key.index()], tid);
+        let py_stack = pythons
+            .entry(pid)
+            .or_insert_with(|| crate::dump::PythonNow::read(&self.procs[key.index()]))
+            .as_ref()
+            .and_then(|py| py.stack(tid));
         let s = records::Sample {
             ip: pc,
             pid,
@@ -153,15 +167,36 @@ impl Collector {
             r.time_ns = end;
             self.add_wait(&r, stack);
         }
-        for (pid, tid) in idle {
-            let kind = kind_of_syscall(pid, tid);
-            tracing::debug!(pid, tid, ?kind, "off-CPU: did not run during the recording");
-            self.add_blocked_now(pid, tid, kind, end.saturating_sub(start));
+        let mut blocked: Vec<Blocked> = idle
+            .into_iter()
+            .map(|(pid, tid)| {
+                tracing::debug!(pid, tid, "off-CPU: did not run during the recording");
+                Blocked {
+                    pid,
+                    tid,
+                    ns: end.saturating_sub(start),
+                }
+            })
+            .collect();
+        self.add_unstacked(&mut blocked, (start, end), min_block);
+        // Each process's Python threads read once, however many of them wait.
+        let mut pythons = PythonsNow::new();
+        for w in blocked {
+            self.add_blocked_now(w, &mut pythons);
         }
+    }
+
+    /// Waits in progress that no switch stacked (blocked in a system call since before the
+    /// window, or not yet returned): short ones counted, the others into `blocked`.
+    fn add_unstacked(
+        &mut self,
+        blocked: &mut Vec<Blocked>,
+        (start, end): (u64, u64),
+        min_block: u64,
+    ) {
         let Some(walker) = self.py.as_ref().and_then(|py| py.walker.as_ref()) else {
             return;
         };
-        let mut in_progress = Vec::new();
         for w in walker.waits_in_progress() {
             if w.stacked || w.pid == 0 {
                 continue;
@@ -176,23 +211,19 @@ impl Collector {
             {
                 continue;
             }
-            let kind = if ns < min_block {
-                WaitKind::Short
-            } else {
-                kind_of_syscall(w.pid, w.tid)
-            };
-            tracing::debug!(?w, ns, ?kind, "off-CPU: wait in progress at the end");
-            if kind == WaitKind::Short {
+            tracing::debug!(?w, ns, "off-CPU: wait in progress at the end");
+            if ns < min_block {
                 let key = self.proc_key(w.pid);
-                let root = self.profile.location(FrameKey::Wait(kind));
+                let root = self.profile.location(FrameKey::Wait(WaitKind::Short));
                 self.profile
                     .add_offcpu(key, crate::ids::Tid(w.tid), &[root], ns);
             } else {
-                in_progress.push((w.pid, w.tid, kind, ns));
+                blocked.push(Blocked {
+                    pid: w.pid,
+                    tid: w.tid,
+                    ns,
+                });
             }
-        }
-        for (pid, tid, kind, ns) in in_progress {
-            self.add_blocked_now(pid, tid, kind, ns);
         }
     }
 }
@@ -432,10 +463,17 @@ fn run_time(pid: u32, tid: u32) -> Option<u64> {
         .ok()
 }
 
-/// The kind of a wait still going on at the end, from the system call the thread is in
-/// (x86-64 numbers; `/proc/PID/task/TID/syscall`), since its stacks are taken only when it ends.
-fn kind_of_syscall(pid: u32, tid: u32) -> WaitKind {
+/// A thread blocked now: the kind of its wait, from the system call it is in (x86-64 numbers;
+/// `/proc/PID/task/TID/syscall`), and the user stack and instruction pointers the kernel saved
+/// at that call — one read for both.
+fn syscall_now(pid: u32, tid: u32) -> (WaitKind, Option<(u64, u64)>) {
     let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).unwrap_or_default();
+    let sp_pc = perfpy_process::proc::Syscall::parse(&s).and_then(|c| c.sp_pc);
+    (kind_of_syscall(&s), sp_pc)
+}
+
+/// The wait kind of a system call, from its line of `/proc/PID/task/TID/syscall`.
+fn kind_of_syscall(s: &str) -> WaitKind {
     let mut words = s.split_whitespace();
     let nr = words.next().and_then(|n| n.parse::<i64>().ok());
     // Its arguments, in hex.
