@@ -14,14 +14,7 @@ fn whole_machine_in_a_pid_namespace() {
     else {
         return;
     };
-    let c = tmp("busy-c");
-    let st = Command::new("cc")
-        .args(["-O2", "-g", "-o"])
-        .arg(&c)
-        .arg(testdata("native.c"))
-        .status()
-        .unwrap();
-    assert!(st.success());
+    let c = native_busy("busy-c");
     let out = tmp("all.pb.gz");
     let dir = tmp("all-logs");
     std::fs::create_dir_all(&dir).unwrap();
@@ -55,20 +48,7 @@ wait || true
         perfpy = perfpy().display(),
         out = out.display(),
     );
-    let o = Command::new("unshare")
-        .args(["--pid", "--fork", "--mount-proc", "bash", "-c", &script])
-        .output()
-        .expect("unshare");
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    eprintln!("{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
-    assert!(o.status.success());
-    let pids: HashMap<String, i64> = stdout
-        .lines()
-        .filter_map(|l| {
-            let (k, v) = l.split_once(' ')?;
-            Some((k.to_string(), v.trim().parse().ok()?))
-        })
-        .collect();
+    let (_, _, pids) = in_pid_namespace(&script);
     let d = decode(&out);
     check_go_pprof(&out);
     for w in ["w312", "w39", "w27", "wdeb", "wc"] {
@@ -103,52 +83,8 @@ wait || true
             && s.has_chain(&["main", "level1", "level2", "leaf_busy"]))
             > 15
     );
-    // `perfpy info` inside the namespace lists the four Python workloads, versions and paths.
-    let info: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("info.json")).unwrap()).unwrap();
-    let procs = info["python_processes"].as_array().unwrap();
-    let find = |w: &str| {
-        procs
-            .iter()
-            .find(|p| p["pid"].as_i64() == Some(pids[w]))
-            .unwrap_or_else(|| panic!("{w} not in info: {info}"))
-    };
-    assert_eq!(find("w312")["version"], "3.12.1");
-    assert!(find("w312")["interpreter"]
-        .as_str()
-        .unwrap()
-        .ends_with("libpython3.12.so.1.0"));
-    assert!(find("w312")["trampoline"]
-        .as_str()
-        .unwrap()
-        .starts_with("on"));
-    assert_eq!(find("w39")["version"], "3.9");
-    assert_eq!(find("w27")["version"], "2.7");
-    assert_eq!(find("wdeb")["interpreter"], "/usr/bin/python3.11");
-    assert_eq!(find("wdeb")["static"], true);
-    for w in ["w312", "w39", "w27", "wdeb"] {
-        assert_eq!(find(w)["ebpf"], "yes", "{w}");
-    }
-    assert_eq!(find("w39")["injection"], "no: python_too_old");
-    assert_eq!(find("w312")["injection"], "possible (--inject-python)");
-    assert!(!procs.iter().any(|p| p["pid"].as_i64() == Some(pids["wc"])));
-    assert_eq!(info["machine"]["perf_events"], "ok");
-    // Nothing from outside the namespace.
-    let ours: Vec<i64> = pids.values().copied().collect();
-    let perfpy_pid = d
-        .samples
-        .iter()
-        .filter(|s| s.str_labels["comm"] == "perfpy")
-        .map(|s| s.num_labels["pid"])
-        .next();
-    for s in &d.samples {
-        let pid = s.num_labels["pid"];
-        assert!(
-            ours.contains(&pid) || Some(pid) == perfpy_pid || s.str_labels["comm"] == "bash",
-            "sample of pid {pid} ({})",
-            s.str_labels["comm"]
-        );
-    }
+    check_info_in_the_namespace(&dir, &pids);
+    check_nothing_from_outside(&d, &pids);
 }
 
 #[test]
@@ -160,14 +96,7 @@ fn whole_machine_with_injection_finds_processes_as_they_appear() {
     else {
         return;
     };
-    let c = tmp("busy-c-2");
-    let st = Command::new("cc")
-        .args(["-O2", "-g", "-o"])
-        .arg(&c)
-        .arg(testdata("native.c"))
-        .status()
-        .unwrap();
-    assert!(st.success());
+    let c = native_busy("busy-c-2");
     let out = tmp("all-inject.pb.gz");
     let dir = tmp("all-inject-logs");
     std::fs::create_dir_all(&dir).unwrap();
@@ -202,22 +131,8 @@ cat perfpy.err >&2
         out = out.display(),
     );
     // The namespace (and every workload in it) ends when the script's bash exits.
-    let o = Command::new("unshare")
-        .args(["--pid", "--fork", "--mount-proc", "bash", "-c", &script])
-        .output()
-        .expect("unshare");
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    eprintln!("{stdout}\n{stderr}");
-    assert!(o.status.success());
+    let (stdout, stderr, pids) = in_pid_namespace(&script);
     assert!(!stderr.contains("perfpy exited with"), "{stderr}");
-    let pids: HashMap<String, i64> = stdout
-        .lines()
-        .filter_map(|l| {
-            let (k, v) = l.split_once(' ')?;
-            Some((k.to_string(), v.trim().parse().ok()?))
-        })
-        .collect();
     let d = decode(&out);
     check_go_pprof(&out);
     // Every one of the five has samples; the four Python ones have their hot function named.
@@ -257,6 +172,92 @@ cat perfpy.err >&2
     );
     // 3.9, 2.7 and 3.10 are refused for the trampoline with their reason, and still named.
     assert!(stderr.contains("python_too_old"), "{stderr}");
+}
+
+/// testdata/native.c built as `name` in the test's directory (its comm is the file name).
+fn native_busy(name: &str) -> std::path::PathBuf {
+    let c = tmp(name);
+    let st = Command::new("cc")
+        .args(["-O2", "-g", "-o"])
+        .arg(&c)
+        .arg(testdata("native.c"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    c
+}
+
+/// Runs `script` as the first process of a private PID namespace (every workload it starts
+/// ends with it); returns its stdout and stderr, and the pids it printed as `NAME PID` lines.
+fn in_pid_namespace(script: &str) -> (String, String, HashMap<String, i64>) {
+    let o = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "bash", "-c", script])
+        .output()
+        .expect("unshare");
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    eprintln!("{stdout}\n{stderr}");
+    assert!(o.status.success());
+    let pids = stdout
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            Some((k.to_string(), v.trim().parse().ok()?))
+        })
+        .collect();
+    (stdout, stderr, pids)
+}
+
+/// `perfpy info` inside the namespace lists the four Python workloads, versions and paths.
+fn check_info_in_the_namespace(dir: &std::path::Path, pids: &HashMap<String, i64>) {
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("info.json")).unwrap()).unwrap();
+    let procs = info["python_processes"].as_array().unwrap();
+    let find = |w: &str| {
+        procs
+            .iter()
+            .find(|p| p["pid"].as_i64() == Some(pids[w]))
+            .unwrap_or_else(|| panic!("{w} not in info: {info}"))
+    };
+    assert_eq!(find("w312")["version"], "3.12.1");
+    assert!(find("w312")["interpreter"]
+        .as_str()
+        .unwrap()
+        .ends_with("libpython3.12.so.1.0"));
+    assert!(find("w312")["trampoline"]
+        .as_str()
+        .unwrap()
+        .starts_with("on"));
+    assert_eq!(find("w39")["version"], "3.9");
+    assert_eq!(find("w27")["version"], "2.7");
+    assert_eq!(find("wdeb")["interpreter"], "/usr/bin/python3.11");
+    assert_eq!(find("wdeb")["static"], true);
+    for w in ["w312", "w39", "w27", "wdeb"] {
+        assert_eq!(find(w)["ebpf"], "yes", "{w}");
+    }
+    assert_eq!(find("w39")["injection"], "no: python_too_old");
+    assert_eq!(find("w312")["injection"], "possible (--inject-python)");
+    assert!(!procs.iter().any(|p| p["pid"].as_i64() == Some(pids["wc"])));
+    assert_eq!(info["machine"]["perf_events"], "ok");
+}
+
+/// Nothing from outside the namespace: only the workloads, perfpy and the script's bash.
+fn check_nothing_from_outside(d: &Decoded, pids: &HashMap<String, i64>) {
+    let ours: Vec<i64> = pids.values().copied().collect();
+    let perfpy_pid = d
+        .samples
+        .iter()
+        .filter(|s| s.str_labels["comm"] == "perfpy")
+        .map(|s| s.num_labels["pid"])
+        .next();
+    for s in &d.samples {
+        let pid = s.num_labels["pid"];
+        assert!(
+            ours.contains(&pid) || Some(pid) == perfpy_pid || s.str_labels["comm"] == "bash",
+            "sample of pid {pid} ({})",
+            s.str_labels["comm"]
+        );
+    }
 }
 
 /// Host pid of the process whose command line contains `marker`.
