@@ -189,7 +189,47 @@ fn record_exports_the_profile_to_a_real_collector() {
     let file = decode(&out);
     assert!(file.total() > 300);
 
-    // What the Collector printed.
+    check_printed(&col, &pid, &file);
+    let samples = forwarded_with_the_split(&sink, w.pid() as i64, &rep);
+    let total = |f: &dyn Fn(&Vec<String>) -> bool| -> i64 {
+        samples.iter().filter(|(n, _)| f(n)).map(|(_, v)| v).sum()
+    };
+    // Compressed (OTEL_EXPORTER_OTLP_COMPRESSION=gzip), as the Collector takes it too.
+    let o = run_perfpy_env(
+        &[
+            "record",
+            "-p",
+            &pid,
+            "-d",
+            "1",
+            "-o",
+            out.to_str().unwrap(),
+            "--otlp-endpoint",
+            &url,
+        ],
+        &[(
+            "OTEL_EXPORTER_OTLP_COMPRESSION",
+            std::path::Path::new("gzip"),
+        )],
+    );
+    assert!(o.status.success());
+    assert!(
+        sink.wait(2, Duration::from_secs(10)),
+        "the gzip'd export did not arrive"
+    );
+    assert_eq!(col.output().matches("ResourceProfiles #0").count(), 2);
+    // The chain below the hot function is whole.
+    let chain = ["spin", "hot_function", "round_"];
+    let spin = total(&|n| n.first().is_some_and(|x| x == "spin"));
+    let whole =
+        total(&|n| n.first().is_some_and(|x| x == "spin") && n.windows(3).any(|w| w == chain));
+    assert!(whole as f64 >= 0.9 * spin as f64, "{whole} of {spin}");
+}
+
+/// What the Collector printed for `record --otlp-endpoint` of split.py (`pid`): one resource with
+/// its attributes, Python frames with files and lines, the C extension's native frames, and the
+/// file's CPU time in all.
+fn check_printed(col: &Collector, pid: &str, file: &Decoded) {
     assert!(
         col.wait_for("ResourceProfiles #0", Duration::from_secs(10)),
         "{}",
@@ -249,8 +289,15 @@ fn record_exports_the_profile_to_a_real_collector() {
     // Every sample's CPU time: the printed values add up to the file's.
     let file_ns: i64 = file.samples.iter().map(|s| s.nanos).sum();
     assert_eq!(printed.sample_values.iter().sum::<i64>(), file_ns);
+}
 
-    // What the Collector forwarded: the stacks, and the split the workload measured.
+/// What the Collector forwarded (the first request): `pid`'s stacks, whose split is the one the
+/// workload measured (its report `rep`) within ±5 points.
+fn forwarded_with_the_split(
+    sink: &Sink,
+    pid: i64,
+    rep: &std::path::Path,
+) -> Vec<(Vec<String>, i64)> {
     assert!(
         sink.wait(1, Duration::from_secs(10)),
         "the Collector forwarded nothing"
@@ -258,14 +305,14 @@ fn record_exports_the_profile_to_a_real_collector() {
     let got = sink.received.lock().unwrap();
     assert_eq!(got[0].path, "/v1development/profiles");
     let req = ExportProfilesServiceRequest::decode(&got[0].body[..]).expect("OTLP protobuf");
-    let by_pid = stacks(&req);
-    let samples = &by_pid[&(w.pid() as i64)];
+    let mut by_pid = stacks(&req);
+    let samples = by_pid.remove(&pid).unwrap_or_default();
     let total = |f: &dyn Fn(&Vec<String>) -> bool| -> i64 {
         samples.iter().filter(|(n, _)| f(n)).map(|(_, v)| v).sum()
     };
     let rounds = total(&|n| n.iter().any(|x| x == "round_"));
     assert!(rounds > 0);
-    let measured = measured_split(&rep);
+    let measured = measured_split(rep);
     for (f, nominal) in PARTS {
         let want = measured[f];
         assert!(
@@ -285,37 +332,7 @@ fn record_exports_the_profile_to_a_real_collector() {
             want * 100.0
         );
     }
-    drop(got);
-    // Compressed (OTEL_EXPORTER_OTLP_COMPRESSION=gzip), as the Collector takes it too.
-    let o = run_perfpy_env(
-        &[
-            "record",
-            "-p",
-            &pid,
-            "-d",
-            "1",
-            "-o",
-            out.to_str().unwrap(),
-            "--otlp-endpoint",
-            &url,
-        ],
-        &[(
-            "OTEL_EXPORTER_OTLP_COMPRESSION",
-            std::path::Path::new("gzip"),
-        )],
-    );
-    assert!(o.status.success());
-    assert!(
-        sink.wait(2, Duration::from_secs(10)),
-        "the gzip'd export did not arrive"
-    );
-    assert_eq!(col.output().matches("ResourceProfiles #0").count(), 2);
-    // The chain below the hot function is whole.
-    let chain = ["spin", "hot_function", "round_"];
-    let spin = total(&|n| n.first().is_some_and(|x| x == "spin"));
-    let whole =
-        total(&|n| n.first().is_some_and(|x| x == "spin") && n.windows(3).any(|w| w == chain));
-    assert!(whole as f64 >= 0.9 * spin as f64, "{whole} of {spin}");
+    samples
 }
 
 #[test]
