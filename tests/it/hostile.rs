@@ -164,7 +164,6 @@ fn chown(p: &Path, uid: u32) {
 #[test]
 fn a_hostile_perf_map_is_refused_never_followed_and_the_profile_is_written() {
     let jail = Jail::start("jail-perfmap");
-    let pid = jail.pid;
     let host = tmp("hostile-host");
     std::fs::create_dir_all(&host).unwrap();
     // A file of root's outside the jail that parses as a perf map naming the jitted code: if
@@ -175,9 +174,30 @@ fn a_hostile_perf_map_is_refused_never_followed_and_the_profile_is_written() {
     let _ = std::fs::remove_file(&fifo);
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
 
-    // (name, how the perf map is made, what the warning must say; None: accepted)
-    type Make<'a> = Box<dyn Fn(&Path) + 'a>;
-    let cases: Vec<(&str, Make, Option<&str>)> = vec![
+    let cases = perf_map_cases(&jail, &secret, &fifo);
+    let (opened, done) = watch_fifo(&fifo);
+    for (i, (name, make, want)) in cases.iter().enumerate() {
+        check_perf_map_case(&jail, i, name, make, *want);
+    }
+    done.store(true, Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(10));
+    assert!(
+        !opened.load(Ordering::Relaxed),
+        "the FIFO outside the jail was opened for reading"
+    );
+}
+
+/// How a case makes the target's perf map.
+type Make<'a> = Box<dyn Fn(&Path) + 'a>;
+
+/// The perf maps a hostile target can make: (name, how it is made, what the warning must say;
+/// None: accepted). `secret` is a root file outside the jail, `fifo` a FIFO outside it.
+fn perf_map_cases<'a>(
+    jail: &'a Jail,
+    secret: &'a Path,
+    fifo: &'a Path,
+) -> Vec<(&'static str, Make<'a>, Option<&'static str>)> {
+    vec![
         (
             "plain file of the target's user",
             Box::new(|p: &Path| {
@@ -188,12 +208,12 @@ fn a_hostile_perf_map_is_refused_never_followed_and_the_profile_is_written() {
         ),
         (
             "link to a root-only file outside its root",
-            Box::new(|p: &Path| symlink(&secret, p).unwrap()),
+            Box::new(move |p: &Path| symlink(secret, p).unwrap()),
             Some("symbolic link"),
         ),
         (
             "link to a FIFO outside its root",
-            Box::new(|p: &Path| symlink(&fifo, p).unwrap()),
+            Box::new(move |p: &Path| symlink(fifo, p).unwrap()),
             Some("symbolic link"),
         ),
         (
@@ -248,81 +268,78 @@ fn a_hostile_perf_map_is_refused_never_followed_and_the_profile_is_written() {
             }),
             None,
         ),
-    ];
-    let (opened, done) = watch_fifo(&fifo);
-    for (i, (name, make, want)) in cases.iter().enumerate() {
-        jail.clear();
-        make(&jail.perf_map());
-        let inner_fifo = jail
-            .perf_map()
-            .metadata()
-            .is_ok_and(|m| m.mode() & libc::S_IFMT == libc::S_IFIFO);
-        let (inner_opened, inner_done) = if inner_fifo {
-            let (o, d) = watch_fifo(&jail.perf_map());
-            (Some(o), Some(d))
-        } else {
-            (None, None)
-        };
-        let out = tmp(&format!("hostile-{i}.pb.gz"));
-        let (o, took) = record(pid, &out);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(o.status.success(), "{name}: exit {:?}\n{err}", o.status);
-        assert!(took < Duration::from_secs(10), "{name}: took {took:?}");
-        let d = decode(&out);
-        assert!(d.total() > 30, "{name}: {} samples", d.total());
-        let names: Vec<String> = d
-            .samples
+    ]
+}
+
+/// One case: perfpy records the jailed target with that perf map, in bounded time, exit 0 with
+/// a profile, never reading what it must not, warning why it refused it (and `info` too).
+fn check_perf_map_case(jail: &Jail, i: usize, name: &str, make: &Make<'_>, want: Option<&str>) {
+    let pid = jail.pid;
+    jail.clear();
+    make(&jail.perf_map());
+    let inner_fifo = jail
+        .perf_map()
+        .metadata()
+        .is_ok_and(|m| m.mode() & libc::S_IFMT == libc::S_IFIFO);
+    let (inner_opened, inner_done) = if inner_fifo {
+        let (o, d) = watch_fifo(&jail.perf_map());
+        (Some(o), Some(d))
+    } else {
+        (None, None)
+    };
+    let out = tmp(&format!("hostile-{i}.pb.gz"));
+    let (o, took) = record(pid, &out);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{name}: exit {:?}\n{err}", o.status);
+    assert!(took < Duration::from_secs(10), "{name}: took {took:?}");
+    let d = decode(&out);
+    assert!(d.total() > 30, "{name}: {} samples", d.total());
+    let names: Vec<String> = d
+        .samples
+        .iter()
+        .flat_map(|s| s.frames.iter().map(|f| f.function.clone()))
+        .collect();
+    assert!(
+        !names
             .iter()
-            .flat_map(|s| s.frames.iter().map(|f| f.function.clone()))
-            .collect();
-        assert!(
-            !names
-                .iter()
-                .any(|n| n.contains("LEAKED") || n.contains("OTHER_USERS")),
-            "{name}: a file it must not read was read"
-        );
-        match want {
-            None => assert!(!err.contains("perf map not read"), "{name}: {err}"),
-            Some(w) => {
-                let line = err
-                    .lines()
-                    .find(|l| l.contains("perf map not read"))
-                    .unwrap_or_else(|| panic!("{name}: no warning\n{err}"));
-                assert!(
-                    line.contains(w) && line.contains("perf-1.map"),
-                    "{name}: {line}"
-                );
-            }
-        }
-        if *name == "plain file of the target's user" {
-            // The path works at all: the jitted code is named from the target's own map.
-            let named = d.count_where(|s| s.has("jitted_loop"));
+            .any(|n| n.contains("LEAKED") || n.contains("OTHER_USERS")),
+        "{name}: a file it must not read was read"
+    );
+    match want {
+        None => assert!(!err.contains("perf map not read"), "{name}: {err}"),
+        Some(w) => {
+            let line = err
+                .lines()
+                .find(|l| l.contains("perf map not read"))
+                .unwrap_or_else(|| panic!("{name}: no warning\n{err}"));
             assert!(
-                named as f64 > 0.5 * d.total() as f64,
-                "jitted code named in {named} of {} samples",
-                d.total()
-            );
-        }
-        if let (Some(o), Some(d)) = (inner_opened, inner_done) {
-            d.store(true, Ordering::Relaxed);
-            assert!(!o.load(Ordering::Relaxed), "{name}: the FIFO was opened");
-        }
-        // `info` reads it the same way, and says why it refused it.
-        if let Some(w) = want {
-            let o = run_perfpy(&["info", "-p", &pid.to_string()]);
-            let text = String::from_utf8_lossy(&o.stdout);
-            assert!(
-                text.contains("perf map refused") && text.contains(w),
-                "{name}: info says\n{text}"
+                line.contains(w) && line.contains("perf-1.map"),
+                "{name}: {line}"
             );
         }
     }
-    done.store(true, Ordering::Relaxed);
-    std::thread::sleep(Duration::from_millis(10));
-    assert!(
-        !opened.load(Ordering::Relaxed),
-        "the FIFO outside the jail was opened for reading"
-    );
+    if name == "plain file of the target's user" {
+        // The path works at all: the jitted code is named from the target's own map.
+        let named = d.count_where(|s| s.has("jitted_loop"));
+        assert!(
+            named as f64 > 0.5 * d.total() as f64,
+            "jitted code named in {named} of {} samples",
+            d.total()
+        );
+    }
+    if let (Some(o), Some(d)) = (inner_opened, inner_done) {
+        d.store(true, Ordering::Relaxed);
+        assert!(!o.load(Ordering::Relaxed), "{name}: the FIFO was opened");
+    }
+    // `info` reads it the same way, and says why it refused it.
+    if let Some(w) = want {
+        let o = run_perfpy(&["info", "-p", &pid.to_string()]);
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            text.contains("perf map refused") && text.contains(w),
+            "{name}: info says\n{text}"
+        );
+    }
 }
 
 /// A busy Python for two minutes (Debian's interpreter: no pyenv needed).
