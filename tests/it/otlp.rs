@@ -226,6 +226,33 @@ fn record_exports_the_profile_to_a_real_collector() {
     assert!(whole as f64 >= 0.9 * spin as f64, "{whole} of {spin}");
 }
 
+/// The resource attributes of split.py's process (`pid`, run with OTEL_SERVICE_NAME set) as the
+/// Collector printed them.
+fn check_resource(resource: &[(String, String)], pid: &str, what: &str) {
+    let res: HashMap<&str, &str> = resource
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    for (k, v) in [
+        ("service.name", "Str(checkout-test)".to_string()),
+        ("process.pid", format!("Int({pid})")),
+        ("process.executable.name", "Str(python3.12)".into()),
+        ("process.runtime.name", "Str(CPython)".into()),
+        ("host.name", format!("Str({})", host.trim())),
+    ] {
+        assert_eq!(
+            res.get(k).copied(),
+            Some(v.as_str()),
+            "{what}: resource attribute {k}: {res:?}"
+        );
+    }
+    assert!(
+        res["process.runtime.version"].starts_with("Str(3.12."),
+        "{what}: {res:?}"
+    );
+}
+
 /// What the Collector printed for `record --otlp-endpoint` of split.py (`pid`): one resource with
 /// its attributes, Python frames with files and lines, the C extension's native frames, and the
 /// file's CPU time in all.
@@ -237,29 +264,7 @@ fn check_printed(col: &Collector, pid: &str, file: &Decoded) {
     );
     let printed = Printed::parse(&col.output());
     assert_eq!(printed.resources.len(), 1, "one process, one resource");
-    let res: HashMap<&str, &str> = printed.resources[0]
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
-    let want = [
-        ("service.name", "Str(checkout-test)".to_string()),
-        ("process.pid", format!("Int({pid})")),
-        ("process.executable.name", "Str(python3.12)".into()),
-        ("process.runtime.name", "Str(CPython)".into()),
-        ("host.name", format!("Str({})", host.trim())),
-    ];
-    for (k, v) in &want {
-        assert_eq!(
-            res.get(k).copied(),
-            Some(v.as_str()),
-            "resource attribute {k}: {res:?}"
-        );
-    }
-    assert!(
-        res["process.runtime.version"].starts_with("Str(3.12."),
-        "{res:?}"
-    );
+    check_resource(&printed.resources[0], pid, "record");
     // Python frames carry their file and the lines that ran.
     for (f, needle) in [
         ("spin", "s += i * i % 7"),
@@ -666,23 +671,9 @@ fn agent_exports_each_interval_to_a_real_collector() {
     // What the Collector printed, export by export.
     let exports = printed_exports(&col.output());
     assert_eq!(exports.len(), sent, "exports printed by the Collector");
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
     for (i, printed) in exports.iter().enumerate() {
         assert_eq!(printed.resources.len(), 1, "export {i}: one process");
-        let res: HashMap<&str, &str> = printed.resources[0]
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        for (k, v) in [
-            ("service.name", "Str(checkout-test)".to_string()),
-            ("process.pid", format!("Int({pid})")),
-            ("process.executable.name", "Str(python3.12)".into()),
-            ("process.runtime.name", "Str(CPython)".into()),
-            ("host.name", format!("Str({})", host.trim())),
-        ] {
-            assert_eq!(res.get(k).copied(), Some(v.as_str()), "export {i}: {k}");
-        }
-        assert!(res["process.runtime.version"].starts_with("Str(3.12."));
+        check_resource(&printed.resources[0], &pid, &format!("export {i}"));
         // Every full interval runs every part of the workload (rounds of ~0.1 s).
         if i + 1 < exports.len() {
             let (file, lines) = printed
@@ -696,17 +687,28 @@ fn agent_exports_each_interval_to_a_real_collector() {
         }
     }
 
-    // What it forwarded: each export holds its interval only (together they account for the
-    // CPU the workload used while sampled, not a multiple of it), and the split.
+    check_forwarded_intervals(
+        &sink,
+        w.pid() as i64,
+        (cpu_at_stop - cpu_before) as i64,
+        &rep,
+    );
+}
+
+/// What the Collector forwarded of the agent's intervals: each export holds its interval only
+/// (together they account for the `used_ns` of CPU the workload used while sampled, not a
+/// multiple of it), and `pid`'s split is the one it measured (its report `rep`).
+fn check_forwarded_intervals(sink: &Sink, pid: i64, used_ns: i64, rep: &std::path::Path) {
     let got = sink.received.lock().unwrap();
     let reqs: Vec<ExportProfilesServiceRequest> = got
         .iter()
         .map(|r| ExportProfilesServiceRequest::decode(&r.body[..]).expect("OTLP protobuf"))
         .collect();
     let exported_ns: i64 = reqs.iter().flat_map(spans).map(|s| s.2).sum();
-    let used = (cpu_at_stop - cpu_before) as f64;
+    let used = used_ns as f64;
     eprintln!(
-        "agent: {sent} exports, {:.2} s of CPU exported, {:.2} s used by the workload",
+        "agent: {} exports, {:.2} s of CPU exported, {:.2} s used by the workload",
+        reqs.len(),
         exported_ns as f64 / 1e9,
         used / 1e9
     );
@@ -720,7 +722,7 @@ fn agent_exports_each_interval_to_a_real_collector() {
     );
     let mut samples: Vec<(Vec<String>, i64)> = Vec::new();
     for r in &reqs {
-        samples.extend(stacks(r).remove(&(w.pid() as i64)).unwrap_or_default());
+        samples.extend(stacks(r).remove(&pid).unwrap_or_default());
     }
     let period = reqs[0].resource_profiles[0].scope_profiles[0].profiles[0].period as f64;
     let total = |f: &dyn Fn(&Vec<String>) -> bool| -> i64 {
@@ -729,12 +731,12 @@ fn agent_exports_each_interval_to_a_real_collector() {
     let rounds = total(&|n| n.iter().any(|x| x == "round_"));
     let n = rounds as f64 / period;
     assert!(n > 200.0, "{n} samples of round_");
-    let measured = measured_split(&rep);
+    let measured = measured_split(rep);
     for (f, _) in PARTS {
         let want = measured[f];
         let share = total(&|n| n.iter().any(|x| x == f)) as f64 / rounds as f64;
         // ±5 points, or 3 standard errors where the samples are few (a busy machine).
-        let tol = (3.0 * (want * (1.0 - want) / n).sqrt()).max(0.05);
+        let tol = share_tolerance(want, n, 0.05);
         eprintln!(
             "agent: {f}: {:.1}% (want {:.1}% ± {:.1})",
             share * 100.0,
